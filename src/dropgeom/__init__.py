@@ -1,0 +1,25 @@
+"""dropgeom: the information geometry of dropout training, on PyTorch models.
+
+A network is a curved exponential family (its outputs are natural parameters),
+the Fisher information is its metric, and dropout acts as a Fisher-weighted
+regularizer plus a term driven by the curvature of the model manifold.
+See ``docs/`` and theory.md for the notation.
+"""
+
+from .families import ExponentialFamily, get_family
+from .fisher import FisherKind, Reduction, Structure, fisher
+from .manifold import ModelManifold
+from .operators import CurvatureOperator
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ModelManifold",
+    "fisher",
+    "FisherKind",
+    "Structure",
+    "Reduction",
+    "CurvatureOperator",
+    "ExponentialFamily",
+    "get_family",
+]
