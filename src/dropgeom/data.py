@@ -1,0 +1,561 @@
+r"""Data sets for the experiments: bundled, synthetic and local files (nothing downloads).
+
+:func:`load_dataset` returns a :class:`Dataset`: train and test tensors, the
+output family, the number of classes and the feature names. Features are
+standardised with the mean and standard deviation of the *training* split
+(constant features keep scale 1), and the train/test split is a random
+permutation fixed by ``seed``.
+
+Sources (``name``):
+
+* scikit-learn's bundled sets, shipped with the package: ``digits`` (default,
+  1,797 8x8 images, 10 classes), ``breast_cancer``, ``wine``, ``iris``;
+* synthetic teachers with label noise: ``glm_teacher`` (a flat model:
+  ``eta = x W``, a canonical-link GLM, whose manifold is e-flat, theory.md 1)
+  and ``mlp_teacher`` (a curved one: a tanh MLP with large weights);
+* local files: ``npz`` (keys ``X`` and ``y``), ``csv`` (a header row and a label
+  column), ``idx`` (MNIST-format IDX images + labels, gzip optional) and
+  ``mnist`` (a directory holding the four standard MNIST IDX files, whose own
+  train/test split is kept). A path ending in ``.npz`` / ``.csv`` / ``-ubyte``
+  (``.gz``) may also be given directly as ``name``.
+
+Labels: integer (or string) labels give the ``categorical`` family with the
+classes re-indexed to ``0..C-1`` (sorted); floating-point labels from files give
+the ``gaussian`` family with targets of shape ``[n, 1]``.
+
+Example:
+    >>> ds = load_dataset("iris", seed=0)
+    >>> ds.x_train.shape, ds.x_test.shape, ds.family, ds.num_classes
+    (torch.Size([112, 4]), torch.Size([38, 4]), 'categorical', 3)
+    >>> bool(ds.x_train.mean(0).abs().max() < 1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+from dataclasses import dataclass, field, replace
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["Dataset", "load_dataset", "read_idx", "write_idx", "DATASETS"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+BUNDLED = ("digits", "breast_cancer", "wine", "iris")
+SYNTHETIC = ("glm_teacher", "mlp_teacher")
+FILES = ("npz", "csv", "idx", "mnist")
+DATASETS = BUNDLED + SYNTHETIC + FILES
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A train/test split with its output family.
+
+    Attributes:
+        name: where the data came from.
+        x_train, y_train, x_test, y_test: tensors with a leading sample axis;
+            labels are int64 class indices (``categorical``) or float ``[n, 1]``.
+        family: the exponential family of the labels (``"categorical"`` or ``"gaussian"``).
+        num_classes: number of classes (``None`` for regression).
+        feature_names: names of the input features, if the source has them.
+        mean, std: the standardisation fitted on the training split
+            (``x_standardised = (x_raw - mean) / std``); ``None`` if not standardised.
+        info: extra facts about the source (teacher parameters, label noise, ...).
+    """
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    family: str = "categorical"
+    num_classes: Optional[int] = None
+    feature_names: Optional[Tuple[str, ...]] = None
+    mean: Optional[Tensor] = None
+    std: Optional[Tensor] = None
+    info: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def num_features(self) -> int:
+        """Width of one flattened input."""
+        return int(self.x_train[0].numel())
+
+    @property
+    def num_outputs(self) -> int:
+        """Width ``K`` of the natural parameter a model needs for this data."""
+        return int(self.num_classes) if self.family == "categorical" else int(self.y_train.shape[-1])
+
+    @property
+    def n_train(self) -> int:
+        return int(self.x_train.shape[0])
+
+    @property
+    def n_test(self) -> int:
+        return int(self.x_test.shape[0])
+
+    def to(self, dtype: Optional[torch.dtype] = None, device: Optional[Union[str, torch.device]] = None) -> "Dataset":
+        """A copy with the inputs (and float labels) moved to ``dtype`` / ``device``."""
+
+        def cast(t: Optional[Tensor], is_label: bool = False) -> Optional[Tensor]:
+            if t is None:
+                return None
+            if is_label and not torch.is_floating_point(t):
+                return t.to(device=device) if device is not None else t
+            return t.to(dtype=dtype or t.dtype, device=device or t.device)
+
+        return replace(
+            self,
+            x_train=cast(self.x_train),
+            x_test=cast(self.x_test),
+            y_train=cast(self.y_train, True),
+            y_test=cast(self.y_test, True),
+            mean=cast(self.mean),
+            std=cast(self.std),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Dataset({self.name!r}, train={tuple(self.x_train.shape)}, test={tuple(self.x_test.shape)}, "
+            f"family={self.family!r}, num_classes={self.num_classes})"
+        )
+
+
+# ---------------------------------------------------------------------------
+# IDX (MNIST) format. Hand-written: a few lines of header parsing, no library
+# in our dependencies reads it without downloading.
+# ---------------------------------------------------------------------------
+
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def _open_maybe_gzip(path: PathLike) -> bytes:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path!r}")
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file name says
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as err:
+            raise ValueError(f"{path!r}: corrupt gzip stream ({err})") from err
+    return raw
+
+
+def read_idx(path: PathLike) -> np.ndarray:
+    """Read an IDX file (the MNIST format), optionally gzip-compressed.
+
+    Layout: two zero bytes, a type byte (``0x08`` uint8, ``0x09`` int8, ``0x0B``
+    int16, ``0x0C`` int32, ``0x0D`` float32, ``0x0E`` float64, all big-endian),
+    a byte with the number of dimensions ``d``, then ``d`` big-endian uint32
+    sizes, then the data in C order.
+
+    Example:
+        >>> import tempfile, os
+        >>> f = os.path.join(tempfile.mkdtemp(), "a-idx1-ubyte")
+        >>> write_idx(f, np.array([3, 1, 4], dtype=np.uint8))
+        >>> read_idx(f)
+        array([3, 1, 4], dtype=uint8)
+    """
+    raw = _open_maybe_gzip(path)
+    where = os.fspath(path)
+    if len(raw) < 4:
+        raise ValueError(f"{where!r}: too short to be an IDX file ({len(raw)} bytes)")
+    if raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"{where!r}: not an IDX file (the magic number must start with two zero bytes)")
+    code, ndim = raw[2], raw[3]
+    if code not in _IDX_DTYPES:
+        raise ValueError(f"{where!r}: unknown IDX data type code 0x{code:02x}")
+    if ndim == 0:
+        raise ValueError(f"{where!r}: IDX file declares 0 dimensions")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{where!r}: truncated IDX header")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = _IDX_DTYPES[code]
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise ValueError(
+            f"{where!r}: IDX header declares shape {dims} of {dtype} ({expected} bytes) but the file holds "
+            f"{len(raw) - header} data bytes"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def write_idx(path: PathLike, array: np.ndarray, compress: bool = False) -> None:
+    """Write ``array`` as an IDX file (gzip-compressed if ``compress``); the inverse of :func:`read_idx`.
+
+    Example:
+        >>> import tempfile, os
+        >>> f = os.path.join(tempfile.mkdtemp(), "b-idx3-ubyte.gz")
+        >>> write_idx(f, np.zeros((2, 3, 3), dtype=np.uint8), compress=True)
+        >>> read_idx(f).shape
+        (2, 3, 3)
+    """
+    array = np.asarray(array)
+    codes = {np.dtype(v).newbyteorder("="): k for k, v in _IDX_DTYPES.items()}
+    dt = array.dtype.newbyteorder("=")
+    if dt not in codes:
+        raise ValueError(f"IDX cannot store dtype {array.dtype}; use one of {sorted(str(d) for d in codes)}")
+    code = codes[dt]
+    header = bytes([0, 0, code, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    body = np.ascontiguousarray(array.astype(_IDX_DTYPES[code])).tobytes()
+    blob = header + body
+    if compress:
+        blob = gzip.compress(blob)
+    with open(os.fspath(path), "wb") as fh:
+        fh.write(blob)
+
+
+# ---------------------------------------------------------------------------
+# Sources returning raw (X, y, feature_names, info)
+# ---------------------------------------------------------------------------
+
+
+def _bundled(name: str) -> Tuple[np.ndarray, np.ndarray, Optional[Tuple[str, ...]]]:
+    from sklearn import datasets as skd  # local import: scikit-learn is slow to import
+
+    loader = {
+        "digits": skd.load_digits,
+        "breast_cancer": skd.load_breast_cancer,
+        "wine": skd.load_wine,
+        "iris": skd.load_iris,
+    }[name]
+    bunch = loader()
+    names = getattr(bunch, "feature_names", None)
+    return np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target), (
+        tuple(str(s) for s in names) if names is not None else None
+    )
+
+
+def _teacher(
+    kind: str,
+    n: int,
+    num_features: int,
+    num_classes: int,
+    label_noise: float,
+    hidden: int,
+    depth: int,
+    scale: float,
+    rng: np.random.Generator,
+) -> Tuple[np.ndarray, np.ndarray, Dict[str, object]]:
+    if n < 2 or num_features < 1 or num_classes < 2:
+        raise ValueError(
+            f"teacher data needs n >= 2, num_features >= 1 and num_classes >= 2; got n={n}, "
+            f"num_features={num_features}, num_classes={num_classes}"
+        )
+    if not 0.0 <= label_noise <= 1.0:
+        raise ValueError(f"label_noise must lie in [0, 1], got {label_noise}")
+    if not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    x = rng.standard_normal((n, num_features))
+    if kind == "glm_teacher":
+        w = rng.standard_normal((num_features, num_classes)) * scale / np.sqrt(num_features)
+        logits = x @ w
+        info: Dict[str, object] = {"teacher": "glm", "scale": scale}
+    else:
+        if hidden < 1 or depth < 1:
+            raise ValueError(f"mlp_teacher needs hidden >= 1 and depth >= 1; got hidden={hidden}, depth={depth}")
+        h, fan_in = x, num_features
+        for _ in range(depth):
+            w = rng.standard_normal((fan_in, hidden)) * scale / np.sqrt(fan_in)
+            b = rng.standard_normal(hidden) * 0.5
+            h, fan_in = np.tanh(h @ w + b), hidden
+        w = rng.standard_normal((hidden, num_classes)) * scale / np.sqrt(hidden)
+        logits = h @ w
+        info = {"teacher": "tanh_mlp", "hidden": hidden, "depth": depth, "scale": scale}
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    u = rng.random(n)[:, None]
+    y = (u > np.cumsum(p, 1)).sum(1).clip(max=num_classes - 1)
+    flip = rng.random(n) < label_noise
+    y[flip] = rng.integers(0, num_classes, int(flip.sum()))
+    info.update({"label_noise": label_noise, "n": n, "bayes_accuracy_clean": float((p.argmax(1) == y).mean())})
+    return x, y, info
+
+
+def _read_npz(path: PathLike) -> Tuple[np.ndarray, np.ndarray, Optional[Tuple[str, ...]]]:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path!r}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.keys())
+            xk = next((k for k in ("X", "x") if k in z), None)
+            yk = next((k for k in ("y", "Y") if k in z), None)
+            if xk is None or yk is None:
+                raise ValueError(f"{path!r}: an npz data file needs arrays 'X' and 'y'; it holds {keys}")
+            x, y = z[xk], z[yk]
+            names = tuple(str(s) for s in z["feature_names"]) if "feature_names" in z else None
+    except (OSError, EOFError) as err:  # np.load's error for a file that is not npz
+        raise ValueError(f"{path!r}: not a readable npz file ({err})") from err
+    return x, y, names
+
+
+def _read_csv(path: PathLike, label: Union[str, int]) -> Tuple[np.ndarray, np.ndarray, Tuple[str, ...]]:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path!r}")
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    rows = [r for r in rows if r and any(c.strip() for c in r)]
+    if len(rows) < 2:
+        raise ValueError(f"{path!r}: a csv data file needs a header row and at least one data row")
+    header = [c.strip() for c in rows[0]]
+    if isinstance(label, int):
+        if not -len(header) <= label < len(header):
+            raise ValueError(f"{path!r}: label column {label} out of range for {len(header)} columns")
+        li = label % len(header)
+    else:
+        if label not in header:
+            raise ValueError(f"{path!r}: no label column {label!r}; columns are {header}")
+        li = header.index(label)
+    bad = [i + 2 for i, r in enumerate(rows[1:]) if len(r) != len(header)]
+    if bad:
+        raise ValueError(f"{path!r}: rows {bad[:5]} have a different number of fields than the header ({len(header)})")
+    labels = [r[li].strip() for r in rows[1:]]
+    feats = [[c for j, c in enumerate(r) if j != li] for r in rows[1:]]
+    try:
+        x = np.asarray(feats, dtype=np.float64)
+    except ValueError as err:
+        raise ValueError(f"{path!r}: feature columns must be numeric ({err})") from err
+    try:
+        y = np.asarray([float(v) for v in labels])
+        if np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+    except ValueError:
+        y = np.asarray(labels)  # string class labels
+    return x, y, tuple(h for j, h in enumerate(header) if j != li)
+
+
+_MNIST_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+
+
+def _find_mnist(directory: PathLike) -> Dict[str, str]:
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"MNIST directory not found: {directory!r}")
+    found, missing = {}, []
+    for key, stem in _MNIST_FILES.items():
+        for cand in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+            if os.path.isfile(os.path.join(directory, cand)):
+                found[key] = os.path.join(directory, cand)
+                break
+        else:
+            missing.append(stem + "[.gz]")
+    if missing:
+        raise FileNotFoundError(f"{directory!r} lacks the MNIST files {missing}")
+    return found
+
+
+# ---------------------------------------------------------------------------
+# The public loader
+# ---------------------------------------------------------------------------
+
+
+def _labels(y: np.ndarray, where: str) -> Tuple[np.ndarray, str, Optional[int], Optional[Tuple[str, ...]]]:
+    """Class indices (categorical) or float targets [n, 1] (gaussian)."""
+    y = np.asarray(y)
+    if y.dtype.kind in "fc":
+        if y.ndim == 1:
+            y = y[:, None]
+        if y.ndim != 2:
+            raise ValueError(f"{where}: float labels must have shape [n] or [n, K], got {y.shape}")
+        if not np.isfinite(y).all():
+            raise ValueError(f"{where}: labels contain non-finite values")
+        return y.astype(np.float64), "gaussian", None, None
+    if y.ndim != 1:
+        raise ValueError(f"{where}: class labels must have shape [n], got {y.shape}")
+    classes, idx = np.unique(y, return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(f"{where}: labels hold a single class {classes.tolist()}; classification needs >= 2")
+    names = tuple(str(c) for c in classes)
+    return idx.astype(np.int64), "categorical", int(len(classes)), names
+
+
+def _split(n: int, test_fraction: float, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    n_test = int(round(test_fraction * n))
+    if n_test < 1 or n - n_test < 1:
+        raise ValueError(f"test_fraction={test_fraction} leaves an empty split for n={n} samples")
+    perm = rng.permutation(n)
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def load_dataset(
+    name: Union[str, "os.PathLike[str]"] = "digits",
+    *,
+    path: Optional[PathLike] = None,
+    labels: Optional[PathLike] = None,
+    label: Union[str, int] = "label",
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    standardize: bool = True,
+    dtype: torch.dtype = torch.float32,
+    max_train: Optional[int] = None,
+    n: int = 2000,
+    num_features: int = 20,
+    num_classes: int = 3,
+    label_noise: float = 0.1,
+    hidden: int = 32,
+    depth: int = 2,
+    scale: Optional[float] = None,
+) -> Dataset:
+    """Load a data set as a standardised train/test :class:`Dataset`.
+
+    Args:
+        name: one of ``digits`` (default), ``breast_cancer``, ``wine``, ``iris``,
+            ``glm_teacher``, ``mlp_teacher``, ``npz``, ``csv``, ``idx``, ``mnist``,
+            or a path to an ``.npz`` / ``.csv`` / IDX file.
+        path: the file (``npz``, ``csv``, ``idx`` images) or directory (``mnist``).
+        labels: the IDX label file that goes with ``path`` (``idx`` only).
+        label: the label column of a csv file (name or index; default ``"label"``).
+        test_fraction: share of the samples held out (ignored by ``mnist``,
+            which keeps its own split).
+        seed: fixes the split and the synthetic teachers.
+        standardize: subtract the training mean and divide by the training
+            standard deviation (constant features: by 1).
+        dtype: floating-point type of the inputs (and of float labels).
+        max_train: keep at most this many training samples (the first of the
+            seeded permutation); ``None`` keeps all.
+        n, num_features, num_classes, label_noise, hidden, depth, scale:
+            synthetic teachers only. ``label_noise`` is the probability that a
+            label is replaced by a uniformly random class; ``scale`` multiplies
+            the teacher's weights (default 3 for ``glm_teacher``, 2.5 for
+            ``mlp_teacher``: large enough that tanh units saturate and the
+            teacher's manifold is curved).
+
+    Raises:
+        ValueError: unknown name, bad options, malformed files, mismatched
+            numbers of inputs and labels.
+        FileNotFoundError: a local file or directory that does not exist.
+
+    Example:
+        >>> ds = load_dataset("mlp_teacher", n=200, num_features=5, seed=1)
+        >>> ds.n_train, ds.n_test, ds.num_classes
+        (150, 50, 3)
+        >>> load_dataset("mlp_teacher", n=200, num_features=5, seed=1).y_train.equal(ds.y_train)
+        True
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if not (isinstance(test_fraction, (int, float)) and 0.0 < test_fraction < 1.0):
+        raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction!r}")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
+    if max_train is not None and (not isinstance(max_train, int) or max_train < 1):
+        raise ValueError(f"max_train must be a positive int or None, got {max_train!r}")
+    key = os.fspath(name) if isinstance(name, os.PathLike) else name
+    if not isinstance(key, str):
+        raise ValueError(f"name must be a string or a path, got {type(name).__name__}")
+    if key not in DATASETS:
+        low = key.lower()
+        if low.endswith(".npz"):
+            key, path = "npz", key
+        elif low.endswith(".csv"):
+            key, path = "csv", key
+        elif low.endswith("ubyte") or low.endswith("ubyte.gz"):
+            key, path = "idx", key
+        elif os.path.isdir(key):
+            key, path = "mnist", key
+        else:
+            raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)} or give a .npz/.csv/IDX path")
+    rng = np.random.default_rng(seed)
+    names: Optional[Tuple[str, ...]] = None
+    info: Dict[str, object] = {}
+    fixed_split: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = None
+    where = key
+    if key in BUNDLED:
+        x, y, names = _bundled(key)
+    elif key in SYNTHETIC:
+        sc = scale if scale is not None else (3.0 if key == "glm_teacher" else 2.5)
+        x, y, info = _teacher(key, n, num_features, num_classes, label_noise, hidden, depth, sc, rng)
+        names = tuple(f"x{j}" for j in range(num_features))
+    else:
+        if path is None:
+            raise ValueError(f"dataset {key!r} needs path=...")
+        where = os.fspath(path)
+        if key == "npz":
+            x, y, names = _read_npz(path)
+        elif key == "csv":
+            x, y, names = _read_csv(path, label)
+        elif key == "idx":
+            if labels is None:
+                raise ValueError("dataset 'idx' needs labels=<IDX label file> beside path=<IDX image file>")
+            x, y = read_idx(path), read_idx(labels)
+        else:
+            files = _find_mnist(path)
+            xs = {k: read_idx(v) for k, v in files.items()}
+            for part in ("train", "test"):
+                if xs[f"x_{part}"].shape[0] != xs[f"y_{part}"].shape[0]:
+                    raise ValueError(
+                        f"{where!r}: MNIST {part} images ({xs[f'x_{part}'].shape[0]}) and labels "
+                        f"({xs[f'y_{part}'].shape[0]}) differ in number"
+                    )
+            fixed_split = (xs["x_train"], xs["y_train"], xs["x_test"], xs["y_test"])
+            x = np.concatenate([xs["x_train"], xs["x_test"]])
+            y = np.concatenate([xs["y_train"], xs["y_test"]])
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim < 2:
+        raise ValueError(f"{where}: inputs must have shape [n, ...] with at least one feature, got {x.shape}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{where}: {x.shape[0]} inputs but {y.shape[0]} labels")
+    if x.dtype.kind not in "biuf":
+        raise ValueError(f"{where}: inputs must be numeric, got dtype {x.dtype}")
+    x = x.reshape(x.shape[0], -1).astype(np.float64)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{where}: inputs contain non-finite values")
+    y, family, k, class_names = _labels(y, where)
+    if class_names is not None:
+        info = {**info, "classes": class_names}
+    if fixed_split is not None:
+        n_tr = fixed_split[0].shape[0]
+        tr, te = np.arange(n_tr), np.arange(n_tr, x.shape[0])
+        tr = tr[rng.permutation(len(tr))] if max_train is not None else tr
+    else:
+        tr, te = _split(x.shape[0], float(test_fraction), rng)
+        tr = rng.permutation(tr) if max_train is not None else tr
+    if max_train is not None:
+        tr = np.sort(tr[:max_train])
+    x_tr, x_te = x[tr], x[te]
+    mean = std = None
+    if standardize:
+        mean = x_tr.mean(0)
+        std = x_tr.std(0)
+        std = np.where(std > 1e-12 * max(1.0, float(np.abs(x_tr).max(initial=0.0))), std, 1.0)
+        x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+    ydt = torch.int64 if family == "categorical" else dtype
+
+    def t(a: np.ndarray, dt: torch.dtype) -> Tensor:
+        return torch.as_tensor(np.ascontiguousarray(a)).to(dt)
+
+    return Dataset(
+        name=where if key in FILES else key,
+        x_train=t(x_tr, dtype),
+        y_train=t(y[tr], ydt),
+        x_test=t(x_te, dtype),
+        y_test=t(y[te], ydt),
+        family=family,
+        num_classes=k,
+        feature_names=names,
+        mean=None if mean is None else t(mean, dtype),
+        std=None if std is None else t(std, dtype),
+        info=info,
+    )
