@@ -1,0 +1,270 @@
+"""The resolved, validated configuration of a ``dropgeom reproduce`` run.
+
+A :class:`RunConfig` fixes everything a run depends on (data, models, grids,
+seeds, training and curvature settings). It is written to ``config.json`` in
+the run directory, so a run can be resumed or re-rendered from its directory
+alone. :meth:`RunConfig.validate` checks every field up front and raises ONE
+:class:`ConfigError` that lists every problem it found.
+
+Presets: ``full`` (the paper-scale sweep), ``quick`` (under 10 minutes on a
+2-core CPU) and ``test`` (a few seconds; used by the test suite).
+
+Example:
+    >>> from dropgeom.config import RunConfig, ConfigError
+    >>> cfg = RunConfig.from_preset("quick", seeds=2)
+    >>> cfg.seeds, cfg.dataset
+    (2, 'digits')
+    >>> try:
+    ...     RunConfig.from_dict({"seeds": 0, "c1_p_grid": [0.0, 1.5], "colour": "red"})
+    ... except ConfigError as err:
+    ...     print(err)
+    invalid configuration (3 problem(s)):
+      - unknown option 'colour'
+      - seeds must be in [1, 1000], got 0
+      - c1_p_grid: dropout probability 1.5 is outside [0, 1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+__all__ = ["RunConfig", "ConfigError", "PRESETS", "ACTIVATIONS", "OBJECTIVES", "EXPERIMENTS"]
+
+#: Hidden-layer activations the experiments know (``identity`` gives a deep linear network).
+ACTIVATIONS = ("identity", "tanh", "softplus", "relu")
+#: Training objectives compared in C3 (names of ``dropgeom.train`` objectives).
+OBJECTIVES = ("none", "l2", "dropout", "gaussian_dropout", "fisher_dropout")
+#: The paper's claims, one experiment each.
+EXPERIMENTS = ("C1", "C2", "C3")
+CURVATURE_METHODS = ("auto", "dense", "stochastic")
+DATASETS = ("digits", "breast_cancer", "wine", "iris")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; ``problems`` lists every problem found."""
+
+    def __init__(self, problems: List[str]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a reproduce run (see the module docstring)."""
+
+    preset: str = "quick"
+    experiments: Tuple[str, ...] = EXPERIMENTS
+    dataset: str = "digits"
+    #: Standardised input features are projected on their first ``input_dim``
+    #: principal components (0: keep all), so curvature is evaluated on
+    #: manifolds whose parameter count stays well below n(K-1) (theory.md 3).
+    input_dim: int = 16
+    #: cap on the training set size (0: use all training samples)
+    max_train: int = 0
+    seeds: int = 3
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 0.01
+    l2: float = 1e-3
+    activation: str = "tanh"
+    width: int = 16
+    depth: int = 2
+    c1_p_grid: Tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7)
+    c2_activations: Tuple[str, ...] = ACTIVATIONS
+    c2_widths: Tuple[int, ...] = (8, 16)
+    c2_depths: Tuple[int, ...] = (1, 2)
+    c2_p: float = 0.3
+    c3_p_grid: Tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3)
+    c3_p: float = 0.3
+    c3_objectives: Tuple[str, ...] = ("none", "l2", "dropout", "fisher_dropout")
+    #: Monte Carlo masks for the measured dropout gap when exact enumeration is too large
+    gap_samples: int = 2000
+    #: held-out inputs on which curvature is evaluated
+    curvature_inputs: int = 300
+    curvature_method: str = "auto"
+    curvature_samples: int = 64
+    #: damping of the damped curvature, relative to the largest Fisher eigenvalue
+    damping: float = 1e-3
+    #: training stops (and is recorded as diverged) when the loss exceeds this or is NaN
+    divergence_threshold: float = 1e4
+
+    # -- construction -------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str = "quick", **overrides: Any) -> "RunConfig":
+        """The named preset (``full``, ``quick`` or ``test``) with ``overrides`` applied and validated."""
+        if name not in PRESETS:
+            raise ConfigError([f"unknown preset {name!r}; choose one of {sorted(PRESETS)}"])
+        data = dict(PRESETS[name])
+        data["preset"] = name
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
+        """Build and validate a config from a mapping (e.g. a loaded ``config.json``).
+
+        Unknown keys and every invalid value are reported together in one :class:`ConfigError`.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError([f"a config must be a mapping, got {type(data).__name__}"])
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        problems = [f"unknown option {k!r}" for k in data if k not in names]
+        kwargs: Dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in names:
+                continue
+            default = names[key].default
+            if isinstance(default, tuple):
+                if isinstance(value, (list, tuple)):
+                    value = tuple(value)
+                else:
+                    problems.append(f"{key} must be a list, got {value!r}")
+                    continue
+            kwargs[key] = value
+        cfg = cls(**kwargs)
+        problems += cfg.problems()
+        if problems:
+            raise ConfigError(problems)
+        return cfg
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError([f"config is not valid JSON: {err}"]) from None
+        return cls.from_dict(data)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A validated copy with ``changes`` applied."""
+        data = self.to_dict()
+        data.update(changes)
+        return RunConfig.from_dict(data)
+
+    # -- validation ---------------------------------------------------------
+    def validate(self) -> "RunConfig":
+        """Raise one :class:`ConfigError` listing every problem; return ``self`` when valid."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    def problems(self) -> List[str]:
+        """Every problem of this config, as readable sentences (empty when valid)."""
+        out: List[str] = []
+
+        def integer(name: str, lo: int, hi: Optional[int] = None) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                out.append(f"{name} must be an integer, got {v!r}")
+            elif v < lo or (hi is not None and v > hi):
+                out.append(f"{name} must be in [{lo}, {hi if hi is not None else 'inf'}], got {v}")
+
+        def positive(name: str) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                out.append(f"{name} must be a finite positive number, got {v!r}")
+
+        def probs(name: str, allow_zero: bool = True) -> None:
+            v = getattr(self, name)
+            values = v if isinstance(v, tuple) else (v,)
+            if isinstance(v, tuple) and not v:
+                out.append(f"{name} must not be empty")
+            for p in values:
+                if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= p < 1.0) or (p == 0 and not allow_zero):
+                    out.append(f"{name}: dropout probability {p!r} is outside {'[0' if allow_zero else '(0'}, 1)")
+
+        def choices(name: str, allowed: Tuple[str, ...]) -> None:
+            v = getattr(self, name)
+            values = v if isinstance(v, tuple) else (v,)
+            if isinstance(v, tuple) and not v:
+                out.append(f"{name} must not be empty")
+            for x in values:
+                if x not in allowed:
+                    out.append(f"{name}: unknown value {x!r}; choose from {list(allowed)}")
+
+        def ints(name: str, lo: int) -> None:
+            v = getattr(self, name)
+            if not v:
+                out.append(f"{name} must not be empty")
+            for x in v:
+                if isinstance(x, bool) or not isinstance(x, int) or x < lo:
+                    out.append(f"{name}: {x!r} must be an integer >= {lo}")
+
+        if self.preset not in PRESETS:
+            out.append(f"preset: unknown value {self.preset!r}; choose from {sorted(PRESETS)}")
+        choices("experiments", EXPERIMENTS)
+        choices("dataset", DATASETS)
+        integer("input_dim", 0)
+        integer("max_train", 0)
+        integer("seeds", 1, 1000)
+        integer("epochs", 1)
+        integer("batch_size", 1)
+        positive("lr")
+        positive("divergence_threshold")
+        if isinstance(self.l2, bool) or not isinstance(self.l2, (int, float)) or not math.isfinite(self.l2) or self.l2 < 0:
+            out.append(f"l2 must be a finite number >= 0, got {self.l2!r}")
+        choices("activation", ACTIVATIONS)
+        integer("width", 1)
+        integer("depth", 2)
+        probs("c1_p_grid")
+        choices("c2_activations", ACTIVATIONS)
+        ints("c2_widths", 1)
+        ints("c2_depths", 1)
+        probs("c2_p", allow_zero=False)
+        probs("c3_p_grid", allow_zero=False)
+        probs("c3_p", allow_zero=False)
+        choices("c3_objectives", OBJECTIVES)
+        if "dropout" not in self.c3_objectives:
+            out.append("c3_objectives must include 'dropout' (the reference every other objective is compared with)")
+        integer("gap_samples", 10)
+        integer("curvature_inputs", 10)
+        choices("curvature_method", CURVATURE_METHODS)
+        integer("curvature_samples", 2)
+        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not (0 < self.damping < 1):
+            out.append(f"damping must be in (0, 1) (relative to the largest Fisher eigenvalue), got {self.damping!r}")
+        return out
+
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "full": dict(
+        seeds=5,
+        epochs=150,
+        c1_p_grid=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
+        c2_widths=(8, 16, 32),
+        c2_depths=(1, 2, 3),
+        c3_p_grid=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5),
+        c3_objectives=("none", "l2", "dropout", "gaussian_dropout", "fisher_dropout"),
+        curvature_inputs=500,
+        curvature_samples=128,
+        gap_samples=5000,
+    ),
+    "quick": dict(),
+    "test": dict(
+        seeds=2,
+        epochs=3,
+        max_train=200,
+        input_dim=8,
+        width=6,
+        c1_p_grid=(0.0, 0.5),
+        c2_activations=("identity", "tanh"),
+        c2_widths=(6,),
+        c2_depths=(2,),
+        c3_p_grid=(0.05, 0.2),
+        c3_objectives=("none", "dropout", "fisher_dropout"),
+        gap_samples=200,
+        curvature_inputs=60,
+        curvature_samples=8,
+    ),
+}

@@ -1,0 +1,257 @@
+"""A run directory with atomic writes and resume.
+
+Layout of a run directory::
+
+    config.json                 the resolved RunConfig (written once)
+    units/<experiment>/<key>.json   one record per unit of work (experiment x setting x seed)
+    metrics/<experiment>.jsonl  every record of an experiment, one JSON object per line
+    metrics/<experiment>.csv    the same as a flat table
+    figures/*.png               figures; report.md, report.html
+
+Every file is written to a temporary file in the same folder and moved into
+place with :func:`os.replace`, which is atomic on POSIX and Windows: a killed
+run leaves either the old file or the new one, never half of one. A unit
+counts as finished when its record exists with status ``ok`` or ``diverged``
+(a diverged training is a result, not a failure); running the same command
+again skips finished units and recomputes the rest. Records with status
+``error`` (an exception) are shown in the report and retried on resume.
+
+Example:
+    >>> import tempfile
+    >>> from dropgeom.rundir import RunDir
+    >>> d = RunDir(tempfile.mkdtemp())
+    >>> d.is_done("C1", "p=0.1/seed=0")
+    False
+    >>> d.save_unit("C1", "p=0.1/seed=0", {"status": "ok", "gamma2": 0.5})
+    >>> d.is_done("C1", "p=0.1/seed=0"), d.records("C1")[0]["gamma2"]
+    (True, 0.5)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+from .config import ConfigError, RunConfig
+
+__all__ = ["RunDir", "atomic_write_text", "atomic_write_bytes", "atomic_write_json", "FINISHED", "to_jsonable"]
+
+#: statuses of a finished unit (not recomputed on resume)
+FINISHED = ("ok", "diverged")
+
+
+def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_text(path: Union[str, Path], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert tensors, numpy values and non-finite floats into plain JSON values (NaN/inf become strings)."""
+    try:
+        import numpy as np
+        import torch
+    except ImportError:  # pragma: no cover
+        np = torch = None  # type: ignore
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return to_jsonable(obj.detach().cpu().tolist())
+    if np is not None and isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if np is not None and isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)  # "nan", "inf", "-inf": JSON has no such numbers
+    return obj
+
+
+def atomic_write_json(path: Union[str, Path], obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically."""
+    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")
+
+
+def _safe(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "__", key)
+
+
+class RunDir:
+    """One run's folder: config, per-unit records, metrics tables, figures and report."""
+
+    def __init__(self, root: Union[str, Path]) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- paths ----------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def unit_path(self, experiment: str, key: str) -> Path:
+        return self.root / "units" / experiment / f"{_safe(key)}.json"
+
+    # -- config ---------------------------------------------------------------
+    def init(self, config: RunConfig) -> RunConfig:
+        """Write ``config.json``, or check it matches the one already there (resume).
+
+        Raises ``ConfigError`` when the folder holds a run with a different
+        config (use another ``--out`` folder, or delete the old one).
+        """
+        if self.config_path.exists():
+            old = self.load_config()
+            if old.to_dict() != config.to_dict():
+                diff = sorted(k for k, v in config.to_dict().items() if old.to_dict().get(k) != v)
+                raise ConfigError(
+                    [f"{self.root} already holds a run with a different config (differs in {diff}); "
+                     "choose another --out folder to start a new run, or rerun the same command to resume"]
+                )
+            return old
+        atomic_write_text(self.config_path, config.to_json() + "\n")
+        return config
+
+    def load_config(self) -> RunConfig:
+        if not self.config_path.exists():
+            raise FileNotFoundError(f"{self.root} is not a run directory (no config.json)")
+        return RunConfig.from_json(self.config_path.read_text())
+
+    # -- units ----------------------------------------------------------------
+    def load_unit(self, experiment: str, key: str) -> Optional[Dict[str, Any]]:
+        path = self.unit_path(experiment, key)
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:  # cannot happen with atomic writes; recompute if it does
+            return None
+
+    def is_done(self, experiment: str, key: str) -> bool:
+        rec = self.load_unit(experiment, key)
+        return rec is not None and rec.get("status") in FINISHED
+
+    def save_unit(self, experiment: str, key: str, record: Mapping[str, Any]) -> None:
+        """Store one unit's record atomically (``key`` and ``experiment`` are added)."""
+        rec = dict(record)
+        rec.setdefault("status", "ok")
+        rec["experiment"], rec["key"] = experiment, key
+        atomic_write_json(self.unit_path(experiment, key), rec)
+
+    def records(self, experiment: str) -> List[Dict[str, Any]]:
+        """Every stored record of ``experiment`` (sorted by key)."""
+        folder = self.root / "units" / experiment
+        out = []
+        for path in sorted(folder.glob("*.json")) if folder.exists() else []:
+            try:
+                out.append(json.loads(path.read_text()))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def run_units(
+        self,
+        experiment: str,
+        units: Sequence[Mapping[str, Any]],
+        fn: Callable[[Mapping[str, Any]], Mapping[str, Any]],
+        progress: bool = True,
+        on_compute: Optional[Callable[[str], None]] = None,
+    ) -> Dict[str, int]:
+        """Run ``fn(unit)`` for each unit (a mapping with a ``key``) not finished yet.
+
+        Exceptions inside ``fn`` are recorded (status ``error``, with the
+        message) and do not stop the sweep; ``KeyboardInterrupt`` does (the
+        finished units are kept). Returns counts of computed and skipped units.
+        """
+        from tqdm.auto import tqdm
+
+        counts = {"computed": 0, "skipped": 0, "errors": 0}
+        todo = [u for u in units if not self.is_done(experiment, u["key"])]
+        counts["skipped"] = len(units) - len(todo)
+        bar = tqdm(todo, desc=f"{experiment} ({counts['skipped']} done before)", unit="run", disable=not progress, leave=False)
+        for unit in bar:
+            key = unit["key"]
+            bar.set_postfix_str(key)
+            if on_compute is not None:
+                on_compute(key)
+            t0 = time.perf_counter()
+            try:
+                record = dict(fn(unit))
+            except KeyboardInterrupt:
+                raise
+            except Exception as err:  # recorded and shown in the report; retried on resume
+                record = {"status": "error", "error": f"{type(err).__name__}: {err}"}
+                counts["errors"] += 1
+            record.setdefault("status", "ok")
+            record["seconds"] = time.perf_counter() - t0
+            record["unit"] = {k: v for k, v in unit.items() if k != "key"}
+            self.save_unit(experiment, key, record)
+            counts["computed"] += 1
+        return counts
+
+    # -- tables -----------------------------------------------------------------
+    def write_metrics(self, experiment: str) -> List[Dict[str, Any]]:
+        """Write ``metrics/<experiment>.jsonl`` and ``.csv`` from the stored records; return the records."""
+        records = self.records(experiment)
+        lines = "".join(json.dumps(to_jsonable(r), sort_keys=True) + "\n" for r in records)
+        atomic_write_text(self.root / "metrics" / f"{experiment}.jsonl", lines)
+        flat = [_flatten(r) for r in records]
+        columns: List[str] = []
+        for row in flat:
+            for c in row:
+                if c not in columns:
+                    columns.append(c)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        for row in flat:
+            writer.writerow(row)
+        atomic_write_text(self.root / "metrics" / f"{experiment}.csv", buf.getvalue())
+        return records
+
+
+def _flatten(rec: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in rec.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, name + "."))
+        elif isinstance(v, (list, tuple)):
+            if all(isinstance(x, (int, float, str)) for x in v) and len(v) <= 8:
+                out[name] = ";".join(str(x) for x in v)
+        else:
+            out[name] = v
+    return out
