@@ -190,6 +190,12 @@ class Categorical(ExponentialFamily):
         dp = p * u - p * (p * u).sum(-1, keepdim=True)
         return dp * v - dp * (p * v).sum(-1, keepdim=True) - p * (dp * v).sum(-1, keepdim=True)
 
+    def kl(self, eta: Tensor, eta2: Tensor) -> Tensor:
+        """``sum_c p_c (log p_c - q_c)`` from log-softmax: the generic
+        ``A(eta2) - A(eta) - <mu, eta2 - eta>`` cancels catastrophically at large logits."""
+        lp, lq = torch.log_softmax(eta, dim=-1), torch.log_softmax(eta2, dim=-1)
+        return (lp.exp() * (lp - lq)).sum(-1).clamp_min(0)
+
     def sufficient_statistic(self, y: Tensor, k: Optional[int] = None) -> Tensor:
         if torch.is_floating_point(y):
             raise ValueError("family 'categorical': targets must be integer class indices")
@@ -274,6 +280,19 @@ class Bernoulli(_Elementwise):
     def nll(self, eta: Tensor, y: Tensor) -> Tensor:
         return F.binary_cross_entropy_with_logits(eta, y.to(eta.dtype), reduction="none").sum(-1)
 
+    def kl(self, eta: Tensor, eta2: Tensor) -> Tensor:
+        """``s (log s - log s') + (1-s) (log(1-s) - log(1-s'))`` from log-sigmoids (no
+        cancellation at large logits), summed over the ``K`` independent labels."""
+        ls = F.logsigmoid
+        s = torch.sigmoid(eta)
+        kl = s * (ls(eta) - ls(eta2)) + torch.sigmoid(-eta) * (ls(-eta) - ls(-eta2))
+        return kl.clamp_min(0).sum(-1)
+
+    def check_targets(self, y: Tensor, n: int, k: int) -> None:
+        super().check_targets(y, n, k)
+        if ((y < 0) | (y > 1)).any():
+            raise ValueError("family 'bernoulli': targets must lie in [0, 1] (labels 0/1 or soft labels)")
+
 
 class Gaussian(_Elementwise):
     """Gaussian label with known ``sigma`` (default 1); ``eta = mu / sigma^2``.
@@ -305,6 +324,10 @@ class Gaussian(_Elementwise):
         eta = eta.detach()
         noise = torch.randn(eta.shape, generator=generator, dtype=eta.dtype, device=eta.device)
         return self.mean(eta) + self.sigma * noise
+
+    def kl(self, eta: Tensor, eta2: Tensor) -> Tensor:
+        """``sigma^2 |eta2 - eta|^2 / 2`` (closed form)."""
+        return 0.5 * self.sigma**2 * ((eta2 - eta) ** 2).sum(-1)
 
     def nll(self, eta: Tensor, y: Tensor) -> Tensor:
         mu = self.mean(eta)
@@ -339,10 +362,17 @@ class Poisson(_Elementwise):
         y = y.to(eta.dtype)
         return (eta.exp() - eta * y + torch.lgamma(y + 1)).sum(-1)
 
+    def kl(self, eta: Tensor, eta2: Tensor) -> Tensor:
+        """``e^eta (e^d - 1 - d)`` with ``d = eta2 - eta`` (expm1: less cancellation than the generic form)."""
+        d = eta2 - eta
+        return (eta.exp() * (torch.expm1(d) - d)).clamp_min(0).sum(-1)
+
     def check_targets(self, y: Tensor, n: int, k: int) -> None:
         super().check_targets(y, n, k)
         if (y < 0).any():
             raise ValueError("family 'poisson': targets must be non-negative counts")
+        if (y != y.round()).any():
+            raise ValueError("family 'poisson': targets must be integer counts (stored as floats)")
 
 
 class Normal(ExponentialFamily):
