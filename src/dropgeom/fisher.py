@@ -16,8 +16,17 @@ residuals scaled by ``1/sqrt(M)`` (mc), or the observed residual (empirical).
 * ``dense``    ``[P, P]``
 * ``diag``     the diagonal
 * ``layer``    exact per-module blocks
-* ``kfac``     Kronecker factors per Linear layer (Martens & Grosse 2015), exact blocks elsewhere
-* ``implicit`` matrix-free ``F v = (1/n) J^T S S^T J v`` (one jvp + one vjp)
+* ``kfac``     Kronecker factors per Linear layer (Martens & Grosse 2015) and per
+  Conv1d/Conv2d layer (KFC, Grosse & Martens 2016, "expand"), exact blocks elsewhere
+* ``implicit`` matrix-free ``F V = (1/n) J^T S S^T J V`` (jvp and vjp vectorised over columns)
+
+Fast paths: for Linear and Conv1d/Conv2d layers the diagonal and the Kronecker
+factors come from the layer inputs and the columns of ``S`` back-propagated to
+the layer outputs (one forward, one batched backward, never per-sample
+gradients for plain Linear layers; the last layer needs no backward). Every
+other layer (norms, embeddings, attention, ...) goes through per-sample
+``torch.func`` products. For the categorical family the exact Fisher uses a
+``K-1``-column square root of ``Sigma``.
 
 Every result is a :class:`~dropgeom.operators.CurvatureOperator` with
 ``kind``, ``structure`` and ``reduction`` recorded (``mean``, or ``sum = n * mean``).
@@ -48,6 +57,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.func import jvp, vjp, vmap
 
 from .manifold import ModelManifold, memory_guard
 from .operators import (
@@ -84,7 +94,7 @@ class Structure(str, Enum):
     LAYER = "layer"
     """Exact per-module blocks (block-diagonal)."""
     KFAC = "kfac"
-    """Kronecker factors for Linear layers (expectation approximation), exact blocks for other modules."""
+    """Kronecker factors for Linear and Conv1d/Conv2d layers (KFAC / KFC "expand"), exact blocks for other modules."""
     IMPLICIT = "implicit"
     """Matrix-free products through jvp/vjp; exact; ``O(P + nK)`` memory."""
 
@@ -183,7 +193,7 @@ def fisher(
     reduction = _enum(Reduction, reduction, "reduction")
     if not isinstance(manifold, ModelManifold):
         raise TypeError(f"fisher() needs a ModelManifold, got {type(manifold).__name__}")
-    S = fisher_factors(manifold, kind, targets=targets, n_samples=n_samples, generator=generator)
+    S = _reduced_factor(manifold, fisher_factors(manifold, kind, targets=targets, n_samples=n_samples, generator=generator), kind)
     scale = 1.0 if reduction is Reduction.SUM else 1.0 / manifold.n
     meta = dict(kind=kind.value, structure=structure.value, reduction=reduction.value, n=manifold.n)
     P = manifold.num_params
@@ -217,24 +227,35 @@ def fisher(
         return _kfac(manifold, S, scale, meta)
 
     # implicit
-    SS = S  # captured: (1/n) J^T S S^T J V
-
-    def matmat(V: Tensor) -> Tensor:
-        cols = []
-        for j in range(V.shape[1]):
-            jv = manifold.jvp(V[:, j])
-            w = torch.einsum("nkr,nlr,nl->nk", SS, SS, jv)
-            cols.append(manifold.vjp(w) * scale)
-        return torch.stack(cols, dim=1)
-
     return ImplicitOperator(
-        matmat, P, manifold.dtype, manifold.device, diag_fn=lambda: _diagonal(manifold, S) * scale, **meta
+        _implicit_matmat(manifold, S, scale), P, manifold.dtype, manifold.device,
+        diag_fn=lambda: _diagonal(manifold, S) * scale, **meta
     )
 
 
 # --------------------------------------------------------------------------
 # structure back-ends
 # --------------------------------------------------------------------------
+
+
+def _reduced_factor(manifold: ModelManifold, S: Tensor, kind: FisherKind) -> Tensor:
+    r"""Drop the redundant column of the categorical covariance root (``K -> K-1`` columns).
+
+    The symmetric root ``S = diag(sqrt p) - p sqrt(p)^T`` annihilates the unit
+    vector ``u = sqrt(p)``. With the Householder reflection
+    ``H = I - 2 w w^T / |w|^2``, ``w = u + e_K`` (``H u = -e_K``), ``S H`` has a
+    zero last column and ``(S H)(S H)^T = S S^T = Sigma``: its first ``K - 1``
+    columns are an exact square root. Hand-written (no library offers it).
+    """
+    if kind is not FisherKind.EXACT or manifold.family.name != "categorical" or S.shape[2] < 2:
+        return S
+    p = manifold.family.mean(manifold.eta()).to(S.dtype)
+    w = p.sqrt()
+    w = torch.cat([w[:, :-1], w[:, -1:] + 1], dim=1)  # u + e_K, |w|^2 = 2 + 2 u_K >= 2
+    Sw = torch.einsum("nkr,nr->nk", S, w)
+    coef = 2.0 / (w * w).sum(1)
+    SH = S - coef[:, None, None] * Sw[:, :, None] * w[:, None, :]
+    return SH[:, :, :-1]
 
 
 def _parameter_groups(manifold: ModelManifold) -> List[Tuple[str, List[str]]]:
@@ -246,82 +267,157 @@ def _parameter_groups(manifold: ModelManifold) -> List[Tuple[str, List[str]]]:
     return list(groups.items())
 
 
-def _linear_layers(manifold: ModelManifold) -> Dict[str, nn.Linear]:
-    """Linear modules whose weight (and bias, if any) are all free parameters."""
+def _has_layer_rule(mod: nn.Module) -> bool:
+    """Linear (inputs ``[n, ..., in]``), and Conv1d/Conv2d with ``groups=1``, zero padding and numeric padding."""
+    if type(mod) is nn.Linear:
+        return True
+    if type(mod) in (nn.Conv1d, nn.Conv2d):
+        return mod.groups == 1 and mod.padding_mode == "zeros" and (not isinstance(mod.padding, str) or mod.padding == "valid")
+    return False
+
+
+def _rule_layers(manifold: ModelManifold) -> Dict[str, nn.Module]:
+    """Modules with a layer rule whose weight (and bias, if any) are all free parameters."""
     if manifold.model is None:
         return {}
     free = set(manifold.param_names)
     out = {}
     for name, mod in manifold.model.named_modules():
-        if type(mod) is nn.Linear:
+        if _has_layer_rule(mod):
             keys = [f"{name}.weight"] + ([f"{name}.bias"] if mod.bias is not None else [])
             if all(k in free for k in keys):
                 out[name] = mod
     return out
 
 
-def _capture_linear(
-    manifold: ModelManifold, layers: Dict[str, nn.Linear], S: Tensor
+def _unfold(mod: nn.Module, x: Tensor) -> Tensor:
+    """Layer inputs as ``[n, T, d_in]`` rows such that ``out[:, t] = W_flat @ a[:, t] (+ b)``.
+
+    Linear: the extra (weight-sharing) dims flattened into ``T``; Conv: the
+    unfolded patches (``T`` = output positions, ``d_in = C_in * prod(kernel)``,
+    in the order of ``weight.reshape(out, -1)``).
+    """
+    if type(mod) is nn.Linear:
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+    pad = 0 if isinstance(mod.padding, str) else mod.padding
+    if type(mod) is nn.Conv1d:
+        if x.dim() == 2:  # unbatched input cannot carry a sample axis
+            raise ValueError("Conv1d needs batched inputs [n, C, L]")
+        cols = torch.nn.functional.unfold(
+            x.unsqueeze(-2), (1, mod.kernel_size[0]), dilation=(1, mod.dilation[0]),
+            padding=(0, pad if isinstance(pad, int) else pad[0]), stride=(1, mod.stride[0]),
+        )
+    else:
+        cols = torch.nn.functional.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=pad, stride=mod.stride)
+    return cols.transpose(1, 2)
+
+
+def _capture(
+    manifold: ModelManifold, layers: Dict[str, nn.Module], S: Tensor
 ) -> Dict[str, Tuple[Tensor, Tensor]]:
-    """For each Linear layer: its inputs ``a`` (``[n, in]``) and the back-propagated
-    columns ``g`` (``[R, n, out]``) of ``S`` at its outputs, in one forward and one
-    batched backward pass (Dangel et al. 2020, BackPACK's recipe, written here with
+    """For each rule layer: its inputs ``a`` (``[n, T, d_in]``, see :func:`_unfold`) and
+    the back-propagated columns ``g`` (``[R, n, T, d_out]``) of ``S`` at its outputs,
+    from one forward and one batched backward pass (Dangel et al. 2020's recipe;
     forward hooks because no ``torch.func`` primitive exposes layer outputs).
 
-    Layers seen with inputs of more than 2 dimensions (weight sharing) are dropped.
+    A layer whose output is ``eta`` itself needs no backward: its columns are
+    ``S``. Layers called more than once per forward (weight tying) are left to
+    the generic per-sample path.
     """
-    records: Dict[str, Tuple[Tensor, Tensor]] = {}
+    records: Dict[str, Tuple[Optional[Tensor], Optional[Tensor]]] = {}
     mods = {mod: name for name, mod in layers.items()}
 
     def hook(mod: nn.Module, inp: Tuple[Tensor, ...], out: Tensor) -> None:
         name = mods[mod]
-        if inp[0].dim() == 2 and name not in records:
-            records[name] = (inp[0].detach(), out)
+        if name in records or not isinstance(out, Tensor) or inp[0].shape[0] != manifold.n:
+            records[name] = (None, None)
         else:
-            records[name] = (None, None)  # type: ignore[assignment]
+            records[name] = (inp[0].detach(), out)
 
     handles = [m.register_forward_hook(hook) for m in mods]
     try:
         params = {k: v.detach().requires_grad_(True) for k, v in manifold.params.items()}
         with torch.enable_grad():
             eta = manifold.forward(params)
-            good = {k: v for k, v in records.items() if v[0] is not None}
-            if not good:
-                return {}
-            outs = [v[1] for v in good.values()]
-            grads = torch.autograd.grad(
-                eta, outs, grad_outputs=S.permute(2, 0, 1).contiguous(), is_grads_batched=True, allow_unused=True
-            )
     finally:
         for h in handles:
             h.remove()
+    good = {k: v for k, v in records.items() if v[0] is not None}
+    R = S.shape[2]
+    cols = S.permute(2, 0, 1)  # [R, n, K]
+    last = {k for k, (_, out) in good.items() if out is eta}
+    back = [k for k in good if k not in last]
+    grads: Dict[str, Optional[Tensor]] = {k: cols for k in last}
+    if back:
+        outs = [good[k][1] for k in back]
+        if R == 1:
+            gs = torch.autograd.grad(eta, outs, grad_outputs=cols[0], allow_unused=True)
+            gs = tuple(None if g is None else g.unsqueeze(0) for g in gs)
+        else:
+            gs = torch.autograd.grad(eta, outs, grad_outputs=cols.contiguous(), is_grads_batched=True, allow_unused=True)
+        grads.update(zip(back, gs))
     result = {}
-    for (name, (a, _)), g in zip(good.items(), grads):
+    for name, (x, out) in good.items():
+        mod = layers[name]
+        a = _unfold(mod, x)
+        g = grads[name]
         if g is None:
-            g = torch.zeros(S.shape[2], a.shape[0], layers[name].out_features, dtype=a.dtype, device=a.device)
-        result[name] = (a, g.detach())
+            g = torch.zeros((R, *out.shape), dtype=out.dtype, device=out.device)
+        g = g.detach()
+        if type(mod) is nn.Linear:
+            g = g.reshape(R, g.shape[1], -1, g.shape[-1])
+        else:
+            g = g.reshape(R, g.shape[1], g.shape[2], -1).transpose(2, 3)
+        result[name] = (a, g)
     return result
+
+
+def _layer_diagonal(a: Tensor, g: Tensor, has_bias: bool, max_bytes: int = 128 * 1024**2) -> Tuple[Tensor, Optional[Tensor]]:
+    """``sum_{i,r} diag(G_ir G_ir^T)`` for one layer, with the per-sample gradient
+    ``G_ir = sum_t g_irt a_it^T`` (``[d_out, d_in]``) and bias gradient ``sum_t g_irt``.
+
+    ``T = 1``: ``(sum_r g_ir^2)^T a_i^2`` without per-sample gradients. ``T > 1``
+    (convolutions, Linear on ``[n, T, d]``): per-sample gradients in chunks of
+    samples (``<= max_bytes`` alive).
+    """
+    R, n, T, d_out = g.shape
+    if T == 1:
+        g2 = (g[:, :, 0] * g[:, :, 0]).sum(0)  # [n, out]
+        a0 = a[:, 0]
+        return g2.T @ (a0 * a0), (g2.sum(0) if has_bias else None)
+    d_in = a.shape[2]
+    step = max(1, int(max_bytes // max(1, R * d_out * d_in * a.element_size())))
+    dw = torch.zeros(d_out, d_in, dtype=a.dtype, device=a.device)
+    db = torch.zeros(d_out, dtype=a.dtype, device=a.device) if has_bias else None
+    for s in range(0, n, step):
+        G = torch.einsum("rnto,nti->nroi", g[:, s : s + step], a[s : s + step])
+        dw += (G * G).sum((0, 1))
+        if has_bias:
+            gb = g[:, s : s + step].sum(2)
+            db += (gb * gb).sum((0, 1))
+    return dw, db
 
 
 def _diagonal(manifold: ModelManifold, S: Tensor) -> Tensor:
     """Exact ``sum_i diag(J_i^T S_i S_i^T J_i)`` (sum convention).
 
-    Linear layers: ``diag_W = sum_{i,r} g_ir^2 (x) a_i^2`` from layer inputs and
-    back-propagated factor columns (no per-sample gradients); every other
-    parameter through per-sample products on a sub-manifold.
+    Rule layers (Linear, Conv1d/2d) from layer inputs and back-propagated factor
+    columns (:func:`_layer_diagonal`); every other parameter through per-sample
+    products on a sub-manifold.
     """
     P = manifold.num_params
     out = torch.zeros(P, dtype=manifold.dtype, device=manifold.device)
     slices = manifold.param_slices()
-    layers = _linear_layers(manifold)
-    captured = _capture_linear(manifold, layers, S) if layers else {}
+    layers = _rule_layers(manifold)
+    captured = _capture(manifold, layers, S) if layers else {}
     done = set()
     for name, (a, g) in captured.items():
-        g2 = (g * g).sum(0)  # [n, out]
-        out[slices[f"{name}.weight"]] = (g2.T @ (a * a)).reshape(-1)
+        has_bias = layers[name].bias is not None
+        dw, db = _layer_diagonal(a, g, has_bias)
+        out[slices[f"{name}.weight"]] = dw.reshape(-1)
         done.add(f"{name}.weight")
-        if layers[name].bias is not None:
-            out[slices[f"{name}.bias"]] = g2.sum(0)
+        if has_bias:
+            out[slices[f"{name}.bias"]] = db
             done.add(f"{name}.bias")
     rest = [k for k in manifold.param_names if k not in done]
     if rest:
@@ -343,21 +439,34 @@ def _sub_manifold(manifold: ModelManifold, names: List[str]) -> ModelManifold:
 
 
 def _kfac(manifold: ModelManifold, S: Tensor, scale: float, meta: dict) -> KFACOperator:
-    r"""KFAC for Linear layers: ``A = sum_i a~_i a~_i^T`` (``a~ = [a; 1]`` with a bias),
-    ``B = sum_{i,r} g_ir g_ir^T``; the block is ``scale * (B/n) (x) A``
-    (expectation approximation ``E[g g^T (x) a a^T] ~ E[g g^T] (x) E[a a^T]``).
+    r"""KFAC (Martens & Grosse 2015) for Linear layers and KFC (Grosse & Martens 2016,
+    the "expand" variant of Eschenhagen et al. 2023) for convolutions and Linear
+    layers on inputs with extra dims. With ``a~ = [a; 1]`` when there is a bias,
+    ``T`` output positions per sample (1 for plain Linear):
+
+    ``A = (1/(n T)) sum_{i,t} a~_it a~_it^T``,  ``B = scale * sum_{i,r,t} g_irt g_irt^T``,
+
+    block ``B (x) A`` on ``vec([W | b])`` (``scale = 1/n`` for the mean). This is
+    curvlinops' ``KFACLinearOperator(kfac_approx="expand",
+    separate_weight_and_bias=False)``. BackPACK (KFLR exact / KFAC mc) keeps
+    separate weight and bias blocks; for Linear its weight block equals ours and
+    its bias block equals our ``B``; for convolutions its input factor is ``T``
+    times ours and its gradient factor is ``sum_i (sum_t g_it)(sum_t g_it)^T``
+    (the exact bias block) instead of ours.
     Other parameters get exact dense blocks per module.
     """
     n = manifold.n
     slices = manifold.param_slices()
-    layers = _linear_layers(manifold)
-    captured = _capture_linear(manifold, layers, S) if layers else {}
+    layers = _rule_layers(manifold)
+    captured = _capture(manifold, layers, S) if layers else {}
     kron, done = [], set()
     for name, (a, g) in captured.items():
         has_bias = layers[name].bias is not None
+        T = a.shape[1]
+        af = a.reshape(-1, a.shape[2])
         if has_bias:
-            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
-        A = a.T @ a / n
+            af = torch.cat([af, torch.ones(af.shape[0], 1, dtype=af.dtype, device=af.device)], dim=1)
+        A = af.T @ af / (n * T)
         gf = g.reshape(-1, g.shape[-1])
         B = gf.T @ gf * scale
         w = slices[f"{name}.weight"]
@@ -380,11 +489,42 @@ def _kfac(manifold: ModelManifold, S: Tensor, scale: float, meta: dict) -> KFACO
         sub_slices = sub.param_slices()
         idx_sub = [torch.cat([torch.arange(sub_slices[k].start, sub_slices[k].stop) for k in names]) for _, names in groups]
         idx_full = [torch.cat([torch.arange(slices[k].start, slices[k].stop) for k in names]) for _, names in groups]
+        for (gname, _), idx in zip(groups, idx_sub):
+            memory_guard(
+                len(idx) ** 2, manifold.dtype, f"an exact block [{len(idx)} x {len(idx)}] for module {gname!r} (no Kronecker rule)",
+                "use structure='diag' or 'implicit'",
+            )
         blocks = [torch.zeros(len(i), len(i), dtype=manifold.dtype, device=manifold.device) for i in idx_sub]
         for _, G in sub.iter_per_sample_vjp(S):
             G = G.reshape(-1, sub.num_params)
             for blk, idx in zip(blocks, idx_sub):
-                g = G[:, idx]
+                g = G[:, idx.to(G.device)]
                 blk.addmm_(g.T, g)
         dense = [(blk * scale, idx.to(manifold.device)) for blk, idx in zip(blocks, idx_full)]
     return KFACOperator(kron, dense, manifold.num_params, manifold.dtype, manifold.device, **meta)
+
+
+def _implicit_matmat(manifold: ModelManifold, S: Tensor, scale: float):
+    """``V -> scale * J^T S S^T J V`` for ``V`` of shape ``[P, m]``, vectorised over the
+    ``m`` columns (``vmap`` over ``jvp`` and over one reusable ``vjp``); a loop over
+    columns only where a layer has no ``vmap`` rule."""
+    params = manifold.params
+    names = manifold.param_names
+
+    def mm(V: Tensor) -> Tensor:
+        V = V.to(manifold.dtype)
+        tangents = manifold.unflatten(V.T)  # dict of [m, *shape]
+        try:
+            JV = vmap(lambda t: jvp(manifold.forward, (params,), (t,))[1])(tangents)  # [m, n, K]
+            W = torch.einsum("nkr,nlr,mnl->mnk", S, S, JV)
+            _, fn = vjp(manifold.forward, params)
+            out = vmap(fn)(W)[0]
+            return torch.cat([out[k].reshape(V.shape[1], -1) for k in names], dim=1).T * scale
+        except (RuntimeError, NotImplementedError):  # a layer without a vmap rule
+            cols = []
+            for j in range(V.shape[1]):
+                jv = manifold.jvp(V[:, j])
+                cols.append(manifold.vjp(torch.einsum("nkr,nlr,nl->nk", S, S, jv)) * scale)
+            return torch.stack(cols, dim=1)
+
+    return mm
