@@ -1,0 +1,186 @@
+r"""Evaluate a model at explicit dropout masks, functionally.
+
+``forward_with_masks(model, inputs, masks)`` runs the model with every module
+in eval mode, except that each named dropout module multiplies its input by
+the given mask (``h~ = h * m``, theory.md section 4) and each named
+``nn.Linear`` (DropConnect) uses the weights ``W * M_i`` for sample ``i``.
+The model's ``training`` flags are restored afterwards; the mask is applied by
+a forward hook registered for the duration of the call (hand-written: no
+library evaluates ``nn.Dropout`` at a given mask), so the call composes with
+``torch.func`` (``vmap`` over masks, ``jvp``/``vjp`` with respect to masks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..manifold import eval_mode
+from .masks import _CHANNEL_TYPES, DROPOUT_TYPES
+
+__all__ = ["forward_with_masks", "record_dropout_inputs"]
+
+Inputs = Union[Tensor, Tuple[Tensor, ...]]
+
+
+def _as_tuple(inputs: Inputs) -> Tuple[Tensor, ...]:
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def _unit_mask_hook(mod: nn.Module, name: str, mask: Tensor):
+    channel = isinstance(mod, _CHANNEL_TYPES)
+
+    def hook(module: nn.Module, args: Tuple[Tensor, ...], output: Tensor) -> Tensor:
+        h = args[0]
+        m = mask
+        if channel:  # [b, C] -> [b, C, 1, ...]
+            if m.dim() != 2 or m.shape[1] != h.shape[1]:
+                raise ValueError(
+                    f"mask for channel-dropout layer {name!r} must have shape [n or 1, C={h.shape[1]}], got {tuple(m.shape)}"
+                )
+            m = m.reshape(*m.shape, *([1] * (h.dim() - 2)))
+        elif tuple(m.shape[1:]) != tuple(h.shape[1:]) or m.dim() != h.dim():
+            raise ValueError(
+                f"mask for dropout layer {name!r} must have shape [n or 1, {', '.join(map(str, h.shape[1:]))}], "
+                f"got {tuple(m.shape)}"
+            )
+        if m.shape[0] not in (1, h.shape[0]):
+            raise ValueError(f"mask for layer {name!r} has {m.shape[0]} rows for a batch of {h.shape[0]} samples")
+        return h * m
+
+    return hook
+
+
+def _dropconnect_hook(name: str, mask: Tensor, weight_name: str, params: Optional[Mapping[str, Tensor]]):
+    def hook(module: nn.Linear, args: Tuple[Tensor, ...], output: Tensor) -> Tensor:
+        x = args[0]
+        w = params[weight_name] if params is not None and weight_name in params else module.weight
+        if mask.dim() != 3 or tuple(mask.shape[1:]) != tuple(w.shape) or mask.shape[0] not in (1, x.shape[0]):
+            raise ValueError(
+                f"DropConnect mask for {name!r} must have shape [n or 1, {w.shape[0]}, {w.shape[1]}], got {tuple(mask.shape)}"
+            )
+        if x.dim() != 2:
+            raise ValueError(f"DropConnect on {name!r} supports inputs [n, in], got {tuple(x.shape)}")
+        out = ((w * mask) @ x.unsqueeze(-1)).squeeze(-1)
+        bias = params.get(name + ".bias" if name else "bias") if params is not None else None
+        if bias is None:
+            bias = module.bias
+        return out + bias if bias is not None else out
+
+    return hook
+
+
+@contextlib.contextmanager
+def _hooks(model: nn.Module, masks: Mapping[str, Tensor], params: Optional[Mapping[str, Tensor]]) -> Iterator[None]:
+    modules = dict(model.named_modules())
+    handles = []
+    try:
+        for name, mask in masks.items():
+            if name not in modules:
+                dropout = [k for k, m in modules.items() if isinstance(m, DROPOUT_TYPES)]
+                raise ValueError(f"unknown layer name {name!r} in masks; the model's dropout modules are {dropout}")
+            mod = modules[name]
+            if not isinstance(mask, Tensor):
+                raise TypeError(f"mask for {name!r} must be a tensor, got {type(mask).__name__}")
+            if isinstance(mod, DROPOUT_TYPES):
+                handles.append(mod.register_forward_hook(_unit_mask_hook(mod, name, mask)))
+            elif isinstance(mod, nn.Linear):
+                wname = f"{name}.weight" if name else "weight"
+                handles.append(mod.register_forward_hook(_dropconnect_hook(name, mask, wname, params)))
+            else:
+                raise ValueError(f"layer {name!r} is a {type(mod).__name__}: masks apply to dropout modules or nn.Linear (DropConnect)")
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def forward_with_masks(
+    model: nn.Module,
+    inputs: Inputs,
+    masks: Mapping[str, Tensor],
+    params: Optional[Mapping[str, Tensor]] = None,
+) -> Tensor:
+    """The model's output with each named dropout layer replaced by multiplication with its mask.
+
+    ``h~ = h * m`` at every dropout module named in ``masks`` (mask shape
+    ``[n or 1, *unit_shape]``; channel dropout ``[n or 1, C]``); ``W_i = W * M_i``
+    for an ``nn.Linear`` named in ``masks`` (DropConnect, mask ``[n or 1, out, in]``).
+    Every other module, including dropout modules not named, runs in eval mode
+    (identity). The model's ``training`` flags are untouched afterwards.
+
+    Args:
+        model: the network.
+        inputs: a tensor (or tuple of tensors) with leading sample axis ``n``.
+        masks: ``{layer name: mask}``; ``{}`` gives the eval-mode output.
+        params: optional ``{name: tensor}`` overriding the model's parameters
+            (``torch.func.functional_call``); default: the module's own, so
+            ``.backward()`` reaches ``model.parameters()``.
+
+    Returns:
+        The model's output (``[n, K]`` for the models dropgeom analyses).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Dropout(0.5), nn.Linear(4, 2)).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> ones = {"2": torch.ones(5, 4, dtype=torch.float64)}
+        >>> torch.equal(forward_with_masks(net, x, ones), net.eval()(x))
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a dict {{layer name: tensor}}, got {type(masks).__name__}")
+    args = _as_tuple(inputs)
+    with eval_mode(model), _hooks(model, masks, params):
+        if params is None:
+            return model(*args)
+        return functional_call(model, dict(params), args)
+
+
+def record_dropout_inputs(
+    model: nn.Module,
+    inputs: Inputs,
+    layers: Sequence[str],
+    masks: Optional[Mapping[str, Tensor]] = None,
+    params: Optional[Mapping[str, Tensor]] = None,
+) -> Dict[str, Tensor]:
+    """The input ``h`` of each named dropout layer during one masked forward pass (plus ``"__out__"``, the output).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+        >>> rec = record_dropout_inputs(net, torch.zeros(2, 3), ["1"])
+        >>> rec["1"].shape, rec["__out__"].shape
+        (torch.Size([2, 4]), torch.Size([2, 2]))
+    """
+    modules = dict(model.named_modules())
+    rec: Dict[str, Tensor] = {}
+    handles: List = []
+
+    def make(name: str):
+        def pre(module: nn.Module, args: Tuple[Tensor, ...]) -> None:
+            rec[name] = args[0]
+
+        return pre
+
+    try:
+        for name in layers:
+            if name not in modules:
+                raise ValueError(f"unknown layer name {name!r}")
+            handles.append(modules[name].register_forward_pre_hook(make(name)))
+        rec["__out__"] = forward_with_masks(model, inputs, masks or {}, params)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [k for k in layers if k not in rec]
+    if missing:
+        raise ValueError(f"dropout layers {missing} were not used by the model's forward pass")
+    return rec

@@ -1,0 +1,216 @@
+r"""The terms of the two small-noise laws of the dropout gap (theory.md section 4.2).
+
+For each unit ``j`` of each dropout layer (``d_j eta_i = d eta_i / d m_j``,
+``r_i = mu_i - t(y_i)`` at ``m = 1``, ``eta_i^(-j)``: unit ``j`` dropped, every
+other mask 1), mean over inputs:
+
+.. code-block:: text
+
+    F^mask_jj = (1/n) sum_i (d_j eta_i)^T Sigma_i (d_j eta_i)        fisher
+    C_jj      = (1/n) sum_i < r_i, d^2 eta_i / d m_j^2 >            curvature_gaussian
+    K_j       = (1/n) sum_i KL(p(.|eta_i) || p(.|eta_i^(-j)))        divergence
+    B_j       = (1/n) sum_i < r_i, eta_i^(-j) - eta_i + d_j eta_i >  curvature_bernoulli
+
+Gaussian law (``m ~ N(1, V)``, ``V -> 0``): ``R = V/2 sum_j (F^mask_jj + C_jj) + O(V^2)``.
+Bernoulli law (``p -> 0``): ``R = p sum_j (K_j + B_j) + O(p^2)``.
+
+Computation, batched over units (never a Python loop over units):
+
+* ``d_j eta_i`` contracted with the columns of ``Sigma_i^{1/2}`` and with ``r_i``:
+  ``R + 1`` reverse-mode products with respect to per-sample masks (``vmap`` over
+  the ``R`` columns) -- the mask gradient is ``h_ij * d eta_i / d h~_ij``.
+* ``eta^(-j)``: ``vmap`` over units of a forward pass with a one-unit-dropped mask;
+  layers upstream of the dropout layer are not batched, so each unit costs one
+  pass through the downstream layers.
+* ``d^2 eta / d m_j^2``: forward-over-forward ``jvp`` along the one-hot mask
+  direction, ``vmap`` over units in chunks (again downstream layers only).
+
+Cost: about ``R`` backward passes plus ``3 U`` downstream forward passes per
+layer of ``U`` units (see ``bench/bench_dropout.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import jvp, vjp, vmap
+
+from ..families import ExponentialFamily
+from ._common import Inputs, as_tuple, check_output, chunk_for, detached_params, family_of
+from .explicit import forward_with_masks, record_dropout_inputs
+from .masks import PSpec, _unit_shape, find_dropout, mask_variance, resolve_p
+
+__all__ = ["DropoutTerms", "terms", "TERM_NAMES"]
+
+TERM_NAMES = ("fisher", "curvature_gaussian", "divergence", "curvature_bernoulli")
+
+
+@dataclass
+class DropoutTerms:
+    """The four terms of theory.md 4.2, summed over units (mean over inputs, no variance factor).
+
+    ``per_unit[layer][term]`` holds the per-unit values (shape: the layer's unit
+    shape); ``per_layer[layer][term]`` their sums; ``p`` the modules' drop probabilities.
+    """
+
+    fisher: float
+    curvature_gaussian: float
+    divergence: float
+    curvature_bernoulli: float
+    per_unit: Dict[str, Dict[str, Tensor]]
+    per_layer: Dict[str, Dict[str, float]]
+    p: Dict[str, float]
+    family: str = field(default="categorical")
+
+    def predicted_gap(self, p: PSpec = None, noise: str = "bernoulli") -> float:
+        """The gap each law predicts: ``sum_l p_l (K_l + B_l)`` (bernoulli) or
+        ``sum_l V_l/2 (F_l + C_l)`` with ``V_l = p_l/(1-p_l)`` (gaussian).
+
+        ``p``: default the modules' ``p``; a float for all layers or a dict per layer.
+        """
+        if noise not in ("bernoulli", "gaussian"):
+            raise ValueError(f"predicted_gap: noise must be 'bernoulli' or 'gaussian', got {noise!r}")
+        if isinstance(p, Mapping):
+            unknown = [k for k in p if k not in self.per_layer]
+            if unknown:
+                raise ValueError(f"p names unknown layers {unknown}; layers: {list(self.per_layer)}")
+            ps = {k: p.get(k, self.p[k]) for k in self.per_layer}
+        else:
+            ps = {k: (self.p[k] if p is None else p) for k in self.per_layer}
+        total = 0.0
+        for k, t in self.per_layer.items():
+            if noise == "bernoulli":
+                mask_variance(ps[k])  # validates p
+                total += ps[k] * (t["divergence"] + t["curvature_bernoulli"])
+            else:
+                total += 0.5 * mask_variance(ps[k]) * (t["fisher"] + t["curvature_gaussian"])
+        return total
+
+
+def _one_hot_rows(start: int, stop: int, width: int, like: Tensor) -> Tensor:
+    rows = torch.zeros(stop - start, width, dtype=like.dtype, device=like.device)
+    rows[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+    return rows
+
+
+def _batched_over_units(fn: Callable[[Tensor], Tensor], units: int, chunk: int, like: Tensor) -> Tensor:
+    """``stack([fn(e_j) for j in range(units)])`` with ``vmap`` over chunks of one-hot rows."""
+    outs = []
+    for s in range(0, units, chunk):
+        e = _one_hot_rows(s, min(units, s + chunk), units, like)
+        try:
+            outs.append(vmap(fn)(e))
+        except (RuntimeError, NotImplementedError):  # layer without a batching rule: loop this chunk
+            outs.append(torch.stack([fn(row) for row in e]))
+    return torch.cat(outs)
+
+
+def terms(
+    model: nn.Module,
+    inputs: Inputs,
+    targets: Tensor,
+    family: Union[str, ExponentialFamily] = "categorical",
+    layers: Optional[Sequence[str]] = None,
+    *,
+    chunk_size: Optional[int] = None,
+) -> DropoutTerms:
+    r"""Fisher, divergence and curvature terms of the dropout gap for every unit (theory.md 4.2).
+
+    Args:
+        model: the network with ``nn.Dropout`` modules (evaluated at ``m = 1``, eval mode).
+        inputs: tensor (or tuple) with leading sample axis ``n``.
+        targets: labels in the family's format (they enter through ``r = mu - t(y)``).
+        family: output family of the model's outputs.
+        layers: restrict to these dropout layers (default: all).
+        chunk_size: units evaluated together in one ``vmap`` (default: from a memory budget).
+
+    Returns:
+        :class:`DropoutTerms` with the sums ``fisher``, ``curvature_gaussian``,
+        ``divergence``, ``curvature_bernoulli`` and ``predicted_gap(p, noise)``.
+
+    Example (a GLM with input dropout: the mask is affine, both curvature terms vanish):
+        >>> import torch
+        >>> from torch import nn
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> glm = nn.Sequential(nn.Dropout(0.1), nn.Linear(3, 1)).double()
+        >>> x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6, 1)).double()
+        >>> t = terms(glm, x, y, family="bernoulli")
+        >>> abs(t.curvature_gaussian) < 1e-12, abs(t.curvature_bernoulli) < 1e-12, t.fisher > 0
+        (True, True, True)
+    """
+    fam = family_of(family)
+    args = as_tuple(inputs)
+    n = args[0].shape[0]
+    mods = find_dropout(model, layers)
+    ps = resolve_p(mods)
+    names = list(mods)
+    params = detached_params(model)
+    with torch.no_grad():
+        rec = record_dropout_inputs(model, args, names, None, params)
+    eta0 = rec["__out__"]
+    check_output(fam, eta0, n)
+    kdim = eta0.shape[1]
+    fam.check_targets(targets, n, kdim)
+    shapes = {k: _unit_shape(mods[k], rec[k]) for k in names}
+    sizes = {k: math.prod(shapes[k]) for k in names}
+    dtype, device = eta0.dtype, eta0.device
+    r = fam.residual(eta0, targets).to(dtype)
+    sq = fam.cov_sqrt(eta0)  # [n, K, R]
+
+    def f(masks: Dict[str, Tensor]) -> Tensor:
+        return forward_with_masks(model, args, masks, params)
+
+    # First derivatives w.r.t. per-sample masks: mask gradient = h * d eta / d h~.
+    ones = {k: torch.ones(n, *shapes[k], dtype=dtype, device=device) for k in names}
+    _, pull = vjp(f, ones)
+    try:
+        g_sigma = vmap(pull)(sq.permute(2, 0, 1).contiguous())[0]  # name -> [R, n, *unit]
+    except (RuntimeError, NotImplementedError):
+        cols = [pull(sq[:, :, c].contiguous())[0] for c in range(sq.shape[2])]
+        g_sigma = {k: torch.stack([c[k] for c in cols]) for k in names}
+    g_res = pull(r)[0]  # name -> [n, *unit]: <r_i, d_j eta_i>
+
+    shared = {k: torch.ones(1, *shapes[k], dtype=dtype, device=device) for k in names}
+    width = max(kdim, *sizes.values())
+    chunk = chunk_size or chunk_for(n, width, 2**22)
+    per_unit: Dict[str, Dict[str, Tensor]] = {}
+    per_layer: Dict[str, Dict[str, float]] = {}
+    for k in names:
+        u, shape = sizes[k], shapes[k]
+
+        def eta_drop(e: Tensor, k: str = k, shape=shape) -> Tensor:
+            return f({**shared, k: (1.0 - e).reshape(1, *shape)})
+
+        def second(e: Tensor, k: str = k, shape=shape) -> Tensor:
+            t = e.reshape(1, *shape)
+
+            def along(m: Tensor) -> Tensor:
+                return jvp(lambda mm: f({**shared, k: mm}), (m,), (t,))[1]
+
+            return jvp(along, (shared[k],), (t,))[1]
+
+        with torch.no_grad():
+            fisher_u = g_sigma[k].reshape(-1, n, u).pow(2).sum(0).mean(0)
+            rd = g_res[k].reshape(n, u).mean(0)
+            dropped = _batched_over_units(eta_drop, u, chunk, eta0)  # [U, n, K]
+            kl = fam.kl(eta0.expand(u, n, kdim).reshape(-1, kdim), dropped.reshape(-1, kdim)).reshape(u, n).mean(1)
+            bern = ((dropped - eta0) * r).sum(-1).mean(1) + rd
+            del dropped
+        d2 = _batched_over_units(second, u, chunk, eta0)  # [U, n, K]
+        with torch.no_grad():
+            curv = (d2 * r).sum(-1).mean(1)
+        del d2
+        per_unit[k] = {
+            "fisher": fisher_u.reshape(shape),
+            "curvature_gaussian": curv.reshape(shape),
+            "divergence": kl.reshape(shape),
+            "curvature_bernoulli": bern.reshape(shape),
+        }
+        per_layer[k] = {name: float(v.sum()) for name, v in per_unit[k].items()}
+    sums = {name: sum(per_layer[k][name] for k in names) for name in TERM_NAMES}
+    return DropoutTerms(per_unit=per_unit, per_layer=per_layer, p=ps, family=fam.name, **sums)
