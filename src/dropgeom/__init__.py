@@ -10,6 +10,14 @@ from .families import ExponentialFamily, get_family
 from .fisher import FisherKind, Reduction, Structure, fisher
 from .manifold import ModelManifold
 from .operators import CurvatureOperator
+from .curvature import (
+    CurvatureResult,
+    alpha_connection,
+    embedding_curvature,
+    normal_curvature,
+    skewness_tensor,
+    statistical_curvature,
+)
 
 __version__ = "0.1.0"
 
@@ -22,4 +30,10 @@ __all__ = [
     "CurvatureOperator",
     "ExponentialFamily",
     "get_family",
+    "statistical_curvature",
+    "embedding_curvature",
+    "CurvatureResult",
+    "normal_curvature",
+    "alpha_connection",
+    "skewness_tensor",
 ]

@@ -1,0 +1,161 @@
+r"""Shared building blocks of the curvature code (private).
+
+Everything is expressed in *whitened* output coordinates: with ``S_i`` a square
+root of ``Sigma_i`` (``family.cov_sqrt``, ``[n, K, R]``), an output-space vector
+``y`` (``[n, K]``) is represented by ``S^T y`` (``[n, R]``), so that
+``<x, y>_G = (S^T x) . (S^T y)`` with ``G = blockdiag(Sigma_i)`` (sum convention).
+This handles a singular ``Sigma_i`` (categorical: rank ``K - 1``) without a
+special case: the null direction of ``G`` simply vanishes, and the G-orthogonal
+projection onto ``range(J)`` becomes the Euclidean projection onto
+``range(S^T J)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vjp, vmap
+
+from ..manifold import ModelManifold
+from ..operators import conjugate_gradient
+
+__all__: list = []
+
+
+def check_manifold(manifold: object, fn: str) -> ModelManifold:
+    if not isinstance(manifold, ModelManifold):
+        raise TypeError(f"{fn}() needs a ModelManifold, got {type(manifold).__name__}")
+    return manifold
+
+
+def check_alpha(alpha: object) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite real number (1: e-curvature, -1: m-curvature), got {alpha!r}")
+    return float(alpha)
+
+
+def check_damping(damping: object) -> Optional[float]:
+    if damping is None:
+        return None
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) or damping < 0:
+        raise ValueError(
+            f"damping must be None or a finite number >= 0 (relative to the largest eigenvalue of g), got {damping!r}"
+        )
+    return float(damping)
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """Relative residual at which conjugate gradients stop, by precision."""
+    return 1e-10 if dtype == torch.float64 else 1e-5
+
+
+def whitening(manifold: ModelManifold) -> tuple[Tensor, Tensor, Tensor]:
+    """``(eta, S, S_pinv)``: outputs ``[n, K]``, ``S`` (``[n, K, R]``, ``S S^T = Sigma``)
+    and its per-sample pseudo-inverse ``[n, R, K]``."""
+    eta = manifold.eta()
+    S = manifold.family.cov_sqrt(eta)
+    return eta, S, torch.linalg.pinv(S)
+
+
+def whiten(S: Tensor, y: Tensor) -> Tensor:
+    """``S^T y`` for ``y`` of shape ``[..., n, K]`` -> ``[..., n, R]``."""
+    return torch.einsum("nkr,...nk->...nr", S, y)
+
+
+def unwhiten(S: Tensor, z: Tensor) -> Tensor:
+    """``S z`` for ``z`` of shape ``[..., n, R]`` -> ``[..., n, K]``."""
+    return torch.einsum("nkr,...nr->...nk", S, z)
+
+
+def skew_whitened(manifold: ModelManifold, eta: Tensor, S_pinv: Tensor, ju: Tensor, jv: Tensor) -> Tensor:
+    r"""Whitened ``G^+ A'''[J u, J v, .]``: ``S^+ t`` with ``t_i = A'''(eta_i)[J_i u, J_i v, .]``.
+
+    ``S^+ t`` is the whitened representative of ``G^+ t`` because ``t`` lies in
+    ``range(Sigma_i)`` (``A`` is invariant along the null directions of ``Sigma``).
+    Batched over leading axes of ``ju, jv`` (``[..., n, K]``).
+    """
+    fam = manifold.family
+    lead = ju.shape[:-2]
+    a = ju.reshape(-1, *ju.shape[-2:])
+    b = jv.reshape(-1, *jv.shape[-2:])
+
+    def one(x: Tensor, y: Tensor) -> Tensor:
+        return fam.third_cumulant(eta, x, y)
+
+    try:
+        t = vmap(one)(a, b)
+    except (RuntimeError, NotImplementedError):
+        t = torch.stack([one(a[i], b[i]) for i in range(a.shape[0])])
+    return torch.einsum("nrk,mnk->mnr", S_pinv, t).reshape(*lead, *S_pinv.shape[:2])
+
+
+class LinearisedManifold:
+    """Batched first and second directional derivatives of a manifold (``torch.func``).
+
+    Columns are batched with ``vmap``; if a layer has no batching rule the
+    products fall back to a loop over columns.
+    """
+
+    def __init__(self, manifold: ModelManifold) -> None:
+        self.m = manifold
+        self.params = manifold.params
+        self._vjp_fn: Optional[Callable] = None
+
+    def _map(self, fn: Callable, *cols: Tensor) -> Tensor:
+        try:
+            return vmap(fn)(*cols)
+        except (RuntimeError, NotImplementedError):
+            return torch.stack([fn(*(c[i] for c in cols)) for i in range(cols[0].shape[0])])
+
+    def jvp(self, V: Tensor) -> Tensor:
+        """``J v`` for each row of ``V`` (``[m, P]``) -> ``[m, n, K]``."""
+        m = self.m
+
+        def one(v: Tensor) -> Tensor:
+            return jvp(m.forward, (self.params,), (m.unflatten(v),))[1]
+
+        return self._map(one, V)
+
+    def vjp(self, W: Tensor) -> Tensor:
+        """``J^T w`` for each ``w`` in ``W`` (``[m, n, K]``) -> ``[m, P]``."""
+        if self._vjp_fn is None:
+            _, self._vjp_fn = vjp(self.m.forward, self.params)
+        fn = self._vjp_fn
+
+        def one(w: Tensor) -> Tensor:
+            return self.m.flatten(fn(w)[0])
+
+        return self._map(one, W)
+
+    def d2(self, U: Tensor, V: Tensor) -> Tensor:
+        """``D2 eta[u, v]`` for each pair of rows (``[m, P]``) -> ``[m, n, K]`` (forward over forward)."""
+        m = self.m
+
+        def one(u: Tensor, v: Tensor) -> Tensor:
+            pu, pv = m.unflatten(u), m.unflatten(v)
+
+            def along_u(p):
+                return jvp(m.forward, (p,), (pu,))[1]
+
+            return jvp(along_u, (self.params,), (pv,))[1]
+
+        return self._map(one, U, V)
+
+    def metric_matmat(self, S: Tensor, V: Tensor) -> Tensor:
+        """``g V = J^T G J V`` (sum convention) for ``V`` of shape ``[P, m]``."""
+        jv = self.jvp(V.T)
+        return self.vjp(unwhiten(S, whiten(S, jv))).T
+
+    def project_out(self, S: Tensor, Y: Tensor, tol: float, max_iter: Optional[int]) -> Tensor:
+        """Whitened normal part ``(I - Pi) Y`` of whitened vectors ``Y`` (``[m, n, R]``).
+
+        ``Pi`` projects onto ``range(S^T J)``: least squares ``min_x |Y - S^T J x|``
+        solved by conjugate gradients on ``g x = J^T S Y`` (CGNR), then the
+        residual formed explicitly (no cancellation in ``|Y|^2 - |Pi Y|^2``).
+        """
+        b = self.vjp(unwhiten(S, Y)).T  # [P, m]
+        x = conjugate_gradient(lambda M: self.metric_matmat(S, M), b, tol=tol, max_iter=max_iter)
+        return Y - whiten(S, self.jvp(x.T))

@@ -1,0 +1,288 @@
+r"""Embedding curvature of the model manifold (theory.md section 3): dense and stochastic.
+
+With ``G = blockdiag(Sigma_i)`` (sum convention), ``g = J^T G J``, ``P_T`` the
+G-orthogonal projector onto ``range(J)`` and the alpha-normal vectors
+
+.. math::
+
+    N^\alpha(u, v) = (I - P_T)\big(D^2\eta[u, v]
+        + \tfrac{1-\alpha}{2}\, G^{+} A'''[Ju, Jv, \cdot]\big),
+
+the scalar alpha-curvature is
+
+.. math::  \gamma^2_\alpha = g^{ac} g^{bd} \langle N^\alpha_{ab}, N^\alpha_{cd} \rangle_G
+
+(Efron 1975 for one parameter; Reeds 1975 / Amari 1982 for several;
+``g^+`` where ``g`` is singular). ``alpha = 1`` is the e-curvature
+(``H_e(u, v, w) = <N(u, v), w>_G``), ``alpha = -1`` the m-curvature: the G-inner
+product of ``N^alpha(u, v)`` with a normal ``w`` is
+``H_alpha(u, v, w) = H_e(u, v, w) + (1-alpha)/2 T(Ju, Jv, w)``, and for alpha = -1
+the bracket equals ``G^+ D^2 M[u, v]`` (``M`` the expectation coordinates), so the
+value equals the same construction done in m-coordinates with metric ``G^{-1}``.
+``gamma^2_alpha`` is a quadratic polynomial in alpha.
+
+Derivation of the two methods:
+
+* **dense** Whitening with ``S`` (``S S^T = Sigma``) turns G-inner products into
+  Euclidean ones; with the thin SVD ``S^T J = U diag(s) V^T`` (rank ``r``)
+  the tangent projector is ``U U^T`` and ``g^+ = V diag(s^-2) V^T``, so
+  ``gamma^2 = sum_{k,l <= r} |(I - U U^T) S^T N(e_k, e_l)|^2`` with ``e_k = V_k / s_k``.
+  Damped: ``g^+ -> (g + lambda I)^{-1} = Q diag(1/(w + lambda)) Q^T`` over all
+  ``P`` eigenvectors ``Q`` of ``g``.
+* **stochastic** For independent ``u, v`` with covariance ``C``,
+  ``E |N(u, v)|_G^2 = C^{ac} C^{bd} <N_ab, N_cd>_G`` because ``N`` is bilinear.
+  ``u = g^+ J^T S z`` (``z ~ N(0, I)``) has covariance ``g^+ g g^+ = g^+``;
+  damped, ``u = (g + lambda I)^{-1} (J^T S z + sqrt(lambda) z')`` has covariance
+  ``(g + lambda I)^{-1}``. Solves are conjugate gradients on ``g`` (Fisher
+  products: one jvp and one vjp), ``D^2 eta[u, v]`` is forward over forward,
+  and the normal part is the least-squares residual of ``S^T D^2 eta`` against
+  ``range(S^T J)`` (CG on the normal equations). Memory ``O(P + nK)`` per sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..manifold import ModelManifold
+from ..operators import conjugate_gradient
+from ._common import (
+    LinearisedManifold,
+    check_alpha,
+    check_damping,
+    check_manifold,
+    default_tol,
+    skew_whitened,
+    unwhiten,
+    whiten,
+    whitening,
+)
+from .dense import DenseGeometry
+
+__all__ = ["CurvatureResult", "embedding_curvature"]
+
+
+@dataclass
+class CurvatureResult:
+    """Result of :func:`embedding_curvature`.
+
+    Attributes:
+        gamma2: the scalar curvature ``gamma^2`` of the manifold over all ``n``
+            inputs (sum-convention metric).
+        gamma2_per_sample: ``n * gamma2``, the curvature of one observation
+            (``gamma_n^2 = gamma_1^2 / n``).
+        stderr: standard error of ``gamma2`` (0 for dense).
+        normal_components: dense only: the normal vectors ``N^alpha(e_a, e_b)``
+            of the coordinate directions, in natural-parameter coordinates,
+            shape ``[n, K, P, P]`` (G-orthogonal to ``range(J)``); else None.
+        alpha: 1 = e-curvature, -1 = m-curvature.
+        method: ``"dense"`` or ``"stochastic"``.
+        damping: the relative damping (``lambda = damping * lambda_max(g)``) or None.
+        damping_abs: the absolute ``lambda`` used (None without damping).
+        rank: dense only: the numerical rank of ``J`` in the G-metric (= rank of ``g``).
+        normal_dim: dense only: ``rank(G) - rank`` (``n(K-1) - rank(J)`` for categorical).
+        n_samples: number of ``(u, v)`` pairs (stochastic), else 0.
+    """
+
+    gamma2: Tensor
+    gamma2_per_sample: Tensor
+    stderr: Tensor
+    normal_components: Optional[Tensor]
+    alpha: float
+    method: str
+    damping: Optional[float]
+    damping_abs: Optional[float]
+    rank: Optional[int]
+    normal_dim: Optional[int]
+    n_samples: int = 0
+
+
+def _dense(manifold: ModelManifold, alpha: float, damping: Optional[float]) -> CurvatureResult:
+    geo = DenseGeometry(manifold, "embedding_curvature(method='dense')")
+    n, K, P = manifold.n, manifold.num_outputs, manifold.num_params
+    Y = geo.whitened_second(alpha)  # [nR, P, P]
+    U, s, V = geo.tangent_basis()
+    r = s.numel()
+    # whitened normal parts, and their natural-parameter form N = Y_eta - J g^+ J^T G Y_eta
+    coef = torch.einsum("jr,jab->rab", U, Y)  # U^T Y
+    Nw = Y - torch.einsum("jr,rab->jab", U, coef)
+    x = torch.einsum("pr,rab->pab", V / s, coef)  # g^+ J^T G Y_eta  (= V s^-1 U^T Y)
+    H = geo.H
+    if alpha != 1.0:
+        Sigma_pinv = torch.linalg.pinv(manifold.family.cov(geo.eta))
+        skew = torch.einsum("nkr,nrab->nkab", geo.S, geo.skew_whitened())  # t_ab (in range Sigma)
+        H = H + 0.5 * (1.0 - alpha) * torch.einsum("nkl,nlab->nkab", Sigma_pinv, skew)
+    normal = H - torch.einsum("nkp,pab->nkab", geo.J, x)
+    lam = None
+    if damping is None:
+        E = V / s
+    else:
+        w, Q = torch.linalg.eigh(geo.Jw.T @ geo.Jw)
+        lam = damping * float(w[-1].clamp_min(0))
+        denom = w.clamp_min(0) + lam
+        keep = denom > 0
+        E = Q[:, keep] / denom[keep].sqrt()
+    C = E.T @ Nw @ E  # [nR, q, q]
+    gamma2 = (C * C).sum()
+    rank_G = int(torch.linalg.matrix_rank(manifold.family.cov(geo.eta)).sum())  # n(K-1) for categorical
+    return CurvatureResult(
+        gamma2=gamma2,
+        gamma2_per_sample=n * gamma2,
+        stderr=torch.zeros((), dtype=gamma2.dtype),
+        normal_components=normal,
+        alpha=alpha,
+        method="dense",
+        damping=damping,
+        damping_abs=lam,
+        rank=r,
+        normal_dim=rank_G - r,
+    )
+
+
+def _largest_metric_eigenvalue(lin: LinearisedManifold, S: Tensor, P: int, dtype, generator, iters: int = 100) -> float:
+    """``lambda_max(g)`` by power iteration on Fisher products (stops at relative change 1e-6)."""
+    v = torch.randn(P, 1, dtype=dtype, generator=generator)
+    v = v / v.norm()
+    lam = 0.0
+    for _ in range(iters):
+        w = lin.metric_matmat(S, v)
+        new = float((v * w).sum())
+        nrm = w.norm()
+        if nrm == 0:
+            return 0.0
+        v = w / nrm
+        if abs(new - lam) <= 1e-6 * abs(new):
+            return new
+        lam = new
+    return lam
+
+
+def _stochastic(
+    manifold: ModelManifold,
+    alpha: float,
+    n_samples: int,
+    generator: Optional[torch.Generator],
+    damping: Optional[float],
+    batch_size: int,
+    cg_tol: Optional[float],
+    cg_max_iter: Optional[int],
+) -> CurvatureResult:
+    n, P = manifold.n, manifold.num_params
+    dtype = manifold.dtype
+    tol = default_tol(dtype) if cg_tol is None else cg_tol
+    eta, S, S_pinv = whitening(manifold)
+    R = S.shape[-1]
+    lin = LinearisedManifold(manifold)
+    lam = 0.0
+    if damping is not None:
+        lam = damping * _largest_metric_eigenvalue(lin, S, P, dtype, generator)
+
+    def solve(b: Tensor, shift: float) -> Tensor:
+        return conjugate_gradient(lambda M: lin.metric_matmat(S, M) + shift * M, b, tol=tol, max_iter=cg_max_iter)
+
+    values = []
+    done = 0
+    while done < n_samples:
+        m = min(batch_size, n_samples - done)
+        z = torch.randn(2 * m, n, R, dtype=dtype, generator=generator)
+        b = lin.vjp(unwhiten(S, z)).T  # [P, 2m] = J^T S z
+        if damping is not None:
+            b = b + math.sqrt(lam) * torch.randn(P, 2 * m, dtype=dtype, generator=generator)
+        uv = solve(b, lam).T  # [2m, P]
+        u, v = uv[:m], uv[m:]
+        Y = whiten(S, lin.d2(u, v))  # [m, n, R]
+        if alpha != 1.0:
+            Y = Y + 0.5 * (1.0 - alpha) * skew_whitened(manifold, eta, S_pinv, lin.jvp(u), lin.jvp(v))
+        Nw = lin.project_out(S, Y, tol, cg_max_iter)
+        values.append((Nw * Nw).sum((1, 2)))
+        done += m
+    vals = torch.cat(values)
+    gamma2 = vals.mean()
+    stderr = vals.std() / math.sqrt(n_samples) if n_samples > 1 else torch.full((), float("inf"), dtype=dtype)
+    return CurvatureResult(
+        gamma2=gamma2,
+        gamma2_per_sample=n * gamma2,
+        stderr=stderr,
+        normal_components=None,
+        alpha=alpha,
+        method="stochastic",
+        damping=damping,
+        damping_abs=None if damping is None else lam,
+        rank=None,
+        normal_dim=None,
+        n_samples=n_samples,
+    )
+
+
+def embedding_curvature(
+    manifold: ModelManifold,
+    alpha: float = 1.0,
+    method: str = "dense",
+    n_samples: int = 64,
+    generator: Optional[torch.Generator] = None,
+    damping: Optional[float] = None,
+    *,
+    batch_size: int = 16,
+    cg_tol: Optional[float] = None,
+    cg_max_iter: Optional[int] = None,
+) -> CurvatureResult:
+    r"""Scalar alpha-embedding curvature ``gamma^2_alpha`` of the model manifold.
+
+    .. math::  \gamma^2_\alpha = g^{ac} g^{bd} \langle N^\alpha_{ab}, N^\alpha_{cd} \rangle_G,
+               \quad N^\alpha(u, v) = (I - P_T)\big(D^2\eta[u,v] + \tfrac{1-\alpha}{2} G^+ A'''[Ju, Jv, \cdot]\big)
+
+    (theory.md section 3; Efron 1975, Amari 1982/1985). Sum convention for
+    ``G`` and ``g = J^T G J``; pseudo-inverse where ``g`` is singular. See the
+    module docstring for the derivation of both methods.
+
+    Args:
+        manifold: the model manifold.
+        alpha: 1 (e-curvature, default), -1 (m-curvature) or any real.
+        method: ``"dense"`` (exact; at most 2000 parameters, forms the Hessian
+            tensor ``[n, K, P, P]``) or ``"stochastic"`` (matrix-free unbiased
+            estimate ``mean |N(u, v)|_G^2`` over ``n_samples`` pairs ``u, v ~ N(0, g^+)``).
+        n_samples: pairs for the stochastic method.
+        generator: random generator for the stochastic method.
+        damping: if given, replace ``g^+`` by ``(g + lambda I)^{-1}`` with
+            ``lambda = damping * lambda_max(g)`` (theory.md practical note); the
+            projection onto ``range(J)`` stays exact.
+        batch_size: pairs processed together (stochastic).
+        cg_tol, cg_max_iter: conjugate-gradient relative tolerance (default
+            1e-10 in float64, 1e-5 in float32) and iteration cap (default ``2P``).
+
+    Returns:
+        :class:`CurvatureResult` (``gamma2``, ``gamma2_per_sample = n * gamma2``, ``stderr``, ...).
+
+    Example:
+        >>> import torch
+        >>> from dropgeom import ModelManifold, embedding_curvature
+        >>> rho = 2.0   # bivariate normal, identity covariance, mean on a circle: gamma^2 = 1/rho^2
+        >>> m = ModelManifold.from_function(
+        ...     lambda th: rho * torch.stack([th.cos(), th.sin()], -1), torch.tensor([0.3], dtype=torch.float64), "gaussian")
+        >>> round(float(embedding_curvature(m).gamma2), 6)
+        0.25
+        >>> g = torch.Generator().manual_seed(0)
+        >>> est = embedding_curvature(m, method="stochastic", n_samples=2000, generator=g)
+        >>> abs(float(est.gamma2) - 0.25) < 4 * float(est.stderr)
+        True
+    """
+    check_manifold(manifold, "embedding_curvature")
+    alpha = check_alpha(alpha)
+    damping = check_damping(damping)
+    if method not in ("dense", "stochastic"):
+        raise ValueError(f"method must be 'dense' or 'stochastic', got {method!r}")
+    if method == "dense":
+        return _dense(manifold, alpha, damping)
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
+        raise ValueError(f"n_samples must be an integer >= 2 (for a standard error), got {n_samples!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if cg_tol is not None and not (isinstance(cg_tol, (int, float)) and 0 < cg_tol < 1):
+        raise ValueError(f"cg_tol must lie in (0, 1), got {cg_tol!r}")
+    if cg_max_iter is not None and not (isinstance(cg_max_iter, int) and cg_max_iter >= 1):
+        raise ValueError(f"cg_max_iter must be a positive integer, got {cg_max_iter!r}")
+    return _stochastic(manifold, alpha, n_samples, generator, damping, batch_size, cg_tol, cg_max_iter)
