@@ -1,0 +1,154 @@
+r"""Claim C1: dropout flattens the model manifold.
+
+For every dropout rate ``p`` in ``config.c1_p_grid`` and every seed, a tanh MLP
+(``config.width`` x ``config.depth``, dropout after each hidden layer) is
+trained on the data with dropout at ``p`` (``p = 0``: plain NLL), from the same
+initialisation for every ``p`` of a seed. At the trained parameters the
+curvature of the model manifold over held-out inputs is measured
+(:func:`~dropgeom.experiments.common.curvature_measures`, theory.md 3):
+the scalar e-embedding curvature ``gamma^2``, its damped version and the
+normal curvature along the mask directions.
+
+Test: for each measure and seed, the log-ratio
+``log(curv(p_max) / curv(p_min))``; its mean over seeds with a 95% t-interval,
+and Spearman's correlation of ``p`` with ``log curv`` over all runs.
+Verdict: ``supported`` when at least two of the three measures decrease
+significantly (interval below 0) and none increases; ``refuted`` when at least
+two increase significantly and none decreases; ``not supported`` when no
+measure changes significantly and every interval lies within +-0.1 (no effect,
+measured precisely); ``inconclusive`` otherwise.
+
+Example:
+    >>> from dropgeom.config import RunConfig
+    >>> [u["key"] for u in units(RunConfig.from_preset("test"))]
+    ['p=0/seed=0', 'p=0/seed=1', 'p=0.5/seed=0', 'p=0.5/seed=1']
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Mapping
+
+import numpy as np
+
+from ..config import RunConfig
+from .common import Verdict, build_mlp, curvature_measures, evaluate_model, fit, fmt, fmt_ci, mean_ci, prepare_data, save_figure, spearman
+
+NAME = "C1"
+TITLE = "C1: dropout flattens the model manifold"
+MEASURES = ("gamma2", "gamma2_damped", "mask_normal_curvature")
+
+
+def units(config: RunConfig) -> List[Dict[str, Any]]:
+    """One unit per (p, seed)."""
+    return [
+        {"key": f"p={p:g}/seed={s}", "p": float(p), "seed": s}
+        for p in config.c1_p_grid
+        for s in range(config.seeds)
+    ]
+
+
+def run_unit(config: RunConfig, unit: Mapping[str, Any]) -> Dict[str, Any]:
+    p, seed = unit["p"], unit["seed"]
+    data = prepare_data(config, seed)
+    model = build_mlp(data.num_features, data.num_outputs, config.width, config.depth, config.activation, p, seed)
+    tr = fit(model, data, "dropout" if p > 0 else "none", config, seed, p)
+    rec: Dict[str, Any] = {"p": p, "seed": seed, "epochs_run": tr["epochs_run"], "history": tr["history"]}
+    if tr["diverged"]:
+        rec["status"] = "diverged"
+        return rec
+    rec["test"] = evaluate_model(model, data.x_test, data.y_test, data.family)
+    rec["curvature"] = curvature_measures(model, data, config, seed)
+    return rec
+
+
+def _ok(records: List[Mapping[str, Any]]) -> List[Mapping[str, Any]]:
+    return [r for r in records if r.get("status") == "ok" and "curvature" in r]
+
+
+def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, Any]:
+    """Per-p table of curvature (mean [95% CI]) and the verdict with its numbers."""
+    ok = _ok(records)
+    grid = sorted({float(r["p"]) for r in ok})
+    rows = []
+    for p in grid:
+        rs = [r for r in ok if float(r["p"]) == p]
+        row = {"p": fmt(p), "runs": str(len(rs))}
+        for m in MEASURES:
+            row[m] = fmt_ci(*mean_ci([r["curvature"].get(m) for r in rs]))
+        row["test NLL"] = fmt_ci(*mean_ci([r["test"].get("nll") for r in rs]))
+        rows.append(row)
+    tests: Dict[str, Dict[str, float]] = {}
+    lines = []
+    if len(grid) >= 2:
+        p0, p1 = grid[0], grid[-1]
+        for m in MEASURES:
+            ratios = []
+            for s in sorted({r["seed"] for r in ok}):
+                a = [r["curvature"][m] for r in ok if r["seed"] == s and float(r["p"]) == p0]
+                b = [r["curvature"][m] for r in ok if r["seed"] == s and float(r["p"]) == p1]
+                if a and b and a[0] > 0 and b[0] > 0:
+                    ratios.append(math.log(b[0] / a[0]))
+            mean, lo, hi = mean_ci(ratios)
+            xs = [float(r["p"]) for r in ok if r["curvature"].get(m, 0) > 0]
+            ys = [math.log(r["curvature"][m]) for r in ok if r["curvature"].get(m, 0) > 0]
+            rho, pval = spearman(xs, ys)
+            tests[m] = {"log_ratio": mean, "lo": lo, "hi": hi, "pairs": len(ratios), "spearman": rho, "spearman_p": pval}
+            lines.append(
+                f"{m}: log(curv(p={p1:g}) / curv(p={p0:g})) = {fmt_ci(mean, lo, hi)} over {len(ratios)} seeds "
+                f"(ratio {fmt(math.exp(mean)) if math.isfinite(mean) else 'nan'}); Spearman(p, log curv) = {fmt(rho)} (p-value {fmt(pval)})"
+            )
+    down = sum(1 for t in tests.values() if t["hi"] < 0)
+    up = sum(1 for t in tests.values() if t["lo"] > 0)
+    if not tests:
+        verdict = "inconclusive"
+        lines.append("fewer than two dropout rates finished: no comparison possible")
+    elif down >= 2 and up == 0:
+        verdict = "supported"
+    elif up >= 2 and down == 0:
+        verdict = "refuted"
+    elif down == 0 and up == 0 and all(-0.1 <= t["lo"] and t["hi"] <= 0.1 for t in tests.values()):
+        verdict = "not supported"
+    else:
+        verdict = "inconclusive"
+    summary = f"{down} of {len(tests)} curvature measures decrease significantly from p={grid[0]:g} to p={grid[-1]:g}, {up} increase" if tests else "no data"
+    return {
+        "verdict": Verdict(NAME, verdict, summary),
+        "columns": ["p", "runs", *MEASURES, "test NLL"],
+        "rows": rows,
+        "evidence": lines,
+        "tests": tests,
+    }
+
+
+def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -> List[Path]:
+    """``c1_curvature.png``: each curvature measure against p (mean and 95% CI over seeds, log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = _ok(records)
+    if not ok:
+        return []
+    grid = sorted({float(r["p"]) for r in ok})
+    fig, axes = plt.subplots(1, len(MEASURES), figsize=(4.2 * len(MEASURES), 3.4))
+    for ax, m in zip(axes, MEASURES):
+        stats = [mean_ci([r["curvature"].get(m) for r in ok if float(r["p"]) == p]) for p in grid]
+        mean = np.array([s[0] for s in stats])
+        lo = np.array([s[1] if math.isfinite(s[1]) else s[0] for s in stats])
+        hi = np.array([s[2] if math.isfinite(s[2]) else s[0] for s in stats])
+        for r in ok:
+            ax.plot(float(r["p"]), r["curvature"].get(m, np.nan), ".", color="0.7")
+        ax.errorbar(grid, mean, yerr=[np.clip(mean - lo, 0, None), np.clip(hi - mean, 0, None)], marker="o", capsize=3)
+        if np.all(mean > 0):
+            ax.set_yscale("log")
+        ax.set_xlabel("dropout rate p")
+        ax.set_title(m)
+    fig.suptitle("C1: curvature of solutions trained with dropout")
+    fig.tight_layout()
+    path = folder / "c1_curvature.png"
+    save_figure(fig, path)
+    return [path]
+

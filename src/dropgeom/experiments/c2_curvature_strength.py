@@ -1,0 +1,198 @@
+r"""Claim C2: the strength of dropout's regularization depends on the amount of curvature.
+
+Settings: every activation in ``config.c2_activations`` (``identity`` is a
+deep linear network, whose outputs are affine in each mask: the GLM-like,
+e-flat case along the mask directions) x width x depth. For each setting and
+seed the same initialisation is trained twice, with plain NLL and with
+dropout at ``config.c2_p``. Recorded per run:
+
+* ``gain = test NLL(none) - test NLL(dropout)`` (positive: dropout helped);
+* the curvature of the unregularised solution (theory.md 3; damped
+  ``gamma^2`` and the normal curvature along the mask directions);
+* the dropout terms of theory.md 4.2 at the dropout solution over training
+  inputs: ``curvature_bernoulli / divergence`` and
+  ``curvature_gaussian / fisher``, the size of the curvature term relative to
+  the Fisher (divergence) term.
+
+Test: Spearman's correlation over all runs between the damped curvature and
+the gain (and, reported beside it, between ``|curvature term / Fisher term|``
+and the gain). Verdict: ``supported`` for a positive correlation with
+p-value < 0.05, ``refuted`` for a negative one with p-value < 0.05,
+``inconclusive`` otherwise (too few settings or seeds to tell).
+
+Example:
+    >>> from dropgeom.config import RunConfig
+    >>> [u["key"] for u in units(RunConfig.from_preset("test"))][:2]
+    ['identity-w6-d2/seed=0', 'identity-w6-d2/seed=1']
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Mapping
+
+import numpy as np
+
+from ..config import RunConfig
+from .common import (
+    Verdict,
+    build_mlp,
+    curvature_measures,
+    evaluate_model,
+    fit,
+    fmt,
+    fmt_ci,
+    mean_ci,
+    prepare_data,
+    save_figure,
+    spearman,
+)
+
+NAME = "C2"
+TITLE = "C2: dropout's regularization strength depends on curvature"
+
+
+def units(config: RunConfig) -> List[Dict[str, Any]]:
+    """One unit per (activation, width, depth, seed)."""
+    return [
+        {"key": f"{a}-w{w}-d{d}/seed={s}", "setting": f"{a}-w{w}-d{d}", "activation": a, "width": w, "depth": d, "seed": s}
+        for a in config.c2_activations
+        for w in config.c2_widths
+        for d in config.c2_depths
+        for s in range(config.seeds)
+    ]
+
+
+def dropout_terms(model: Any, data: Any, config: RunConfig) -> Dict[str, float]:
+    """Summed dropout terms (theory.md 4.2) over the first ``curvature_inputs`` training inputs."""
+    from ..dropout import terms
+
+    n = min(config.curvature_inputs, data.x_train.shape[0])
+    t = terms(model, data.x_train[:n], data.y_train[:n], family=data.family)
+    out = {k: float(getattr(t, k)) for k in ("fisher", "curvature_gaussian", "divergence", "curvature_bernoulli")}
+    out["ratio_bernoulli"] = out["curvature_bernoulli"] / out["divergence"] if out["divergence"] else float("nan")
+    out["ratio_gaussian"] = out["curvature_gaussian"] / out["fisher"] if out["fisher"] else float("nan")
+    return out
+
+
+def run_unit(config: RunConfig, unit: Mapping[str, Any]) -> Dict[str, Any]:
+    seed = unit["seed"]
+    data = prepare_data(config, seed)
+    rec: Dict[str, Any] = {k: unit[k] for k in ("setting", "activation", "width", "depth", "seed")}
+    models = {}
+    for objective, p in (("none", 0.0), ("dropout", config.c2_p)):
+        model = build_mlp(data.num_features, data.num_outputs, unit["width"], unit["depth"], unit["activation"], p, seed)
+        tr = fit(model, data, objective, config, seed, p)
+        rec[f"epochs_{objective}"] = tr["epochs_run"]
+        if tr["diverged"]:
+            rec["status"] = "diverged"
+            rec["diverged_objective"] = objective
+            return rec
+        rec[f"test_{objective}"] = evaluate_model(model, data.x_test, data.y_test, data.family)
+        models[objective] = model
+    rec["gain"] = rec["test_none"]["nll"] - rec["test_dropout"]["nll"]
+    rec["curvature"] = curvature_measures(models["none"], data, config, seed)
+    rec["terms"] = dropout_terms(models["dropout"], data, config)
+    return rec
+
+
+def _ok(records: List[Mapping[str, Any]]) -> List[Mapping[str, Any]]:
+    return [r for r in records if r.get("status") == "ok" and "gain" in r]
+
+
+def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, Any]:
+    ok = _ok(records)
+    settings = sorted({r["setting"] for r in ok})
+    rows = []
+    for s in settings:
+        rs = [r for r in ok if r["setting"] == s]
+        rows.append(
+            {
+                "setting": s,
+                "runs": str(len(rs)),
+                "gain (test NLL)": fmt_ci(*mean_ci([r["gain"] for r in rs])),
+                "gamma2_damped": fmt_ci(*mean_ci([r["curvature"]["gamma2_damped"] for r in rs])),
+                "mask normal curv.": fmt_ci(*mean_ci([r["curvature"]["mask_normal_curvature"] for r in rs])),
+                "B/K (curv./div.)": fmt_ci(*mean_ci([r["terms"]["ratio_bernoulli"] for r in rs])),
+                "C/F (curv./Fisher)": fmt_ci(*mean_ci([r["terms"]["ratio_gaussian"] for r in rs])),
+            }
+        )
+    gains = [float(r["gain"]) for r in ok]
+    curv = [math.log(max(float(r["curvature"]["gamma2_damped"]), 1e-300)) for r in ok]
+    ratio = [abs(float(r["terms"]["ratio_bernoulli"])) for r in ok]
+    rho, pval = spearman(curv, gains)
+    rho_t, pval_t = spearman(ratio, gains)
+    flat = [r for r in ok if r["activation"] == "identity"]
+    flat_max = max((abs(r["terms"]["ratio_bernoulli"]) for r in flat), default=float("nan"))
+    lines = [
+        f"Spearman(damped gamma^2 of the clean solution, gain) = {fmt(rho)} (p-value {fmt(pval)}) over {len(ok)} runs in {len(settings)} settings",
+        f"Spearman(|curvature term / divergence term|, gain) = {fmt(rho_t)} (p-value {fmt(pval_t)})",
+        f"mean gain of dropout on test NLL over all runs: {fmt_ci(*mean_ci(gains))}",
+    ]
+    if flat:
+        lines.append(
+            f"identity activation (outputs affine in every mask): max |curvature term / divergence term| = {fmt(flat_max)} "
+            "(theory.md 4.2 predicts exactly 0)"
+        )
+    if not math.isfinite(rho):
+        verdict = "inconclusive"
+    elif pval < 0.05 and rho > 0:
+        verdict = "supported"
+    elif pval < 0.05 and rho < 0:
+        verdict = "refuted"
+    else:
+        verdict = "inconclusive"
+    summary = f"Spearman(curvature, gain) = {fmt(rho)}, p-value {fmt(pval)}, {len(ok)} runs"
+    return {
+        "verdict": Verdict(NAME, verdict, summary),
+        "columns": ["setting", "runs", "gain (test NLL)", "gamma2_damped", "mask normal curv.", "B/K (curv./div.)", "C/F (curv./Fisher)"],
+        "rows": rows,
+        "evidence": lines,
+        "tests": {"spearman": rho, "spearman_p": pval, "spearman_terms": rho_t, "spearman_terms_p": pval_t, "identity_max_ratio": flat_max},
+    }
+
+
+def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -> List[Path]:
+    """``c2_gain_vs_curvature.png`` (gain against damped curvature, per activation) and
+    ``c2_term_ratio.png`` (curvature term relative to the Fisher/divergence term per setting)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = _ok(records)
+    if not ok:
+        return []
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for a in sorted({r["activation"] for r in ok}):
+        rs = [r for r in ok if r["activation"] == a]
+        ax.scatter([r["curvature"]["gamma2_damped"] for r in rs], [r["gain"] for r in rs], label=a, alpha=0.8)
+    ax.set_xscale("log")
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.set_xlabel("damped embedding curvature gamma^2 (clean solution)")
+    ax.set_ylabel("gain of dropout on test NLL")
+    ax.legend()
+    ax.set_title("C2: dropout's gain against curvature")
+    fig.tight_layout()
+    p1 = folder / "c2_gain_vs_curvature.png"
+    save_figure(fig, p1)
+
+    settings = sorted({r["setting"] for r in ok})
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(settings) + 2), 4))
+    x = np.arange(len(settings))
+    for off, key, label in ((-0.2, "ratio_bernoulli", "B/K (Bernoulli)"), (0.2, "ratio_gaussian", "C/F (Gaussian)")):
+        st = [mean_ci([r["terms"][key] for r in ok if r["setting"] == s]) for s in settings]
+        mean = np.array([t[0] for t in st])
+        err = np.array([(t[2] - t[0]) if math.isfinite(t[2]) else 0.0 for t in st])
+        ax.bar(x + off, mean, width=0.4, yerr=err, capsize=2, label=label)
+    ax.set_xticks(x)
+    ax.set_xticklabels(settings, rotation=45, ha="right")
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.set_ylabel("curvature term / Fisher term")
+    ax.legend()
+    ax.set_title("C2: size of the curvature term")
+    fig.tight_layout()
+    p2 = folder / "c2_term_ratio.png"
+    save_figure(fig, p2)
+    return [p1, p2]

@@ -1,0 +1,350 @@
+r"""Shared pieces of the experiments: data, models, training, curvature, statistics, verdicts.
+
+Models are small float64 MLPs ``in -> width -> ... -> K`` with a
+``torch.nn.Dropout`` after every hidden layer, so that dropout between two
+hidden layers bends the outputs along the mask directions (theory.md 4.2: a
+mask right before the linear output layer is e-flat). Inputs are the data
+set's standardised features projected on their first ``input_dim`` principal
+components (fitted on the training split), which keeps the parameter count
+well below ``n (K - 1)`` on the curvature inputs (theory.md 3).
+
+Statistics: a mean with a two-sided 95% Student-t confidence interval over
+seeds; correlations are Spearman's rank correlation with its permutation-free
+p-value from scipy.
+
+Example:
+    >>> mean, lo, hi = mean_ci([1.0, 2.0, 3.0])
+    >>> round(mean, 3), round(lo, 3), round(hi, 3)
+    (2.0, -0.484, 4.484)
+    >>> net = build_mlp(4, 3, width=5, depth=2, activation="tanh", p=0.2, seed=0)
+    >>> [type(m).__name__ for m in net]
+    ['Linear', 'Tanh', 'Dropout', 'Linear', 'Tanh', 'Dropout', 'Linear']
+    >>> mask_directions(net)[0].shape   # one direction per unit of the first dropout layer
+    torch.Size([5, 5])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..config import RunConfig
+
+__all__ = [
+    "ExperimentData",
+    "prepare_data",
+    "build_mlp",
+    "fit",
+    "evaluate_model",
+    "curvature_measures",
+    "mask_directions",
+    "mean_ci",
+    "spearman",
+    "finite",
+    "Verdict",
+]
+
+DTYPE = torch.float64
+ACT = {"identity": nn.Identity, "tanh": nn.Tanh, "softplus": nn.Softplus, "relu": nn.ReLU}
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class ExperimentData:
+    """Train/test tensors (float64, PCA-projected) and the inputs curvature is evaluated on."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    x_curv: Tensor
+    y_curv: Tensor
+    family: str
+    num_outputs: int
+
+    @property
+    def num_features(self) -> int:
+        return int(self.x_train.shape[1])
+
+
+def prepare_data(config: RunConfig, seed: int) -> ExperimentData:
+    """Load ``config.dataset`` with the split fixed by ``seed``; project on ``input_dim`` principal components.
+
+    The curvature inputs are the first ``config.curvature_inputs`` test inputs
+    (held out from training).
+    """
+    from ..data import load_dataset
+
+    ds = load_dataset(config.dataset, seed=seed, dtype=DTYPE, max_train=config.max_train or None)
+    xtr, xte = ds.x_train.to(DTYPE), ds.x_test.to(DTYPE)
+    if config.input_dim and config.input_dim < xtr.shape[1]:
+        # principal components of the (standardised) training inputs
+        mu = xtr.mean(0)
+        _, _, vt = torch.linalg.svd(xtr - mu, full_matrices=False)
+        basis = vt[: config.input_dim].T
+        xtr, xte = (xtr - mu) @ basis, (xte - mu) @ basis
+        scale = xtr.std(0).clamp_min(1e-12)
+        xtr, xte = xtr / scale, xte / scale
+    k = ds.num_outputs if hasattr(ds, "num_outputs") else (ds.num_classes or 1)
+    nc = min(config.curvature_inputs, xte.shape[0])
+    return ExperimentData(xtr, ds.y_train, xte, ds.y_test, xte[:nc], ds.y_test[:nc], ds.family, int(k))
+
+
+# --------------------------------------------------------------------------- models
+def build_mlp(
+    in_dim: int, out_dim: int, width: int, depth: int, activation: str = "tanh", p: float = 0.0, seed: int = 0
+) -> nn.Sequential:
+    """``depth`` hidden layers of ``width`` units, each followed by ``activation`` and ``Dropout(p)`` (float64)."""
+    if activation not in ACT:
+        raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACT)}")
+    if depth < 1 or width < 1:
+        raise ValueError(f"depth and width must be >= 1, got depth={depth}, width={width}")
+    g = torch.Generator().manual_seed(int(seed))
+    layers: List[nn.Module] = []
+    d = in_dim
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), ACT[activation](), nn.Dropout(p)]
+        d = width
+    layers.append(nn.Linear(d, out_dim))
+    net = nn.Sequential(*layers).to(DTYPE)
+    with torch.no_grad():  # seeded initialisation independent of the global RNG
+        for m in net:
+            if isinstance(m, nn.Linear):
+                bound = 1.0 / math.sqrt(m.in_features)
+                m.weight.copy_(torch.empty_like(m.weight).uniform_(-bound, bound, generator=g))
+                m.bias.copy_(torch.empty_like(m.bias).uniform_(-bound, bound, generator=g))
+    return net
+
+
+def set_dropout(model: nn.Module, p: float) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = float(p)
+    return model
+
+
+def mask_directions(model: nn.Sequential) -> List[Tensor]:
+    """For each dropout layer followed by a Linear layer: that layer's weight (``[out, units]``).
+
+    Masking unit ``j`` scales column ``j`` of the next layer's weight, so the
+    mask direction in parameter space is that column placed in the weight's
+    slot (theory.md 4.2, "Link to section 3").
+    """
+    out = []
+    mods = list(model)
+    for i, m in enumerate(mods):
+        if isinstance(m, nn.Dropout):
+            nxt = next((x for x in mods[i + 1 :] if isinstance(x, nn.Linear)), None)
+            if nxt is not None:
+                out.append(nxt.weight.detach())
+    return out
+
+
+def _weight_name(model: nn.Sequential, dropout_index: int) -> str:
+    mods = list(model)
+    seen = -1
+    for i, m in enumerate(mods):
+        if isinstance(m, nn.Dropout):
+            seen += 1
+            if seen == dropout_index:
+                j = next(k for k in range(i + 1, len(mods)) if isinstance(mods[k], nn.Linear))
+                return f"{j}.weight"
+    raise ValueError(f"no dropout layer number {dropout_index}")
+
+
+# --------------------------------------------------------------------------- training
+def fit(
+    model: nn.Module,
+    data: ExperimentData,
+    objective: str,
+    config: RunConfig,
+    seed: int,
+    p: float = 0.0,
+) -> Dict[str, Any]:
+    """Train ``model`` in place with ``dropgeom.train.train``; return ``{"diverged", "epochs", "final": metrics}``.
+
+    ``objective`` is a ``dropgeom.train`` objective name; ``p`` its dropout
+    rate (written into the model's dropout modules, which every objective reads).
+    """
+    from .. import train as T
+
+    set_dropout(model, p)
+    kwargs: Dict[str, Any] = dict(
+        objective=objective,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        seed=seed,
+        family=data.family,
+    )
+    if objective == "l2":
+        kwargs["weight"] = config.l2
+    elif objective != "none":
+        kwargs["p"] = p
+    result = T.train(model, (data.x_train, data.y_train, data.x_test, data.y_test), **kwargs)
+    return _training_summary(result, config)
+
+
+def _training_summary(result: Any, config: RunConfig) -> Dict[str, Any]:
+    history = getattr(result, "history", None)
+    if history is None and isinstance(result, dict):
+        history = result.get("history")
+    if history is None and isinstance(result, (list, tuple)):
+        history = list(result)
+    history = [dict(h) for h in (history or [])]
+    diverged = bool(getattr(result, "diverged", False) or (isinstance(result, dict) and result.get("diverged")))
+    last = history[-1] if history else {}
+    for v in last.values():
+        if isinstance(v, float) and not math.isfinite(v):
+            diverged = True
+    return {"diverged": diverged, "epochs_run": len(history), "history": history}
+
+
+def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, family: str) -> Dict[str, float]:
+    """Test NLL, accuracy and ECE in eval mode (weight scaling)."""
+    from ..train.metrics import evaluate
+
+    out = evaluate(model, x, y, family)
+    return {k: float(v) for k, v in dict(out).items()}
+
+
+# --------------------------------------------------------------------------- curvature
+def curvature_measures(model: nn.Sequential, data: ExperimentData, config: RunConfig, seed: int) -> Dict[str, float]:
+    """Curvature of the model manifold over the held-out curvature inputs (theory.md 3).
+
+    * ``gamma2``: the scalar e-embedding curvature (sum convention) and
+      ``gamma2_per_sample = n gamma2``;
+    * ``gamma2_damped``: the same with ``g^+`` replaced by
+      ``(g + lambda I)^{-1}``, ``lambda = config.damping x`` the largest
+      eigenvalue of ``g``;
+    * ``mask_normal_curvature``: mean over the units of the first dropout
+      layer followed by another hidden layer of the normal curvature
+      ``|N(v_j, v_j)|_G / |J v_j|_G^2`` along the mask direction ``v_j``.
+    """
+    from .. import ModelManifold, fisher
+    from .. import curvature as C
+
+    m = ModelManifold(model, data.x_curv, data.family)
+    method = config.curvature_method
+    if method == "auto":
+        method = "dense" if m.num_params <= 600 else "stochastic"
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    out: Dict[str, float] = {"num_params": float(m.num_params), "normal_dim": float(m.n * max(m.num_outputs - 1, 1) - m.num_params)}
+    res = C.embedding_curvature(m, alpha=1.0, method=method, n_samples=config.curvature_samples, generator=gen)
+    out["gamma2"] = float(res.gamma2)
+    out["gamma2_per_sample"] = float(res.gamma2_per_sample)
+    out["gamma2_stderr"] = float(getattr(res, "stderr", 0.0) or 0.0)
+    top = float(fisher(m, "exact", "implicit", reduction="sum").eig(1)[0].max())
+    lam = config.damping * top
+    res_d = C.embedding_curvature(m, alpha=1.0, method=method, n_samples=config.curvature_samples, generator=gen, damping=lam)
+    out["gamma2_damped"] = float(res_d.gamma2)
+    out["damping_lambda"] = lam
+    dirs = mask_directions(model)
+    # first dropout layer followed by a non-linearity: the last one feeds the linear output (e-flat)
+    idx = 0 if len(dirs) > 1 else None
+    if idx is not None:
+        name = _weight_name(model, idx)
+        W = dict(model.named_parameters())[name].detach()
+        vals = []
+        for j in range(W.shape[1]):
+            v = {k: torch.zeros_like(t) for k, t in m.params.items()}
+            v[name][:, j] = W[:, j]
+            if float(W[:, j].abs().max()) == 0.0:
+                continue
+            vals.append(float(C.normal_curvature(m, m.flatten(v), alpha=1.0)))
+        out["mask_normal_curvature"] = float(np.mean(vals)) if vals else float("nan")
+    else:
+        out["mask_normal_curvature"] = 0.0  # a single mask right before the linear output: e-flat
+    return out
+
+
+# --------------------------------------------------------------------------- statistics
+def finite(values: Sequence[Any]) -> List[float]:
+    """The finite floats among ``values`` (NaN, inf and non-numbers dropped)."""
+    out = []
+    for v in values:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(f):
+            out.append(f)
+    return out
+
+
+def mean_ci(values: Sequence[Any], level: float = 0.95) -> Tuple[float, float, float]:
+    """Mean and two-sided Student-t confidence interval ``(mean, lo, hi)`` of the finite values.
+
+    One value gives an infinite interval; none gives NaNs.
+    """
+    from scipy import stats
+
+    xs = np.asarray(finite(values), dtype=float)
+    if xs.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(xs.mean())
+    if xs.size == 1:
+        return mean, float("-inf"), float("inf")
+    half = float(stats.t.ppf(0.5 + level / 2, xs.size - 1) * xs.std(ddof=1) / math.sqrt(xs.size))
+    return mean, mean - half, mean + half
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> Tuple[float, float]:
+    """Spearman's rank correlation and its two-sided p-value (NaN when fewer than 3 finite pairs)."""
+    from scipy import stats
+
+    pairs = [(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)]
+    if len(pairs) < 3:
+        return float("nan"), float("nan")
+    a, b = zip(*pairs)
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return float("nan"), float("nan")
+    res = stats.spearmanr(a, b)
+    return float(res.statistic if hasattr(res, "statistic") else res[0]), float(res.pvalue)
+
+
+@dataclass
+class Verdict:
+    """A claim's verdict: ``supported`` | ``not supported`` | ``refuted`` | ``inconclusive``, and why."""
+
+    claim: str
+    verdict: str
+    evidence: str
+
+    def as_dict(self) -> Dict[str, str]:
+        return {"claim": self.claim, "verdict": self.verdict, "evidence": self.evidence}
+
+
+def fmt(x: float, digits: int = 3) -> str:
+    """A number for tables: 3 significant digits, 'nan' for missing."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.{digits}g}"
+
+
+def fmt_ci(mean: float, lo: float, hi: float) -> str:
+    return f"{fmt(mean)} [{fmt(lo)}, {fmt(hi)}]"
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from ..rundir import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

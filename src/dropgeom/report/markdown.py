@@ -1,0 +1,118 @@
+"""``report.md`` of a run directory: verdicts, tables, evidence, figures, failures, timings, config.
+
+Example:
+    >>> print(table(["a", "b"], [{"a": "1", "b": "x|y"}]))
+    | a | b |
+    |---|---|
+    | 1 | x\\|y |
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Sequence
+
+__all__ = ["table", "build_markdown"]
+
+
+def table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
+    """A GitHub-flavoured markdown table (``|`` in cells escaped)."""
+
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    out = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    out += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def build_markdown(
+    root: Path,
+    config: Any,
+    summaries: Dict[str, Dict[str, Any]],
+    figures: Dict[str, List[Path]],
+    records: Dict[str, List[Mapping[str, Any]]],
+    titles: Dict[str, str],
+    docs: Dict[str, str],
+) -> str:
+    """Assemble the report text (figure links are relative to ``root``)."""
+    from .. import __version__
+
+    parts: List[str] = []
+    parts.append("# dropgeom: does dropout training behave as the paper claims?\n")
+    parts.append(
+        f"Run directory `{root}`, preset `{config.preset}`, data `{config.dataset}`, {config.seeds} seed(s); "
+        f"dropgeom {__version__}; rendered {time.strftime('%Y-%m-%d %H:%M:%S')}.\n"
+    )
+    parts.append(
+        "Claims (Kimura & Hino, arXiv 2206.10936): C1 dropout flattens the model manifold; "
+        "C2 the strength of dropout's regularization depends on the amount of curvature; "
+        "C3 dropout essentially corresponds to a regularization that depends on the Fisher information. "
+        "Numbers are means over seeds with 95% Student-t intervals in brackets.\n"
+    )
+    verdicts = []
+    for name, s in summaries.items():
+        for key in ("verdict", "verdict_b"):
+            if key in s:
+                verdicts.append(s[key].as_dict())
+    parts.append("## Verdicts\n")
+    parts.append(table(["claim", "verdict", "evidence"], verdicts) + "\n")
+
+    for name, s in summaries.items():
+        parts.append(f"## {titles[name]}\n")
+        if docs.get(name):
+            parts.append(docs[name] + "\n")
+        parts.append(table(s["columns"], s["rows"]) + "\n")
+        if "rows_b" in s:
+            parts.append(table(s["columns_b"], s["rows_b"]) + "\n")
+        if s.get("evidence"):
+            parts.append("Evidence:\n")
+            parts.append("\n".join(f"- {line}" for line in s["evidence"]) + "\n")
+        for fig in figures.get(name, []):
+            rel = fig.relative_to(root).as_posix()
+            parts.append(f"![{fig.stem}]({rel})\n")
+
+    parts.append("## Diverged and failed runs\n")
+    bad = [
+        {"experiment": e, "unit": r.get("key", ""), "status": r.get("status", ""), "detail": r.get("error", r.get("diverged_objective", r.get("diverged", "")))}
+        for e, rs in records.items()
+        for r in rs
+        if r.get("status") != "ok" or r.get("diverged")
+    ]
+    if bad:
+        parts.append(
+            "Diverged training (NaN or a loss above the threshold) is recorded and left out of the statistics; "
+            "errors are retried when the same command is run again.\n"
+        )
+        parts.append(table(["experiment", "unit", "status", "detail"], bad) + "\n")
+    else:
+        parts.append("None: every run finished with finite losses.\n")
+
+    parts.append("## Timings\n")
+    trows = []
+    for e, rs in records.items():
+        secs = [float(r.get("seconds", 0.0)) for r in rs]
+        trows.append(
+            {
+                "experiment": e,
+                "runs": str(len(rs)),
+                "compute seconds (sum)": f"{sum(secs):.1f}",
+                "seconds per run": f"{(sum(secs) / len(secs)) if secs else 0:.2f}",
+            }
+        )
+    parts.append(table(["experiment", "runs", "compute seconds (sum)", "seconds per run"], trows) + "\n")
+    tpath = root / "timings.json"
+    if tpath.exists():
+        sessions = json.loads(tpath.read_text()).get("sessions", [])
+        if sessions:
+            parts.append(
+                f"{len(sessions)} session(s) of `reproduce` on this folder; wall time of each: "
+                + ", ".join(f"{s.get('seconds', 0):.1f} s" for s in sessions)
+                + " (a resumed session skips finished runs).\n"
+            )
+    parts.append("## Config\n")
+    parts.append("```json\n" + config.to_json() + "\n```\n")
+    parts.append("Metrics of every run: `metrics/<claim>.jsonl` and `metrics/<claim>.csv`; figures in `figures/`.\n")
+    return "\n".join(parts)
