@@ -50,7 +50,7 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from .families import ExponentialFamily, get_family
 
-__all__ = ["ModelManifold", "eval_mode", "memory_guard", "DEFAULT_MEMORY_LIMIT"]
+__all__ = ["ModelManifold", "eval_mode", "autodiff_kernels", "memory_guard", "DEFAULT_MEMORY_LIMIT"]
 
 Params = Dict[str, Tensor]
 Inputs = Union[Tensor, Tuple[Tensor, ...]]
@@ -73,15 +73,85 @@ def memory_guard(numel: int, dtype: torch.dtype, what: str, alternative: str, li
 
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode for the duration, then restore each flag."""
+    """Put every submodule in eval mode for the duration, then restore each flag.
+
+    Also switches off PyTorch's fused ``nn.MultiheadAttention`` inference fast
+    path (``torch.backends.mha``), whose kernel has no forward-mode or ``vmap``
+    rule; the regular path computes the same function.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).train()
+        >>> with eval_mode(net):
+        ...     net[1].training
+        False
+        >>> net[1].training
+        True
+    """
     flags = [(m, m.training) for m in module.modules()]
     try:
         for m, _ in flags:
             m.training = False
-        yield
+        with autodiff_kernels():
+            yield
     finally:
         for m, t in flags:
             m.training = t
+
+
+def _composite_layer_norm(x: Tensor, shape, weight=None, bias=None, eps: float = 1e-5) -> Tensor:
+    dims = tuple(range(-len(shape), 0))
+    mu = x.mean(dims, keepdim=True)
+    var = ((x - mu) ** 2).mean(dims, keepdim=True)
+    out = (x - mu) * torch.rsqrt(var + eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+class _CompositeNorms(torch.overrides.TorchFunctionMode):
+    """Hand-written (no library does this): replaces ``F.layer_norm`` by its composite
+    definition. PyTorch's fused ``native_layer_norm`` has a wrong second-order
+    forward-mode derivative (torch 2.13: forward-over-forward and forward-over-reverse
+    ``D2 eta[u, v]`` through LayerNorm disagree with finite differences and with
+    reverse-over-reverse); the composite ops are differentiated correctly by every transform."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.layer_norm:
+            return _composite_layer_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def autodiff_kernels() -> Iterator[None]:
+    """Route attention and layer norm through kernels that every ``torch.func`` transform differentiates.
+
+    PyTorch's fused inference kernels -- the ``nn.MultiheadAttention`` fast path
+    and the flash / memory-efficient ``scaled_dot_product_attention`` back-ends --
+    have no forward-mode, double-backward or ``vmap`` rules. Inside this context
+    the fast path is off and SDPA uses its math back-end (the same function,
+    composed of differentiable ops); both settings are restored on exit.
+    ``F.layer_norm`` is computed from its composite definition, because the fused
+    kernel's second-order forward-mode derivative is wrong (see ``_CompositeNorms``).
+    """
+    mha = getattr(torch.backends, "mha", None)
+    fast = mha.get_fastpath_enabled() if mha is not None else None
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        sdpa = sdpa_kernel(SDPBackend.MATH)
+    except ImportError:  # older torch: no backend selection, nothing to route
+        sdpa = contextlib.nullcontext()
+    try:
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
+        with sdpa, _CompositeNorms():
+            yield
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(fast)
 
 
 def _as_tuple(inputs: Inputs) -> Tuple[Tensor, ...]:
@@ -142,10 +212,13 @@ class ModelManifold:
         if param_names is None:
             names = [k for k, p in all_params.items() if p.requires_grad]
         else:
-            names = list(param_names)
-            unknown = [k for k in names if k not in all_params]
+            if isinstance(param_names, str):
+                param_names = [param_names]
+            unknown = [k for k in param_names if k not in all_params]
             if unknown:
                 raise ValueError(f"unknown parameter names {unknown}; the model has {list(all_params)}")
+            chosen = set(param_names)
+            names = [k for k in all_params if k in chosen]  # model.parameters() order, whatever the given order
         if not names:
             raise ValueError("the manifold has no free parameters")
         self.param_names: Tuple[str, ...] = tuple(names)
@@ -264,7 +337,13 @@ class ModelManifold:
             missing = [k for k in self.param_names if k not in v]
             if missing:
                 raise ValueError(f"{name} is missing parameters {missing}")
-            return {k: v[k] for k in self.param_names}
+            bad = [k for k in self.param_names if tuple(v[k].shape) != tuple(self._shapes[k])]
+            if bad:
+                raise ValueError(
+                    f"{name}: parameter {bad[0]!r} must have shape {tuple(self._shapes[bad[0]])}, "
+                    f"got {tuple(v[bad[0]].shape)}"
+                )
+            return {k: v[k].to(self.dtype) for k in self.param_names}
         if not isinstance(v, Tensor) or v.dim() != 1 or v.numel() != self.num_params:
             shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
             raise ValueError(f"{name} must be a flat vector with P={self.num_params} entries, got {shape}")
@@ -278,7 +357,8 @@ class ModelManifold:
         inputs = self.inputs if inputs is None else inputs
         full = {**self._fixed, **params}
         if self._forward is not None:
-            return self._forward(full, inputs)
+            with autodiff_kernels():
+                return self._forward(full, inputs)
         with eval_mode(self.model):
             return functional_call(self.model, (full, self._buffers), inputs)
 
@@ -290,9 +370,12 @@ class ModelManifold:
 
     def at(self, theta: Union[Tensor, Mapping[str, Tensor]]) -> "ModelManifold":
         """The same manifold evaluated at other parameters (a shallow copy)."""
+        params = {k: t.detach() for k, t in self._as_params(theta, "theta").items()}
+        for k, p in params.items():
+            _check_finite(f"parameter {k!r}", p)
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
-        new._params = {k: t.detach() for k, t in self._as_params(theta, "theta").items()}
+        new._params = params
         new._post_init()
         return new
 

@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 from torch.autograd.functional import hessian, jacobian
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # --------------------------------------------------------------------------
 # exponential families: closed-form log-partitions, one row at a time
@@ -163,7 +164,14 @@ def flat_model(
     def f(theta: Tensor) -> Tensor:
         chunks = torch.split(theta, sizes)
         free = {k: c.reshape(s) for k, c, s in zip(names, chunks, shapes)}
-        return torch.func.functional_call(m, ({**fixed, **free}, buffers), inputs)
+        # plain (math) attention kernels: the fused ones have no double backward
+        fast = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with sdpa_kernel(SDPBackend.MATH):
+                return torch.func.functional_call(m, ({**fixed, **free}, buffers), inputs)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
 
     theta0 = torch.cat([params[k].detach().reshape(-1) for k in names])
     return f, theta0, names
