@@ -1,0 +1,189 @@
+"""Training objectives against independent references (closed forms, exact mask
+enumeration, Gauss-Hermite quadrature, finite differences, dropout.terms)."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dropgeom.train import (
+    L2,
+    NLL,
+    DropoutNLL,
+    FisherPenalty,
+    GaussianDropoutNLL,
+    ObjectiveName,
+    Sum,
+    make_objective,
+)
+
+D = torch.float64
+
+
+def small_net(hidden=3, p=0.3, act=nn.Tanh):
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(3, hidden), act(), nn.Dropout(p), nn.Linear(hidden, 3)).to(D)
+    with torch.no_grad():
+        net[3].weight.mul_(4.0)  # large output weights: dropout changes the loss clearly
+    return net
+
+
+def mc_draws(obj, net, x, y, seed, copies=400, draws=40):
+    """Objective values on `copies` stacked copies of the batch (each draw averages many masks)."""
+    xr, yr = x.repeat(copies, 1), y.repeat(copies)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        vals = np.array([obj(net, xr, yr, "categorical", gen).loss.item() for _ in range(draws)])
+    return vals.mean(), vals.std(ddof=1) / math.sqrt(draws)
+
+
+def batch(n=6, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=g, dtype=D), torch.randint(0, 3, (n,), generator=g)
+
+
+def manual_eta(net, x, m):
+    """eta with mask m [..., n, H] applied after the hidden tanh (hand-written reference)."""
+    h = torch.tanh(x @ net[0].weight.T + net[0].bias)
+    return (h * m) @ net[3].weight.T + net[3].bias
+
+
+# -- L2 and NLL ----------------------------------------------------------------
+
+
+def test_l2_matches_closed_form_value_and_gradient():
+    net = small_net()
+    x, y = batch()
+    lam = 0.37
+    out = L2(lam)(net, x, y)
+    theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    assert out.loss.item() == pytest.approx(0.5 * lam * float(theta @ theta), rel=1e-12)
+    grads = torch.autograd.grad(out.loss, list(net.parameters()))
+    for g, p in zip(grads, net.parameters()):
+        torch.testing.assert_close(g, lam * p.detach(), rtol=1e-12, atol=0)
+    no_bias = L2(lam, biases=False)(net, x, y).loss.item()
+    w = [p.detach() for p in net.parameters() if p.dim() > 1]
+    assert no_bias == pytest.approx(0.5 * lam * sum(float((t * t).sum()) for t in w), rel=1e-12)
+
+
+def test_nll_is_clean_cross_entropy_and_restores_flags():
+    net = small_net(p=0.5).train()
+    x, y = batch()
+    out = NLL()(net, x, y)
+    ref = F.cross_entropy(manual_eta(net, x, torch.ones(3, dtype=D)), y)
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    assert all(m.training for m in net.modules())
+    s = (NLL() + L2(0.1))(net, x, y)
+    assert s.metrics["loss"] == pytest.approx(s.metrics["nll"] + s.metrics["l2"], rel=1e-12)
+    assert isinstance(NLL() + L2(0.1) + L2(0.2), Sum) and len((NLL() + L2(0.1) + L2(0.2)).terms) == 3
+    assert set(Sum(L2(0.1), L2(0.2))(net, x, y).metrics) == {"l2", "l2_2", "loss"}
+
+
+# -- dropout objectives: expectation over masks -------------------------------
+
+
+def exact_dropout_loss(net, x, y, p):
+    """L_drop by enumerating all 2^H masks of the hidden layer (independent reference)."""
+    hdim = net[0].out_features
+    n = x.shape[0]
+    total = 0.0
+    # masks are independent per sample and unit: E over masks of the mean loss = mean over samples
+    for i in range(n):
+        for bits in itertools.product([0.0, 1.0], repeat=hdim):
+            b = torch.tensor(bits, dtype=D)
+            prob = float(torch.prod(torch.where(b > 0, 1 - p, p)))
+            eta = manual_eta(net, x[i : i + 1], b / (1 - p))
+            total += prob * F.cross_entropy(eta, y[i : i + 1]).item()
+    return total / n
+
+
+@pytest.mark.parametrize("masks", ["module", "explicit"])
+def test_dropout_objective_expectation_equals_exact_dropout_loss(masks):
+    p = 0.4
+    net = small_net(p=p)
+    x, y = batch()
+    exact = exact_dropout_loss(net, x, y, p)
+    clean = NLL()(net, x, y).loss.item()
+    mean, se = mc_draws(make_objective("dropout", masks=masks), net, x, y, seed=0)
+    assert abs(mean - exact) < 4.5 * se
+    assert abs(exact - clean) > 10 * se  # the test can tell dropout from no dropout
+
+
+def test_dropout_p_override_and_layers():
+    net = small_net(p=0.1)
+    x, y = batch()
+    exact = exact_dropout_loss(net, x, y, 0.5)
+    mean, se = mc_draws(DropoutNLL(p=0.5, layers=["2"]), net, x, y, seed=3)
+    assert abs(mean - exact) < 4.5 * se
+    assert net[2].p == 0.1  # restored
+    with pytest.raises(ValueError, match="unknown dropout layer"):
+        DropoutNLL(layers=["nope"])(net, x, y)
+    with pytest.raises(ValueError, match="no dropout modules"):
+        DropoutNLL()(nn.Linear(3, 3).to(D), x, y)
+
+
+def test_gaussian_dropout_expectation_equals_quadrature():
+    p = 0.3
+    v = p / (1 - p)
+    net = small_net(hidden=2, p=p)
+    x, y = batch(n=4)
+    # Gauss-Hermite (probabilists') quadrature over the two N(1, v) mask entries of each sample
+    z, w = np.polynomial.hermite_e.hermegauss(30)
+    w = w / math.sqrt(2 * math.pi)
+    zz = torch.tensor(np.stack(np.meshgrid(z, z, indexing="ij"), -1).reshape(-1, 2), dtype=D)
+    ww = torch.tensor(np.outer(w, w).reshape(-1), dtype=D)
+    m = 1 + math.sqrt(v) * zz  # [Q, 2]
+    eta = manual_eta(net, x[None], m[:, None, :])  # [Q, n, K]
+    nll = torch.logsumexp(eta, -1) - eta.gather(-1, y[None, :, None].expand(len(m), -1, 1)).squeeze(-1)
+    exact = float((ww[:, None] * nll).sum(0).mean().detach())
+    clean = NLL()(net, x, y).loss.item()
+    mean, se = mc_draws(make_objective("gaussian_dropout"), net, x, y, seed=5)
+    assert abs(mean - exact) < 4.5 * se
+    assert abs(exact - clean) > 8 * se
+
+
+def test_seeded_objectives_are_reproducible_and_leave_global_rng_alone():
+    net = small_net()
+    x, y = batch()
+    for name in ("dropout", "gaussian_dropout"):
+        a = make_objective(name)(net, x, y, "categorical", torch.Generator().manual_seed(7)).loss
+        state = torch.get_rng_state()
+        b = make_objective(name)(net, x, y, "categorical", torch.Generator().manual_seed(7)).loss
+        assert torch.equal(torch.get_rng_state(), state)
+        assert torch.equal(a, b)
+        c = make_objective(name)(net, x, y, "categorical", torch.Generator().manual_seed(8)).loss
+        assert not torch.equal(a, c)
+
+
+# -- registry and validation --------------------------------------------------
+
+
+def test_registry_names_and_errors():
+    assert [m.value for m in ObjectiveName] == ["none", "l2", "dropout", "gaussian_dropout", "fisher_dropout"]
+    assert all(m.description for m in ObjectiveName)
+    assert isinstance(make_objective("none"), NLL)
+    assert isinstance(make_objective(ObjectiveName.GAUSSIAN_DROPOUT), GaussianDropoutNLL)
+    fd = make_objective("fisher_dropout", p=0.2, form="divergence")
+    assert isinstance(fd, Sum) and isinstance(fd.terms[1], FisherPenalty) and fd.terms[1].form == "divergence"
+    with pytest.raises(ValueError, match="unknown objective"):
+        make_objective("dropconnect_magic")
+    with pytest.raises(ValueError, match="unknown"):
+        make_objective("l2", p=0.3)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        make_objective("dropout", p=1.0)
+    with pytest.raises(ValueError, match="form"):
+        make_objective("fisher_dropout", form="cubic")
+    with pytest.raises(ValueError, match="estimator"):
+        make_objective("fisher_dropout", estimator="guess")
+    with pytest.raises(ValueError, match="weight"):
+        L2(-1.0)
+    net = small_net()
+    x, y = batch()
+    with pytest.raises(ValueError, match="leading sample axis"):
+        NLL()(net, x, y[:-1])
+    with pytest.raises(ValueError, match="class indices"):
+        NLL()(net, x, y.to(D))
