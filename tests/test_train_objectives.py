@@ -36,8 +36,7 @@ def mc_draws(obj, net, x, y, seed, copies=400, draws=40):
     """Objective values on `copies` stacked copies of the batch (each draw averages many masks)."""
     xr, yr = x.repeat(copies, 1), y.repeat(copies)
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        vals = np.array([obj(net, xr, yr, "categorical", gen).loss.item() for _ in range(draws)])
+    vals = np.array([obj(net, xr, yr, "categorical", gen).loss.item() for _ in range(draws)])
     return vals.mean(), vals.std(ddof=1) / math.sqrt(draws)
 
 
@@ -187,3 +186,95 @@ def test_registry_names_and_errors():
         NLL()(net, x, y[:-1])
     with pytest.raises(ValueError, match="class indices"):
         NLL()(net, x, y.to(D))
+
+
+# -- Fisher-dropout: the penalty equals dropout.terms, gradients by finite differences --
+
+
+def two_dropout_net(act=nn.Tanh):
+    torch.manual_seed(4)
+    return nn.Sequential(
+        nn.Linear(3, 5), act(), nn.Dropout(0.2), nn.Linear(5, 4), act(), nn.Dropout(0.3), nn.Linear(4, 3)
+    ).to(D)
+
+
+@pytest.mark.parametrize("form", ["quadratic", "divergence"])
+@pytest.mark.parametrize("curvature", [False, True])
+def test_fisher_dropout_penalty_equals_dropout_terms(form, curvature):
+    from dropgeom.dropout import terms
+
+    net = two_dropout_net()
+    x, y = batch(n=7)
+    t = terms(net, x, y)
+    for p in (None, 0.25):
+        obj = make_objective("fisher_dropout", p=p, form=form, curvature=curvature)
+        out = obj(net, x, y)
+        ps = t.p if p is None else {k: p for k in t.p}
+        expect = 0.0
+        for layer, vals in t.per_layer.items():
+            q = ps[layer]
+            if form == "quadratic":
+                expect += 0.5 * q / (1 - q) * (vals["fisher"] + (vals["curvature_gaussian"] if curvature else 0.0))
+            else:
+                expect += q * (vals["divergence"] + (vals["curvature_bernoulli"] if curvature else 0.0))
+        assert out.metrics["penalty"] == pytest.approx(expect, rel=1e-10, abs=1e-14)
+        clean = NLL()(net, x, y).loss.item()
+        assert out.metrics["loss"] == pytest.approx(clean + expect, rel=1e-12)
+    with torch.no_grad():  # evaluation under no_grad works and gives the same value
+        again = make_objective("fisher_dropout", p=0.25, form=form, curvature=curvature)(net, x, y)
+    assert again.metrics["penalty"] == pytest.approx(out.metrics["penalty"], rel=1e-12)
+    # the summed fields agree with the per-layer ones at a single p
+    out = make_objective("fisher_dropout", p=0.25, form=form)(net, x, y)
+    summed = 0.5 * (0.25 / 0.75) * t.fisher if form == "quadratic" else 0.25 * t.divergence
+    assert out.metrics["penalty"] == pytest.approx(summed, rel=1e-10)
+
+
+def flat_grad_and_fd(obj, net, x, y, eps=1e-6, seed=0):
+    params = list(net.parameters())
+    gen = lambda: torch.Generator().manual_seed(seed)  # noqa: E731 - the same probes for every evaluation
+    loss = obj(net, x, y, "categorical", gen()).loss
+    grads = torch.autograd.grad(loss, params)
+    g = torch.cat([t.reshape(-1) for t in grads])
+    v = torch.randn(g.shape, generator=torch.Generator().manual_seed(11), dtype=D)
+    theta0 = [p.detach().clone() for p in params]
+
+    def at(s):
+        with torch.no_grad():
+            i = 0
+            for p, p0 in zip(params, theta0):
+                p.copy_(p0 + s * v[i : i + p.numel()].view_as(p))
+                i += p.numel()
+        return obj(net, x, y, "categorical", gen()).loss.item()
+
+    fd = (at(eps) - at(-eps)) / (2 * eps)
+    at(0.0)
+    return float(g @ v), fd
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"form": "quadratic"},
+        {"form": "divergence"},
+        {"form": "quadratic", "curvature": True},
+        {"form": "divergence", "curvature": True, "p": 0.4},
+        {"form": "quadratic", "estimator": "mc"},
+        {"form": "divergence", "estimator": "mc"},
+    ],
+)
+def test_fisher_dropout_gradient_matches_finite_differences(options):
+    net = two_dropout_net(act=nn.Softplus)
+    x, y = batch(n=5)
+    analytic, fd = flat_grad_and_fd(make_objective("fisher_dropout", **options), net, x, y)
+    assert analytic == pytest.approx(fd, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("form", ["quadratic", "divergence"])
+def test_fisher_dropout_mc_estimator_is_unbiased(form):
+    net = two_dropout_net()
+    x, y = batch(n=7)
+    exact = FisherPenalty(p=0.3, form=form)(net, x, y).loss.item()
+    obj = FisherPenalty(p=0.3, form=form, estimator="mc")
+    mean, se = mc_draws(obj, net, x, y, seed=9, copies=50, draws=40)
+    assert se > 0
+    assert abs(mean - exact) < 4.5 * se

@@ -409,18 +409,21 @@ class FisherPenalty(Objective):
         self.weight = float(weight)
 
     def compute(self, model, x, y, family, generator):  # type: ignore[no-untyped-def]
-        pen = _dropout_api("penalty")(
-            model,
-            x,
-            family=family,
-            p=self.p,
-            form=self.form,
-            targets=y if self.curvature else None,
-            curvature=self.curvature,
-            layers=self.layers,
-            estimator=self.estimator,
-            generator=generator,
-        )
+        # enable_grad: the exact penalty differentiates with respect to the masks
+        # internally, so it also works when the caller evaluates under no_grad.
+        with torch.enable_grad():
+            pen = _dropout_api("penalty")(
+                model,
+                x,
+                family=family,
+                p=self.p,
+                form=self.form,
+                targets=y if self.curvature else None,
+                curvature=self.curvature,
+                layers=self.layers,
+                estimator=self.estimator,
+                generator=generator,
+            )
         loss = pen if self.weight == 1.0 else self.weight * pen
         return ObjectiveOutput(loss, {"penalty": float(loss.detach())})
 
