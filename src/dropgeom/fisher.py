@@ -207,7 +207,7 @@ def fisher(
         return DenseOperator(F * scale, **meta)
 
     if structure is Structure.DIAG:
-        return DiagonalOperator(_diagonal(manifold, S) * scale, **meta)
+        return DiagonalOperator(_diagonal(manifold, S, scale), **meta)
 
     if structure is Structure.LAYER:
         groups = _parameter_groups(manifold)
@@ -229,7 +229,7 @@ def fisher(
     # implicit
     return ImplicitOperator(
         _implicit_matmat(manifold, S, scale), P, manifold.dtype, manifold.device,
-        diag_fn=lambda: _diagonal(manifold, S) * scale, **meta
+        diag_fn=lambda: _diagonal(manifold, S, scale), **meta
     )
 
 
@@ -258,11 +258,16 @@ def _reduced_factor(manifold: ModelManifold, S: Tensor, kind: FisherKind) -> Ten
     return SH[:, :, :-1]
 
 
+def _pname(module: str, leaf: str) -> str:
+    """Full parameter name; the root module (``""``, e.g. a bare ``nn.Linear``) has no prefix."""
+    return f"{module}.{leaf}" if module else leaf
+
+
 def _parameter_groups(manifold: ModelManifold) -> List[Tuple[str, List[str]]]:
-    """Group parameter names by owning module (``"0.weight"``, ``"0.bias"`` -> ``"0"``)."""
+    """Group parameter names by owning module (``"0.weight"``, ``"0.bias"`` -> ``"0"``; ``"weight"`` -> ``""``)."""
     groups: Dict[str, List[str]] = {}
     for k in manifold.param_names:
-        mod = k.rsplit(".", 1)[0] if "." in k else k
+        mod = k.rsplit(".", 1)[0] if "." in k else ""
         groups.setdefault(mod, []).append(k)
     return list(groups.items())
 
@@ -284,7 +289,7 @@ def _rule_layers(manifold: ModelManifold) -> Dict[str, nn.Module]:
     out = {}
     for name, mod in manifold.model.named_modules():
         if _has_layer_rule(mod):
-            keys = [f"{name}.weight"] + ([f"{name}.bias"] if mod.bias is not None else [])
+            keys = [_pname(name, "weight")] + ([_pname(name, "bias")] if mod.bias is not None else [])
             if all(k in free for k in keys):
                 out[name] = mod
     return out
@@ -372,8 +377,10 @@ def _capture(
     return result
 
 
-def _layer_diagonal(a: Tensor, g: Tensor, has_bias: bool, max_bytes: int = 128 * 1024**2) -> Tuple[Tensor, Optional[Tensor]]:
-    """``sum_{i,r} diag(G_ir G_ir^T)`` for one layer, with the per-sample gradient
+def _layer_diagonal(
+    a: Tensor, g: Tensor, has_bias: bool, scale: float = 1.0, max_bytes: int = 128 * 1024**2
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """``scale * sum_{i,r} diag(G_ir G_ir^T)`` for one layer, with the per-sample gradient
     ``G_ir = sum_t g_irt a_it^T`` (``[d_out, d_in]``) and bias gradient ``sum_t g_irt``.
 
     ``T = 1``: ``(sum_r g_ir^2)^T a_i^2`` without per-sample gradients. ``T > 1``
@@ -382,7 +389,10 @@ def _layer_diagonal(a: Tensor, g: Tensor, has_bias: bool, max_bytes: int = 128 *
     """
     R, n, T, d_out = g.shape
     if T == 1:
-        g2 = (g[:, :, 0] * g[:, :, 0]).sum(0)  # [n, out]
+        g0 = g[:, :, 0]
+        g2 = (g0 * g0).sum(0) if g0.shape[0] > 1 else g0[0] * g0[0]  # [n, out]
+        if scale != 1.0:
+            g2 = g2 * scale
         a0 = a[:, 0]
         return g2.T @ (a0 * a0), (g2.sum(0) if has_bias else None)
     d_in = a.shape[2]
@@ -395,40 +405,42 @@ def _layer_diagonal(a: Tensor, g: Tensor, has_bias: bool, max_bytes: int = 128 *
         if has_bias:
             gb = g[:, s : s + step].sum(2)
             db += (gb * gb).sum((0, 1))
+    if scale != 1.0:
+        dw *= scale
+        if db is not None:
+            db *= scale
     return dw, db
 
 
-def _diagonal(manifold: ModelManifold, S: Tensor) -> Tensor:
-    """Exact ``sum_i diag(J_i^T S_i S_i^T J_i)`` (sum convention).
+def _diagonal(manifold: ModelManifold, S: Tensor, scale: float = 1.0) -> Tensor:
+    """Exact ``scale * sum_i diag(J_i^T S_i S_i^T J_i)``.
 
     Rule layers (Linear, Conv1d/2d) from layer inputs and back-propagated factor
     columns (:func:`_layer_diagonal`); every other parameter through per-sample
-    products on a sub-manifold.
+    products on a sub-manifold. The pieces are concatenated in parameter order
+    (no ``[P]`` scratch buffer).
     """
     P = manifold.num_params
-    out = torch.zeros(P, dtype=manifold.dtype, device=manifold.device)
-    slices = manifold.param_slices()
     layers = _rule_layers(manifold)
     captured = _capture(manifold, layers, S) if layers else {}
-    done = set()
+    pieces: Dict[str, Tensor] = {}
     for name, (a, g) in captured.items():
         has_bias = layers[name].bias is not None
-        dw, db = _layer_diagonal(a, g, has_bias)
-        out[slices[f"{name}.weight"]] = dw.reshape(-1)
-        done.add(f"{name}.weight")
+        dw, db = _layer_diagonal(a, g, has_bias, scale)
+        pieces[f"{name}.weight"] = dw.reshape(-1)
         if has_bias:
-            out[slices[f"{name}.bias"]] = db
-            done.add(f"{name}.bias")
-    rest = [k for k in manifold.param_names if k not in done]
+            pieces[f"{name}.bias"] = db
+    rest = [k for k in manifold.param_names if k not in pieces]
     if rest:
-        sub = manifold if len(rest) == P or not done else _sub_manifold(manifold, rest)
+        sub = manifold if len(rest) == P or not pieces else _sub_manifold(manifold, rest)
         sub_slices = sub.param_slices()
         acc = torch.zeros(sub.num_params, dtype=manifold.dtype, device=manifold.device)
         for _, G in sub.iter_per_sample_vjp(S):
             acc += (G * G).sum((0, 1))
+        acc *= scale
         for k in rest:
-            out[slices[k]] = acc[sub_slices[k]]
-    return out
+            pieces[k] = acc[sub_slices[k]]
+    return torch.cat([pieces[k].to(manifold.dtype) for k in manifold.param_names])
 
 
 def _sub_manifold(manifold: ModelManifold, names: List[str]) -> ModelManifold:
@@ -469,8 +481,8 @@ def _kfac(manifold: ModelManifold, S: Tensor, scale: float, meta: dict) -> KFACO
         A = af.T @ af / (n * T)
         gf = g.reshape(-1, g.shape[-1])
         B = gf.T @ gf * scale
-        w = slices[f"{name}.weight"]
-        b = slices[f"{name}.bias"] if has_bias else None
+        w = slices[_pname(name, "weight")]
+        b = slices[_pname(name, "bias")] if has_bias else None
         kron.append(
             KroneckerBlock(
                 A=A,
@@ -480,7 +492,7 @@ def _kfac(manifold: ModelManifold, S: Tensor, scale: float, meta: dict) -> KFACO
                 name=name,
             )
         )
-        done.update({f"{name}.weight"} | ({f"{name}.bias"} if has_bias else set()))
+        done.update({_pname(name, "weight")} | ({_pname(name, "bias")} if has_bias else set()))
     rest = [k for k in manifold.param_names if k not in done]
     dense = []
     if rest:
