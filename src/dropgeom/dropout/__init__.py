@@ -4,6 +4,7 @@ sub-models, and the differentiable Fisher-dropout penalty."""
 
 from .explicit import forward_with_masks, record_dropout_inputs
 from .gap import GapResult, gap
+from .penalty import output_linear, penalty
 from .terms import DropoutTerms, terms
 from .masks import (
     DROPOUT_TYPES,
@@ -31,4 +32,6 @@ __all__ = [
     "gap",
     "DropoutTerms",
     "terms",
+    "penalty",
+    "output_linear",
 ]

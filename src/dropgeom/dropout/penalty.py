@@ -1,0 +1,297 @@
+r"""The differentiable Fisher-dropout penalty (theory.md section 4.4).
+
+Deterministic Fisher-dropout training minimises ``L_clean + penalty`` with
+
+.. code-block:: text
+
+    quadratic:   1/2 sum_l V_l sum_j F^mask_jj      V_l = p_l / (1 - p_l)
+    divergence:  sum_l p_l sum_j K_j
+
+(theory.md 4.2 for ``F^mask``, ``K``), plus, with ``curvature=True``, the matching
+curvature term ``1/2 sum_l V_l sum_j C_jj`` or ``sum_l p_l sum_j B_j`` (needs targets).
+The value equals what :func:`~dropgeom.dropout.terms` reports at the same
+parameters; the result is a scalar tensor differentiable with respect to the
+model's parameters (``.backward()`` reaches ``model.parameters()``).
+
+How each layer is computed (``U`` units, ``R`` = rank of ``Sigma``):
+
+* **closed form** (no extra pass): a dropout module followed only by the final
+  ``nn.Linear`` of a top-level ``nn.Sequential``: ``d eta / d h~ = W_out``, so
+  ``d_j eta_i = h_ij W_out[:, j]``, ``eta_i^(-j) = eta_i - h_ij W_out[:, j]`` and both
+  curvature terms are exactly zero (eta is affine in the mask). Cost ``O(n R U K)``.
+* **exact** otherwise: quadratic: ``R`` reverse-mode products with respect to the
+  masks (one batched backward with ``create_graph``); divergence: one forward pass
+  of the downstream layers per unit (``vmap`` over units); curvature: a
+  forward-over-forward pass per unit.
+* **mc** (unbiased) otherwise: quadratic: one probe ``w_i = Sigma_i^{1/2} xi_i`` with
+  Rademacher ``xi`` (``E w w^T = Sigma``), i.e. one backward; divergence: one
+  randomly dropped unit per sample, ``U * KL(eta_i || eta_i^(-j_i))``, i.e. one
+  forward; Gaussian curvature: Hutchinson ``E_v D2 eta[v, v] = sum_j d^2 eta/dm_j^2``
+  with per-sample Rademacher ``v`` (one forward-over-forward pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import jvp, vmap
+
+from ..families import ExponentialFamily
+from ..manifold import eval_mode
+from ._common import Inputs, as_tuple, check_output, chunk_for, family_of
+from .explicit import forward_with_masks
+from .masks import _CHANNEL_TYPES, PSpec, find_dropout, mask_variance, resolve_p
+
+__all__ = ["penalty", "output_linear"]
+
+FORMS = ("quadratic", "divergence")
+ESTIMATORS = ("exact", "mc")
+
+
+def output_linear(model: nn.Module, name: str) -> Optional[nn.Linear]:
+    """The final ``nn.Linear`` if dropout layer ``name`` is followed only by it in a top-level ``nn.Sequential``.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+        >>> output_linear(net, "1")
+        Linear(in_features=4, out_features=2, bias=True)
+        >>> output_linear(net, "0") is None
+        True
+    """
+    if not isinstance(model, nn.Sequential):
+        return None
+    keys = list(model._modules)
+    if name not in keys:
+        return None
+    rest = [model._modules[k] for k in keys[keys.index(name) + 1 :]]
+    if len(rest) == 1 and isinstance(rest[0], nn.Linear):
+        return rest[0]
+    return None
+
+
+@contextlib.contextmanager
+def _lazy_masks(model: nn.Module, mods: Dict[str, nn.Module], store: Dict[str, Tuple[Tensor, Tensor]]) -> Iterator[None]:
+    """Multiply each dropout input by a fresh all-ones mask that requires grad; record (h, mask)."""
+    handles = []
+
+    def make(name: str, mod: nn.Module):
+        def hook(module: nn.Module, args: Tuple[Tensor, ...], output: Tensor) -> Tensor:
+            h = args[0]
+            unit = (h.shape[1],) if isinstance(mod, _CHANNEL_TYPES) else tuple(h.shape[1:])
+            m = torch.ones(h.shape[0], *unit, dtype=h.dtype, device=h.device, requires_grad=True)
+            store[name] = (h, m)
+            mm = m.reshape(*m.shape, *([1] * (h.dim() - 2))) if isinstance(mod, _CHANNEL_TYPES) else m
+            return h * mm
+
+        return hook
+
+    try:
+        for name, mod in mods.items():
+            handles.append(mod.register_forward_hook(make(name, mod)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _rademacher(shape, like: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    b = torch.randint(0, 2, shape, generator=generator, device=like.device)
+    return (2 * b - 1).to(like.dtype)
+
+
+def penalty(
+    model: nn.Module,
+    inputs: Inputs,
+    family: Union[str, ExponentialFamily] = "categorical",
+    p: PSpec = None,
+    form: str = "quadratic",
+    targets: Optional[Tensor] = None,
+    curvature: bool = False,
+    layers: Optional[Sequence[str]] = None,
+    estimator: str = "exact",
+    generator: Optional[torch.Generator] = None,
+    *,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    r"""Fisher-dropout penalty: ``1/2 sum_l V_l sum_j F^mask_jj`` or ``sum_l p_l sum_j K_j`` (theory.md 4.4).
+
+    Args:
+        model: network with dropout modules (evaluated at ``m = 1`` in eval mode).
+        inputs: the batch.
+        family: output family.
+        p: drop probability (default each module's ``p``; float or dict per layer).
+        form: ``"quadratic"`` (Fisher form) or ``"divergence"`` (KL to the dropout sub-models).
+        targets: labels; needed only with ``curvature=True``.
+        curvature: add ``1/2 sum V C_jj`` (quadratic) or ``sum p B_j`` (divergence).
+        layers: restrict to these dropout layers.
+        estimator: ``"exact"`` or ``"mc"`` (unbiased, one probe; see the module docstring).
+            Layers with a closed form are always exact.
+        generator: seeds the ``mc`` probes.
+
+    Returns:
+        A scalar tensor, differentiable with respect to ``model.parameters()``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from dropgeom.dropout import terms
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Dropout(0.2), nn.Linear(3, 3)).double()
+        >>> x, y = torch.randn(5, 2, dtype=torch.float64), torch.randint(0, 3, (5,))
+        >>> pen = penalty(net, x)
+        >>> pen.backward()
+        >>> ref = 0.5 * 0.25 * terms(net, x, y).fisher
+        >>> abs(pen.item() - ref) < 1e-12, net[0].weight.grad is not None
+        (True, True)
+    """
+    if form not in FORMS:
+        raise ValueError(f"penalty: form must be one of {FORMS}, got {form!r}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"penalty: estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if curvature and targets is None:
+        raise ValueError("penalty: curvature=True needs targets (the residual r = mu - t(y) enters the curvature term)")
+    fam = family_of(family)
+    args = as_tuple(inputs)
+    n = args[0].shape[0]
+    mods = find_dropout(model, layers)
+    ps = resolve_p(mods, p)
+    names = list(mods)
+
+    store: Dict[str, Tuple[Tensor, Tensor]] = {}
+    with eval_mode(model), _lazy_masks(model, mods, store):
+        eta = model(*args)
+    check_output(fam, eta.detach(), n)
+    kdim = eta.shape[1]
+    missing = [k for k in names if k not in store]
+    if missing:
+        raise ValueError(f"dropout layers {missing} were not used by the model's forward pass")
+    if targets is not None:
+        fam.check_targets(targets, n, kdim)
+    r = fam.residual(eta, targets) if curvature else None
+
+    closed = {k: output_linear(model, k) for k in names}
+    closed = {k: lin for k, lin in closed.items() if lin is not None and store[k][0].dim() == 2}
+    generic = [k for k in names if k not in closed]
+    total = eta.new_zeros(())
+
+    # -- layers with a closed form: eta affine in the mask, d eta/d h~ = W_out ----------
+    for k, lin in closed.items():
+        h = store[k][0]
+        w = lin.weight  # [K, U]
+        if form == "quadratic":
+            sw = torch.einsum("nkr,kj->nrj", fam.cov_sqrt(eta), w)
+            fis = (h.unsqueeze(1) * sw).pow(2).sum() / n
+            total = total + 0.5 * mask_variance(ps[k]) * fis
+        else:
+            u = h.shape[1]
+            dropped = eta.unsqueeze(1) - h.unsqueeze(-1) * w.t().unsqueeze(0)  # [n, U, K]
+            kl = fam.kl(eta.unsqueeze(1).expand(n, u, kdim).reshape(-1, kdim), dropped.reshape(-1, kdim))
+            total = total + ps[k] * kl.sum() / n
+        # both curvature terms vanish exactly here
+
+    if not generic:
+        return total
+    masks = [store[k][1] for k in generic]
+
+    # -- Fisher (quadratic) term ---------------------------------------------------
+    if form == "quadratic":
+        sq = fam.cov_sqrt(eta)  # [n, K, R]
+        if estimator == "exact":
+            cot = sq.permute(2, 0, 1)
+            try:
+                grads = torch.autograd.grad(eta, masks, cot, create_graph=True, is_grads_batched=True)
+            except (RuntimeError, NotImplementedError):
+                cols = [torch.autograd.grad(eta, masks, cot[c], create_graph=True) for c in range(cot.shape[0])]
+                grads = tuple(torch.stack([c[i] for c in cols]) for i in range(len(masks)))
+        else:
+            xi = _rademacher((n, sq.shape[2]), eta, generator)
+            probe = torch.einsum("nkr,nr->nk", sq, xi)
+            grads = torch.autograd.grad(eta, masks, probe, create_graph=True)
+        for k, g in zip(generic, grads):
+            total = total + 0.5 * mask_variance(ps[k]) * g.pow(2).sum() / n
+        if curvature:
+            total = total + _gaussian_curvature(model, args, generic, store, r, ps, estimator, generator, chunk_size)
+        return total
+
+    # -- divergence form -----------------------------------------------------------
+    for k in generic:
+        h, m = store[k]
+        u = math.prod(m.shape[1:])
+        shape = tuple(m.shape[1:])
+        if estimator == "exact":
+            chunk = chunk_size or chunk_for(n, max(u, kdim), 2**22)
+            kl_sum, b_sum = eta.new_zeros(()), eta.new_zeros(())
+            for s in range(0, u, chunk):
+                e = torch.zeros(min(u, s + chunk) - s, u, dtype=eta.dtype, device=eta.device)
+                e[torch.arange(e.shape[0]), torch.arange(s, s + e.shape[0])] = 1.0
+
+                def drop(row: Tensor, k: str = k, shape=shape) -> Tensor:
+                    return forward_with_masks(model, args, {k: (1.0 - row).reshape(1, *shape)})
+
+                dropped = vmap(drop)(e)  # [c, n, K]
+                c = dropped.shape[0]
+                kl = fam.kl(eta.unsqueeze(0).expand(c, n, kdim).reshape(-1, kdim), dropped.reshape(-1, kdim))
+                kl_sum = kl_sum + kl.sum() / n
+                if curvature:
+                    b_sum = b_sum + ((dropped - eta.unsqueeze(0)) * r.unsqueeze(0)).sum() / n
+        else:
+            j = torch.randint(0, u, (n,), generator=generator, device=eta.device)
+            row = torch.ones(n, u, dtype=eta.dtype, device=eta.device)
+            row[torch.arange(n), j] = 0.0
+            dropped = forward_with_masks(model, args, {k: row.reshape(n, *shape)})
+            kl_sum = u * fam.kl(eta, dropped).sum() / n
+            b_sum = u * ((dropped - eta) * r).sum() / n if curvature else None
+        total = total + ps[k] * kl_sum
+        if curvature:
+            (gr,) = torch.autograd.grad(eta, [m], r, create_graph=True)
+            total = total + ps[k] * (b_sum + gr.sum() / n)
+    return total
+
+
+def _gaussian_curvature(
+    model: nn.Module,
+    args: Tuple[Tensor, ...],
+    generic: List[str],
+    store: Dict[str, Tuple[Tensor, Tensor]],
+    r: Tensor,
+    ps: Dict[str, float],
+    estimator: str,
+    generator: Optional[torch.Generator],
+    chunk_size: Optional[int],
+) -> Tensor:
+    """``sum_l V_l/2 (1/n) sum_ij <r_i, d^2 eta_i / d m_j^2>`` by forward-over-forward passes."""
+    n = args[0].shape[0]
+    total = r.new_zeros(())
+    for k in generic:
+        m = store[k][1]
+        shape = tuple(m.shape[1:])
+        u = math.prod(shape)
+
+        def f(mask: Tensor, k: str = k) -> Tensor:
+            return forward_with_masks(model, args, {k: mask})
+
+        def second(t: Tensor, base: Tensor) -> Tensor:
+            def along(mm: Tensor) -> Tensor:
+                return jvp(f, (mm,), (t,))[1]
+
+            return jvp(along, (base,), (t,))[1]
+
+        if estimator == "mc":  # Hutchinson over units, per sample (samples do not interact)
+            v = _rademacher((n, *shape), r, generator)
+            q = second(v, torch.ones(n, *shape, dtype=r.dtype, device=r.device))
+        else:
+            chunk = chunk_size or chunk_for(n, max(u, r.shape[1]), 2**22)
+            base = torch.ones(1, *shape, dtype=r.dtype, device=r.device)
+            q = r.new_zeros(r.shape)
+            for s in range(0, u, chunk):
+                e = torch.zeros(min(u, s + chunk) - s, u, dtype=r.dtype, device=r.device)
+                e[torch.arange(e.shape[0]), torch.arange(s, s + e.shape[0])] = 1.0
+                q = q + vmap(lambda row: second(row.reshape(1, *shape), base))(e).sum(0)
+        total = total + 0.5 * mask_variance(ps[k]) * (r * q).sum() / n
+    return total
