@@ -4,6 +4,7 @@ sub-models, and the differentiable Fisher-dropout penalty."""
 
 from .explicit import forward_with_masks, record_dropout_inputs
 from .gap import GapResult, gap
+from .mixture import MixtureResult, mixture
 from .penalty import output_linear, penalty
 from .terms import DropoutTerms, terms
 from .masks import (
@@ -34,4 +35,6 @@ __all__ = [
     "terms",
     "penalty",
     "output_linear",
+    "MixtureResult",
+    "mixture",
 ]

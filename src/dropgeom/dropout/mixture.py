@@ -1,0 +1,159 @@
+r"""Dropout inference as a mixture of sub-models (theory.md section 4.3).
+
+Each mask ``m`` gives a sub-model ``p_m(y|x) = softmax(eta(x; m))``. With weights
+``w_m`` (mask probabilities, or ``1/S`` for ``S`` Monte Carlo draws):
+
+.. code-block:: text
+
+    m-mixture        p_m-mix  = sum_m w_m p_m                              (MC dropout averaging)
+    e-mixture        p_e-mix ~ exp(sum_m w_m log p_m)                      (normalised geometric mean)
+    alpha-mixture    p_alpha ~ (sum_m w_m p_m^{(1-alpha)/2})^{2/(1-alpha)}  (alpha=-1: m, alpha->1: e)
+    weight scaling   softmax(eta(x; E m)) = softmax(eta(x; 1))             (eval mode)
+
+Weight scaling equals the e-mixture exactly when ``eta`` is affine in the mask
+(then ``sum_m w_m eta(m) = eta(E m)``). Categorical outputs (logits) only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..families import get_family
+from ._common import Inputs, as_tuple, check_output, chunk_for, chunked_vmap, detached_params
+from .explicit import forward_with_masks
+from .masks import PSpec, _draw, enumerate_masks, find_dropout, resolve_p, unit_shapes
+
+__all__ = ["MixtureResult", "mixture"]
+
+KINDS = ("m", "e", "alpha", "weight_scaling")
+
+
+class MixtureResult(NamedTuple):
+    """Predictive distributions ``probs[kind]`` (``[n, K]``) for kinds ``m``, ``e``, ``alpha``,
+    ``weight_scaling``; ``nll[kind]`` (mean) and ``accuracy[kind]`` when targets were given."""
+
+    probs: Dict[str, Tensor]
+    nll: Optional[Dict[str, float]]
+    accuracy: Optional[Dict[str, float]]
+    alpha: float
+    n_masks: int
+
+
+def mixture(
+    model: nn.Module,
+    inputs: Inputs,
+    targets: Optional[Tensor] = None,
+    alpha: float = 0.0,
+    p: PSpec = None,
+    n_samples: Union[int, str] = 1000,
+    generator: Optional[torch.Generator] = None,
+    *,
+    layers: Optional[Sequence[str]] = None,
+    noise: str = "bernoulli",
+    max_masks: int = 2**16,
+) -> MixtureResult:
+    r"""m-, e-, alpha-mixture and weight-scaling predictions of a dropout network (theory.md 4.3).
+
+    Args:
+        model: a classifier returning logits ``[n, K]`` with dropout modules.
+        inputs: the inputs.
+        targets: optional class indices ``[n]``: adds NLL and accuracy of each predictor.
+        alpha: the alpha of the alpha-mixture (``-1`` gives the m-, ``1`` the e-mixture).
+        p: drop probability (default each module's ``p``).
+        n_samples: Monte Carlo draws (per-sample masks) or ``"exact"`` (all Bernoulli masks).
+        generator: seeds the Monte Carlo masks.
+        layers, noise: which dropout layers; ``"bernoulli"`` or ``"gaussian"`` masks (MC only).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> glm = nn.Sequential(nn.Dropout(0.3), nn.Linear(3, 4)).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> res = mixture(glm, x, alpha=0.5, n_samples="exact")
+        >>> torch.allclose(res.probs["e"], res.probs["weight_scaling"])  # eta affine in the mask
+        True
+    """
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"mixture: alpha must be a finite number, got {alpha!r}")
+    if noise not in ("bernoulli", "gaussian"):
+        raise ValueError(f"mixture: noise must be 'bernoulli' or 'gaussian', got {noise!r}")
+    fam = get_family("categorical")
+    args = as_tuple(inputs)
+    n = args[0].shape[0]
+    mods = find_dropout(model, layers)
+    ps = resolve_p(mods, p)
+    names = list(mods)
+    params = detached_params(model)
+    with torch.no_grad():
+        eta0 = forward_with_masks(model, args, {}, params)
+    check_output(fam, eta0, n)
+    kdim = eta0.shape[1]
+    if targets is not None:
+        fam.check_targets(targets, n, kdim)
+    shapes = unit_shapes(model, args, names)
+    splits = [math.prod(shapes[k]) for k in names]
+
+    def logp(flat: Tensor, per_sample: bool) -> Tensor:
+        parts = torch.split(flat, splits, dim=-1)
+        lead = n if per_sample else 1
+        masks = {k: parts[i].reshape(lead, *shapes[k]) for i, k in enumerate(names)}
+        return torch.log_softmax(forward_with_masks(model, args, masks, params), -1)
+
+    a = (1.0 - alpha) / 2.0
+    acc_m = acc_a = None  # running logsumexp of log w + log p (m) and log w + a log p (alpha)
+    acc_e = torch.zeros_like(eta0)
+    chunk = chunk_for(n, max(kdim, *splits))
+
+    def absorb(lp: Tensor, logw: Tensor) -> None:
+        nonlocal acc_m, acc_a, acc_e
+        lw = logw.reshape(-1, 1, 1)
+        m_part = torch.logsumexp(lw + lp, 0)
+        acc_m = m_part if acc_m is None else torch.logaddexp(acc_m, m_part)
+        acc_e = acc_e + (lw.exp() * lp).sum(0)
+        if a != 0.0:
+            a_part = torch.logsumexp(lw + a * lp, 0)
+            acc_a = a_part if acc_a is None else torch.logaddexp(acc_a, a_part)
+
+    with torch.no_grad():
+        if n_samples == "exact":
+            if noise != "bernoulli":
+                raise ValueError("mixture: n_samples='exact' enumerates Bernoulli masks only")
+            enum = enumerate_masks(model, args, ps, names, max_masks=max_masks)
+            flat = torch.cat([enum.masks[k].reshape(enum.probs.shape[0], -1) for k in names], 1)
+            total = flat.shape[0]
+            for s in range(0, total, chunk):
+                lp = chunked_vmap(lambda row: logp(row, False), flat[s : s + chunk], chunk)
+                absorb(lp, enum.probs[s : s + chunk].log())
+        else:
+            if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+                raise ValueError(f"mixture: n_samples must be a positive int or 'exact', got {n_samples!r}")
+            total, done = n_samples, 0
+            while done < total:
+                c = min(chunk, total - done)
+                flat = torch.cat(
+                    [_draw((c, n, splits[i]), ps[k], noise, generator, eta0.dtype, eta0.device) for i, k in enumerate(names)],
+                    -1,
+                )
+                lp = chunked_vmap(lambda block: logp(block, True), flat, c)
+                absorb(lp, torch.full((c,), -math.log(total), dtype=eta0.dtype, device=eta0.device))
+                done += c
+        logs = {
+            "m": acc_m,
+            "e": torch.log_softmax(acc_e, -1),
+            "weight_scaling": torch.log_softmax(eta0, -1),
+        }
+        logs["alpha"] = torch.log_softmax(acc_a / a, -1) if a != 0.0 else logs["e"]
+        logs["m"] = logs["m"] - torch.logsumexp(logs["m"], -1, keepdim=True)  # exact weights sum to 1; guard rounding
+        probs = {k: logs[k].exp() for k in KINDS}
+        nll = acc = None
+        if targets is not None:
+            idx = targets.long().unsqueeze(-1)
+            nll = {k: float(-logs[k].gather(1, idx).mean()) for k in KINDS}
+            acc = {k: float((logs[k].argmax(-1) == targets).double().mean()) for k in KINDS}
+    return MixtureResult(probs, nll, acc, float(alpha), int(total))
