@@ -10,6 +10,7 @@ from .families import ExponentialFamily, get_family
 from .fisher import FisherKind, Reduction, Structure, fisher
 from .manifold import ModelManifold
 from .operators import CurvatureOperator
+from . import dropout
 from .curvature import (
     CurvatureResult,
     alpha_connection,
