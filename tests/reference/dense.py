@@ -179,7 +179,7 @@ def flat_model(
 
 def dense_jacobian(f: Callable[[Tensor], Tensor], theta: Tensor) -> Tensor:
     """``J = d f / d theta`` by ``torch.autograd.functional.jacobian``: ``[n, K, P]``."""
-    return jacobian(f, theta)
+    return jacobian(f, theta, vectorize=True)
 
 
 def dense_d2(f: Callable[[Tensor], Tensor], theta: Tensor, u: Tensor, v: Tensor) -> Tensor:
@@ -222,7 +222,7 @@ def empirical_fisher(J: Tensor, eta: Tensor, y: Tensor, family: str, sigma: floa
 
 def kron_block(B: Tensor, A: Tensor) -> Tensor:
     """Dense ``B (x) A`` on ``[W | b]`` flattened row-major (``[out * (in+1)]``)."""
-    return torch.kron(B, A)
+    return torch.kron(B.contiguous(), A.contiguous())
 
 
 def wb_index(weight_slice: slice, bias_slice: Optional[slice], out: int, inp: int) -> Tensor:
