@@ -250,7 +250,7 @@ def _teacher(
     hidden: int,
     depth: int,
     scale: float,
-    rng: np.random.Generator,
+    seed: int,
 ) -> Tuple[np.ndarray, np.ndarray, Dict[str, object]]:
     if n < 2 or num_features < 1 or num_classes < 2:
         raise ValueError(
@@ -261,6 +261,10 @@ def _teacher(
         raise ValueError(f"label_noise must lie in [0, 1], got {label_noise}")
     if not (np.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale}")
+    # independent streams: the teacher (inputs, weights) and the labels, so that
+    # changing label_noise changes only the labels
+    rng = np.random.default_rng([seed, 1])
+    lab = np.random.default_rng([seed, 2])
     x = rng.standard_normal((n, num_features))
     if kind == "glm_teacher":
         w = rng.standard_normal((num_features, num_classes)) * scale / np.sqrt(num_features)
@@ -279,10 +283,10 @@ def _teacher(
         info = {"teacher": "tanh_mlp", "hidden": hidden, "depth": depth, "scale": scale}
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    u = rng.random(n)[:, None]
+    u = lab.random(n)[:, None]
     y = (u > np.cumsum(p, 1)).sum(1).clip(max=num_classes - 1)
-    flip = rng.random(n) < label_noise
-    y[flip] = rng.integers(0, num_classes, int(flip.sum()))
+    flip = lab.random(n) < label_noise
+    y = np.where(flip, lab.integers(0, num_classes, n), y)
     info.update({"label_noise": label_noise, "n": n, "bayes_accuracy_clean": float((p.argmax(1) == y).mean())})
     return x, y, info
 
@@ -292,16 +296,19 @@ def _read_npz(path: PathLike) -> Tuple[np.ndarray, np.ndarray, Optional[Tuple[st
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path!r}")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            keys = list(z.keys())
-            xk = next((k for k in ("X", "x") if k in z), None)
-            yk = next((k for k in ("y", "Y") if k in z), None)
-            if xk is None or yk is None:
-                raise ValueError(f"{path!r}: an npz data file needs arrays 'X' and 'y'; it holds {keys}")
-            x, y = z[xk], z[yk]
-            names = tuple(str(s) for s in z["feature_names"]) if "feature_names" in z else None
-    except (OSError, EOFError) as err:  # np.load's error for a file that is not npz
+        z = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError) as err:  # np.load's errors for a file that is not npz
         raise ValueError(f"{path!r}: not a readable npz file ({err})") from err
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path!r}: not an npz archive (a single .npy array?); save X and y with numpy.savez")
+    with z:
+        keys = list(z.keys())
+        xk = next((k for k in ("X", "x") if k in z), None)
+        yk = next((k for k in ("y", "Y") if k in z), None)
+        if xk is None or yk is None:
+            raise ValueError(f"{path!r}: an npz data file needs arrays 'X' and 'y'; it holds {keys}")
+        x, y = z[xk], z[yk]
+        names = tuple(str(s) for s in z["feature_names"]) if "feature_names" in z else None
     return x, y, names
 
 
@@ -486,7 +493,7 @@ def load_dataset(
         x, y, names = _bundled(key)
     elif key in SYNTHETIC:
         sc = scale if scale is not None else (3.0 if key == "glm_teacher" else 2.5)
-        x, y, info = _teacher(key, n, num_features, num_classes, label_noise, hidden, depth, sc, rng)
+        x, y, info = _teacher(key, n, num_features, num_classes, label_noise, hidden, depth, sc, seed)
         names = tuple(f"x{j}" for j in range(num_features))
     else:
         if path is None:
