@@ -10,6 +10,8 @@ from .families import ExponentialFamily, get_family
 from .fisher import FisherKind, Reduction, Structure, fisher
 from .manifold import ModelManifold
 from .operators import CurvatureOperator
+from .data import Dataset, load_dataset
+from .train import EarlyStopping, History, Objective, make_objective  # the loop: dropgeom.train.train
 from . import dropout
 from .curvature import (
     CurvatureResult,
@@ -31,6 +33,12 @@ __all__ = [
     "CurvatureOperator",
     "ExponentialFamily",
     "get_family",
+    "Dataset",
+    "load_dataset",
+    "make_objective",
+    "Objective",
+    "History",
+    "EarlyStopping",
     "statistical_curvature",
     "embedding_curvature",
     "CurvatureResult",
