@@ -63,20 +63,20 @@ class RunConfig:
     #: Standardised input features are projected on their first ``input_dim``
     #: principal components (0: keep all), so curvature is evaluated on
     #: manifolds whose parameter count stays well below n(K-1) (theory.md 3).
-    input_dim: int = 16
+    input_dim: int = 10
     #: cap on the training set size (0: use all training samples)
     max_train: int = 0
     seeds: int = 3
-    epochs: int = 60
-    batch_size: int = 64
-    lr: float = 0.01
+    epochs: int = 40
+    batch_size: int = 128
+    lr: float = 0.02
     l2: float = 1e-3
     activation: str = "tanh"
-    width: int = 16
+    width: int = 8
     depth: int = 2
     c1_p_grid: Tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7)
     c2_activations: Tuple[str, ...] = ACTIVATIONS
-    c2_widths: Tuple[int, ...] = (8, 16)
+    c2_widths: Tuple[int, ...] = (8,)
     c2_depths: Tuple[int, ...] = (1, 2)
     c2_p: float = 0.3
     c3_p_grid: Tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3)
@@ -85,8 +85,10 @@ class RunConfig:
     #: Monte Carlo masks for the measured dropout gap when exact enumeration is too large
     gap_samples: int = 2000
     #: held-out inputs on which curvature is evaluated
-    curvature_inputs: int = 300
+    curvature_inputs: int = 100
     curvature_method: str = "auto"
+    #: parameters the curvature manifold varies: the layers around the first mask, or all
+    curvature_params: str = "around_mask"
     curvature_samples: int = 64
     #: damping of the damped curvature, relative to the largest Fisher eigenvalue
     damping: float = 1e-3
@@ -231,6 +233,7 @@ class RunConfig:
         integer("gap_samples", 10)
         integer("curvature_inputs", 10)
         choices("curvature_method", CURVATURE_METHODS)
+        choices("curvature_params", ("around_mask", "all"))
         integer("curvature_samples", 2)
         if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not (0 < self.damping < 1):
             out.append(f"damping must be in (0, 1) (relative to the largest Fisher eigenvalue), got {self.damping!r}")
@@ -240,13 +243,15 @@ class RunConfig:
 PRESETS: Dict[str, Dict[str, Any]] = {
     "full": dict(
         seeds=5,
-        epochs=150,
+        epochs=100,
+        width=16,
+        input_dim=16,
         c1_p_grid=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
         c2_widths=(8, 16, 32),
         c2_depths=(1, 2, 3),
         c3_p_grid=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5),
         c3_objectives=("none", "l2", "dropout", "gaussian_dropout", "fisher_dropout"),
-        curvature_inputs=500,
+        curvature_inputs=300,
         curvature_samples=128,
         gap_samples=5000,
     ),

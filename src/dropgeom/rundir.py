@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from .config import ConfigError, RunConfig
 
-__all__ = ["RunDir", "atomic_write_text", "atomic_write_bytes", "atomic_write_json", "FINISHED", "to_jsonable"]
+__all__ = ["RunDir", "safe_name", "atomic_write_text", "atomic_write_bytes", "atomic_write_json", "FINISHED", "to_jsonable"]
 
 #: statuses of a finished unit (not recomputed on resume)
 FINISHED = ("ok", "diverged")
@@ -99,7 +99,8 @@ def atomic_write_json(path: Union[str, Path], obj: Any) -> None:
     atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")
 
 
-def _safe(key: str) -> str:
+def safe_name(key: str) -> str:
+    """A file-name-safe form of a unit key (``/`` and other odd characters become ``__``)."""
     return re.sub(r"[^A-Za-z0-9_.=-]+", "__", key)
 
 
@@ -124,7 +125,7 @@ class RunDir:
         return self.root / "checkpoints"
 
     def unit_path(self, experiment: str, key: str) -> Path:
-        return self.root / "units" / experiment / f"{_safe(key)}.json"
+        return self.root / "units" / experiment / f"{safe_name(key)}.json"
 
     # -- config ---------------------------------------------------------------
     def init(self, config: RunConfig) -> RunConfig:

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
 from ..config import RunConfig
-from .common import Verdict, build_mlp, curvature_measures, evaluate_model, fit, fmt, fmt_ci, mean_ci, prepare_data, save_figure, spearman
+from .common import Verdict, _ckpt, build_mlp, curvature_measures, evaluate_model, fit, fmt, fmt_ci, mean_ci, prepare_data, save_figure, spearman
 
 NAME = "C1"
 TITLE = "C1: dropout flattens the model manifold"
@@ -49,11 +49,12 @@ def units(config: RunConfig) -> List[Dict[str, Any]]:
     ]
 
 
-def run_unit(config: RunConfig, unit: Mapping[str, Any]) -> Dict[str, Any]:
+def run_unit(config: RunConfig, unit: Mapping[str, Any], workdir: Optional[Path] = None) -> Dict[str, Any]:
+    """Train at ``unit["p"]`` and measure curvature; ``workdir`` holds training checkpoints."""
     p, seed = unit["p"], unit["seed"]
     data = prepare_data(config, seed)
     model = build_mlp(data.num_features, data.num_outputs, config.width, config.depth, config.activation, p, seed)
-    tr = fit(model, data, "dropout" if p > 0 else "none", config, seed, p)
+    tr = fit(model, data, "dropout" if p > 0 else "none", config, seed, p, _ckpt(workdir, "train"))
     rec: Dict[str, Any] = {"p": p, "seed": seed, "epochs_run": tr["epochs_run"], "history": tr["history"]}
     if tr["diverged"]:
         rec["status"] = "diverged"

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
 from ..config import RunConfig
 from .common import (
     Verdict,
+    _ckpt,
     build_mlp,
     curvature_measures,
     evaluate_model,
@@ -76,14 +77,15 @@ def dropout_terms(model: Any, data: Any, config: RunConfig) -> Dict[str, float]:
     return out
 
 
-def run_unit(config: RunConfig, unit: Mapping[str, Any]) -> Dict[str, Any]:
+def run_unit(config: RunConfig, unit: Mapping[str, Any], workdir: Optional[Path] = None) -> Dict[str, Any]:
+    """Train without and with dropout from one initialisation; gain, curvature and terms."""
     seed = unit["seed"]
     data = prepare_data(config, seed)
     rec: Dict[str, Any] = {k: unit[k] for k in ("setting", "activation", "width", "depth", "seed")}
     models = {}
     for objective, p in (("none", 0.0), ("dropout", config.c2_p)):
         model = build_mlp(data.num_features, data.num_outputs, unit["width"], unit["depth"], unit["activation"], p, seed)
-        tr = fit(model, data, objective, config, seed, p)
+        tr = fit(model, data, objective, config, seed, p, _ckpt(workdir, objective))
         rec[f"epochs_{objective}"] = tr["epochs_run"]
         if tr["diverged"]:
             rec["status"] = "diverged"
@@ -92,7 +94,7 @@ def run_unit(config: RunConfig, unit: Mapping[str, Any]) -> Dict[str, Any]:
         rec[f"test_{objective}"] = evaluate_model(model, data.x_test, data.y_test, data.family)
         models[objective] = model
     rec["gain"] = rec["test_none"]["nll"] - rec["test_dropout"]["nll"]
-    rec["curvature"] = curvature_measures(models["none"], data, config, seed)
+    rec["curvature"] = curvature_measures(models["none"], data, config, seed, raw=False)
     rec["terms"] = dropout_terms(models["dropout"], data, config)
     return rec
 

@@ -36,14 +36,14 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
 
 from ..config import RunConfig
 from .c2_curvature_strength import dropout_terms
-from .common import Verdict, build_mlp, evaluate_model, fit, fmt, fmt_ci, mean_ci, prepare_data, save_figure
+from .common import Verdict, _ckpt, build_mlp, evaluate_model, fit, fmt, fmt_ci, mean_ci, prepare_data, save_figure
 
 NAME = "C3"
 TITLE = "C3: dropout corresponds to a Fisher-information regularizer"
@@ -57,16 +57,19 @@ def units(config: RunConfig) -> List[Dict[str, Any]]:
     ]
 
 
-def run_unit(config: RunConfig, unit: Mapping[str, Any]) -> Dict[str, Any]:
-    return _run_gap(config, unit["seed"]) if unit["part"] == "gap" else _run_objectives(config, unit["seed"])
+def run_unit(config: RunConfig, unit: Mapping[str, Any], workdir: Optional[Path] = None) -> Dict[str, Any]:
+    """The gap part or the objectives part for one seed; ``workdir`` holds training checkpoints."""
+    if unit["part"] == "gap":
+        return _run_gap(config, unit["seed"], workdir)
+    return _run_objectives(config, unit["seed"], workdir)
 
 
-def _run_gap(config: RunConfig, seed: int) -> Dict[str, Any]:
+def _run_gap(config: RunConfig, seed: int, workdir: Optional[Path]) -> Dict[str, Any]:
     from ..dropout import gap
 
     data = prepare_data(config, seed)
     model = build_mlp(data.num_features, data.num_outputs, config.width, config.depth, config.activation, config.c3_p, seed)
-    tr = fit(model, data, "dropout", config, seed, config.c3_p)
+    tr = fit(model, data, "dropout", config, seed, config.c3_p, _ckpt(workdir, "dropout"))
     rec: Dict[str, Any] = {"part": "gap", "seed": seed, "epochs_run": tr["epochs_run"]}
     if tr["diverged"]:
         rec["status"] = "diverged"
@@ -100,7 +103,7 @@ def _probs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(model(x), dim=-1)
 
 
-def _run_objectives(config: RunConfig, seed: int) -> Dict[str, Any]:
+def _run_objectives(config: RunConfig, seed: int, workdir: Optional[Path]) -> Dict[str, Any]:
     data = prepare_data(config, seed)
     init = build_mlp(data.num_features, data.num_outputs, config.width, config.depth, config.activation, 0.0, seed)
     theta0 = torch.nn.utils.parameters_to_vector(init.parameters()).detach()
@@ -109,7 +112,7 @@ def _run_objectives(config: RunConfig, seed: int) -> Dict[str, Any]:
     for obj in config.c3_objectives:
         model = copy.deepcopy(init)
         p = 0.0 if obj in ("none", "l2") else config.c3_p
-        tr = fit(model, data, obj, config, seed, p)
+        tr = fit(model, data, obj, config, seed, p, _ckpt(workdir, obj))
         entry: Dict[str, Any] = {"epochs_run": tr["epochs_run"], "diverged": tr["diverged"]}
         if tr["diverged"]:
             rec.setdefault("diverged", []).append(obj)

@@ -44,6 +44,7 @@ __all__ = [
     "evaluate_model",
     "curvature_measures",
     "mask_directions",
+    "curvature_params",
     "mean_ci",
     "spearman",
     "finite",
@@ -146,18 +147,6 @@ def mask_directions(model: nn.Sequential) -> List[Tensor]:
     return out
 
 
-def _weight_name(model: nn.Sequential, dropout_index: int) -> str:
-    mods = list(model)
-    seen = -1
-    for i, m in enumerate(mods):
-        if isinstance(m, nn.Dropout):
-            seen += 1
-            if seen == dropout_index:
-                j = next(k for k in range(i + 1, len(mods)) if isinstance(mods[k], nn.Linear))
-                return f"{j}.weight"
-    raise ValueError(f"no dropout layer number {dropout_index}")
-
-
 # --------------------------------------------------------------------------- training
 def fit(
     model: nn.Module,
@@ -166,44 +155,49 @@ def fit(
     config: RunConfig,
     seed: int,
     p: float = 0.0,
+    checkpoint_dir: Optional[Path] = None,
 ) -> Dict[str, Any]:
-    """Train ``model`` in place with ``dropgeom.train.train``; return ``{"diverged", "epochs", "final": metrics}``.
+    """Train ``model`` in place with :func:`dropgeom.train.train` (Adam, ``config`` settings).
 
-    ``objective`` is a ``dropgeom.train`` objective name; ``p`` its dropout
-    rate (written into the model's dropout modules, which every objective reads).
+    ``objective`` is a ``dropgeom.train`` objective name; ``p`` its dropout rate
+    (also written into the model's dropout modules). With ``checkpoint_dir`` a
+    killed training resumes from its last checkpoint. Returns
+    ``{"diverged", "divergence", "epochs_run", "history"}``.
     """
-    from .. import train as T
+    from ..train import train
 
     set_dropout(model, p)
-    kwargs: Dict[str, Any] = dict(
-        objective=objective,
+    options: Dict[str, Any] = {}
+    if objective == "l2":
+        options["weight"] = config.l2
+    elif objective != "none":
+        options["p"] = p
+    hist = train(
+        model,
+        (data.x_train, data.y_train, data.x_test, data.y_test),
+        objective,
+        objective_options=options,
+        optimizer="adam",
+        lr=config.lr,
         epochs=config.epochs,
         batch_size=config.batch_size,
-        lr=config.lr,
         seed=seed,
         family=data.family,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=max(1, config.epochs // 4),
+        progress=False,
+        divergence_threshold=config.divergence_threshold,
     )
-    if objective == "l2":
-        kwargs["weight"] = config.l2
-    elif objective != "none":
-        kwargs["p"] = p
-    result = T.train(model, (data.x_train, data.y_train, data.x_test, data.y_test), **kwargs)
-    return _training_summary(result, config)
-
-
-def _training_summary(result: Any, config: RunConfig) -> Dict[str, Any]:
-    history = getattr(result, "history", None)
-    if history is None and isinstance(result, dict):
-        history = result.get("history")
-    if history is None and isinstance(result, (list, tuple)):
-        history = list(result)
-    history = [dict(h) for h in (history or [])]
-    diverged = bool(getattr(result, "diverged", False) or (isinstance(result, dict) and result.get("diverged")))
-    last = history[-1] if history else {}
-    for v in last.values():
-        if isinstance(v, float) and not math.isfinite(v):
-            diverged = True
-    return {"diverged": diverged, "epochs_run": len(history), "history": history}
+    records = [dict(r) for r in hist.records]
+    last = records[-1] if records else {}
+    diverged = bool(hist.diverged) or not all(math.isfinite(float(v)) for v in last.values() if isinstance(v, (int, float)))
+    keep = ("epoch", "train_nll", "test_nll", "test_accuracy", "objective_loss")  # a light history
+    return {
+        "diverged": diverged,
+        "divergence": hist.divergence,
+        "epochs_run": len(records),
+        "history": [{k: r[k] for k in keep if k in r} for r in records],
+    }
 
 
 def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, family: str) -> Dict[str, float]:
@@ -214,53 +208,85 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, family: str) -> Dict[
     return {k: float(v) for k, v in dict(out).items()}
 
 
+def _ckpt(workdir: Optional[Path], name: str) -> Optional[Path]:
+    return None if workdir is None else Path(workdir) / name
+
+
 # --------------------------------------------------------------------------- curvature
-def curvature_measures(model: nn.Sequential, data: ExperimentData, config: RunConfig, seed: int) -> Dict[str, float]:
+def curvature_params(model: nn.Sequential, which: str = "around_mask") -> Optional[List[str]]:
+    """Parameter names the curvature is evaluated on: the Linear layers right before and right
+    after the first dropout layer (``around_mask``, theory.md 3: a subset of parameters around a
+    mask), or ``None`` for all parameters (``all``)."""
+    if which == "all":
+        return None
+    mods = list(model)
+    i = next(k for k, m in enumerate(mods) if isinstance(m, nn.Dropout))
+    before = max(k for k in range(i) if isinstance(mods[k], nn.Linear))
+    after = next(k for k in range(i + 1, len(mods)) if isinstance(mods[k], nn.Linear))
+    return [f"{before}.weight", f"{before}.bias", f"{after}.weight", f"{after}.bias"]
+
+
+#: dense curvature is used while the Hessian tensor [n, K, P, P] stays below this many bytes
+DENSE_BYTES = 400 * 2**20
+
+
+def curvature_measures(
+    model: nn.Sequential, data: ExperimentData, config: RunConfig, seed: int, raw: bool = True
+) -> Dict[str, Any]:
     """Curvature of the model manifold over the held-out curvature inputs (theory.md 3).
+
+    The manifold varies the parameters of :func:`curvature_params` (the layers
+    around the first dropout mask by default; the others stay fixed).
 
     * ``gamma2``: the scalar e-embedding curvature (sum convention) and
       ``gamma2_per_sample = n gamma2``;
     * ``gamma2_damped``: the same with ``g^+`` replaced by
-      ``(g + lambda I)^{-1}``, ``lambda = config.damping x`` the largest
-      eigenvalue of ``g``;
-    * ``mask_normal_curvature``: mean over the units of the first dropout
-      layer followed by another hidden layer of the normal curvature
-      ``|N(v_j, v_j)|_G / |J v_j|_G^2`` along the mask direction ``v_j``.
-    """
-    from .. import ModelManifold, fisher
-    from .. import curvature as C
+      ``(g + lambda I)^{-1}``, ``lambda = config.damping x lambda_max(g)``;
+    * ``mask_normal_curvature``: mean over the units of the first dropout layer
+      of the normal curvature ``|N(v_j, v_j)|_G / |J v_j|_G^2`` along the mask
+      direction ``v_j`` (column ``j`` of the next layer's weight).
 
-    m = ModelManifold(model, data.x_curv, data.family)
+    ``raw=False`` skips the undamped ``gamma2`` (half the cost).
+    """
+    from .. import ModelManifold
+    from ..curvature import embedding_curvature, normal_curvature
+
+    names = curvature_params(model, config.curvature_params)
+    m = ModelManifold(model, data.x_curv, data.family, param_names=names)
     method = config.curvature_method
     if method == "auto":
-        method = "dense" if m.num_params <= 600 else "stochastic"
+        dense_bytes = m.n * m.num_outputs * m.num_params**2 * 8
+        method = "dense" if dense_bytes <= DENSE_BYTES and m.num_params <= 2000 else "stochastic"
     gen = torch.Generator().manual_seed(10_000 + seed)
-    out: Dict[str, float] = {"num_params": float(m.num_params), "normal_dim": float(m.n * max(m.num_outputs - 1, 1) - m.num_params)}
-    res = C.embedding_curvature(m, alpha=1.0, method=method, n_samples=config.curvature_samples, generator=gen)
-    out["gamma2"] = float(res.gamma2)
-    out["gamma2_per_sample"] = float(res.gamma2_per_sample)
-    out["gamma2_stderr"] = float(getattr(res, "stderr", 0.0) or 0.0)
-    top = float(fisher(m, "exact", "implicit", reduction="sum").eig(1)[0].max())
-    lam = config.damping * top
-    res_d = C.embedding_curvature(m, alpha=1.0, method=method, n_samples=config.curvature_samples, generator=gen, damping=lam)
+    out: Dict[str, Any] = {"num_params": m.num_params, "n_inputs": m.n, "method": method}
+    kw = dict(alpha=1.0, method=method, n_samples=config.curvature_samples, generator=gen)
+    if raw:
+        res = embedding_curvature(m, **kw)
+        out["gamma2"] = float(res.gamma2)
+        out["gamma2_per_sample"] = float(res.gamma2_per_sample)
+        out["gamma2_stderr"] = float(res.stderr)
+        if res.normal_dim is not None:
+            out["normal_dim"] = int(res.normal_dim)
+    res_d = embedding_curvature(m, damping=config.damping, **kw)
     out["gamma2_damped"] = float(res_d.gamma2)
-    out["damping_lambda"] = lam
-    dirs = mask_directions(model)
-    # first dropout layer followed by a non-linearity: the last one feeds the linear output (e-flat)
-    idx = 0 if len(dirs) > 1 else None
-    if idx is not None:
-        name = _weight_name(model, idx)
-        W = dict(model.named_parameters())[name].detach()
-        vals = []
-        for j in range(W.shape[1]):
-            v = {k: torch.zeros_like(t) for k, t in m.params.items()}
-            v[name][:, j] = W[:, j]
-            if float(W[:, j].abs().max()) == 0.0:
-                continue
-            vals.append(float(C.normal_curvature(m, m.flatten(v), alpha=1.0)))
-        out["mask_normal_curvature"] = float(np.mean(vals)) if vals else float("nan")
-    else:
-        out["mask_normal_curvature"] = 0.0  # a single mask right before the linear output: e-flat
+    out["damping_abs"] = float(res_d.damping_abs) if res_d.damping_abs is not None else float("nan")
+    mods = list(model)
+    i = next(k for k, mod in enumerate(mods) if isinstance(mod, nn.Dropout))
+    after = next(k for k in range(i + 1, len(mods)) if isinstance(mods[k], nn.Linear))
+    name = f"{after}.weight"
+    if after == len(mods) - 1:
+        # the mask feeds the linear output layer: eta is affine in it (e-flat, theory.md 4.2)
+        out["mask_normal_curvature"] = 0.0
+        return out
+    W = dict(model.named_parameters())[name].detach()
+    vals = []
+    for j in range(W.shape[1]):
+        if float(W[:, j].abs().max()) == 0.0:
+            continue
+        v = {k: torch.zeros_like(t) for k, t in m.params.items()}
+        v[name][:, j] = W[:, j]
+        vals.append(float(normal_curvature(m, v, alpha=1.0)))
+    out["mask_normal_curvature"] = float(np.mean(vals)) if vals else float("nan")
     return out
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
 
 from ..config import RunConfig
-from ..rundir import RunDir, atomic_write_json
+from ..rundir import RunDir, atomic_write_json, safe_name
 from . import c1_flatness, c2_curvature_strength, c3_fisher_regularizer
 
 __all__ = ["EXPERIMENTS", "reproduce"]
@@ -34,6 +34,7 @@ def reproduce(
     progress: bool = True,
     on_compute: Optional[Callable[[str], None]] = None,
     render: bool = True,
+    threads: Optional[int] = 1,
 ) -> Path:
     """Run (or resume) every experiment of ``config`` into the folder ``out``; return the report path.
 
@@ -45,8 +46,14 @@ def reproduce(
         on_compute: called with each unit key just before it is computed
             (finished units are skipped and never reach it).
         render: write figures, ``report.md`` and ``report.html`` at the end.
+        threads: torch intra-op threads while running (``None``: leave as is).
+            The models are tiny: one thread per process is fastest.
     """
+    import torch
+
     config.validate()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
     rd = RunDir(out)
     config = rd.init(config)
     timings_path = rd.root / "timings.json"
@@ -56,7 +63,7 @@ def reproduce(
     for name in config.experiments:
         mod = EXPERIMENTS[name]
         t0 = time.perf_counter()
-        counts = rd.run_units(name, mod.units(config), lambda u, m=mod: m.run_unit(config, u), progress, on_compute)
+        counts = rd.run_units(name, mod.units(config), lambda u, m=mod, e=name: m.run_unit(config, u, rd.checkpoints / e / safe_name(u["key"])), progress, on_compute)
         rd.write_metrics(name)
         session["experiments"][name] = {**counts, "seconds": time.perf_counter() - t0}
         session["seconds"] = time.perf_counter() - t_all
