@@ -119,6 +119,9 @@ def test_glm_gaussian_family_gap_is_exactly_quadratic():
 def test_curvature_gaussian_is_e_embedding_curvature_at_stationary_point():
     torch.manual_seed(7)
     net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Dropout(0.1), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1)).double().eval()
+    for mod in net:  # larger weights: a clearly curved network
+        if isinstance(mod, nn.Linear):
+            mod.weight.data *= 3.0
     x = torch.randn(40, 2, dtype=D)
     names = [k for k, _ in net.named_parameters()]
     shapes = [p.shape for p in net.parameters()]
