@@ -1,0 +1,262 @@
+"""Fisher engine speed and memory against BackPACK, nngeometry and curvlinops.
+
+Configurations (issue 2): (a) MLP 64-256-256-10 on sklearn digits
+(standardised) at batch 256 and at all 1,797 samples, (b) MLP 784-1024-1024-10
+on synthetic inputs at batch 256, (c) logistic regression 784->10 at batch 256.
+Float32, ReLU, cross-entropy (categorical family).
+
+For each configuration and quantity (exact diag, MC diag, empirical diag,
+trace, KFAC) the table gives the median time of every library that computes
+it (dropgeom: ``fisher()`` on a built manifold; ``+manifold`` adds building the
+manifold, i.e. one more forward pass and the input checks), as a ratio to one forward+backward pass of the same model on the same
+batch measured in the same run (``x fwd+bwd``), and dropgeom's ratio to the
+fastest peer (``vs peer``). ``disagree`` is the largest relative difference
+``max|a - b| / max|b|`` between libraries computing the same quantity (MC
+estimates draw different labels and are not compared). Peak memory: the
+largest extra resident memory while dropgeom computes the quantity.
+
+What each peer computes, in our convention (mean over inputs):
+  exact diag   BackPACK DiagGGNExact (CrossEntropyLoss mean), nngeometry FIM(PMatDiag)
+  mc diag      BackPACK DiagGGNMC (1 sample), nngeometry FIM_MonteCarlo(PMatDiag, trials=1)
+  empirical    BackPACK SumGradSquared with CrossEntropyLoss(reduction="sum"), divided by n
+  trace        sum of the peers' exact diagonals (nngeometry: PMatDiag.trace())
+  kfac         BackPACK KFLR, nngeometry FIM(PMatKFAC), curvlinops KFACLinearOperator(type-2)
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+import warnings
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from common import forward_backward, median_time, peak_memory, print_table
+
+from dropgeom import ModelManifold, fisher
+
+
+def _mlp(widths: List[int]) -> nn.Sequential:
+    layers: List[nn.Module] = []
+    for i in range(len(widths) - 1):
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def _digits() -> Tuple[Tensor, Tensor]:
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = (X - X.mean(0)) / (X.std(0) + 1e-8)
+    return torch.tensor(X, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
+
+
+def configurations(quick: bool) -> List[Tuple[str, nn.Module, Tensor, Tensor]]:
+    torch.manual_seed(0)
+    X, y = _digits()
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(256, 784, generator=g)
+    ys = torch.randint(0, 10, (256,), generator=g)
+    return [
+        ("digits MLP 64-256-256-10, n=256", _mlp([64, 256, 256, 10]), X[:256], y[:256]),
+        ("digits MLP 64-256-256-10, n=1797", _mlp([64, 256, 256, 10]), X, y),
+        ("MLP 784-1024-1024-10, n=256", _mlp([784, 1024, 1024, 10]), xs, ys),
+        ("logreg 784->10, n=256", _mlp([784, 10]), xs, ys),
+    ]
+
+
+# ---------------------------------------------------------------------------
+# one closure per (quantity, library); each returns something comparable
+# ---------------------------------------------------------------------------
+
+
+def _ours(model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, Callable[[], object]]:
+    m = ModelManifold(model, x, "categorical")
+    gen = torch.Generator().manual_seed(1)
+    return {
+        "exact diag": lambda: fisher(m, "exact", "diag").diag(),
+        "mc diag": lambda: fisher(m, "mc", "diag", generator=gen).diag(),
+        "empirical diag": lambda: fisher(m, "empirical", "diag", targets=y).diag(),
+        "trace": lambda: fisher(m, "exact", "diag").trace(),
+        "kfac": lambda: fisher(m, "exact", "kfac"),
+    }
+
+
+def _backpack(model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, Callable[[], object]]:
+    from backpack import backpack, extend
+    from backpack.extensions import KFLR, DiagGGNExact, DiagGGNMC, SumGradSquared
+
+    net = extend(copy.deepcopy(model))
+    ce_mean = extend(nn.CrossEntropyLoss())
+    ce_sum = extend(nn.CrossEntropyLoss(reduction="sum"))
+    params = list(net.parameters())
+
+    def run(ext, attr: str, loss_fn, scale: float = 1.0) -> Callable[[], object]:
+        def go() -> object:
+            loss = loss_fn(net(x), y)
+            with backpack(ext):
+                loss.backward()
+            out = [getattr(p, attr) for p in params]
+            for p in params:
+                p.grad = None
+            if attr == "kflr":
+                return out
+            return torch.cat([o.reshape(-1) for o in out]) * scale
+        return go
+
+    diag = run(DiagGGNExact(), "diag_ggn_exact", ce_mean)
+    return {
+        "exact diag": diag,
+        "mc diag": run(DiagGGNMC(mc_samples=1), "diag_ggn_mc", ce_mean),
+        "empirical diag": run(SumGradSquared(), "sum_grad_squared", ce_sum, 1.0 / x.shape[0]),
+        "trace": lambda: diag().sum(),
+        "kfac": run(KFLR(), "kflr", ce_mean),
+    }
+
+
+def _nngeometry(model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, Callable[[], object]]:
+    from nngeometry.metrics import FIM, FIM_MonteCarlo
+    from nngeometry.object import PMatDiag, PMatKFAC
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(x, y), batch_size=x.shape[0])
+    net = copy.deepcopy(model)
+    return {
+        "exact diag": lambda: FIM(net, loader, PMatDiag, variant="classif_logits").get_diag(),
+        "mc diag": lambda: FIM_MonteCarlo(net, loader, PMatDiag, variant="classif_logits").get_diag(),
+        "trace": lambda: FIM(net, loader, PMatDiag, variant="classif_logits").trace(),
+        "kfac": lambda: FIM(net, loader, PMatKFAC, variant="classif_logits"),
+    }
+
+
+def _curvlinops(model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, Callable[[], object]]:
+    from curvlinops import KFACLinearOperator
+
+    net = copy.deepcopy(model)
+    params = list(net.parameters())
+
+    def kfac() -> object:
+        op = KFACLinearOperator(
+            net, nn.CrossEntropyLoss(), params, [(x, y)], fisher_type="type-2",
+            separate_weight_and_bias=False, check_deterministic=False,
+        )
+        op.compute_kronecker_factors()
+        return op
+
+    return {"kfac": kfac}
+
+
+# ---------------------------------------------------------------------------
+# comparisons
+# ---------------------------------------------------------------------------
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    a, b = a.detach().double().reshape(-1), b.detach().double().reshape(-1)
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def _disagreement(quantity: str, results: Dict[str, object], model: nn.Module) -> float:
+    ours = results.get("dropgeom")
+    worst = 0.0
+    if quantity in ("exact diag", "empirical diag", "trace"):
+        for lib, r in results.items():
+            if lib != "dropgeom" and r is not None:
+                worst = max(worst, _rel(torch.as_tensor(r), torch.as_tensor(ours)))
+    elif quantity == "kfac":
+        v = torch.randn(sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(3))
+        ref = ours.mv(v)
+        if results.get("curvlinops") is not None:
+            op = results["curvlinops"]
+            worst = max(worst, _rel(op @ v, ref))
+        if results.get("nngeometry") is not None:
+            worst = max(worst, _rel(results["nngeometry"].get_diag(), ours.diag()))
+        if results.get("backpack") is not None:
+            # Linear layers: BackPACK's weight block is B (x) A_xx, ours B (x) A[:-1, :-1].
+            for kb, (B, A) in zip(ours.kron_blocks, results["backpack"][0::2]):
+                worst = max(worst, _rel(B, kb.B), _rel(A, kb.A[:-1, :-1]))
+    return worst
+
+
+QUANTITIES = ["exact diag", "mc diag", "empirical diag", "trace", "kfac"]
+PEERS = {"backpack": _backpack, "nngeometry": _nngeometry, "curvlinops": _curvlinops}
+
+
+def _interleaved(fns: Dict[str, Callable[[], object]], repeat: int, window: float = 0.03) -> Dict[str, float]:
+    """Median seconds per call of each closure, timed round-robin (one window of each
+    per round) so that load from other processes hits every library alike. A window
+    runs a closure ``k`` times back to back (``k`` calibrated so it lasts about
+    ``window`` seconds), which smooths scheduler jitter on millisecond calls."""
+    reps = {}
+    for k, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        reps[k] = max(1, min(50, int(window / max(time.perf_counter() - t0, 1e-6))))
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(reps[k]):
+                fn()
+            times[k].append((time.perf_counter() - t0) / reps[k])
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def run_config(name: str, model: nn.Module, x: Tensor, y: Tensor, repeat: int) -> List[Dict[str, object]]:
+    fb_fn = forward_backward(model, x, lambda out: nn.functional.cross_entropy(out, y))
+    libs = {"dropgeom": _ours(model, x, y)}
+    for peer, make in PEERS.items():
+        libs[peer] = make(model, x, y)
+    manifold_fn = lambda: ModelManifold(model, x, "categorical")  # noqa: E731
+    rows = []
+    for q in QUANTITIES:
+        fns = {"fwd+bwd": fb_fn, "manifold": manifold_fn}
+        results = {}
+        for lib, table in libs.items():
+            if q in table:
+                fns[lib] = table[q]
+                results[lib] = table[q]()  # warm-up, and the value compared
+        t = _interleaved(fns, repeat)
+        fb = t["fwd+bwd"]
+        peers = {k: v for k, v in t.items() if k in PEERS}
+        fastest = min(peers, key=peers.get) if peers else None
+        mem = peak_memory(libs["dropgeom"][q])
+        row = {"config": name, "quantity": q, "fwd+bwd ms": 1e3 * fb, "dropgeom": t["dropgeom"] / fb,
+               "+manifold": (t["dropgeom"] + t["manifold"]) / fb}
+        for peer in PEERS:
+            row[peer] = t[peer] / fb if peer in t else "-"
+        row["vs peer"] = f"{t['dropgeom'] / peers[fastest]:.2f} ({fastest})" if fastest else "-"
+        row["disagree"] = "-" if q == "mc diag" else f"{_disagreement(q, results, model):.1e}"
+        row["peak MiB"] = mem
+        rows.append(row)
+    return rows
+
+
+def main(quick: bool = False) -> None:
+    warnings.filterwarnings("ignore")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: far less noise on a shared 2-core machine
+    repeat = 5 if quick else 11
+    rows = []
+    for name, model, x, y in configurations(quick):
+        rows += run_config(name, model, x, y, repeat)
+        print_table(rows[-len(QUANTITIES):], title=name)
+    print_table(rows, title="Fisher engine: time as multiples of one forward+backward (medians); 'vs peer' = dropgeom / fastest peer")
+    print(
+        "Goals: exact diag <= 0.8x the fastest peer; mc diag <= 1.0x the fastest peer; "
+        "empirical diag <= 1.0x BackPACK. 'disagree' = max relative difference to dropgeom.\n"
+        "'dropgeom' times fisher(manifold, ...) on a built ModelManifold; '+manifold' adds building it "
+        "(one forward for eta and input checks). One torch thread, float32, timed round-robin."
+    )
+    torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(quick="--quick" in sys.argv)
