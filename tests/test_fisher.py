@@ -326,3 +326,25 @@ def test_errors_name_the_problem(monkeypatch):
     monkeypatch.setattr(manifold_mod, "DEFAULT_MEMORY_LIMIT", 64)
     with pytest.raises(MemoryError, match="structure='(diag|kfac|implicit)'"):
         fisher(c.m, "exact", "dense")
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_float32_saturated_model_stays_finite(structure):
+    """Logits ~1e4 in float32 (a saturated classifier): every structure is finite, PSD on its
+    diagonal, and close to the float64 reference (whose Fisher is ~0 there)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    with torch.no_grad():
+        net[2].weight.mul_(1e4)
+    x = torch.randn(6, 3)
+    m = ModelManifold(net, x, "categorical")
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    f, th, _ = ref.flat_model(net.double(), x.double())
+    J, eta = ref.dense_jacobian(f, th), f(th).detach()
+    for kind, F in (("exact", ref.exact_fisher(J, eta, "categorical")), ("empirical", ref.empirical_fisher(J, eta, y, "categorical"))):
+        op = fisher(m, kind, structure, targets=y)
+        d = op.diag()
+        assert d.dtype == torch.float32 and torch.isfinite(d).all() and (d >= 0).all()
+        assert torch.isfinite(op.mv(torch.ones(op.shape[0]))).all()
+        if structure != "kfac":
+            torch.testing.assert_close(d.double(), F.diagonal(), rtol=1e-3, atol=1e-3 * F.diagonal().abs().max().item() + 1e-6)

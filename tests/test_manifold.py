@@ -349,3 +349,55 @@ def test_loss_is_mean_nll(cases):
     torch.testing.assert_close(m.loss(y), expect, **TOL)
     with pytest.raises(ValueError, match="class indices"):
         m.loss(y[:3])
+
+
+class _DataDependent(nn.Module):
+    """Python control flow on tensor values: ``vmap`` cannot batch it, the per-sample loop can."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if float(h.sum()) > 0:
+            return torch.tanh(h)
+        return h * 2
+
+
+def test_per_sample_fallback_without_vmap_rule():
+    torch.manual_seed(3)
+    model = _DataDependent().double()
+    x = torch.randn(5, 4, dtype=D64)
+    m = ModelManifold(model, x, "gaussian")
+    W, b = model.lin.weight.detach(), model.lin.bias.detach()
+
+    def f(theta):  # the same function evaluated sample by sample (the branch is per sample)
+        w, bb = theta[:12].reshape(3, 4), theta[12:]
+        rows = []
+        for xi in x:
+            h = xi @ w.T + bb
+            rows.append(torch.tanh(h) if float(h.sum()) > 0 else h * 2)
+        return torch.stack(rows)
+
+    theta0 = torch.cat([W.reshape(-1), b])
+    J = ref.dense_jacobian(f, theta0)
+    S = torch.randn(5, 3, 2, dtype=D64)
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        G = m.per_sample_vjp(S)
+    torch.testing.assert_close(G, torch.einsum("nkp,nkr->nrp", J, S), **TOL)
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        torch.testing.assert_close(m.jacobian(), J, **TOL)
+
+
+@pytest.mark.parametrize("name", ["mlp_tanh", "cnn_maxpool", "attention"])
+def test_float32_models_keep_their_dtype(name):
+    model, x = build(name)
+    J64 = ref.dense_jacobian(*ref.flat_model(model, x)[:2])
+    m32 = ModelManifold(model.float(), x.float())
+    assert m32.dtype == torch.float32
+    J32 = m32.jacobian()
+    assert J32.dtype == torch.float32
+    torch.testing.assert_close(J32.double(), J64, rtol=1e-4, atol=1e-5)
+    v = torch.randn(m32.num_params)
+    assert m32.jvp(v).dtype == torch.float32 and m32.d2(v).dtype == torch.float32
