@@ -1,0 +1,8 @@
+"""``python -m dropgeom``: the same as the ``dropgeom`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

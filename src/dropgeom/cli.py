@@ -1,0 +1,331 @@
+"""The ``dropgeom`` command line: a thin layer over the public functions.
+
+Commands (each has ``--help``)::
+
+    dropgeom reproduce [--quick] [--out DIR] [--seeds N]   test the paper's claims C1-C3, write a report
+    dropgeom train     [--objective dropout --p 0.3 ...]   train an MLP on a data set, print per-epoch metrics
+    dropgeom fisher    [--hidden 32 ...]                   Fisher information of an MLP on digits: kind x structure table
+    dropgeom curvature [--activation tanh ...]             embedding and mask curvature of a trained MLP
+    dropgeom report DIR                                    re-render the report of a run directory
+
+Also available as ``python -m dropgeom``.
+
+Example:
+    >>> parser = build_parser()
+    >>> parser.parse_args(["reproduce", "--quick", "--seeds", "2"]).seeds
+    2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _probability(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a dropout probability in [0, 1), got {text!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"dropout probability p must be in [0, 1), got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {v}")
+    return v
+
+
+def _print_table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> None:
+    def f(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    cells = [[f(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+# --------------------------------------------------------------------------- reproduce
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from .config import ConfigError, RunConfig
+    from .experiments import reproduce
+
+    preset = args.preset or ("quick" if args.quick else "full")
+    overrides: Dict[str, Any] = {}
+    if args.config:
+        import json
+
+        try:
+            overrides.update(json.loads(Path(args.config).read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            print(f"dropgeom reproduce: cannot read --config {args.config}: {err}", file=sys.stderr)
+            return 2
+    if args.seeds is not None:
+        overrides["seeds"] = args.seeds
+    if args.only:
+        overrides["experiments"] = args.only
+    if args.data:
+        overrides["dataset"] = args.data
+    try:
+        config = RunConfig.from_preset(preset, **overrides)
+        out = Path(args.out or f"runs/reproduce-{preset}")
+        t0 = time.perf_counter()
+        report = reproduce(config, out, progress=not args.no_progress, threads=args.threads)
+    except ConfigError as err:
+        print(f"dropgeom reproduce: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished runs are saved; run the same command again to resume", file=sys.stderr)
+        return 130
+    print(f"\nreport: {report}  (and {report.with_suffix('.html')})  in {time.perf_counter() - t0:.1f} s")
+    import json
+
+    summary = json.loads((report.parent / "summary.json").read_text())
+    rows = [v for s in summary.values() for k, v in s.items() if k in ("verdict", "verdict_b")]
+    _print_table(rows, ["claim", "verdict", "evidence"])
+    return 0
+
+
+# --------------------------------------------------------------------------- train
+def _mlp_for(args: argparse.Namespace, in_dim: int, out_dim: int, p: float) -> Any:
+    from .experiments.common import build_mlp
+
+    return build_mlp(in_dim, out_dim, args.width, args.depth, args.activation, p, args.seed)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import load_dataset
+    from .train import train
+
+    ds = load_dataset(args.data, seed=args.seed, dtype=torch.float64)
+    p = args.p if args.objective not in ("none", "l2") else 0.0
+    model = _mlp_for(args, ds.num_features, ds.num_outputs, p)
+    options: Dict[str, Any] = {}
+    if args.objective == "l2":
+        options["weight"] = args.weight
+    elif args.objective != "none":
+        options["p"] = p
+    hist = train(
+        model, ds, args.objective, objective_options=options, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+        seed=args.seed, checkpoint_dir=args.out, progress=not args.no_progress,
+    )
+    cols = [c for c in ("epoch", "objective_loss", "train_nll", "test_nll", "test_accuracy", "test_ece", "seconds") if hist.records and c in hist.records[0]]
+    _print_table(hist.records, cols)
+    if hist.diverged:
+        print(f"training diverged: {hist.divergence}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------- fisher
+def _cmd_fisher(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import ModelManifold, fisher
+    from .data import load_dataset
+
+    torch.manual_seed(args.seed)
+    ds = load_dataset("digits", seed=args.seed, dtype=torch.float64 if args.float64 else torch.float32)
+    x = ds.x_train[: args.n]
+    dims = [ds.num_features] + [args.hidden] * args.depth + [ds.num_outputs]
+    layers: List[torch.nn.Module] = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+    net = torch.nn.Sequential(*layers[:-1]).to(x.dtype)
+    m = ModelManifold(net, x, "categorical")
+    print(f"Fisher information of an MLP {'-'.join(map(str, dims))} (P={m.num_params}) on {m.n} digits inputs (mean over inputs)\n")
+    rows = []
+    gen = torch.Generator().manual_seed(args.seed)
+    for kind in args.kinds:
+        for structure in args.structures:
+            if structure == "dense" and m.num_params > 5000:
+                rows.append({"kind": kind, "structure": structure, "trace": "-", "top eigenvalue": "-", "seconds": "too large"})
+                continue
+            t0 = time.perf_counter()
+            F = fisher(m, kind, structure, targets=ds.y_train[: args.n], n_samples=1, generator=gen)
+            tr = float(F.trace())
+            top = float(F.eig(1)[0].max())
+            rows.append({"kind": kind, "structure": structure, "trace": tr, "top eigenvalue": top, "seconds": time.perf_counter() - t0})
+    _print_table(rows, ["kind", "structure", "trace", "top eigenvalue", "seconds"])
+    return 0
+
+
+# --------------------------------------------------------------------------- curvature
+def _cmd_curvature(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import RunConfig
+    from .experiments.common import curvature_measures, fit, prepare_data
+
+    torch.set_num_threads(1)
+    cfg = RunConfig.from_preset(
+        "quick", width=args.width, depth=max(args.depth, 2), activation=args.activation, epochs=args.epochs,
+        curvature_inputs=args.inputs, curvature_method=args.method, curvature_params=args.params, damping=args.damping,
+        input_dim=args.input_dim,
+    )
+    data = prepare_data(cfg, args.seed)
+    model = _mlp_for(argparse.Namespace(**{**vars(args), "depth": cfg.depth}), data.num_features, data.num_outputs, args.p)
+    if args.epochs > 0:
+        tr = fit(model, data, "dropout" if args.p > 0 else "none", cfg, args.seed, args.p)
+        last = tr["history"][-1] if tr["history"] else {}
+        print(f"trained {args.epochs} epochs ({'dropout p=%g' % args.p if args.p > 0 else 'no dropout'}): test NLL {last.get('test_nll', float('nan')):.4g}")
+    t0 = time.perf_counter()
+    c = curvature_measures(model, data, cfg, args.seed)
+    c["seconds"] = time.perf_counter() - t0
+    _print_table([{"quantity": k, "value": v} for k, v in c.items()], ["quantity", "value"])
+    return 0
+
+
+# --------------------------------------------------------------------------- report
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .report import render_report
+
+    try:
+        path = render_report(args.dir)
+    except (FileNotFoundError, ConfigError) as err:
+        print(f"dropgeom report: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {path}  (and {path.with_suffix('.html')})")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+def _add_model_options(p: argparse.ArgumentParser, width: int = 8, depth: int = 2) -> None:
+    p.add_argument("--width", type=_positive_int, default=width, help=f"units per hidden layer (default {width})")
+    p.add_argument("--depth", type=_positive_int, default=depth, help=f"number of hidden layers (default {depth})")
+    p.add_argument("--activation", choices=["identity", "tanh", "softplus", "relu"], default="tanh", help="hidden activation (default tanh)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, initialisation and masks (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``dropgeom`` command."""
+    parser = argparse.ArgumentParser(
+        prog="dropgeom",
+        description="dropgeom: the information geometry of dropout training (Fisher information, curvature of the "
+        "model manifold, dropout terms) for PyTorch models.",
+        epilog="Run `dropgeom COMMAND --help` for the options of a command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser(
+        "reproduce",
+        help="test the paper's claims C1-C3 and write a report",
+        description="Train small MLPs with and without dropout (and Fisher-dropout, L2) over several seeds, measure the "
+        "curvature of the model manifold, the dropout gap and its Fisher and curvature terms, and write a run "
+        "directory with metrics (JSON lines, CSV), figures (PNG), report.md and a self-contained report.html with a "
+        "verdict per claim. Interrupt it at any time; running the same command again resumes (finished runs are "
+        "not recomputed).",
+    )
+    p.add_argument("--quick", action="store_true", help="the quick preset: finishes within 10 minutes on a 2-core CPU (default: the full run)")
+    p.add_argument("--out", default=None, help="run directory (default runs/reproduce-<preset>); an existing one is resumed")
+    p.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds per setting (default: the preset's, 3 quick / 5 full)")
+    p.add_argument("--only", nargs="+", choices=["C1", "C2", "C3"], default=None, help="run only these claims")
+    p.add_argument("--data", default=None, choices=["digits", "breast_cancer", "wine", "iris"], help="bundled data set (default digits)")
+    p.add_argument("--preset", choices=["full", "quick", "test"], default=None, help="a named preset (overrides --quick); 'test' is a seconds-long smoke run")
+    p.add_argument("--config", default=None, help="JSON file of config overrides (every option of dropgeom.config.RunConfig)")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1: fastest for these tiny models)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(fn=_cmd_reproduce)
+
+    p = sub.add_parser(
+        "train",
+        help="train an MLP with a chosen objective and print per-epoch metrics",
+        description="Train an MLP (dropout after each hidden layer) on a data set with one objective: none, l2, "
+        "dropout, gaussian_dropout or fisher_dropout (the deterministic Fisher penalty of theory.md 4.4). Prints "
+        "train/test NLL, accuracy and calibration error per epoch; --out keeps checkpoints and resumes.",
+    )
+    p.add_argument("--data", default="digits", help="data set name (digits, breast_cancer, wine, iris, glm_teacher, mlp_teacher) or a file path")
+    p.add_argument("--objective", default="dropout", choices=["none", "l2", "dropout", "gaussian_dropout", "fisher_dropout"], help="training objective (default dropout)")
+    p.add_argument("--p", type=_probability, default=0.3, help="dropout probability (drop rate, default 0.3)")
+    p.add_argument("--weight", type=_positive_float, default=1e-3, help="L2 weight for --objective l2 (default 1e-3)")
+    p.add_argument("--epochs", type=_positive_int, default=20, help="epochs (default 20)")
+    p.add_argument("--lr", type=_positive_float, default=0.01, help="Adam learning rate (default 0.01)")
+    p.add_argument("--batch-size", type=_positive_int, default=128, help="mini-batch size (default 128)")
+    p.add_argument("--out", default=None, help="checkpoint folder (resumes from it when it exists)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_options(p, width=32)
+    p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser(
+        "fisher",
+        help="Fisher information of an MLP on digits: a kind x structure table",
+        description="Compute the Fisher information (exact, Monte Carlo, empirical) of a tanh MLP on scikit-learn's "
+        "bundled digits in every structure (dense, diag, layer, kfac, implicit) and print its trace, top "
+        "eigenvalue and the time taken (mean over inputs).",
+    )
+    p.add_argument("--hidden", type=_positive_int, default=32, help="hidden units per layer (default 32)")
+    p.add_argument("--depth", type=_positive_int, default=1, help="hidden layers (default 1)")
+    p.add_argument("--n", type=_positive_int, default=512, help="number of inputs (default 512)")
+    p.add_argument("--kinds", nargs="+", choices=["exact", "mc", "empirical"], default=["exact", "mc", "empirical"], help="Fisher kinds")
+    p.add_argument("--structures", nargs="+", choices=["dense", "diag", "layer", "kfac", "implicit"], default=["dense", "diag", "layer", "kfac", "implicit"], help="structures")
+    p.add_argument("--float64", action="store_true", help="compute in float64")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.set_defaults(fn=_cmd_fisher)
+
+    p = sub.add_parser(
+        "curvature",
+        help="embedding curvature and mask-direction curvature of a trained MLP",
+        description="Train a small MLP on digits (inputs projected on their principal components) with dropout at "
+        "--p, then print the e-embedding curvature gamma^2 of its model manifold over held-out inputs (raw and "
+        "damped) and the normal curvature along the dropout mask directions (theory.md 3).",
+    )
+    p.add_argument("--p", type=_probability, default=0.0, help="dropout probability during training (default 0)")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs before measuring (0: at initialisation; default 20)")
+    p.add_argument("--inputs", type=_positive_int, default=100, help="held-out inputs the curvature is evaluated on (default 100)")
+    p.add_argument("--input-dim", type=_positive_int, default=10, help="principal components of the inputs kept (default 10)")
+    p.add_argument("--method", choices=["auto", "dense", "stochastic"], default="auto", help="curvature method (default auto)")
+    p.add_argument("--params", choices=["around_mask", "all"], default="around_mask", help="parameters the manifold varies (default: the layers around the first mask)")
+    p.add_argument("--damping", type=_positive_float, default=1e-3, help="relative damping of the damped curvature (default 1e-3)")
+    _add_model_options(p)
+    p.set_defaults(fn=_cmd_curvature)
+
+    p = sub.add_parser(
+        "report",
+        help="re-render the report of a run directory",
+        description="Recompute the summaries, figures, report.md and report.html of a run directory from its stored "
+        "records (nothing is retrained).",
+    )
+    p.add_argument("dir", help="the run directory (holds config.json)")
+    p.set_defaults(fn=_cmd_report)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``dropgeom`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
