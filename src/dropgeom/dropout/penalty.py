@@ -150,6 +150,23 @@ def penalty(
         >>> abs(pen.item() - ref) < 1e-12, net[0].weight.grad is not None
         (True, True)
     """
+    with torch.enable_grad():  # derivatives w.r.t. the masks are needed even under no_grad
+        return _penalty(model, inputs, family, p, form, targets, curvature, layers, estimator, generator, chunk_size)
+
+
+def _penalty(
+    model: nn.Module,
+    inputs: Inputs,
+    family: Union[str, ExponentialFamily],
+    p: PSpec,
+    form: str,
+    targets: Optional[Tensor],
+    curvature: bool,
+    layers: Optional[Sequence[str]],
+    estimator: str,
+    generator: Optional[torch.Generator],
+    chunk_size: Optional[int],
+) -> Tensor:
     if form not in FORMS:
         raise ValueError(f"penalty: form must be one of {FORMS}, got {form!r}")
     if estimator not in ESTIMATORS:
