@@ -1,0 +1,250 @@
+"""Peer libraries as oracles for the Fisher engine (float64).
+
+BackPACK, nngeometry and curvlinops are test dependencies: if one fails to
+import, this module errors (no skip). Models: logistic regression, a small MLP,
+a small CNN (Conv2d), a Linear layer on inputs with an extra axis; family
+``categorical`` with ``CrossEntropyLoss``.
+
+Scaling conventions, ours = mean over inputs ``(1/n) sum_i``:
+* BackPACK DiagGGNExact / DiagGGNMC / KFLR with ``CrossEntropyLoss(reduction="mean")``
+  return the mean (the loss Hessian square root carries ``1/sqrt(n)``);
+  SumGradSquared with ``reduction="sum"`` returns ``sum_i g_i^2 = n * ours``;
+  BatchGrad with ``reduction="sum"`` returns the per-sample gradients ``g_i``.
+* nngeometry FIM returns the mean. Its ``classif_logits`` Cholesky factor adds
+  ``torch.finfo().eps`` (the default dtype's) to a denominator, so it is called
+  under a float64 default dtype.
+* curvlinops GGN/EF/KFAC with ``reduction="mean"`` return the mean; its KFAC
+  ``kfac_approx="expand"`` with ``separate_weight_and_bias=False`` is exactly our
+  KFAC/KFC convention.
+* BackPACK KFLR keeps weight and bias blocks apart: for Linear layers its
+  weight factors are ``(B, A[:-1, :-1])`` of ours and its bias block is our
+  ``B``; for convolutions its input factor is ``T`` (output positions) times ours
+  and its gradient factor is the exact bias block ``sum_i (sum_t g_it)(sum_t g_it)^T / n``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from backpack import backpack, extend
+from backpack.extensions import KFLR, BatchGrad, DiagGGNExact, SumGradSquared
+from curvlinops import EFLinearOperator, GGNLinearOperator, KFACLinearOperator
+from nngeometry.metrics import FIM
+from nngeometry.object import PMatDiag, PMatKFAC
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dropgeom import ModelManifold, fisher
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
+DT = torch.float64
+N, K = 12, 4
+
+
+def _logreg() -> tuple:
+    return nn.Sequential(nn.Linear(5, K)), torch.randn(N, 5, dtype=DT)
+
+
+def _mlp() -> tuple:
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, K)), torch.randn(N, 5, dtype=DT)
+
+
+def _cnn() -> tuple:
+    net = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.ReLU(), nn.Conv2d(3, 2, 2), nn.Flatten(), nn.Linear(2 * 2 * 2, K)
+    )
+    return net, torch.randn(N, 2, 6, 6, dtype=DT)
+
+
+MODELS = {"logreg": _logreg, "mlp": _mlp, "cnn": _cnn}
+
+
+def _setup(name: str):
+    net, x = MODELS[name]()
+    net = net.to(DT)
+    with torch.no_grad():  # spread the outputs so that the classes are far from uniform
+        for p in net.parameters():
+            p.mul_(2.0)
+    y = torch.randint(0, K, (N,))
+    return net, x, y, ModelManifold(net, x, "categorical")
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _backpack(net: nn.Module, x, y, ext, attr: str, reduction: str = "mean"):
+    bnet = extend(copy.deepcopy(net))
+    loss = extend(nn.CrossEntropyLoss(reduction=reduction))(bnet(x), y)
+    with backpack(ext):
+        loss.backward()
+    return [getattr(p, attr) for p in bnet.parameters()]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-10) -> None:
+    scale = b.abs().max().clamp_min(1e-300)
+    assert (a - b).abs().max() <= rtol * scale, f"max rel. difference {float((a - b).abs().max() / scale):.3e}"
+
+
+def _dense_of(op, P: int) -> torch.Tensor:
+    return op @ torch.eye(P, dtype=DT)
+
+
+# ---------------------------------------------------------------------------
+# diagonals and trace
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_exact_diag_matches_backpack_diag_ggn_exact(name):
+    net, x, y, m = _setup(name)
+    ref = _flat(_backpack(net, x, y, DiagGGNExact(), "diag_ggn_exact"))
+    F = fisher(m, "exact", "diag")
+    _close(F.diag(), ref)
+    _close(F.trace(), ref.sum())
+    _close(fisher(m, "exact", "diag", reduction="sum").diag(), N * ref)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_exact_diag_matches_nngeometry_fim(name):
+    net, x, y, m = _setup(name)
+    loader = DataLoader(TensorDataset(x, y), batch_size=5)  # several batches: nngeometry averages over them
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(DT)
+    try:
+        ref = FIM(net, loader, PMatDiag, variant="classif_logits").get_diag()
+    finally:
+        torch.set_default_dtype(old)
+    _close(fisher(m, "exact", "diag").diag(), ref, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_empirical_diag_matches_backpack_sum_grad_squared_and_batch_grad(name):
+    net, x, y, m = _setup(name)
+    sgs = _flat(_backpack(net, x, y, SumGradSquared(), "sum_grad_squared", "sum")) / N
+    per_sample = torch.cat(
+        [g.reshape(N, -1) for g in _backpack(net, x, y, BatchGrad(), "grad_batch", "sum")], dim=1
+    )
+    ours = fisher(m, "empirical", "diag", targets=y).diag()
+    _close(ours, sgs)
+    _close(ours, (per_sample**2).mean(0))
+    # the implicit operator is the full empirical Fisher (1/n) sum_i g_i g_i^T
+    V = torch.randn(m.num_params, 3, dtype=DT)
+    _close(fisher(m, "empirical", "implicit", targets=y).mv(V), per_sample.T @ (per_sample @ V) / N)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_mc_diag_is_the_empirical_fisher_at_sampled_labels(name):
+    """One MC sample per input = the empirical Fisher at labels drawn from the model:
+    BackPACK's SumGradSquared at the labels our generator draws."""
+    net, x, y, m = _setup(name)
+    yhat = m.family.sample(m.eta(), generator=torch.Generator().manual_seed(5))
+    ref = _flat(_backpack(net, x, yhat, SumGradSquared(), "sum_grad_squared", "sum")) / N
+    ours = fisher(m, "mc", "diag", generator=torch.Generator().manual_seed(5)).diag()
+    _close(ours, ref)
+
+
+# ---------------------------------------------------------------------------
+# matrix-free products against curvlinops
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_implicit_matches_curvlinops_ggn_and_ef(name):
+    net, x, y, m = _setup(name)
+    params = list(net.parameters())
+    V = torch.randn(m.num_params, 3, dtype=DT)
+    ggn = GGNLinearOperator(net, nn.CrossEntropyLoss(), params, [(x, y)], check_deterministic=False)
+    _close(fisher(m, "exact", "implicit").mv(V), ggn @ V)
+    ef = EFLinearOperator(net, nn.CrossEntropyLoss(), params, [(x, y)], check_deterministic=False)
+    _close(fisher(m, "empirical", "implicit", targets=y).mv(V), ef @ V)
+
+
+# ---------------------------------------------------------------------------
+# KFAC / KFC
+# ---------------------------------------------------------------------------
+
+
+def _curvlinops_kfac(net, x, y, fisher_type: str) -> KFACLinearOperator:
+    return KFACLinearOperator(
+        net, nn.CrossEntropyLoss(), list(net.parameters()), [(x, y)], fisher_type=fisher_type,
+        kfac_approx="expand", separate_weight_and_bias=False, check_deterministic=False,
+    )
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_kfac_matches_curvlinops_expand(name):
+    net, x, y, m = _setup(name)
+    P = m.num_params
+    ours = fisher(m, "exact", "kfac")
+    assert not ours.dense_blocks  # Linear and Conv2d all have Kronecker rules
+    _close(ours.dense(), _dense_of(_curvlinops_kfac(net, x, y, "type-2"), P))
+    emp = fisher(m, "empirical", "kfac", targets=y)
+    _close(emp.dense(), _dense_of(_curvlinops_kfac(net, x, y, "empirical"), P))
+
+
+def test_kfac_linear_on_extra_axis_matches_curvlinops_expand():
+    class Pool(nn.Module):
+        def forward(self, h):
+            return h.mean(1)
+
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), Pool(), nn.Linear(5, K)).to(DT)
+    x = torch.randn(N, 4, 3, dtype=DT)
+    y = torch.randint(0, K, (N,))
+    m = ModelManifold(net, x, "categorical")
+    ours = fisher(m, "exact", "kfac")
+    assert [kb.A.shape[0] for kb in ours.kron_blocks] == [4, 6]
+    _close(ours.dense(), _dense_of(_curvlinops_kfac(net, x, y, "type-2"), m.num_params))
+    # the exact diagonal on the weight-shared layer (per-sample gradients summed over the axis)
+    V = torch.eye(m.num_params, dtype=DT)
+    dense = GGNLinearOperator(net, nn.CrossEntropyLoss(), list(net.parameters()), [(x, y)], check_deterministic=False) @ V
+    _close(fisher(m, "exact", "diag").diag(), dense.diagonal())
+
+
+@pytest.mark.parametrize("name", ["logreg", "mlp"])
+def test_kfac_linear_matches_backpack_kflr(name):
+    net, x, y, m = _setup(name)
+    kflr = _backpack(net, x, y, KFLR(), "kflr")
+    ours = fisher(m, "exact", "kfac")
+    for kb, (w_factors, b_factors) in zip(ours.kron_blocks, zip(kflr[0::2], kflr[1::2])):
+        B_bp, A_bp = w_factors
+        _close(kb.B, B_bp)
+        _close(kb.A[:-1, :-1], A_bp)
+        _close(kb.B, b_factors[0])
+
+
+def test_kfc_conv_relation_to_backpack_kflr():
+    net, x, y, m = _setup("cnn")
+    kflr = dict(zip([k for k, _ in net.named_parameters()], _backpack(net, x, y, KFLR(), "kflr")))
+    ours = {kb.name: kb for kb in fisher(m, "exact", "kfac").kron_blocks}
+    layer = fisher(m, "exact", "layer").dense()
+    slices = m.param_slices()
+    h = x
+    for idx, mod in enumerate(net):
+        h = mod(h)
+        if not isinstance(mod, nn.Conv2d):
+            continue
+        T = h.shape[-2:].numel()  # output positions
+        B_bp, A_bp = kflr[f"{idx}.weight"]
+        kb = ours[str(idx)]
+        _close(A_bp, T * kb.A[:-1, :-1])
+        b = slices[f"{idx}.bias"]
+        _close(B_bp, layer[b, b])  # BackPACK's gradient factor: the exact bias block
+        _close(kflr[f"{idx}.bias"][0], layer[b, b])
+
+
+@pytest.mark.parametrize("name", ["logreg", "mlp"])
+def test_kfac_linear_matches_nngeometry(name):
+    net, x, y, m = _setup(name)
+    loader = DataLoader(TensorDataset(x, y), batch_size=N)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(DT)
+    try:
+        ref = FIM(net, loader, PMatKFAC, variant="classif_logits")
+        ref_dense = ref.to_torch(split_weight_bias=True)
+    finally:
+        torch.set_default_dtype(old)
+    _close(fisher(m, "exact", "kfac").dense(), ref_dense, rtol=1e-9)
