@@ -1,0 +1,134 @@
+"""Fisher-dropout penalty (theory.md 4.4) and dropout mixtures (4.3)."""
+
+import pytest
+import torch
+from torch import nn
+
+from dropgeom.dropout import mixture, penalty, terms
+from reference.dropout import mixture_exact, sequential_eta
+
+D = torch.float64
+CASES = [("quadratic", False), ("quadratic", True), ("divergence", False), ("divergence", True)]
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(3, 4), nn.Tanh(), nn.Dropout(0.2), nn.Linear(4, 4), nn.Softplus(), nn.Dropout(0.1), nn.Linear(4, 3)
+    ).double()
+
+
+def _data(n=12):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, generator=g, dtype=D), torch.randint(0, 3, (n,), generator=g)
+
+
+def _expected(t, form, curv):
+    out = 0.0
+    for k, q in t.p.items():
+        lay, v = t.per_layer[k], q / (1 - q)
+        if form == "quadratic":
+            out += 0.5 * v * (lay["fisher"] + (lay["curvature_gaussian"] if curv else 0.0))
+        else:
+            out += q * (lay["divergence"] + (lay["curvature_bernoulli"] if curv else 0.0))
+    return out
+
+
+@pytest.mark.parametrize("form,curv", CASES)
+def test_value_equals_terms(form, curv):
+    net = _net()
+    x, y = _data()
+    t = terms(net, x, y)
+    val = penalty(net, x, form=form, curvature=curv, targets=y)
+    assert abs(val.item() - _expected(t, form, curv)) < 1e-14
+    # the closed-form last layer alone
+    t5 = terms(net, x, y, layers=["5"])
+    v5 = penalty(net, x, form=form, curvature=curv, targets=y, layers=["5"])
+    assert abs(v5.item() - _expected(t5, form, curv)) < 1e-14
+
+
+@pytest.mark.parametrize("form,curv", CASES)
+@pytest.mark.parametrize("estimator", ["exact", "mc"])
+def test_gradient_matches_finite_differences(form, curv, estimator):
+    net = _net(2)
+    x, y = _data()
+    params = list(net.parameters())
+    seed = 5
+
+    def value():
+        return penalty(net, x, form=form, curvature=curv, targets=y, estimator=estimator,
+                       generator=torch.Generator().manual_seed(seed))
+
+    grads = torch.autograd.grad(value(), params)
+    direction = [torch.randn_like(p) for p in params]
+    analytic = sum((g * d).sum() for g, d in zip(grads, direction)).item()
+    h = 1e-5
+    with torch.no_grad():
+        for p, d in zip(params, direction):
+            p.add_(h * d)
+        plus = value().item()
+        for p, d in zip(params, direction):
+            p.sub_(2 * h * d)
+        minus = value().item()
+        for p, d in zip(params, direction):
+            p.add_(h * d)
+    numeric = (plus - minus) / (2 * h)
+    assert abs(analytic - numeric) < 1e-7 * max(1.0, abs(numeric)), (analytic, numeric)
+
+
+@pytest.mark.parametrize("form,curv", CASES)
+def test_mc_estimator_is_unbiased(form, curv):
+    net = _net(3)
+    x, y = _data()
+    exact = penalty(net, x, form=form, curvature=curv, targets=y).item()
+    g = torch.Generator().manual_seed(0)
+    draws = torch.tensor([
+        penalty(net, x, form=form, curvature=curv, targets=y, estimator="mc", generator=g).item() for _ in range(120)
+    ], dtype=D)
+    se = draws.std().item() / 120**0.5
+    assert abs(draws.mean().item() - exact) < 4 * se + 1e-15
+
+
+def test_penalty_bad_inputs():
+    net = _net()
+    x, y = _data()
+    with pytest.raises(ValueError, match="needs targets"):
+        penalty(net, x, curvature=True)
+    with pytest.raises(ValueError, match="form"):
+        penalty(net, x, form="cubic")
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        penalty(net, x, p=-0.5)
+    with pytest.raises(ValueError, match="integer class indices"):
+        penalty(net, x, targets=y.double(), curvature=True)
+
+
+def test_mixture_exact_matches_bruteforce_and_alpha_ends():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Dropout(0.3), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = _data(n=7)
+    res = mixture(net, x, y, alpha=0.4, n_samples="exact")
+    with torch.no_grad():
+        ref = mixture_exact(lambda m: sequential_eta(net, x, {2: m}), 4, 0.3, 0.4)
+    for kind in ("m", "e", "alpha"):
+        assert torch.allclose(res.probs[kind], ref[kind], atol=1e-13)
+    assert not torch.allclose(res.probs["e"], res.probs["weight_scaling"], atol=1e-6)  # curved: they differ
+    m_end = mixture(net, x, alpha=-1.0, n_samples="exact")
+    assert torch.allclose(m_end.probs["alpha"], m_end.probs["m"], atol=1e-14)
+    e_end = mixture(net, x, alpha=1.0 - 1e-9, n_samples="exact")
+    assert torch.allclose(e_end.probs["alpha"], e_end.probs["e"], atol=1e-7)
+    assert abs(res.nll["m"] + res.probs["m"].gather(1, y[:, None]).log().mean().item()) < 1e-12
+    acc = (res.probs["e"].argmax(-1) == y).double().mean().item()
+    assert res.accuracy["e"] == acc
+    mc = mixture(net, x, alpha=0.4, n_samples=20000, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(mc.probs["m"], ref["m"], atol=0.01)
+
+
+def test_weight_scaling_is_e_mixture_when_affine():
+    torch.manual_seed(4)
+    last = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Dropout(0.4), nn.Linear(5, 3)).double()
+    x, y = _data(n=6)
+    res = mixture(last, x, y, n_samples="exact")
+    assert torch.allclose(res.probs["e"], res.probs["weight_scaling"], atol=1e-13)
+    with pytest.raises(ValueError, match="class indices"):
+        mixture(last, x, y.double())
+    with pytest.raises(ValueError, match="n_samples"):
+        mixture(last, x, n_samples=0)
