@@ -401,3 +401,28 @@ def test_float32_models_keep_their_dtype(name):
     torch.testing.assert_close(J32.double(), J64, rtol=1e-4, atol=1e-5)
     v = torch.randn(m32.num_params)
     assert m32.jvp(v).dtype == torch.float32 and m32.d2(v).dtype == torch.float32
+
+
+def test_autodiff_kernels_fix_batch_statistics_norms_and_restore_settings():
+    """Inside ``autodiff_kernels`` the second forward derivative of batch-statistic norms is right
+    (checked against reverse-over-reverse); the fused MHA fast path setting comes back."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 5, generator=g, dtype=D64)
+    w = torch.randn(3, generator=g, dtype=D64)
+    u, v = torch.randn(x.shape, generator=g, dtype=D64), torch.randn(x.shape, generator=g, dtype=D64)
+    fns = [
+        lambda z: nn.functional.batch_norm(z, None, None, w, w, training=True),
+        lambda z: nn.functional.instance_norm(z, weight=w, bias=w),
+        lambda z: nn.functional.layer_norm(z, (5,), w.new_ones(5), None),
+    ]
+    for fn in fns:
+        flat = lambda t: fn(t.reshape(x.shape))  # noqa: E731
+        expect = ref.dense_d2(flat, x.reshape(-1), u.reshape(-1), v.reshape(-1))
+        with manifold_mod.autodiff_kernels():
+            got = torch.func.jvp(lambda z: torch.func.jvp(fn, (z,), (u,))[1], (x,), (v,))[1]
+            torch.testing.assert_close(fn(x), flat(x.reshape(-1)))
+        torch.testing.assert_close(got, expect, rtol=1e-9, atol=1e-10)
+    before = torch.backends.mha.get_fastpath_enabled()
+    with manifold_mod.autodiff_kernels():
+        assert not torch.backends.mha.get_fastpath_enabled()
+    assert torch.backends.mha.get_fastpath_enabled() == before

@@ -110,17 +110,57 @@ def _composite_layer_norm(x: Tensor, shape, weight=None, bias=None, eps: float =
     return out
 
 
+def _batch_stat_norm(x: Tensor, dims: Tuple[int, ...], weight, bias, eps: float) -> Tensor:
+    """Normalise over ``dims`` with batch statistics, then the per-channel affine map (channel axis 1)."""
+    mu = x.mean(dims, keepdim=True)
+    var = ((x - mu) ** 2).mean(dims, keepdim=True)
+    out = (x - mu) * torch.rsqrt(var + eps)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    if bias is not None:
+        out = out + bias.reshape(shape)
+    return out
+
+
+def _composite_batch_norm(
+    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+):
+    if not training or running_mean is not None or running_var is not None:
+        return None  # running statistics used or updated: leave it to the fused kernel
+    return _batch_stat_norm(input, (0,) + tuple(range(2, input.dim())), weight, bias, eps)
+
+
+def _composite_instance_norm(
+    input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True, momentum=0.1, eps=1e-5
+):
+    if not use_input_stats or running_mean is not None or running_var is not None:
+        return None
+    return _batch_stat_norm(input, tuple(range(2, input.dim())), weight, bias, eps)
+
+
 class _CompositeNorms(torch.overrides.TorchFunctionMode):
-    """Hand-written (no library does this): replaces ``F.layer_norm`` by its composite
-    definition. PyTorch's fused ``native_layer_norm`` has a wrong second-order
-    forward-mode derivative (torch 2.13: forward-over-forward and forward-over-reverse
-    ``D2 eta[u, v]`` through LayerNorm disagree with finite differences and with
-    reverse-over-reverse); the composite ops are differentiated correctly by every transform."""
+    """Hand-written (no library does this): computes normalisations with *statistics of the
+    input* -- ``F.layer_norm``, ``F.instance_norm`` and ``F.batch_norm`` with batch statistics
+    (no running statistics involved) -- from their composite definitions. PyTorch's fused
+    kernels (``native_layer_norm``, ``native_batch_norm``) have wrong second-order
+    forward-mode derivatives (torch 2.13: forward-over-forward and forward-over-reverse
+    ``D2 eta[u, v]`` disagree with finite differences and with reverse-over-reverse);
+    the composite ops are differentiated correctly by every transform. Eval-mode batch norm
+    (running statistics, an affine map) keeps the fused kernel."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.layer_norm:
             return _composite_layer_norm(*args, **kwargs)
+        if func is torch.nn.functional.batch_norm:
+            out = _composite_batch_norm(*args, **kwargs)
+            if out is not None:
+                return out
+        if func is torch.nn.functional.instance_norm:
+            out = _composite_instance_norm(*args, **kwargs)
+            if out is not None:
+                return out
         return func(*args, **kwargs)
 
 
@@ -133,8 +173,9 @@ def autodiff_kernels() -> Iterator[None]:
     have no forward-mode, double-backward or ``vmap`` rules. Inside this context
     the fast path is off and SDPA uses its math back-end (the same function,
     composed of differentiable ops); both settings are restored on exit.
-    ``F.layer_norm`` is computed from its composite definition, because the fused
-    kernel's second-order forward-mode derivative is wrong (see ``_CompositeNorms``).
+    Layer, instance and batch-statistics batch norm are computed from their composite
+    definitions, because the fused kernels' second-order forward-mode derivatives are
+    wrong (see ``_CompositeNorms``).
     """
     mha = getattr(torch.backends, "mha", None)
     fast = mha.get_fastpath_enabled() if mha is not None else None

@@ -104,6 +104,11 @@ SETTINGS: Dict[str, Setting] = {
         Setting("layernorm", lambda k: nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, k)), _x(6, 4)),
         Setting("batchnorm_eval", _bn_mlp, _x(6, 4)),
         Setting("attention", lambda k: AttentionNet(4, 2, k), _x(4, 3, 4)),
+        Setting(
+            "instancenorm",
+            lambda k: nn.Sequential(nn.Conv2d(1, 2, 2), nn.InstanceNorm2d(2, affine=True), nn.Tanh(), nn.Flatten(), nn.Linear(16, k)),
+            _x(4, 1, 3, 5),
+        ),
     ]
 }
 
