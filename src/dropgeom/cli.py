@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -96,7 +97,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         config = RunConfig.from_preset(preset, **overrides)
         out = Path(args.out or f"runs/reproduce-{preset}")
         t0 = time.perf_counter()
-        report = reproduce(config, out, progress=not args.no_progress, threads=args.threads)
+        report = reproduce(config, out, progress=not args.no_progress, threads=args.threads, workers=args.workers)
     except ConfigError as err:
         print(f"dropgeom reproduce: {err}", file=sys.stderr)
         return 2
@@ -253,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, choices=["digits", "breast_cancer", "wine", "iris"], help="bundled data set (default digits)")
     p.add_argument("--preset", choices=["full", "quick", "test"], default=None, help="a named preset (overrides --quick); 'test' is a seconds-long smoke run")
     p.add_argument("--config", default=None, help="JSON file of config overrides (every option of dropgeom.config.RunConfig)")
-    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1: fastest for these tiny models)")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads per process (default 1: fastest for these tiny models)")
+    p.add_argument("--workers", type=_positive_int, default=min(2, os.cpu_count() or 1), help="processes running units in parallel (default: 2, or 1 on a 1-core machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(fn=_cmd_reproduce)
 

@@ -74,7 +74,7 @@ class RunConfig:
     activation: str = "tanh"
     width: int = 8
     depth: int = 2
-    c1_p_grid: Tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7)
+    c1_p_grid: Tuple[float, ...] = (0.0, 0.15, 0.3, 0.5, 0.7)
     c2_activations: Tuple[str, ...] = ACTIVATIONS
     c2_widths: Tuple[int, ...] = (8,)
     c2_depths: Tuple[int, ...] = (1, 2)

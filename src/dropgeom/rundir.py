@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from .config import ConfigError, RunConfig
 
-__all__ = ["RunDir", "safe_name", "atomic_write_text", "atomic_write_bytes", "atomic_write_json", "FINISHED", "to_jsonable"]
+__all__ = ["RunDir", "safe_name", "timed_call", "atomic_write_text", "atomic_write_bytes", "atomic_write_json", "FINISHED", "to_jsonable"]
 
 #: statuses of a finished unit (not recomputed on resume)
 FINISHED = ("ok", "diverged")
@@ -190,37 +190,55 @@ class RunDir:
         fn: Callable[[Mapping[str, Any]], Mapping[str, Any]],
         progress: bool = True,
         on_compute: Optional[Callable[[str], None]] = None,
+        workers: int = 1,
     ) -> Dict[str, int]:
         """Run ``fn(unit)`` for each unit (a mapping with a ``key``) not finished yet.
 
         Exceptions inside ``fn`` are recorded (status ``error``, with the
         message) and do not stop the sweep; ``KeyboardInterrupt`` does (the
-        finished units are kept). Returns counts of computed and skipped units.
+        finished units are kept). With ``workers > 1`` the units run in that
+        many spawned processes (``fn`` must then be picklable); records are
+        still written by this process, one atomic file each. Returns counts of
+        computed, skipped and failed units.
         """
         from tqdm.auto import tqdm
 
         counts = {"computed": 0, "skipped": 0, "errors": 0}
         todo = [u for u in units if not self.is_done(experiment, u["key"])]
         counts["skipped"] = len(units) - len(todo)
-        bar = tqdm(todo, desc=f"{experiment} ({counts['skipped']} done before)", unit="run", disable=not progress, leave=False)
-        for unit in bar:
-            key = unit["key"]
-            bar.set_postfix_str(key)
-            if on_compute is not None:
-                on_compute(key)
-            t0 = time.perf_counter()
-            try:
-                record = dict(fn(unit))
-            except KeyboardInterrupt:
-                raise
-            except Exception as err:  # recorded and shown in the report; retried on resume
-                record = {"status": "error", "error": f"{type(err).__name__}: {err}"}
-                counts["errors"] += 1
-            record.setdefault("status", "ok")
-            record["seconds"] = time.perf_counter() - t0
+        bar = tqdm(total=len(todo), desc=f"{experiment} ({counts['skipped']} done before)", unit="run", disable=not progress, leave=False)
+
+        def store(unit: Mapping[str, Any], record: Dict[str, Any]) -> None:
             record["unit"] = {k: v for k, v in unit.items() if k != "key"}
-            self.save_unit(experiment, key, record)
+            self.save_unit(experiment, unit["key"], record)
             counts["computed"] += 1
+            counts["errors"] += record["status"] == "error"
+            bar.set_postfix_str(unit["key"])
+            bar.update(1)
+
+        try:
+            if workers <= 1 or len(todo) <= 1:
+                for unit in todo:
+                    if on_compute is not None:
+                        on_compute(unit["key"])
+                    store(unit, timed_call(fn, unit))
+            else:
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor, as_completed
+
+                pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+                try:
+                    futures = {}
+                    for unit in todo:
+                        if on_compute is not None:
+                            on_compute(unit["key"])
+                        futures[pool.submit(timed_call, fn, unit)] = unit
+                    for fut in as_completed(futures):
+                        store(futures[fut], fut.result())
+                finally:
+                    pool.shutdown(wait=False, cancel_futures=True)
+        finally:
+            bar.close()
         return counts
 
     # -- tables -----------------------------------------------------------------
@@ -242,6 +260,20 @@ class RunDir:
             writer.writerow(row)
         atomic_write_text(self.root / "metrics" / f"{experiment}.csv", buf.getvalue())
         return records
+
+
+def timed_call(fn: Callable[[Mapping[str, Any]], Mapping[str, Any]], unit: Mapping[str, Any]) -> Dict[str, Any]:
+    """``fn(unit)`` as a record with ``status`` and ``seconds``; an exception becomes status ``error``."""
+    t0 = time.perf_counter()
+    try:
+        record = dict(fn(unit))
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:  # recorded and shown in the report; retried on resume
+        record = {"status": "error", "error": f"{type(err).__name__}: {err}"}
+    record.setdefault("status", "ok")
+    record["seconds"] = time.perf_counter() - t0
+    return record
 
 
 def _flatten(rec: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:

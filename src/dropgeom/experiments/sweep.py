@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ def reproduce(
     on_compute: Optional[Callable[[str], None]] = None,
     render: bool = True,
     threads: Optional[int] = 1,
+    workers: int = 1,
 ) -> Path:
     """Run (or resume) every experiment of ``config`` into the folder ``out``; return the report path.
 
@@ -48,6 +50,7 @@ def reproduce(
         render: write figures, ``report.md`` and ``report.html`` at the end.
         threads: torch intra-op threads while running (``None``: leave as is).
             The models are tiny: one thread per process is fastest.
+        workers: run the units of each experiment in this many processes.
     """
     import torch
 
@@ -63,7 +66,11 @@ def reproduce(
     for name in config.experiments:
         mod = EXPERIMENTS[name]
         t0 = time.perf_counter()
-        counts = rd.run_units(name, mod.units(config), lambda u, m=mod, e=name: m.run_unit(config, u, rd.checkpoints / e / safe_name(u["key"])), progress, on_compute)
+        if workers > 1:
+            fn = functools.partial(_run_unit_in_worker, name, config.to_dict(), str(rd.checkpoints), threads)
+        else:
+            fn = functools.partial(_run_unit, mod, config, rd.checkpoints)
+        counts = rd.run_units(name, mod.units(config), fn, progress, on_compute, workers=workers)
         rd.write_metrics(name)
         session["experiments"][name] = {**counts, "seconds": time.perf_counter() - t0}
         session["seconds"] = time.perf_counter() - t_all
@@ -75,3 +82,16 @@ def reproduce(
     from ..report import render_report
 
     return render_report(rd.root)
+
+
+def _run_unit(mod: Any, config: RunConfig, checkpoints: Path, unit: Dict[str, Any]) -> Dict[str, Any]:
+    return mod.run_unit(config, unit, checkpoints / mod.NAME / safe_name(unit["key"]))
+
+
+def _run_unit_in_worker(name: str, config: Dict[str, Any], checkpoints: str, threads: Optional[int], unit: Dict[str, Any]) -> Dict[str, Any]:
+    """One unit in a worker process (picklable: rebuilds the config from its dict)."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    return _run_unit(EXPERIMENTS[name], RunConfig.from_dict(config), Path(checkpoints), unit)

@@ -1,0 +1,219 @@
+"""Run config validation, run directory (atomic writes, resume), statistics and verdict logic."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from dropgeom.config import ConfigError, RunConfig
+from dropgeom.experiments import c1_flatness, c2_curvature_strength, c3_fisher_regularizer, reproduce
+from dropgeom.experiments.common import build_mlp, mean_ci, spearman
+from dropgeom.rundir import RunDir, atomic_write_text
+
+
+# --------------------------------------------------------------------------- config
+def test_config_lists_every_problem_in_one_error():
+    bad = {
+        "seeds": 0,
+        "c1_p_grid": [0.0, 1.0],
+        "c2_activations": ["tanh", "sigmoid"],
+        "lr": -1,
+        "curvature_method": "magic",
+        "c3_objectives": ["none", "l2"],
+        "frobnicate": 3,
+        "c2_widths": 8,
+    }
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_dict(bad)
+    problems = info.value.problems
+    text = str(info.value)
+    for needle in ("seeds", "1.0", "sigmoid", "lr", "magic", "must include 'dropout'", "frobnicate", "c2_widths"):
+        assert needle in text, needle
+    assert len(problems) == 8
+    assert f"{len(problems)} problem(s)" in text
+
+
+def test_config_roundtrip_and_presets():
+    for name in ("full", "quick", "test"):
+        cfg = RunConfig.from_preset(name)
+        assert RunConfig.from_json(cfg.to_json()) == cfg
+    assert RunConfig.from_preset("quick", seeds=7).seeds == 7
+    with pytest.raises(ConfigError, match="unknown preset"):
+        RunConfig.from_preset("huge")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        RunConfig.from_json("{")
+
+
+# --------------------------------------------------------------------------- run directory
+def test_atomic_write_keeps_old_file_when_interrupted(tmp_path, monkeypatch):
+    path = tmp_path / "a.json"
+    atomic_write_text(path, "old")
+
+    def boom(src, dst):
+        raise KeyboardInterrupt  # killed between writing the temporary file and the rename
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_text(path, "new" * 1000)
+    monkeypatch.undo()
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]  # no temporary file left behind
+
+
+def test_rundir_refuses_a_different_config(tmp_path):
+    rd = RunDir(tmp_path)
+    cfg = RunConfig.from_preset("test")
+    rd.init(cfg)
+    assert rd.init(cfg) == cfg  # same config: resume
+    with pytest.raises(ConfigError, match="different config"):
+        rd.init(cfg.replace(seeds=3))
+
+
+def _c3_config() -> RunConfig:
+    return RunConfig.from_preset("test", experiments=["C3"], c3_objectives=["none", "dropout"], epochs=2)
+
+
+def test_resume_after_kill_skips_finished_units(tmp_path):
+    cfg = _c3_config()
+    keys = [u["key"] for u in c3_fisher_regularizer.units(cfg)]
+    computed = []
+
+    def killer(key):
+        if len(computed) == 2:
+            raise KeyboardInterrupt  # simulated Ctrl-C / kill before the third unit
+        computed.append(key)
+
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(cfg, tmp_path, progress=False, on_compute=killer)
+    rd = RunDir(tmp_path)
+    done = [k for k in keys if rd.is_done("C3", k)]
+    assert done == computed == keys[:2]
+    mtimes = {k: rd.unit_path("C3", k).stat().st_mtime_ns for k in done}
+
+    again = []
+    report = reproduce(cfg, tmp_path, progress=False, on_compute=again.append)
+    assert again == keys[2:]  # finished units are not recomputed
+    assert {k: rd.unit_path("C3", k).stat().st_mtime_ns for k in done} == mtimes
+    assert all(rd.is_done("C3", k) for k in keys)
+    lines = (tmp_path / "metrics" / "C3.jsonl").read_text().splitlines()
+    assert sorted(json.loads(x)["key"] for x in lines) == sorted(keys)
+    assert report.exists()
+    # a third run computes nothing
+    third = []
+    reproduce(cfg, tmp_path, progress=False, on_compute=third.append, render=False)
+    assert third == []
+
+
+def test_diverged_and_failing_units_are_recorded_not_fatal(tmp_path, monkeypatch):
+    cfg = _c3_config().replace(divergence_threshold=1e-6)  # every training 'diverges' at once
+    report = reproduce(cfg, tmp_path, progress=False)
+    rd = RunDir(tmp_path)
+    statuses = {r["key"]: r["status"] for r in rd.records("C3")}
+    assert set(statuses.values()) == {"diverged"}
+    text = report.read_text()
+    assert "## Diverged and failed runs" in text
+    for key in statuses:
+        assert f"| C3 | {key} | diverged |" in text
+
+    # an exception inside a unit: recorded as 'error', shown, and retried on the next run
+    cfg2 = _c3_config()
+    calls = []
+    original = c3_fisher_regularizer.run_unit
+
+    def flaky(config, unit, workdir=None):
+        calls.append(unit["key"])
+        if unit["key"] == "gap/seed=1" and calls.count("gap/seed=1") == 1:
+            raise RuntimeError("simulated failure")
+        return original(config, unit, workdir)
+
+    monkeypatch.setattr(c3_fisher_regularizer, "run_unit", flaky)
+    out = tmp_path / "second"
+    report = reproduce(cfg2, out, progress=False)
+    assert "RuntimeError: simulated failure" in report.read_text()
+    assert RunDir(out).load_unit("C3", "gap/seed=1")["status"] == "error"
+    before = len(calls)
+    reproduce(cfg2, out, progress=False)
+    assert calls[before:] == ["gap/seed=1"]
+    assert RunDir(out).load_unit("C3", "gap/seed=1")["status"] == "ok"
+
+
+# --------------------------------------------------------------------------- statistics
+def test_mean_ci_matches_the_t_interval():
+    rng = np.random.default_rng(0)
+    xs = rng.normal(size=7)
+    m, lo, hi = mean_ci(list(xs) + [float("nan")])  # NaN is dropped
+    half = stats.t.ppf(0.975, 6) * xs.std(ddof=1) / math.sqrt(7)
+    assert m == pytest.approx(xs.mean()) and lo == pytest.approx(xs.mean() - half) and hi == pytest.approx(xs.mean() + half)
+    assert math.isinf(mean_ci([1.0])[2]) and math.isnan(mean_ci([])[0])
+
+
+def test_spearman_of_monotone_data():
+    rho, p = spearman([1, 2, 3, 4, 5], [2, 4, 8, 16, 32])
+    assert rho == pytest.approx(1.0) and p < 0.05
+    assert math.isnan(spearman([1, 2], [1, 2])[0])
+
+
+def test_build_mlp_is_seeded():
+    a = build_mlp(4, 3, 5, 2, "relu", 0.1, seed=3)
+    b = build_mlp(4, 3, 5, 2, "relu", 0.1, seed=3)
+    assert all(bool((x == y).all()) for x, y in zip(a.parameters(), b.parameters()))
+    with pytest.raises(ValueError, match="unknown activation"):
+        build_mlp(4, 3, 5, 2, "sigmoid")
+
+
+# --------------------------------------------------------------------------- verdicts on synthetic records
+def _c1_records(trend: float):
+    recs = []
+    for s in range(4):
+        for p in (0.0, 0.3, 0.6):
+            scale = math.exp(trend * p + 0.01 * s)
+            recs.append({"status": "ok", "p": p, "seed": s, "test": {"nll": 0.3},
+                         "curvature": {"gamma2": 10 * scale, "gamma2_damped": 2 * scale, "mask_normal_curvature": 0.1 * scale}})
+    return recs
+
+
+@pytest.mark.parametrize("trend, verdict", [(-2.0, "supported"), (2.0, "refuted"), (0.0, "not supported")])
+def test_c1_verdicts(trend, verdict):
+    cfg = RunConfig.from_preset("test")
+    s = c1_flatness.summarize(cfg, _c1_records(trend))
+    assert s["verdict"].verdict == verdict
+    assert s["tests"]["gamma2_damped"]["log_ratio"] == pytest.approx(trend * 0.6)
+
+
+def test_c1_single_seed_is_inconclusive():
+    s = c1_flatness.summarize(RunConfig.from_preset("test"), [r for r in _c1_records(-2.0) if r["seed"] == 0])
+    assert s["verdict"].verdict == "inconclusive"
+
+
+def _c2_records(sign: float):
+    recs = []
+    for i in range(8):
+        curv = 10.0 ** i
+        recs.append({"status": "ok", "setting": f"s{i}", "activation": "tanh", "seed": 0, "gain": sign * i + 0.01,
+                     "curvature": {"gamma2_damped": curv, "mask_normal_curvature": 0.1},
+                     "terms": {"ratio_bernoulli": 0.1 * i, "ratio_gaussian": 0.1 * i}})
+    return recs
+
+
+@pytest.mark.parametrize("sign, verdict", [(1.0, "supported"), (-1.0, "refuted")])
+def test_c2_verdicts(sign, verdict):
+    s = c2_curvature_strength.summarize(RunConfig.from_preset("test"), _c2_records(sign))
+    assert s["verdict"].verdict == verdict
+    assert s["tests"]["spearman"] == pytest.approx(sign)
+
+
+def test_c3_gap_verdicts():
+    cfg = RunConfig.from_preset("test")
+
+    def recs(ratio):
+        return [{"status": "ok", "part": "gap", "seed": s, "terms": {"ratio_bernoulli": 0.0},
+                 "gap": [{"p": 0.05, "measured": 0.01 * (1 + 0.01 * s), "stderr": 0.0, "fisher_term": 0.01 * ratio,
+                          "bernoulli_law": 0.01, "quadratic_fisher": 0.01}]} for s in range(3)]
+
+    assert c3_fisher_regularizer.summarize(cfg, recs(1.0))["verdict"].verdict == "supported"
+    assert c3_fisher_regularizer.summarize(cfg, recs(0.4))["verdict"].verdict == "not supported"
