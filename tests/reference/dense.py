@@ -183,7 +183,14 @@ def dense_jacobian(f: Callable[[Tensor], Tensor], theta: Tensor) -> Tensor:
 
 
 def dense_d2(f: Callable[[Tensor], Tensor], theta: Tensor, u: Tensor, v: Tensor) -> Tensor:
-    """``D2 f[u, v] = d/ds d/dt f(theta + s u + t v)`` at 0 (nested jacobians in two variables)."""
+    """``D2 f[u, v] = d/ds d/dt f(theta + s u + t v)`` at 0, by nested ``jacobian`` in the two
+    plane coordinates: two levels of reverse mode, no forward mode.
+
+    Checked against central finite differences. Do not replace it by nested
+    ``torch.autograd.functional.jvp`` (the double-backward trick): that takes four nested
+    backward levels, and PyTorch 2.13's fused LayerNorm / InstanceNorm kernels give wrong
+    derivatives there (as they do in forward-over-forward mode).
+    """
 
     def g(st: Tensor) -> Tensor:
         return f(theta + st[0] * u + st[1] * v)
