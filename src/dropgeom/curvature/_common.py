@@ -52,6 +52,12 @@ def default_tol(dtype: torch.dtype) -> float:
     return 1e-10 if dtype == torch.float64 else 1e-5
 
 
+def default_max_iter(num_params: int) -> int:
+    """CG iteration cap: ``10 P + 100`` (on ill-conditioned ``g`` CG needs well over ``P``
+    steps in floating point, as orthogonality of the Krylov basis is lost)."""
+    return 10 * num_params + 100
+
+
 def whitening(manifold: ModelManifold) -> tuple[Tensor, Tensor, Tensor]:
     """``(eta, S, S_pinv)``: outputs ``[n, K]``, ``S`` (``[n, K, R]``, ``S S^T = Sigma``)
     and its per-sample pseudo-inverse ``[n, R, K]``."""
@@ -149,13 +155,25 @@ class LinearisedManifold:
         jv = self.jvp(V.T)
         return self.vjp(unwhiten(S, whiten(S, jv))).T
 
-    def project_out(self, S: Tensor, Y: Tensor, tol: float, max_iter: Optional[int]) -> Tensor:
+    def project_out(self, S: Tensor, Y: Tensor, tol: float, max_iter: Optional[int], refinements: int = 4) -> Tensor:
         """Whitened normal part ``(I - Pi) Y`` of whitened vectors ``Y`` (``[m, n, R]``).
 
         ``Pi`` projects onto ``range(S^T J)``: least squares ``min_x |Y - S^T J x|``
-        solved by conjugate gradients on ``g x = J^T S Y`` (CGNR), then the
-        residual formed explicitly (no cancellation in ``|Y|^2 - |Pi Y|^2``).
+        solved by conjugate gradients on ``g x = J^T S Y`` (CGNR), the residual
+        formed explicitly (no cancellation in ``|Y|^2 - |Pi Y|^2``), then
+        projected again (iterative refinement, up to ``refinements`` passes)
+        until ``|J^T S r| <= tol |J^T S Y|``: on an ill-conditioned ``g`` one CG
+        pass loses orthogonality and leaves a tangent remainder.
         """
-        b = self.vjp(unwhiten(S, Y)).T  # [P, m]
-        x = conjugate_gradient(lambda M: self.metric_matmat(S, M), b, tol=tol, max_iter=max_iter)
-        return Y - whiten(S, self.jvp(x.T))
+        r = Y
+        b0 = None
+        for _ in range(1 + refinements):
+            b = self.vjp(unwhiten(S, r)).T  # [P, m]
+            bn = b.norm(dim=0)
+            if b0 is None:
+                b0 = bn
+            elif bool((bn <= tol * b0).all()):
+                break
+            x = conjugate_gradient(lambda M: self.metric_matmat(S, M), b, tol=tol, max_iter=max_iter)
+            r = r - whiten(S, self.jvp(x.T))
+        return r

@@ -55,6 +55,7 @@ from ._common import (
     check_alpha,
     check_damping,
     check_manifold,
+    default_max_iter,
     default_tol,
     skew_whitened,
     unwhiten,
@@ -174,6 +175,7 @@ def _stochastic(
     n, P = manifold.n, manifold.num_params
     dtype = manifold.dtype
     tol = default_tol(dtype) if cg_tol is None else cg_tol
+    cg_max_iter = default_max_iter(P) if cg_max_iter is None else cg_max_iter
     eta, S, S_pinv = whitening(manifold)
     R = S.shape[-1]
     lin = LinearisedManifold(manifold)
@@ -252,7 +254,7 @@ def embedding_curvature(
             projection onto ``range(J)`` stays exact.
         batch_size: pairs processed together (stochastic).
         cg_tol, cg_max_iter: conjugate-gradient relative tolerance (default
-            1e-10 in float64, 1e-5 in float32) and iteration cap (default ``2P``).
+            1e-10 in float64, 1e-5 in float32) and iteration cap (default ``10 P + 100``).
 
     Returns:
         :class:`CurvatureResult` (``gamma2``, ``gamma2_per_sample = n * gamma2``, ``stderr``, ...).

@@ -13,6 +13,7 @@ from ._common import (
     LinearisedManifold,
     check_alpha,
     check_manifold,
+    default_max_iter,
     default_tol,
     skew_whitened,
     whiten,
@@ -100,5 +101,5 @@ def normal_curvature(
         Nw = y - U[:, :r] @ (U[:, :r].T @ y)
     else:
         tol = default_tol(manifold.dtype) if cg_tol is None else cg_tol
-        Nw = lin.project_out(S, Y, tol, cg_max_iter)
+        Nw = lin.project_out(S, Y, tol, default_max_iter(P) if cg_max_iter is None else cg_max_iter)
     return Nw.norm() / speed2
