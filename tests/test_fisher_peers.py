@@ -248,3 +248,15 @@ def test_kfac_linear_matches_nngeometry(name):
     finally:
         torch.set_default_dtype(old)
     _close(fisher(m, "exact", "kfac").dense(), ref_dense, rtol=1e-9)
+
+
+def test_inplace_activations_after_rule_layers():
+    """ReLU(inplace=True) overwrites the recorded Linear outputs (even the last one):
+    the layer rules must notice and still give the exact diagonal and KFAC."""
+    net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, K), nn.ReLU(inplace=True)).to(DT)
+    x, y = torch.randn(N, 5, dtype=DT), torch.randint(0, K, (N,))
+    m = ModelManifold(net, x, "categorical")
+    params = list(net.parameters())
+    ggn = GGNLinearOperator(net, nn.CrossEntropyLoss(), params, [(x, y)], check_deterministic=False)
+    _close(fisher(m, "exact", "diag").diag(), _dense_of(ggn, m.num_params).diagonal())
+    _close(fisher(m, "exact", "kfac").dense(), _dense_of(_curvlinops_kfac(net, x, y, "type-2"), m.num_params))

@@ -329,24 +329,41 @@ def _capture(
     ``S``. Layers called more than once per forward (weight tying) are left to
     the generic per-sample path.
     """
-    records: Dict[str, Tuple[Optional[Tensor], Optional[Tensor]]] = {}
     mods = {mod: name for name, mod in layers.items()}
 
-    def hook(mod: nn.Module, inp: Tuple[Tensor, ...], out: Tensor) -> None:
-        name = mods[mod]
-        if name in records or not isinstance(out, Tensor) or inp[0].shape[0] != manifold.n:
-            records[name] = (None, None)
-        else:
-            records[name] = (inp[0].detach(), out)
+    def run(copy: bool) -> Tuple[Tensor, Dict[str, Tuple[Optional[Tensor], Optional[Tensor]]], bool]:
+        # copy=False: record the layer's own input and output tensors. If the
+        # model later modifies one of them in place (ReLU(inplace=True), "+="),
+        # the records are stale: run again handing the network copies (copy=True).
+        records: Dict[str, Tuple[Optional[Tensor], Optional[Tensor]]] = {}
+        versions: Dict[str, Tuple[int, int]] = {}
 
-    handles = [m.register_forward_hook(hook) for m in mods]
-    try:
-        params = {k: v.detach().requires_grad_(True) for k, v in manifold.params.items()}
-        with torch.enable_grad():
-            eta = manifold.forward(params)
-    finally:
-        for h in handles:
-            h.remove()
+        def hook(mod: nn.Module, inp: Tuple[Tensor, ...], out: Tensor):
+            name = mods[mod]
+            if name in records or not isinstance(out, Tensor) or inp[0].shape[0] != manifold.n:
+                records[name] = (None, None)
+                return None
+            x = inp[0].detach()
+            records[name] = (x.clone() if copy else x, out)
+            versions[name] = (inp[0]._version, out._version)
+            return out.clone() if copy else None
+
+        handles = [m.register_forward_hook(hook) for m in mods]
+        try:
+            params = {k: v.detach().requires_grad_(True) for k, v in manifold.params.items()}
+            with torch.enable_grad():
+                eta = manifold.forward(params)
+        finally:
+            for h in handles:
+                h.remove()
+        stale = not copy and any(
+            rec[0] is not None and (rec[0]._version, rec[1]._version) != versions[k] for k, rec in records.items()
+        )
+        return eta, records, stale
+
+    eta, records, stale = run(copy=False)
+    if stale:
+        eta, records, _ = run(copy=True)
     good = {k: v for k, v in records.items() if v[0] is not None}
     R = S.shape[2]
     cols = S.permute(2, 0, 1)  # [R, n, K]
