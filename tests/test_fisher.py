@@ -348,3 +348,14 @@ def test_float32_saturated_model_stays_finite(structure):
         assert torch.isfinite(op.mv(torch.ones(op.shape[0]))).all()
         if structure != "kfac":
             torch.testing.assert_close(d.double(), F.diagonal(), rtol=1e-3, atol=1e-3 * F.diagonal().abs().max().item() + 1e-6)
+
+
+def test_enumerations_and_strings_are_interchangeable():
+    from dropgeom import FisherKind, Reduction, Structure
+
+    c = case("logreg", "gaussian")
+    a = fisher(c.m, FisherKind.EXACT, Structure.DIAG, reduction=Reduction.SUM)
+    b = fisher(c.m, "EXACT", "diag", reduction="sum")
+    _close(a.diag(), b.diag())
+    _close(a.diag(), c.m.n * c.F["exact"].diagonal())
+    assert a.kind == "exact" and a.structure == "diag" and a.reduction == "sum"

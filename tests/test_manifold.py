@@ -432,3 +432,15 @@ def test_autodiff_kernels_fix_batch_statistics_norms_and_restore_settings():
     with manifold_mod.autodiff_kernels():
         assert not torch.backends.mha.get_fastpath_enabled()
     assert torch.backends.mha.get_fastpath_enabled() == before
+
+
+def test_from_function_errors():
+    th = torch.zeros(3, dtype=D64)
+    with pytest.raises(ValueError, match="1-D"):
+        ModelManifold.from_function(lambda t: t[None], th[None], "gaussian")
+    with pytest.raises(ValueError, match=r"shape \[n, K\]"):
+        ModelManifold.from_function(lambda t: t, th, "gaussian")
+    with pytest.raises(ValueError, match="at least 2"):
+        ModelManifold.from_function(lambda t: t[:, None], th, "categorical")
+    with pytest.raises(ValueError, match="unknown family"):
+        ModelManifold.from_function(lambda t: t[None], th, "gamma")
