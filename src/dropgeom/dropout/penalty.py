@@ -43,6 +43,7 @@ from torch.func import jvp, vmap
 from ..families import ExponentialFamily
 from ..manifold import eval_mode
 from ._common import Inputs, as_tuple, check_output, chunk_for, family_of
+from .chain import as_chain, run_chain
 from .explicit import forward_with_masks
 from .masks import _CHANNEL_TYPES, PSpec, find_dropout, mask_variance, resolve_p
 
@@ -117,7 +118,8 @@ def penalty(
     generator: Optional[torch.Generator] = None,
     *,
     chunk_size: Optional[int] = None,
-) -> Tensor:
+    return_output: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     r"""Fisher-dropout penalty: ``1/2 sum_l V_l sum_j F^mask_jj`` or ``sum_l p_l sum_j K_j`` (theory.md 4.4).
 
     Args:
@@ -132,9 +134,14 @@ def penalty(
         estimator: ``"exact"`` or ``"mc"`` (unbiased, one probe; see the module docstring).
             Layers with a closed form are always exact.
         generator: seeds the ``mc`` probes.
+        chunk_size: units evaluated together by the exact divergence form.
+        return_output: also return the clean (eval-mode) output ``eta`` of the same
+            forward pass, differentiable, so the clean loss can reuse it
+            (``loss = family.nll(eta, y) + pen``) instead of running a second forward.
 
     Returns:
-        A scalar tensor, differentiable with respect to ``model.parameters()``.
+        A scalar tensor, differentiable with respect to ``model.parameters()``
+        (with ``return_output``: the pair ``(penalty, eta)``).
 
     Example:
         >>> import torch
@@ -151,7 +158,8 @@ def penalty(
         (True, True)
     """
     with torch.enable_grad():  # derivatives w.r.t. the masks are needed even under no_grad
-        return _penalty(model, inputs, family, p, form, targets, curvature, layers, estimator, generator, chunk_size)
+        pen, eta = _penalty(model, inputs, family, p, form, targets, curvature, layers, estimator, generator, chunk_size)
+    return (pen, eta) if return_output else pen
 
 
 def _penalty(
@@ -166,7 +174,8 @@ def _penalty(
     estimator: str,
     generator: Optional[torch.Generator],
     chunk_size: Optional[int],
-) -> Tensor:
+    fast: bool = True,
+) -> Tuple[Tensor, Tensor]:
     if form not in FORMS:
         raise ValueError(f"penalty: form must be one of {FORMS}, got {form!r}")
     if estimator not in ESTIMATORS:
@@ -179,6 +188,17 @@ def _penalty(
     mods = find_dropout(model, layers)
     ps = resolve_p(mods, p)
     names = list(mods)
+
+    chain_mods = as_chain(model, names) if fast and not curvature and len(args) == 1 else None
+    if chain_mods is not None:
+        with eval_mode(model):
+            chain = run_chain(model, chain_mods, args[0], names)
+        if chain is not None:
+            check_output(fam, chain.eta.detach(), n)
+            if targets is not None:
+                fam.check_targets(targets, n, chain.eta.shape[1])
+            closed = [k for k in names if output_linear(model, k) is not None]
+            return _penalty_chain(chain, fam, names, closed, ps, form, estimator, generator, chunk_size), chain.eta
 
     store: Dict[str, Tuple[Tensor, Tensor]] = {}
     with eval_mode(model), _lazy_masks(model, mods, store):
@@ -213,7 +233,7 @@ def _penalty(
         # both curvature terms vanish exactly here
 
     if not generic:
-        return total
+        return total, eta
     masks = [store[k][1] for k in generic]
 
     # -- Fisher (quadratic) term ---------------------------------------------------
@@ -234,7 +254,7 @@ def _penalty(
             total = total + 0.5 * mask_variance(ps[k]) * g.pow(2).sum() / n
         if curvature:
             total = total + _gaussian_curvature(model, args, generic, store, r, ps, estimator, generator, chunk_size)
-        return total
+        return total, eta
 
     # -- divergence form -----------------------------------------------------------
     for k in generic:
@@ -268,6 +288,59 @@ def _penalty(
         if curvature:
             (gr,) = torch.autograd.grad(eta, [m], r, create_graph=True)
             total = total + ps[k] * (b_sum + gr.sum() / n)
+    return total, eta
+
+
+def _penalty_chain(
+    chain,
+    fam: ExponentialFamily,
+    names: List[str],
+    closed: List[str],
+    ps: Dict[str, float],
+    form: str,
+    estimator: str,
+    generator: Optional[torch.Generator],
+    chunk_size: Optional[int],
+) -> Tensor:
+    """The penalty by explicit propagation through a Linear/elementwise chain (see ``chain.py``).
+
+    Random draws are made in the same order as the generic path, so both give the
+    same ``mc`` value for the same generator."""
+    eta = chain.eta
+    n, kdim = eta.shape
+    total = eta.new_zeros(())
+    mc = estimator == "mc"
+    if form == "quadratic":
+        sq = fam.cov_sqrt(eta)  # [n, K, R]
+        exact_layers = [k for k in names if k in closed or not mc]
+        mc_layers = [k for k in names if k not in exact_layers]
+        if mc_layers:
+            xi = _rademacher((n, sq.shape[2]), eta, generator)
+            probe = torch.einsum("nkr,nr->nk", sq, xi)
+            for k, w in chain.pull_back(probe, mc_layers).items():
+                total = total + 0.5 * mask_variance(ps[k]) * (chain.h(k) * w).pow(2).sum() / n
+        if exact_layers:
+            cols = sq.permute(2, 0, 1)  # [R, n, K]
+            for k, w in chain.pull_back(cols, exact_layers).items():
+                total = total + 0.5 * mask_variance(ps[k]) * (chain.h(k) * w).pow(2).sum() / n
+        return total
+    for k in names:
+        u = chain.h(k).shape[1]
+        if mc and k not in closed:
+            j = torch.randint(0, u, (n,), generator=generator, device=eta.device)
+            pos, base, t = chain.tangent_per_sample(k, j)
+            dropped = chain.push(pos, base - t)
+            total = total + ps[k] * u * fam.kl(eta, dropped).sum() / n
+            continue
+        pos, base, _ = chain._start(k)
+        chunk = chunk_size or chunk_for(n, max(base.shape[1], kdim), 2**22)
+        for s in range(0, u, chunk):
+            units = torch.arange(s, min(u, s + chunk), device=eta.device)
+            pos, base, t = chain.tangents(k, units)
+            dropped = chain.push(pos, base.unsqueeze(0) - t)  # [c, n, K]
+            c = dropped.shape[0]
+            kl = fam.kl(eta.unsqueeze(0).expand(c, n, kdim).reshape(-1, kdim), dropped.reshape(-1, kdim))
+            total = total + ps[k] * kl.sum() / n
     return total
 
 

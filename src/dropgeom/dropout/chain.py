@@ -1,0 +1,225 @@
+r"""Explicit propagation through a chain of Linear / elementwise modules (fast dropout paths).
+
+When a model is a top-level ``nn.Sequential`` and every module downstream of a
+dropout layer is an ``nn.Linear``, an elementwise activation, a dropout module
+(identity at mask 1), ``nn.Flatten`` or ``nn.Identity``, the quantities of
+theory.md 4.2 follow from one recorded forward pass and explicit matmuls, so
+autograd only ever differentiates a first-order graph (no double backward):
+
+* ``d eta_i / d h~_i`` contracted with probe vectors ``w_i`` (pull-back):
+  ``w -> w @ W`` at a Linear, ``w -> w * act'(z)`` at an activation; then
+  ``d_j eta_i`` contracted with ``w_i`` is ``h_ij (w_i^T d eta_i / d h~_i)_j``.
+* ``eta^(-j)`` (unit ``j`` dropped): dropping unit ``j`` subtracts the tangent
+  ``t_j = h_j e_j`` from the dropout layer's output; through the identity-like
+  modules and the first downstream Linear this is a rank-1 change of its output,
+  ``z^(-j) = z - h_j W[:, j]``; the ``[units, n, width]`` perturbed states are then
+  pushed through the rest of the chain.
+* ``d^2 eta / d m_j^2``: second-order forward propagation of ``(value, t, s)``
+  along the same tangent: Linear ``(Wv + b, Wt, Ws)``; activation
+  ``(a(v), a'(v) t, a''(v) t^2 + a'(v) s)``.
+
+Hand-written: no library propagates these per-unit quantities through a chain.
+Activation derivatives use closed forms for ReLU / Tanh / Sigmoid / Identity and
+``torch.func.jvp`` of the module otherwise (differentiable, so the penalty's
+gradient is exact).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import jvp
+
+from .masks import _CHANNEL_TYPES, DROPOUT_TYPES
+
+__all__ = ["Chain", "as_chain"]
+
+ELEMENTWISE = (
+    nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.GELU, nn.SiLU, nn.ELU, nn.CELU, nn.SELU, nn.LeakyReLU,
+    nn.Mish, nn.Hardtanh, nn.ReLU6, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
+)
+PASS = DROPOUT_TYPES + (nn.Identity, nn.Flatten)
+
+
+def _is_supported(mod: nn.Module) -> bool:
+    if isinstance(mod, nn.Flatten):
+        return mod.start_dim in (1, -1) and mod.end_dim == -1
+    return isinstance(mod, (nn.Linear,) + ELEMENTWISE + PASS)
+
+
+def _ones(v: Tensor) -> Tensor:
+    return torch.ones_like(v)
+
+
+def act_d1(mod: nn.Module, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``a'(v)`` of an elementwise activation module (differentiable in ``v``)."""
+    if isinstance(mod, nn.ReLU):
+        return (v > 0).to(v.dtype)
+    if isinstance(mod, nn.Tanh):
+        y = torch.tanh(v) if out is None else out
+        return 1.0 - y * y
+    if isinstance(mod, nn.Sigmoid):
+        y = torch.sigmoid(v) if out is None else out
+        return y * (1.0 - y)
+    return jvp(mod, (v,), (_ones(v),))[1]
+
+
+def act_d2(mod: nn.Module, v: Tensor) -> Tensor:
+    """``a''(v)`` of an elementwise activation module."""
+    if isinstance(mod, nn.ReLU):
+        return torch.zeros_like(v)
+    if isinstance(mod, nn.Tanh):
+        y = torch.tanh(v)
+        return -2.0 * y * (1.0 - y * y)
+    return jvp(lambda u: jvp(mod, (u,), (_ones(u),))[1], (v,), (_ones(v),))[1]
+
+
+@dataclass
+class Chain:
+    """A top-level ``nn.Sequential`` seen as a list of modules, with one recorded forward.
+
+    ``states[i]`` is the input of module ``i`` (``states[-1]`` the output ``eta``).
+    """
+
+    modules: List[nn.Module]
+    index: Dict[str, int]  # dropout layer name -> position
+    states: List[Tensor]
+
+    @property
+    def eta(self) -> Tensor:
+        return self.states[-1]
+
+    def h(self, name: str) -> Tensor:
+        """The input of dropout layer ``name`` (``[n, U]``)."""
+        return self.states[self.index[name]]
+
+    def pull_back(self, w: Tensor, names: Sequence[str]) -> Dict[str, Tensor]:
+        """``w^T d eta / d h~`` at each named dropout layer's output, for probes ``w`` ``[..., n, K]``.
+
+        One sweep from the output down to the deepest named layer; ``[..., n, U]`` per layer.
+        """
+        want = {self.index[k]: k for k in names}
+        out: Dict[str, Tensor] = {}
+        stop = min(want)
+        for i in range(len(self.modules) - 1, stop - 1, -1):
+            if i in want:
+                out[want[i]] = w
+                if i == stop:
+                    break
+            mod = self.modules[i]
+            if isinstance(mod, nn.Linear):
+                w = w @ mod.weight
+            elif isinstance(mod, ELEMENTWISE):
+                w = w * act_d1(mod, self.states[i], self.states[i + 1])
+        return out
+
+    def _start(self, name: str) -> Tuple[int, Tensor, Optional[nn.Linear]]:
+        """Where perturbations of layer ``name`` enter: (position, base value, first Linear or None).
+
+        If only identity-like modules lie between the dropout layer and a Linear,
+        perturbations enter after that Linear (rank-1 change of its output)."""
+        d = self.index[name]
+        i = d + 1
+        while i < len(self.modules) and isinstance(self.modules[i], PASS):
+            i += 1
+        if i < len(self.modules) and isinstance(self.modules[i], nn.Linear):
+            return i + 1, self.states[i + 1], self.modules[i]
+        return d + 1, self.states[d + 1], None
+
+    def tangents(self, name: str, units: Tensor) -> Tuple[int, Tensor, Tensor]:
+        """Tangents ``t_j = d state / d m_j`` of units ``units`` (``[c]``, the same for every sample).
+
+        Returns ``(position, base value [n, d], t [c, n, d])``: the state with unit
+        ``j`` dropped is ``base - t[j]`` (entering module ``position``)."""
+        pos, base, lin = self._start(name)
+        h = self.h(name)  # [n, U]
+        hj = h[:, units].t().unsqueeze(-1)  # [c, n, 1]
+        if lin is not None:
+            return pos, base, hj * lin.weight[:, units].t().unsqueeze(1)  # [c, n, d]
+        t = torch.zeros(units.shape[0], *h.shape, dtype=h.dtype, device=h.device)
+        t[torch.arange(units.shape[0]), :, units] = h[:, units].t()
+        return pos, base, t
+
+    def tangent_per_sample(self, name: str, units: Tensor) -> Tuple[int, Tensor, Tensor]:
+        """Like :meth:`tangents` with one unit ``units[i]`` per sample ``i``: ``t`` is ``[n, d]``."""
+        pos, base, lin = self._start(name)
+        h = self.h(name)
+        rows = torch.arange(h.shape[0], device=h.device)
+        hj = h[rows, units].unsqueeze(-1)  # [n, 1]
+        if lin is not None:
+            return pos, base, hj * lin.weight.t()[units]  # [n, d]
+        t = torch.zeros_like(h)
+        t[rows, units] = h[rows, units]
+        return pos, base, t
+
+    def push(self, pos: int, v: Tensor) -> Tensor:
+        """Run states ``v`` (``[..., n, d]``, input of module ``pos``) through the rest of the chain."""
+        for mod in self.modules[pos:]:
+            if isinstance(mod, nn.Linear):
+                v = F.linear(v, mod.weight, mod.bias)
+            elif isinstance(mod, ELEMENTWISE):
+                v = mod(v)
+        return v
+
+    def second(self, pos: int, t: Tensor) -> Tensor:
+        """``d^2 eta / d m^2`` along tangents ``t`` ``[c, n, d]`` entering at module ``pos``."""
+        v = self.states[pos]
+        s: Optional[Tensor] = None
+        for i in range(pos, len(self.modules)):
+            mod = self.modules[i]
+            if isinstance(mod, nn.Linear):
+                t = t @ mod.weight.t()
+                s = None if s is None else s @ mod.weight.t()
+            elif isinstance(mod, ELEMENTWISE):
+                d1 = act_d1(mod, v, self.states[i + 1])
+                if not isinstance(mod, nn.ReLU):  # ReLU: a'' = 0 almost everywhere
+                    q = act_d2(mod, v) * t * t
+                    s = q if s is None else q + d1 * s
+                elif s is not None:
+                    s = d1 * s
+                t = d1 * t
+            v = self.states[i + 1]
+        return torch.zeros_like(t) if s is None else s
+
+
+def as_chain(model: nn.Module, names: Sequence[str]) -> Optional[List[nn.Module]]:
+    """The module list if the fast chain path applies to dropout layers ``names``, else ``None``.
+
+    Requires a top-level ``nn.Sequential`` (its own ``forward``), each named layer a
+    top-level unit-wise dropout module, and only supported modules downstream of the
+    first named layer.
+    """
+    if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
+        return None
+    keys = list(model._modules)
+    if not names or any(k not in keys for k in names):
+        return None
+    mods = [model._modules[k] for k in keys]
+    first = min(keys.index(k) for k in names)
+    for k in names:
+        m = model._modules[k]
+        if not isinstance(m, DROPOUT_TYPES) or isinstance(m, _CHANNEL_TYPES):
+            return None
+    if not all(_is_supported(m) for m in mods[first + 1 :]):
+        return None
+    return mods
+
+
+def run_chain(model: nn.Sequential, mods: List[nn.Module], x: Tensor, names: Sequence[str]) -> Optional[Chain]:
+    """One forward pass (dropout as identity), recording every module's input; ``None`` if a
+    named layer's input is not ``[n, U]``."""
+    keys = list(model._modules)
+    states = [x]
+    v = x
+    for mod in mods:
+        if not isinstance(mod, DROPOUT_TYPES):
+            v = mod(v)
+        states.append(v)
+    index = {k: keys.index(k) for k in names}
+    if any(states[i].dim() != 2 for i in index.values()):
+        return None
+    return Chain(mods, index, states)
