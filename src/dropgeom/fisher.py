@@ -282,13 +282,23 @@ def _has_layer_rule(mod: nn.Module) -> bool:
 
 
 def _rule_layers(manifold: ModelManifold) -> Dict[str, nn.Module]:
-    """Modules with a layer rule whose weight (and bias, if any) are all free parameters."""
+    """Modules with a layer rule whose weight (and bias, if any) are all free
+    parameters held by no other module (tied weights take the generic path).
+
+    A custom ``forward`` must use a rule layer's parameters only by calling
+    the module (functional use elsewhere would be missed by the layer rule).
+    """
     if manifold.model is None:
         return {}
     free = set(manifold.param_names)
+    holders: Dict[int, int] = {}  # parameter -> number of modules holding it (weight tying)
+    for mod in manifold.model.modules():
+        for p in mod._parameters.values():
+            if p is not None:
+                holders[id(p)] = holders.get(id(p), 0) + 1
     out = {}
     for name, mod in manifold.model.named_modules():
-        if _has_layer_rule(mod):
+        if _has_layer_rule(mod) and all(holders[id(p)] == 1 for p in mod.parameters(recurse=False)):
             keys = [_pname(name, "weight")] + ([_pname(name, "bias")] if mod.bias is not None else [])
             if all(k in free for k in keys):
                 out[name] = mod
@@ -340,7 +350,15 @@ def _capture(
 
         def hook(mod: nn.Module, inp: Tuple[Tensor, ...], out: Tensor):
             name = mods[mod]
-            if name in records or not isinstance(out, Tensor) or inp[0].shape[0] != manifold.n:
+            ndim = {nn.Conv1d: 3, nn.Conv2d: 4}.get(type(mod))
+            if (
+                name in records
+                or not isinstance(out, Tensor)
+                or not inp
+                or inp[0].dim() < 2
+                or (ndim is not None and inp[0].dim() != ndim)
+                or inp[0].shape[0] != manifold.n
+            ):
                 records[name] = (None, None)
                 return None
             x = inp[0].detach()
