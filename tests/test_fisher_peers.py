@@ -260,3 +260,22 @@ def test_inplace_activations_after_rule_layers():
     ggn = GGNLinearOperator(net, nn.CrossEntropyLoss(), params, [(x, y)], check_deterministic=False)
     _close(fisher(m, "exact", "diag").diag(), _dense_of(ggn, m.num_params).diagonal())
     _close(fisher(m, "exact", "kfac").dense(), _dense_of(_curvlinops_kfac(net, x, y, "type-2"), m.num_params))
+
+
+def test_tied_weights_take_the_generic_path():
+    """A weight shared by two Linear modules: no layer rule may see only one use of it."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.o = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, K)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.o(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+    net = Tied().to(DT)
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, K, (N,))
+    m = ModelManifold(net, x, "categorical")
+    ggn = GGNLinearOperator(net, nn.CrossEntropyLoss(), list(net.parameters()), [(x, y)], check_deterministic=False)
+    _close(fisher(m, "exact", "diag").diag(), _dense_of(ggn, m.num_params).diagonal())
