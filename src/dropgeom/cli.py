@@ -188,7 +188,7 @@ def _cmd_curvature(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     cfg = RunConfig.from_preset(
-        "quick", width=args.width, depth=max(args.depth, 2), activation=args.activation, epochs=args.epochs,
+        "quick", width=args.width, depth=max(args.depth, 2), activation=args.activation, epochs=max(args.epochs, 1),
         curvature_inputs=args.inputs, curvature_method=args.method, curvature_params=args.params, damping=args.damping,
         input_dim=args.input_dim,
     )

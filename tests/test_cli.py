@@ -1,0 +1,114 @@
+"""The command line: --help of every command, clear errors, and values printed by fisher/curvature."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from dropgeom import ModelManifold
+from dropgeom.cli import main
+
+COMMANDS = {
+    "reproduce": ["--quick", "--out", "--seeds", "resume"],
+    "train": ["--objective", "fisher_dropout", "--p"],
+    "fisher": ["--kinds", "--structures", "trace"],
+    "curvature": ["--method", "--damping", "mask"],
+    "report": ["dir", "nothing is retrained"],
+}
+
+
+def test_top_level_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in COMMANDS:
+        assert cmd in out
+
+
+@pytest.mark.parametrize("cmd", sorted(COMMANDS))
+def test_command_help(cmd, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([cmd, "--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for word in COMMANDS[cmd]:
+        assert word in out, (cmd, word)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["reproduce", "--seeds", "0"], "positive integer"),
+        (["train", "--p", "1.5"], "[0, 1)"),
+        (["train", "--objective", "magic"], "invalid choice"),
+        (["curvature", "--method", "exact"], "invalid choice"),
+        ([], "required"),
+    ],
+)
+def test_invalid_options(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_invalid_config_file_lists_every_problem(tmp_path, capsys):
+    cfg = tmp_path / "bad.json"
+    cfg.write_text(json.dumps({"epochs": 0, "c3_p": 1.2, "colour": "red"}))
+    assert main(["reproduce", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "3 problem(s)" in err and "epochs" in err and "c3_p" in err and "colour" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_report_of_a_missing_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def _value(out: str, name: str) -> float:
+    m = re.search(rf"^{name}\s+(\S+)", out, flags=re.M)
+    assert m, out
+    return float(m.group(1))
+
+
+def test_fisher_table_trace_matches_dense_reference(capsys):
+    assert main(["fisher", "--n", "24", "--hidden", "4", "--kinds", "exact", "--structures", "dense", "diag", "--float64"]) == 0
+    out = capsys.readouterr().out
+    traces = [float(x) for x in re.findall(r"^exact\s+\w+\s+(\S+)", out, flags=re.M)]
+    assert len(traces) == 2
+    # reference: the same network (seeded) and a dense Jacobian, F = (1/n) sum_i J_i^T Sigma_i J_i
+    from dropgeom.data import load_dataset
+
+    torch.manual_seed(0)
+    ds = load_dataset("digits", seed=0, dtype=torch.float64)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 4), torch.nn.Tanh(), torch.nn.Linear(4, 10)).double()
+    x = ds.x_train[:24]
+    J = torch.autograd.functional.jacobian(lambda *ps: torch.func.functional_call(net, dict(zip(dict(net.named_parameters()), ps)), (x,)), tuple(net.parameters()))
+    J = torch.cat([j.reshape(24, 10, -1) for j in J], dim=-1)
+    p = torch.softmax(net(x), -1).detach()
+    sigma = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    ref = torch.einsum("nkp,nkl,nlp->", J, sigma, J).detach() / 24
+    for t in traces:
+        assert t == pytest.approx(float(ref), rel=1e-3)
+
+
+def test_curvature_command_matches_library(capsys):
+    argv = ["curvature", "--epochs", "0", "--inputs", "30", "--input-dim", "4", "--width", "3", "--method", "dense"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    from dropgeom.config import RunConfig
+    from dropgeom.curvature import embedding_curvature
+    from dropgeom.experiments.common import build_mlp, curvature_params, prepare_data
+
+    cfg = RunConfig.from_preset("quick", width=3, curvature_inputs=30, input_dim=4)
+    data = prepare_data(cfg, 0)
+    net = build_mlp(4, 10, 3, 2, "tanh", 0.0, 0)
+    m = ModelManifold(net, data.x_curv, "categorical", param_names=curvature_params(net))
+    assert _value(out, "gamma2") == pytest.approx(float(embedding_curvature(m).gamma2), rel=1e-3)
+    assert _value(out, "gamma2_damped") == pytest.approx(float(embedding_curvature(m, damping=1e-3).gamma2), rel=1e-3)
+    assert _value(out, "num_params") == m.num_params

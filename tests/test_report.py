@@ -1,0 +1,111 @@
+"""End-to-end `reproduce` smoke test on the test-size preset: the report's contents, not just its files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+
+import pytest
+
+from dropgeom.cli import main
+from dropgeom.config import RunConfig
+from dropgeom.experiments import reproduce
+from dropgeom.experiments.common import fmt_ci, mean_ci
+from dropgeom.report import markdown_to_html
+
+VERDICTS = {"supported", "not supported", "refuted", "inconclusive"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    # exactly what `dropgeom reproduce --preset test --out DIR` runs, in one worker process
+    assert main(["reproduce", "--preset", "test", "--out", str(out), "--no-progress", "--workers", "1"]) == 0
+    return out
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_run_directory_layout(run):
+    cfg = RunConfig.from_json((run / "config.json").read_text())
+    assert cfg == RunConfig.from_preset("test")
+    for name in ("C1", "C2", "C3"):
+        recs = _jsonl(run / "metrics" / f"{name}.jsonl")
+        with open(run / "metrics" / f"{name}.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        assert len(recs) == len(rows) > 0
+        assert {r["key"] for r in recs} == {r["key"] for r in rows}
+        assert all(r["status"] == "ok" for r in recs), [r.get("error") for r in recs]
+    for fig in ("c1_curvature", "c2_gain_vs_curvature", "c2_term_ratio", "c3_gap", "c3_objectives"):
+        assert (run / "figures" / f"{fig}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(run.rglob("*.tmp"))  # no half-written file left
+
+
+def test_verdict_table_rows(run):
+    text = (run / "report.md").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    rows = re.findall(r"^\| (C\d\w*(?: \(\w+\))?) \| ([a-z ]+) \| (.+) \|$", text, flags=re.M)
+    claims = [r[0] for r in rows]
+    assert claims == ["C1", "C2", "C3a (gap)", "C3b (training)"]
+    for claim, verdict, evidence in rows:
+        assert verdict in VERDICTS
+        assert re.search(r"\d", evidence), "evidence must carry numbers"
+    assert summary["C1"]["verdict"]["verdict"] == rows[0][1]
+    assert summary["C3"]["verdict_b"]["verdict"] == rows[3][1]
+
+
+def test_report_numbers_match_metrics_files(run):
+    text = (run / "report.md").read_text()
+    c1 = [r for r in _jsonl(run / "metrics" / "C1.jsonl") if r["p"] == 0.0]
+    cell = fmt_ci(*mean_ci([r["curvature"]["gamma2_damped"] for r in c1]))
+    assert re.search(rf"^\| 0 \| {len(c1)} \| [^|]+ \| {re.escape(cell)} \|", text, flags=re.M)
+
+    c2 = _jsonl(run / "metrics" / "C2.jsonl")
+    for setting in {r["setting"] for r in c2}:
+        gains = [r["test_none"]["nll"] - r["test_dropout"]["nll"] for r in c2 if r["setting"] == setting]
+        assert f"| {setting} | {len(gains)} | {fmt_ci(*mean_ci(gains))} |" in text
+    # the identity network's outputs are affine in every mask: its curvature terms vanish (theory.md 4.2)
+    ident = [r for r in c2 if r["activation"] == "identity"]
+    assert ident and all(abs(r["terms"]["ratio_bernoulli"]) < 1e-8 for r in ident)
+
+    c3 = [r for r in _jsonl(run / "metrics" / "C3.jsonl") if r["part"] == "gap"]
+    measured = [row["measured"] for r in c3 for row in r["gap"] if row["p"] == 0.05]
+    assert f"| 0.05 | {fmt_ci(*mean_ci(measured))} |" in text
+    for r in c3:
+        t = r["terms"]
+        for row in r["gap"]:
+            assert row["fisher_term"] == pytest.approx(row["p"] * t["divergence"])
+            assert row["bernoulli_law"] == pytest.approx(row["p"] * (t["divergence"] + t["curvature_bernoulli"]))
+            assert math.isfinite(row["measured"]) and row["stderr"] >= 0
+
+
+def test_report_html_is_self_contained(run):
+    html = (run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 5
+    assert not re.search(r'src="(?!data:)', html)  # no external file referenced
+    assert "<table>" in html and "C3b (training)" in html
+
+
+def test_report_rerender(run):
+    before = (run / "summary.json").read_text()
+    for f in ("report.md", "report.html", "summary.json"):
+        (run / f).unlink()
+    for png in (run / "figures").glob("*.png"):
+        png.unlink()
+    assert main(["report", str(run)]) == 0
+    assert json.loads((run / "summary.json").read_text()) == json.loads(before)
+    assert (run / "report.html").exists() and len(list((run / "figures").glob("*.png"))) == 5
+
+
+def test_markdown_to_html_subset():
+    md = "# T <x>\n\npara `code` **b**\n\n- one\n- two\n\n| a | b |\n|---|---|\n| 1 \\| 2 | 3 |\n\n```\n<raw>\n```\n"
+    html = markdown_to_html(md, base=None)
+    assert "<h1>T &lt;x&gt;</h1>" in html
+    assert "<code>code</code>" in html and "<strong>b</strong>" in html
+    assert "<li>one</li><li>two</li>" in html
+    assert "<td>1 | 2</td><td>3</td>" in html
+    assert "<pre><code>&lt;raw&gt;</code></pre>" in html
