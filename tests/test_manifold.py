@@ -383,7 +383,7 @@ def test_per_sample_fallback_without_vmap_rule():
         rows = []
         for xi in x:
             h = xi @ w.T + bb
-            rows.append(torch.tanh(h) if float(h.sum()) > 0 else h * 2)
+            rows.append(torch.tanh(h) if float(h.detach().sum()) > 0 else h * 2)
         return torch.stack(rows)
 
     theta0 = torch.cat([W.reshape(-1), b])
