@@ -366,7 +366,7 @@ class _DataDependent(nn.Module):
 
     def forward(self, x):
         h = self.lin(x)
-        if float(h.sum()) > 0:
+        if float(h.detach().sum()) > 0:
             return torch.tanh(h)
         return h * 2
 
