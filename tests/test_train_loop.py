@@ -79,6 +79,23 @@ def test_same_seed_gives_bitwise_identical_parameters(data):
     assert not same_params(runs[0][0], other)
 
 
+@pytest.mark.parametrize(
+    "name,options",
+    [("none", {}), ("l2", {"weight": 1e-2}), ("dropout", {"masks": "explicit"}), ("gaussian_dropout", {}),
+     ("fisher_dropout", {"form": "divergence"}), ("fisher_dropout", {"estimator": "mc"})],
+)
+def test_every_objective_trains_reproducibly(data, name, options):
+    nets = [make_net() for _ in range(2)]
+    hs = [train(net, data, name, objective_options=options, epochs=1, batch_size=40, seed=5, progress=False)
+          for net in nets]
+    assert same_params(*nets) and strip_times(hs[0]) == strip_times(hs[1])
+    assert not same_params(nets[0], make_net())  # it did move
+    assert hs[0][-1]["objective_loss"] == pytest.approx(
+        sum(v for k, v in hs[0][-1].items() if k in ("objective_nll", "objective_l2", "objective_penalty",
+                                                    "objective_nll_dropout", "objective_nll_gaussian_dropout")),
+        rel=1e-12)
+
+
 @pytest.mark.parametrize("kill_call", [11, 15])  # mid-epoch 3 (5 batches/epoch) and the first batch of epoch 3
 def test_resume_after_kill_is_bitwise_identical(data, tmp_path, kill_call):
     kw = dict(epochs=4, batch_size=24, seed=1, progress=False, lr=0.01)
