@@ -192,8 +192,8 @@ def _interleaved(fns: Dict[str, Callable[[], object]], repeat: int, window: floa
     per round) so that load from other processes hits every library alike. A window
     runs a closure ``k`` times back to back (``k`` calibrated so it lasts about
     ``window`` seconds), which smooths scheduler jitter on millisecond calls."""
-    reps = {}
-    for k, fn in fns.items():
+    reps = {k: 1 for k in fns}
+    for k, fn in fns.items() if window > 0 else ():
         t0 = time.perf_counter()
         fn()
         reps[k] = max(1, min(50, int(window / max(time.perf_counter() - t0, 1e-6))))
@@ -207,7 +207,7 @@ def _interleaved(fns: Dict[str, Callable[[], object]], repeat: int, window: floa
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def run_config(name: str, model: nn.Module, x: Tensor, y: Tensor, repeat: int) -> List[Dict[str, object]]:
+def run_config(name: str, model: nn.Module, x: Tensor, y: Tensor, repeat: int, window: float) -> List[Dict[str, object]]:
     fb_fn = forward_backward(model, x, lambda out: nn.functional.cross_entropy(out, y))
     libs = {"dropgeom": _ours(model, x, y)}
     for peer, make in PEERS.items():
@@ -221,7 +221,7 @@ def run_config(name: str, model: nn.Module, x: Tensor, y: Tensor, repeat: int) -
             if q in table:
                 fns[lib] = table[q]
                 results[lib] = table[q]()  # warm-up, and the value compared
-        t = _interleaved(fns, repeat)
+        t = _interleaved(fns, repeat, window)
         fb = t["fwd+bwd"]
         peers = {k: v for k, v in t.items() if k in PEERS}
         fastest = min(peers, key=peers.get) if peers else None
@@ -241,10 +241,10 @@ def main(quick: bool = False) -> None:
     warnings.filterwarnings("ignore")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: far less noise on a shared 2-core machine
-    repeat = 5 if quick else 11
+    repeat, window = (3, 0.01) if quick else (11, 0.03)
     rows = []
     for name, model, x, y in configurations(quick):
-        rows += run_config(name, model, x, y, repeat)
+        rows += run_config(name, model, x, y, repeat, window)
         print_table(rows[-len(QUANTITIES):], title=name)
     print_table(rows, title="Fisher engine: time as multiples of one forward+backward (medians); 'vs peer' = dropgeom / fastest peer")
     print(

@@ -37,7 +37,8 @@ families; empirical Fisher caveats); Kunstner et al. (2019).
 
 Example:
     >>> import torch
-    >>> from dropgeom import ModelManifold, fisher
+    >>> from dropgeom import ModelManifold
+    >>> from dropgeom.fisher import fisher  # the function (pytest may bind dropgeom.fisher to the module)
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
@@ -178,9 +179,32 @@ def fisher(
     Returns:
         A :class:`~dropgeom.operators.CurvatureOperator` of shape ``[P, P]``.
 
+    Notes:
+        ``kfac``: per Linear / Conv1d / Conv2d layer with weight ``W`` (conv kernels
+        flattened to ``[out, in * prod(kernel)]``) and bias ``b``, the block on
+        ``vec([W | b])`` is ``B (x) A`` with ``A = (1/(n T)) sum_{i,t} a~_it a~_it^T``
+        (layer inputs or unfolded patches, ``a~ = [a; 1]`` with a bias, ``T`` output
+        positions, 1 for a plain Linear layer) and ``B = c sum_{i,r,t} g_irt g_irt^T``
+        (columns of ``S`` back-propagated to the layer output; ``c = 1/n`` for the
+        mean, 1 for the sum): KFAC (Martens & Grosse 2015) and KFC (Grosse & Martens
+        2016), the "expand" variant of Eschenhagen et al. (2023); identical to
+        curvlinops' ``KFACLinearOperator(kfac_approx="expand",
+        separate_weight_and_bias=False)``. BackPACK's KFLR/KFAC drop the weight-bias
+        cross terms; for convolutions their input factor is ``T`` times ours and their
+        gradient factor is the exact bias block (tests/test_fisher_peers.py checks
+        both relations). Modules without a Kronecker rule keep exact dense blocks.
+
+        ``diag``, ``kfac`` and ``implicit``'s ``diag()`` never form ``[P, P]`` or
+        ``[n, K, P]``: Linear layers on ``[n, d]`` inputs use squared inputs and squared
+        back-propagated columns; convolutions and Linear layers on ``[n, ..., d]``
+        inputs form per-sample gradients of that layer only, in chunks; other layers
+        (norms, embeddings, attention) use chunked per-sample ``torch.func`` products.
+        Tied weights take the generic path.
+
     Example:
         >>> import torch
-        >>> from dropgeom import ModelManifold, fisher
+        >>> from dropgeom import ModelManifold
+        >>> from dropgeom.fisher import fisher
         >>> x = torch.randn(50, 3, dtype=torch.float64)
         >>> m = ModelManifold(torch.nn.Linear(3, 1).double(), x, "gaussian")
         >>> F = fisher(m, structure="dense", reduction="sum")
@@ -557,6 +581,7 @@ def _implicit_matmat(manifold: ModelManifold, S: Tensor, scale: float):
     columns only where a layer has no ``vmap`` rule."""
     params = manifold.params
     names = manifold.param_names
+    pullback: list = []  # the vjp closure, built once on first use (one forward)
 
     def mm(V: Tensor) -> Tensor:
         V = V.to(manifold.dtype)
@@ -564,8 +589,9 @@ def _implicit_matmat(manifold: ModelManifold, S: Tensor, scale: float):
         try:
             JV = vmap(lambda t: jvp(manifold.forward, (params,), (t,))[1])(tangents)  # [m, n, K]
             W = torch.einsum("nkr,nlr,mnl->mnk", S, S, JV)
-            _, fn = vjp(manifold.forward, params)
-            out = vmap(fn)(W)[0]
+            if not pullback:
+                pullback.append(vjp(manifold.forward, params)[1])
+            out = vmap(pullback[0])(W)[0]
             return torch.cat([out[k].reshape(V.shape[1], -1) for k in names], dim=1).T * scale
         except (RuntimeError, NotImplementedError):  # a layer without a vmap rule
             cols = []
