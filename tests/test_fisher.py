@@ -359,3 +359,33 @@ def test_enumerations_and_strings_are_interchangeable():
     _close(a.diag(), b.diag())
     _close(a.diag(), c.m.n * c.F["exact"].diagonal())
     assert a.kind == "exact" and a.structure == "diag" and a.reduction == "sum"
+
+
+OTHER_MODELS = ["mlp_relu", "cnn_avgpool", "residual", "layernorm", "batchnorm_eval", "attention", "instancenorm"]
+
+
+@pytest.mark.parametrize("model_name", OTHER_MODELS)
+def test_exact_fisher_on_the_rest_of_the_model_table(model_name):
+    """Residual, norm and attention models: every exact structure against the dense reference,
+    KFAC's Linear-layer identity (see test_kfac_factors_and_exact_cases) and PSD."""
+    c = case(model_name, "categorical")
+    F = c.F["exact"]
+    scale = F.abs().max().item()
+    _close(c.op("exact", "dense").dense(), F, scale)
+    _close(c.op("exact", "diag").diag(), F.diagonal(), scale)
+    _close(c.op("exact", "layer").dense(), torch.where(c.block_mask, F, torch.zeros_like(F)), scale)
+    V = torch.randn(F.shape[0], 2, dtype=D64)
+    _close(c.op("exact", "implicit").mv(V), F @ V, scale * V.abs().sum(0).max().item())
+    Kd = c.op("exact", "kfac").dense()
+    assert ref.is_psd(Kd)
+    assert (Kd[~c.block_mask] == 0).all()
+    acts = ref.layer_inputs(c.model, c.x)
+    slices = c.m.param_slices()
+    for name, mod in c.model.named_modules():
+        if type(mod) is not nn.Linear or acts[name].dim() != 2:
+            continue
+        a = torch.cat([acts[name], torch.ones(acts[name].shape[0], 1, dtype=D64)], 1)
+        pre = f"{name}." if name else ""
+        bs = slices[pre + "bias"]
+        idx = ref.wb_index(slices[pre + "weight"], bs, mod.out_features, mod.in_features)
+        _close(Kd[idx[:, None], idx[None, :]], ref.kron_block(F[bs, bs], a.T @ a / a.shape[0]), scale)
