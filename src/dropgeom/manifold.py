@@ -176,6 +176,16 @@ def autodiff_kernels() -> Iterator[None]:
     Layer, instance and batch-statistics batch norm are computed from their composite
     definitions, because the fused kernels' second-order forward-mode derivatives are
     wrong (see ``_CompositeNorms``).
+
+    Example:
+        >>> x, u = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+        >>> ln = lambda z: torch.nn.functional.layer_norm(z, (5,))
+        >>> with autodiff_kernels():
+        ...     d2 = torch.func.jvp(lambda z: torch.func.jvp(ln, (z,), (u,))[1], (x,), (u,))[1]
+        >>> h = 1e-4
+        >>> fd = (ln(x + h * u) - 2 * ln(x) + ln(x - h * u)) / h**2
+        >>> bool(torch.allclose(d2, fd, atol=1e-5))
+        True
     """
     mha = getattr(torch.backends, "mha", None)
     fast = mha.get_fastpath_enabled() if mha is not None else None
