@@ -312,8 +312,11 @@ def _penalty_chain(
     mc = estimator == "mc"
     if form == "quadratic":
         sq = fam.cov_sqrt(eta)  # [n, K, R]
-        exact_layers = [k for k in names if k in closed or not mc]
-        mc_layers = [k for k in names if k not in exact_layers]
+        for k in closed:
+            w_out = chain.modules[-1].weight
+            total = total + 0.5 * mask_variance(ps[k]) * _closed_fisher(fam, eta, chain.h(k), w_out).sum() / n
+        exact_layers = [k for k in names if k not in closed and not mc]
+        mc_layers = [k for k in names if k not in closed and mc]
         if mc_layers:
             xi = _rademacher((n, sq.shape[2]), eta, generator)
             probe = torch.einsum("nkr,nr->nk", sq, xi)
@@ -326,7 +329,10 @@ def _penalty_chain(
         return total
     for k in names:
         u = chain.h(k).shape[1]
-        if mc and k not in closed:
+        if k in closed:
+            total = total + ps[k] * _closed_kl(fam, eta, chain.h(k), chain.modules[-1].weight).sum() / n
+            continue
+        if mc:
             j = torch.randint(0, u, (n,), generator=generator, device=eta.device)
             pos, base, t = chain.tangent_per_sample(k, j)
             dropped = chain.push(pos, base - t)
@@ -342,6 +348,38 @@ def _penalty_chain(
             kl = fam.kl(eta.unsqueeze(0).expand(c, n, kdim).reshape(-1, kdim), dropped.reshape(-1, kdim))
             total = total + ps[k] * kl.sum() / n
     return total
+
+
+def _closed_fisher(fam: ExponentialFamily, eta: Tensor, h: Tensor, w: Tensor) -> Tensor:
+    """``h_ij^2 (W^T Sigma_i W)_jj`` (``[n, U]``) for a dropout layer right before the output Linear ``W``.
+
+    Categorical: ``Sigma = diag(p) - p p^T`` gives ``p @ W^2 - (p @ W)^2`` (``O(n K U)``,
+    no ``[n, R, U]`` tensor); other families through ``Sigma^{1/2}``."""
+    if fam.name == "categorical":
+        prob = torch.softmax(eta, dim=-1)
+        return h * h * (prob @ (w * w) - (prob @ w).pow(2))
+    sw = torch.einsum("nkr,kj->nrj", fam.cov_sqrt(eta), w)
+    return (h.unsqueeze(1) * sw).pow(2).sum(1)
+
+
+def _closed_kl(fam: ExponentialFamily, eta: Tensor, h: Tensor, w: Tensor) -> Tensor:
+    """``KL(p(.|eta_i) || p(.|eta_i - h_ij W[:, j]))`` (``[n, U]``), every unit ``j``.
+
+    Categorical: with ``delta = h_ij W[:, j]`` centred under ``p_i``
+    (``x = delta - <p_i, delta>``), ``KL = log1p(sum_c p_c expm1(-x_c))``: one
+    ``[n, U, K]`` tensor and a batched matmul instead of two log-softmaxes;
+    as accurate as the log-softmax form (both lose the first-order terms to
+    cancellation in the same way). Other families: ``family.kl``."""
+    n, kdim = eta.shape
+    u = h.shape[1]
+    if fam.name == "categorical":
+        prob = torch.softmax(eta, dim=-1)
+        centred = w.unsqueeze(0) - (prob @ w).unsqueeze(1)  # [n, K, U]: W - <p_i, W>
+        x = centred * h.unsqueeze(1)
+        s = torch.bmm(prob.unsqueeze(1), torch.expm1(-x)).squeeze(1)  # [n, U]
+        return torch.log1p(s).clamp_min(0)
+    dropped = eta.unsqueeze(1) - h.unsqueeze(-1) * w.t().unsqueeze(0)  # [n, U, K]
+    return fam.kl(eta.unsqueeze(1).expand(n, u, kdim).reshape(-1, kdim), dropped.reshape(-1, kdim)).reshape(n, u)
 
 
 def _gaussian_curvature(
