@@ -190,21 +190,26 @@ def test_c1_single_seed_is_inconclusive():
     assert s["verdict"].verdict == "inconclusive"
 
 
-def _c2_records(sign: float):
+def _c2_records(sign: float, n: int = 8):
     recs = []
-    for i in range(8):
-        curv = 10.0 ** i
-        recs.append({"status": "ok", "setting": f"s{i}", "activation": "tanh", "seed": 0, "gain": sign * i + 0.01,
+    for i in range(n):
+        curv = 10.0 ** (i % 30)
+        gain = sign * i + 0.01 if sign else float((i * 7) % 5)  # sign 0: a pattern unrelated to the curvature
+        recs.append({"status": "ok", "setting": f"s{i}", "activation": "tanh", "seed": 0, "gain": gain,
                      "curvature": {"gamma2_damped": curv, "mask_normal_curvature": 0.1},
                      "terms": {"ratio_bernoulli": 0.1 * i, "ratio_gaussian": 0.1 * i}})
     return recs
 
 
-@pytest.mark.parametrize("sign, verdict", [(1.0, "supported"), (-1.0, "refuted")])
-def test_c2_verdicts(sign, verdict):
-    s = c2_curvature_strength.summarize(RunConfig.from_preset("test"), _c2_records(sign))
+@pytest.mark.parametrize("sign, n, verdict", [(1.0, 8, "supported"), (-1.0, 8, "supported"), (0.0, 30, "not supported"), (0.0, 8, "inconclusive")])
+def test_c2_verdicts(sign, n, verdict):
+    recs = _c2_records(sign, n)
+    s = c2_curvature_strength.summarize(RunConfig.from_preset("test"), recs)
     assert s["verdict"].verdict == verdict
-    assert s["tests"]["spearman"] == pytest.approx(sign)
+    rho, _ = spearman([r["curvature"]["gamma2_damped"] for r in recs], [r["gain"] for r in recs])
+    assert s["tests"]["spearman"] == pytest.approx(rho)
+    if sign:
+        assert rho == pytest.approx(sign)
 
 
 def test_c3_gap_verdicts():

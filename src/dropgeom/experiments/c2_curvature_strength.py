@@ -4,7 +4,9 @@ Settings: every activation in ``config.c2_activations`` (``identity`` is a
 deep linear network, whose outputs are affine in each mask: the GLM-like,
 e-flat case along the mask directions) x width x depth. For each setting and
 seed the same initialisation is trained twice, with plain NLL and with
-dropout at ``config.c2_p``. Recorded per run:
+dropout at ``config.c2_p``.
+
+Recorded per run:
 
 * ``gain = test NLL(none) - test NLL(dropout)`` (positive: dropout helped);
 * the curvature of the unregularised solution (theory.md 3; damped
@@ -16,9 +18,10 @@ dropout at ``config.c2_p``. Recorded per run:
 
 Test: Spearman's correlation over all runs between the damped curvature and
 the gain (and, reported beside it, between ``|curvature term / Fisher term|``
-and the gain). Verdict: ``supported`` for a positive correlation with
-p-value < 0.05, ``refuted`` for a negative one with p-value < 0.05,
-``inconclusive`` otherwise (too few settings or seeds to tell).
+and the gain). The claim states a dependence, not its sign, so the verdict is
+``supported`` for a correlation of either sign with p-value < 0.05 (the sign
+is reported), ``not supported`` when at least 20 runs show none
+(``|rho| < 0.2`` and p-value >= 0.05), ``inconclusive`` otherwise.
 
 Example:
     >>> from dropgeom.config import RunConfig
@@ -139,13 +142,14 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
         )
     if not math.isfinite(rho):
         verdict = "inconclusive"
-    elif pval < 0.05 and rho > 0:
+    elif pval < 0.05:
         verdict = "supported"
-    elif pval < 0.05 and rho < 0:
-        verdict = "refuted"
+    elif len(ok) >= 20 and abs(rho) < 0.2:
+        verdict = "not supported"
     else:
         verdict = "inconclusive"
-    summary = f"Spearman(curvature, gain) = {fmt(rho)}, p-value {fmt(pval)}, {len(ok)} runs"
+    direction = "more curvature, larger gain" if rho > 0 else "more curvature, smaller gain" if rho < 0 else "no trend"
+    summary = f"Spearman(curvature, gain) = {fmt(rho)} ({direction}), p-value {fmt(pval)}, {len(ok)} runs"
     return {
         "verdict": Verdict(NAME, verdict, summary),
         "columns": ["setting", "runs", "gain (test NLL)", "gamma2_damped", "mask normal curv.", "B/K (curv./div.)", "C/F (curv./Fisher)"],

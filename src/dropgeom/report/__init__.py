@@ -10,6 +10,7 @@ partial run without recomputing anything. It writes ``figures/*.png``
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Union
 
@@ -21,8 +22,12 @@ __all__ = ["render_report", "markdown_to_html", "table"]
 
 
 def _first_paragraph(doc: str) -> str:
+    """The paragraph after a module docstring's title, with reST markup turned into markdown."""
     paras = [p.strip() for p in (doc or "").split("\n\n") if p.strip()]
-    return " ".join(paras[1].split()) if len(paras) > 1 else ""
+    keep = paras[1:2] + [p for p in paras[2:] if p.startswith(("Test:", "**"))]
+    text = "\n\n".join(" ".join(p.split()) for p in keep)
+    text = re.sub(r":\w+:`~?(?:[\w.]+\.)?(\w+)`", r"`\1`", text)  # :func:`~a.b.name` -> `name`
+    return text.replace("``", "`").replace("**", "")
 
 
 def render_report(run_dir: Union[str, Path]) -> Path:
