@@ -29,10 +29,10 @@ import copy
 import pytest
 import torch
 from backpack import backpack, extend
-from backpack.extensions import KFLR, BatchGrad, DiagGGNExact, SumGradSquared
+from backpack.extensions import KFLR, BatchGrad, DiagGGNExact, DiagGGNMC, SumGradSquared
 from curvlinops import EFLinearOperator, GGNLinearOperator, KFACLinearOperator
 from nngeometry.metrics import FIM
-from nngeometry.object import PMatDiag, PMatKFAC
+from nngeometry.object import PMatDense, PMatDiag, PMatKFAC
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -119,6 +119,33 @@ def test_exact_diag_matches_nngeometry_fim(name):
     finally:
         torch.set_default_dtype(old)
     _close(fisher(m, "exact", "diag").diag(), ref, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_dense_matches_nngeometry_pmat_dense(name):
+    net, x, y, m = _setup(name)
+    loader = DataLoader(TensorDataset(x, y), batch_size=N)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(DT)
+    try:
+        ref = FIM(net, loader, PMatDense, variant="classif_logits").to_torch()
+    finally:
+        torch.set_default_dtype(old)
+    _close(fisher(m, "exact", "dense").dense(), ref, rtol=1e-9)
+
+
+def test_mc_diag_statistics_agree_with_backpack_diag_ggn_mc():
+    """Both MC estimators (ours, BackPACK's DiagGGNMC) converge to the same exact
+    diagonal with the same (mean) scaling: many samples, a statistical tolerance."""
+    net, x, y, m = _setup("mlp")
+    exact = _flat(_backpack(net, x, y, DiagGGNExact(), "diag_ggn_exact"))
+    M = 1000
+    torch.manual_seed(1)
+    bp = _flat(_backpack(net, x, y, DiagGGNMC(mc_samples=M), "diag_ggn_mc"))
+    ours = fisher(m, "mc", "diag", n_samples=M, generator=torch.Generator().manual_seed(2)).diag()
+    for est in (ours, bp):
+        assert abs(float(est.sum() / exact.sum()) - 1) < 0.03
+        _close(est, exact, rtol=0.1)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

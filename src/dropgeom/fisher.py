@@ -147,11 +147,11 @@ def fisher_factors(
     if not (isinstance(n_samples, int) and n_samples >= 1):
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
     mu = fam.mean(eta)
-    cols = []
-    for _ in range(n_samples):
-        y = fam.sample(eta, generator=generator)
-        cols.append(fam.sufficient_statistic(y, eta.shape[-1]).to(eta.dtype) - mu)
-    return torch.stack(cols, dim=-1) / n_samples**0.5
+    n, k = eta.shape
+    # all draws at once: rows m * n + i hold sample m of input i (n_samples = 1: one plain draw)
+    y = fam.sample(eta.repeat(n_samples, 1) if n_samples > 1 else eta, generator=generator)
+    t = fam.sufficient_statistic(y, k).to(eta.dtype).reshape(n_samples, n, k)
+    return (t - mu).permute(1, 2, 0) / n_samples**0.5
 
 
 def fisher(
