@@ -237,9 +237,12 @@ def fisher(
         groups = _parameter_groups(manifold)
         slices = manifold.param_slices()
         index = [torch.cat([torch.arange(slices[k].start, slices[k].stop) for k in names]) for _, names in groups]
+        for (gname, _), idx in zip(groups, index):
+            memory_guard(
+                len(idx) ** 2, manifold.dtype, f"a layer block [{len(idx)} x {len(idx)}] for module {gname!r}",
+                "use structure='kfac', 'diag' or 'implicit'",
+            )
         blocks = [torch.zeros(len(i), len(i), dtype=manifold.dtype, device=manifold.device) for i in index]
-        for idx in index:
-            memory_guard(len(idx) ** 2, manifold.dtype, f"a layer block [{len(idx)} x {len(idx)}]", "use structure='kfac' or 'diag'")
         for _, G in manifold.iter_per_sample_vjp(S):
             G = G.reshape(-1, P)
             for blk, idx in zip(blocks, index):
