@@ -1,0 +1,63 @@
+"""Dense requests beyond the memory limit fail early with an error naming the structure
+to use instead; the diagonal and KFAC of the same model still work (no P x P or
+n x K x P allocation)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import dropgeom.manifold as manifold_module
+from dropgeom import ModelManifold
+from dropgeom.fisher import fisher
+
+
+@pytest.fixture
+def small_limit(monkeypatch):
+    # 128 KiB: every dense [P x P] (P = 2,124) and every per-sample [n, K, P] product is over it
+    monkeypatch.setattr(manifold_module, "DEFAULT_MEMORY_LIMIT", 128 * 1024)
+
+
+def _manifold(norm: bool = False) -> ModelManifold:
+    layers = [nn.Linear(40, 48), nn.Tanh()] + ([nn.LayerNorm(48)] if norm else []) + [nn.Linear(48, 4)]
+    return ModelManifold(nn.Sequential(*layers).double(), torch.randn(30, 40, dtype=torch.float64))
+
+
+def test_dense_and_layer_requests_name_the_alternative(small_limit):
+    m = _manifold()
+    with pytest.raises(MemoryError, match=r"dense Fisher \[2164 x 2164\].*structure='diag', 'kfac' or 'implicit'"):
+        fisher(m, "exact", "dense")
+    with pytest.raises(MemoryError, match=r"layer block \[1968 x 1968\] for module '0'.*'kfac'"):
+        fisher(m, "exact", "layer")
+    with pytest.raises(MemoryError, match="implicit"):
+        fisher(m, "exact", "implicit").dense()
+
+
+def test_diag_and_kfac_fit_where_dense_does_not(small_limit):
+    m = _manifold()
+    d = fisher(m, "exact", "diag").diag()
+    K = fisher(m, "exact", "kfac")
+    assert d.shape == (m.num_params,) and torch.isfinite(d).all()
+    assert torch.isfinite(K.diag()).all() and not K.dense_blocks
+
+
+def test_generic_path_block_too_large_names_the_alternative(small_limit):
+    m = _manifold(norm=True)  # LayerNorm has no Kronecker rule: an exact block, small here
+    assert fisher(m, "exact", "kfac").dense_blocks
+    with pytest.raises(MemoryError, match="per-sample products.*structure='diag', 'kfac' or 'implicit'"):
+        m.per_sample_vjp(torch.ones(m.n, m.num_outputs, m.num_outputs, dtype=torch.float64))
+
+
+def test_bad_requests_name_the_problem():
+    m = _manifold()
+    with pytest.raises(ValueError, match="needs observed labels: pass targets="):
+        fisher(m, "empirical", "diag")
+    with pytest.raises(ValueError, match="unknown structure 'blockwise'"):
+        fisher(m, "exact", "blockwise")
+    with pytest.raises(ValueError, match="n_samples must be a positive integer"):
+        fisher(m, "mc", "diag", n_samples=0)
+    x = torch.randn(30, 40, dtype=torch.float64)
+    x[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        ModelManifold(nn.Linear(40, 4).double(), x)
