@@ -248,3 +248,18 @@ def test_metrics_against_brute_force():
     mb = classification_metrics(eta[:, :1], (y[:, None] % 2).to(D), "bernoulli")
     s = torch.sigmoid(eta[:, 0])
     assert mb["accuracy"] == pytest.approx(float(((s > 0.5).long() == y % 2).double().mean()))
+
+
+def test_regression_data_trains_with_the_gaussian_family():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 2, generator=g, dtype=D)
+    y = (x @ torch.tensor([[1.5], [-2.0]], dtype=D)) + 0.1 * torch.randn(80, 1, generator=g, dtype=D)
+    torch.manual_seed(0)
+    net = nn.Linear(2, 1).to(D)
+    h = train(net, (x[:60], y[:60], x[60:], y[60:]), "none", family="gaussian", lr=0.05, epochs=30,
+              batch_size=20, seed=0, progress=False)
+    assert "test_accuracy" not in h[-1] and h[-1]["test_nll"] < h[0]["test_nll"]
+    # the Gaussian NLL (sigma = 1) of the fitted line: 0.5 * mean squared error + 0.5 log(2 pi)
+    with torch.no_grad():
+        mse = float(((net(x[60:]) - y[60:]) ** 2).mean())
+    assert h[-1]["test_nll"] == pytest.approx(0.5 * mse + 0.5 * np.log(2 * np.pi), rel=1e-10)
