@@ -14,6 +14,7 @@ from dropgeom.train import (
     L2,
     NLL,
     DropoutNLL,
+    FisherDropout,
     FisherPenalty,
     GaussianDropoutNLL,
     ObjectiveName,
@@ -167,7 +168,7 @@ def test_registry_names_and_errors():
     assert isinstance(make_objective("none"), NLL)
     assert isinstance(make_objective(ObjectiveName.GAUSSIAN_DROPOUT), GaussianDropoutNLL)
     fd = make_objective("fisher_dropout", p=0.2, form="divergence")
-    assert isinstance(fd, Sum) and isinstance(fd.terms[1], FisherPenalty) and fd.terms[1].form == "divergence"
+    assert isinstance(fd, FisherDropout) and fd.form == "divergence" and fd.p == 0.2
     with pytest.raises(ValueError, match="unknown objective"):
         make_objective("dropconnect_magic")
     with pytest.raises(ValueError, match="unknown"):
@@ -220,6 +221,13 @@ def test_fisher_dropout_penalty_equals_dropout_terms(form, curvature):
         assert out.metrics["penalty"] == pytest.approx(expect, rel=1e-10, abs=1e-14)
         clean = NLL()(net, x, y).loss.item()
         assert out.metrics["loss"] == pytest.approx(clean + expect, rel=1e-12)
+        assert out.metrics["nll"] == pytest.approx(clean, rel=1e-12)
+        # the composed pieces give the same value and the same gradient as the shared-forward objective
+        composed = NLL() + FisherPenalty(p=p, form=form, curvature=curvature)
+        ga = torch.autograd.grad(obj(net, x, y).loss, list(net.parameters()))
+        gb = torch.autograd.grad(composed(net, x, y).loss, list(net.parameters()))
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
     with torch.no_grad():  # evaluation under no_grad works and gives the same value
         again = make_objective("fisher_dropout", p=0.25, form=form, curvature=curvature)(net, x, y)
     assert again.metrics["penalty"] == pytest.approx(out.metrics["penalty"], rel=1e-12)
