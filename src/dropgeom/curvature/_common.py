@@ -49,13 +49,14 @@ def check_damping(damping: object) -> Optional[float]:
 
 def default_tol(dtype: torch.dtype) -> float:
     """Relative residual at which conjugate gradients stop, by precision."""
-    return 1e-10 if dtype == torch.float64 else 1e-5
+    return 1e-9 if dtype == torch.float64 else 1e-5
 
 
 def default_max_iter(num_params: int) -> int:
-    """CG iteration cap: ``10 P + 100`` (on ill-conditioned ``g`` CG needs well over ``P``
-    steps in floating point, as orthogonality of the Krylov basis is lost)."""
-    return 10 * num_params + 100
+    """CG iteration cap per pass: ``2 P + 100`` (on an ill-conditioned ``g`` CG needs more
+    than ``P`` steps in floating point, as the Krylov basis loses orthogonality;
+    projections add restarted refinement passes on top)."""
+    return 2 * num_params + 100
 
 
 def whitening(manifold: ModelManifold) -> tuple[Tensor, Tensor, Tensor]:
@@ -166,14 +167,15 @@ class LinearisedManifold:
         pass loses orthogonality and leaves a tangent remainder.
         """
         r = Y
-        b0 = None
+        b0 = prev = None
         for _ in range(1 + refinements):
             b = self.vjp(unwhiten(S, r)).T  # [P, m]
             bn = b.norm(dim=0)
             if b0 is None:
                 b0 = bn
-            elif bool((bn <= tol * b0).all()):
-                break
+            elif bool((bn <= tol * b0).all()) or bool((bn > 0.5 * prev).all()):
+                break  # converged, or a further pass would not improve
+            prev = bn
             x = conjugate_gradient(lambda M: self.metric_matmat(S, M), b, tol=tol, max_iter=max_iter)
             r = r - whiten(S, self.jvp(x.T))
         return r

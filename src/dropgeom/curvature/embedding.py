@@ -254,7 +254,7 @@ def embedding_curvature(
             projection onto ``range(J)`` stays exact.
         batch_size: pairs processed together (stochastic).
         cg_tol, cg_max_iter: conjugate-gradient relative tolerance (default
-            1e-10 in float64, 1e-5 in float32) and iteration cap (default ``10 P + 100``).
+            1e-9 in float64, 1e-5 in float32) and iteration cap per pass (default ``2 P + 100``).
 
     Returns:
         :class:`CurvatureResult` (``gamma2``, ``gamma2_per_sample = n * gamma2``, ``stderr``, ...).
