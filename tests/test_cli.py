@@ -65,6 +65,12 @@ def test_invalid_config_file_lists_every_problem(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_unknown_dataset_is_a_clear_error(capsys):
+    assert main(["train", "--data", "no_such_set", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "dropgeom train: error: unknown dataset 'no_such_set'" in err and "Traceback" not in err
+
+
 def test_report_of_a_missing_run(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "not a run directory" in capsys.readouterr().err

@@ -326,7 +326,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``dropgeom`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.fn(args) or 0)
+    try:
+        return int(args.fn(args) or 0)
+    except (ValueError, FileNotFoundError, MemoryError) as err:  # bad data, files or sizes: a message, no traceback
+        print(f"dropgeom {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
