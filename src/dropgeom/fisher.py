@@ -217,7 +217,10 @@ def fisher(
     reduction = _enum(Reduction, reduction, "reduction")
     if not isinstance(manifold, ModelManifold):
         raise TypeError(f"fisher() needs a ModelManifold, got {type(manifold).__name__}")
-    S = _reduced_factor(manifold, fisher_factors(manifold, kind, targets=targets, n_samples=n_samples, generator=generator), kind)
+    if kind is FisherKind.EXACT and manifold.family.name == "categorical":
+        S = _categorical_root(manifold.eta())  # K-1 columns instead of K
+    else:
+        S = fisher_factors(manifold, kind, targets=targets, n_samples=n_samples, generator=generator)
     scale = 1.0 if reduction is Reduction.SUM else 1.0 / manifold.n
     meta = dict(kind=kind.value, structure=structure.value, reduction=reduction.value, n=manifold.n)
     P = manifold.num_params
@@ -265,24 +268,28 @@ def fisher(
 # --------------------------------------------------------------------------
 
 
-def _reduced_factor(manifold: ModelManifold, S: Tensor, kind: FisherKind) -> Tensor:
-    r"""Drop the redundant column of the categorical covariance root (``K -> K-1`` columns).
+def _categorical_root(eta: Tensor) -> Tensor:
+    r"""An exact ``K-1``-column square root of the categorical covariance
+    ``Sigma = diag(p) - p p^T`` (``[n, K, K-1]``), in closed form.
 
     The symmetric root ``S = diag(sqrt p) - p sqrt(p)^T`` annihilates the unit
-    vector ``u = sqrt(p)``. With the Householder reflection
-    ``H = I - 2 w w^T / |w|^2``, ``w = u + e_K`` (``H u = -e_K``), ``S H`` has a
-    zero last column and ``(S H)(S H)^T = S S^T = Sigma``: its first ``K - 1``
-    columns are an exact square root. Hand-written (no library offers it).
+    vector ``u = sqrt(p)``. With the Householder reflection ``H = I - c w w^T``,
+    ``w = u + e_K``, ``c = 2 / |w|^2 = 1 / (1 + u_K)`` (``H u = -e_K``), ``S H``
+    has a zero last column and ``(S H)(S H)^T = S S^T = Sigma``; since
+    ``S w = u_K (e_K - p)``, its columns ``j < K`` are
+
+    ``R_j = u_j (e_j - p / (1 + u_K) - e_K u_K / (1 + u_K))``.
+
+    Hand-written (no library offers it); ``1 + u_K >= 1`` keeps it stable.
     """
-    if kind is not FisherKind.EXACT or manifold.family.name != "categorical" or S.shape[2] < 2:
-        return S
-    p = manifold.family.mean(manifold.eta()).to(S.dtype)
-    w = p.sqrt()
-    w = torch.cat([w[:, :-1], w[:, -1:] + 1], dim=1)  # u + e_K, |w|^2 = 2 + 2 u_K >= 2
-    Sw = torch.einsum("nkr,nr->nk", S, w)
-    coef = 2.0 / (w * w).sum(1)
-    SH = S - coef[:, None, None] * Sw[:, :, None] * w[:, None, :]
-    return SH[:, :, :-1]
+    p = torch.softmax(eta, dim=-1)
+    u = p.sqrt()
+    a = u[:, :-1]  # [n, K-1]
+    d = 1.0 + u[:, -1:]  # [n, 1]
+    R = -(p / d).unsqueeze(-1) * a.unsqueeze(1)  # [n, K, K-1]
+    R[:, :-1, :] += torch.diag_embed(a)
+    R[:, -1, :] -= (u[:, -1:] / d) * a
+    return R
 
 
 def _pname(module: str, leaf: str) -> str:
@@ -489,9 +496,9 @@ def _diagonal(manifold: ModelManifold, S: Tensor, scale: float = 1.0) -> Tensor:
     for name, (a, g) in captured.items():
         has_bias = layers[name].bias is not None
         dw, db = _layer_diagonal(a, g, has_bias, scale)
-        pieces[f"{name}.weight"] = dw.reshape(-1)
+        pieces[_pname(name, "weight")] = dw.reshape(-1)
         if has_bias:
-            pieces[f"{name}.bias"] = db
+            pieces[_pname(name, "bias")] = db
     rest = [k for k in manifold.param_names if k not in pieces]
     if rest:
         sub = manifold if len(rest) == P or not pieces else _sub_manifold(manifold, rest)
