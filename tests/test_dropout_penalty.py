@@ -132,3 +132,86 @@ def test_weight_scaling_is_e_mixture_when_affine():
         mixture(last, x, y.double())
     with pytest.raises(ValueError, match="n_samples"):
         mixture(last, x, n_samples=0)
+
+
+# -- the fast chain path (explicit propagation) against the generic torch.func path --------
+
+ACTS = [nn.Tanh, nn.Softplus, nn.ReLU, nn.GELU]
+
+
+def _chain_nets(act, bias):
+    """Dropout at several positions: hidden layers, the input, before an activation, deep chains."""
+    L = lambda i, o: nn.Linear(i, o, bias=bias)  # noqa: E731
+    return [
+        nn.Sequential(L(3, 5), act(), nn.Dropout(0.2), L(5, 6), act(), nn.Dropout(0.3), L(6, 4)),
+        nn.Sequential(nn.Dropout(0.1), L(3, 5), act(), L(5, 4)),
+        nn.Sequential(L(3, 5), nn.Dropout(0.25), act(), L(5, 6), act(), nn.Dropout(0.2), nn.Flatten(), L(6, 4)),
+        nn.Sequential(L(3, 5), act(), nn.Dropout(0.2), L(5, 5), act(), L(5, 6), act(), nn.Dropout(0.4), L(6, 4)),
+    ]
+
+
+def _value_and_grad(net, x, fast, **kw):
+    from dropgeom.dropout.penalty import _penalty
+
+    args = dict(family="categorical", p=None, form="quadratic", targets=None, curvature=False, layers=None,
+                estimator="exact", generator=None, chunk_size=None)
+    args.update(kw)
+    val, eta = _penalty(net, x, **args, fast=fast)
+    params = list(net.parameters())
+    grads = torch.autograd.grad(val, params, allow_unused=True)  # gaussian: the output bias does not enter
+    return val, torch.cat([(torch.zeros_like(q) if g is None else g).flatten() for g, q in zip(grads, params)]), eta
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_chain_path_equals_generic_path(act, bias):
+    from dropgeom.dropout.chain import as_chain
+    from dropgeom.dropout.masks import find_dropout
+
+    torch.manual_seed(7)
+    x, _ = _data(n=9)
+    for net in _chain_nets(act, bias):
+        net = net.double()
+        assert as_chain(net, list(find_dropout(net))) is not None  # the fast path is the one tested
+        for form in ("quadratic", "divergence"):
+            for est in ("exact", "mc"):
+                kw = dict(form=form, estimator=est)
+                fv, fg, feta = _value_and_grad(net, x, True, generator=torch.Generator().manual_seed(3), **kw)
+                gv, gg, _ = _value_and_grad(net, x, False, generator=torch.Generator().manual_seed(3), **kw)
+                assert abs(fv.item() - gv.item()) < 1e-13 * max(1.0, abs(gv.item())), (net, form, est)
+                assert torch.allclose(fg, gg, rtol=1e-10, atol=1e-13), (net, form, est)
+                assert torch.equal(feta.detach(), net.eval()(x))
+        # a single layer, chunks not dividing the unit count
+        fv, fg, _ = _value_and_grad(net, x, True, form="divergence", layers=["2"] if "2" in net._modules and
+                                    isinstance(net[2], nn.Dropout) else None, chunk_size=2)
+        gv, gg, _ = _value_and_grad(net, x, False, form="divergence", layers=["2"] if "2" in net._modules and
+                                    isinstance(net[2], nn.Dropout) else None)
+        assert abs(fv.item() - gv.item()) < 1e-13 and torch.allclose(fg, gg, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("family", ["gaussian", "bernoulli", "poisson"])
+def test_chain_path_other_families(family):
+    torch.manual_seed(8)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Dropout(0.2), nn.Linear(5, 4), nn.Softplus(), nn.Dropout(0.3),
+                        nn.Linear(4, 2)).double()
+    x, _ = _data(n=9)
+    for form in ("quadratic", "divergence"):
+        for est in ("exact", "mc"):
+            kw = dict(family=family, form=form, estimator=est)
+            fv, fg, _ = _value_and_grad(net, x, True, generator=torch.Generator().manual_seed(1), **kw)
+            gv, gg, _ = _value_and_grad(net, x, False, generator=torch.Generator().manual_seed(1), **kw)
+            assert abs(fv.item() - gv.item()) < 1e-12 * max(1.0, abs(gv.item())), (family, form, est)
+            assert torch.allclose(fg, gg, rtol=1e-9, atol=1e-13), (family, form, est)
+
+
+def test_return_output_reuses_the_clean_forward():
+    net = _net(4)
+    x, y = _data()
+    pen, eta = penalty(net, x, form="divergence", return_output=True)
+    assert torch.equal(eta.detach(), net.eval()(x))
+    loss = nn.functional.cross_entropy(eta, y) + pen
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    ref = torch.autograd.grad(nn.functional.cross_entropy(net(x), y) + penalty(net, x, form="divergence"),
+                              list(net.parameters()))
+    for a, b in zip(grads, ref):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-15)
