@@ -211,3 +211,18 @@ def test_dense_request_too_large_names_the_alternative():
     op = ImplicitOperator(lambda V: V, 4096, DT, torch.device("cpu"))
     with pytest.raises(MemoryError, match="implicit"):
         op.dense(memory_limit=1024)
+
+
+def test_block_index_sets_must_partition():
+    blk = torch.eye(2, dtype=DT)
+    with pytest.raises(ValueError, match="partition"):
+        BlockDiagonalOperator([blk, blk], [torch.tensor([0, 1]), torch.tensor([1, 2])], 4)
+    with pytest.raises(ValueError, match="block 0 has shape"):
+        BlockDiagonalOperator([blk], [torch.tensor([0, 1, 2])], 3)
+
+
+def test_diagonal_dense_is_size_checked():
+    op = DiagonalOperator(torch.ones(100, dtype=DT))
+    with pytest.raises(MemoryError, match="diag"):
+        op.dense(memory_limit=1000)
+    _close(op.dense(), torch.eye(100, dtype=DT))

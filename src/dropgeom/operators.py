@@ -252,7 +252,10 @@ class DiagonalOperator(CurvatureOperator):
         return self.diagonal
 
     def dense(self, memory_limit: Optional[int] = None) -> Tensor:
-        super().dense(memory_limit) if self.size > 65536 else None
+        memory_guard(
+            self.size * self.size, self.dtype, f"a dense [{self.size} x {self.size}] matrix",
+            "use mv/diag/eig/solve instead (structure 'diag', 'kfac' or 'implicit')", memory_limit,
+        )
         return torch.diag(self.diagonal)
 
     def eig(self, k: int = 1, tol: float = 1e-8) -> Tuple[Tensor, Tensor]:
@@ -279,8 +282,14 @@ class BlockDiagonalOperator(CurvatureOperator):
     """
 
     def __init__(self, blocks: Sequence[Tensor], index: Sequence[Tensor], size: int, names: Sequence[str] = (), **meta) -> None:
-        if len(blocks) != len(index):
-            raise ValueError("one index set per block is needed")
+        if len(blocks) != len(index) or not blocks:
+            raise ValueError("one index set per block is needed (and at least one block)")
+        for b, (blk, idx) in enumerate(zip(blocks, index)):
+            if blk.dim() != 2 or blk.shape[0] != blk.shape[1] or blk.shape[0] != idx.numel():
+                raise ValueError(f"block {b} has shape {tuple(blk.shape)} but {idx.numel()} indices")
+        flat = torch.cat([i.reshape(-1).cpu() for i in index])
+        if flat.numel() != size or not torch.equal(flat.sort().values, torch.arange(size)):
+            raise ValueError(f"the index sets must partition range(P={size}) exactly once")
         ref = blocks[0]
         super().__init__(size, ref.dtype, ref.device, **meta)
         self.blocks = list(blocks)
