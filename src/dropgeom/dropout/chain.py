@@ -156,6 +156,44 @@ class Chain:
         t[rows, units] = h[rows, units]
         return pos, base, t
 
+    def dropped(self, name: str, units: Tensor) -> Tuple[int, Tensor]:
+        """States with unit ``j`` dropped for each ``j`` in ``units`` (``[c, n, d]``, entering module ``pos``).
+
+        Rank-1 case: ``z - h_j W[:, j]`` in one fused pass (``addcmul``)."""
+        pos, base, lin = self._start(name)
+        if lin is None:
+            _, base, t = self.tangents(name, units)
+            return pos, base.unsqueeze(0) - t
+        h = self.h(name)
+        hj = h[:, units].t().unsqueeze(-1)  # [c, n, 1]
+        return pos, torch.addcmul(base.unsqueeze(0), hj, lin.weight[:, units].t().unsqueeze(1), value=-1.0)
+
+    def curvature_rank1(self, name: str, r: Tensor) -> Optional[Tensor]:
+        """``<r_i, d^2 eta_i / d m_j^2>`` (``[n, U]``) in closed form, or ``None`` if it does not apply.
+
+        Applies when the mask enters a Linear ``W`` (rank-1 tangent ``h_j W[:, j]``)
+        followed by at most one elementwise activation ``a`` before a purely linear
+        rest ``L``: then ``d^2 eta / d m_j^2 = L (a''(z) (h_j W[:, j])^2)`` and
+        ``<r, .> = h_j^2 ((L^T r) a''(z)) @ W^2`` -- one matmul, no per-unit pass."""
+        pos, _, lin = self._start(name)
+        if lin is None:
+            return None
+        h = self.h(name)
+        rest = self.modules[pos:]
+        acts = [i for i, m in enumerate(rest) if isinstance(m, ELEMENTWISE)]
+        if not acts:  # eta affine in the mask
+            return torch.zeros_like(h)
+        if len(acts) > 1 or any(isinstance(m, nn.Linear) for m in rest[: acts[0]]):
+            return None
+        a = pos + acts[0]
+        rb = r
+        for i in range(len(self.modules) - 1, a, -1):
+            mod = self.modules[i]
+            if isinstance(mod, nn.Linear):
+                rb = rb @ mod.weight
+        q = rb * act_d2(self.modules[a], self.states[a])  # [n, d]
+        return h * h * (q @ (lin.weight * lin.weight))
+
     def push(self, pos: int, v: Tensor) -> Tensor:
         """Run states ``v`` (``[..., n, d]``, input of module ``pos``) through the rest of the chain."""
         for mod in self.modules[pos:]:

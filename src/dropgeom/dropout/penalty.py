@@ -342,8 +342,8 @@ def _penalty_chain(
         chunk = chunk_size or chunk_for(n, max(base.shape[1], kdim), 2**22)
         for s in range(0, u, chunk):
             units = torch.arange(s, min(u, s + chunk), device=eta.device)
-            pos, base, t = chain.tangents(k, units)
-            dropped = chain.push(pos, base.unsqueeze(0) - t)  # [c, n, K]
+            pos, states = chain.dropped(k, units)
+            dropped = chain.push(pos, states)  # [c, n, K]
             c = dropped.shape[0]
             kl = fam.kl(eta.unsqueeze(0).expand(c, n, kdim).reshape(-1, kdim), dropped.reshape(-1, kdim))
             total = total + ps[k] * kl.sum() / n

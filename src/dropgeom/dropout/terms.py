@@ -41,6 +41,8 @@ from torch.func import jvp, vjp, vmap
 
 from ..families import ExponentialFamily
 from ._common import Inputs, as_tuple, check_output, chunk_for, detached_params, family_of
+from ..manifold import eval_mode
+from .chain import Chain, as_chain, run_chain
 from .explicit import forward_with_masks, record_dropout_inputs
 from .masks import PSpec, _unit_shape, find_dropout, mask_variance, resolve_p
 
@@ -117,6 +119,7 @@ def terms(
     layers: Optional[Sequence[str]] = None,
     *,
     chunk_size: Optional[int] = None,
+    fast: bool = True,
 ) -> DropoutTerms:
     r"""Fisher, divergence and curvature terms of the dropout gap for every unit (theory.md 4.2).
 
@@ -127,6 +130,8 @@ def terms(
         family: output family of the model's outputs.
         layers: restrict to these dropout layers (default: all).
         chunk_size: units evaluated together in one ``vmap`` (default: from a memory budget).
+        fast: use the explicit chain path when the model allows it (see the module
+            docstring); ``False`` forces the generic ``torch.func`` path.
 
     Returns:
         :class:`DropoutTerms` with the sums ``fisher``, ``curvature_gaussian``,
@@ -149,6 +154,18 @@ def terms(
     mods = find_dropout(model, layers)
     ps = resolve_p(mods)
     names = list(mods)
+    chain_mods = as_chain(model, names) if fast and len(args) == 1 else None
+    if chain_mods is not None:
+        with torch.no_grad(), eval_mode(model):
+            chain = run_chain(model, chain_mods, args[0], names)
+        if chain is not None:
+            check_output(fam, chain.eta, n)
+            fam.check_targets(targets, n, chain.eta.shape[1])
+            with torch.no_grad():
+                per_unit = _terms_chain(chain, fam, names, targets, chunk_size)
+            per_layer = {k: {name: float(v.sum()) for name, v in per_unit[k].items()} for k in names}
+            sums = {name: sum(per_layer[k][name] for k in names) for name in TERM_NAMES}
+            return DropoutTerms(per_unit=per_unit, per_layer=per_layer, p=ps, family=fam.name, **sums)
     params = detached_params(model)
     with torch.no_grad():
         rec = record_dropout_inputs(model, args, names, None, params)
@@ -214,3 +231,48 @@ def terms(
         per_layer[k] = {name: float(v.sum()) for name, v in per_unit[k].items()}
     sums = {name: sum(per_layer[k][name] for k in names) for name in TERM_NAMES}
     return DropoutTerms(per_unit=per_unit, per_layer=per_layer, p=ps, family=fam.name, **sums)
+
+
+def _terms_chain(
+    chain: Chain, fam: ExponentialFamily, names: Sequence[str], targets: Tensor, chunk_size: Optional[int]
+) -> Dict[str, Dict[str, Tensor]]:
+    """The four terms by explicit propagation through a Linear/elementwise chain (``chain.py``)."""
+    eta0 = chain.eta
+    n, kdim = eta0.shape
+    r = fam.residual(eta0, targets).to(eta0.dtype)
+    sq = fam.cov_sqrt(eta0)  # [n, K, R]
+    g_sigma = chain.pull_back(sq.permute(2, 0, 1), names)  # [R, n, U]: Sigma^{1/2 T} d eta / d h~
+    g_res = chain.pull_back(r, names)  # [n, U]
+    out: Dict[str, Dict[str, Tensor]] = {}
+    for k in names:
+        h = chain.h(k)
+        u = h.shape[1]
+        fisher_u = (h * g_sigma[k]).pow(2).sum(0).mean(0)
+        rd = (h * g_res[k]).mean(0)
+        curv_closed = chain.curvature_rank1(k, r)
+        pos, base, _ = chain._start(k)
+        chunk = chunk_size or chunk_for(n, max(base.shape[1], kdim), 2**24)
+        kl = torch.empty(u, dtype=eta0.dtype, device=eta0.device)
+        bern, curv = torch.empty_like(kl), torch.empty_like(kl)
+        for s in range(0, u, chunk):
+            units = torch.arange(s, min(u, s + chunk), device=eta0.device)
+            c = units.shape[0]
+            pos, states = chain.dropped(k, units)
+            dropped = chain.push(pos, states)  # [c, n, K]
+            del states
+            kl[s : s + c] = fam.kl(eta0.expand(c, n, kdim).reshape(-1, kdim), dropped.reshape(-1, kdim)).reshape(c, n).mean(1)
+            bern[s : s + c] = ((dropped - eta0) * r).sum(-1).mean(1)
+            del dropped
+            if curv_closed is None:
+                _, _, t = chain.tangents(k, units)
+                curv[s : s + c] = (chain.second(pos, t) * r).sum(-1).mean(1)
+        if curv_closed is not None:
+            curv = curv_closed.mean(0)
+        shape = h.shape[1:]
+        out[k] = {
+            "fisher": fisher_u.reshape(shape),
+            "curvature_gaussian": curv.reshape(shape),
+            "divergence": kl.reshape(shape),
+            "curvature_bernoulli": (bern + rd).reshape(shape),
+        }
+    return out
