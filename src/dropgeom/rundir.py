@@ -48,6 +48,15 @@ __all__ = ["RunDir", "safe_name", "timed_call", "atomic_write_text", "atomic_wri
 FINISHED = ("ok", "diverged")
 
 
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_MODE = _file_mode()  # mkstemp creates 0600 files; written results get the usual permissions
+
+
 def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, ``os.replace``)."""
     path = Path(path)
@@ -58,6 +67,7 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _MODE)
         os.replace(tmp, path)
     except BaseException:
         try:
