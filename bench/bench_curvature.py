@@ -1,0 +1,166 @@
+"""Benchmark of the curvature estimators (issue 3).
+
+1. Stochastic embedding curvature on the 784-1024-1024-10 tanh MLP at batch
+   256 (categorical, float32): time of one estimator sample and of its pieces
+   (one Fisher product g v, one second directional derivative D2 eta[u, v]) as
+   multiples of one forward+backward pass measured in the same run, and the
+   peak memory against the size of one parameter vector (the estimator keeps
+   O(P + nK) memory: a few P-vectors per CG column and nK-sized outputs).
+   CG iterations are capped (``cg_max_iter``) so the run stays short; the
+   time per sample grows linearly with the iterations actually used, and the
+   table reports the cost per CG iteration to extrapolate. Note that at batch
+   256 the parameters (1.9M) outnumber n(K-1) = 2304, so the manifold over
+   these inputs fills the output space and gamma^2 = 0 (theory.md section 3):
+   this part measures cost only.
+2. Dense vs stochastic on small tanh MLPs of growing width: wall time of the
+   exact dense method against the stochastic one (32 samples, damping 1e-2),
+   to locate the crossover.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from common import forward_backward, median_time, print_table
+
+from dropgeom import ModelManifold, embedding_curvature
+from dropgeom.curvature._common import LinearisedManifold, whitening
+
+
+def _build(n: int = 256):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(784, 1024), nn.Tanh(), nn.Linear(1024, 1024), nn.Tanh(), nn.Linear(1024, 10))
+    return net, torch.randn(n, 784), torch.randint(0, 10, (n,))
+
+
+def _sampled_peak(fn) -> float:
+    """Peak growth (MiB) of the resident set while ``fn`` runs, over its size just before.
+
+    A thread samples ``/proc/self/statm`` every 0.2 ms (the process's lifetime
+    max RSS is useless here: importing torch already set it higher). Large
+    tensors are mmap-ed and returned to the OS when freed, so this tracks them.
+    """
+    import gc
+    import os
+    import threading
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    try:  # glibc: serve every allocation >= 64 KiB by mmap, so freed tensors leave the RSS
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+    except OSError:
+        pass
+    gc.collect()
+    base = rss()
+    peak = [base]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.0002)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        stop.set()
+        t.join()
+    return max(peak[0], rss()) / 2**20 - base / 2**20
+
+
+def _mnist_mlp(quick: bool) -> None:
+    n = 256
+    net, x, y = _build(n)
+    P = sum(p.numel() for p in net.parameters())
+    fb = median_time(forward_backward(net, x, lambda out: nn.functional.cross_entropy(out, y)), repeat=3 if quick else 7)
+    m = ModelManifold(net, x, "categorical")
+    lin = LinearisedManifold(m)
+    _, S, _ = whitening(m)
+    v = torch.randn(P, 1)
+    t_gv = median_time(lambda: lin.metric_matmat(S, v), repeat=2 if quick else 5)
+    t_d2 = median_time(lambda: lin.d2(v.T, v.T), repeat=2 if quick else 5)
+    cg_iter = 2 if quick else 10
+    print("(timing on a shared CPU: ratios against forward+backward, measured in the same run, are the numbers to read)")
+    n_samples = 2 if quick else 4
+    gen = torch.Generator().manual_seed(0)
+
+    def estimate() -> None:
+        embedding_curvature(
+            m, method="stochastic", n_samples=n_samples, generator=gen, batch_size=1, cg_max_iter=cg_iter, cg_tol=1e-5
+        )
+
+    estimate()  # warm-up (first vmap traces)
+    t0 = time.perf_counter()
+    estimate()
+    t_est = (time.perf_counter() - t0) / n_samples
+    mem = _sampled_peak(estimate)
+    p_mib = P * 4 / 2**20
+    print_table(
+        [
+            {"quantity": "forward+backward", "seconds": fb, "x fwd+bwd": 1.0},
+            {"quantity": "Fisher product g v (1 column)", "seconds": t_gv, "x fwd+bwd": t_gv / fb},
+            {"quantity": "D2 eta[u, v] (forward over forward)", "seconds": t_d2, "x fwd+bwd": t_d2 / fb},
+            {
+                "quantity": f"one estimator sample (cg_max_iter={cg_iter}, <= {2 * cg_iter}+{5 * cg_iter} CG products)",
+                "seconds": t_est,
+                "x fwd+bwd": t_est / fb,
+            },
+        ],
+        title=f"stochastic curvature, MLP 784-1024-1024-10, batch {n}, P={P}, float32 (CPU)",
+    )
+    print_table(
+        [
+            {"run": f"estimator, {n_samples} samples", "peak MiB": mem, "x |theta| (P floats)": mem / p_mib},
+            {"run": "P x P matrix (never formed)", "peak MiB": P * P * 4 / 2**20, "x |theta| (P floats)": float(P)},
+        ],
+        title=f"peak resident-memory growth (P floats = {p_mib:.1f} MiB, nK = {n * 10}; a CG column holds ~5 P-vectors)",
+    )
+
+
+def _crossover(quick: bool) -> None:
+    torch.manual_seed(0)
+    n, d, K = 64, 4, 3
+    widths = [4, 8] if quick else [4, 8, 16, 32]
+    rows = []
+    for h in widths:
+        net = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, K)).double()
+        m = ModelManifold(net, torch.randn(n, d, dtype=torch.float64), "categorical")
+        t_dense = median_time(lambda: embedding_curvature(m), repeat=1 if quick else 3)
+        gen = torch.Generator().manual_seed(0)
+        t_sto = median_time(
+            lambda: embedding_curvature(m, method="stochastic", n_samples=32, generator=gen, batch_size=32, damping=1e-2),
+            repeat=1,
+            warmup=0,
+        )
+        rows.append(
+            {
+                "width": h,
+                "P": m.num_params,
+                "dense s": t_dense,
+                "stochastic(32, damped) s": t_sto,
+                "stochastic / dense": t_sto / t_dense,
+            }
+        )
+    print_table(rows, title=f"dense vs stochastic, tanh MLP {d}-h-{K}, n={n}, categorical, float64")
+
+
+def main(quick: bool) -> None:
+    _crossover(quick)
+    _mnist_mlp(quick)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(quick="--quick" in sys.argv)
