@@ -180,3 +180,49 @@ def test_bad_inputs():
         gap(net, x, y, noise="gaussian")
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         terms(net, x, y).predicted_gap(p=1.2)
+
+
+# -- the fast chain path (explicit propagation) against the generic torch.func path --------
+
+
+def _chain_nets(act, bias):
+    """Dropout at several positions: hidden layers, the input, before an activation, deep chains."""
+    L = lambda i, o: nn.Linear(i, o, bias=bias)  # noqa: E731
+    return [
+        nn.Sequential(L(3, 5), act(), nn.Dropout(0.2), L(5, 6), act(), nn.Dropout(0.3), L(6, 4)),
+        nn.Sequential(nn.Dropout(0.1), L(3, 5), act(), L(5, 4)),
+        nn.Sequential(L(3, 5), nn.Dropout(0.25), act(), L(5, 6), act(), nn.Dropout(0.2), nn.Flatten(), L(6, 4)),
+        nn.Sequential(L(3, 5), act(), nn.Dropout(0.2), L(5, 5), act(), L(5, 6), act(), nn.Dropout(0.4), L(6, 4)),
+    ]
+
+
+@pytest.mark.parametrize("act", [nn.Tanh, nn.Softplus, nn.ReLU, nn.GELU])
+@pytest.mark.parametrize("bias", [True, False])
+def test_chain_path_equals_generic_path(act, bias):
+    from dropgeom.dropout.chain import as_chain
+    from dropgeom.dropout.masks import find_dropout
+
+    torch.manual_seed(5)
+    x, y = _data(n=9, k=4)
+    for net in _chain_nets(act, bias):
+        net = net.double()
+        assert as_chain(net, list(find_dropout(net))) is not None  # the fast path is the one tested
+        fast = terms(net, x, y, chunk_size=2)  # chunks not dividing the unit count
+        slow = terms(net, x, y, fast=False)
+        for k in slow.per_unit:
+            for key in TERMS:
+                assert torch.allclose(fast.per_unit[k][key], slow.per_unit[k][key], rtol=1e-10, atol=1e-15), (net, k, key)
+        assert abs(fast.predicted_gap() - slow.predicted_gap()) < 1e-13
+
+
+@pytest.mark.parametrize("family", ["gaussian", "poisson"])
+def test_chain_path_other_families(family):
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Dropout(0.2), nn.Linear(5, 4), nn.Softplus(), nn.Dropout(0.3),
+                        nn.Linear(4, 2)).double()
+    x, _ = _data(n=9)
+    y = torch.randn(9, 2, dtype=D) if family == "gaussian" else torch.poisson(torch.full((9, 2), 2.0, dtype=D))
+    fast, slow = terms(net, x, y, family=family), terms(net, x, y, family=family, fast=False)
+    for k in slow.per_unit:
+        for key in TERMS:
+            assert torch.allclose(fast.per_unit[k][key], slow.per_unit[k][key], rtol=1e-10, atol=1e-15), (k, key)

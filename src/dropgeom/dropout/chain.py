@@ -139,7 +139,7 @@ class Chain:
         h = self.h(name)  # [n, U]
         hj = h[:, units].t().unsqueeze(-1)  # [c, n, 1]
         if lin is not None:
-            return pos, base, hj * lin.weight[:, units].t().unsqueeze(1)  # [c, n, d]
+            return pos, base, hj.contiguous() * lin.weight[:, units].t().contiguous().unsqueeze(1)  # [c, n, d]
         t = torch.zeros(units.shape[0], *h.shape, dtype=h.dtype, device=h.device)
         t[torch.arange(units.shape[0]), :, units] = h[:, units].t()
         return pos, base, t
@@ -165,8 +165,11 @@ class Chain:
             _, base, t = self.tangents(name, units)
             return pos, base.unsqueeze(0) - t
         h = self.h(name)
-        hj = h[:, units].t().unsqueeze(-1)  # [c, n, 1]
-        return pos, torch.addcmul(base.unsqueeze(0), hj, lin.weight[:, units].t().unsqueeze(1), value=-1.0)
+        # contiguous operands: otherwise the broadcast output takes a transposed layout
+        # and every later op on the [c, n, d] states copies it
+        hj = h[:, units].t().contiguous().unsqueeze(-1)  # [c, n, 1]
+        wj = lin.weight[:, units].t().contiguous().unsqueeze(1)  # [c, 1, d]
+        return pos, torch.addcmul(base.unsqueeze(0), hj, wj, value=-1.0)
 
     def curvature_rank1(self, name: str, r: Tensor) -> Optional[Tensor]:
         """``<r_i, d^2 eta_i / d m_j^2>`` (``[n, U]``) in closed form, or ``None`` if it does not apply.
