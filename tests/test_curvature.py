@@ -245,6 +245,8 @@ def test_dense_against_reference(family, act):
     damped = embedding_curvature(m, alpha=-1.0, damping=1e-3)
     assert damped.gamma2.item() == pytest.approx(ref.gamma2(r, -1.0, damping=1e-3).item(), rel=1e-9)
     assert damped.damping == 1e-3 and damped.damping_abs > 0
+    zero = embedding_curvature(m, alpha=-1.0, damping=0.0)
+    assert zero.gamma2.item() == pytest.approx(embedding_curvature(m, alpha=-1.0).gamma2.item(), rel=1e-12)
     rank = int(torch.linalg.matrix_rank(r.g))
     assert res.rank == rank
     K = m.num_outputs

@@ -119,7 +119,8 @@ def _dense(manifold: ModelManifold, alpha: float, damping: Optional[float]) -> C
         H = H + 0.5 * (1.0 - alpha) * torch.einsum("nkl,nlab->nkab", Sigma_pinv, skew)
     normal = H - torch.einsum("nkp,pab->nkab", geo.J, x)
     lam = None
-    if damping is None:
+    if not damping:  # None or 0: the pseudo-inverse g^+ (a zero shift would blow up rounding-level eigenvalues)
+        lam = None if damping is None else 0.0
         E = V / s
     else:
         w, Q = torch.linalg.eigh(geo.Jw.T @ geo.Jw)
