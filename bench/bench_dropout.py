@@ -1,63 +1,151 @@
-"""Dropout analysis cost: ``terms`` and the Fisher-dropout ``penalty`` on a
-784-1024-1024-10 MLP with dropout after each hidden layer, batch 256.
+"""Dropout analysis cost: the Fisher-dropout training step and ``terms``.
 
-Times are multiples of one forward+backward of the same model (plain
-cross-entropy, eval mode) measured in the same run; the penalty is also
-compared with one ordinary dropout training step (train-mode forward+backward).
+Models: MLP 784-1024-1024-10 (synthetic inputs) and MLP 64-256-256-10 (the
+digits set), ``nn.Dropout(0.5)`` after each hidden layer, batch 256.
+
+* Training steps (forward + backward + SGD step): a plain step (eval mode, the
+  unit ``x fwd+bwd``), an ordinary dropout step (the model's ``nn.Dropout`` in
+  train mode, ``x dropout step``), and Fisher-dropout steps ``clean loss +
+  penalty`` for the quadratic and divergence forms, ``mc`` and ``exact``. The
+  clean loss reuses the penalty's forward (``penalty(..., return_output=True)``);
+  one row shows the cost of a separate clean forward instead (what an objective
+  that calls ``model(x)`` and ``penalty`` separately pays). Goal (issues 4/5):
+  a Fisher-dropout step <= 1.0x a dropout step.
+* ``terms`` (exact, all units) on the 784-1024-1024-10 MLP (ReLU then Tanh, so
+  the curvature terms are not trivially zero), per layer and in total, as a
+  multiple of one forward+backward.
+
+``--quick`` skips the exact divergence step on the large MLP and ``terms`` of
+the deep layer (each costs tens of forward+backward passes).
 """
 
 from __future__ import annotations
 
+import statistics
 import time
+from typing import Callable, Dict
 
 import torch
 from torch import nn
 
-from common import forward_backward, median_time, print_table
+from common import median_time, print_table
 from dropgeom.dropout import penalty, terms
 
 
-def _mlp(width: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(784, width), nn.ReLU(), nn.Dropout(0.5), nn.Linear(width, width), nn.Tanh(), nn.Dropout(0.5),
-        nn.Linear(width, 10),
-    )
+def _mlp(sizes, act=nn.ReLU, last_act=None) -> nn.Sequential:
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-2], sizes[1:-1])):
+        layers += [nn.Linear(a, b), (last_act if (last_act and i == len(sizes) - 3) else act)(), nn.Dropout(0.5)]
+    return nn.Sequential(*layers, nn.Linear(sizes[-2], sizes[-1]))
+
+
+def _digits(batch: int):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data[:batch], dtype=torch.float32)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    return x, torch.tensor(d.target[:batch])
+
+
+def _interleaved(fns: Dict[str, Callable[[], None]], repeat: int) -> Dict[str, float]:
+    """Median time of each function, measured round-robin (one call of each per round, after a
+    warm-up round) so that load changes on a shared machine hit every candidate alike."""
+    for f in fns.values():
+        f()
+    times: Dict[str, list] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _steps(net: nn.Sequential, x: torch.Tensor, y: torch.Tensor, quick: bool, big: bool, label: str):
+    ce = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-6)
+    gen = torch.Generator().manual_seed(0)
+    repeat = 5 if quick else 11
+
+    def plain() -> None:
+        net.eval()
+        opt.zero_grad()
+        ce(net(x), y).backward()
+        opt.step()
+
+    def dropout() -> None:
+        net.train()
+        opt.zero_grad()
+        ce(net(x), y).backward()
+        opt.step()
+        net.eval()
+
+    def fisher(form: str, est: str, shared: bool = True):
+        def step() -> None:
+            opt.zero_grad()
+            if shared:
+                pen, eta = penalty(net, x, form=form, estimator=est, generator=gen, return_output=True)
+                loss = ce(eta, y) + pen
+            else:
+                loss = ce(net(x), y) + penalty(net, x, form=form, estimator=est, generator=gen)
+            loss.backward()
+            opt.step()
+
+        return step
+
+    fns = {f"{label}: plain step (eval)": plain, f"{label}: dropout step": dropout}
+    cases = [("quadratic", "mc", True), ("quadratic", "exact", True), ("divergence", "mc", True),
+             ("divergence", "exact", True), ("quadratic", "mc", False)]
+    slow = {}
+    for form, est, shared in cases:
+        what = f"{label}: clean + penalty({form}, {est})" + ("" if shared else ", separate forward")
+        if big and form == "divergence" and est == "exact":
+            if not quick:
+                slow[what] = fisher(form, est, shared)
+            continue
+        fns[what] = fisher(form, est, shared)
+    times = _interleaved(fns, repeat)
+    times.update({k: median_time(f, repeat=1, warmup=0) for k, f in slow.items()})
+    fb, drop = times[f"{label}: plain step (eval)"], times[f"{label}: dropout step"]
+    rows = list(times.items())
+    return [{"what": w, "seconds": t, "x fwd+bwd": t / fb, "x dropout step": t / drop} for w, t in rows], fb
 
 
 def main(quick: bool) -> None:
     torch.manual_seed(0)
-    width, batch = 1024, 256
-    net = _mlp(width)
-    x, y = torch.randn(batch, 784), torch.randint(0, 10, (batch,))
+    batch = 256
+    rows = []
+    big = _mlp([784, 1024, 1024, 10])
+    xb, yb = torch.randn(batch, 784), torch.randint(0, 10, (batch,))
+    r, _ = _steps(big, xb, yb, quick, True, "784-1024-1024-10")
+    rows += r
+    small = _mlp([64, 256, 256, 10])
+    xs, ys = _digits(batch)
+    r, _ = _steps(small, xs, ys, quick, False, "64-256-256-10 digits")
+    rows += r
+    print_table(rows, title=f"Fisher-dropout training step vs dropout step, batch {batch}")
+
+    net = _mlp([784, 1024, 1024, 10], act=nn.ReLU, last_act=nn.Tanh).eval()
+    params = list(net.parameters())
     ce = nn.CrossEntropyLoss()
-    params = [p for p in net.parameters()]
-    net.eval()
-    fb = median_time(forward_backward(net, x, lambda out: ce(out, y)), repeat=3 if quick else 7)
-    net.train()
-    drop_step = median_time(forward_backward(net, x, lambda out: ce(out, y)), repeat=3 if quick else 7)
-    net.eval()
-    rows = [{"what": "forward+backward (eval)", "seconds": fb, "x fwd+bwd": 1.0, "x dropout step": fb / drop_step},
-            {"what": "dropout training step", "seconds": drop_step, "x fwd+bwd": drop_step / fb, "x dropout step": 1.0}]
-    gen = torch.Generator().manual_seed(0)
-    for form in ("quadratic", "divergence"):
-        for est in ("mc", "exact"):
-            if quick and form == "divergence" and est == "exact":
-                continue
 
-            def step(form=form, est=est) -> None:
-                loss = ce(net(x), y) + penalty(net, x, form=form, estimator=est, generator=gen)
-                torch.autograd.grad(loss, params)
+    def fwd_bwd() -> None:
+        torch.autograd.grad(ce(net(xb), yb), params)
 
-            t = median_time(step, repeat=2 if quick else 5)
-            rows.append({"what": f"clean + penalty({form}, {est}) fwd+bwd", "seconds": t, "x fwd+bwd": t / fb,
-                         "x dropout step": t / drop_step})
-    layers = ["5"] if quick else None
-    t0 = time.perf_counter()
-    terms(net, x, y, layers=layers)
-    t_terms = time.perf_counter() - t0
-    rows.append({"what": f"terms (layers={'last' if quick else 'both'}, exact, per unit)", "seconds": t_terms,
-                 "x fwd+bwd": t_terms / fb, "x dropout step": t_terms / drop_step})
-    print_table(rows, title=f"dropout terms / penalty, MLP 784-{width}-{width}-10, batch {batch}")
+    fb = _interleaved({"fb": fwd_bwd}, 3 if quick else 7)["fb"]
+    trows = [{"what": "forward+backward (eval)", "seconds": fb, "x fwd+bwd": 1.0}]
+    total = 0.0
+    for layer in (["5"] if quick else ["5", "2"]):
+        t0 = time.perf_counter()
+        terms(net, xb, yb, layers=[layer])
+        t = time.perf_counter() - t0
+        total += t
+        where = "before the output Linear" if layer == "5" else "first hidden layer"
+        trows.append({"what": f"terms layer {layer} ({where}), 1024 units, exact", "seconds": t, "x fwd+bwd": t / fb})
+    if not quick:
+        trows.append({"what": "terms, both layers", "seconds": total, "x fwd+bwd": total / fb})
+    print_table(trows, title=f"dropout terms, MLP 784-1024(ReLU)-1024(Tanh)-10, batch {batch}, all units")
 
 
 if __name__ == "__main__":

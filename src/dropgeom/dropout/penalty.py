@@ -42,7 +42,7 @@ from torch.func import jvp, vmap
 
 from ..families import ExponentialFamily
 from ..manifold import eval_mode
-from ._common import Inputs, as_tuple, check_output, chunk_for, family_of
+from ._common import Inputs, as_tuple, check_output, chunk_for, family_of, kl_to_dropped
 from .chain import as_chain, run_chain
 from .explicit import forward_with_masks
 from .masks import _CHANNEL_TYPES, PSpec, find_dropout, mask_variance, resolve_p
@@ -336,7 +336,7 @@ def _penalty_chain(
             j = torch.randint(0, u, (n,), generator=generator, device=eta.device)
             pos, base, t = chain.tangent_per_sample(k, j)
             dropped = chain.push(pos, base - t)
-            total = total + ps[k] * u * fam.kl(eta, dropped).sum() / n
+            total = total + ps[k] * u * kl_to_dropped(fam, eta, dropped).sum() / n
             continue
         pos, base, _ = chain._start(k)
         chunk = chunk_size or chunk_for(n, max(base.shape[1], kdim), 2**22)
@@ -344,9 +344,7 @@ def _penalty_chain(
             units = torch.arange(s, min(u, s + chunk), device=eta.device)
             pos, states = chain.dropped(k, units)
             dropped = chain.push(pos, states)  # [c, n, K]
-            c = dropped.shape[0]
-            kl = fam.kl(eta.unsqueeze(0).expand(c, n, kdim).reshape(-1, kdim), dropped.reshape(-1, kdim))
-            total = total + ps[k] * kl.sum() / n
+            total = total + ps[k] * kl_to_dropped(fam, eta, dropped).sum() / n
     return total
 
 

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
 from ..families import ExponentialFamily
-from ._common import Inputs, as_tuple, check_output, chunk_for, detached_params, family_of
+from ._common import Inputs, as_tuple, check_output, chunk_for, detached_params, family_of, kl_to_dropped
 from ..manifold import eval_mode
 from .chain import Chain, as_chain, run_chain
 from .explicit import forward_with_masks, record_dropout_inputs
@@ -260,7 +260,7 @@ def _terms_chain(
             pos, states = chain.dropped(k, units)
             dropped = chain.push(pos, states)  # [c, n, K]
             del states
-            kl[s : s + c] = fam.kl(eta0.expand(c, n, kdim).reshape(-1, kdim), dropped.reshape(-1, kdim)).reshape(c, n).mean(1)
+            kl[s : s + c] = kl_to_dropped(fam, eta0, dropped).mean(1)
             bern[s : s + c] = ((dropped - eta0) * r).sum(-1).mean(1)
             del dropped
             if curv_closed is None:
