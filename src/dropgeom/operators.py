@@ -430,8 +430,8 @@ class KFACOperator(CurvatureOperator):
             top = torch.topk(prod, min(k, prod.numel()))
             for v, flat in zip(top.values.tolist(), top.indices.tolist()):
                 cands.append((v, bi, flat // wa.numel(), flat % wa.numel()))
-        for di, (blk, _) in enumerate(self.dense_blocks):
-            w, _ = torch.linalg.eigh(blk)
+        dense_eigs = [torch.linalg.eigh(blk) for blk, _ in self.dense_blocks]
+        for di, (w, _) in enumerate(dense_eigs):
             for j, v in enumerate(w.tolist()):
                 cands.append((v, -1 - di, j, 0))
         cands.sort(key=lambda c: -c[0])
@@ -447,9 +447,8 @@ class KFACOperator(CurvatureOperator):
                 kb.scatter(tmp, W)
                 vecs[:, col] = tmp[:, 0]
             else:
-                blk, idx = self.dense_blocks[-1 - bi]
-                _, q = torch.linalg.eigh(blk)
-                vecs[idx, col] = q[:, i]
+                _, idx = self.dense_blocks[-1 - bi]
+                vecs[idx, col] = dense_eigs[-1 - bi][1][:, i]
         return vals, vecs
 
     def solve(self, b: Tensor, damping: float = 0.0, tol: float = 1e-10, max_iter: Optional[int] = None) -> Tensor:
