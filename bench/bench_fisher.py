@@ -21,6 +21,7 @@ What each peer computes, in our convention (mean over inputs):
   empirical    BackPACK SumGradSquared with CrossEntropyLoss(reduction="sum"), divided by n
   trace        sum of the peers' exact diagonals (nngeometry: PMatDiag.trace())
   kfac         BackPACK KFLR, nngeometry FIM(PMatKFAC), curvlinops KFACLinearOperator(type-2)
+  implicit mv  exact Fisher times 16 columns (operator built in the call): curvlinops GGNLinearOperator
 """
 
 from __future__ import annotations
@@ -84,7 +85,12 @@ def _ours(model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, Callable[[], obje
         "empirical diag": lambda: fisher(m, "empirical", "diag", targets=y).diag(),
         "trace": lambda: fisher(m, "exact", "diag").trace(),
         "kfac": lambda: fisher(m, "exact", "kfac"),
+        "implicit mv x16": lambda: fisher(m, "exact", "implicit").mv(_columns(m.num_params, x.dtype)),
     }
+
+
+def _columns(P: int, dtype: torch.dtype) -> Tensor:
+    return torch.randn(P, 16, generator=torch.Generator().manual_seed(4), dtype=dtype)
 
 
 def _backpack(model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, Callable[[], object]]:
@@ -135,7 +141,7 @@ def _nngeometry(model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, Callable[[]
 
 
 def _curvlinops(model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, Callable[[], object]]:
-    from curvlinops import KFACLinearOperator
+    from curvlinops import GGNLinearOperator, KFACLinearOperator
 
     net = copy.deepcopy(model)
     params = list(net.parameters())
@@ -148,7 +154,11 @@ def _curvlinops(model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, Callable[[]
         op.compute_kronecker_factors()
         return op
 
-    return {"kfac": kfac}
+    def ggn_mv() -> Tensor:
+        op = GGNLinearOperator(net, nn.CrossEntropyLoss(), params, [(x, y)], check_deterministic=False)
+        return op @ _columns(sum(p.numel() for p in params), x.dtype)
+
+    return {"kfac": kfac, "implicit mv x16": ggn_mv}
 
 
 # ---------------------------------------------------------------------------
@@ -164,7 +174,7 @@ def _rel(a: Tensor, b: Tensor) -> float:
 def _disagreement(quantity: str, results: Dict[str, object], model: nn.Module) -> float:
     ours = results.get("dropgeom")
     worst = 0.0
-    if quantity in ("exact diag", "empirical diag", "trace"):
+    if quantity in ("exact diag", "empirical diag", "trace", "implicit mv x16"):
         for lib, r in results.items():
             if lib != "dropgeom" and r is not None:
                 worst = max(worst, _rel(torch.as_tensor(r), torch.as_tensor(ours)))
@@ -183,7 +193,7 @@ def _disagreement(quantity: str, results: Dict[str, object], model: nn.Module) -
     return worst
 
 
-QUANTITIES = ["exact diag", "mc diag", "empirical diag", "trace", "kfac"]
+QUANTITIES = ["exact diag", "mc diag", "empirical diag", "trace", "kfac", "implicit mv x16"]
 PEERS = {"backpack": _backpack, "nngeometry": _nngeometry, "curvlinops": _curvlinops}
 
 
