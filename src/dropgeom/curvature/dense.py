@@ -48,9 +48,9 @@ def check_dense_size(manifold: ModelManifold, what: str) -> None:
             "to fewer parameters with ModelManifold(..., param_names=...)"
         )
     memory_guard(
-        manifold.n * manifold.num_outputs * P * P,
+        5 * manifold.n * manifold.num_outputs * P * P,  # Hessian, skewness, whitened and normal copies
         manifold.dtype,
-        f"{what}: the dense Hessian tensor [n={manifold.n}, K={manifold.num_outputs}, P={P}, P={P}]",
+        f"{what}: about 5 copies of the Hessian tensor [n={manifold.n}, K={manifold.num_outputs}, P={P}, P={P}]",
         "use embedding_curvature(..., method='stochastic') or fewer inputs/parameters",
     )
 
