@@ -68,6 +68,8 @@ def test_report_numbers_match_metrics_files(run):
     for setting in {r["setting"] for r in c2}:
         gains = [r["test_none"]["nll"] - r["test_dropout"]["nll"] for r in c2 if r["setting"] == setting]
         assert f"| {setting} | {len(gains)} | {fmt_ci(*mean_ci(gains))} |" in text
+    better = sum(1 for r in c2 if r["test_none"]["nll"] - r["test_dropout"]["nll"] > 0)
+    assert f"lowered the test NLL in {better} of {len(c2)} C2 runs" in text
     # the identity network's outputs are affine in every mask: its curvature terms vanish (theory.md 4.2)
     ident = [r for r in c2 if r["activation"] == "identity"]
     assert ident and all(abs(r["terms"]["ratio_bernoulli"]) < 1e-8 for r in ident)

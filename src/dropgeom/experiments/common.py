@@ -258,7 +258,7 @@ def curvature_measures(
         dense_bytes = m.n * m.num_outputs * m.num_params**2 * 8
         method = "dense" if dense_bytes <= DENSE_BYTES and m.num_params <= 2000 else "stochastic"
     gen = torch.Generator().manual_seed(10_000 + seed)
-    out: Dict[str, Any] = {"num_params": m.num_params, "n_inputs": m.n, "method": method}
+    out: Dict[str, Any] = {"num_params": m.num_params, "n_inputs": m.n, "num_outputs": m.num_outputs, "method": method}
     kw = dict(alpha=1.0, method=method, n_samples=config.curvature_samples, generator=gen)
     if raw:
         res = embedding_curvature(m, **kw)

@@ -14,7 +14,36 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
 
-__all__ = ["table", "build_markdown"]
+__all__ = ["table", "build_markdown", "caveats"]
+
+
+def caveats(config: Any, records: Dict[str, List[Mapping[str, Any]]]) -> List[str]:
+    """What the verdicts rest on, computed from the records: model sizes, curvature set-up, dropout's effect."""
+    out = [
+        f"Models: float64 MLPs of width {config.width} (C1, C3) and widths {list(config.c2_widths)} x depths "
+        f"{list(config.c2_depths)} (C2) on `{config.dataset}` projected on {config.input_dim or 'all'} principal "
+        f"components, {config.epochs} epochs of Adam (lr {config.lr}, batch {config.batch_size}); {config.seeds} seed(s). "
+        "The verdicts hold for this regime, not for every network."
+    ]
+    curv = [r["curvature"] for rs in records.values() for r in rs if isinstance(r.get("curvature"), Mapping) and "num_params" in r["curvature"]]
+    if curv:
+        ratios = [c["n_inputs"] * max(c["num_outputs"] - 1, 1) / c["num_params"] for c in curv if "num_outputs" in c]
+        ratio = f"; n(K-1)/P between {min(ratios):.1f} and {max(ratios):.1f}" if ratios else ""
+        out.append(
+            f"Curvature: over {curv[0]['n_inputs']} held-out inputs, on the parameters of the layers around the first dropout mask "
+            f"({min(c['num_params'] for c in curv)}-{max(c['num_params'] for c in curv)} parameters{ratio}), "
+            f"damping {config.damping} x the largest eigenvalue of g."
+        )
+    c2 = [r for r in records.get("C2", []) if r.get("status") == "ok" and "gain" in r]
+    if c2:
+        better = sum(1 for r in c2 if r["gain"] > 0)
+        note = (
+            "it mostly raised it: these networks are in a regime where dropout underfits, and C1/C2 describe that regime"
+            if better < len(c2) / 2
+            else "dropout mostly helped"
+        )
+        out.append(f"Dropout (p = {config.c2_p}) lowered the test NLL in {better} of {len(c2)} C2 runs; {note}.")
+    return out
 
 
 def table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
@@ -73,6 +102,9 @@ def build_markdown(
         for fig in figures.get(name, []):
             rel = fig.relative_to(root).as_posix()
             parts.append(f"![{fig.stem}]({rel})\n")
+
+    parts.append("## Scope and caveats\n")
+    parts.append("\n".join(f"- {line}" for line in caveats(config, records)) + "\n")
 
     parts.append("## Diverged and failed runs\n")
     bad = [
