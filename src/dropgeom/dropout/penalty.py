@@ -18,12 +18,28 @@ How each layer is computed (``U`` units, ``R`` = rank of ``Sigma``):
 * **closed form** (no extra pass): a dropout module followed only by the final
   ``nn.Linear`` of a top-level ``nn.Sequential``: ``d eta / d h~ = W_out``, so
   ``d_j eta_i = h_ij W_out[:, j]``, ``eta_i^(-j) = eta_i - h_ij W_out[:, j]`` and both
-  curvature terms are exactly zero (eta is affine in the mask). Cost ``O(n R U K)``.
-* **exact** otherwise: quadratic: ``R`` reverse-mode products with respect to the
+  curvature terms are exactly zero (eta is affine in the mask). Quadratic: always
+  exact, ``O(n U K)`` (categorical: ``p @ W^2 - (p @ W)^2``; else ``O(n R U K)``).
+  Divergence: exact ``O(n U K)``; with ``estimator="mc"`` one dropped unit per
+  sample, ``O(n K)``.
+* **chain** (``chain.py``): a top-level ``nn.Sequential`` whose modules downstream
+  of the dropout layers are Linear / elementwise activations / Dropout / Flatten /
+  Identity (and ``curvature=False``, one input tensor). One forward pass records
+  every module's input; its output is returned with ``return_output=True`` so the
+  clean loss needs no second forward. Quadratic: the probes are pulled back by
+  explicit matmuls (``w -> w @ W``, ``w -> w * a'(z)``) -- autograd differentiates
+  only a first-order graph; ``mc`` costs one extra backward-sized pass through the
+  downstream layers (about 1.6x a forward+backward in total for the clean loss plus
+  penalty on a two-hidden-layer MLP), ``exact`` ``R`` of them. Divergence: the
+  dropped outputs are rank-1 changes ``z - h_j W[:, j]`` of the first downstream
+  Linear's output pushed through the rest of the chain; ``mc``: one ``[n, width]``
+  pass, ``exact``: ``U`` of them (chunked).
+* **generic** otherwise (``torch.func`` / autograd with respect to the masks):
+  **exact**: quadratic: ``R`` reverse-mode products with respect to the
   masks (one batched backward with ``create_graph``); divergence: one forward pass
   of the downstream layers per unit (``vmap`` over units); curvature: a
   forward-over-forward pass per unit.
-* **mc** (unbiased) otherwise: quadratic: one probe ``w_i = Sigma_i^{1/2} xi_i`` with
+  **mc** (unbiased): quadratic: one probe ``w_i = Sigma_i^{1/2} xi_i`` with
   Rademacher ``xi`` (``E w w^T = Sigma``), i.e. one backward; divergence: one
   randomly dropped unit per sample, ``U * KL(eta_i || eta_i^(-j_i))``, i.e. one
   forward; Gaussian curvature: Hutchinson ``E_v D2 eta[v, v] = sum_j d^2 eta/dm_j^2``
@@ -132,7 +148,7 @@ def penalty(
         curvature: add ``1/2 sum V C_jj`` (quadratic) or ``sum p B_j`` (divergence).
         layers: restrict to these dropout layers.
         estimator: ``"exact"`` or ``"mc"`` (unbiased, one probe; see the module docstring).
-            Layers with a closed form are always exact.
+            The quadratic form of a layer right before the output Linear is always exact.
         generator: seeds the ``mc`` probes.
         chunk_size: units evaluated together by the exact divergence form.
         return_output: also return the clean (eval-mode) output ``eta`` of the same
@@ -225,6 +241,11 @@ def _penalty(
             sw = torch.einsum("nkr,kj->nrj", fam.cov_sqrt(eta), w)
             fis = (h.unsqueeze(1) * sw).pow(2).sum() / n
             total = total + 0.5 * mask_variance(ps[k]) * fis
+        elif estimator == "mc":  # one dropped unit per sample: O(n K) instead of O(n U K)
+            u = h.shape[1]
+            j = torch.randint(0, u, (n,), generator=generator, device=eta.device)
+            dropped = eta - h[torch.arange(n, device=eta.device), j].unsqueeze(-1) * w.t()[j]
+            total = total + ps[k] * u * fam.kl(eta, dropped).sum() / n
         else:
             u = h.shape[1]
             dropped = eta.unsqueeze(1) - h.unsqueeze(-1) * w.t().unsqueeze(0)  # [n, U, K]
@@ -327,9 +348,9 @@ def _penalty_chain(
             for k, w in chain.pull_back(cols, exact_layers).items():
                 total = total + 0.5 * mask_variance(ps[k]) * (chain.h(k) * w).pow(2).sum() / n
         return total
-    for k in names:
+    for k in closed + [k for k in names if k not in closed]:  # the generic path's order of draws
         u = chain.h(k).shape[1]
-        if k in closed:
+        if k in closed and not mc:
             total = total + ps[k] * _closed_kl(fam, eta, chain.h(k), chain.modules[-1].weight).sum() / n
             continue
         if mc:
