@@ -306,3 +306,47 @@ def test_tied_weights_take_the_generic_path():
     m = ModelManifold(net, x, "categorical")
     ggn = GGNLinearOperator(net, nn.CrossEntropyLoss(), list(net.parameters()), [(x, y)], check_deterministic=False)
     _close(fisher(m, "exact", "diag").diag(), _dense_of(ggn, m.num_params).diagonal())
+
+
+def test_conv_padding_variants_diag_and_kfac():
+    """Conv1d/Conv2d with padding="same", "valid", dilation and stride use the unfold rule;
+    "same" with an even kernel (uneven padding) takes the generic path. Exact diagonals
+    against curvlinops' GGN, KFC against curvlinops' KFAC-expand (which has no uneven padding)."""
+    def net_with(middle: nn.Module) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding="same", dilation=2), nn.Tanh(), middle,
+            nn.ReLU(), nn.Conv2d(2, 2, 2, stride=2, padding="valid"), nn.Flatten(), nn.Linear(2 * 3 * 3, K),
+        ).to(DT)
+
+    x, y = torch.randn(N, 2, 6, 6, dtype=DT), torch.randint(0, K, (N,))
+    uneven = net_with(nn.Conv2d(3, 2, (3, 2), padding="same"))
+    m = ModelManifold(uneven, x, "categorical")
+    ggn = GGNLinearOperator(uneven, nn.CrossEntropyLoss(), list(uneven.parameters()), [(x, y)], check_deterministic=False)
+    _close(fisher(m, "exact", "diag").diag(), _dense_of(ggn, m.num_params).diagonal())
+    assert sorted(kb.name for kb in fisher(m, "exact", "kfac").kron_blocks) == ["0", "4", "6"]  # "2" pads unevenly
+
+    even = net_with(nn.Conv2d(3, 2, 3, padding="same"))
+    m = ModelManifold(even, x, "categorical")
+    kfac = fisher(m, "exact", "kfac")
+    assert not kfac.dense_blocks
+    _close(kfac.dense(), _dense_of(_curvlinops_kfac(even, x, y, "type-2"), m.num_params))
+    conv1 = nn.Sequential(nn.Conv1d(2, 3, 3, padding="same", dilation=2), nn.Tanh(), nn.Conv1d(3, 2, 3, stride=2), nn.Flatten(), nn.Linear(6, K)).to(DT)
+    x1 = torch.randn(N, 2, 8, dtype=DT)
+    m = ModelManifold(conv1, x1, "categorical")
+    ggn = GGNLinearOperator(conv1, nn.CrossEntropyLoss(), list(conv1.parameters()), [(x1, y)], check_deterministic=False)
+    _close(fisher(m, "exact", "diag").diag(), _dense_of(ggn, m.num_params).diagonal())
+    assert len(fisher(m, "exact", "kfac").kron_blocks) == 3
+
+    # Conv1d KFC = the Conv2d KFC of the same layers on a height-1 image (curvlinops has Conv2d only)
+    class Height1(nn.Module):
+        def forward(self, h):
+            return h.unsqueeze(-2)
+
+    conv2 = nn.Sequential(
+        Height1(), nn.Conv2d(2, 3, (1, 3), padding=(0, 2), dilation=(1, 2)), nn.Tanh(),
+        nn.Conv2d(3, 2, (1, 3), stride=(1, 2)), nn.Flatten(), nn.Linear(6, K),
+    ).to(DT)
+    with torch.no_grad():
+        for p2, p1 in zip(conv2.parameters(), conv1.parameters()):
+            p2.copy_(p1.reshape(p2.shape))
+    _close(fisher(m, "exact", "kfac").dense(), _dense_of(_curvlinops_kfac(conv2, x1, y, "type-2"), m.num_params))

@@ -311,8 +311,18 @@ def _has_layer_rule(mod: nn.Module) -> bool:
     if type(mod) is nn.Linear:
         return True
     if type(mod) in (nn.Conv1d, nn.Conv2d):
-        return mod.groups == 1 and mod.padding_mode == "zeros" and (not isinstance(mod.padding, str) or mod.padding == "valid")
+        return mod.groups == 1 and mod.padding_mode == "zeros" and _conv_padding(mod) is not None
     return False
+
+
+def _conv_padding(mod: nn.Module) -> Optional[Tuple[int, ...]]:
+    """Symmetric zero padding per spatial dim; ``None`` where ``padding="same"`` pads unevenly."""
+    if not isinstance(mod.padding, str):
+        return tuple(mod.padding)
+    if mod.padding == "valid":
+        return (0,) * len(mod.kernel_size)
+    total = [d * (k - 1) for d, k in zip(mod.dilation, mod.kernel_size)]  # "same" (stride 1)
+    return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
 
 
 def _rule_layers(manifold: ModelManifold) -> Dict[str, nn.Module]:
@@ -348,13 +358,11 @@ def _unfold(mod: nn.Module, x: Tensor) -> Tensor:
     """
     if type(mod) is nn.Linear:
         return x.reshape(x.shape[0], -1, x.shape[-1])
-    pad = 0 if isinstance(mod.padding, str) else mod.padding
+    pad = _conv_padding(mod)
     if type(mod) is nn.Conv1d:
-        if x.dim() == 2:  # unbatched input cannot carry a sample axis
-            raise ValueError("Conv1d needs batched inputs [n, C, L]")
         cols = torch.nn.functional.unfold(
             x.unsqueeze(-2), (1, mod.kernel_size[0]), dilation=(1, mod.dilation[0]),
-            padding=(0, pad if isinstance(pad, int) else pad[0]), stride=(1, mod.stride[0]),
+            padding=(0, pad[0]), stride=(1, mod.stride[0]),
         )
     else:
         cols = torch.nn.functional.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=pad, stride=mod.stride)
