@@ -37,11 +37,17 @@ Derivation of the two methods:
   products: one jvp and one vjp), ``D^2 eta[u, v]`` is forward over forward,
   and the normal part is the least-squares residual of ``S^T D^2 eta`` against
   ``range(S^T J)`` (CG on the normal equations). Memory ``O(P + nK)`` per sample.
+  Caveat: when ``g`` is badly conditioned (condition numbers of 1e6 and more are
+  common even for tiny tanh networks) ``gamma^2`` is dominated by the flattest
+  directions, the terms ``|N(u, v)|^2`` are heavy-tailed and a few hundred
+  samples underestimate both the mean and its standard error; use ``damping``
+  there (its estimator is well behaved: ``(g + lambda I)^{-1}`` is bounded).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -189,13 +195,26 @@ def _stochastic(
 
     values = []
     done = 0
+    warned = False
     while done < n_samples:
         m = min(batch_size, n_samples - done)
         z = torch.randn(2 * m, n, R, dtype=dtype, generator=generator)
         b = lin.vjp(unwhiten(S, z)).T  # [P, 2m] = J^T S z
         if damping is not None:
             b = b + math.sqrt(lam) * torch.randn(P, 2 * m, dtype=dtype, generator=generator)
-        uv = solve(b, lam).T  # [2m, P]
+        uv = solve(b, lam)  # [P, 2m]
+        resid = lin.metric_matmat(S, uv) + lam * uv - b
+        worst = float((resid.norm(dim=0) / b.norm(dim=0).clamp_min(torch.finfo(dtype).tiny)).max())
+        if worst > max(1e3 * tol, 1e-6) and not warned:
+            warnings.warn(
+                f"embedding_curvature(method='stochastic'): conjugate gradients stopped at relative residual "
+                f"{worst:.1e} (cg_max_iter={cg_max_iter}); g is badly conditioned: the samples of u, v ~ N(0, g^+) "
+                "are inaccurate along its flattest directions. Pass damping=..., or raise cg_max_iter.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            warned = True
+        uv = uv.T  # [2m, P]
         u, v = uv[:m], uv[m:]
         Y = whiten(S, lin.d2(u, v))  # [m, n, R]
         if alpha != 1.0:
