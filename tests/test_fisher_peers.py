@@ -38,7 +38,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dropgeom import ModelManifold, fisher
 
-pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
+    pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths"),
+]
 
 DT = torch.float64
 N, K = 12, 4
