@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 __all__ = ["RunConfig", "ConfigError", "PRESETS", "ACTIVATIONS", "OBJECTIVES", "EXPERIMENTS"]

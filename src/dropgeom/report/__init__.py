@@ -9,7 +9,6 @@ partial run without recomputing anything. It writes ``figures/*.png``
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Union
