@@ -215,3 +215,16 @@ def test_return_output_reuses_the_clean_forward():
                               list(net.parameters()))
     for a, b in zip(grads, ref):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_kl_to_dropped_matches_family_kl_including_overflow_fallback():
+    from dropgeom.dropout._common import kl_to_dropped
+    from dropgeom.families import get_family
+
+    fam = get_family("categorical")
+    g = torch.Generator().manual_seed(2)
+    eta = torch.randn(7, 5, generator=g, dtype=D)
+    for scale in (1e-3, 1.0, 200.0):  # 200: exp would overflow, the log-softmax form is used
+        dropped = eta + scale * torch.randn(3, 7, 5, generator=g, dtype=D)
+        ref = fam.kl(eta.expand(3, 7, 5).reshape(-1, 5), dropped.reshape(-1, 5)).reshape(3, 7)
+        assert torch.allclose(kl_to_dropped(fam, eta, dropped), ref, rtol=1e-9, atol=1e-15), scale
