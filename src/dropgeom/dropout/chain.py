@@ -233,6 +233,14 @@ def as_chain(model: nn.Module, names: Sequence[str]) -> Optional[List[nn.Module]
     Requires a top-level ``nn.Sequential`` (its own ``forward``), each named layer a
     top-level unit-wise dropout module, and only supported modules downstream of the
     first named layer.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Dropout(0.5), nn.Linear(4, 2))
+        >>> as_chain(net, ["2"]) is not None
+        True
+        >>> as_chain(nn.Sequential(nn.Dropout(0.5), nn.LayerNorm(3), nn.Linear(3, 2)), ["0"]) is None
+        True
     """
     if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
         return None
