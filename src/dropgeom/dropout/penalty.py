@@ -59,7 +59,7 @@ from torch.func import jvp, vmap
 from ..families import ExponentialFamily
 from ..manifold import eval_mode
 from ._common import Inputs, as_tuple, check_output, chunk_for, family_of, kl_to_dropped
-from .chain import as_chain, run_chain
+from .chain import as_chain, run_chain, training_off
 from .explicit import forward_with_masks
 from .masks import _CHANNEL_TYPES, PSpec, find_dropout, mask_variance, resolve_p
 
@@ -207,7 +207,7 @@ def _penalty(
 
     chain_mods = as_chain(model, names) if fast and not curvature and len(args) == 1 else None
     if chain_mods is not None:
-        with eval_mode(model):
+        with training_off(model):
             chain = run_chain(model, chain_mods, args[0], names)
         if chain is not None:
             check_output(fam, chain.eta.detach(), n)

@@ -62,8 +62,7 @@ from torch.func import jvp, vjp, vmap
 
 from ..families import ExponentialFamily
 from ._common import Inputs, as_tuple, check_output, chunk_for, detached_params, family_of, kl_to_dropped
-from ..manifold import eval_mode
-from .chain import Chain, as_chain, run_chain
+from .chain import Chain, as_chain, run_chain, training_off
 from .explicit import forward_with_masks, record_dropout_inputs
 from .masks import PSpec, _unit_shape, find_dropout, mask_variance, resolve_p
 
@@ -177,7 +176,7 @@ def terms(
     names = list(mods)
     chain_mods = as_chain(model, names) if fast and len(args) == 1 else None
     if chain_mods is not None:
-        with torch.no_grad(), eval_mode(model):
+        with torch.no_grad(), training_off(model):
             chain = run_chain(model, chain_mods, args[0], names)
         if chain is not None:
             check_output(fam, chain.eta, n)
