@@ -174,7 +174,7 @@ def test_chain_path_equals_generic_path(act, bias):
         net = net.double()
         assert as_chain(net, list(find_dropout(net))) is not None  # the fast path is the one tested
         for form in ("quadratic", "divergence"):
-            for est in ("exact", "mc"):
+            for est in ("exact", "mc", "unit"):
                 kw = dict(form=form, estimator=est)
                 fv, fg, feta = _value_and_grad(net, x, True, generator=torch.Generator().manual_seed(3), **kw)
                 gv, gg, _ = _value_and_grad(net, x, False, generator=torch.Generator().manual_seed(3), **kw)
@@ -196,7 +196,7 @@ def test_chain_path_other_families(family):
                         nn.Linear(4, 2)).double()
     x, _ = _data(n=9)
     for form in ("quadratic", "divergence"):
-        for est in ("exact", "mc"):
+        for est in ("exact", "mc", "unit"):
             kw = dict(family=family, form=form, estimator=est)
             fv, fg, _ = _value_and_grad(net, x, True, generator=torch.Generator().manual_seed(1), **kw)
             gv, gg, _ = _value_and_grad(net, x, False, generator=torch.Generator().manual_seed(1), **kw)
@@ -228,3 +228,38 @@ def test_kl_to_dropped_matches_family_kl_including_overflow_fallback():
         dropped = eta + scale * torch.randn(3, 7, 5, generator=g, dtype=D)
         ref = fam.kl(eta.expand(3, 7, 5).reshape(-1, 5), dropped.reshape(-1, 5)).reshape(3, 7)
         assert torch.allclose(kl_to_dropped(fam, eta, dropped), ref, rtol=1e-9, atol=1e-15), scale
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_unit_estimator_is_unbiased_and_its_gradient_is_right(fast):
+    from dropgeom.dropout.penalty import _penalty
+
+    net = _net(3)
+    x, y = _data()
+    kw = dict(family="categorical", p=None, form="quadratic", targets=None, curvature=False, layers=None,
+              chunk_size=None, fast=fast)
+    exact = _penalty(net, x, estimator="exact", generator=None, **kw)[0].item()
+    g = torch.Generator().manual_seed(0)
+    draws = torch.tensor([_penalty(net, x, estimator="unit", generator=g, **kw)[0].item() for _ in range(200)], dtype=D)
+    se = draws.std().item() / 200**0.5
+    assert se > 0 and abs(draws.mean().item() - exact) < 4 * se
+    # the gradient of one draw: finite differences with the same draw
+    params = list(net.parameters())
+
+    def value():
+        return _penalty(net, x, estimator="unit", generator=torch.Generator().manual_seed(9), **kw)[0]
+
+    grads = torch.autograd.grad(value(), params)
+    direction = [torch.randn_like(q) for q in params]
+    analytic = sum((a * d).sum() for a, d in zip(grads, direction)).item()
+    h = 1e-5
+    with torch.no_grad():
+        for q, d in zip(params, direction):
+            q.add_(h * d)
+        plus = value().item()
+        for q, d in zip(params, direction):
+            q.sub_(2 * h * d)
+        minus = value().item()
+        for q, d in zip(params, direction):
+            q.add_(h * d)
+    assert abs(analytic - (plus - minus) / (2 * h)) < 1e-7 * max(1.0, abs(analytic))

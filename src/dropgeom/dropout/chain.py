@@ -207,6 +207,16 @@ class Chain:
                 v = mod(v)
         return v
 
+    def forward_tangent(self, pos: int, t: Tensor) -> Tensor:
+        """``d eta`` along tangents ``t`` (``[..., n, d]``) entering at module ``pos`` (forward mode)."""
+        for i in range(pos, len(self.modules)):
+            mod = self.modules[i]
+            if isinstance(mod, nn.Linear):
+                t = t @ mod.weight.t()
+            elif isinstance(mod, ELEMENTWISE):
+                t = t * act_d1(mod, self.states[i], self.states[i + 1])
+        return t
+
     def second(self, pos: int, t: Tensor) -> Tensor:
         """``d^2 eta / d m^2`` along tangents ``t`` ``[c, n, d]`` entering at module ``pos``."""
         v = self.states[pos]

@@ -66,7 +66,7 @@ from .masks import _CHANNEL_TYPES, PSpec, find_dropout, mask_variance, resolve_p
 __all__ = ["penalty", "output_linear"]
 
 FORMS = ("quadratic", "divergence")
-ESTIMATORS = ("exact", "mc")
+ESTIMATORS = ("exact", "mc", "unit")
 
 
 def output_linear(model: nn.Module, name: str) -> Optional[nn.Linear]:
@@ -147,7 +147,11 @@ def penalty(
         targets: labels; needed only with ``curvature=True``.
         curvature: add ``1/2 sum V C_jj`` (quadratic) or ``sum p B_j`` (divergence).
         layers: restrict to these dropout layers.
-        estimator: ``"exact"`` or ``"mc"`` (unbiased, one probe; see the module docstring).
+        estimator: ``"exact"``, ``"mc"`` (unbiased, one probe ``Sigma^{1/2} xi`` per sample)
+            or ``"unit"`` (unbiased, one random unit ``j_i`` per sample:
+            ``U (d_j eta)^T Sigma (d_j eta)``, a forward-mode pass -- the cheapest on deep
+            layers; for the divergence form and the curvature terms it equals ``"mc"``).
+            See the module docstring.
             The quadratic form of a layer right before the output Linear is always exact.
         generator: seeds the ``mc`` probes.
         chunk_size: units evaluated together by the exact divergence form.
@@ -241,7 +245,7 @@ def _penalty(
             sw = torch.einsum("nkr,kj->nrj", fam.cov_sqrt(eta), w)
             fis = (h.unsqueeze(1) * sw).pow(2).sum() / n
             total = total + 0.5 * mask_variance(ps[k]) * fis
-        elif estimator == "mc":  # one dropped unit per sample: O(n K) instead of O(n U K)
+        elif estimator != "exact":  # one dropped unit per sample: O(n K) instead of O(n U K)
             u = h.shape[1]
             j = torch.randint(0, u, (n,), generator=generator, device=eta.device)
             dropped = eta - h[torch.arange(n, device=eta.device), j].unsqueeze(-1) * w.t()[j]
@@ -267,10 +271,25 @@ def _penalty(
             except (RuntimeError, NotImplementedError):
                 cols = [torch.autograd.grad(eta, masks, cot[c], create_graph=True) for c in range(cot.shape[0])]
                 grads = tuple(torch.stack([c[i] for c in cols]) for i in range(len(masks)))
-        else:
+        elif estimator == "mc":
             xi = _rademacher((n, sq.shape[2]), eta, generator)
             probe = torch.einsum("nkr,nr->nk", sq, xi)
             grads = torch.autograd.grad(eta, masks, probe, create_graph=True)
+        else:  # "unit": one random unit j_i per sample, U (d_j eta)^T Sigma (d_j eta) by one jvp
+            grads = []
+            for k in generic:
+                shape = tuple(store[k][1].shape[1:])
+                u = math.prod(shape)
+                j = torch.randint(0, u, (n,), generator=generator, device=eta.device)
+                onehot = torch.zeros(n, u, dtype=eta.dtype, device=eta.device)
+                onehot[torch.arange(n, device=eta.device), j] = 1.0
+                ones = torch.ones(n, *shape, dtype=eta.dtype, device=eta.device)
+
+                def along(mm: Tensor, k: str = k) -> Tensor:
+                    return forward_with_masks(model, args, {k: mm})
+
+                d = jvp(along, (ones,), (onehot.reshape(n, *shape),))[1]  # [n, K]
+                grads.append(math.sqrt(u) * torch.einsum("nkr,nk->nr", sq, d))
         for k, g in zip(generic, grads):
             total = total + 0.5 * mask_variance(ps[k]) * g.pow(2).sum() / n
         if curvature:
@@ -330,14 +349,23 @@ def _penalty_chain(
     eta = chain.eta
     n, kdim = eta.shape
     total = eta.new_zeros(())
-    mc = estimator == "mc"
+    mc = estimator != "exact"
     if form == "quadratic":
         sq = fam.cov_sqrt(eta)  # [n, K, R]
         for k in closed:
             w_out = chain.modules[-1].weight
             total = total + 0.5 * mask_variance(ps[k]) * _closed_fisher(fam, eta, chain.h(k), w_out).sum() / n
         exact_layers = [k for k in names if k not in closed and not mc]
-        mc_layers = [k for k in names if k not in closed and mc]
+        mc_layers = [k for k in names if k not in closed and estimator == "mc"]
+        for k in names:
+            if k in closed or estimator != "unit":
+                continue
+            u = chain.h(k).shape[1]
+            j = torch.randint(0, u, (n,), generator=generator, device=eta.device)
+            pos, _, t = chain.tangent_per_sample(k, j)
+            d = chain.forward_tangent(pos, t)  # [n, K]: d eta_i / d m_{i j_i}
+            fis = u * torch.einsum("nkr,nk->nr", sq, d).pow(2).sum() / n
+            total = total + 0.5 * mask_variance(ps[k]) * fis
         if mc_layers:
             xi = _rademacher((n, sq.shape[2]), eta, generator)
             probe = torch.einsum("nkr,nr->nk", sq, xi)
@@ -429,7 +457,7 @@ def _gaussian_curvature(
 
             return jvp(along, (base,), (t,))[1]
 
-        if estimator == "mc":  # Hutchinson over units, per sample (samples do not interact)
+        if estimator != "exact":  # Hutchinson over units, per sample (samples do not interact)
             v = _rademacher((n, *shape), r, generator)
             q = second(v, torch.ones(n, *shape, dtype=r.dtype, device=r.device))
         else:
