@@ -6,7 +6,7 @@ digits set), ``nn.Dropout(0.5)`` after each hidden layer, batch 256.
 * Training steps (forward + backward + SGD step): a plain step (eval mode, the
   unit ``x fwd+bwd``), an ordinary dropout step (the model's ``nn.Dropout`` in
   train mode, ``x dropout step``), and Fisher-dropout steps ``clean loss +
-  penalty`` for the quadratic and divergence forms, ``mc`` and ``exact``. The
+  penalty`` for the quadratic and divergence forms, ``mc`` / ``unit`` / ``exact``. The
   clean loss reuses the penalty's forward (``penalty(..., return_output=True)``);
   one row shows the cost of a separate clean forward instead (what an objective
   that calls ``model(x)`` and ``penalty`` separately pays). Goal (issues 4/5):
@@ -95,7 +95,7 @@ def _steps(net: nn.Sequential, x: torch.Tensor, y: torch.Tensor, quick: bool, bi
         return step
 
     fns = {f"{label}: plain step (eval)": plain, f"{label}: dropout step": dropout}
-    cases = [("quadratic", "mc", True), ("quadratic", "exact", True), ("divergence", "mc", True),
+    cases = [("quadratic", "mc", True), ("quadratic", "unit", True), ("quadratic", "exact", True), ("divergence", "mc", True),
              ("divergence", "exact", True), ("quadratic", "mc", False)]
     slow = {}
     for form, est, shared in cases:

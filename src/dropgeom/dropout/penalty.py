@@ -33,7 +33,10 @@ How each layer is computed (``U`` units, ``R`` = rank of ``Sigma``):
   penalty on a two-hidden-layer MLP), ``exact`` ``R`` of them. Divergence: the
   dropped outputs are rank-1 changes ``z - h_j W[:, j]`` of the first downstream
   Linear's output pushed through the rest of the chain; ``mc``: one ``[n, width]``
-  pass, ``exact``: ``U`` of them (chunked).
+  pass, ``exact``: ``U`` of them (chunked). Quadratic with ``estimator="unit"``: the
+  same rank-1 tangent ``h_j W[:, j]`` of one random unit per sample is pushed forward
+  (``t -> t W^T``, ``t -> a'(z) t``) to ``d_j eta``, and ``U (d_j eta)^T Sigma (d_j eta)``
+  is unbiased at ``O(n width K)`` -- no matmul with the ``[width, U]`` weight at all.
 * **generic** otherwise (``torch.func`` / autograd with respect to the masks):
   **exact**: quadratic: ``R`` reverse-mode products with respect to the
   masks (one batched backward with ``create_graph``); divergence: one forward pass
@@ -44,6 +47,8 @@ How each layer is computed (``U`` units, ``R`` = rank of ``Sigma``):
   randomly dropped unit per sample, ``U * KL(eta_i || eta_i^(-j_i))``, i.e. one
   forward; Gaussian curvature: Hutchinson ``E_v D2 eta[v, v] = sum_j d^2 eta/dm_j^2``
   with per-sample Rademacher ``v`` (one forward-over-forward pass).
+  **unit** (unbiased): quadratic: one random unit ``j_i`` per sample, ``d_j eta`` by one
+  forward-mode pass (``jvp`` along the one-hot mask); otherwise as ``mc``.
 """
 
 from __future__ import annotations
