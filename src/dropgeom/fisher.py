@@ -237,21 +237,8 @@ def fisher(
         return DiagonalOperator(_diagonal(manifold, S, scale), **meta)
 
     if structure is Structure.LAYER:
-        groups = _parameter_groups(manifold)
-        slices = manifold.param_slices()
-        index = [torch.cat([torch.arange(slices[k].start, slices[k].stop) for k in names]) for _, names in groups]
-        for (gname, _), idx in zip(groups, index):
-            memory_guard(
-                len(idx) ** 2, manifold.dtype, f"a layer block [{len(idx)} x {len(idx)}] for module {gname!r}",
-                "use structure='kfac', 'diag' or 'implicit'",
-            )
-        blocks = [torch.zeros(len(i), len(i), dtype=manifold.dtype, device=manifold.device) for i in index]
-        for _, G in manifold.iter_per_sample_vjp(S):
-            G = G.reshape(-1, P)
-            for blk, idx in zip(blocks, index):
-                g = G[:, idx.to(G.device)]
-                blk.addmm_(g.T, g)
-        return BlockDiagonalOperator([b * scale for b in blocks], index, P, names=[g for g, _ in groups], **meta)
+        names, blocks, index = _module_blocks(manifold, S, scale, "a layer block", "use structure='kfac', 'diag' or 'implicit'")
+        return BlockDiagonalOperator(blocks, index, P, names=names, **meta)
 
     if structure is Structure.KFAC:
         return _kfac(manifold, S, scale, meta)
@@ -574,23 +561,42 @@ def _kfac(manifold: ModelManifold, S: Tensor, scale: float, meta: dict) -> KFACO
     dense = []
     if rest:
         sub = manifold if not done else _sub_manifold(manifold, rest)
-        groups = _parameter_groups(sub)
-        sub_slices = sub.param_slices()
-        idx_sub = [torch.cat([torch.arange(sub_slices[k].start, sub_slices[k].stop) for k in names]) for _, names in groups]
-        idx_full = [torch.cat([torch.arange(slices[k].start, slices[k].stop) for k in names]) for _, names in groups]
-        for (gname, _), idx in zip(groups, idx_sub):
-            memory_guard(
-                len(idx) ** 2, manifold.dtype, f"an exact block [{len(idx)} x {len(idx)}] for module {gname!r} (no Kronecker rule)",
-                "use structure='diag' or 'implicit'",
-            )
-        blocks = [torch.zeros(len(i), len(i), dtype=manifold.dtype, device=manifold.device) for i in idx_sub]
-        for _, G in sub.iter_per_sample_vjp(S):
-            G = G.reshape(-1, sub.num_params)
-            for blk, idx in zip(blocks, idx_sub):
-                g = G[:, idx.to(G.device)]
-                blk.addmm_(g.T, g)
-        dense = [(blk * scale, idx.to(manifold.device)) for blk, idx in zip(blocks, idx_full)]
+        _, blocks, _ = _module_blocks(
+            sub, S, scale, "an exact block (no Kronecker rule)", "use structure='diag' or 'implicit'"
+        )
+        idx_full = [_flat_index(slices, names) for _, names in _parameter_groups(sub)]
+        dense = [(blk, idx.to(manifold.device)) for blk, idx in zip(blocks, idx_full)]
     return KFACOperator(kron, dense, manifold.num_params, manifold.dtype, manifold.device, **meta)
+
+
+
+def _flat_index(slices: Dict[str, slice], names: List[str]) -> Tensor:
+    """Flat-vector indices of the named parameters, in order."""
+    return torch.cat([torch.arange(slices[k].start, slices[k].stop) for k in names])
+
+
+def _module_blocks(
+    manifold: ModelManifold, S: Tensor, scale: float, what: str, alternative: str
+) -> Tuple[List[str], List[Tensor], List[Tensor]]:
+    """Exact per-module blocks ``scale * sum_i G_i[:, idx]^T G_i[:, idx]`` of ``manifold``.
+
+    Returns module names, blocks and their index sets in ``manifold``'s flat vector;
+    per-sample products are accumulated in chunks, never held for all samples.
+    """
+    groups = _parameter_groups(manifold)
+    slices = manifold.param_slices()
+    index = [_flat_index(slices, names) for _, names in groups]
+    for (gname, _), idx in zip(groups, index):
+        memory_guard(
+            len(idx) ** 2, manifold.dtype, f"{what} [{len(idx)} x {len(idx)}] for module {gname!r}", alternative
+        )
+    blocks = [torch.zeros(len(i), len(i), dtype=manifold.dtype, device=manifold.device) for i in index]
+    for _, G in manifold.iter_per_sample_vjp(S):
+        G = G.reshape(-1, manifold.num_params)
+        for blk, idx in zip(blocks, index):
+            g = G[:, idx.to(G.device)]
+            blk.addmm_(g.T, g)
+    return [g for g, _ in groups], [b * scale for b in blocks], index
 
 
 def _implicit_matmat(manifold: ModelManifold, S: Tensor, scale: float):
