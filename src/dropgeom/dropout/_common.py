@@ -63,7 +63,7 @@ def chunk_for(n_rows: int, width: int, budget: int = 2**24) -> int:
     return max(1, budget // max(1, n_rows * width))
 
 
-def kl_to_dropped(family: ExponentialFamily, eta: Tensor, dropped: Tensor) -> Tensor:
+def kl_to_dropped(family: ExponentialFamily, eta: Tensor, dropped: Tensor, prob: Optional[Tensor] = None) -> Tensor:
     """``KL(p(.|eta_i) || p(.|dropped_..i))`` for ``eta`` ``[n, K]`` and ``dropped`` ``[..., n, K]`` (shape ``[..., n]``).
 
     Categorical: with ``d = dropped - eta`` centred under ``p_i`` (``x = d - <p_i, d>``),
@@ -73,7 +73,7 @@ def kl_to_dropped(family: ExponentialFamily, eta: Tensor, dropped: Tensor) -> Te
     """
     kdim = eta.shape[-1]
     if family.name == "categorical":
-        prob = torch.softmax(eta, dim=-1)
+        prob = torch.softmax(eta, dim=-1) if prob is None else prob  # ``prob``: softmax(eta), if at hand
         d = dropped - eta
         x = d - (d * prob).sum(-1, keepdim=True)
         if float(x.detach().max()) < 50.0:

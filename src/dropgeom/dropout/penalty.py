@@ -355,11 +355,19 @@ def _penalty_chain(
     n, kdim = eta.shape
     total = eta.new_zeros(())
     mc = estimator != "exact"
+    # one softmax shared by every categorical helper (on a busy CPU each parallel op costs)
+    prob = torch.softmax(eta, dim=-1) if fam.name == "categorical" else None
     if form == "quadratic":
-        sq = fam.cov_sqrt(eta)  # [n, K, R]
         for k in closed:
             w_out = chain.modules[-1].weight
-            total = total + 0.5 * mask_variance(ps[k]) * _closed_fisher(fam, eta, chain.h(k), w_out).sum() / n
+            total = total + 0.5 * mask_variance(ps[k]) * _closed_fisher(fam, eta, chain.h(k), w_out, prob).sum() / n
+        if len(closed) == len(names):
+            return total
+        if prob is not None:  # the categorical family's cov_sqrt, from the shared softmax
+            sp = prob.sqrt()
+            sq = torch.diag_embed(sp) - prob.unsqueeze(-1) * sp.unsqueeze(-2)
+        else:
+            sq = fam.cov_sqrt(eta)  # [n, K, R]
         exact_layers = [k for k in names if k not in closed and not mc]
         mc_layers = [k for k in names if k not in closed and estimator == "mc"]
         for k in names:
@@ -384,13 +392,13 @@ def _penalty_chain(
     for k in closed + [k for k in names if k not in closed]:  # the generic path's order of draws
         u = chain.h(k).shape[1]
         if k in closed and not mc:
-            total = total + ps[k] * _closed_kl(fam, eta, chain.h(k), chain.modules[-1].weight).sum() / n
+            total = total + ps[k] * _closed_kl(fam, eta, chain.h(k), chain.modules[-1].weight, prob).sum() / n
             continue
         if mc:
             j = torch.randint(0, u, (n,), generator=generator, device=eta.device)
             pos, base, t = chain.tangent_per_sample(k, j)
             dropped = chain.push(pos, base - t)
-            total = total + ps[k] * u * kl_to_dropped(fam, eta, dropped).sum() / n
+            total = total + ps[k] * u * kl_to_dropped(fam, eta, dropped, prob).sum() / n
             continue
         pos, base, _ = chain._start(k)
         chunk = chunk_size or chunk_for(n, max(base.shape[1], kdim), 2**22)
@@ -398,23 +406,23 @@ def _penalty_chain(
             units = torch.arange(s, min(u, s + chunk), device=eta.device)
             pos, states = chain.dropped(k, units)
             dropped = chain.push(pos, states)  # [c, n, K]
-            total = total + ps[k] * kl_to_dropped(fam, eta, dropped).sum() / n
+            total = total + ps[k] * kl_to_dropped(fam, eta, dropped, prob).sum() / n
     return total
 
 
-def _closed_fisher(fam: ExponentialFamily, eta: Tensor, h: Tensor, w: Tensor) -> Tensor:
+def _closed_fisher(fam: ExponentialFamily, eta: Tensor, h: Tensor, w: Tensor, prob: Optional[Tensor] = None) -> Tensor:
     """``h_ij^2 (W^T Sigma_i W)_jj`` (``[n, U]``) for a dropout layer right before the output Linear ``W``.
 
     Categorical: ``Sigma = diag(p) - p p^T`` gives ``p @ W^2 - (p @ W)^2`` (``O(n K U)``,
     no ``[n, R, U]`` tensor); other families through ``Sigma^{1/2}``."""
     if fam.name == "categorical":
-        prob = torch.softmax(eta, dim=-1)
+        prob = torch.softmax(eta, dim=-1) if prob is None else prob
         return h * h * (prob @ (w * w) - (prob @ w).pow(2))
     sw = torch.einsum("nkr,kj->nrj", fam.cov_sqrt(eta), w)
     return (h.unsqueeze(1) * sw).pow(2).sum(1)
 
 
-def _closed_kl(fam: ExponentialFamily, eta: Tensor, h: Tensor, w: Tensor) -> Tensor:
+def _closed_kl(fam: ExponentialFamily, eta: Tensor, h: Tensor, w: Tensor, prob: Optional[Tensor] = None) -> Tensor:
     """``KL(p(.|eta_i) || p(.|eta_i - h_ij W[:, j]))`` (``[n, U]``), every unit ``j``.
 
     Categorical: with ``delta = h_ij W[:, j]`` centred under ``p_i``
@@ -425,7 +433,7 @@ def _closed_kl(fam: ExponentialFamily, eta: Tensor, h: Tensor, w: Tensor) -> Ten
     n, kdim = eta.shape
     u = h.shape[1]
     if fam.name == "categorical":
-        prob = torch.softmax(eta, dim=-1)
+        prob = torch.softmax(eta, dim=-1) if prob is None else prob
         centred = w.unsqueeze(0) - (prob @ w).unsqueeze(1)  # [n, K, U]: W - <p_i, W>
         x = centred * h.unsqueeze(1)
         s = torch.bmm(prob.unsqueeze(1), torch.expm1(-x)).squeeze(1)  # [n, U]
