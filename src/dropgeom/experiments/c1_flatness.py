@@ -6,17 +6,26 @@ trained on the data with dropout at ``p`` (``p = 0``: plain NLL), from the same
 initialisation for every ``p`` of a seed. At the trained parameters the
 curvature of the model manifold over held-out inputs is measured
 (:func:`~dropgeom.experiments.common.curvature_measures`, theory.md 3):
-the scalar e-embedding curvature ``gamma^2``, its damped version and the
-normal curvature along the mask directions.
+the scalar e-embedding curvature ``gamma^2`` (dense method only), its damped
+version and the normal curvature along the mask directions.
 
 Test: for each measure and seed, the log-ratio
 ``log(curv(p_max) / curv(p_min))``; its mean over seeds with a 95% t-interval,
 and Spearman's correlation of ``p`` with ``log curv`` over all runs.
-Verdict: ``supported`` when at least two of the three measures decrease
+Verdict: ``supported`` when at least two of the measures decrease
 significantly (interval below 0) and none increases; ``refuted`` when at least
 two increase significantly and none decreases; ``not supported`` when no
 measure changes significantly and every interval lies within +-0.1 (no effect,
 measured precisely); ``inconclusive`` otherwise.
+
+Confound: solutions trained at different ``p`` differ in more than the
+curvature dropout might induce: dropout fits the training data less closely
+(higher clean train NLL) and keeps the weights smaller or larger, and
+curvature is not invariant under rescaling the weights. The table therefore
+reports the clean train NLL and the norm of the parameters the curvature is
+taken over beside each measure, and the evidence gives their Spearman
+correlation with ``p``: a curvature trend that goes with a large change in
+fit or weight norm cannot be attributed to dropout's regularization alone.
 
 Example:
     >>> from dropgeom.config import RunConfig
@@ -60,6 +69,7 @@ def run_unit(config: RunConfig, unit: Mapping[str, Any], workdir: Optional[Path]
         rec["status"] = "diverged"
         return rec
     rec["test"] = evaluate_model(model, data.x_test, data.y_test, data.family)
+    rec["train"] = evaluate_model(model, data.x_train, data.y_train, data.family)
     rec["curvature"] = curvature_measures(model, data, config, seed)
     return rec
 
@@ -68,23 +78,31 @@ def _ok(records: List[Mapping[str, Any]]) -> List[Mapping[str, Any]]:
     return [r for r in records if r.get("status") == "ok" and "curvature" in r]
 
 
+def measures_present(records: List[Mapping[str, Any]]) -> List[str]:
+    """The curvature measures of :data:`MEASURES` that the records carry (``gamma2`` only with dense curvature)."""
+    return [m for m in MEASURES if any(m in r["curvature"] for r in records)]
+
+
 def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, Any]:
-    """Per-p table of curvature (mean [95% CI]) and the verdict with its numbers."""
+    """Per-p table of curvature (mean [95% CI]) with train NLL and weight norm, and the verdict with its numbers."""
     ok = _ok(records)
     grid = sorted({float(r["p"]) for r in ok})
+    measures = measures_present(ok)
     rows = []
     for p in grid:
         rs = [r for r in ok if float(r["p"]) == p]
         row = {"p": fmt(p), "runs": str(len(rs))}
-        for m in MEASURES:
+        for m in measures:
             row[m] = fmt_ci(*mean_ci([r["curvature"].get(m) for r in rs]))
         row["test NLL"] = fmt_ci(*mean_ci([r["test"].get("nll") for r in rs]))
+        row["train NLL"] = fmt_ci(*mean_ci([r.get("train", {}).get("nll") for r in rs]))
+        row["|theta|"] = fmt_ci(*mean_ci([r["curvature"].get("param_norm") for r in rs]))
         rows.append(row)
     tests: Dict[str, Dict[str, float]] = {}
     lines = []
     if len(grid) >= 2:
         p0, p1 = grid[0], grid[-1]
-        for m in MEASURES:
+        for m in measures:
             ratios = []
             for s in sorted({r["seed"] for r in ok}):
                 a = [r["curvature"][m] for r in ok if r["seed"] == s and float(r["p"]) == p0]
@@ -100,6 +118,13 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
                 f"{m}: log(curv(p={p1:g}) / curv(p={p0:g})) = {fmt_ci(mean, lo, hi)} over {len(ratios)} seeds "
                 f"(ratio {fmt(math.exp(mean)) if math.isfinite(mean) else 'nan'}); Spearman(p, log curv) = {fmt(rho)} (p-value {fmt(pval)})"
             )
+        ps = [float(r["p"]) for r in ok]
+        for label, vals in (
+            ("clean train NLL", [r.get("train", {}).get("nll", float("nan")) for r in ok]),
+            ("norm of the curvature parameters", [r["curvature"].get("param_norm", float("nan")) for r in ok]),
+        ):
+            rho, pval = spearman(ps, vals)
+            lines.append(f"confound: Spearman(p, {label}) = {fmt(rho)} (p-value {fmt(pval)})")
     down = sum(1 for t in tests.values() if t["hi"] < 0)
     up = sum(1 for t in tests.values() if t["lo"] > 0)
     if not tests:
@@ -116,7 +141,7 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
     summary = f"{down} of {len(tests)} curvature measures decrease significantly from p={grid[0]:g} to p={grid[-1]:g}, {up} increase" if tests else "no data"
     return {
         "verdict": Verdict(NAME, verdict, summary),
-        "columns": ["p", "runs", *MEASURES, "test NLL"],
+        "columns": ["p", "runs", *measures, "test NLL", "train NLL", "|theta|"],
         "rows": rows,
         "evidence": lines,
         "tests": tests,
@@ -134,8 +159,9 @@ def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -
     if not ok:
         return []
     grid = sorted({float(r["p"]) for r in ok})
-    fig, axes = plt.subplots(1, len(MEASURES), figsize=(4.2 * len(MEASURES), 3.4))
-    for ax, m in zip(axes, MEASURES):
+    measures = measures_present(ok)
+    fig, axes = plt.subplots(1, len(measures), figsize=(4.2 * len(measures), 3.4), squeeze=False)
+    for ax, m in zip(axes[0], measures):
         stats = [mean_ci([r["curvature"].get(m) for r in ok if float(r["p"]) == p]) for p in grid]
         mean = np.array([s[0] for s in stats])
         lo = np.array([s[1] if math.isfinite(s[1]) else s[0] for s in stats])

@@ -19,9 +19,10 @@ __all__ = ["table", "build_markdown", "caveats"]
 
 def caveats(config: Any, records: Dict[str, List[Mapping[str, Any]]]) -> List[str]:
     """What the verdicts rest on, computed from the records: model sizes, curvature set-up, dropout's effect."""
+    train = f"the first {config.max_train} training samples" if config.max_train else "all training samples"
     out = [
         f"Models: float64 MLPs of width {config.width} (C1, C3) and widths {list(config.c2_widths)} x depths "
-        f"{list(config.c2_depths)} (C2) on `{config.dataset}` projected on {config.input_dim or 'all'} principal "
+        f"{list(config.c2_depths)} (C2) on `{config.dataset}` ({train}) projected on {config.input_dim or 'all'} principal "
         f"components, {config.epochs} epochs of Adam (lr {config.lr}, batch {config.batch_size}); {config.seeds} seed(s). "
         "The verdicts hold for this regime, not for every network."
     ]
@@ -29,10 +30,36 @@ def caveats(config: Any, records: Dict[str, List[Mapping[str, Any]]]) -> List[st
     if curv:
         ratios = [c["n_inputs"] * max(c["num_outputs"] - 1, 1) / c["num_params"] for c in curv if "num_outputs" in c]
         ratio = f"; n(K-1)/P between {min(ratios):.1f} and {max(ratios):.1f}" if ratios else ""
-        out.append(
+        methods = sorted({str(c.get("method", "?")) for c in curv})
+        line = (
             f"Curvature: over {curv[0]['n_inputs']} held-out inputs, on the parameters of the layers around the first dropout mask "
             f"({min(c['num_params'] for c in curv)}-{max(c['num_params'] for c in curv)} parameters{ratio}), "
-            f"damping {config.damping} x the largest eigenvalue of g."
+            f"damping {config.damping} x the largest eigenvalue of g; method {', '.join(methods)}."
+        )
+        if "stochastic" in methods:
+            errs = [c["gamma2_damped_stderr"] / c["gamma2_damped"] for c in curv if c.get("method") == "stochastic" and c.get("gamma2_damped", 0) > 0 and "gamma2_damped_stderr" in c]
+            rel = f" (relative standard error {min(errs):.2g}-{max(errs):.2g})" if errs else ""
+            line += (
+                f" The stochastic damped gamma^2 averages {config.curvature_samples} sample pairs{rel}, with at most "
+                f"{config.curvature_cg_iter or '2P + 100'} conjugate-gradient iterations per solve; the undamped gamma^2 is not "
+                "estimated then (on a badly conditioned g its matrix-free estimate is slow and heavy-tailed, theory.md 3)."
+            )
+        out.append(line)
+    c1 = [r for r in records.get("C1", []) if r.get("status") == "ok" and isinstance(r.get("train"), Mapping)]
+    if c1:
+        lo, hi = min(float(r["p"]) for r in c1), max(float(r["p"]) for r in c1)
+
+        def avg(p: float, f: Any) -> float:
+            vals = [f(r) for r in c1 if float(r["p"]) == p]
+            return sum(vals) / len(vals)
+
+        out.append(
+            f"C1 confound: solutions trained at different p also differ in fit and weight size; the clean train NLL went from "
+            f"{avg(lo, lambda r: r['train']['nll']):.3g} at p={lo:g} to {avg(hi, lambda r: r['train']['nll']):.3g} at p={hi:g}, "
+            f"the norm of the curvature parameters from {avg(lo, lambda r: r['curvature'].get('param_norm', float('nan'))):.3g} "
+            f"to {avg(hi, lambda r: r['curvature'].get('param_norm', float('nan'))):.3g}. Curvature is not invariant under rescaling "
+            "the weights, and a less closely fitted solution sits elsewhere on the manifold, so the C1 trend measures dropout's "
+            "solution as a whole, not curvature at matched fit."
         )
     c2 = [r for r in records.get("C2", []) if r.get("status") == "ok" and "gain" in r]
     if c2:
@@ -40,7 +67,7 @@ def caveats(config: Any, records: Dict[str, List[Mapping[str, Any]]]) -> List[st
         note = (
             "it mostly raised it: these networks are in a regime where dropout underfits, and C1/C2 describe that regime"
             if better < len(c2) / 2
-            else "dropout mostly helped"
+            else "dropout mostly helped: plain training overfits here, the regime dropout is meant for"
         )
         out.append(f"Dropout (p = {config.c2_p}) lowered the test NLL in {better} of {len(c2)} C2 runs; {note}.")
     return out
