@@ -185,6 +185,31 @@ def test_c1_verdicts(trend, verdict):
     assert s["tests"]["gamma2_damped"]["log_ratio"] == pytest.approx(trend * 0.6)
 
 
+def test_c1_matched_fit_and_confound_evidence():
+    recs = _c1_records(1.0)
+    for r in recs:
+        r["train"] = {"nll": 0.1 + r["p"]}  # dropout fits less closely
+        r["curvature"]["param_norm"] = 5.0 - r["p"]
+        if r["p"] > 0:  # plain training stopped at the same fit is half as curved
+            r["matched"] = {"epochs_run": 7, "train": {"nll": 0.1 + r["p"] - 0.01},
+                            "curvature": {k: 2.0 * v for k, v in r["curvature"].items()}}
+    s = c1_flatness.summarize(RunConfig.from_preset("test"), recs)
+    assert s["verdict"].verdict == "refuted"  # the p-trend rule is unchanged
+    for m in ("gamma2", "gamma2_damped", "mask_normal_curvature"):
+        assert s["matched_tests"][m]["log_ratio"] == pytest.approx(-math.log(2.0))
+    assert "against plain training stopped at the same train NLL: 3 lower, 0 higher" in s["verdict"].evidence
+    text = "\n".join(s["evidence"])
+    assert "confound: Spearman(p, clean train NLL) = 1 " in text
+    assert "confound: Spearman(p, norm of the curvature parameters) = -1 " in text
+    assert s["columns"][-2:] == ["train NLL", "|theta|"]
+    assert s["rows"][0]["train NLL"].startswith("0.1 ")
+    # without the undamped gamma2 (stochastic curvature) the rule runs on the measures present
+    for r in recs:
+        r["curvature"].pop("gamma2")
+    s2 = c1_flatness.summarize(RunConfig.from_preset("test"), recs)
+    assert "gamma2" not in s2["columns"] and s2["verdict"].verdict == "refuted"
+
+
 def test_c1_single_seed_is_inconclusive():
     s = c1_flatness.summarize(RunConfig.from_preset("test"), [r for r in _c1_records(-2.0) if r["seed"] == 0])
     assert s["verdict"].verdict == "inconclusive"

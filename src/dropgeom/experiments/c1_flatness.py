@@ -26,6 +26,13 @@ reports the clean train NLL and the norm of the parameters the curvature is
 taken over beside each measure, and the evidence gives their Spearman
 correlation with ``p``: a curvature trend that goes with a large change in
 fit or weight norm cannot be attributed to dropout's regularization alone.
+As a control at matched fit, every ``p > 0`` unit also trains plain NLL from
+the same initialisation and stops it at the first epoch whose clean train
+NLL reaches the dropout solution's; the evidence gives
+``log(curv(dropout) / curv(plain at matched fit))`` at the largest ``p``
+(mean over seeds, 95% interval), and the verdict line counts how many
+measures are significantly lower or higher under dropout at matched fit.
+The verdict itself follows the rule above.
 
 Example:
     >>> from dropgeom.config import RunConfig
@@ -71,6 +78,17 @@ def run_unit(config: RunConfig, unit: Mapping[str, Any], workdir: Optional[Path]
     rec["test"] = evaluate_model(model, data.x_test, data.y_test, data.family)
     rec["train"] = evaluate_model(model, data.x_train, data.y_train, data.family)
     rec["curvature"] = curvature_measures(model, data, config, seed)
+    if p > 0:
+        # the confound control: plain training from the same initialisation, stopped at the first
+        # epoch whose clean train NLL reaches the dropout solution's (a solution at matched fit)
+        plain = build_mlp(data.num_features, data.num_outputs, config.width, config.depth, config.activation, 0.0, seed)
+        tr0 = fit(plain, data, "none", config, seed, 0.0, _ckpt(workdir, "matched"), stop_at_train_nll=rec["train"]["nll"])
+        if not tr0["diverged"]:
+            rec["matched"] = {
+                "epochs_run": tr0["epochs_run"],
+                "train": evaluate_model(plain, data.x_train, data.y_train, data.family),
+                "curvature": curvature_measures(plain, data, config, seed, raw=False),
+            }
     return rec
 
 
@@ -125,6 +143,7 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
         ):
             rho, pval = spearman(ps, vals)
             lines.append(f"confound: Spearman(p, {label}) = {fmt(rho)} (p-value {fmt(pval)})")
+    matched_tests = _matched_fit(ok, measures, lines)
     down = sum(1 for t in tests.values() if t["hi"] < 0)
     up = sum(1 for t in tests.values() if t["lo"] > 0)
     if not tests:
@@ -139,13 +158,52 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
     else:
         verdict = "inconclusive"
     summary = f"{down} of {len(tests)} curvature measures decrease significantly from p={grid[0]:g} to p={grid[-1]:g}, {up} increase" if tests else "no data"
+    if matched_tests:
+        m_down = sum(1 for t in matched_tests.values() if t["hi"] < 0)
+        m_up = sum(1 for t in matched_tests.values() if t["lo"] > 0)
+        summary += f"; against plain training stopped at the same train NLL: {m_down} lower, {m_up} higher"
     return {
         "verdict": Verdict(NAME, verdict, summary),
         "columns": ["p", "runs", *measures, "test NLL", "train NLL", "|theta|"],
         "rows": rows,
         "evidence": lines,
         "tests": tests,
+        "matched_tests": matched_tests,
     }
+
+
+def _matched_fit(ok: List[Mapping[str, Any]], measures: List[str], lines: List[str]) -> Dict[str, Dict[str, float]]:
+    """Per measure: ``log(curv(dropout at p_max) / curv(plain stopped at the same train NLL))`` over seeds.
+
+    Appends one evidence line per measure to ``lines``; empty when no run carries a matched solution.
+    """
+    with_m = [r for r in ok if isinstance(r.get("matched"), Mapping)]
+    if not with_m:
+        return {}
+    p1 = max(float(r["p"]) for r in with_m)
+    rs = [r for r in with_m if float(r["p"]) == p1]
+    out: Dict[str, Dict[str, float]] = {}
+    for m in measures:
+        ratios = [
+            math.log(r["curvature"][m] / r["matched"]["curvature"][m])
+            for r in rs
+            if r["curvature"].get(m, 0) > 0 and r["matched"]["curvature"].get(m, 0) > 0
+        ]
+        if not ratios:
+            continue
+        mean, lo, hi = mean_ci(ratios)
+        out[m] = {"log_ratio": mean, "lo": lo, "hi": hi, "pairs": len(ratios)}
+        lines.append(
+            f"matched fit, {m}: log(curv(dropout p={p1:g}) / curv(plain, stopped at the same train NLL)) = "
+            f"{fmt_ci(mean, lo, hi)} over {len(ratios)} seeds (ratio {fmt(math.exp(mean))})"
+        )
+    ep = mean_ci([r["matched"]["epochs_run"] for r in rs])[0]
+    tn = mean_ci([r["matched"]["train"]["nll"] - r["train"]["nll"] for r in rs])
+    lines.append(
+        f"matched fit: plain training reached the train NLL of dropout at p={p1:g} after {fmt(ep)} epochs on average "
+        f"(train NLL difference plain - dropout {fmt_ci(*tn)})"
+    )
+    return out
 
 
 def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -> List[Path]:

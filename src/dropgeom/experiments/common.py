@@ -157,13 +157,16 @@ def fit(
     seed: int,
     p: float = 0.0,
     checkpoint_dir: Optional[Path] = None,
+    stop_at_train_nll: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Train ``model`` in place with :func:`dropgeom.train.train` (Adam, ``config`` settings).
 
     ``objective`` is a ``dropgeom.train`` objective name; ``p`` its dropout rate
     (also written into the model's dropout modules). With ``checkpoint_dir`` a
-    killed training resumes from its last checkpoint. Returns
-    ``{"diverged", "divergence", "epochs_run", "history"}``.
+    killed training resumes from its last checkpoint. With
+    ``stop_at_train_nll`` training stops after the first epoch whose clean
+    (eval-mode) train NLL is at or below that value (a solution at matched
+    fit). Returns ``{"diverged", "divergence", "epochs_run", "history"}``.
     """
     from ..train import train
 
@@ -188,6 +191,7 @@ def fit(
         checkpoint_every=max(1, config.epochs // 4),
         progress=False,
         divergence_threshold=config.divergence_threshold,
+        callback=None if stop_at_train_nll is None else (lambda rec, _m: float(rec.get("train_nll", math.inf)) <= stop_at_train_nll),
     )
     records = [dict(r) for r in hist.records]
     last = records[-1] if records else {}
