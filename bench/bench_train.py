@@ -36,6 +36,7 @@ OBJECTIVES = [
     ("fisher divergence exact", "fisher_dropout", {"form": "divergence"}),
     ("fisher quadratic mc", "fisher_dropout", {"form": "quadratic", "estimator": "mc"}),
     ("fisher divergence mc", "fisher_dropout", {"form": "divergence", "estimator": "mc"}),
+    ("fisher quadratic unit", "fisher_dropout", {"form": "quadratic", "estimator": "unit"}),
 ]
 SLOW = [
     ("fisher quadratic exact +curv", "fisher_dropout", {"form": "quadratic", "curvature": True}),

@@ -25,7 +25,7 @@ The pieces (``l_i = -log p(y_i | eta_i)``, ``p`` the DROP probability):
   ``p sum_j K_j`` (``form="divergence"``), optionally plus the curvature term
   (``1/2 sum_j V_jj C_jj`` or ``p sum_j B_j``); no mask noise enters the
   gradient. ``estimator="mc"`` estimates it from sampled labels.
-
+  gradient. ``estimator="mc"`` estimates it from sampled labels, ``"unit"`` from one sampled unit per input (both unbiased).
 The named objectives of the experiments (:class:`ObjectiveName`, built by
 :func:`make_objective`): ``none`` = NLL; ``l2`` = NLL + L2;
 ``dropout`` = DropoutNLL; ``gaussian_dropout`` = GaussianDropoutNLL;
@@ -376,7 +376,7 @@ class GaussianDropoutNLL(Objective):
 
 
 FORMS = ("quadratic", "divergence")
-ESTIMATORS = ("exact", "mc")
+ESTIMATORS = ("exact", "mc", "unit")  # as dropgeom.dropout.penalty: exact, sampled labels, one sampled unit
 
 
 class FisherPenalty(Objective):
@@ -493,7 +493,7 @@ class ObjectiveName(str, Enum):
 
     FISHER_DROPOUT = "fisher_dropout"
     """Clean loss + deterministic dropout penalty (theory.md 4.4). Options: ``p``, ``form``
-    ('quadratic'|'divergence'), ``curvature``, ``estimator`` ('exact'|'mc'), ``layers``, ``weight``."""
+    ('quadratic'|'divergence'), ``curvature``, ``estimator`` ('exact'|'mc'|'unit'), ``layers``, ``weight``."""
 
     @property
     def description(self) -> str:
