@@ -237,6 +237,21 @@ def test_c2_verdicts(sign, n, verdict):
         assert rho == pytest.approx(sign)
 
 
+def test_c2_within_setting_correlation_separates_settings():
+    # across settings: more curvature, smaller gain; within each setting: more curvature, larger gain
+    recs = []
+    for k, (base_curv, base_gain) in enumerate(((1.0, 1.0), (1e4, 0.0))):
+        for i in range(6):
+            recs.append({"status": "ok", "setting": f"s{k}", "activation": "tanh", "seed": i, "gain": base_gain + 0.01 * (k + 1) * i,
+                         "curvature": {"gamma2_damped": base_curv * 1.1 ** ((k + 1) * i), "mask_normal_curvature": 0.1},
+                         "terms": {"ratio_bernoulli": 0.1, "ratio_gaussian": 0.1}})
+    s = c2_curvature_strength.summarize(RunConfig.from_preset("test"), recs)
+    assert s["tests"]["spearman"] < -0.5
+    assert s["tests"]["spearman_within"] == pytest.approx(1.0)
+    assert "within settings 1 (p-value" in s["verdict"].evidence
+    assert s["tests"]["helped"] == 12 - 1  # the gain of exactly 0 is not a help
+
+
 def test_c3_gap_verdicts():
     cfg = RunConfig.from_preset("test")
 

@@ -24,7 +24,13 @@ the gain (and, reported beside it, between ``|curvature term / Fisher term|``
 and the gain). The claim states a dependence, not its sign, so the verdict is
 ``supported`` for a correlation of either sign with p-value < 0.05 (the sign
 is reported), ``not supported`` when at least 20 runs show none
-(``|rho| < 0.2`` and p-value >= 0.05), ``inconclusive`` otherwise.
+(``|rho| < 0.2`` and p-value >= 0.05), ``inconclusive`` otherwise. The
+pooled correlation mixes settings (activation, width, depth) that differ in
+curvature and also in other ways, so the evidence and the verdict line add
+the correlation within settings (log curvature and gain minus their setting
+means over seeds), which the verdict rule does not use: read a pooled
+correlation without a within-setting one as a difference between
+architectures, not as an effect of curvature as such.
 
 Example:
     >>> from dropgeom.config import RunConfig
@@ -134,10 +140,22 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
     mask = [float(r["curvature"].get("mask_normal_curvature", float("nan"))) for r in ok]
     rho_m, pval_m = spearman(mask, gains)
     helped = sum(1 for g in gains if g > 0)
+    # within settings: deviations from each setting's mean (log curvature and gain), so that a
+    # correlation carried only by differences between activations/architectures drops out
+    dev_c, dev_g = [], []
+    for st in settings:
+        idx = [i for i, r in enumerate(ok) if r["setting"] == st]
+        if len(idx) >= 2:
+            mc, mg = float(np.mean([curv[i] for i in idx])), float(np.mean([gains[i] for i in idx]))
+            dev_c += [curv[i] - mc for i in idx]
+            dev_g += [gains[i] - mg for i in idx]
+    rho_w, pval_w = spearman(dev_c, dev_g)
     flat = [r for r in ok if r["activation"] == "identity"]
     flat_max = max((abs(r["terms"]["ratio_bernoulli"]) for r in flat), default=float("nan"))
     lines = [
         f"Spearman(damped gamma^2 of the clean solution, gain) = {fmt(rho)} (p-value {fmt(pval)}) over {len(ok)} runs in {len(settings)} settings",
+        f"within settings (log curvature and gain minus their setting means): Spearman = {fmt(rho_w)} (p-value {fmt(pval_w)}); "
+        "the pooled correlation mixes activations and depths, which differ in curvature and in gain for other reasons too",
         f"Spearman(|curvature term / divergence term|, gain) = {fmt(rho_t)} (p-value {fmt(pval_t)})",
         f"Spearman(normal curvature along the mask directions, gain) = {fmt(rho_m)} (p-value {fmt(pval_m)}; "
         "0 wherever the mask feeds the output layer or the activation is piecewise linear)",
@@ -157,14 +175,17 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
     else:
         verdict = "inconclusive"
     direction = "more curvature, larger gain" if rho > 0 else "more curvature, smaller gain" if rho < 0 else "no trend"
-    summary = f"Spearman(curvature, gain) = {fmt(rho)} ({direction}), p-value {fmt(pval)}, {len(ok)} runs"
+    summary = (
+        f"Spearman(curvature, gain) = {fmt(rho)} ({direction}), p-value {fmt(pval)}, {len(ok)} runs; "
+        f"within settings {fmt(rho_w)} (p-value {fmt(pval_w)})"
+    )
     return {
         "verdict": Verdict(NAME, verdict, summary),
         "columns": ["setting", "runs", "gain (test NLL)", "gamma2_damped", "mask normal curv.", "B/K (curv./div.)", "C/F (curv./Fisher)"],
         "rows": rows,
         "evidence": lines,
         "tests": {"spearman": rho, "spearman_p": pval, "spearman_terms": rho_t, "spearman_terms_p": pval_t, "identity_max_ratio": flat_max,
-                  "spearman_mask": rho_m, "spearman_mask_p": pval_m, "helped": helped},
+                  "spearman_within": rho_w, "spearman_within_p": pval_w, "spearman_mask": rho_m, "spearman_mask_p": pval_m, "helped": helped},
     }
 
 
