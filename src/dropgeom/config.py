@@ -69,7 +69,9 @@ class RunConfig:
     #: training overfits and dropout lowers the test NLL (the regime the claims
     #: are about); with all 1347 training digits and 8 units dropout underfits.
     max_train: int = 300
-    seeds: int = 3
+    #: seeds per setting (the damped curvature of plain solutions varies by an order
+    #: of magnitude between seeds: three seeds leave t-intervals too wide to read)
+    seeds: int = 5
     epochs: int = 100
     batch_size: int = 64
     lr: float = 0.01
@@ -77,7 +79,7 @@ class RunConfig:
     activation: str = "tanh"
     width: int = 16
     depth: int = 2
-    c1_p_grid: Tuple[float, ...] = (0.0, 0.15, 0.3, 0.5, 0.7)
+    c1_p_grid: Tuple[float, ...] = (0.0, 0.2, 0.4, 0.7)
     c2_activations: Tuple[str, ...] = ACTIVATIONS
     c2_widths: Tuple[int, ...] = (16,)
     c2_depths: Tuple[int, ...] = (1, 2)
@@ -254,7 +256,6 @@ class RunConfig:
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "full": dict(
-        seeds=5,
         c1_p_grid=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
         c2_widths=(8, 16),
         c2_depths=(1, 2, 3),
