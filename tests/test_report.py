@@ -64,6 +64,16 @@ def test_report_numbers_match_metrics_files(run):
     cell = fmt_ci(*mean_ci([r["curvature"]["gamma2_damped"] for r in c1]))
     assert re.search(rf"^\| 0 \| {len(c1)} \| [^|]+ \| {re.escape(cell)} \|", text, flags=re.M)
 
+    # the C1 confound caveat: clean train NLL at both ends of the grid, from the metrics files
+    c1_all = _jsonl(run / "metrics" / "C1.jsonl")
+    hi = max(r["p"] for r in c1_all)
+    top = [r for r in c1_all if r["p"] == hi]
+    train0 = sum(r["train"]["nll"] for r in c1) / len(c1)
+    train1 = sum(r["train"]["nll"] for r in top) / len(top)
+    assert f"the clean train NLL went from {train0:.3g} at p=0 to {train1:.3g} at p={hi:g}" in text
+    assert all("matched" in r and r["matched"]["epochs_run"] >= 1 for r in top)
+    assert "matched fit, gamma2_damped: log(curv(dropout" in text
+
     c2 = _jsonl(run / "metrics" / "C2.jsonl")
     for setting in {r["setting"] for r in c2}:
         gains = [r["test_none"]["nll"] - r["test_dropout"]["nll"] for r in c2 if r["setting"] == setting]
