@@ -152,7 +152,7 @@ class Chain:
         rows = torch.arange(h.shape[0], device=h.device)
         hj = h[rows, units].unsqueeze(-1)  # [n, 1]
         if lin is not None:
-            return pos, base, hj * lin.weight.t()[units]  # [n, d]
+            return pos, base, hj * torch.index_select(lin.weight, 1, units).t()  # [n, d]; index_select keeps the weight-gradient layout (a transposed gather made the backward add strided, ~5 ms at 1024x1024)
         t = torch.zeros_like(h)
         t[rows, units] = h[rows, units]
         return pos, base, t
