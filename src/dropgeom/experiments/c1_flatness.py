@@ -197,6 +197,18 @@ def _matched_fit(ok: List[Mapping[str, Any]], measures: List[str], lines: List[s
             f"matched fit, {m}: log(curv(dropout p={p1:g}) / curv(plain, stopped at the same train NLL)) = "
             f"{fmt_ci(mean, lo, hi)} over {len(ratios)} seeds (ratio {fmt(math.exp(mean))})"
         )
+    for p in sorted({float(r["p"]) for r in with_m if float(r["p"]) != p1}):
+        parts = []
+        for m in measures:
+            ratios = [
+                math.log(r["curvature"][m] / r["matched"]["curvature"][m])
+                for r in with_m
+                if float(r["p"]) == p and r["curvature"].get(m, 0) > 0 and r["matched"]["curvature"].get(m, 0) > 0
+            ]
+            if ratios:
+                parts.append(f"{m} {fmt_ci(*mean_ci(ratios))}")
+        if parts:
+            lines.append(f"matched fit at p={p:g}: log(curv(dropout) / curv(plain at the same train NLL)): " + "; ".join(parts))
     ep = mean_ci([r["matched"]["epochs_run"] for r in rs])[0]
     tn = mean_ci([r["matched"]["train"]["nll"] - r["train"]["nll"] for r in rs])
     lines.append(
