@@ -59,7 +59,7 @@ def caveats(config: Any, records: Dict[str, List[Mapping[str, Any]]]) -> List[st
             f"the norm of the curvature parameters from {avg(lo, lambda r: r['curvature'].get('param_norm', float('nan'))):.3g} "
             f"to {avg(hi, lambda r: r['curvature'].get('param_norm', float('nan'))):.3g}. Curvature is not invariant under rescaling "
             "the weights, and a less closely fitted solution sits elsewhere on the manifold, so the trend over p (the C1 verdict) "
-            "measures dropout's solution as a whole. The matched-fit lines of the C1 evidence compare, at the largest p, with "
+            "measures dropout's solution as a whole. The matched-fit lines of the C1 evidence compare, at every p > 0, with "
             "plain training from the same initialisation stopped at the same clean train NLL; that control is early-stopped, "
             "so it differs from the dropout solution in how it was reached, not in how well it fits."
         )
