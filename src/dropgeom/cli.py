@@ -298,8 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
         "curvature",
         help="embedding curvature and mask-direction curvature of a trained MLP",
         description="Train a small MLP on digits (inputs projected on their principal components) with dropout at "
-        "--p, then print the e-embedding curvature gamma^2 of its model manifold over held-out inputs (raw and "
-        "damped) and the normal curvature along the dropout mask directions (theory.md 3).",
+        "--p, then print the e-embedding curvature gamma^2 of its model manifold over held-out inputs (damped, "
+        "and raw with --method dense; the matrix-free estimate of the raw value is unreliable on a badly conditioned "
+        "metric) and the normal curvature along the dropout mask directions (theory.md 3).",
     )
     p.add_argument("--p", type=_probability, default=0.0, help="dropout probability during training (default 0)")
     p.add_argument("--epochs", type=int, default=20, help="training epochs before measuring (0: at initialisation; default 20)")
