@@ -17,32 +17,15 @@ Example:
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Dict, Optional, Union
 
 import torch
 
+from ..rundir import atomic_write_bytes  # one atomic writer for run directories and checkpoints
+
 __all__ = ["save_checkpoint", "load_checkpoint", "atomic_write_bytes"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + ``os.replace``)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:
