@@ -66,6 +66,13 @@ def conjugate_gradient(
 
     ``b`` may be ``[P]`` or ``[P, m]`` (columns solved together). Stops when
     ``|r| <= tol |b|`` for every column or after ``max_iter`` (default ``2 P``) steps.
+
+    Example:
+        >>> import torch
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> x = conjugate_gradient(lambda v: A @ v, torch.tensor([1.0, 2.0], dtype=torch.float64))
+        >>> torch.allclose(A @ x, torch.tensor([1.0, 2.0], dtype=torch.float64))
+        True
     """
     squeeze = b.dim() == 1
     B = b[:, None] if squeeze else b

@@ -230,6 +230,18 @@ def train(
     Returns:
         The :class:`History`; ``history.diverged`` is set (no exception) when
         the loss or parameters became non-finite or exploded.
+
+    Example (the same seed gives the same parameters):
+        >>> import torch
+        >>> x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+        >>> def run():
+        ...     torch.manual_seed(1)
+        ...     net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Dropout(0.2), torch.nn.Linear(8, 3))
+        ...     hist = train(net, (x, y), "dropout", epochs=3, batch_size=16, seed=0, progress=False)
+        ...     return net, hist
+        >>> (a, h), (b, _) = run(), run()
+        >>> len(h), all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+        (3, True)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
