@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -50,6 +51,7 @@ __all__ = [
     "spearman",
     "finite",
     "Verdict",
+    "VerdictLabel",
 ]
 
 DTYPE = torch.float64
@@ -355,9 +357,27 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> Tuple[float, float]:
     return float(res.statistic if hasattr(res, "statistic") else res[0]), float(res.pvalue)
 
 
+class VerdictLabel(str, Enum):
+    """The verdict a claim can get; each rule states in advance which data give which label."""
+
+    #: the pre-stated rule's evidence holds, significant after correction, on every measure the rule names
+    SUPPORTED = "supported"
+    #: the evidence the rule asks for is absent, though the data could have shown it
+    NOT_SUPPORTED = "not supported"
+    #: a significant effect opposite to the claim, on every measure the rule names
+    REFUTED = "refuted"
+    #: invariant measures disagree in sign (significantly): the answer depends on how flatness is measured
+    MEASURE_DEPENDENT = "measure-dependent"
+    #: nothing significant either way, or too little data
+    INCONCLUSIVE = "inconclusive"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class Verdict:
-    """A claim's verdict: ``supported`` | ``not supported`` | ``refuted`` | ``inconclusive``, and why."""
+    """A claim's verdict (a :class:`VerdictLabel` value), and why."""
 
     claim: str
     verdict: str
