@@ -56,7 +56,11 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
 
 #: Imports forbidden although the layer order allows them.
 FORBIDDEN: List[Tuple[str, str, str]] = [
-    ("dropgeom.report", "dropgeom.experiments", "the report receives a typed summary and imports no experiment code (issue #8, item 5)"),
+    (
+        "dropgeom.report",
+        "dropgeom.experiments",
+        "the report receives a typed summary and imports no experiment code (issue #8, item 5)",
+    ),
 ]
 
 #: Edges that close an import cycle today (importer, imported).
@@ -299,9 +303,7 @@ def test_every_module_has_a_layer():
 def test_no_new_import_cycle():
     remaining = {a: {b for b in targets if (a, b) not in KNOWN_CYCLE_EDGES} for a, targets in GRAPH.items()}
     cycles = _strongly_connected(remaining)
-    assert not cycles, "import cycles (function-local imports included):\n" + "\n".join(
-        " <-> ".join(sorted(c)) for c in cycles
-    )
+    assert not cycles, "import cycles (function-local imports included):\n" + "\n".join(" <-> ".join(sorted(c)) for c in cycles)
 
 
 def test_known_cycle_edges_still_close_a_cycle():
