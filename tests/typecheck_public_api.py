@@ -1,53 +1,55 @@
 """The public API as a user calls it, for the static type check (``mypy``; see ``[tool.mypy]`` in pyproject.toml).
 
-Nothing here runs in the test suite: the calls sit in a function that is never
-called. ``mypy`` checks them against dropgeom's annotations with
-``disallow_untyped_calls``, so every public function used here must be fully
-typed, and a changed public signature or return type shows up as a type error.
+Nothing here runs in the test suite: the imports are for the type checker only
+and the calls sit in a function that is never called. ``mypy`` checks them
+against dropgeom's annotations with ``disallow_untyped_calls``, so every public
+function used here must be fully typed, and a changed public signature or
+return type shows up as a type error.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Tuple, Union
 
-import torch
-from torch import Tensor, nn
+if TYPE_CHECKING:  # nothing is imported at run time: a renamed API fails mypy, not test collection
+    import torch
+    from torch import Tensor, nn
 
-import dropgeom
-from dropgeom import (
-    CurvatureOperator,
-    CurvatureResult,
-    Dataset,
-    ExponentialFamily,
-    FisherKind,
-    History,
-    ModelManifold,
-    Objective,
-    Structure,
-    embedding_curvature,
-    get_family,
-    load_dataset,
-    make_objective,
-    normal_curvature,
-    statistical_curvature,
-)
-from dropgeom.dropout import (
-    DropoutTerms,
-    GapResult,
-    MaskEnumeration,
-    MixtureResult,
-    enumerate_masks,
-    find_dropout,
-    forward_with_masks,
-    gap,
-    mixture,
-    penalty,
-    sample_masks,
-    terms,
-)
-from dropgeom.fisher import fisher
-from dropgeom.operators import conjugate_gradient
-from dropgeom.train import classification_metrics, evaluate, train
+    import dropgeom
+    from dropgeom import (
+        CurvatureOperator,
+        CurvatureResult,
+        Dataset,
+        ExponentialFamily,
+        FisherKind,
+        History,
+        ModelManifold,
+        Objective,
+        Structure,
+        embedding_curvature,
+        get_family,
+        load_dataset,
+        make_objective,
+        normal_curvature,
+        statistical_curvature,
+    )
+    from dropgeom.dropout import (
+        DropoutTerms,
+        GapResult,
+        MaskEnumeration,
+        MixtureResult,
+        enumerate_masks,
+        find_dropout,
+        forward_with_masks,
+        gap,
+        mixture,
+        penalty,
+        sample_masks,
+        terms,
+    )
+    from dropgeom.fisher import fisher
+    from dropgeom.operators import conjugate_gradient
+    from dropgeom.train import classification_metrics, evaluate, train
 
 
 def _use_public_api() -> None:
