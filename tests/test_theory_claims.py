@@ -47,7 +47,7 @@ def test_layer_rescaling_moves_damped_curvature_only():
     eta, w1, w2 = _tanh_net()
     h, d = w1.shape
     undamped, damped, kappa = [], [], []
-    for c in (0.1, 1.0, 10.0):
+    for c in (0.1, 10.0):
         m = _manifold(eta, w1, w2, c)
         undamped.append(embedding_curvature(m).gamma2.item())
         damped.append(embedding_curvature(m, damping=1e-3).gamma2.item())
