@@ -3,7 +3,7 @@
 A network is a curved exponential family (its outputs are natural parameters),
 the Fisher information is its metric, and dropout acts as a Fisher-weighted
 regularizer plus a term driven by the curvature of the model manifold.
-See ``docs/`` and theory.md for the notation.
+See ``docs/guide.md`` and ``docs/theory.md`` for the notation.
 """
 
 from .families import ExponentialFamily, get_family
