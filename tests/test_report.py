@@ -113,11 +113,17 @@ def test_report_rerender(run):
     assert (run / "report.html").exists() and len(list((run / "figures").glob("*.png"))) == 5
 
 
-def test_markdown_to_html_subset():
-    md = "# T <x>\n\npara `code` **b**\n\n- one\n- two\n\n| a | b |\n|---|---|\n| 1 \\| 2 | 3 |\n\n```\n<raw>\n```\n"
-    html = markdown_to_html(md, base=None)
+def test_markdown_to_html_subset(tmp_path):
+    md = ("# T <x>\n\npara `code` **b**, `$x$` stays code\n\n- one\n- two\n\n"
+          "| a | b |\n|---|---|\n| 1 \\| 2 | $\\gamma^2$ |\n\n```\n<raw>\n```\n\n$$\\frac{a}{b}$$\n\n![a caption](fig.png)\n")
+    (tmp_path / "fig.png").write_bytes(b"\x89PNG fake")
+    html = markdown_to_html(md, base=tmp_path).replace("\n", "")
     assert "<h1>T &lt;x&gt;</h1>" in html
     assert "<code>code</code>" in html and "<strong>b</strong>" in html
+    assert "<code>$x$</code>" in html
     assert "<li>one</li><li>two</li>" in html
-    assert "<td>1 | 2</td><td>3</td>" in html
+    assert "<td>1 | 2</td>" in html and "<mi>&#x003B3;</mi><mn>2</mn>" in html  # gamma^2 as MathML
     assert "<pre><code>&lt;raw&gt;</code></pre>" in html
+    assert 'display="block"' in html and "<mfrac>" in html
+    assert '<figure><img alt="a caption" src="data:image/png;base64,' in html and "<figcaption>a caption</figcaption>" in html
+    assert "<p><figure>" not in html
