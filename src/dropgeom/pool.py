@@ -67,6 +67,12 @@ def _die_with_parent(parent_pid: int) -> None:
 def _worker_main(conn: Connection, fn: Callable[[Any], Any], parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     _die_with_parent(parent_pid)
+    try:  # tqdm's default lock is a named multiprocessing semaphore: a killed worker would leak it
+        from tqdm import tqdm
+
+        tqdm.set_lock(threading.RLock())
+    except ImportError:  # pragma: no cover
+        pass
     while True:
         try:
             task = conn.recv()
