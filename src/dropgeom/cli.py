@@ -232,10 +232,14 @@ def _cmd_curvature(args: argparse.Namespace) -> int:
         tr = fit(model, data, "dropout" if args.p > 0 else "none", cfg, args.seed, args.p)
         last = tr["history"][-1] if tr["history"] else {}
         print(f"trained {args.epochs} epochs ({'dropout p=%g' % args.p if args.p > 0 else 'no dropout'}): test NLL {last.get('test_nll', float('nan')):.4g}")
+    from .experiments.common import quantity_name
+
     t0 = time.perf_counter()
     c = curvature_measures(model, data, cfg, args.seed)
-    c["seconds"] = time.perf_counter() - t0
-    _print_table([{"quantity": k, "value": v} for k, v in c.items()], ["quantity", "value"])
+    seconds = time.perf_counter() - t0
+    skip = {"gamma2_stderr", "gamma2_damped_stderr"} if c.get("method") == "dense" else set()  # exactly 0 when dense
+    _print_table([{"quantity": quantity_name(k), "value": v} for k, v in c.items() if k not in skip], ["quantity", "value"])
+    print(f"\ncurvature computed in {seconds:.1f} s; symbols as in docs/theory.md section 3")
     return 0
 
 
@@ -330,11 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
         "curvature",
         help="embedding curvature and mask-direction curvature of a trained MLP",
         description="Train a small MLP on digits (inputs projected on their principal components) with dropout at "
-        "--p, then print the e-embedding curvature gamma^2 of its model manifold over held-out inputs (damped, "
+        "--p (default 0.2), then print the e-embedding curvature gamma^2 of its model manifold over held-out inputs (damped, "
         "and raw with --method dense; the matrix-free estimate of the raw value is unreliable on a badly conditioned "
         "metric) and the normal curvature along the dropout mask directions (theory.md 3).",
     )
-    p.add_argument("--p", type=_probability, default=0.0, help="dropout probability during training (default 0)")
+    p.add_argument("--p", type=_probability, default=0.2, help="dropout probability during training, and of the mask whose directions are measured (default 0.2; 0 trains without dropout)")
     p.add_argument("--epochs", type=_nonnegative_int, default=20, help="training epochs before measuring (0: at initialisation; default 20)")
     p.add_argument("--inputs", type=_positive_int, default=100, help="held-out inputs the curvature is evaluated on (default 100)")
     p.add_argument("--input-dim", type=_positive_int, default=10, help="principal components of the inputs kept (default 10)")
