@@ -302,3 +302,48 @@ def test_seed_errors_name_the_argument(value, expected, capsys):
         main(["train", "--seed", value])
     err = capsys.readouterr().err
     assert info.value.code == 2 and expected in err and "Overflow" not in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- 2. bitwise resume of a sweep
+def _records(out: Path) -> list:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in RunDir(out).records("C1")]
+
+
+@pytest.mark.parametrize("kill_at", ["dropout_training", "after_matched_fit"])
+def test_killed_and_resumed_sweep_gives_the_same_records(tmp_path, monkeypatch, kill_at):
+    """C1's unit trains with dropout, then plain training stopped by a callback at the same train NLL
+    (the case that used to train one epoch more after a resume); killed inside either, the resumed
+    sweep stores bitwise the record of an uninterrupted one."""
+    import dropgeom.train.loop as loop
+
+    cfg = RunConfig.from_preset("test", experiments=["C1"], seeds=1, c1_p_grid=[0.5], width=4, input_dim=4,
+                                curvature_inputs=10, epochs=8, lr=0.05)
+    real_save, count = loop.save_checkpoint, [0]
+
+    def counting_save(path, state):
+        real_save(path, state)
+        count[0] += 1
+
+    monkeypatch.setattr(loop, "save_checkpoint", counting_save)
+    reproduce(cfg, tmp_path / "ref", progress=False, render=False)
+    ref = _records(tmp_path / "ref")
+    assert ref[0]["matched"]["epochs_run"] < cfg.epochs  # the matched fit is stopped by its callback
+    # the last save is the matched fit's final checkpoint: a kill then falls in its curvature measurement
+    kill_after_save = {"dropout_training": 2, "after_matched_fit": count[0]}[kill_at]
+    count[0] = 0
+
+    def killing_save(path, state):
+        real_save(path, state)
+        count[0] += 1
+        if count[0] == kill_after_save:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(loop, "save_checkpoint", killing_save)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(cfg, tmp_path / "run", progress=False, render=False)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    assert _records(tmp_path / "run") == []
+    reproduce(cfg, tmp_path / "run", progress=False, render=False)
+    assert _records(tmp_path / "run") == ref
+    sessions = json.loads((tmp_path / "run" / "timings.json").read_text())["sessions"]
+    assert [s["status"] for s in sessions] == ["interrupted", "finished"]

@@ -106,8 +106,10 @@ def build_markdown(
     ``units`` maps each claim to ``(finished, expected)`` units; an incomplete
     claim is flagged in its section and in the run summary. The optional keys
     of a summary are rendered when present: ``rule`` (quoted beside the
-    verdict), ``tables`` (``{"title", "columns", "rows"}``), ``caveats`` and
-    ``what_would_change``.
+    verdict; ``rule_b`` beside ``verdict_b``), ``tables`` (``{"title", "columns",
+    "rows"}``), ``symbols`` (``{symbol: meaning}``, printed before the evidence),
+    ``figure_captions`` (``{figure file stem: caption}``, shown under the figure),
+    ``caveats`` and ``what_would_change``.
     """
     from .. import __version__
 
@@ -160,6 +162,8 @@ def build_markdown(
             if extra.get("title"):
                 parts.append(f"**{extra['title']}**\n")
             parts.append(table(extra["columns"], extra["rows"]) + "\n")
+        if s.get("symbols"):
+            parts.append("Symbols: " + "; ".join(f"{k}: {v}" for k, v in dict(s["symbols"]).items()) + ".\n")
         if s.get("evidence"):
             parts.append("Evidence:\n")
             parts.append("\n".join(f"- {line}" for line in s["evidence"]) + "\n")
