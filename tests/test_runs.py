@@ -347,3 +347,40 @@ def test_killed_and_resumed_sweep_gives_the_same_records(tmp_path, monkeypatch, 
     assert _records(tmp_path / "run") == ref
     sessions = json.loads((tmp_path / "run" / "timings.json").read_text())["sessions"]
     assert [s["status"] for s in sessions] == ["interrupted", "finished"]
+
+
+def test_read_only_paths_as_any_user_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    """The same failures simulated (root may write anywhere): a folder reported not writable, a write refused."""
+    import dropgeom.rundir as rundir
+
+    monkeypatch.setattr(rundir.os, "access", lambda path, mode: False)
+    code = main(["reproduce", "--preset", "test", "--no-progress", "--out", str(tmp_path / "new")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "not writable (read-only)" in err
+    monkeypatch.undo()
+
+    run = tmp_path / "run"
+    RunDir.claim(run).init(RunConfig.from_preset("test", experiments=["C3"]))
+
+    def refuse(path, data):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(rundir, "atomic_write_bytes", refuse)
+    code = main(["report", str(run)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and err.startswith("dropgeom report: error: Permission denied: ")
+
+
+def test_progress_line_names_the_claim_units_and_eta(tmp_path):
+    from dropgeom.experiments.sweep import ProgressLine
+
+    rd = RunDir.claim(tmp_path)
+    rd.save_unit("C1", "a", {"status": "ok", "seconds": 10.0})
+    plan = [("C1", [{"key": "a"}, {"key": "b"}]), ("C3", [{"key": "c"}, {"key": "d"}, {"key": "e"}])]
+    line = ProgressLine(rd, plan, workers=2, enabled=False)
+    assert line.text().startswith("C1 (claim 1 of 2) | 1/5 units | elapsed 0 s | ETA 20 s")  # 4 units x 10 s / 2 workers
+    line.start("b")
+    assert line.text().endswith("running b")
+    line.done("b", {"status": "ok", "seconds": 30.0})  # C1 now averages 20 s a unit
+    line.set_claim("C3")
+    assert line.text().startswith("C3 (claim 2 of 2) | 2/5 units") and "ETA 30 s" in line.text()  # 3 units x 20 s / 2

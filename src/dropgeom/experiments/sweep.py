@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -159,7 +160,8 @@ class ProgressLine:
 
     The ETA sums, over the claims, the units left times that claim's mean
     seconds per unit (from the finished records; the mean over all claims while
-    a claim has none yet), divided by the number of workers.
+    a claim has none yet), divided by the number of workers, less the time
+    since the last unit finished. A daemon thread refreshes the line every second.
     """
 
     def __init__(self, rd: RunDir, plan: Sequence[Tuple[str, Sequence[Mapping[str, Any]]]], workers: int, enabled: bool = True) -> None:
@@ -174,12 +176,19 @@ class ProgressLine:
         self.workers = max(1, workers)
         self.running: List[str] = []
         self.current = self.claims[0] if self.claims else ""
-        self.t0 = time.perf_counter()
+        self.t0 = self.last_event = time.perf_counter()
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=self.total, initial=self.n_done, bar_format="{desc}", leave=False, mininterval=0.5)
+            self.refresh()
+            self._stop = threading.Event()
+            self._ticker = threading.Thread(target=self._tick, name="dropgeom-progress", daemon=True)
+            self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):  # elapsed time and ETA move between events too
             self.refresh()
 
     def eta(self) -> Optional[float]:
@@ -188,7 +197,7 @@ class ProgressLine:
             return None
         fallback = sum(every) / len(every)
         work = sum(n * (sum(self.seconds[c]) / len(self.seconds[c]) if self.seconds[c] else fallback) for c, n in self.left.items())
-        return work / self.workers
+        return max(0.0, work / self.workers - (time.perf_counter() - self.last_event))
 
     def text(self) -> str:
         k = self.claims.index(self.current) + 1 if self.current in self.claims else 0
@@ -221,6 +230,7 @@ class ProgressLine:
             self.running.remove(key)
         self.n_done += 1
         self.left[self.current] = max(0, self.left[self.current] - 1)
+        self.last_event = time.perf_counter()
         secs = float(record.get("seconds", float("nan")))
         if math.isfinite(secs):
             self.seconds[self.current].append(secs)
@@ -230,6 +240,8 @@ class ProgressLine:
 
     def close(self) -> None:
         if self.bar is not None:
+            self._stop.set()
+            self._ticker.join(2.0)
             self.bar.close()
 
 
