@@ -240,6 +240,10 @@ def _case(name: str, tmp_path: Path) -> list:
         ck.mkdir()
         (ck / "checkpoint.pt").write_bytes(b"PK\x03\x04 not really a checkpoint")
         return ["train", "--data", "iris", "--epochs", "1", "--no-progress", "--out", str(ck)]
+    if name == "checkpoint_of_another_training":
+        ck = tmp_path / "ck"
+        assert main(["train", "--data", "iris", "--epochs", "1", "--no-progress", "--out", str(ck)]) == 0
+        return ["train", "--data", "iris", "--epochs", "1", "--no-progress", "--out", str(ck), "--seed", "1"]
     if name == "report_of_a_foreign_folder":
         return ["report", str(tmp_path)]
     raise KeyError(name)
@@ -260,6 +264,7 @@ def _case(name: str, tmp_path: Path) -> list:
         ("npz_flipped", "truncated or corrupt"),
         ("npz_random", "not an npz file"),
         ("corrupt_checkpoint", "unreadable (truncated or corrupt"),
+        ("checkpoint_of_another_training", "belongs to a different training"),
         ("report_of_a_foreign_folder", "not a run directory"),
     ],
 )

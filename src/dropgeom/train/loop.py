@@ -307,7 +307,7 @@ def train(
             if diffs:
                 raise ValueError(
                     f"checkpoint {ckpt_path} belongs to a different training (differs in {', '.join(diffs)}); "
-                    "delete it, or use another checkpoint folder (train(resume=False) overwrites it)"
+                    "delete it, or use another checkpoint folder"
                 )
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
