@@ -18,7 +18,29 @@ from ..rundir import FINISHED, RunDir, atomic_write_json, atomic_write_text
 from .html import markdown_to_html
 from .markdown import build_markdown, table
 
-__all__ = ["render_report", "markdown_to_html", "table", "completeness"]
+__all__ = ["render_report", "markdown_to_html", "table", "completeness", "config_values"]
+
+
+def config_values(text: str, config: Any) -> str:
+    """Replace ``config.<name>`` references (in backticks or not) by the config's values, for readers.
+
+    A list becomes ``{a, b, c}``, a number or name itself; unknown names are left alone.
+
+    Example:
+        >>> from dropgeom.config import RunConfig
+        >>> config_values("p in `config.c1_p_grid`, width config.width", RunConfig.from_preset("quick"))
+        'p in {0, 0.2, 0.4, 0.7}, width 16'
+    """
+
+    def value(match: "re.Match[str]") -> str:
+        name = match.group(1) or match.group(2)
+        if not hasattr(config, name):
+            return match.group(0)
+        v = getattr(config, name)
+        fmt = lambda x: f"{x:g}" if isinstance(x, float) else str(x)  # noqa: E731
+        return "{" + ", ".join(fmt(x) for x in v) + "}" if isinstance(v, (list, tuple)) else fmt(v)
+
+    return re.sub(r"`{1,2}config\.(\w+)`{1,2}|\bconfig\.(\w+)", value, text)
 
 
 def _first_paragraph(doc: str) -> str:
@@ -84,7 +106,7 @@ def render_report(run_dir: Union[str, Path], experiments: Optional[Mapping[str, 
         records[name] = recs
         units[name] = done, expected = completeness(mod.units(config), recs)
         titles[name] = mod.TITLE
-        docs[name] = _first_paragraph(mod.__doc__ or "")
+        docs[name] = config_values(_first_paragraph(mod.__doc__ or ""), config)
         if done == 0:
             summaries[name] = {
                 "verdict": _NoData(name, f"no data (0 of {expected} units)", "no unit of this claim has finished; "
@@ -94,6 +116,9 @@ def render_report(run_dir: Union[str, Path], experiments: Optional[Mapping[str, 
             figures[name] = []
             continue
         summary = dict(mod.summarize(config, recs))
+        for key in ("rule", "rule_b", "what_would_change"):
+            if isinstance(summary.get(key), str):
+                summary[key] = config_values(summary[key], config)
         if done < expected:
             for key in ("verdict", "verdict_b"):
                 if key in summary:
