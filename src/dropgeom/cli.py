@@ -283,12 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
         "verdict per claim. Interrupt it at any time; running the same command again resumes (finished runs are "
         "not recomputed).",
     )
-    p.add_argument("--quick", action="store_true", help="the quick preset: about 10 minutes on an idle 2-core CPU (default: the full run, hours)")
+    p.add_argument("--quick", action="store_true", help="the quick preset: about 10 minutes on an idle 2-core CPU (default: the full run, about half an hour)")
     p.add_argument("--out", default=None, help="run directory (default runs/reproduce-<preset>): a new or empty folder, or an earlier run of the same config, which is resumed; one process at a time")
     p.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds per setting (default: the preset's, 5 for quick and full, 2 for test)")
     p.add_argument("--only", nargs="+", choices=["C1", "C2", "C3"], default=None, help="run only these claims")
     p.add_argument("--data", default=None, choices=["digits", "breast_cancer", "wine", "iris"], help="bundled data set (default digits)")
-    p.add_argument("--preset", choices=["full", "quick", "test"], default=None, help="a named preset (overrides --quick); 'test' is a seconds-long smoke run")
+    p.add_argument("--preset", choices=["full", "quick", "test"], default=None, help="a named preset (overrides --quick); 'test' is a smoke run of well under a minute on an idle machine")
     p.add_argument("--config", default=None, help="JSON file of config overrides (every option of dropgeom.config.RunConfig)")
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads per process (default 1: fastest for these tiny models)")
     p.add_argument("--workers", type=_positive_int, default=min(2, os.cpu_count() or 1), help="processes running units in parallel (default: 2, or 1 on a 1-core machine)")
