@@ -214,6 +214,10 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- curvature
+#: ``dropgeom curvature --method auto`` is dense while the Hessian tensor [n, K, P, P] stays below this
+CLI_DENSE_BYTES = 32 * 2**20
+
+
 def _cmd_curvature(args: argparse.Namespace) -> int:
     import torch
 
@@ -232,8 +236,15 @@ def _cmd_curvature(args: argparse.Namespace) -> int:
         tr = fit(model, data, "dropout" if args.p > 0 else "none", cfg, args.seed, args.p)
         last = tr["history"][-1] if tr["history"] else {}
         print(f"trained {args.epochs} epochs ({'dropout p=%g' % args.p if args.p > 0 else 'no dropout'}): test NLL {last.get('test_nll', float('nan')):.4g}")
-    from .experiments.common import quantity_name
+    from .experiments.common import curvature_params, quantity_name
 
+    if args.method == "auto":
+        # dense keeps about 5 copies of the Hessian tensor [n, K, P, P] (1.9 GB at the defaults, P = 160):
+        # this command uses it only while that tensor is small, the matrix-free method otherwise
+        names = curvature_params(model, cfg.curvature_params)
+        P = sum(t.numel() for k, t in model.named_parameters() if names is None or k in names)
+        hessian_bytes = data.x_curv.shape[0] * data.num_outputs * P * P * 8
+        cfg = cfg.replace(curvature_method="dense" if hessian_bytes <= CLI_DENSE_BYTES else "stochastic")
     t0 = time.perf_counter()
     c = curvature_measures(model, data, cfg, args.seed)
     seconds = time.perf_counter() - t0
@@ -342,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_nonnegative_int, default=20, help="training epochs before measuring (0: at initialisation; default 20)")
     p.add_argument("--inputs", type=_positive_int, default=100, help="held-out inputs the curvature is evaluated on (default 100)")
     p.add_argument("--input-dim", type=_positive_int, default=10, help="principal components of the inputs kept (default 10)")
-    p.add_argument("--method", choices=["auto", "dense", "stochastic"], default="auto", help="curvature method (default auto)")
+    p.add_argument("--method", choices=["auto", "dense", "stochastic"], default="auto", help="curvature method (default auto: dense, exact and with the raw gamma^2, while the Hessian tensor n x K x P x P stays under 32 MB, else the matrix-free stochastic estimate, whose memory grows like n K P)")
     p.add_argument("--params", choices=["around_mask", "all"], default="around_mask", help="parameters the manifold varies (default: the layers around the first mask)")
     p.add_argument("--damping", type=_positive_float, default=1e-3, help="relative damping of the damped curvature (default 1e-3)")
     _add_model_options(p)
