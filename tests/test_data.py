@@ -101,6 +101,26 @@ def test_npz_roundtrip_and_errors(tmp_path):
         load_dataset("npz")
 
 
+def test_broken_npz_files_give_one_clear_error(tmp_path):
+    """Truncated, bit-flipped and random files: a ValueError naming the file and the fix, no zipfile error."""
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "good.npz", X=rng.normal(size=(40, 3)), y=rng.integers(0, 2, 40))
+    raw = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(raw[: len(raw) // 2])
+    flipped = bytearray(raw)
+    flipped[200] ^= 0xFF  # inside the first array's data
+    (tmp_path / "flipped.npz").write_bytes(bytes(flipped))
+    (tmp_path / "random.npz").write_bytes(rng.bytes(300))
+    np.save(tmp_path / "single.npy", np.zeros(3))
+    (tmp_path / "single.npz").write_bytes((tmp_path / "single.npy").read_bytes())
+    for name, match in [("truncated", "truncated or corrupt"), ("flipped", "truncated or corrupt"),
+                        ("random", "not an npz file"), ("single", "single .npy")]:
+        with pytest.raises(ValueError, match=match) as info:
+            load_dataset(tmp_path / f"{name}.npz")
+        msg = str(info.value)
+        assert "\n" not in msg and "allow_pickle" not in msg and "numpy.savez" in msg and name in msg
+
+
 def test_csv_with_label_column_and_errors(tmp_path):
     lines = ["a,species,b"] + [f"{i * 0.5},{'cat' if i % 2 else 'dog'},{i * i}" for i in range(12)]
     (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")

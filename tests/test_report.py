@@ -113,11 +113,49 @@ def test_report_rerender(run):
     assert (run / "report.html").exists() and len(list((run / "figures").glob("*.png"))) == 5
 
 
-def test_markdown_to_html_subset():
-    md = "# T <x>\n\npara `code` **b**\n\n- one\n- two\n\n| a | b |\n|---|---|\n| 1 \\| 2 | 3 |\n\n```\n<raw>\n```\n"
-    html = markdown_to_html(md, base=None)
+def test_markdown_to_html_subset(tmp_path):
+    md = ("# T <x>\n\npara `code` **b**, `$x$` stays code\n\n- one\n- two\n\n"
+          "| a | b |\n|---|---|\n| 1 \\| 2 | $\\gamma^2$ |\n\n```\n<raw>\n```\n\n$$\\frac{a}{b}$$\n\n![a caption](fig.png)\n")
+    (tmp_path / "fig.png").write_bytes(b"\x89PNG fake")
+    html = markdown_to_html(md, base=tmp_path).replace("\n", "")
     assert "<h1>T &lt;x&gt;</h1>" in html
     assert "<code>code</code>" in html and "<strong>b</strong>" in html
+    assert "<code>$x$</code>" in html
     assert "<li>one</li><li>two</li>" in html
-    assert "<td>1 | 2</td><td>3</td>" in html
+    assert "<td>1 | 2</td>" in html and "<mi>&#x003B3;</mi><mn>2</mn>" in html  # gamma^2 as MathML
     assert "<pre><code>&lt;raw&gt;</code></pre>" in html
+    assert 'display="block"' in html and "<mfrac>" in html
+    assert '<figure><img alt="a caption" src="data:image/png;base64,' in html and "<figcaption>a caption</figcaption>" in html
+    assert "<p><figure>" not in html
+
+
+def test_optional_summary_keys_are_rendered(tmp_path):
+    """The report contract: rule, tables, symbols, caveats, what_would_change and captions appear when present."""
+    from dropgeom.experiments.common import Verdict
+    from dropgeom.report.markdown import build_markdown
+
+    cfg = RunConfig.from_preset("test", experiments=["C1"])
+    fig = tmp_path / "figures" / "c1_x.png"
+    fig.parent.mkdir()
+    fig.write_bytes(b"png")
+    summary = {
+        "verdict": Verdict("C1", "measure-dependent", "two of three measures fall"),
+        "rule": "supported when every measure falls significantly",
+        "columns": ["p", "curvature"], "rows": [{"p": "0", "curvature": "1.0"}],
+        "tables": [{"title": "Per architecture", "columns": ["arch"], "rows": [{"arch": "tanh-w16-d2"}]}],
+        "symbols": {"$\\gamma^2$": "embedding curvature"},
+        "evidence": ["a line"],
+        "what_would_change": "a significant rise of any measure",
+        "caveats": ["only tanh networks"],
+        "figure_captions": {"c1_x": "Curvature against p; dots: seeds"},
+    }
+    text = build_markdown(tmp_path, cfg, {"C1": summary}, {"C1": [fig]}, {"C1": []}, {"C1": "C1 title"}, {"C1": ""},
+                          units={"C1": (3, 4)})
+    for piece in ("**Verdict (C1): measure-dependent.** Rule: supported when every measure falls significantly",
+                  "**Per architecture**", "| tanh-w16-d2 |", "Symbols: $\\gamma^2$: embedding curvature.",
+                  "What would change the verdict: a significant rise of any measure", "- only tanh networks",
+                  "![Curvature against p; dots: seeds](figures/c1_x.png)", "This run is incomplete",
+                  "**Incomplete: 3 of 4 units finished.**", "1 unit(s) of C1 have not run yet"):
+        assert piece in text, piece
+    html = markdown_to_html(text, base=tmp_path)
+    assert "<math" in html and "<figcaption>Curvature against p; dots: seeds</figcaption>" in html

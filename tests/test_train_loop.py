@@ -124,7 +124,7 @@ def test_resume_after_kill_is_bitwise_identical(data, tmp_path, kill_call):
     assert counter.calls == 0 and same_params(again, ref) and strip_times(h2) == strip_times(href)
 
     # resume=False starts afresh; a different configuration is refused
-    with pytest.raises(ValueError, match="different run"):
+    with pytest.raises(ValueError, match="different training"):
         train(make_net(), data, "dropout", checkpoint_dir=run_dir, **{**kw, "seed": 2})
 
 
@@ -263,3 +263,88 @@ def test_regression_data_trains_with_the_gaussian_family():
     with torch.no_grad():
         mse = float(((net(x[60:]) - y[60:]) ** 2).mean())
     assert h[-1]["test_nll"] == pytest.approx(0.5 * mse + 0.5 * np.log(2 * np.pi), rel=1e-10)
+
+
+# --------------------------------------------------------------------------- bitwise resume of every way a run ends
+class NaNBelow(NLL):
+    """A loss that turns NaN once the batch NLL falls below a level: divergence decided by the state alone."""
+
+    def __init__(self, level):
+        self.level = level
+
+    def compute(self, *args):
+        out = super().compute(*args)
+        if float(out.loss.detach()) < self.level:
+            out.loss = out.loss * float("nan")
+        return out
+
+    def __repr__(self):
+        return f"NaNBelow({self.level})"
+
+
+def _endings(data):
+    """(name, train kwargs) for a run that ends by callback, early stopping, divergence or its epoch count."""
+    small = load_dataset("mlp_teacher", n=60, num_features=5, num_classes=3, seed=2, label_noise=0.4, dtype=D)
+    return [
+        ("epochs", data, dict(objective="dropout", epochs=5)),
+        ("callback", data, dict(objective="none", epochs=10, callback=lambda r, m: r["epoch"] >= 3)),
+        ("callback_on_fit", data, dict(objective="dropout", epochs=12, callback=lambda r, m: r["train_nll"] <= 0.84)),
+        ("early_stopping", small, dict(objective="none", epochs=40, early_stopping=EarlyStopping(patience=2))),
+        ("divergence", data, dict(objective=NaNBelow(0.8), epochs=12)),
+    ]
+
+
+@pytest.mark.parametrize("ending", ["epochs", "callback", "callback_on_fit", "early_stopping", "divergence"])
+def test_resume_is_bitwise_for_every_ending(data, tmp_path, monkeypatch, ending):
+    """Kill after each checkpoint write in turn; every resumed run ends bitwise like the uninterrupted one."""
+    import dropgeom.train.loop as loop
+
+    name, ds, kw = next(e for e in _endings(data) if e[0] == ending)
+    base = dict(batch_size=24, seed=1, progress=False, checkpoint_every=1, checkpoint_seconds=None, lr=0.02)
+
+    def run(ckpt, **extra):
+        k = dict(kw)
+        net = make_net()
+        h = train(net, ds, k.pop("objective"), checkpoint_dir=ckpt, **base, **k, **extra)
+        return net, h
+
+    ref_net, ref = run(tmp_path / "ref")
+    assert ref.finished
+    how = {"divergence": ref.diverged, "early_stopping": ref.stopped_early, "epochs": len(ref) == kw["epochs"]}
+    assert how.get(name, ref.stopped_by_callback) and 2 <= len(ref) <= kw["epochs"]
+    saves = len(ref) + (1 if ref.diverged else 0)
+    assert saves >= 2
+    real_save = loop.save_checkpoint
+    for kill_after in range(1, saves):
+        ckpt = tmp_path / f"kill{kill_after}"
+        count = [0]
+
+        def killing_save(path, state):
+            real_save(path, state)
+            count[0] += 1
+            if count[0] == kill_after:
+                raise KeyboardInterrupt("simulated kill")
+
+        monkeypatch.setattr(loop, "save_checkpoint", killing_save)
+        with pytest.raises(KeyboardInterrupt):
+            run(ckpt)
+        monkeypatch.setattr(loop, "save_checkpoint", real_save)
+        net, h = run(ckpt)
+        assert same_params(net, ref_net), (name, kill_after)
+        assert strip_times(h) == strip_times(ref), (name, kill_after)
+        assert (h.diverged, h.stopped_early, h.stopped_by_callback) == (ref.diverged, ref.stopped_early, ref.stopped_by_callback)
+        # and running it once more does not train any further
+        net2, h2 = run(ckpt)
+        assert len(h2) == len(ref) and same_params(net2, ref_net)
+
+
+def test_callback_stop_is_final_on_resume(tmp_path):
+    """The issue's minimal case: a run stopped by its callback is not continued by a second call."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 5, dtype=D), torch.randint(0, 3, (64,))
+    lens = []
+    for _ in range(2):
+        net = make_net()
+        h = train(net, (x, y), "none", epochs=10, checkpoint_dir=tmp_path, callback=lambda r, m: r["epoch"] >= 3, progress=False)
+        lens.append(len(h))
+    assert lens == [3, 3] and h.stopped_by_callback

@@ -58,6 +58,30 @@ def _positive_float(text: str) -> float:
     return v
 
 
+#: seeds go to torch.Generator.manual_seed and numpy: keep them in numpy's range
+SEED_MAX = 2**32 - 1
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, {SEED_MAX}], got {text!r}") from None
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, {SEED_MAX}], got {v}")
+    return v
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
+    return v
+
+
 def _print_table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> None:
     def f(v: Any) -> str:
         if isinstance(v, float):
@@ -74,7 +98,7 @@ def _print_table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> None:
 
 # --------------------------------------------------------------------------- reproduce
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from .config import ConfigError, RunConfig
+    from .config import RunConfig
     from .experiments import reproduce
 
     preset = args.preset or ("quick" if args.quick else "full")
@@ -83,26 +107,31 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         import json
 
         try:
-            overrides.update(json.loads(Path(args.config).read_text()))
-        except (OSError, json.JSONDecodeError) as err:
-            print(f"dropgeom reproduce: cannot read --config {args.config}: {err}", file=sys.stderr)
-            return 2
+            loaded = json.loads(Path(args.config).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CLIError(f"cannot read --config {args.config}: {getattr(err, 'strerror', None) or err}") from None
+        if not isinstance(loaded, dict):
+            raise CLIError(
+                f"--config {args.config} must hold a JSON object of options (like {{\"seeds\": 3}}), "
+                f"not {json.dumps(loaded)[:40]}"
+            )
+        overrides.update(loaded)
     if args.seeds is not None:
         overrides["seeds"] = args.seeds
     if args.only:
         overrides["experiments"] = args.only
     if args.data:
         overrides["dataset"] = args.data
+    config = RunConfig.from_preset(preset, **overrides)
+    out = Path(args.out or f"runs/reproduce-{preset}")
+    t0 = time.perf_counter()
     try:
-        config = RunConfig.from_preset(preset, **overrides)
-        out = Path(args.out or f"runs/reproduce-{preset}")
-        t0 = time.perf_counter()
         report = reproduce(config, out, progress=not args.no_progress, threads=args.threads, workers=args.workers)
-    except ConfigError as err:
-        print(f"dropgeom reproduce: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: finished runs are saved; run the same command again to resume", file=sys.stderr)
+        from .pool import exit_on_next_interrupt
+
+        exit_on_next_interrupt()
+        print(f"\ndropgeom reproduce: interrupted; finished units are saved in {out}; run the same command again to resume", file=sys.stderr)
         return 130
     print(f"\nreport: {report}  (and {report.with_suffix('.html')})  in {time.perf_counter() - t0:.1f} s")
     import json
@@ -126,6 +155,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .train import train
 
+    if args.out is not None:
+        from .rundir import prepare_output_dir
+        from .train import CHECKPOINT_NAME
+
+        prepare_output_dir(args.out, allowed=lambda name: name == CHECKPOINT_NAME)
     ds = load_dataset(args.data, seed=args.seed, dtype=torch.float64)
     p = args.p if args.objective not in ("none", "l2") else 0.0
     model = _mlp_for(args, ds.num_features, ds.num_outputs, p)
@@ -180,6 +214,10 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- curvature
+#: ``dropgeom curvature --method auto`` is dense while the Hessian tensor [n, K, P, P] stays below this
+CLI_DENSE_BYTES = 32 * 2**20
+
+
 def _cmd_curvature(args: argparse.Namespace) -> int:
     import torch
 
@@ -198,23 +236,30 @@ def _cmd_curvature(args: argparse.Namespace) -> int:
         tr = fit(model, data, "dropout" if args.p > 0 else "none", cfg, args.seed, args.p)
         last = tr["history"][-1] if tr["history"] else {}
         print(f"trained {args.epochs} epochs ({'dropout p=%g' % args.p if args.p > 0 else 'no dropout'}): test NLL {last.get('test_nll', float('nan')):.4g}")
+    from .experiments.common import curvature_params, quantity_name
+
+    if args.method == "auto":
+        # dense keeps about 5 copies of the Hessian tensor [n, K, P, P] (1.9 GB at the defaults, P = 160):
+        # this command uses it only while that tensor is small, the matrix-free method otherwise
+        names = curvature_params(model, cfg.curvature_params)
+        P = sum(t.numel() for k, t in model.named_parameters() if names is None or k in names)
+        hessian_bytes = data.x_curv.shape[0] * data.num_outputs * P * P * 8
+        cfg = cfg.replace(curvature_method="dense" if hessian_bytes <= CLI_DENSE_BYTES else "stochastic")
     t0 = time.perf_counter()
     c = curvature_measures(model, data, cfg, args.seed)
-    c["seconds"] = time.perf_counter() - t0
-    _print_table([{"quantity": k, "value": v} for k, v in c.items()], ["quantity", "value"])
+    seconds = time.perf_counter() - t0
+    skip = {"gamma2_stderr", "gamma2_damped_stderr"} if c.get("method") == "dense" else set()  # exactly 0 when dense
+    _print_table([{"quantity": quantity_name(k), "value": v} for k, v in c.items() if k not in skip], ["quantity", "value"])
+    print(f"\ncurvature computed in {seconds:.1f} s; symbols as in docs/theory.md section 3")
     return 0
 
 
 # --------------------------------------------------------------------------- report
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .config import ConfigError
+    from .experiments import EXPERIMENTS
     from .report import render_report
 
-    try:
-        path = render_report(args.dir)
-    except (FileNotFoundError, ConfigError) as err:
-        print(f"dropgeom report: {err}", file=sys.stderr)
-        return 2
+    path = render_report(args.dir, experiments=EXPERIMENTS)
     print(f"report: {path}  (and {path.with_suffix('.html')})")
     return 0
 
@@ -224,7 +269,7 @@ def _add_model_options(p: argparse.ArgumentParser, width: int = 8, depth: int = 
     p.add_argument("--width", type=_positive_int, default=width, help=f"units per hidden layer (default {width})")
     p.add_argument("--depth", type=_positive_int, default=depth, help=f"number of hidden layers (default {depth})")
     p.add_argument("--activation", choices=["identity", "tanh", "softplus", "relu"], default="tanh", help="hidden activation (default tanh)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data split, initialisation and masks (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the data split, initialisation and masks (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,8 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dropgeom",
         description="dropgeom: the information geometry of dropout training (Fisher information, curvature of the "
         "model manifold, dropout terms) for PyTorch models.",
-        epilog="Run `dropgeom COMMAND --help` for the options of a command.",
+        epilog="Run `dropgeom COMMAND --help` for the options of a command. Errors are one line; add --debug "
+        "(anywhere) for the traceback.",
     )
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback instead of one line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -247,16 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
         "verdict per claim. Interrupt it at any time; running the same command again resumes (finished runs are "
         "not recomputed).",
     )
-    p.add_argument("--quick", action="store_true", help="the quick preset: finishes within 10 minutes on a 2-core CPU (default: the full run)")
-    p.add_argument("--out", default=None, help="run directory (default runs/reproduce-<preset>); an existing one is resumed")
-    p.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds per setting (default: the preset's, 3 quick / 5 full)")
+    p.add_argument("--quick", action="store_true", help="the quick preset: about 10 minutes on an idle 2-core CPU (default: the full run, about half an hour)")
+    p.add_argument("--out", default=None, help="run directory (default runs/reproduce-<preset>): a new or empty folder, or an earlier run of the same config, which is resumed; one process at a time")
+    p.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds per setting (default: the preset's, 5 for quick and full, 2 for test)")
     p.add_argument("--only", nargs="+", choices=["C1", "C2", "C3"], default=None, help="run only these claims")
     p.add_argument("--data", default=None, choices=["digits", "breast_cancer", "wine", "iris"], help="bundled data set (default digits)")
-    p.add_argument("--preset", choices=["full", "quick", "test"], default=None, help="a named preset (overrides --quick); 'test' is a seconds-long smoke run")
+    p.add_argument("--preset", choices=["full", "quick", "test"], default=None, help="a named preset (overrides --quick); 'test' is a smoke run of well under a minute on an idle machine")
     p.add_argument("--config", default=None, help="JSON file of config overrides (every option of dropgeom.config.RunConfig)")
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads per process (default 1: fastest for these tiny models)")
     p.add_argument("--workers", type=_positive_int, default=min(2, os.cpu_count() or 1), help="processes running units in parallel (default: 2, or 1 on a 1-core machine)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress line (by default one line shows the claim, units done/total and an ETA)")
     p.set_defaults(fn=_cmd_reproduce)
 
     p = sub.add_parser(
@@ -273,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=20, help="epochs (default 20)")
     p.add_argument("--lr", type=_positive_float, default=0.01, help="Adam learning rate (default 0.01)")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="mini-batch size (default 128)")
-    p.add_argument("--out", default=None, help="checkpoint folder (resumes from it when it exists)")
+    p.add_argument("--out", default=None, help="checkpoint folder: new, empty, or holding the checkpoint.pt of the same training (resumed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_options(p, width=32)
     p.set_defaults(fn=_cmd_train)
@@ -291,22 +338,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", nargs="+", choices=["exact", "mc", "empirical"], default=["exact", "mc", "empirical"], help="Fisher kinds")
     p.add_argument("--structures", nargs="+", choices=["dense", "diag", "layer", "kfac", "implicit"], default=["dense", "diag", "layer", "kfac", "implicit"], help="structures")
     p.add_argument("--float64", action="store_true", help="compute in float64")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the inputs and the Monte Carlo Fisher (default 0)")
     p.set_defaults(fn=_cmd_fisher)
 
     p = sub.add_parser(
         "curvature",
         help="embedding curvature and mask-direction curvature of a trained MLP",
         description="Train a small MLP on digits (inputs projected on their principal components) with dropout at "
-        "--p, then print the e-embedding curvature gamma^2 of its model manifold over held-out inputs (damped, "
+        "--p (default 0.2), then print the e-embedding curvature gamma^2 of its model manifold over held-out inputs (damped, "
         "and raw with --method dense; the matrix-free estimate of the raw value is unreliable on a badly conditioned "
         "metric) and the normal curvature along the dropout mask directions (theory.md 3).",
     )
-    p.add_argument("--p", type=_probability, default=0.0, help="dropout probability during training (default 0)")
-    p.add_argument("--epochs", type=int, default=20, help="training epochs before measuring (0: at initialisation; default 20)")
+    p.add_argument("--p", type=_probability, default=0.2, help="dropout probability during training, and of the mask whose directions are measured (default 0.2; 0 trains without dropout)")
+    p.add_argument("--epochs", type=_nonnegative_int, default=20, help="training epochs before measuring (0: at initialisation; default 20)")
     p.add_argument("--inputs", type=_positive_int, default=100, help="held-out inputs the curvature is evaluated on (default 100)")
     p.add_argument("--input-dim", type=_positive_int, default=10, help="principal components of the inputs kept (default 10)")
-    p.add_argument("--method", choices=["auto", "dense", "stochastic"], default="auto", help="curvature method (default auto)")
+    p.add_argument("--method", choices=["auto", "dense", "stochastic"], default="auto", help="curvature method (default auto: dense, exact and with the raw gamma^2, while the Hessian tensor n x K x P x P stays under 32 MB, else the matrix-free stochastic estimate, whose memory grows like n K P)")
     p.add_argument("--params", choices=["around_mask", "all"], default="around_mask", help="parameters the manifold varies (default: the layers around the first mask)")
     p.add_argument("--damping", type=_positive_float, default=1e-3, help="relative damping of the damped curvature (default 1e-3)")
     _add_model_options(p)
@@ -323,15 +370,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class CLIError(Exception):
+    """A user error the command line reports in one line (exit status 2)."""
+
+
+def _one_line(err: BaseException) -> str:
+    """A short message for ``err``: OS errors as 'reason: file', others as their first line."""
+    from .config import ConfigError
+
+    if isinstance(err, ConfigError):
+        return str(err)  # lists every problem, one per line, on purpose
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    text = str(err).strip() or type(err).__name__
+    first = text.splitlines()[0]
+    return first if len(first) <= 400 else first[:400] + " ..."
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``dropgeom`` command; returns the exit status."""
+    """Entry point of the ``dropgeom`` command; returns the exit status.
+
+    Errors are printed as one line (``dropgeom COMMAND: error: ...``, exit
+    status 2 for bad input, files or folders, 1 for anything unexpected);
+    ``--debug`` (anywhere on the command line) shows the traceback instead.
+    Ctrl-C exits with status 130 and one line; a second Ctrl-C exits at once.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .config import ConfigError
+    from .rundir import RunDirError
+
     try:
         return int(args.fn(args) or 0)
-    except (ValueError, FileNotFoundError, MemoryError) as err:  # bad data, files or sizes: a message, no traceback
-        print(f"dropgeom {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        from .pool import exit_on_next_interrupt
+
+        exit_on_next_interrupt()
+        if debug:
+            raise
+        print(f"\ndropgeom {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, ConfigError, RunDirError, ValueError, OSError, MemoryError) as err:
+        # bad input, data files, folders or sizes: a message, no traceback
+        if debug:
+            raise
+        print(f"dropgeom {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - anything else: still one line, the traceback behind --debug
+        if debug:
+            raise
+        print(
+            f"dropgeom {args.command}: error: {type(err).__name__}: {_one_line(err)} (run again with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

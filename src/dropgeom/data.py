@@ -292,23 +292,34 @@ def _teacher(
 
 
 def _read_npz(path: PathLike) -> Tuple[np.ndarray, np.ndarray, Optional[Tuple[str, ...]]]:
+    import zipfile
+    import zlib
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path!r}")
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    if head.startswith(b"\x93NUMPY"):
+        raise ValueError(f"{path!r}: a single .npy array, not an npz archive; save X and y with numpy.savez")
+    if not head.startswith(b"PK"):
+        raise ValueError(f"{path!r}: not an npz file (no zip header); save X and y with numpy.savez")
+    broken = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
     try:
-        z = np.load(path, allow_pickle=False)
-    except (OSError, EOFError, ValueError) as err:  # np.load's errors for a file that is not npz
-        raise ValueError(f"{path!r}: not a readable npz file ({err})") from err
-    if not isinstance(z, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path!r}: not an npz archive (a single .npy array?); save X and y with numpy.savez")
-    with z:
-        keys = list(z.keys())
-        xk = next((k for k in ("X", "x") if k in z), None)
-        yk = next((k for k in ("y", "Y") if k in z), None)
-        if xk is None or yk is None:
-            raise ValueError(f"{path!r}: an npz data file needs arrays 'X' and 'y'; it holds {keys}")
-        x, y = z[xk], z[yk]
-        names = tuple(str(s) for s in z["feature_names"]) if "feature_names" in z else None
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.keys())
+            xk = next((k for k in ("X", "x") if k in z), None)
+            yk = next((k for k in ("y", "Y") if k in z), None)
+            if xk is None or yk is None:
+                raise LookupError(f"{path!r}: an npz data file needs arrays 'X' and 'y'; it holds {keys}")
+            x, y = z[xk], z[yk]
+            names = tuple(str(s) for s in z["feature_names"]) if "feature_names" in z else None
+    except LookupError as err:
+        raise ValueError(str(err)) from None
+    except broken as err:  # a truncated or bit-flipped archive: zipfile / zlib / numpy errors
+        raise ValueError(
+            f"{path!r}: the npz file is truncated or corrupt ({type(err).__name__}); re-create it with numpy.savez"
+        ) from err
     return x, y, names
 
 

@@ -7,6 +7,9 @@ Layout of a run directory::
     metrics/<experiment>.jsonl  every record of an experiment, one JSON object per line
     metrics/<experiment>.csv    the same as a flat table
     figures/*.png               figures; report.md, report.html
+    timings.json                one entry per invocation (written when it starts, updated as it runs)
+    .dropgeom-run               marks a folder dropgeom created (it writes into no other non-empty folder)
+    .lock                       held (``flock``) by the one process working in the folder, with its pid
 
 Every file is written to a temporary file in the same folder and moved into
 place with :func:`os.replace`, which is atomic on POSIX and Windows: a killed
@@ -15,6 +18,12 @@ counts as finished when its record exists with status ``ok`` or ``diverged``
 (a diverged training is a result, not a failure); running the same command
 again skips finished units and recomputes the rest. Records with status
 ``error`` (an exception) are shown in the report and retried on resume.
+
+Ownership: :meth:`RunDir.claim` refuses a folder that is neither empty, nor
+new, nor a dropgeom run, and :meth:`RunDir.lock` lets one process at a time
+work in a run (a second one gets a one-line :class:`RunDirError` naming the
+first one's pid; the lock of a killed process is released by the kernel and
+taken over).
 
 Example:
     >>> import tempfile
@@ -29,7 +38,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import io
 import json
 import math
@@ -38,14 +49,54 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 from .config import ConfigError, RunConfig
 
-__all__ = ["RunDir", "safe_name", "timed_call", "atomic_write_text", "atomic_write_bytes", "atomic_write_json", "FINISHED", "to_jsonable"]
+__all__ = ["RunDir", "RunDirError", "safe_name", "prepare_output_dir", "timed_call", "atomic_write_text", "atomic_write_bytes", "atomic_write_json", "FINISHED", "to_jsonable"]
 
 #: statuses of a finished unit (not recomputed on resume)
 FINISHED = ("ok", "diverged")
+#: the file that marks a folder as a dropgeom run directory
+MARKER = ".dropgeom-run"
+LOCK = ".lock"
+
+
+class RunDirError(RuntimeError):
+    """A run directory that cannot be used (not ours, in use, not writable); the message says what to do."""
+
+
+def prepare_output_dir(root: Union[str, Path], what: str = "--out", allowed: Callable[[str], bool] = lambda name: False) -> Path:
+    """Create ``root`` (with parents) or check that it is a writable folder dropgeom may write into.
+
+    A folder is ours when it is new or empty, holds :data:`MARKER`, or holds
+    only files for which ``allowed(name)`` is true (hidden temporary files are
+    always allowed).
+
+    Raises:
+        RunDirError: ``root`` is a file, lies under a file, cannot be created or
+            written, or is a non-empty folder dropgeom did not create.
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise RunDirError(f"{what} {root} is a file, not a folder; choose a new folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except (NotADirectoryError, FileExistsError):
+        raise RunDirError(f"{what} {root} lies under a file, not a folder; choose another path") from None
+    except PermissionError:
+        raise RunDirError(f"cannot create {what} {root}: permission denied; choose a folder you can write to") from None
+    except OSError as err:
+        raise RunDirError(f"cannot create {what} {root}: {err.strerror or err}") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise RunDirError(f"{what} {root} is not writable (read-only); choose a folder you can write to")
+    names = [n for n in os.listdir(root) if n not in (LOCK, MARKER) and not (n.startswith(".") and n.endswith(".tmp"))]
+    if names and not (root / MARKER).exists() and not all(allowed(n) for n in names):
+        raise RunDirError(
+            f"{what} {root} is a non-empty folder that dropgeom did not create (it holds {', '.join(sorted(names)[:3])}"
+            f"{', ...' if len(names) > 3 else ''}); choose a new or empty folder"
+        )
+    return root
 
 
 def _file_mode() -> int:
@@ -120,6 +171,68 @@ class RunDir:
     def __init__(self, root: Union[str, Path]) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- ownership ------------------------------------------------------------
+    @classmethod
+    def claim(cls, root: Union[str, Path]) -> "RunDir":
+        """The run directory ``root``, created or checked to be ours (see :func:`prepare_output_dir`) and marked.
+
+        A folder from an earlier dropgeom version (``config.json`` and ``units/``, no marker) counts as ours.
+
+        Raises:
+            RunDirError: the folder is not writable or holds files dropgeom did not write.
+        """
+        root = Path(root)
+        legacy = (root / "config.json").is_file() and (root / "units").is_dir()
+        prepare_output_dir(root, allowed=lambda name: legacy)
+        self = cls(root)
+        if not (self.root / MARKER).exists():
+            try:
+                atomic_write_text(self.root / MARKER, "a dropgeom run directory\n")
+            except OSError as err:
+                raise RunDirError(f"cannot write into {self.root}: {err.strerror or err}") from None
+        return self
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator["RunDir"]:
+        """Hold the folder's lock for the duration (one process per run directory).
+
+        Uses ``fcntl.flock`` where available: the kernel releases it when the
+        holder dies, even on ``kill -9``, so a stale lock file is taken over.
+        The holder's pid is written into the file for the error message.
+
+        Raises:
+            RunDirError: another live process holds the lock, or the lock file cannot be written.
+        """
+        path = self.root / LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise RunDirError(f"cannot write into {self.root}: {err.strerror or err}; choose a folder you can write to") from None
+        try:
+            try:
+                import fcntl
+            except ImportError:  # pragma: no cover - Windows: a pid file checked for liveness
+                fcntl = None  # type: ignore[assignment]
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    raise RunDirError(self._in_use_message(path)) from None
+            else:  # pragma: no cover
+                holder = _read_pid(path)
+                if holder not in (None, os.getpid()) and _alive(holder):
+                    raise RunDirError(self._in_use_message(path))
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            yield self
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _in_use_message(self, path: Path) -> str:
+        pid = _read_pid(path)
+        who = f"another dropgeom process (pid {pid})" if pid else "another dropgeom process"
+        return f"{self.root} is in use by {who}; wait for it to finish or stop it, or choose another --out folder"
 
     # -- paths ----------------------------------------------------------------
     @property
@@ -198,57 +311,69 @@ class RunDir:
         experiment: str,
         units: Sequence[Mapping[str, Any]],
         fn: Callable[[Mapping[str, Any]], Mapping[str, Any]],
-        progress: bool = True,
+        progress: Any = True,
         on_compute: Optional[Callable[[str], None]] = None,
         workers: int = 1,
+        on_done: Optional[Callable[[str, Mapping[str, Any]], None]] = None,
     ) -> Dict[str, int]:
         """Run ``fn(unit)`` for each unit (a mapping with a ``key``) not finished yet.
 
         Exceptions inside ``fn`` are recorded (status ``error``, with the
         message) and do not stop the sweep; ``KeyboardInterrupt`` does (the
-        finished units are kept). With ``workers > 1`` the units run in that
-        many spawned processes (``fn`` must then be picklable); records are
-        still written by this process, one atomic file each. Returns counts of
-        computed, skipped and failed units.
+        finished units are kept, worker processes are killed at once). With
+        ``workers > 1`` the units run in that many spawned processes (a
+        :class:`~dropgeom.pool.WorkerPool`; ``fn`` must be picklable); records
+        are still written by this process, one atomic file each.
+
+        ``progress``: ``True`` for a tqdm bar of this experiment, ``False`` for
+        none, or an object with ``start(key)`` and ``done(key, record)`` methods
+        (the sweep's overall progress line). ``on_compute(key)`` is called just
+        before a unit starts, ``on_done(key, record)`` after its record is stored.
+        Returns counts of computed, skipped and failed units.
         """
-        from tqdm.auto import tqdm
+        from .pool import WorkerPool, exit_on_next_interrupt
 
         counts = {"computed": 0, "skipped": 0, "errors": 0}
         todo = [u for u in units if not self.is_done(experiment, u["key"])]
         counts["skipped"] = len(units) - len(todo)
-        bar = tqdm(total=len(todo), desc=f"{experiment} ({counts['skipped']} done before)", unit="run", disable=not progress, leave=False)
+        reporter = progress if hasattr(progress, "done") else _TqdmReporter(experiment, len(todo), counts["skipped"], bool(progress))
+
+        def start(unit: Mapping[str, Any]) -> None:
+            if on_compute is not None:
+                on_compute(unit["key"])
+            reporter.start(unit["key"])
 
         def store(unit: Mapping[str, Any], record: Dict[str, Any]) -> None:
             record["unit"] = {k: v for k, v in unit.items() if k != "key"}
             self.save_unit(experiment, unit["key"], record)
             counts["computed"] += 1
             counts["errors"] += record["status"] == "error"
-            bar.set_postfix_str(unit["key"])
-            bar.update(1)
+            reporter.done(unit["key"], record)
+            if on_done is not None:
+                on_done(unit["key"], record)
 
+        pool: Optional[WorkerPool] = None
         try:
             if workers <= 1 or len(todo) <= 1:
                 for unit in todo:
-                    if on_compute is not None:
-                        on_compute(unit["key"])
+                    start(unit)
                     store(unit, timed_call(fn, unit))
             else:
-                import multiprocessing
-                from concurrent.futures import ProcessPoolExecutor, as_completed
-
-                pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-                try:
-                    futures = {}
-                    for unit in todo:
-                        if on_compute is not None:
-                            on_compute(unit["key"])
-                        futures[pool.submit(timed_call, fn, unit)] = unit
-                    for fut in as_completed(futures):
-                        store(futures[fut], fut.result())
-                finally:
-                    pool.shutdown(wait=False, cancel_futures=True)
+                pool = WorkerPool(functools.partial(timed_call, fn), min(workers, len(todo)))
+                for unit, result in pool.imap_unordered(todo, on_start=start):
+                    if isinstance(result, BaseException):
+                        result = {"status": "error", "error": f"{type(result).__name__}: {result}", "seconds": float("nan")}
+                    store(unit, result)
+                pool.close()
+                pool = None
+        except KeyboardInterrupt:
+            exit_on_next_interrupt()  # a second Ctrl-C while cleaning up exits at once
+            raise
         finally:
-            bar.close()
+            if pool is not None:
+                pool.terminate()
+            if not hasattr(progress, "done"):
+                reporter.close()
         return counts
 
     # -- tables -----------------------------------------------------------------
@@ -270,6 +395,41 @@ class RunDir:
             writer.writerow(row)
         atomic_write_text(self.root / "metrics" / f"{experiment}.csv", buf.getvalue())
         return records
+
+
+class _TqdmReporter:
+    """A tqdm bar over one experiment's units (used when no overall progress line is given)."""
+
+    def __init__(self, experiment: str, total: int, skipped: int, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=f"{experiment} ({skipped} done before)", unit="run", disable=not enabled, leave=False)
+
+    def start(self, key: str) -> None:
+        self.bar.set_postfix_str(f"running {key}")
+
+    def done(self, key: str, record: Mapping[str, Any]) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _read_pid(path: Path) -> Optional[int]:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:  # pragma: no cover - only without fcntl
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def timed_call(fn: Callable[[Mapping[str, Any]], Mapping[str, Any]], unit: Mapping[str, Any]) -> Dict[str, Any]:

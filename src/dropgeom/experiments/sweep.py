@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import os
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..config import RunConfig
-from ..rundir import RunDir, atomic_write_json, safe_name
+from ..rundir import FINISHED, RunDir, atomic_write_json, safe_name
 from . import c1_flatness, c2_curvature_strength, c3_fisher_regularizer
 
-__all__ = ["EXPERIMENTS", "reproduce"]
+__all__ = ["EXPERIMENTS", "reproduce", "ProgressLine"]
 
 #: claim name -> experiment module
 EXPERIMENTS = {"C1": c1_flatness, "C2": c2_curvature_strength, "C3": c3_fisher_regularizer}
@@ -42,46 +45,204 @@ def reproduce(
 
     Args:
         config: a validated :class:`~dropgeom.config.RunConfig`.
-        out: the run directory (created if missing). If it already holds a run,
-            its config must be the same (that run is resumed).
-        progress: show tqdm progress bars.
+        out: the run directory: a new or empty folder, or one holding a run of
+            the same config (that run is resumed).
+        progress: show one overall progress line (claim, units done/total, ETA).
         on_compute: called with each unit key just before it is computed
             (finished units are skipped and never reach it).
         render: write figures, ``report.md`` and ``report.html`` at the end.
         threads: torch intra-op threads while running (``None``: leave as is).
             The models are tiny: one thread per process is fastest.
         workers: run the units of each experiment in this many processes.
+
+    Every invocation is recorded in ``timings.json`` when it starts and
+    updated as units finish, so a killed one is there too (status
+    ``running`` at the time it was killed, ``interrupted`` after Ctrl-C).
+
+    Raises:
+        ConfigError: ``out`` holds a run with a different config.
+        RunDirError: ``out`` is not a folder dropgeom may write into, or another process works in it.
+        KeyboardInterrupt: on Ctrl-C, after the finished units are saved and the workers killed.
     """
     import torch
 
     config.validate()
     if threads is not None:
         torch.set_num_threads(int(threads))
-    rd = RunDir(out)
-    config = rd.init(config)
-    timings_path = rd.root / "timings.json"
-    timings: Dict[str, Any] = json.loads(timings_path.read_text()) if timings_path.exists() else {"sessions": []}
-    session: Dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "experiments": {}}
-    t_all = time.perf_counter()
-    for name in config.experiments:
-        mod = EXPERIMENTS[name]
-        t0 = time.perf_counter()
-        if workers > 1:
-            fn = functools.partial(_run_unit_in_worker, name, config.to_dict(), str(rd.checkpoints), threads)
-        else:
-            fn = functools.partial(_run_unit, mod, config, rd.checkpoints)
-        counts = rd.run_units(name, mod.units(config), fn, progress, on_compute, workers=workers)
-        rd.write_metrics(name)
-        session["experiments"][name] = {**counts, "seconds": time.perf_counter() - t0}
-        session["seconds"] = time.perf_counter() - t_all
-        atomic_write_json(timings_path, {"sessions": timings["sessions"] + [session]})
-    timings["sessions"].append(session)
-    atomic_write_json(timings_path, timings)
-    if not render:
-        return rd.root / "report.md"
-    from ..report import render_report
+    rd = RunDir.claim(out)
+    with rd.lock():
+        config = rd.init(config)
+        plan = [(name, EXPERIMENTS[name].units(config)) for name in config.experiments]
+        timings = _Timings(rd.root / "timings.json", workers)
+        line = ProgressLine(rd, plan, workers, enabled=progress)
+        try:
+            for name, units in plan:
+                mod = EXPERIMENTS[name]
+                line.set_claim(name)
+                t0 = time.perf_counter()
+                if workers > 1:
+                    fn = functools.partial(_run_unit_in_worker, name, config.to_dict(), str(rd.checkpoints), threads)
+                else:
+                    fn = functools.partial(_run_unit, mod, config, rd.checkpoints)
+                counts = rd.run_units(name, units, fn, line, on_compute, workers=workers, on_done=lambda k, r: timings.unit_done(name))
+                rd.write_metrics(name)
+                timings.experiment_done(name, counts, time.perf_counter() - t0)
+        except KeyboardInterrupt:
+            timings.end("interrupted")
+            raise
+        except BaseException as err:
+            timings.end(f"failed: {type(err).__name__}")
+            raise
+        finally:
+            line.close()
+        timings.end("finished")
+        if not render:
+            return rd.root / "report.md"
+        from ..report import render_report
 
-    return render_report(rd.root)
+        return render_report(rd.root, experiments=EXPERIMENTS)
+
+
+class _Timings:
+    """``timings.json``: one session per invocation, written at its start and updated as it runs."""
+
+    def __init__(self, path: Path, workers: int) -> None:
+        self.path = path
+        try:
+            old = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        self.sessions: List[Dict[str, Any]] = list(old.get("sessions", [])) if isinstance(old, dict) else []
+        self.session: Dict[str, Any] = {
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "pid": os.getpid(),
+            "workers": workers,
+            "status": "running",
+            "seconds": 0.0,
+            "units_computed": 0,
+            "experiments": {},
+        }
+        self.sessions.append(self.session)
+        self.t0 = time.perf_counter()
+        self.last_write = 0.0
+        self.write()
+
+    def write(self) -> None:
+        self.session["seconds"] = time.perf_counter() - self.t0
+        self.last_write = time.perf_counter()
+        atomic_write_json(self.path, {"sessions": self.sessions})
+
+    def unit_done(self, name: str) -> None:
+        self.session["units_computed"] += 1
+        if time.perf_counter() - self.last_write > 1.0:  # a killed invocation keeps its progress
+            self.write()
+
+    def experiment_done(self, name: str, counts: Dict[str, int], seconds: float) -> None:
+        self.session["experiments"][name] = {**counts, "seconds": seconds}
+        self.write()
+
+    def end(self, status: str) -> None:
+        self.session["status"] = status
+        self.write()
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class ProgressLine:
+    """One overall progress line: the claim (k of n), units done/total, elapsed time, ETA, the running unit.
+
+    The ETA sums, over the claims, the units left times that claim's mean
+    seconds per unit (from the finished records; the mean over all claims while
+    a claim has none yet), divided by the number of workers, less the time
+    since the last unit finished. A daemon thread refreshes the line every second.
+    """
+
+    def __init__(self, rd: RunDir, plan: Sequence[Tuple[str, Sequence[Mapping[str, Any]]]], workers: int, enabled: bool = True) -> None:
+        self.claims = [name for name, _ in plan]
+        self.left = {name: sum(not rd.is_done(name, u["key"]) for u in units) for name, units in plan}
+        self.total = sum(len(units) for _, units in plan)
+        self.n_done = self.total - sum(self.left.values())
+        self.seconds: Dict[str, List[float]] = {}
+        for name, _ in plan:
+            secs = [float(r.get("seconds", 0.0)) for r in rd.records(name) if r.get("status") in FINISHED]
+            self.seconds[name] = [x for x in secs if math.isfinite(x)]
+        self.workers = max(1, workers)
+        self.running: List[str] = []
+        self.current = self.claims[0] if self.claims else ""
+        self.t0 = self.last_event = time.perf_counter()
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.n_done, bar_format="{desc}", leave=False, mininterval=0.5)
+            self.refresh()
+            self._stop = threading.Event()
+            self._ticker = threading.Thread(target=self._tick, name="dropgeom-progress", daemon=True)
+            self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):  # elapsed time and ETA move between events too
+            self.refresh()
+
+    def eta(self) -> Optional[float]:
+        every = [x for xs in self.seconds.values() for x in xs]
+        if not every:
+            return None
+        fallback = sum(every) / len(every)
+        work = sum(n * (sum(self.seconds[c]) / len(self.seconds[c]) if self.seconds[c] else fallback) for c, n in self.left.items())
+        return max(0.0, work / self.workers - (time.perf_counter() - self.last_event))
+
+    def text(self) -> str:
+        k = self.claims.index(self.current) + 1 if self.current in self.claims else 0
+        eta = self.eta()
+        parts = [
+            f"{self.current} (claim {k} of {len(self.claims)})",
+            f"{self.n_done}/{self.total} units",
+            f"elapsed {_duration(time.perf_counter() - self.t0)}",
+            f"ETA {_duration(eta) if eta is not None else 'after the first unit'}",
+        ]
+        if self.running:
+            more = f" (+{len(self.running) - 1})" if len(self.running) > 1 else ""
+            parts.append(f"running {self.running[0]}{more}")
+        return " | ".join(parts)
+
+    def refresh(self) -> None:
+        if self.bar is not None:
+            self.bar.set_description_str(self.text(), refresh=True)
+
+    def set_claim(self, name: str) -> None:
+        self.current = name
+        self.refresh()
+
+    def start(self, key: str) -> None:
+        self.running.append(key)
+        self.refresh()
+
+    def done(self, key: str, record: Mapping[str, Any]) -> None:
+        if key in self.running:
+            self.running.remove(key)
+        self.n_done += 1
+        self.left[self.current] = max(0, self.left[self.current] - 1)
+        self.last_event = time.perf_counter()
+        secs = float(record.get("seconds", float("nan")))
+        if math.isfinite(secs):
+            self.seconds[self.current].append(secs)
+        if self.bar is not None:
+            self.bar.update(1)
+        self.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self._stop.set()
+            self._ticker.join(2.0)
+            self.bar.close()
 
 
 def _run_unit(mod: Any, config: RunConfig, checkpoints: Path, unit: Dict[str, Any]) -> Dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = ["table", "build_markdown", "caveats"]
 
@@ -75,6 +75,11 @@ def caveats(config: Any, records: Dict[str, List[Mapping[str, Any]]]) -> List[st
     return out
 
 
+def _status(session: Mapping[str, Any]) -> str:
+    status = str(session.get("status", "finished"))
+    return "killed, or still running" if status == "running" else status
+
+
 def table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
     """A GitHub-flavoured markdown table (``|`` in cells escaped)."""
 
@@ -94,8 +99,18 @@ def build_markdown(
     records: Dict[str, List[Mapping[str, Any]]],
     titles: Dict[str, str],
     docs: Dict[str, str],
+    units: Optional[Mapping[str, Tuple[int, int]]] = None,
 ) -> str:
-    """Assemble the report text (figure links are relative to ``root``)."""
+    """Assemble the report text (figure links are relative to ``root``).
+
+    ``units`` maps each claim to ``(finished, expected)`` units; an incomplete
+    claim is flagged in its section and in the run summary. The optional keys
+    of a summary are rendered when present: ``rule`` (quoted beside the
+    verdict; ``rule_b`` beside ``verdict_b``), ``tables`` (``{"title", "columns",
+    "rows"}``), ``symbols`` (``{symbol: meaning}``, printed before the evidence),
+    ``figure_captions`` (``{figure file stem: caption}``, shown under the figure),
+    ``caveats`` and ``what_would_change``.
+    """
     from .. import __version__
 
     parts: List[str] = []
@@ -115,22 +130,53 @@ def build_markdown(
         for key in ("verdict", "verdict_b"):
             if key in s:
                 verdicts.append(s[key].as_dict())
+    units = dict(units or {})
+    missing = {n: (k, t) for n, (k, t) in units.items() if k < t}
     parts.append("## Verdicts\n")
+    if missing:
+        parts.append(
+            "**This run is incomplete**: "
+            + "; ".join(f"{n} has {k} of {t} units" for n, (k, t) in missing.items())
+            + ". Verdicts on incomplete claims are provisional, and a claim without data has none; "
+            "run the same `dropgeom reproduce` command again to finish the run.\n"
+        )
     parts.append(table(["claim", "verdict", "evidence"], verdicts) + "\n")
 
     for name, s in summaries.items():
         parts.append(f"## {titles[name]}\n")
+        if name in missing:
+            k, t = missing[name]
+            parts.append(f"**Incomplete: {k} of {t} units finished.** The numbers below use the finished units only.\n")
         if docs.get(name):
             parts.append(docs[name] + "\n")
-        parts.append(table(s["columns"], s["rows"]) + "\n")
+        for key in ("verdict", "verdict_b"):
+            if key in s:
+                v = s[key].as_dict()
+                rule = s.get("rule_b" if key == "verdict_b" else "rule")
+                parts.append(f"**Verdict ({v['claim']}): {v['verdict']}.**" + (f" Rule: {rule}" if rule else "") + "\n")
+        if s.get("columns"):
+            parts.append(table(s["columns"], s["rows"]) + "\n")
         if "rows_b" in s:
             parts.append(table(s["columns_b"], s["rows_b"]) + "\n")
+        for extra in s.get("tables", []) or []:
+            if extra.get("title"):
+                parts.append(f"**{extra['title']}**\n")
+            parts.append(table(extra["columns"], extra["rows"]) + "\n")
+        if s.get("symbols"):
+            parts.append("Symbols: " + "; ".join(f"{k}: {v}" for k, v in dict(s["symbols"]).items()) + ".\n")
         if s.get("evidence"):
             parts.append("Evidence:\n")
             parts.append("\n".join(f"- {line}" for line in s["evidence"]) + "\n")
+        if s.get("what_would_change"):
+            parts.append(f"What would change the verdict: {s['what_would_change']}\n")
+        if s.get("caveats"):
+            parts.append("Caveats of this claim:\n")
+            parts.append("\n".join(f"- {line}" for line in s["caveats"]) + "\n")
+        captions = s.get("figure_captions", {}) or {}
         for fig in figures.get(name, []):
             rel = fig.relative_to(root).as_posix()
-            parts.append(f"![{fig.stem}]({rel})\n")
+            caption = str(captions.get(fig.stem, fig.stem)).replace("]", ")").replace("[", "(")
+            parts.append(f"![{caption}]({rel})\n")
 
     parts.append("## Scope and caveats\n")
     parts.append("\n".join(f"- {line}" for line in caveats(config, records)) + "\n")
@@ -148,6 +194,12 @@ def build_markdown(
             "errors are retried when the same command is run again.\n"
         )
         parts.append(table(["experiment", "unit", "status", "detail"], bad) + "\n")
+    elif missing:
+        parts.append(
+            "None of the finished runs diverged or failed; "
+            + ", ".join(f"{t - k} unit(s) of {n}" for n, (k, t) in missing.items())
+            + " have not run yet.\n"
+        )
     else:
         parts.append("None: every run finished with finite losses.\n")
 
@@ -169,9 +221,9 @@ def build_markdown(
         sessions = json.loads(tpath.read_text()).get("sessions", [])
         if sessions:
             parts.append(
-                f"{len(sessions)} session(s) of `reproduce` on this folder; wall time of each: "
-                + ", ".join(f"{s.get('seconds', 0):.1f} s" for s in sessions)
-                + " (a resumed session skips finished runs).\n"
+                f"{len(sessions)} invocation(s) of `reproduce` on this folder; wall time of each: "
+                + ", ".join(f"{s.get('seconds', 0):.1f} s ({_status(s)})" for s in sessions)
+                + " (a resumed invocation skips finished runs).\n"
             )
     parts.append("## Config\n")
     parts.append("```json\n" + config.to_json() + "\n```\n")

@@ -42,8 +42,11 @@ def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:
 def load_checkpoint(path: PathLike) -> Optional[Dict[str, Any]]:
     """Load a checkpoint written by :func:`save_checkpoint`; ``None`` if the file does not exist.
 
-    Loads with ``weights_only=True`` (no arbitrary code runs). A corrupt file
-    raises ``ValueError`` naming it.
+    Loads with ``weights_only=True`` (no arbitrary code runs).
+
+    Raises:
+        ValueError: the file is truncated, corrupt or not a checkpoint (a
+            one-line message naming it; the loader's own text is chained).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -51,7 +54,9 @@ def load_checkpoint(path: PathLike) -> Optional[Dict[str, Any]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - report any unpickling failure with the file name
-        raise ValueError(f"checkpoint {path!r} is unreadable ({type(err).__name__}: {err}); delete it to restart") from err
+        raise ValueError(
+            f"checkpoint {path} is unreadable (truncated or corrupt: {type(err).__name__}); delete it to start that training afresh"
+        ) from err
     if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path!r} does not hold a state dict")
+        raise ValueError(f"checkpoint {path} does not hold a dropgeom training state; delete it to start that training afresh")
     return state

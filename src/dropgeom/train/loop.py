@@ -96,13 +96,14 @@ class History:
     ``lr`` and ``seconds`` (wall time of the epoch).
     ``diverged`` / ``divergence`` say whether and why the run was stopped for
     NaN or explosion; ``stopped_early`` and ``best_epoch`` report early
-    stopping; ``resumed_from`` is the epoch a resumed run continued after.
+    stopping, ``stopped_by_callback`` a stop asked for by the callback; ``resumed_from`` is the epoch a resumed run continued after.
     """
 
     records: List[Dict[str, float]] = field(default_factory=list)
     diverged: bool = False
     divergence: Optional[str] = None
     stopped_early: bool = False
+    stopped_by_callback: bool = False
     best_epoch: Optional[int] = None
     finished: bool = False
     resumed_from: Optional[int] = None
@@ -198,6 +199,7 @@ def train(
     checkpoint_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
     resume: bool = True,
     checkpoint_every: int = 1,
+    checkpoint_seconds: Optional[float] = 10.0,
     callback: Optional[Callable[[Dict[str, float], nn.Module], Optional[bool]]] = None,
     progress: bool = True,
     divergence_threshold: float = 1e6,
@@ -221,8 +223,13 @@ def train(
         resume: continue from an existing checkpoint in ``checkpoint_dir``
             (``False``: start afresh and overwrite it).
         checkpoint_every: write a checkpoint every this many epochs (and at the end).
-        callback: ``callback(record, model)`` after each epoch (after the
-            checkpoint); returning ``True`` stops the run.
+        checkpoint_seconds: also write one after any epoch that ends this many
+            seconds after the last checkpoint (``None``: only ``checkpoint_every``),
+            so that an interrupted long training loses little work.
+        callback: ``callback(record, model)`` after each epoch (before that
+            epoch's checkpoint, so a resumed run sees the same decision);
+            returning ``True`` stops the run, and a resumed run stopped this
+            way is not continued.
         progress: show a tqdm progress bar over epochs.
         divergence_threshold: a batch loss above this counts as divergence.
         eval_batch_size: batch size of the per-epoch evaluation.
@@ -252,6 +259,8 @@ def train(
         raise ValueError(f"seed must be an int, got {seed!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if checkpoint_seconds is not None and not (isinstance(checkpoint_seconds, (int, float)) and checkpoint_seconds > 0):
+        raise ValueError(f"checkpoint_seconds must be None or positive, got {checkpoint_seconds!r}")
     if not (isinstance(divergence_threshold, (int, float)) and divergence_threshold > 0):
         raise ValueError(f"divergence_threshold must be positive, got {divergence_threshold!r}")
     if isinstance(early_stopping, int) and not isinstance(early_stopping, bool):
@@ -297,8 +306,8 @@ def train(
             diffs = [k for k in fp if state.get("fingerprint", {}).get(k) != fp[k]]
             if diffs:
                 raise ValueError(
-                    f"checkpoint {ckpt_path!r} belongs to a different run (differs in {diffs}); "
-                    "pass resume=False or another checkpoint_dir"
+                    f"checkpoint {ckpt_path} belongs to a different training (differs in {', '.join(diffs)}); "
+                    "delete it, or use another checkpoint folder"
                 )
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
@@ -308,13 +317,17 @@ def train(
             history.resumed_from = len(history.records)
             best_value, bad_epochs = state["best_value"], state["bad_epochs"]
             best_state = state.get("best_state")
-            if history.finished and (history.diverged or history.stopped_early or len(history) >= epochs):
+            ended = history.diverged or history.stopped_early or history.stopped_by_callback
+            if history.finished and (ended or len(history) >= epochs):
                 return history
             history.finished = False
+
+        last_save = [time.perf_counter()]
 
         def checkpoint() -> None:
             if ckpt_path is None:
                 return
+            last_save[0] = time.perf_counter()
             save_checkpoint(
                 ckpt_path,
                 {
@@ -392,24 +405,25 @@ def train(
                     else:
                         bad_epochs += 1
                         stop = bad_epochs >= early_stopping.patience
-                if stop or epoch == epochs:
-                    if stop:
-                        history.stopped_early = True
-                    if early_stopping is not None and early_stopping.restore_best and best_state is not None:
+                # the callback decides before the checkpoint is written: a run killed after
+                # that checkpoint resumes with the same decision (bitwise resume)
+                user_stop = callback is not None and bool(callback(record, model)) and not stop
+                if stop or user_stop or epoch == epochs:
+                    history.stopped_early = stop
+                    history.stopped_by_callback = user_stop
+                    if (stop or epoch == epochs) and early_stopping is not None and early_stopping.restore_best and best_state is not None:
                         model.load_state_dict(best_state)
                     history.finished = True
                     checkpoint()
-                elif epoch % checkpoint_every == 0:
+                elif epoch % checkpoint_every == 0 or (
+                    checkpoint_seconds is not None and time.perf_counter() - last_save[0] >= checkpoint_seconds
+                ):
                     checkpoint()
                 bar.update(1)
                 bar.set_postfix(
                     {k: f"{record[k]:.4g}" for k in ("objective_loss", "test_nll", "test_accuracy") if k in record}
                 )
-                if callback is not None and callback(record, model) and not stop:
-                    history.finished = True
-                    checkpoint()
-                    break
-                if stop:
+                if stop or user_stop:
                     break
             else:
                 history.finished = True
