@@ -403,6 +403,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .config import ConfigError
     from .rundir import RunDirError
 
+    from .pool import interrupt_once_then_exit
+
+    interrupt_once_then_exit()
     try:
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:

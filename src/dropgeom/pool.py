@@ -32,7 +32,7 @@ import time
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
-__all__ = ["WorkerPool", "WorkerDied", "exit_on_next_interrupt"]
+__all__ = ["WorkerPool", "WorkerDied", "exit_on_next_interrupt", "interrupt_once_then_exit"]
 
 #: seconds between two checks of the watchdog thread in a worker
 WATCHDOG_SECONDS = 0.5
@@ -208,6 +208,29 @@ def exit_on_next_interrupt(message: str = "interrupted again: exiting now", code
         return
 
     def handler(signum: int, frame: Any) -> None:
+        try:
+            os.write(2, ("\n" + message + "\n").encode())
+        finally:
+            os._exit(code)
+
+    signal.signal(signal.SIGINT, handler)
+
+
+def interrupt_once_then_exit(message: str = "interrupted again: exiting now", code: int = 130) -> None:
+    """Install, before any work starts, a Ctrl-C handler: the first press raises ``KeyboardInterrupt`` (the caller
+    cleans up), every later one exits at once with ``code`` and one line, no traceback.
+
+    Installed up front, so a second press that comes while the first one is being handled cannot fall into Python's
+    default handler (which would end the process by SIGINT with a traceback). A no-op outside the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    presses = [0]
+
+    def handler(signum: int, frame: Any) -> None:
+        presses[0] += 1
+        if presses[0] == 1:
+            raise KeyboardInterrupt
         try:
             os.write(2, ("\n" + message + "\n").encode())
         finally:
