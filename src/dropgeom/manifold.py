@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
+from ._intercept import DropoutInterceptor, DropoutSite
 from .families import ExponentialFamily, get_family
 
 __all__ = ["ModelManifold", "eval_mode", "autodiff_kernels", "memory_guard", "DEFAULT_MEMORY_LIMIT"]
@@ -72,12 +73,29 @@ def memory_guard(numel: int, dtype: torch.dtype, what: str, alternative: str, li
 
 
 @contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
+def eval_mode(
+    module: nn.Module,
+    *,
+    masks: Optional[Mapping[str, Tensor]] = None,
+    sites: Optional[Dict[str, DropoutSite]] = None,
+    warn: bool = True,
+) -> Iterator[None]:
     """Put every submodule in eval mode for the duration, then restore each flag.
 
-    Also switches off PyTorch's fused ``nn.MultiheadAttention`` inference fast
-    path (``torch.backends.mha``), whose kernel has no forward-mode or ``vmap``
-    rule; the regular path computes the same function.
+    Also switches off PyTorch's fused inference fast paths -- ``nn.MultiheadAttention``,
+    ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` (and so ``nn.Transformer``),
+    all gated by ``torch.backends.mha`` -- whose kernels have no forward-mode or ``vmap``
+    rule; the regular path computes the same function (see :func:`autodiff_kernels`).
+
+    Dropout that is not an ``nn.Dropout`` module -- ``F.dropout`` in a custom ``forward``,
+    attention-weight dropout, ``scaled_dot_product_attention(dropout_p>0)`` -- is
+    intercepted (``dropgeom._intercept``): a site named in ``masks`` applies that mask,
+    every other one is the identity, as in eval mode (``F.dropout(x, p)`` with its
+    default ``training=True`` included: dropgeom never draws random masks behind your
+    back). ``sites`` collects the sites met; ``warn`` warns about each unmasked one.
+
+    Raises:
+        ValueError: ``module`` is not an ``nn.Module``.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).train()
@@ -87,11 +105,13 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
         >>> net[1].training
         True
     """
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"eval_mode needs a torch.nn.Module, got {type(module).__name__}")
     flags = [(m, m.training) for m in module.modules()]
     try:
         for m, _ in flags:
             m.training = False
-        with autodiff_kernels():
+        with autodiff_kernels(), DropoutInterceptor(module, masks, sites, warn):
             yield
     finally:
         for m, t in flags:
@@ -413,7 +433,7 @@ class ModelManifold:
         if self._forward is not None:
             with autodiff_kernels():
                 return self._forward(full, inputs)
-        with eval_mode(self.model):
+        with eval_mode(self.model, warn=False):
             return functional_call(self.model, (full, self._buffers), inputs)
 
     def eta(self, theta: Optional[Union[Tensor, Mapping[str, Tensor]]] = None) -> Tensor:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..families import get_family
 from ._common import Inputs, as_tuple, check_output, chunk_for, chunked_vmap, detached_params
 from .explicit import forward_with_masks
-from .masks import PSpec, _draw, enumerate_masks, find_dropout, resolve_p, unit_shapes
+from .masks import NOISES, PSpec, _draw, enumerate_shapes, mask_spec
 
 __all__ = ["MixtureResult", "mixture"]
 
@@ -66,7 +66,13 @@ def mixture(
         p: drop probability (default each module's ``p``).
         n_samples: Monte Carlo draws (per-sample masks) or ``"exact"`` (all Bernoulli masks).
         generator: seeds the Monte Carlo masks.
-        layers, noise: which dropout layers; ``"bernoulli"`` or ``"gaussian"`` masks (MC only).
+        layers, noise: which dropout layers (every site of :func:`~dropgeom.dropout.dropout_sites`
+            by default); ``"bernoulli"``, ``"gaussian"`` (MC only) or ``"dropconnect"`` masks
+            (the ``nn.Linear`` layers in ``layers``, default all; ``p`` required).
+
+    Raises:
+        ValueError: bad alpha / noise / n_samples, no dropout, unknown layers, ``p`` outside
+            ``[0, 1)``, too many masks for ``"exact"``, targets that do not fit.
 
     Example:
         >>> import torch
@@ -81,14 +87,15 @@ def mixture(
     """
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"mixture: alpha must be a finite number, got {alpha!r}")
-    if noise not in ("bernoulli", "gaussian"):
-        raise ValueError(f"mixture: noise must be 'bernoulli' or 'gaussian', got {noise!r}")
+    if noise not in NOISES:
+        raise ValueError(f"mixture: noise must be one of {NOISES}, got {noise!r}")
     fam = get_family("categorical")
     args = as_tuple(inputs)
     n = args[0].shape[0]
-    mods = find_dropout(model, layers)
-    ps = resolve_p(mods, p)
-    names = list(mods)
+    spec = mask_spec(model, args, layers, p, noise)
+    ps = spec.p
+    names = list(spec.shapes)
+    draw_noise = "gaussian" if noise == "gaussian" else "bernoulli"
     params = detached_params(model)
     with torch.no_grad():
         eta0 = forward_with_masks(model, args, {}, params)
@@ -96,7 +103,7 @@ def mixture(
     kdim = eta0.shape[1]
     if targets is not None:
         fam.check_targets(targets, n, kdim)
-    shapes = unit_shapes(model, args, names)
+    shapes = spec.shapes
     splits = [math.prod(shapes[k]) for k in names]
 
     def logp(flat: Tensor, per_sample: bool) -> Tensor:
@@ -122,9 +129,9 @@ def mixture(
 
     with torch.no_grad():
         if n_samples == "exact":
-            if noise != "bernoulli":
+            if noise == "gaussian":
                 raise ValueError("mixture: n_samples='exact' enumerates Bernoulli masks only")
-            enum = enumerate_masks(model, args, ps, names, max_masks=max_masks)
+            enum = enumerate_shapes(shapes, ps, eta0.dtype, max_masks=max_masks)
             flat = torch.cat([enum.masks[k].reshape(enum.probs.shape[0], -1) for k in names], 1)
             total = flat.shape[0]
             for s in range(0, total, chunk):
@@ -137,7 +144,7 @@ def mixture(
             while done < total:
                 c = min(chunk, total - done)
                 flat = torch.cat(
-                    [_draw((c, n, splits[i]), ps[k], noise, generator, eta0.dtype, eta0.device) for i, k in enumerate(names)],
+                    [_draw((c, n, splits[i]), ps[k], draw_noise, generator, eta0.dtype, eta0.device) for i, k in enumerate(names)],
                     -1,
                 )
                 lp = chunked_vmap(lambda block: logp(block, True), flat, c)
