@@ -239,14 +239,14 @@ class DropoutInterceptor(torch.overrides.TorchFunctionMode):
         self._counts[(owner, tag)] = i + 1
         return f"{owner}#{tag}{i}"
 
-    def _seen(self, name: str, kind: str, p: float, shape: torch.Size) -> Optional[Tensor]:
+    def _seen(self, name: str, kind: str, p: float, shape: torch.Size, what: str) -> Optional[Tensor]:
         if self.record is not None and name not in self.record:
             self.record[name] = DropoutSite(name, kind, float(p), self._owner, torch.Size(shape))
         mask = self.masks.get(name)
         if mask is None and self.warn:
             where = f"module {self._owner!r}" if self._owner else "the model's forward"
             warnings.warn(
-                f"{kind} dropout (p={float(p):g}) in {where} is not an nn.Dropout module and gets no explicit mask "
+                f"{what} (p={float(p):g}) in {where} is not an nn.Dropout module and gets no explicit mask "
                 f"here: this quantity leaves it out (evaluated as identity). dropgeom.dropout.gap, terms and "
                 f"mixture include it as layer {name!r}.",
                 RuntimeWarning,
@@ -281,7 +281,7 @@ class DropoutInterceptor(torch.overrides.TorchFunctionMode):
         fname = _FUNCTIONAL[func]
         kind = _kind_of(fname)
         name = self._site(fname)
-        mask = self._seen(name, kind, p, unit_shape(kind, h))
+        mask = self._seen(name, kind, p, unit_shape(kind, h), f"F.{fname}")
         if mask is None:
             return h  # eval mode: the identity
         return apply_mask(kind, h, mask, p, name)
@@ -298,7 +298,9 @@ class DropoutInterceptor(torch.overrides.TorchFunctionMode):
             mask = self.masks[name]
         else:
             name = self._site("sdpa")
-            mask = self._seen(name, "attention", p, torch.Size([*q.shape[1:-1], k.shape[-2]]))
+            mask = self._seen(
+                name, "attention", p, torch.Size([*q.shape[1:-1], k.shape[-2]]), "scaled_dot_product_attention dropout"
+            )
         if mask is None:
             return func(*args, **{**kwargs, "dropout_p": 0.0}) if "dropout_p" in kwargs else func(
                 *args[:4], 0.0, *args[5:], **kwargs
@@ -321,7 +323,7 @@ class DropoutInterceptor(torch.overrides.TorchFunctionMode):
         if q.dim() != 3:
             raise ValueError(f"attention dropout of {name!r}: unbatched inputs are not supported; add a batch axis")
         s = k.shape[0] + (b.arguments["bias_k"] is not None) + bool(b.arguments["add_zero_attn"])
-        mask = self._seen(name, "attention", p, torch.Size([heads, q.shape[0], s]))
+        mask = self._seen(name, "attention", p, torch.Size([heads, q.shape[0], s]), "attention-weight dropout")
         if mask is None:
             return func(*args, **kwargs)
         b.arguments["training"] = True

@@ -51,7 +51,7 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from ._intercept import DropoutInterceptor, DropoutSite
 from .families import ExponentialFamily, get_family
 
-__all__ = ["ModelManifold", "eval_mode", "autodiff_kernels", "memory_guard", "DEFAULT_MEMORY_LIMIT"]
+__all__ = ["ModelManifold", "eval_mode", "check_inputs_match", "autodiff_kernels", "memory_guard", "DEFAULT_MEMORY_LIMIT"]
 
 Params = Dict[str, Tensor]
 Inputs = Union[Tensor, Tuple[Tensor, ...]]
@@ -229,6 +229,37 @@ def _as_tuple(inputs: Inputs) -> Tuple[Tensor, ...]:
     return inputs if isinstance(inputs, tuple) else (inputs,)
 
 
+def check_inputs_match(model: nn.Module, inputs: Sequence[Tensor]) -> None:
+    """Raise a clear error if floating-point inputs differ in dtype, or any input in device, from the parameters.
+
+    Without it torch reports ``mat1 and mat2 must have the same dtype`` from deep inside the model.
+
+    Raises:
+        ValueError: naming the input, both dtypes (devices) and the fix.
+
+    Example:
+        >>> net = nn.Linear(2, 2).double()
+        >>> check_inputs_match(net, (torch.zeros(3, 2),))
+        Traceback (most recent call last):
+        ...
+        ValueError: inputs[0] has dtype torch.float32 but the model's parameters are torch.float64; convert one of them, e.g. inputs.to(torch.float64) or model.to(torch.float32)
+    """
+    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if ref is None:
+        return
+    for i, t in enumerate(inputs):
+        if t.device != ref.device:
+            raise ValueError(
+                f"inputs[{i}] is on device {t.device} but the model's parameters are on {ref.device}; "
+                f"move one of them, e.g. inputs.to({str(ref.device)!r}) or model.to({str(t.device)!r})"
+            )
+        if t.is_floating_point() and t.dtype != ref.dtype:
+            raise ValueError(
+                f"inputs[{i}] has dtype {t.dtype} but the model's parameters are {ref.dtype}; convert one of them, "
+                f"e.g. inputs.to({ref.dtype}) or model.to({t.dtype})"
+            )
+
+
 def _check_finite(name: str, t: Tensor) -> None:
     # A finite sum implies every entry is finite (NaN/inf propagate); only a
     # non-finite sum (which may be an overflow) needs the elementwise check.
@@ -280,6 +311,7 @@ class ModelManifold:
             _check_finite("inputs", t)
         if n == 0:
             raise ValueError("inputs are empty (n = 0)")
+        check_inputs_match(model, self.inputs)
         self.family = get_family(family)
 
         all_params = dict(model.named_parameters())

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ..families import ExponentialFamily, get_family
+from ..manifold import check_inputs_match
 
 Inputs = Union[Tensor, Tuple[Tensor, ...]]
 
@@ -27,6 +28,15 @@ def as_tuple(inputs: Inputs) -> Tuple[Tensor, ...]:
     if n == 0:
         raise ValueError("inputs are empty (n = 0)")
     return inputs
+
+
+def model_inputs(model: nn.Module, inputs: Inputs) -> Tuple[Tensor, ...]:
+    """:func:`as_tuple`, then a clear error if the inputs' dtype or device differ from the model's."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    args = as_tuple(inputs)
+    check_inputs_match(model, args)
+    return args
 
 
 def detached_params(model: nn.Module) -> Dict[str, Tensor]:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..families import ExponentialFamily
-from ._common import Inputs, as_tuple, check_output, chunk_for, chunked_vmap, detached_params, family_of
+from ._common import Inputs, as_tuple, model_inputs, check_output, chunk_for, chunked_vmap, detached_params, family_of
 from .explicit import forward_with_masks
 from .masks import NOISES, PSpec, _draw, enumerate_shapes, mask_spec
 
@@ -85,7 +85,7 @@ def gap(
         (8, True, 0.0)
     """
     fam = family_of(family)
-    args = as_tuple(inputs)
+    args = model_inputs(model, inputs)
     n = args[0].shape[0]
     if noise not in NOISES:
         raise ValueError(f"gap: noise must be one of {NOISES}, got {noise!r}")

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..families import get_family
-from ._common import Inputs, as_tuple, check_output, chunk_for, chunked_vmap, detached_params
+from ._common import Inputs, as_tuple, model_inputs, check_output, chunk_for, chunked_vmap, detached_params
 from .explicit import forward_with_masks
 from .masks import NOISES, PSpec, _draw, enumerate_shapes, mask_spec
 
@@ -90,7 +90,7 @@ def mixture(
     if noise not in NOISES:
         raise ValueError(f"mixture: noise must be one of {NOISES}, got {noise!r}")
     fam = get_family("categorical")
-    args = as_tuple(inputs)
+    args = model_inputs(model, inputs)
     n = args[0].shape[0]
     spec = mask_spec(model, args, layers, p, noise)
     ps = spec.p

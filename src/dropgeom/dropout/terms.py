@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
 from ..families import ExponentialFamily
-from ._common import Inputs, as_tuple, check_output, chunk_for, detached_params, family_of, kl_to_dropped
+from ._common import Inputs, as_tuple, model_inputs, check_output, chunk_for, detached_params, family_of, kl_to_dropped
 from .chain import Chain, as_chain, run_chain, training_off
 from .explicit import forward_with_masks
 from .masks import ALPHA_KINDS, PSpec, mask_spec, mask_variance
@@ -181,7 +181,7 @@ def terms(
         (True, True, True)
     """
     fam = family_of(family)
-    args = as_tuple(inputs)
+    args = model_inputs(model, inputs)
     n = args[0].shape[0]
     spec = mask_spec(model, args, layers, p, noise)
     ps = spec.p
