@@ -107,7 +107,17 @@ def _left_out(model: nn.Module) -> Dict[str, str]:
             out[k] = f"{type(m).__name__}(p={m.p})"
         elif isinstance(m, nn.MultiheadAttention) and m.dropout > 0:
             out[k] = f"attention-weight dropout of nn.MultiheadAttention (p={m.dropout})"
+    out.update(_rnn_dropout(model))
     return out
+
+
+def _rnn_dropout(model: nn.Module) -> Dict[str, str]:
+    """Dropout between the layers of ``nn.RNN/LSTM/GRU``: inside a fused kernel, no explicit mask possible."""
+    return {
+        k: f"{type(m).__name__} inter-layer dropout (p={m.dropout}), inside a fused kernel"
+        for k, m in model.named_modules()
+        if isinstance(m, nn.RNNBase) and m.dropout > 0 and m.num_layers > 1
+    }
 
 PSpec = Union[None, float, Mapping[str, float]]
 Inputs = Union[Tensor, Tuple[Tensor, ...]]
@@ -224,6 +234,15 @@ def dropout_sites(
             kind = module_kind(m)
             sites[k] = DropoutSite(k, kind, float(m.p), k, _kind_unit_shape(kind, rec[k]))
     sites.update(record)
+    fused = _rnn_dropout(model)
+    if fused:
+        warnings.warn(
+            "dropout that cannot be made an explicit mask is left out (evaluated as in eval mode): "
+            + "; ".join(f"{k!r}: {v}" for k, v in fused.items())
+            + ". Build the stack from single-layer modules with nn.Dropout between them to include it.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if layers is None:
         if not sites:
             raise ValueError(
