@@ -340,3 +340,54 @@ def test_bad_inputs_name_the_problem():
         gap(bad, torch.zeros(4, 2, 2, dtype=D), y)
     with pytest.raises(ValueError, match="never run"):
         forward_with_masks(FuncDrop().double(), torch.zeros(4, 2, dtype=D), {"#dropout5": torch.ones(1, 3, dtype=D)})
+
+
+def test_layer_without_forward_mode_rule_is_named():
+    class NoJvp(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x.sin()
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * ctx.saved_tensors[0].cos()
+
+    class Sine(nn.Module):
+        def forward(self, x):
+            return NoJvp.apply(x)
+
+    net = nn.Sequential(nn.Linear(2, 3), Sine(), nn.Linear(3, 2)).double()
+    m = ModelManifold(net, torch.randn(4, 2, dtype=D))
+    with pytest.raises(NotImplementedError, match=r"module '1' \(Sine\) has no forward-mode"):
+        m.jvp(torch.ones(m.num_params, dtype=D))
+
+
+@pytest.mark.parametrize("family", ["bernoulli", "gaussian"])
+def test_mixture_every_family_against_enumeration(family):
+    import itertools
+
+    from reference.dropout import mean_param, nll
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Dropout(0.3), nn.Linear(3, 2)).double()
+    x, _ = _data(5, (2,))
+    y = (torch.rand(5, 2, generator=torch.Generator().manual_seed(2)) > 0.5).double()
+    etas, ws = [], []
+    for bits in itertools.product((0.0, 1.0), repeat=3):
+        b = torch.tensor(bits, dtype=D)
+        ws.append(0.7 ** b.sum().item() * 0.3 ** (3 - b.sum().item()))
+        etas.append(net[3](torch.tanh(net[0](x)) * b / 0.7).detach())
+    w = torch.tensor(ws, dtype=D)
+    E = torch.stack(etas)
+    res = mixture(net, x, y, n_samples="exact", family=family)
+    assert res.probs is None and res.family == family
+    torch.testing.assert_close(res.eta["e"], (w[:, None, None] * E).sum(0), rtol=1e-12, atol=1e-12)
+    mu = torch.stack([mean_param(family, e) for e in E])
+    torch.testing.assert_close(res.mean["m"], (w[:, None, None] * mu).sum(0), rtol=1e-12, atol=1e-12)
+    lp = torch.stack([-nll(family, e, y) for e in E])  # [M, n]
+    m_nll = -torch.logsumexp(w.log()[:, None] + lp, 0).mean()
+    assert abs(res.nll["m"] - float(m_nll)) < 1e-12

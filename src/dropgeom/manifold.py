@@ -465,8 +465,45 @@ class ModelManifold:
         if self._forward is not None:
             with autodiff_kernels():
                 return self._forward(full, inputs)
-        with eval_mode(self.model, warn=False):
-            return functional_call(self.model, (full, self._buffers), inputs)
+        try:
+            with eval_mode(self.model, warn=False):
+                return functional_call(self.model, (full, self._buffers), inputs)
+        except NotImplementedError as err:
+            if "forward AD" not in str(err) and "forward mode AD" not in str(err):
+                raise
+            name = self._innermost_module(full, inputs)
+            mod = dict(self.model.named_modules()).get(name) if name is not None else None
+            what = f"module {name!r} ({type(mod).__name__})" if mod is not None else "an operation of the model"
+            raise NotImplementedError(
+                f"{what} has no forward-mode (jvp) rule, which this quantity needs: {str(err).splitlines()[0]} "
+                "Fix: build the layer from differentiable torch ops, give its autograd.Function a jvp "
+                "(torch.func-compatible setup_context/jvp), or use a quantity that needs reverse mode only "
+                "(fisher() of every structure)."
+            ) from err
+
+    def _innermost_module(self, full: Params, inputs: Tuple[Tensor, ...]) -> Optional[str]:
+        """Rerun the failing forward (inside the same transform) and return the innermost module then running."""
+        names = {id(m): k for k, m in self.model.named_modules()}
+        stack: list = []
+        handles = []
+        def pre(mod: nn.Module, args) -> None:
+            stack.append(names[id(mod)])
+
+        def post(mod: nn.Module, args, out) -> None:
+            stack.pop()
+
+        for m in self.model.modules():
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post))
+        try:
+            with eval_mode(self.model, warn=False):
+                functional_call(self.model, (full, self._buffers), inputs)
+        except NotImplementedError:
+            return stack[-1] if stack else None
+        finally:
+            for h in handles:
+                h.remove()
+        return None
 
     def eta(self, theta: Optional[Union[Tensor, Mapping[str, Tensor]]] = None) -> Tensor:
         """Natural parameters ``[n, K]`` at ``theta`` (default: the current parameters)."""
