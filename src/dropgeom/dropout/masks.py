@@ -215,8 +215,8 @@ def dropout_sites(
     Example:
         >>> import torch
         >>> from torch import nn
-        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Dropout2d(0.1), nn.Linear(4, 2))
-        >>> s = dropout_sites(net, torch.zeros(5, 3, 4))
+        >>> net = nn.Sequential(nn.Conv1d(2, 3, 1), nn.Dropout1d(0.1), nn.Flatten(), nn.Linear(12, 2))
+        >>> s = dropout_sites(net, torch.zeros(5, 2, 4))
         >>> {k: (v.kind, v.p, tuple(v.unit_shape)) for k, v in s.items()}
         {'1': ('channel', 0.1, (3,))}
     """
