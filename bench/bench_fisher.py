@@ -63,7 +63,12 @@ def configurations(quick: bool) -> List[Tuple[str, nn.Module, Tensor, Tensor]]:
     g = torch.Generator().manual_seed(0)
     xs = torch.randn(256, 784, generator=g)
     ys = torch.randint(0, 10, (256,), generator=g)
+    cnn = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(256, 10),
+    )
     return [
+        ("digits CNN conv16-conv16-maxpool-linear, n=256", cnn, X[:256].reshape(256, 1, 8, 8), y[:256]),
         ("digits MLP 64-256-256-10, n=256", _mlp([64, 256, 256, 10]), X[:256], y[:256]),
         ("digits MLP 64-256-256-10, n=1797", _mlp([64, 256, 256, 10]), X, y),
         ("MLP 784-1024-1024-10, n=256", _mlp([784, 1024, 1024, 10]), xs, ys),
