@@ -159,6 +159,72 @@ def _composite_instance_norm(
     return _batch_stat_norm(input, tuple(range(2, input.dim())), weight, bias, eps)
 
 
+def _rnn_cell(kind: str, x: Tensor, h: Tensor, c: Optional[Tensor], w: Sequence[Tensor], has_bias: bool):
+    """One time step of an RNN / LSTM / GRU layer (torch's gate order and formulas)."""
+    w_ih, w_hh = w[0], w[1]
+    b_ih, b_hh = (w[2], w[3]) if has_bias else (None, None)
+    gi = x @ w_ih.T + (b_ih if b_ih is not None else 0.0)
+    gh = h @ w_hh.T + (b_hh if b_hh is not None else 0.0)
+    if kind == "lstm":
+        i, f, g, o = (gi + gh).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        w_hr = w[4] if len(w) == (5 if has_bias else 3) else None
+        if w_hr is not None:
+            h = h @ w_hr.T
+        return h, c
+    if kind == "gru":
+        i_r, i_z, i_n = gi.chunk(3, -1)
+        h_r, h_z, h_n = gh.chunk(3, -1)
+        r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return (1.0 - z) * n + z * h, None
+    act = torch.tanh if kind == "rnn_tanh" else torch.relu
+    return act(gi + gh), None
+
+
+def _composite_rnn(kind: str, args: tuple, kwargs: dict):
+    """``torch.lstm/gru/rnn_*`` (padded, not packed input) from per-step differentiable ops, so
+    that ``vmap`` batches per-sample products (the fused kernel has no batching rule); ``None``
+    for what it does not cover (packed sequences, training-mode inter-layer dropout)."""
+    if kwargs or len(args) != 9 or not isinstance(args[2], (list, tuple)):
+        return None
+    inp, hx, params, has_bias, layers, dropout, train, bidir, batch_first = args
+    if train and dropout > 0 and layers > 1:
+        return None
+    x = inp.transpose(0, 1) if batch_first else inp  # [T, B, I]
+    if kind == "lstm":
+        h0, c0 = hx
+    else:
+        h0, c0 = hx, None
+    dirs = 2 if bidir else 1
+    per = len(params) // (layers * dirs)
+    hs, cs = [], []
+    for layer in range(layers):
+        outs = []
+        for d in range(dirs):
+            idx = layer * dirs + d
+            w = params[idx * per : (idx + 1) * per]
+            h, c = h0[idx], (c0[idx] if c0 is not None else None)
+            steps = range(x.shape[0] - 1, -1, -1) if d == 1 else range(x.shape[0])
+            seq = [None] * x.shape[0]
+            for t in steps:
+                h, c = _rnn_cell(kind, x[t], h, c, w, has_bias)
+                seq[t] = h
+            outs.append(torch.stack(seq))
+            hs.append(h)
+            if c is not None:
+                cs.append(c)
+        x = torch.cat(outs, -1) if dirs == 2 else outs[0]
+    out = x.transpose(0, 1) if batch_first else x
+    if kind == "lstm":
+        return out, torch.stack(hs), torch.stack(cs)
+    return out, torch.stack(hs)
+
+
+_RNN_FUNCS = {torch.lstm: "lstm", torch.gru: "gru", torch.rnn_tanh: "rnn_tanh", torch.rnn_relu: "rnn_relu"}
+
+
 class _CompositeNorms(torch.overrides.TorchFunctionMode):
     """Hand-written (no library does this): computes normalisations with *statistics of the
     input* -- ``F.layer_norm``, ``F.instance_norm`` and ``F.batch_norm`` with batch statistics
@@ -167,7 +233,10 @@ class _CompositeNorms(torch.overrides.TorchFunctionMode):
     forward-mode derivatives (torch 2.13: forward-over-forward and forward-over-reverse
     ``D2 eta[u, v]`` disagree with finite differences and with reverse-over-reverse);
     the composite ops are differentiated correctly by every transform. Eval-mode batch norm
-    (running statistics, an affine map) keeps the fused kernel."""
+    (running statistics, an affine map) keeps the fused kernel. Recurrent layers
+    (``torch.lstm/gru/rnn_tanh/rnn_relu`` on padded input) run step by step from the same
+    differentiable ops, because the fused kernels have no ``vmap`` batching rule: per-sample
+    products are then batched instead of looped over samples."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -179,6 +248,10 @@ class _CompositeNorms(torch.overrides.TorchFunctionMode):
                 return out
         if func is torch.nn.functional.instance_norm:
             out = _composite_instance_norm(*args, **kwargs)
+            if out is not None:
+                return out
+        if func in _RNN_FUNCS:
+            out = _composite_rnn(_RNN_FUNCS[func], args, kwargs)
             if out is not None:
                 return out
         return func(*args, **kwargs)
