@@ -180,6 +180,9 @@ def test_functional_dropout_sites_enumeration_and_warning():
     t = terms(net, x, y)
     for name, v in terms_dense(eta, 3, "categorical", y).items():
         torch.testing.assert_close(t.per_unit["#dropout0"][name], v, rtol=1e-9, atol=1e-12)
+    r = gap(net, x, y, method="mc", n_samples=1500, generator=torch.Generator().manual_seed(0))
+    ref, se = _train_mode_gap(net, x, y, 1500)
+    _within(r.value, ref, math.hypot(se, r.stderr))
     # the penalty takes nn.Dropout modules only: it names the functional site it leaves out
     host = nn.Sequential(nn.Dropout(0.2), FuncDrop().double())
     with pytest.warns(RuntimeWarning, match=r"F.dropout .*module '1'.*leaves it out.*'1#dropout0'"):
