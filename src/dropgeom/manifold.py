@@ -302,10 +302,12 @@ def _as_tuple(inputs: Inputs) -> Tuple[Tensor, ...]:
     return inputs if isinstance(inputs, tuple) else (inputs,)
 
 
-def check_inputs_match(model: nn.Module, inputs: Sequence[Tensor]) -> None:
+def check_inputs_match(model: nn.Module, inputs: Sequence[Tensor], cause: Optional[BaseException] = None) -> None:
     """Raise a clear error if floating-point inputs differ in dtype, or any input in device, from the parameters.
 
     Without it torch reports ``mat1 and mat2 must have the same dtype`` from deep inside the model.
+    dropgeom calls it when a forward pass fails (``cause``: that error), so models that cast their
+    inputs themselves keep working.
 
     Raises:
         ValueError: naming the input, both dtypes (devices) and the fix.
@@ -325,12 +327,12 @@ def check_inputs_match(model: nn.Module, inputs: Sequence[Tensor]) -> None:
             raise ValueError(
                 f"inputs[{i}] is on device {t.device} but the model's parameters are on {ref.device}; "
                 f"move one of them, e.g. inputs.to({str(ref.device)!r}) or model.to({str(t.device)!r})"
-            )
+            ) from cause
         if t.is_floating_point() and t.dtype != ref.dtype:
             raise ValueError(
                 f"inputs[{i}] has dtype {t.dtype} but the model's parameters are {ref.dtype}; convert one of them, "
                 f"e.g. inputs.to({ref.dtype}) or model.to({t.dtype})"
-            )
+            ) from cause
 
 
 def _check_finite(name: str, t: Tensor) -> None:
@@ -384,7 +386,6 @@ class ModelManifold:
             _check_finite("inputs", t)
         if n == 0:
             raise ValueError("inputs are empty (n = 0)")
-        check_inputs_match(model, self.inputs)
         self.family = get_family(family)
 
         all_params = dict(model.named_parameters())
@@ -450,7 +451,12 @@ class ModelManifold:
         self._shapes = {k: p.shape for k, p in self._params.items()}
         self._numels = {k: p.numel() for k, p in self._params.items()}
         with torch.no_grad():
-            eta = self.forward(self._params)
+            try:
+                eta = self.forward(self._params)
+            except RuntimeError as err:  # name the input whose dtype / device does not fit, if that is why
+                if self.model is not None:
+                    check_inputs_match(self.model, self.inputs, err)
+                raise
         if not isinstance(eta, Tensor) or eta.dim() != 2:
             raise ValueError(
                 f"the model must return natural parameters of shape [n, K]; got "

@@ -9,7 +9,6 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ..families import ExponentialFamily, get_family
-from ..manifold import check_inputs_match
 
 Inputs = Union[Tensor, Tuple[Tensor, ...]]
 
@@ -31,12 +30,10 @@ def as_tuple(inputs: Inputs) -> Tuple[Tensor, ...]:
 
 
 def model_inputs(model: nn.Module, inputs: Inputs) -> Tuple[Tensor, ...]:
-    """:func:`as_tuple`, then a clear error if the inputs' dtype or device differ from the model's."""
+    """:func:`as_tuple` for ``model`` (a dtype / device mismatch is named when a forward pass fails)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    args = as_tuple(inputs)
-    check_inputs_match(model, args)
-    return args
+    return as_tuple(inputs)
 
 
 def detached_params(model: nn.Module) -> Dict[str, Tensor]:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .._intercept import DropoutSite, apply_mask
-from ..manifold import eval_mode
+from ..manifold import check_inputs_match, eval_mode
 from .masks import module_kind
 
 __all__ = ["forward_with_masks", "record_dropout_inputs"]
@@ -155,8 +155,12 @@ def _run(
 ) -> Tensor:
     by_module, by_site = _split(model, masks)
     seen: Dict[str, DropoutSite] = {} if sites is None else sites
-    with eval_mode(model, masks=by_site, sites=seen, warn=False), _hooks(model, by_module, params):
-        out = model(*args) if params is None else functional_call(model, dict(params), args)
+    try:
+        with eval_mode(model, masks=by_site, sites=seen, warn=False), _hooks(model, by_module, params):
+            out = model(*args) if params is None else functional_call(model, dict(params), args)
+    except RuntimeError as err:  # name the input whose dtype / device does not fit, if that is why
+        check_inputs_match(model, args, err)
+        raise
     unused = [k for k in by_site if k not in seen]
     if unused:
         raise ValueError(
