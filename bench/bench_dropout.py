@@ -147,6 +147,55 @@ def main(quick: bool) -> None:
         trows.append({"what": "terms, both layers", "seconds": total, "x fwd+bwd": total / fb})
     print_table(trows, title=f"dropout terms, MLP 784-1024(ReLU)-1024(Tanh)-10, batch {batch}, all units")
 
+    architecture_terms(quick)
+
+
+class _Encoder(nn.Module):
+    """Embedding -> nn.TransformerEncoderLayer (attention-weight dropout included) -> mean -> Linear."""
+
+    def __init__(self, vocab: int = 50, width: int = 32, k: int = 10) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.1, batch_first=True)
+        self.head = nn.Linear(width, k)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(self.emb(ids)).mean(1))
+
+
+def architecture_terms(quick: bool) -> None:
+    """``dropout.terms`` (generic torch.func path) on a CNN and a small Transformer, every unit
+    of one layer at a time, as multiples of one forward+backward of the same model and batch."""
+    torch.manual_seed(0)
+    xs, ys = _digits(256)
+    cnn = nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.2),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.2), nn.Linear(128, 10),
+    ).eval()
+    enc = _Encoder().eval()
+    ids, yi = torch.randint(0, 50, (64, 8)), torch.randint(0, 10, (64,))
+    cases = [
+        ("CNN digits, batch 256", cnn, xs, ys, [("3", "Dropout2d, 8 channels"), ("8", "Dropout, 128 units")]),
+        ("Transformer encoder 32x4 heads, batch 64, length 8", enc, ids, yi,
+         [("layer.dropout1", "Dropout, 8x32 units"), ("layer.self_attn", "attention weights, 4x8x8 units")]),
+    ]
+    ce = nn.CrossEntropyLoss()
+    for title, net, x, y, layers in cases[: 1 if quick else 2]:
+        params = list(net.parameters())
+
+        def fwd_bwd() -> None:
+            torch.autograd.grad(ce(net(x), y), params)
+
+        fb = _interleaved({"fb": fwd_bwd}, 3 if quick else 7)["fb"]
+        rows = [{"what": "forward+backward (eval)", "seconds": fb, "x fwd+bwd": 1.0}]
+        terms(net, x[:2], y[:2], layers=[layers[0][0]])  # warm-up: torch.func's first jvp imports torch._dynamo
+        for name, what in layers:
+            t0 = time.perf_counter()
+            terms(net, x, y, layers=[name])
+            t = time.perf_counter() - t0
+            rows.append({"what": f"terms {name} ({what})", "seconds": t, "x fwd+bwd": t / fb})
+        print_table(rows, title=f"dropout terms (generic path), {title}")
+
 
 if __name__ == "__main__":
     main(quick=True)

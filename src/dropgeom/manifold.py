@@ -48,9 +48,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
+from ._intercept import DropoutInterceptor, DropoutSite
 from .families import ExponentialFamily, get_family
 
-__all__ = ["ModelManifold", "eval_mode", "autodiff_kernels", "memory_guard", "DEFAULT_MEMORY_LIMIT"]
+__all__ = ["ModelManifold", "eval_mode", "check_inputs_match", "autodiff_kernels", "memory_guard", "DEFAULT_MEMORY_LIMIT"]
 
 Params = Dict[str, Tensor]
 Inputs = Union[Tensor, Tuple[Tensor, ...]]
@@ -72,12 +73,29 @@ def memory_guard(numel: int, dtype: torch.dtype, what: str, alternative: str, li
 
 
 @contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
+def eval_mode(
+    module: nn.Module,
+    *,
+    masks: Optional[Mapping[str, Tensor]] = None,
+    sites: Optional[Dict[str, DropoutSite]] = None,
+    warn: bool = True,
+) -> Iterator[None]:
     """Put every submodule in eval mode for the duration, then restore each flag.
 
-    Also switches off PyTorch's fused ``nn.MultiheadAttention`` inference fast
-    path (``torch.backends.mha``), whose kernel has no forward-mode or ``vmap``
-    rule; the regular path computes the same function.
+    Also switches off PyTorch's fused inference fast paths -- ``nn.MultiheadAttention``,
+    ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` (and so ``nn.Transformer``),
+    all gated by ``torch.backends.mha`` -- whose kernels have no forward-mode or ``vmap``
+    rule; the regular path computes the same function (see :func:`autodiff_kernels`).
+
+    Dropout that is not an ``nn.Dropout`` module -- ``F.dropout`` in a custom ``forward``,
+    attention-weight dropout, ``scaled_dot_product_attention(dropout_p>0)`` -- is
+    intercepted (``dropgeom._intercept``): a site named in ``masks`` applies that mask,
+    every other one is the identity, as in eval mode (``F.dropout(x, p)`` with its
+    default ``training=True`` included: dropgeom never draws random masks behind your
+    back). ``sites`` collects the sites met; ``warn`` warns about each unmasked one.
+
+    Raises:
+        ValueError: ``module`` is not an ``nn.Module``.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).train()
@@ -87,11 +105,13 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
         >>> net[1].training
         True
     """
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"eval_mode needs a torch.nn.Module, got {type(module).__name__}")
     flags = [(m, m.training) for m in module.modules()]
     try:
         for m, _ in flags:
             m.training = False
-        with autodiff_kernels():
+        with autodiff_kernels(), DropoutInterceptor(module, masks, sites, warn):
             yield
     finally:
         for m, t in flags:
@@ -139,6 +159,72 @@ def _composite_instance_norm(
     return _batch_stat_norm(input, tuple(range(2, input.dim())), weight, bias, eps)
 
 
+def _rnn_cell(kind: str, x: Tensor, h: Tensor, c: Optional[Tensor], w: Sequence[Tensor], has_bias: bool):
+    """One time step of an RNN / LSTM / GRU layer (torch's gate order and formulas)."""
+    w_ih, w_hh = w[0], w[1]
+    b_ih, b_hh = (w[2], w[3]) if has_bias else (None, None)
+    gi = x @ w_ih.T + (b_ih if b_ih is not None else 0.0)
+    gh = h @ w_hh.T + (b_hh if b_hh is not None else 0.0)
+    if kind == "lstm":
+        i, f, g, o = (gi + gh).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        w_hr = w[4] if len(w) == (5 if has_bias else 3) else None
+        if w_hr is not None:
+            h = h @ w_hr.T
+        return h, c
+    if kind == "gru":
+        i_r, i_z, i_n = gi.chunk(3, -1)
+        h_r, h_z, h_n = gh.chunk(3, -1)
+        r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return (1.0 - z) * n + z * h, None
+    act = torch.tanh if kind == "rnn_tanh" else torch.relu
+    return act(gi + gh), None
+
+
+def _composite_rnn(kind: str, args: tuple, kwargs: dict):
+    """``torch.lstm/gru/rnn_*`` (padded, not packed input) from per-step differentiable ops, so
+    that ``vmap`` batches per-sample products (the fused kernel has no batching rule); ``None``
+    for what it does not cover (packed sequences, training-mode inter-layer dropout)."""
+    if kwargs or len(args) != 9 or not isinstance(args[2], (list, tuple)):
+        return None
+    inp, hx, params, has_bias, layers, dropout, train, bidir, batch_first = args
+    if train and dropout > 0 and layers > 1:
+        return None
+    x = inp.transpose(0, 1) if batch_first else inp  # [T, B, I]
+    if kind == "lstm":
+        h0, c0 = hx
+    else:
+        h0, c0 = hx, None
+    dirs = 2 if bidir else 1
+    per = len(params) // (layers * dirs)
+    hs, cs = [], []
+    for layer in range(layers):
+        outs = []
+        for d in range(dirs):
+            idx = layer * dirs + d
+            w = params[idx * per : (idx + 1) * per]
+            h, c = h0[idx], (c0[idx] if c0 is not None else None)
+            steps = range(x.shape[0] - 1, -1, -1) if d == 1 else range(x.shape[0])
+            seq = [None] * x.shape[0]
+            for t in steps:
+                h, c = _rnn_cell(kind, x[t], h, c, w, has_bias)
+                seq[t] = h
+            outs.append(torch.stack(seq))
+            hs.append(h)
+            if c is not None:
+                cs.append(c)
+        x = torch.cat(outs, -1) if dirs == 2 else outs[0]
+    out = x.transpose(0, 1) if batch_first else x
+    if kind == "lstm":
+        return out, torch.stack(hs), torch.stack(cs)
+    return out, torch.stack(hs)
+
+
+_RNN_FUNCS = {torch.lstm: "lstm", torch.gru: "gru", torch.rnn_tanh: "rnn_tanh", torch.rnn_relu: "rnn_relu"}
+
+
 class _CompositeNorms(torch.overrides.TorchFunctionMode):
     """Hand-written (no library does this): computes normalisations with *statistics of the
     input* -- ``F.layer_norm``, ``F.instance_norm`` and ``F.batch_norm`` with batch statistics
@@ -147,7 +233,10 @@ class _CompositeNorms(torch.overrides.TorchFunctionMode):
     forward-mode derivatives (torch 2.13: forward-over-forward and forward-over-reverse
     ``D2 eta[u, v]`` disagree with finite differences and with reverse-over-reverse);
     the composite ops are differentiated correctly by every transform. Eval-mode batch norm
-    (running statistics, an affine map) keeps the fused kernel."""
+    (running statistics, an affine map) keeps the fused kernel. Recurrent layers
+    (``torch.lstm/gru/rnn_tanh/rnn_relu`` on padded input) run step by step from the same
+    differentiable ops, because the fused kernels have no ``vmap`` batching rule: per-sample
+    products are then batched instead of looped over samples."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -159,6 +248,10 @@ class _CompositeNorms(torch.overrides.TorchFunctionMode):
                 return out
         if func is torch.nn.functional.instance_norm:
             out = _composite_instance_norm(*args, **kwargs)
+            if out is not None:
+                return out
+        if func in _RNN_FUNCS:
+            out = _composite_rnn(_RNN_FUNCS[func], args, kwargs)
             if out is not None:
                 return out
         return func(*args, **kwargs)
@@ -207,6 +300,39 @@ def autodiff_kernels() -> Iterator[None]:
 
 def _as_tuple(inputs: Inputs) -> Tuple[Tensor, ...]:
     return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def check_inputs_match(model: nn.Module, inputs: Sequence[Tensor], cause: Optional[BaseException] = None) -> None:
+    """Raise a clear error if floating-point inputs differ in dtype, or any input in device, from the parameters.
+
+    Without it torch reports ``mat1 and mat2 must have the same dtype`` from deep inside the model.
+    dropgeom calls it when a forward pass fails (``cause``: that error), so models that cast their
+    inputs themselves keep working.
+
+    Raises:
+        ValueError: naming the input, both dtypes (devices) and the fix.
+
+    Example:
+        >>> net = nn.Linear(2, 2).double()
+        >>> check_inputs_match(net, (torch.zeros(3, 2),))
+        Traceback (most recent call last):
+        ...
+        ValueError: inputs[0] has dtype torch.float32 but the model's parameters are torch.float64; convert one of them, e.g. inputs.to(torch.float64) or model.to(torch.float32)
+    """
+    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if ref is None:
+        return
+    for i, t in enumerate(inputs):
+        if t.device != ref.device:
+            raise ValueError(
+                f"inputs[{i}] is on device {t.device} but the model's parameters are on {ref.device}; "
+                f"move one of them, e.g. inputs.to({str(ref.device)!r}) or model.to({str(t.device)!r})"
+            ) from cause
+        if t.is_floating_point() and t.dtype != ref.dtype:
+            raise ValueError(
+                f"inputs[{i}] has dtype {t.dtype} but the model's parameters are {ref.dtype}; convert one of them, "
+                f"e.g. inputs.to({ref.dtype}) or model.to({t.dtype})"
+            ) from cause
 
 
 def _check_finite(name: str, t: Tensor) -> None:
@@ -325,7 +451,12 @@ class ModelManifold:
         self._shapes = {k: p.shape for k, p in self._params.items()}
         self._numels = {k: p.numel() for k, p in self._params.items()}
         with torch.no_grad():
-            eta = self.forward(self._params)
+            try:
+                eta = self.forward(self._params)
+            except RuntimeError as err:  # name the input whose dtype / device does not fit, if that is why
+                if self.model is not None:
+                    check_inputs_match(self.model, self.inputs, err)
+                raise
         if not isinstance(eta, Tensor) or eta.dim() != 2:
             raise ValueError(
                 f"the model must return natural parameters of shape [n, K]; got "
@@ -413,8 +544,45 @@ class ModelManifold:
         if self._forward is not None:
             with autodiff_kernels():
                 return self._forward(full, inputs)
-        with eval_mode(self.model):
-            return functional_call(self.model, (full, self._buffers), inputs)
+        try:
+            with eval_mode(self.model, warn=False):
+                return functional_call(self.model, (full, self._buffers), inputs)
+        except NotImplementedError as err:
+            if "forward AD" not in str(err) and "forward mode AD" not in str(err):
+                raise
+            name = self._innermost_module(full, inputs)
+            mod = dict(self.model.named_modules()).get(name) if name is not None else None
+            what = f"module {name!r} ({type(mod).__name__})" if mod is not None else "an operation of the model"
+            raise NotImplementedError(
+                f"{what} has no forward-mode (jvp) rule, which this quantity needs: {str(err).splitlines()[0]} "
+                "Fix: build the layer from differentiable torch ops, give its autograd.Function a jvp "
+                "(torch.func-compatible setup_context/jvp), or use a quantity that needs reverse mode only "
+                "(fisher() of every structure)."
+            ) from err
+
+    def _innermost_module(self, full: Params, inputs: Tuple[Tensor, ...]) -> Optional[str]:
+        """Rerun the failing forward (inside the same transform) and return the innermost module then running."""
+        names = {id(m): k for k, m in self.model.named_modules()}
+        stack: list = []
+        handles = []
+        def pre(mod: nn.Module, args) -> None:
+            stack.append(names[id(mod)])
+
+        def post(mod: nn.Module, args, out) -> None:
+            stack.pop()
+
+        for m in self.model.modules():
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post))
+        try:
+            with eval_mode(self.model, warn=False):
+                functional_call(self.model, (full, self._buffers), inputs)
+        except NotImplementedError:
+            return stack[-1] if stack else None
+        finally:
+            for h in handles:
+                h.remove()
+        return None
 
     def eta(self, theta: Optional[Union[Tensor, Mapping[str, Tensor]]] = None) -> Tensor:
         """Natural parameters ``[n, K]`` at ``theta`` (default: the current parameters)."""

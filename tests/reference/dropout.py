@@ -153,3 +153,28 @@ def mixture_exact(eta_of_mask: Callable[[Tensor], Tensor], units: int, p: float,
     a_mix = (w * pm**a).sum(0) ** (1 / a)
     a_mix = a_mix / a_mix.sum(-1, keepdim=True)
     return {"m": m_mix, "e": e_mix, "alpha": a_mix}
+
+
+def mha_self_attention(mha: nn.MultiheadAttention, x: Tensor, weight_mask: Tensor) -> Tensor:
+    """Hand-written batch-first self-attention of an ``nn.MultiheadAttention`` whose post-softmax
+    attention weights are multiplied by ``weight_mask`` (``[heads, L, L]`` or ``[n, heads, L, L]``)."""
+    n, L, E = x.shape
+    h = mha.num_heads
+    d = E // h
+    qkv = x @ mha.in_proj_weight.T + mha.in_proj_bias  # [n, L, 3E]
+    q, k, v = (t.reshape(n, L, h, d).transpose(1, 2) for t in qkv.split(E, -1))  # [n, h, L, d]
+    w = torch.softmax(q @ k.transpose(-1, -2) / d**0.5, -1) * weight_mask
+    out = (w @ v).transpose(1, 2).reshape(n, L, E)
+    return out @ mha.out_proj.weight.T + mha.out_proj.bias
+
+
+def alpha_dropout_at(h: Tensor, keep: Tensor, p: float) -> Tensor:
+    """torch's alpha dropout at keep indicators ``keep`` (0/1), written out from its definition:
+    dropped units take SELU's negative saturation ``-lambda alpha``, then the affine map that
+    restores zero mean and unit variance."""
+    lam, alpha = 1.0507009873554804934193349852946, 1.6732632423543772848170429916717
+    a_neg = -lam * alpha
+    q = 1.0 - p
+    a = (q + a_neg**2 * q * p) ** -0.5
+    b = -a * a_neg * p
+    return a * (keep * h + (1.0 - keep) * a_neg) + b

@@ -1,14 +1,19 @@
 """Dropout analysis (theory.md section 4): explicit masks, the exact dropout gap,
 its Fisher (divergence) and curvature terms, dropout inference as a mixture of
-sub-models, and the differentiable Fisher-dropout penalty."""
+sub-models, and the differentiable Fisher-dropout penalty. Dropout layers of every
+kind -- modules, attention-weight and functional dropout, DropConnect, stochastic
+depth -- are explicit masks (see :mod:`dropgeom.dropout.masks`)."""
 
 from .explicit import forward_with_masks, record_dropout_inputs
 from .gap import GapResult, gap
 from .mixture import MixtureResult, mixture
 from .penalty import output_linear, penalty
 from .terms import DropoutTerms, terms
+from .modules import DropPath, StochasticDepth
 from .masks import (
     DROPOUT_TYPES,
+    dropout_sites,
+    enumerate_shapes,
     MaskEnumeration,
     enumerate_masks,
     find_dropout,
@@ -20,6 +25,10 @@ from .masks import (
 
 __all__ = [
     "DROPOUT_TYPES",
+    "DropPath",
+    "StochasticDepth",
+    "dropout_sites",
+    "enumerate_shapes",
     "MaskEnumeration",
     "GapResult",
     "find_dropout",

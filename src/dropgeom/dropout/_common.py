@@ -29,6 +29,13 @@ def as_tuple(inputs: Inputs) -> Tuple[Tensor, ...]:
     return inputs
 
 
+def model_inputs(model: nn.Module, inputs: Inputs) -> Tuple[Tensor, ...]:
+    """:func:`as_tuple` for ``model`` (a dtype / device mismatch is named when a forward pass fails)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return as_tuple(inputs)
+
+
 def detached_params(model: nn.Module) -> Dict[str, Tensor]:
     return {k: v.detach() for k, v in model.named_parameters()}
 

@@ -19,8 +19,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..manifold import eval_mode
-from .masks import _CHANNEL_TYPES, DROPOUT_TYPES
+from .._intercept import DropoutSite, apply_mask
+from ..manifold import check_inputs_match, eval_mode
+from .masks import module_kind
 
 __all__ = ["forward_with_masks", "record_dropout_inputs"]
 
@@ -32,25 +33,10 @@ def _as_tuple(inputs: Inputs) -> Tuple[Tensor, ...]:
 
 
 def _unit_mask_hook(mod: nn.Module, name: str, mask: Tensor):
-    channel = isinstance(mod, _CHANNEL_TYPES)
+    kind = module_kind(mod)
 
     def hook(module: nn.Module, args: Tuple[Tensor, ...], output: Tensor) -> Tensor:
-        h = args[0]
-        m = mask
-        if channel:  # [b, C] -> [b, C, 1, ...]
-            if m.dim() != 2 or m.shape[1] != h.shape[1]:
-                raise ValueError(
-                    f"mask for channel-dropout layer {name!r} must have shape [n or 1, C={h.shape[1]}], got {tuple(m.shape)}"
-                )
-            m = m.reshape(*m.shape, *([1] * (h.dim() - 2)))
-        elif tuple(m.shape[1:]) != tuple(h.shape[1:]) or m.dim() != h.dim():
-            raise ValueError(
-                f"mask for dropout layer {name!r} must have shape [n or 1, {', '.join(map(str, h.shape[1:]))}], "
-                f"got {tuple(m.shape)}"
-            )
-        if m.shape[0] not in (1, h.shape[0]):
-            raise ValueError(f"mask for layer {name!r} has {m.shape[0]} rows for a batch of {h.shape[0]} samples")
-        return h * m
+        return apply_mask(kind, args[0], mask, module.p, name)
 
     return hook
 
@@ -74,25 +60,42 @@ def _dropconnect_hook(name: str, mask: Tensor, weight_name: str, params: Optiona
     return hook
 
 
+def _split(model: nn.Module, masks: Mapping[str, Tensor]) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+    """``(module masks, site masks)``: dropout modules and DropConnect Linear layers take module
+    hooks; attention and functional dropout sites take the interceptor."""
+    modules = dict(model.named_modules())
+    by_module, by_site = {}, {}
+    for name, mask in masks.items():
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask for {name!r} must be a tensor, got {type(mask).__name__}")
+        mod = modules.get(name)
+        if mod is not None and (module_kind(mod) is not None or isinstance(mod, nn.Linear)):
+            by_module[name] = mask
+        elif isinstance(mod, nn.MultiheadAttention) or (mod is None and "#" in name):
+            by_site[name] = mask
+        elif mod is None:
+            dropout = [k for k, m in modules.items() if module_kind(m) is not None]
+            raise ValueError(f"unknown layer name {name!r} in masks; the model's dropout modules are {dropout}")
+        else:
+            raise ValueError(
+                f"layer {name!r} is a {type(mod).__name__}: masks apply to dropout modules, attention / functional "
+                "dropout sites (dropgeom.dropout.dropout_sites) or nn.Linear (DropConnect)"
+            )
+    return by_module, by_site
+
+
 @contextlib.contextmanager
 def _hooks(model: nn.Module, masks: Mapping[str, Tensor], params: Optional[Mapping[str, Tensor]]) -> Iterator[None]:
     modules = dict(model.named_modules())
     handles = []
     try:
         for name, mask in masks.items():
-            if name not in modules:
-                dropout = [k for k, m in modules.items() if isinstance(m, DROPOUT_TYPES)]
-                raise ValueError(f"unknown layer name {name!r} in masks; the model's dropout modules are {dropout}")
             mod = modules[name]
-            if not isinstance(mask, Tensor):
-                raise TypeError(f"mask for {name!r} must be a tensor, got {type(mask).__name__}")
-            if isinstance(mod, DROPOUT_TYPES):
+            if module_kind(mod) is not None:
                 handles.append(mod.register_forward_hook(_unit_mask_hook(mod, name, mask)))
-            elif isinstance(mod, nn.Linear):
+            else:
                 wname = f"{name}.weight" if name else "weight"
                 handles.append(mod.register_forward_hook(_dropconnect_hook(name, mask, wname, params)))
-            else:
-                raise ValueError(f"layer {name!r} is a {type(mod).__name__}: masks apply to dropout modules or nn.Linear (DropConnect)")
         yield
     finally:
         for h in handles:
@@ -108,7 +111,10 @@ def forward_with_masks(
     """The model's output with each named dropout layer replaced by multiplication with its mask.
 
     ``h~ = h * m`` at every dropout module named in ``masks`` (mask shape
-    ``[n or 1, *unit_shape]``; channel dropout ``[n or 1, C]``); ``W_i = W * M_i``
+    ``[n or 1, *unit_shape]``; channel dropout ``[n or 1, C]``; ``DropPath`` ``[n or 1]``;
+    alpha dropout: the affine law of :mod:`~dropgeom.dropout.masks`) and at every
+    attention / functional dropout site (:func:`~dropgeom.dropout.dropout_sites`; for
+    attention the post-softmax weights are masked, ``[n or 1, heads, L, S]``); ``W_i = W * M_i``
     for an ``nn.Linear`` named in ``masks`` (DropConnect, mask ``[n or 1, out, in]``).
     Every other module, including dropout modules not named, runs in eval mode
     (identity). The model's ``training`` flags are untouched afterwards.
@@ -137,11 +143,31 @@ def forward_with_masks(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(masks, Mapping):
         raise TypeError(f"masks must be a dict {{layer name: tensor}}, got {type(masks).__name__}")
-    args = _as_tuple(inputs)
-    with eval_mode(model), _hooks(model, masks, params):
-        if params is None:
-            return model(*args)
-        return functional_call(model, dict(params), args)
+    return _run(model, _as_tuple(inputs), masks, params, None)
+
+
+def _run(
+    model: nn.Module,
+    args: Tuple[Tensor, ...],
+    masks: Mapping[str, Tensor],
+    params: Optional[Mapping[str, Tensor]],
+    sites: Optional[Dict[str, DropoutSite]],
+) -> Tensor:
+    by_module, by_site = _split(model, masks)
+    seen: Dict[str, DropoutSite] = {} if sites is None else sites
+    try:
+        with eval_mode(model, masks=by_site, sites=seen, warn=False), _hooks(model, by_module, params):
+            out = model(*args) if params is None else functional_call(model, dict(params), args)
+    except RuntimeError as err:  # name the input whose dtype / device does not fit, if that is why
+        check_inputs_match(model, args, err)
+        raise
+    unused = [k for k in by_site if k not in seen]
+    if unused:
+        raise ValueError(
+            f"dropout layers {unused} were never run by the model's forward pass; its attention / functional "
+            f"dropout sites are {list(seen)}"
+        )
+    return out
 
 
 def record_dropout_inputs(
@@ -150,8 +176,17 @@ def record_dropout_inputs(
     layers: Sequence[str],
     masks: Optional[Mapping[str, Tensor]] = None,
     params: Optional[Mapping[str, Tensor]] = None,
+    *,
+    sites: Optional[Dict[str, DropoutSite]] = None,
+    strict: bool = True,
 ) -> Dict[str, Tensor]:
-    """The input ``h`` of each named dropout layer during one masked forward pass (plus ``"__out__"``, the output).
+    """The input ``h`` of each named dropout module during one masked forward pass (plus ``"__out__"``, the output).
+
+    ``sites``: a dict filled with the attention / functional dropout sites the pass
+    met (``dropgeom._intercept``). ``strict``: raise if a named module never runs.
+
+    Raises:
+        ValueError: an unknown name, or (``strict``) a named module that never runs.
 
     Example:
         >>> import torch
@@ -176,11 +211,11 @@ def record_dropout_inputs(
             if name not in modules:
                 raise ValueError(f"unknown layer name {name!r}")
             handles.append(modules[name].register_forward_pre_hook(make(name)))
-        rec["__out__"] = forward_with_masks(model, inputs, masks or {}, params)
+        rec["__out__"] = _run(model, _as_tuple(inputs), masks or {}, params, sites)
     finally:
         for h in handles:
             h.remove()
     missing = [k for k in layers if k not in rec]
-    if missing:
+    if missing and strict:
         raise ValueError(f"dropout layers {missing} were not used by the model's forward pass")
     return rec

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from ..families import ExponentialFamily
-from ._common import Inputs, as_tuple, check_output, chunk_for, chunked_vmap, detached_params, family_of
-from .explicit import forward_with_masks, record_dropout_inputs
-from .masks import PSpec, _draw, enumerate_masks, find_dropout, resolve_p, unit_shapes
+from ._common import Inputs, as_tuple, model_inputs, check_output, chunk_for, chunked_vmap, detached_params, family_of
+from .explicit import forward_with_masks
+from .masks import NOISES, PSpec, _draw, enumerate_shapes, mask_spec
 
 __all__ = ["GapResult", "gap"]
 
@@ -56,11 +56,19 @@ def gap(
     Args:
         model, inputs, targets, family: the model, its inputs, labels in the family's format.
         p: drop probability (default: each module's ``p``; a float or a dict per layer).
-        noise: ``"bernoulli"`` (inverted dropout) or ``"gaussian"`` (``m ~ N(1, p/(1-p))``).
+        noise: ``"bernoulli"`` (inverted dropout), ``"gaussian"`` (``m ~ N(1, p/(1-p))``) or
+            ``"dropconnect"`` (Bernoulli masks on the weights of the ``nn.Linear`` layers named in
+            ``layers``, default all; ``p`` required).
         method: ``"exact"`` (enumerate all ``2^U`` Bernoulli masks; refuses above
             ``max_masks``) or ``"mc"`` (``n_samples`` per-sample mask draws).
         generator: seeds the Monte Carlo masks.
-        layers: restrict dropout to these layers (the others stay in eval mode).
+        layers: restrict dropout to these layers (the others stay in eval mode). Every dropout
+            site counts (:func:`~dropgeom.dropout.dropout_sites`): dropout modules of every kind,
+            attention-weight dropout, ``F.dropout`` in a custom ``forward``, stochastic depth.
+
+    Raises:
+        ValueError: bad noise / method / n_samples, no dropout, unknown or never-run layers,
+            ``p`` outside ``[0, 1)``, too many masks for ``exact``, targets that do not fit.
         antithetic: ``mc`` with Gaussian noise only: draw pairs ``1 +/- eps``,
             which cancels the first-order noise (a much smaller standard error
             for small variances); ``n_samples`` counts pairs.
@@ -77,14 +85,15 @@ def gap(
         (8, True, 0.0)
     """
     fam = family_of(family)
-    args = as_tuple(inputs)
+    args = model_inputs(model, inputs)
     n = args[0].shape[0]
-    if noise not in ("bernoulli", "gaussian"):
-        raise ValueError(f"gap: noise must be 'bernoulli' or 'gaussian', got {noise!r}")
+    if noise not in NOISES:
+        raise ValueError(f"gap: noise must be one of {NOISES}, got {noise!r}")
     if method not in ("exact", "mc"):
         raise ValueError(f"gap: method must be 'exact' or 'mc', got {method!r}")
-    mods = find_dropout(model, layers)
-    ps = resolve_p(mods, p)
+    spec = mask_spec(model, args, layers, p, noise)
+    ps = spec.p
+    draw_noise = "gaussian" if noise == "gaussian" else "bernoulli"
     params = detached_params(model)
     with torch.no_grad():
         eta0 = forward_with_masks(model, args, {}, params)
@@ -95,14 +104,14 @@ def gap(
     def loss_at(masks: Dict[str, Tensor]) -> Tensor:
         return fam.nll(forward_with_masks(model, args, masks, params), targets).mean()
 
-    names = list(mods)
-    shapes = unit_shapes(model, args, names)
+    names = list(spec.shapes)
+    shapes = spec.shapes
     width = max(int(eta0.shape[1]), *(math.prod(s) for s in shapes.values()))
     with torch.no_grad():
         if method == "exact":
-            if noise != "bernoulli":
+            if noise == "gaussian":
                 raise ValueError("gap: method='exact' enumerates Bernoulli masks only; use method='mc' for gaussian noise")
-            enum = enumerate_masks(model, args, ps, names, max_masks=max_masks)
+            enum = enumerate_shapes(shapes, ps, eta0.dtype, max_masks=max_masks)
             flat = torch.cat([enum.masks[k].reshape(enum.probs.shape[0], -1) for k in names], 1)
             splits = [math.prod(shapes[k]) for k in names]
 
@@ -124,7 +133,7 @@ def gap(
         while done < n_samples:
             c = min(chunk, n_samples - done)
             cols = [
-                _draw((c, n, splits[i]), ps[k], noise, generator, eta0.dtype, eta0.device) for i, k in enumerate(names)
+                _draw((c, n, splits[i]), ps[k], draw_noise, generator, eta0.dtype, eta0.device) for i, k in enumerate(names)
             ]
             flat = torch.cat(cols, -1)
 

@@ -6,12 +6,26 @@ so a unit's mask is ``m_j = b_j / (1 - p)`` with ``b_j ~ Bernoulli(1 - p)``,
 ``m_j ~ N(1, p / (1 - p))`` (same mean and variance). DropConnect masks the
 weights of ``nn.Linear`` layers instead of units.
 
-Supported dropout modules: ``nn.Dropout`` (every element of the layer's input
-is a unit) and ``nn.Dropout1d/2d/3d`` (a unit is a channel, the mask is
-broadcast over the spatial axes). ``nn.AlphaDropout`` and
-``nn.FeatureAlphaDropout`` are not multiplicative (they also shift the
-activations) and are rejected when named; dropout applied with
-``torch.nn.functional.dropout`` inside ``forward`` cannot be found.
+Dropout layers (*sites*, :func:`dropout_sites`), each with a mask law:
+
+* ``nn.Dropout``: every element of the layer's input is a unit;
+* ``nn.Dropout1d/2d/3d``: a unit is a channel, the mask is broadcast over the spatial axes;
+* :class:`~dropgeom.dropout.DropPath` (inside :class:`~dropgeom.dropout.StochasticDepth`):
+  one unit per sample (unit shape ``()``);
+* ``nn.AlphaDropout`` / ``nn.FeatureAlphaDropout`` (units: elements / channels): *not*
+  multiplicative. With the same mask ``m = b / (1 - p)``, ``b ~ Bernoulli(1 - p)``,
+  the layer computes ``h~ = a (b h - alpha (1 - b)) + c`` with ``alpha = 1.7581``
+  (SELU's ``-lambda alpha``), ``a = ((1 - p)(1 + p alpha^2))^{-1/2}``, ``c = a alpha p``
+  (torch's own law); the ``p`` in this map is always the module's;
+* dropout that is not a module, found by one forward pass (``dropgeom._intercept``):
+  the attention weights of ``nn.MultiheadAttention`` (site: the module's name, unit
+  shape ``[heads, L, S]``), ``F.dropout``-family calls in a custom ``forward``
+  (``"<module>#dropout0"``, ...) and ``F.scaled_dot_product_attention(dropout_p>0)``
+  (``"<module>#sdpa0"``).
+
+:func:`find_dropout` returns the multiplicative ``torch.nn`` modules only (what the
+penalty and the fast paths take) and warns, naming them, about the dropout it leaves
+out; :func:`dropout_sites` returns every site (what ``gap``, ``terms`` and ``mixture`` take).
 
 Masks are per sample: a layer with unit shape ``U`` gets a mask of shape
 ``[n, *U]`` (a leading axis of 1 broadcasts one mask over every sample).
@@ -34,13 +48,18 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import warnings
 from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from .._intercept import DropoutSite, unit_shape as _kind_unit_shape
+from .modules import DropPath
+
 __all__ = [
     "DROPOUT_TYPES",
+    "dropout_sites",
     "NOISES",
     "MaskEnumeration",
     "find_dropout",
@@ -56,18 +75,69 @@ DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _CHANNEL_TYPES = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _UNSUPPORTED = (nn.AlphaDropout, nn.FeatureAlphaDropout)
 NOISES = ("bernoulli", "gaussian", "dropconnect")
+#: Dropout module types and their kind (first match wins; order matters for subclasses).
+MODULE_KINDS = (
+    (nn.Dropout1d, "channel"), (nn.Dropout2d, "channel"), (nn.Dropout3d, "channel"),
+    (nn.FeatureAlphaDropout, "feature_alpha"), (nn.AlphaDropout, "alpha"),
+    (DropPath, "sample"), (nn.Dropout, "dropout"),
+)
+ALPHA_KINDS = ("alpha", "feature_alpha")
+
+
+def module_kind(mod: nn.Module) -> Optional[str]:
+    """The dropout kind of a module (``None`` if it is no dropout module).
+
+    Example:
+        >>> from torch import nn
+        >>> module_kind(nn.Dropout2d(0.1)), module_kind(nn.Linear(2, 2))
+        ('channel', None)
+    """
+    for cls, kind in MODULE_KINDS:
+        if isinstance(mod, cls):
+            return kind
+    return None
+
+
+def _left_out(model: nn.Module) -> Dict[str, str]:
+    """Dropout the multiplicative-module view leaves out: ``{name: description}``."""
+    out = {}
+    for k, m in model.named_modules():
+        kind = module_kind(m)
+        if kind is not None and not isinstance(m, DROPOUT_TYPES):
+            out[k] = f"{type(m).__name__}(p={m.p})"
+        elif isinstance(m, nn.MultiheadAttention) and m.dropout > 0:
+            out[k] = f"attention-weight dropout of nn.MultiheadAttention (p={m.dropout})"
+    out.update(_rnn_dropout(model))
+    return out
+
+
+def _rnn_dropout(model: nn.Module) -> Dict[str, str]:
+    """Dropout between the layers of ``nn.RNN/LSTM/GRU``: inside a fused kernel, no explicit mask possible."""
+    return {
+        k: f"{type(m).__name__} inter-layer dropout (p={m.dropout}), inside a fused kernel"
+        for k, m in model.named_modules()
+        if isinstance(m, nn.RNNBase) and m.dropout > 0 and m.num_layers > 1
+    }
 
 PSpec = Union[None, float, Mapping[str, float]]
 Inputs = Union[Tensor, Tuple[Tensor, ...]]
 
 
-def find_dropout(model: nn.Module, layers: Optional[Sequence[str]] = None) -> Dict[str, nn.Module]:
+def find_dropout(
+    model: nn.Module, layers: Optional[Sequence[str]] = None, *, all_kinds: bool = False
+) -> Dict[str, nn.Module]:
     """The dropout modules of ``model`` by qualified name (``model.named_modules()`` order).
 
     Args:
         model: any ``nn.Module``.
         layers: restrict to these qualified names (each must name a supported
             dropout module); default: every supported dropout module.
+        all_kinds: also return ``nn.AlphaDropout``, ``nn.FeatureAlphaDropout`` and
+            :class:`~dropgeom.dropout.DropPath` modules. Without it only the
+            multiplicative ``torch.nn`` modules (``DROPOUT_TYPES``) are returned and a
+            ``RuntimeWarning`` names every other dropout of the model (those modules,
+            ``nn.MultiheadAttention`` attention dropout) that the caller leaves out.
+            Dropout that is not a module at all is found by :func:`dropout_sites`.
 
     Raises:
         ValueError: the model has no dropout module, a name is unknown, or it
@@ -82,8 +152,19 @@ def find_dropout(model: nn.Module, layers: Optional[Sequence[str]] = None) -> Di
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     modules = dict(model.named_modules())
-    found = {k: m for k, m in modules.items() if isinstance(m, DROPOUT_TYPES)}
+    ok = (lambda m: module_kind(m) is not None) if all_kinds else (lambda m: isinstance(m, DROPOUT_TYPES))
+    found = {k: m for k, m in modules.items() if ok(m)}
     if layers is None:
+        if not all_kinds:
+            left = _left_out(model)
+            if left:
+                warnings.warn(
+                    "this quantity takes nn.Dropout/Dropout1d/2d/3d modules only and leaves out "
+                    + "; ".join(f"{k!r}: {v}" for k, v in left.items())
+                    + " (dropgeom.dropout.gap, terms and mixture include them)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         if not found:
             raise ValueError(
                 f"{type(model).__name__} has no dropout modules ({', '.join(t.__name__ for t in DROPOUT_TYPES)}); "
@@ -97,13 +178,90 @@ def find_dropout(model: nn.Module, layers: Optional[Sequence[str]] = None) -> Di
         if name not in modules:
             raise ValueError(f"unknown layer name {name!r}; the model's dropout modules are {list(found)}")
         mod = modules[name]
-        if isinstance(mod, _UNSUPPORTED):
-            raise ValueError(f"layer {name!r} is {type(mod).__name__}, which is not multiplicative dropout (unsupported)")
-        if not isinstance(mod, DROPOUT_TYPES):
+        if not all_kinds and module_kind(mod) is not None and not isinstance(mod, DROPOUT_TYPES):
+            raise ValueError(
+                f"layer {name!r} is {type(mod).__name__}, which is not multiplicative nn.Dropout; "
+                "this quantity does not support it (dropgeom.dropout.gap, terms and mixture do)"
+            )
+        if not ok(mod):
             raise ValueError(f"layer {name!r} is a {type(mod).__name__}, not a dropout module; dropout modules: {list(found)}")
         out[name] = mod
     if not out:
         raise ValueError("layers is empty: name at least one dropout module")
+    return out
+
+
+def dropout_sites(
+    model: nn.Module, inputs: "Inputs", layers: Optional[Sequence[str]] = None
+) -> Dict[str, DropoutSite]:
+    """Every dropout site of ``model`` on ``inputs``, found by one eval-mode forward pass.
+
+    Sites: dropout modules of every kind (named as modules) in ``named_modules()``
+    order, then the dropout that is not a module -- ``nn.MultiheadAttention``
+    attention weights (the module's name), ``F.dropout``-family calls
+    (``"<module>#dropout<i>"``) and ``F.scaled_dot_product_attention`` with
+    ``dropout_p > 0`` (``"<module>#sdpa<i>"``) -- in call order. Each site carries
+    its kind, drop probability and per-sample unit (mask) shape.
+
+    Args:
+        model: the network.
+        inputs: its inputs (leading sample axis).
+        layers: restrict to these site names (in this order).
+
+    Raises:
+        ValueError: no dropout at all, an unknown name, or a named dropout module that
+            the forward pass never runs.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv1d(2, 3, 1), nn.Dropout1d(0.1), nn.Flatten(), nn.Linear(12, 2))
+        >>> s = dropout_sites(net, torch.zeros(5, 2, 4))
+        >>> {k: (v.kind, v.p, tuple(v.unit_shape)) for k, v in s.items()}
+        {'1': ('channel', 0.1, (3,))}
+    """
+    from .explicit import record_dropout_inputs  # local import: explicit imports this module
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    modules = {k: m for k, m in model.named_modules() if module_kind(m) is not None}
+    record: Dict[str, DropoutSite] = {}
+    with torch.no_grad():
+        rec = record_dropout_inputs(model, inputs, list(modules), sites=record, strict=False)
+    sites: Dict[str, DropoutSite] = {}
+    for k, m in modules.items():
+        if k in rec:
+            kind = module_kind(m)
+            sites[k] = DropoutSite(k, kind, float(m.p), k, _kind_unit_shape(kind, rec[k]))
+    sites.update(record)
+    fused = _rnn_dropout(model)
+    if fused:
+        warnings.warn(
+            "dropout that cannot be made an explicit mask is left out (evaluated as in eval mode): "
+            + "; ".join(f"{k!r}: {v}" for k, v in fused.items())
+            + ". Build the stack from single-layer modules with nn.Dropout between them to include it.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if layers is None:
+        if not sites:
+            raise ValueError(
+                f"{type(model).__name__} has no dropout modules, and its forward pass calls no F.dropout or "
+                "attention dropout; add dropout layers or use noise='dropconnect'"
+            )
+        return sites
+    if isinstance(layers, str):
+        layers = [layers]
+    if not layers:
+        raise ValueError("layers is empty: name at least one dropout layer")
+    out = {}
+    for name in layers:
+        if name in sites:
+            out[name] = sites[name]
+        elif name in modules:
+            raise ValueError(f"dropout module {name!r} is never run by the model's forward pass on these inputs")
+        else:
+            raise ValueError(f"unknown layer name {name!r}; the model's dropout layers are {list(sites)}")
     return out
 
 
@@ -161,10 +319,10 @@ def _as_tuple(inputs: Inputs) -> Tuple[Tensor, ...]:
 
 
 def unit_shapes(model: nn.Module, inputs: Inputs, layers: Optional[Sequence[str]] = None) -> Dict[str, torch.Size]:
-    """Per-sample unit shape of each dropout layer, found by one eval-mode forward pass.
+    """Per-sample unit shape of each dropout site (:func:`dropout_sites`), found by one eval-mode forward pass.
 
     ``nn.Dropout``: the shape of the layer's input without the batch axis;
-    ``nn.Dropout1d/2d/3d``: ``(channels,)``.
+    ``nn.Dropout1d/2d/3d``: ``(channels,)``; ``DropPath``: ``()``; attention: ``(heads, L, S)``.
 
     Example:
         >>> import torch
@@ -173,18 +331,11 @@ def unit_shapes(model: nn.Module, inputs: Inputs, layers: Optional[Sequence[str]
         >>> unit_shapes(net, torch.zeros(2, 3))
         {'1': torch.Size([4])}
     """
-    from .explicit import record_dropout_inputs  # local import: explicit imports this module
-
-    mods = find_dropout(model, layers)
-    with torch.no_grad():
-        rec = record_dropout_inputs(model, inputs, list(mods))
-    return {k: _unit_shape(mods[k], rec[k]) for k in mods}
+    return {k: s.unit_shape for k, s in dropout_sites(model, inputs, layers).items()}
 
 
 def _unit_shape(mod: nn.Module, h: Tensor) -> torch.Size:
-    if isinstance(mod, _CHANNEL_TYPES):
-        return torch.Size([h.shape[1]])
-    return h.shape[1:]
+    return _kind_unit_shape(module_kind(mod) or "dropout", h)
 
 
 def _draw(shape: Tuple[int, ...], p: float, noise: str, generator: Optional[torch.Generator], dtype, device) -> Tensor:
@@ -258,11 +409,39 @@ def sample_masks(
         raise ValueError(
             f"noise={noise!r} needs the inputs (not an int) to find each dropout layer's unit shape"
         )
-    mods = find_dropout(model, layers)
-    ps = resolve_p(mods, p)
-    shapes = unit_shapes(model, inputs_or_n, list(mods))
+    sites = dropout_sites(model, inputs_or_n, layers)
+    ps = site_p(sites, p, noise)
     n = _as_tuple(inputs_or_n)[0].shape[0]
-    return {k: _draw((n, *shapes[k]), ps[k], noise, generator, dtype, device) for k in mods}
+    return {k: _draw((n, *sites[k].unit_shape), ps[k], noise, generator, dtype, device) for k in sites}
+
+
+def site_p(sites: Mapping[str, DropoutSite], p: PSpec = None, noise: str = "bernoulli") -> Dict[str, float]:
+    """:func:`resolve_p` for dropout sites, refusing what alpha dropout cannot take.
+
+    Alpha dropout's affine correction is computed from the layer's own ``p`` and its law is
+    Bernoulli, so a different ``p`` or ``noise='gaussian'`` is refused for it.
+
+    Raises:
+        ValueError: ``p`` outside ``[0, 1)``; a ``p`` or Gaussian noise for an alpha-dropout site.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> sites = dropout_sites(nn.Sequential(nn.AlphaDropout(0.2), nn.Linear(2, 2)), torch.zeros(1, 2))
+        >>> site_p(sites)
+        {'0': 0.2}
+    """
+    ps = resolve_p(sites, p)
+    for k, s in sites.items():
+        if s.kind in ALPHA_KINDS:
+            if noise != "bernoulli":
+                raise ValueError(f"layer {k!r} is alpha dropout, whose masks are Bernoulli; use noise='bernoulli'")
+            if abs(ps[k] - s.p) > 0:
+                raise ValueError(
+                    f"layer {k!r} is alpha dropout with p={s.p}; its affine correction uses the module's own p, "
+                    f"so p={ps[k]} cannot be imposed (set the module's p instead)"
+                )
+    return ps
 
 
 def _linear_layers(model: nn.Module, layers: Optional[Sequence[str]]) -> Dict[str, nn.Linear]:
@@ -317,18 +496,34 @@ def enumerate_masks(
         >>> e.masks["1"].tolist(), e.probs.tolist()
         ([[0.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 2.0]], [0.25, 0.25, 0.25, 0.25])
     """
-    mods = find_dropout(model, layers)
-    ps = resolve_p(mods, p)
-    shapes = unit_shapes(model, inputs, list(mods))
+    sites = dropout_sites(model, inputs, layers)
+    ps = site_p(sites, p)
+    ref = next(iter(model.parameters()), None)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.get_default_dtype()
+    return enumerate_shapes({k: s.unit_shape for k, s in sites.items()}, ps, dtype, max_masks)
+
+
+def enumerate_shapes(
+    shapes: Mapping[str, torch.Size], ps: Mapping[str, float], dtype: torch.dtype = torch.float64, max_masks: int = 2**16
+) -> MaskEnumeration:
+    """All joint Bernoulli masks ``b / (1 - p)`` of layers with the given unit shapes (see :func:`enumerate_masks`).
+
+    Raises:
+        ValueError: more than ``max_masks`` masks.
+
+    Example:
+        >>> e = enumerate_shapes({"w": torch.Size([1, 2])}, {"w": 0.5})
+        >>> e.masks["w"].shape, e.probs.sum().item()
+        (torch.Size([4, 1, 2]), 1.0)
+    """
+    mods = list(shapes)
     sizes = {k: math.prod(shapes[k]) for k in mods}
     total = sum(sizes.values())
     if total > 62 or 2**total > max_masks:
         raise ValueError(
-            f"exact enumeration needs 2^{total} masks ({total} dropout units in {list(mods)}), more than "
+            f"exact enumeration needs 2^{total} masks ({total} dropout units in {mods}), more than "
             f"max_masks={max_masks}; restrict `layers`, raise max_masks, or use method='mc'"
         )
-    ref = next(iter(model.parameters()), None)
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.get_default_dtype()
     bits = torch.tensor(list(itertools.product((0.0, 1.0), repeat=total)), dtype=dtype).reshape(2**total, total)
     masks, probs, start = {}, torch.ones(2**total, dtype=torch.float64), 0
     for k in mods:
@@ -339,3 +534,46 @@ def enumerate_masks(
         probs = probs * (1 - q) ** kept * q ** (sizes[k] - kept)
         masks[k] = (b / (1 - q)).reshape(2**total, *shapes[k])
     return MaskEnumeration(masks, probs.to(dtype))
+
+
+class MaskSpec(NamedTuple):
+    """What a quantity draws masks for: per layer the unit (mask) shape, drop probability and kind
+    (``dropconnect`` for the weights of an ``nn.Linear``)."""
+
+    shapes: Dict[str, torch.Size]
+    p: Dict[str, float]
+    kinds: Dict[str, str]
+
+
+def mask_spec(
+    model: nn.Module,
+    inputs: Inputs,
+    layers: Optional[Sequence[str]] = None,
+    p: PSpec = None,
+    noise: str = "bernoulli",
+) -> MaskSpec:
+    """The layers a dropout quantity takes: every dropout site (:func:`dropout_sites`), or for
+    ``noise='dropconnect'`` the ``nn.Linear`` layers (unit shape: the weight's, ``p`` required).
+
+    Raises:
+        ValueError: unknown noise, no dropout, unknown or never-run layer names, ``p`` outside
+            ``[0, 1)``, DropConnect without ``p``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 2))
+        >>> s = mask_spec(net, torch.zeros(4, 3), layers=["2"], p=0.1, noise="dropconnect")
+        >>> s.shapes, s.p, s.kinds
+        ({'2': torch.Size([2, 2])}, {'2': 0.1}, {'2': 'dropconnect'})
+    """
+    _check_noise(noise)
+    if noise == "dropconnect":
+        mods = _linear_layers(model, layers)
+        if p is None:
+            raise ValueError("noise='dropconnect' needs p (no module holds a DropConnect probability)")
+        ps = resolve_p(mods, p)
+        return MaskSpec({k: m.weight.shape for k, m in mods.items()}, ps, {k: "dropconnect" for k in mods})
+    sites = dropout_sites(model, inputs, layers)
+    ps = site_p(sites, p, noise)
+    return MaskSpec({k: s.unit_shape for k, s in sites.items()}, ps, {k: s.kind for k, s in sites.items()})

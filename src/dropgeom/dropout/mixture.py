@@ -11,7 +11,10 @@ Each mask ``m`` gives a sub-model ``p_m(y|x) = softmax(eta(x; m))``. With weight
     weight scaling   softmax(eta(x; E m)) = softmax(eta(x; 1))             (eval mode)
 
 Weight scaling equals the e-mixture exactly when ``eta`` is affine in the mask
-(then ``sum_m w_m eta(m) = eta(E m)``). Categorical outputs (logits) only.
+(then ``sum_m w_m eta(m) = eta(E m)``). Every output family: the e-mixture of members of an
+exponential family is the member at the averaged natural parameter ``sum_m w_m eta_m``; the
+m-mixture has mean ``sum_m w_m mu_m`` and likelihood ``sum_m w_m p(y | eta_m)``; the
+alpha-mixture is computed for categorical outputs only (elsewhere its normaliser has no closed form).
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ from typing import Dict, NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..families import get_family
-from ._common import Inputs, as_tuple, check_output, chunk_for, chunked_vmap, detached_params
+from ..families import ExponentialFamily, get_family
+from ._common import Inputs, as_tuple, model_inputs, check_output, chunk_for, chunked_vmap, detached_params
 from .explicit import forward_with_masks
-from .masks import PSpec, _draw, enumerate_masks, find_dropout, resolve_p, unit_shapes
+from .masks import NOISES, PSpec, _draw, enumerate_shapes, mask_spec
 
 __all__ = ["MixtureResult", "mixture"]
 
@@ -34,13 +37,22 @@ KINDS = ("m", "e", "alpha", "weight_scaling")
 
 class MixtureResult(NamedTuple):
     """Predictive distributions ``probs[kind]`` (``[n, K]``) for kinds ``m``, ``e``, ``alpha``,
-    ``weight_scaling``; ``nll[kind]`` (mean) and ``accuracy[kind]`` when targets were given."""
+    ``weight_scaling``; ``nll[kind]`` (mean) and ``accuracy[kind]`` when targets were given.
 
-    probs: Dict[str, Tensor]
+    Every family: ``mean[kind]`` holds the mean parameters (``E y``) of each predictor and
+    ``eta[kind]`` the natural parameters of those in the family (``e``, ``weight_scaling``).
+    For a family other than categorical ``probs`` is ``None``, the alpha-mixture is left out
+    (its normaliser has no closed form) and ``accuracy`` is ``None``.
+    """
+
+    probs: Optional[Dict[str, Tensor]]
     nll: Optional[Dict[str, float]]
     accuracy: Optional[Dict[str, float]]
     alpha: float
     n_masks: int
+    mean: Optional[Dict[str, Tensor]] = None
+    eta: Optional[Dict[str, Tensor]] = None
+    family: str = "categorical"
 
 
 def mixture(
@@ -55,6 +67,7 @@ def mixture(
     layers: Optional[Sequence[str]] = None,
     noise: str = "bernoulli",
     max_masks: int = 2**16,
+    family: Union[str, ExponentialFamily] = "categorical",
 ) -> MixtureResult:
     r"""m-, e-, alpha-mixture and weight-scaling predictions of a dropout network (theory.md 4.3).
 
@@ -66,7 +79,14 @@ def mixture(
         p: drop probability (default each module's ``p``).
         n_samples: Monte Carlo draws (per-sample masks) or ``"exact"`` (all Bernoulli masks).
         generator: seeds the Monte Carlo masks.
-        layers, noise: which dropout layers; ``"bernoulli"`` or ``"gaussian"`` masks (MC only).
+        family: the output family (default categorical); see :class:`MixtureResult` for the others.
+        layers, noise: which dropout layers (every site of :func:`~dropgeom.dropout.dropout_sites`
+            by default); ``"bernoulli"``, ``"gaussian"`` (MC only) or ``"dropconnect"`` masks
+            (the ``nn.Linear`` layers in ``layers``, default all; ``p`` required).
+
+    Raises:
+        ValueError: bad alpha / noise / n_samples, no dropout, unknown layers, ``p`` outside
+            ``[0, 1)``, too many masks for ``"exact"``, targets that do not fit.
 
     Example:
         >>> import torch
@@ -81,14 +101,15 @@ def mixture(
     """
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"mixture: alpha must be a finite number, got {alpha!r}")
-    if noise not in ("bernoulli", "gaussian"):
-        raise ValueError(f"mixture: noise must be 'bernoulli' or 'gaussian', got {noise!r}")
-    fam = get_family("categorical")
-    args = as_tuple(inputs)
+    if noise not in NOISES:
+        raise ValueError(f"mixture: noise must be one of {NOISES}, got {noise!r}")
+    fam = get_family(family)
+    args = model_inputs(model, inputs)
     n = args[0].shape[0]
-    mods = find_dropout(model, layers)
-    ps = resolve_p(mods, p)
-    names = list(mods)
+    spec = mask_spec(model, args, layers, p, noise)
+    ps = spec.p
+    names = list(spec.shapes)
+    draw_noise = "gaussian" if noise == "gaussian" else "bernoulli"
     params = detached_params(model)
     with torch.no_grad():
         eta0 = forward_with_masks(model, args, {}, params)
@@ -96,8 +117,10 @@ def mixture(
     kdim = eta0.shape[1]
     if targets is not None:
         fam.check_targets(targets, n, kdim)
-    shapes = unit_shapes(model, args, names)
+    shapes = spec.shapes
     splits = [math.prod(shapes[k]) for k in names]
+    if fam.name != "categorical":
+        return _general(model, args, params, fam, eta0, targets, spec, n_samples, generator, draw_noise, max_masks)
 
     def logp(flat: Tensor, per_sample: bool) -> Tensor:
         parts = torch.split(flat, splits, dim=-1)
@@ -122,9 +145,9 @@ def mixture(
 
     with torch.no_grad():
         if n_samples == "exact":
-            if noise != "bernoulli":
+            if noise == "gaussian":
                 raise ValueError("mixture: n_samples='exact' enumerates Bernoulli masks only")
-            enum = enumerate_masks(model, args, ps, names, max_masks=max_masks)
+            enum = enumerate_shapes(shapes, ps, eta0.dtype, max_masks=max_masks)
             flat = torch.cat([enum.masks[k].reshape(enum.probs.shape[0], -1) for k in names], 1)
             total = flat.shape[0]
             for s in range(0, total, chunk):
@@ -137,7 +160,7 @@ def mixture(
             while done < total:
                 c = min(chunk, total - done)
                 flat = torch.cat(
-                    [_draw((c, n, splits[i]), ps[k], noise, generator, eta0.dtype, eta0.device) for i, k in enumerate(names)],
+                    [_draw((c, n, splits[i]), ps[k], draw_noise, generator, eta0.dtype, eta0.device) for i, k in enumerate(names)],
                     -1,
                 )
                 lp = chunked_vmap(lambda block: logp(block, True), flat, c)
@@ -156,4 +179,62 @@ def mixture(
             idx = targets.long().unsqueeze(-1)
             nll = {k: float(-logs[k].gather(1, idx).mean()) for k in KINDS}
             acc = {k: float((logs[k].argmax(-1) == targets).double().mean()) for k in KINDS}
-    return MixtureResult(probs, nll, acc, float(alpha), int(total))
+    eta = {"e": acc_e, "weight_scaling": eta0}
+    return MixtureResult(probs, nll, acc, float(alpha), int(total), dict(probs), eta, fam.name)
+
+
+def _general(model, args, params, fam, eta0, targets, spec, n_samples, generator, draw_noise, max_masks) -> MixtureResult:
+    """Every family: ``e``: ``eta_e = sum_m w_m eta_m`` (the normalised geometric mean of members of an
+    exponential family is the member at the averaged natural parameter); ``m``: ``mean = sum_m w_m mu_m``
+    and ``nll = -(1/n) sum_i log sum_m w_m p(y_i | eta_m)``."""
+    n = eta0.shape[0]
+    names = list(spec.shapes)
+    splits = [math.prod(spec.shapes[k]) for k in names]
+
+    def eta_at(flat: Tensor, lead: int) -> Tensor:
+        parts = torch.split(flat, splits, dim=-1)
+        masks = {k: parts[i].reshape(lead, *spec.shapes[k]) for i, k in enumerate(names)}
+        return forward_with_masks(model, args, masks, params)
+
+    acc_eta, acc_mu = torch.zeros_like(eta0), torch.zeros_like(eta0)
+    acc_lp: Optional[Tensor] = None
+    chunk = chunk_for(n, max(eta0.shape[1], *splits))
+
+    def absorb(etas: Tensor, logw: Tensor) -> None:
+        nonlocal acc_eta, acc_mu, acc_lp
+        w = logw.exp().reshape(-1, 1, 1)
+        acc_eta = acc_eta + (w * etas).sum(0)
+        acc_mu = acc_mu + (w * fam.mean(etas.reshape(-1, etas.shape[-1])).reshape(etas.shape)).sum(0)
+        if targets is not None:
+            lp = torch.stack([-fam.nll(e, targets) for e in etas])  # [c, n]
+            part = torch.logsumexp(logw.reshape(-1, 1) + lp, 0)
+            acc_lp = part if acc_lp is None else torch.logaddexp(acc_lp, part)
+
+    with torch.no_grad():
+        if n_samples == "exact":
+            if draw_noise == "gaussian":
+                raise ValueError("mixture: n_samples='exact' enumerates Bernoulli masks only")
+            enum = enumerate_shapes(spec.shapes, spec.p, eta0.dtype, max_masks=max_masks)
+            flat = torch.cat([enum.masks[k].reshape(enum.probs.shape[0], -1) for k in names], 1)
+            total = flat.shape[0]
+            for s in range(0, total, chunk):
+                absorb(chunked_vmap(lambda row: eta_at(row, 1), flat[s : s + chunk], chunk), enum.probs[s : s + chunk].log())
+        else:
+            if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+                raise ValueError(f"mixture: n_samples must be a positive int or 'exact', got {n_samples!r}")
+            total, done = n_samples, 0
+            while done < total:
+                c = min(chunk, total - done)
+                flat = torch.cat(
+                    [_draw((c, n, splits[i]), spec.p[k], draw_noise, generator, eta0.dtype, eta0.device) for i, k in enumerate(names)],
+                    -1,
+                )
+                absorb(chunked_vmap(lambda block: eta_at(block, n), flat, c), torch.full((c,), -math.log(total), dtype=eta0.dtype))
+                done += c
+        mean = {"m": acc_mu, "e": fam.mean(acc_eta), "weight_scaling": fam.mean(eta0)}
+        eta = {"e": acc_eta, "weight_scaling": eta0}
+        nll = None
+        if targets is not None:
+            nll = {"m": float(-acc_lp.mean()), "e": float(fam.nll(acc_eta, targets).mean()),
+                   "weight_scaling": float(fam.nll(eta0, targets).mean())}
+    return MixtureResult(None, nll, None, float("nan"), int(total), mean, eta, fam.name)

@@ -61,10 +61,10 @@ from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
 from ..families import ExponentialFamily
-from ._common import Inputs, as_tuple, check_output, chunk_for, detached_params, family_of, kl_to_dropped
+from ._common import Inputs, as_tuple, model_inputs, check_output, chunk_for, detached_params, family_of, kl_to_dropped
 from .chain import Chain, as_chain, run_chain, training_off
-from .explicit import forward_with_masks, record_dropout_inputs
-from .masks import PSpec, _unit_shape, find_dropout, mask_variance, resolve_p
+from .explicit import forward_with_masks
+from .masks import ALPHA_KINDS, PSpec, mask_spec, mask_variance
 
 __all__ = ["DropoutTerms", "terms", "TERM_NAMES"]
 
@@ -140,6 +140,8 @@ def terms(
     *,
     chunk_size: Optional[int] = None,
     fast: bool = True,
+    noise: str = "bernoulli",
+    p: PSpec = None,
 ) -> DropoutTerms:
     r"""Fisher, divergence and curvature terms of the dropout gap for every unit (theory.md 4.2).
 
@@ -152,6 +154,16 @@ def terms(
         chunk_size: units evaluated together in one ``vmap`` (default: from a memory budget).
         fast: use the explicit chain path when the model allows it (see the module
             docstring); ``False`` forces the generic ``torch.func`` path.
+        noise: ``"dropconnect"`` takes the weights of the ``nn.Linear`` layers in ``layers``
+            (default all) as the units; otherwise every dropout site
+            (:func:`~dropgeom.dropout.dropout_sites`: modules, attention-weight and functional
+            dropout, stochastic depth). The terms do not depend on the mask law.
+        p: drop probabilities recorded for :meth:`DropoutTerms.predicted_gap` (required for
+            DropConnect; default the layers' own).
+
+    Raises:
+        ValueError: no dropout, unknown or never-run layers, alpha-dropout layers (not
+            multiplicative), ``p`` outside ``[0, 1)``, targets that do not fit the family.
 
     Returns:
         :class:`DropoutTerms` with the sums ``fisher``, ``curvature_gaussian``,
@@ -169,12 +181,19 @@ def terms(
         (True, True, True)
     """
     fam = family_of(family)
-    args = as_tuple(inputs)
+    args = model_inputs(model, inputs)
     n = args[0].shape[0]
-    mods = find_dropout(model, layers)
-    ps = resolve_p(mods)
-    names = list(mods)
-    chain_mods = as_chain(model, names) if fast and len(args) == 1 else None
+    spec = mask_spec(model, args, layers, p, noise)
+    ps = spec.p
+    names = list(spec.shapes)
+    alpha = [k for k in names if spec.kinds[k] in ALPHA_KINDS]
+    if alpha:
+        raise ValueError(
+            f"terms: layers {alpha} are alpha dropout, which is not multiplicative (h~ = a (b h - alpha (1 - b)) + c): "
+            "the small-noise laws of theory.md 4.2 expand around the mask m = 1 of a multiplicative layer; "
+            "restrict `layers` to the others or use gap()"
+        )
+    chain_mods = as_chain(model, names) if fast and len(args) == 1 and noise != "dropconnect" else None
     if chain_mods is not None:
         with torch.no_grad(), training_off(model):
             chain = run_chain(model, chain_mods, args[0], names)
@@ -188,12 +207,11 @@ def terms(
             return DropoutTerms(per_unit=per_unit, per_layer=per_layer, p=ps, family=fam.name, **sums)
     params = detached_params(model)
     with torch.no_grad():
-        rec = record_dropout_inputs(model, args, names, None, params)
-    eta0 = rec["__out__"]
+        eta0 = forward_with_masks(model, args, {}, params)
     check_output(fam, eta0, n)
     kdim = eta0.shape[1]
     fam.check_targets(targets, n, kdim)
-    shapes = {k: _unit_shape(mods[k], rec[k]) for k in names}
+    shapes = spec.shapes
     sizes = {k: math.prod(shapes[k]) for k in names}
     dtype, device = eta0.dtype, eta0.device
     r = fam.residual(eta0, targets).to(dtype)
