@@ -19,6 +19,7 @@ from .efron import statistical_curvature
 from .embedding import CurvatureResult, embedding_curvature
 from .invariant import (
     INVARIANCE,
+    curvature_profile,
     dropout_tangent_directions,
     natural_gradient_curvature,
     natural_gradient_direction,
@@ -45,6 +46,7 @@ __all__ = [
     "skewness_tensor",
     "MAX_DENSE_PARAMS",
     "INVARIANCE",
+    "curvature_profile",
     "normal_curvatures",
     "natural_gradient_direction",
     "natural_gradient_curvature",

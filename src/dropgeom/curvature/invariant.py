@@ -80,6 +80,7 @@ __all__ = [
     "dropout_tangent_directions",
     "noise_tangent_curvature",
     "INVARIANCE",
+    "curvature_profile",
 ]
 
 #: Invariance status of every curvature measure under a reparametrisation ``theta = phi(theta')``.
@@ -153,13 +154,13 @@ class _Projector:
             return (y - (y @ self.U) @ self.U.T).reshape(Y.shape)
         return self.lin.project_out(self.S, Y, self.tol, self.max_iter)
 
-    def kappas(self, V: Tensor, alpha: float, batch: int = 16) -> Tensor:
+    def kappas(self, V: Tensor, alpha: float, batch: int = 16, null: str = "raise") -> Tensor:
         out = []
         for i in range(0, V.shape[0], batch):
             v = V[i : i + batch]
             jv = self.lin.jvp(v)  # [b, n, K]
             speed2 = (whiten(self.S, jv) ** 2).sum((1, 2))
-            if bool((speed2 <= 0).any()):
+            if null == "raise" and bool((speed2 <= 0).any()):
                 raise ValueError(
                     "a direction lies in the null space of J in the G-metric (|J v|_G = 0): no curvature defined"
                 )
@@ -170,7 +171,8 @@ class _Projector:
             nn_, ny = N.norm(dim=1), Y.reshape(Y.shape[0], -1).norm(dim=1)
             # a normal part at rounding level of the second derivative (an e-flat direction) is zero
             floor = 100 * torch.finfo(Y.dtype).eps * math.sqrt(N.shape[1]) * ny
-            out.append(torch.where(nn_ <= floor, torch.zeros_like(nn_), nn_) / speed2)
+            k = torch.where(nn_ <= floor, torch.zeros_like(nn_), nn_) / speed2
+            out.append(torch.where(speed2 > 0, k, torch.full_like(k, float("nan"))))
         return torch.cat(out)
 
 
@@ -450,3 +452,67 @@ def noise_tangent_curvature(
     xi = torch.randint(0, 2, (n_draws, D.shape[0]), generator=generator).to(D.dtype) * 2 - 1
     V = xi @ D
     return normal_curvatures(manifold, V, alpha, method=method, cg_tol=cg_tol, cg_max_iter=cg_max_iter).mean()
+
+
+def curvature_profile(
+    manifold: ModelManifold,
+    directions: Mapping[str, Tensor],
+    alphas: Mapping[str, float],
+    targets: Optional[Tensor] = None,
+    *,
+    method: str = "auto",
+    cg_tol: Optional[float] = None,
+    cg_max_iter: Optional[int] = None,
+) -> dict:
+    r"""Mean normal curvature of several named direction sets (and the natural-gradient direction), one projection.
+
+    For each name in ``directions`` (``[m, P]``) and each ``alpha`` in ``alphas``:
+    ``mean_v kappa_alpha(v)`` (:func:`normal_curvatures`); with ``targets`` also
+    ``"natural_gradient"`` (:func:`natural_gradient_curvature`). The Jacobian
+    SVD (dense) is computed once for everything. theory.md section 3.
+
+    Invariance: as :func:`normal_curvatures` and :func:`natural_gradient_curvature`.
+
+    Args:
+        manifold: the model manifold.
+        directions: ``{name: [m, P] tensor}``.
+        alphas: ``{label: alpha}``, e.g. ``{"e": 1.0, "m": -1.0}``.
+        targets: labels; adds the natural-gradient direction.
+        method, cg_tol, cg_max_iter: as in :func:`normal_curvatures`.
+
+    Returns:
+        ``{f"{name}_{label}": float}``; directions with ``J v = 0`` (e.g. a unit that
+        every mask of a mixture drops) are left out of the mean (NaN if all are).
+
+    Raises:
+        ValueError: as :func:`normal_curvatures`.
+
+    Example:
+        >>> import torch
+        >>> from dropgeom import ModelManifold
+        >>> m = ModelManifold.from_function(
+        ...     lambda th: 2.0 * torch.stack([th.cos(), th.sin()], -1), torch.tensor([0.3], dtype=torch.float64), "gaussian")
+        >>> curvature_profile(m, {"d": torch.ones(1, 1, dtype=torch.float64)}, {"e": 1.0})
+        {'d_e': 0.5}
+    """
+    check_manifold(manifold, "curvature_profile")
+    _check_method(method)
+    proj = _Projector(manifold, method, cg_tol, cg_max_iter)
+    named = {k: _as_rows(manifold, V) for k, V in directions.items()}
+    if targets is not None:
+        r = _loss_gradient_eta(manifold, targets)
+        z = torch.einsum("nrk,nk->nr", proj.S_pinv, r)
+        if proj.U is not None:
+            v = proj.V @ ((proj.U.T @ z.reshape(-1)) / proj.s)
+        else:
+            from ..operators import conjugate_gradient
+
+            b = proj.lin.vjp(torch.einsum("nkr,nr->nk", proj.S, z)[None]).T
+            v = conjugate_gradient(lambda M: proj.lin.metric_matmat(proj.S, M), b, tol=proj.tol, max_iter=proj.max_iter)[:, 0]
+        named["natural_gradient"] = _as_rows(manifold, v[None])
+    out = {}
+    for k, V in named.items():
+        for label, a in alphas.items():
+            kap = proj.kappas(V, check_alpha(a), null="nan")
+            out[f"{k}_{label}"] = float(kap[~kap.isnan()].mean()) if bool((~kap.isnan()).any()) else float("nan")
+    return out
