@@ -460,8 +460,8 @@ def flatness_measures(
     xi = torch.randint(0, 2, (config.c1_noise_draws, U.shape[0]), generator=gen).to(U.dtype) * 2 - 1
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*vmap.*")
-        prof = curvature_profile(m, {"mask": dirs[0]}, {"e": 1.0, "m": -1.0}, targets=y)
-        prof.update(curvature_profile(m, {"noise": xi @ U}, {"e": 1.0}))
+        # one Jacobian SVD for every direction set (noise_m comes along for free and is dropped)
+        prof = curvature_profile(m, {"mask": dirs[0], "noise": xi @ U}, {"e": 1.0, "m": -1.0}, targets=y)
     out.update({k: v for k, v in prof.items() if k in ("mask_e", "mask_m", "natural_gradient_e", "noise_e")})
     if m.n * m.num_outputs * m.num_params**2 * 8 <= DENSE_BYTES and m.num_params <= 2000:
         out["gamma2"] = float(embedding_curvature(m).gamma2)
