@@ -395,7 +395,7 @@ def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -
         return []
     paths = []
     for name, other, title, ylabel in (
-        ("c1_matched_fit.png", "matched", "C1 (a): dropout solution / plain solution at the same train NLL",
+        ("c1_curvature.png", "matched", "C1 (a): dropout solution / plain solution at the same train NLL",
          "ratio dropout / plain (matched fit)"),
         ("c1_mixture.png", "mixture", "C1 (b): dropout mixture / deterministic model, same parameters",
          "ratio m-mixture / deterministic"),
