@@ -419,9 +419,10 @@ def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -
             ax.set_xlabel("dropout rate p")
             ax.set_ylabel(ylabel)
             ax.set_title(WORDS[m], fontsize=8)
-        axes[0][0].legend(fontsize=6)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
         fig.suptitle(title + " (below 1: flatter)", fontsize=9)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
         path = folder / name
         save_figure(fig, path)
         paths.append(path)
