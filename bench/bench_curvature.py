@@ -15,6 +15,10 @@
 2. Dense vs stochastic on small tanh MLPs of growing width: wall time of the
    exact dense method against the stochastic one (32 samples, damping 1e-2),
    to locate the crossover.
+3. The C1 measures (issue 9) on the quick preset's model size (tanh MLP
+   10-16-16-10 with dropout, P = 618, n = 100 inputs, float64): each invariant
+   curvature measure and each sharpness measure as a multiple of one
+   forward+backward pass on the same inputs, with the settings C1 uses.
 """
 
 from __future__ import annotations
@@ -155,8 +159,53 @@ def _crossover(quick: bool) -> None:
     print_table(rows, title=f"dense vs stochastic, tanh MLP {d}-h-{K}, n={n}, categorical, float64")
 
 
+def _c1_measures(quick: bool) -> None:
+    from dropgeom.curvature import (
+        curvature_profile,
+        dropout_mixture_manifold,
+        dropout_tangent_directions,
+        fisher_top_eigenvalue,
+        fisher_trace,
+        hessian_top_eigenvalue,
+        hessian_trace,
+        sam_sharpness,
+    )
+
+    torch.manual_seed(0)
+    D = torch.float64
+    net = nn.Sequential(
+        nn.Linear(10, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 10)
+    ).double()
+    x, y = torch.randn(100, 10, dtype=D), torch.randint(0, 10, (100,))
+    fb = median_time(forward_backward(net.eval(), x, lambda out: nn.functional.cross_entropy(out, y)), repeat=5 if quick else 20)
+    m = ModelManifold(net, x, "categorical")
+    dirs = dropout_tangent_directions(m)
+    U = torch.cat(dirs)
+    xi = torch.randint(0, 2, (8, U.shape[0]), generator=torch.Generator().manual_seed(0)).to(D) * 2 - 1
+    g = torch.Generator().manual_seed(0)
+    rep = 1 if quick else 3
+    cases = [
+        ("mask e- and m-curvature + natural gradient (16 directions, 1 SVD)", lambda: curvature_profile(m, {"mask": dirs[0]}, {"e": 1.0, "m": -1.0}, targets=y)),
+        ("noise-tangent e-curvature (8 Rademacher directions)", lambda: curvature_profile(m, {"noise": xi @ U}, {"e": 1.0})),
+        ("same, on the m-mixture manifold (16 common masks)", lambda: curvature_profile(
+            dropout_mixture_manifold(net, x, masks=16, generator=torch.Generator().manual_seed(0)), {"noise": xi @ U}, {"e": 1.0})),
+        ("Fisher trace", lambda: fisher_trace(m)),
+        ("Fisher top eigenvalue", lambda: fisher_top_eigenvalue(m)),
+        ("Hessian trace (Hutchinson, 8 probes)", lambda: hessian_trace(m, y, n_probes=8, generator=g)),
+        ("top Hessian eigenvalue (Lanczos, tol 1e-3)", lambda: hessian_top_eigenvalue(m, y, tol=1e-3)),
+        ("SAM sharpness (rho 0.05, 3 ascent steps)", lambda: sam_sharpness(m, y, rho=0.05, steps=3)),
+    ]
+    rows = [{"measure": "forward+backward", "seconds": fb, "x fwd+bwd": 1.0}]
+    for name, fn in cases:
+        t = median_time(fn, repeat=rep)
+        rows.append({"measure": name, "seconds": t, "x fwd+bwd": t / fb})
+    print_table(rows, title=f"C1 measures, tanh MLP 10-16-16-10 with dropout, P={m.num_params}, n=100, float64 (one thread)")
+
+
 def main(quick: bool) -> None:
+    torch.set_num_threads(1)
     _crossover(quick)
+    _c1_measures(quick)
     _mnist_mlp(quick)
 
 

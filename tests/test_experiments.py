@@ -167,47 +167,70 @@ def test_build_mlp_is_seeded():
 
 
 # --------------------------------------------------------------------------- verdicts on synthetic records
-def _c1_records(trend: float):
+_C1_KEYS = ("mask_e", "mask_m", "natural_gradient_e", "noise_e", "fisher_trace", "fisher_top", "hessian_trace", "hessian_top", "sam")
+
+
+def _c1_measures(scale: float, s: int, flip: bool = False) -> dict:
+    out = {}
+    for st in ("train", "test"):
+        out[st] = {k: 0.1 * (1 + i) * scale ** (-1 if flip and k == "mask_m" else 1) * math.exp(0.02 * ((s * 7 + i) % 5))
+                   for i, k in enumerate(_C1_KEYS)}
+        out[st].update(param_norm=5.0, num_params=100, seconds=0.1)
+    return out
+
+
+def _c1_records(trend: float, seeds: int = 6, flip: bool = False):
+    """Dropout at p is exp(trend p) times its matched plain control; the mixture half as curved."""
     recs = []
-    for s in range(4):
+    for s in range(seeds):
         for p in (0.0, 0.3, 0.6):
-            scale = math.exp(trend * p + 0.01 * s)
-            recs.append({"status": "ok", "p": p, "seed": s, "test": {"nll": 0.3},
-                         "curvature": {"gamma2": 10 * scale, "gamma2_damped": 2 * scale, "mask_normal_curvature": 0.1 * scale}})
+            r = {"status": "ok", "p": p, "seed": s, "train": {"nll": 0.1 + p}, "test": {"nll": 0.3},
+                 "measures": _c1_measures(math.exp(trend * p), s, flip)}
+            if p > 0:
+                r["matched"] = {"matched": True, "log_nll_gap": 0.01, "steps": 9, "train": {"nll": 0.1 + p},
+                                "measures": _c1_measures(1.0, s + 1)}
+                r["l2"] = {"matched": True, "log_nll_gap": 0.01, "steps": 9, "measures": _c1_measures(1.0, s + 2)}
+                r["mixture"] = _c1_measures(0.5 * math.exp(trend * p), s, flip)
+                if p == 0.6:
+                    r["noise_floor"] = {"measures": _c1_measures(math.exp(trend * p), s + 3, flip)}
+            recs.append(r)
     return recs
 
 
-@pytest.mark.parametrize("trend, verdict", [(-2.0, "supported"), (2.0, "refuted"), (0.0, "not supported")])
-def test_c1_verdicts(trend, verdict):
+@pytest.mark.parametrize("trend, flip, verdict", [(-2.0, False, "supported"), (2.0, False, "refuted"),
+                                                  (2.0, True, "measure-dependent"), (0.0, False, "inconclusive")])
+def test_c1_verdicts(trend, flip, verdict):
     cfg = RunConfig.from_preset("test")
-    s = c1_flatness.summarize(cfg, _c1_records(trend))
+    s = c1_flatness.summarize(cfg, _c1_records(trend, flip=flip))
     assert s["verdict"].verdict == verdict
-    assert s["tests"]["gamma2_damped"]["log_ratio"] == pytest.approx(trend * 0.6)
+    assert s["rule"] and s["what_would_change"] and s["caveats"]
+    assert {t["title"].split(":")[0] for t in s["tables"]} >= {"C1 (a)", "C1 (b)", "C1 noise floor"}
+    if trend:
+        t = s["tests"]["mask_e|test|p=0.6"]
+        assert t["p_adjusted"] >= t["p_value"] and t["n"] == 6
 
 
-def test_c1_matched_fit_and_confound_evidence():
-    recs = _c1_records(1.0)
-    for r in recs:
-        r["train"] = {"nll": 0.1 + r["p"]}  # dropout fits less closely
-        r["curvature"]["param_norm"] = 5.0 - r["p"]
-        if r["p"] > 0:  # plain training stopped at the same fit is half as curved
-            r["matched"] = {"epochs_run": 7, "train": {"nll": 0.1 + r["p"] - 0.01},
-                            "curvature": {k: 2.0 * v for k, v in r["curvature"].items()}}
-    s = c1_flatness.summarize(RunConfig.from_preset("test"), recs)
-    assert s["verdict"].verdict == "refuted"  # the p-trend rule is unchanged
-    for m in ("gamma2", "gamma2_damped", "mask_normal_curvature"):
-        assert s["matched_tests"][m]["log_ratio"] == pytest.approx(-math.log(2.0))
-    assert "against plain training stopped at the same train NLL: 3 lower, 0 higher" in s["verdict"].evidence
+def test_c1_reading_b_and_descriptions():
+    s = c1_flatness.summarize(RunConfig.from_preset("test"), _c1_records(0.0))
+    assert s["reading_b"]["label"] == "supported"  # the mixture is half as curved on every measure
+    assert s["reading_b"]["tests"]["noise_e|train|p=0.3"]["estimate"] == pytest.approx(-math.log(2.0))
+    # coordinate-dependent measures never decide, they are described
+    assert all(k.split("|")[0] in ("mask_e", "mask_m", "natural_gradient_e", "noise_e") for k in s["tests"])
+    assert "fisher_trace|test|p=0.6" in s["matched_tests"]
+    inv = {r["measure"]: r["decides the verdict"] for r in s["tables"][-1]["rows"]}
+    assert inv["SAM sharpness"] == "no" and inv["e-curvature along the mask directions"] == "yes"
     text = "\n".join(s["evidence"])
-    assert "confound: Spearman(p, clean train NLL) = 1 " in text
-    assert "confound: Spearman(p, norm of the curvature parameters) = -1 " in text
-    assert s["columns"][-2:] == ["train NLL", "|theta|"]
-    assert s["rows"][0]["train NLL"].startswith("0.1 ")
-    # without the undamped gamma2 (stochastic curvature) the rule runs on the measures present
+    assert "noise floor" in text and "matching:" in text
+
+
+def test_c1_unmatched_controls_are_left_out():
+    recs = _c1_records(-2.0)
     for r in recs:
-        r["curvature"].pop("gamma2")
-    s2 = c1_flatness.summarize(RunConfig.from_preset("test"), recs)
-    assert "gamma2" not in s2["columns"] and s2["verdict"].verdict == "refuted"
+        if r["p"] > 0 and r["seed"] < 5:
+            r["matched"]["matched"] = False
+    s = c1_flatness.summarize(RunConfig.from_preset("test"), recs)
+    assert s["verdict"].verdict == "inconclusive"  # one matched pair per p: no interval
+    assert "2 of 12 plain controls" in s["verdict"].evidence
 
 
 def test_c1_single_seed_is_inconclusive():
@@ -262,3 +285,28 @@ def test_c3_gap_verdicts():
 
     assert c3_fisher_regularizer.summarize(cfg, recs(1.0))["verdict"].verdict == "supported"
     assert c3_fisher_regularizer.summarize(cfg, recs(0.4))["verdict"].verdict == "not supported"
+
+
+def test_fit_stops_at_the_step_closest_to_the_target_train_nll():
+    from dropgeom.experiments.common import evaluate_model, fit, prepare_data
+
+    cfg = RunConfig.from_preset("test", epochs=20)
+    data = prepare_data(cfg, 0)
+    net = build_mlp(data.num_features, data.num_outputs, cfg.width, cfg.depth, cfg.activation, 0.0, 0)
+    target = 1.2
+    tr = fit(net, data, "none", cfg, 0, 0.0, None, stop_at_train_nll=target, match_every=1)
+    nll = evaluate_model(net, data.x_train, data.y_train, data.family)["nll"]
+    assert nll == pytest.approx(tr["matched_nll"], rel=1e-12)  # the kept parameters are the model's
+    assert abs(math.log(nll / target)) < 0.05 and tr["steps"] >= 1
+    # an epoch-granular stop (the old behaviour) overshoots further than the step-granular one
+    net2 = build_mlp(data.num_features, data.num_outputs, cfg.width, cfg.depth, cfg.activation, 0.0, 0)
+    fit(net2, data, "none", cfg, 0, 0.0, None, stop_at_train_nll=target)
+    assert abs(math.log(nll / target)) <= abs(math.log(evaluate_model(net2, data.x_train, data.y_train, data.family)["nll"] / target))
+
+
+def test_c1_config_fields_are_validated():
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_preset("test", c1_match_tol=0.0, c1_sam_rho=-1.0, c1_l2=0.0, c1_inputs=3)
+    text = str(err.value)
+    for name in ("c1_match_tol", "c1_sam_rho", "c1_l2", "c1_inputs"):
+        assert name in text

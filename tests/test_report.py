@@ -40,7 +40,7 @@ def test_run_directory_layout(run):
         assert len(recs) == len(rows) > 0
         assert {r["key"] for r in recs} == {r["key"] for r in rows}
         assert all(r["status"] == "ok" for r in recs), [r.get("error") for r in recs]
-    for fig in ("c1_curvature", "c2_gain_vs_curvature", "c2_term_ratio", "c3_gap", "c3_objectives"):
+    for fig in ("c1_curvature", "c1_mixture", "c2_gain_vs_curvature", "c2_term_ratio", "c3_gap", "c3_objectives"):
         assert (run / "figures" / f"{fig}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(run.rglob("*.tmp"))  # no half-written file left
 
@@ -61,7 +61,9 @@ def test_verdict_table_rows(run):
 def test_report_numbers_match_metrics_files(run):
     text = (run / "report.md").read_text()
     c1 = [r for r in _jsonl(run / "metrics" / "C1.jsonl") if r["p"] == 0.0]
-    cell = fmt_ci(*mean_ci([r["curvature"]["gamma2_damped"] for r in c1]))
+    from dropgeom.experiments.stats import geometric_mean_ci
+
+    cell = fmt_ci(*geometric_mean_ci([r["measures"]["test"]["mask_m"] for r in c1]))  # C1 table: p, runs, mask_e, mask_m, ...
     assert re.search(rf"^\| 0 \| {len(c1)} \| [^|]+ \| {re.escape(cell)} \|", text, flags=re.M)
 
     # the C1 confound caveat: clean train NLL at both ends of the grid, from the metrics files
@@ -72,7 +74,7 @@ def test_report_numbers_match_metrics_files(run):
     train1 = sum(r["train"]["nll"] for r in top) / len(top)
     assert f"the clean train NLL went from {train0:.3g} at p=0 to {train1:.3g} at p={hi:g}" in text
     assert all("matched" in r and r["matched"]["epochs_run"] >= 1 for r in top)
-    assert "matched fit, gamma2_damped: log(curv(dropout" in text
+    assert "matched fit, m-curvature along the mask directions, held-out inputs" in text
 
     c2 = _jsonl(run / "metrics" / "C2.jsonl")
     for setting in {r["setting"] for r in c2}:
@@ -97,7 +99,7 @@ def test_report_numbers_match_metrics_files(run):
 
 def test_report_html_is_self_contained(run):
     html = (run / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5
+    assert html.count("data:image/png;base64,") == 6  # C1 draws one figure per reading
     assert not re.search(r'src="(?!data:)', html)  # no external file referenced
     assert "<table>" in html and "C3b (training)" in html
 
@@ -110,7 +112,7 @@ def test_report_rerender(run):
         png.unlink()
     assert main(["report", str(run)]) == 0
     assert json.loads((run / "summary.json").read_text()) == json.loads(before)
-    assert (run / "report.html").exists() and len(list((run / "figures").glob("*.png"))) == 5
+    assert (run / "report.html").exists() and len(list((run / "figures").glob("*.png"))) == 6
 
 
 def test_markdown_to_html_subset(tmp_path):

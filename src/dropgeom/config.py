@@ -80,6 +80,25 @@ class RunConfig:
     width: int = 16
     depth: int = 2
     c1_p_grid: Tuple[float, ...] = (0.0, 0.2, 0.4, 0.7)
+    #: C1: inputs (training and held-out, each) on which every C1 measure is taken, over all parameters
+    c1_inputs: int = 100
+    #: C1 matched fit: the plain / L2 control stops at the optimizer step whose clean train NLL is closest
+    #: to the dropout solution's, checked every ``c1_match_every`` steps; a pair counts as matched when
+    #: ``|log(NLL_control / NLL_dropout)| <= c1_match_tol``
+    c1_match_every: int = 1
+    c1_match_tol: float = 0.05
+    #: C1: weight of the L2 control (trained with L2 and stopped at the same train NLL)
+    c1_l2: float = 1e-2
+    #: C1 noise floor: at the largest p, a second dropout run from the same initialisation with another
+    #: training seed (masks and batch order)
+    c1_noise_floor: bool = True
+    #: C1 measures: Rademacher noise directions, Hutchinson probes, SAM radius (relative to |theta|) and
+    #: ascent steps, common random masks of the dropout mixture (reading b)
+    c1_noise_draws: int = 8
+    c1_hutchinson_probes: int = 8
+    c1_sam_rho: float = 0.05
+    c1_sam_steps: int = 3
+    c1_mixture_masks: int = 16
     c2_activations: Tuple[str, ...] = ACTIVATIONS
     c2_widths: Tuple[int, ...] = (16,)
     c2_depths: Tuple[int, ...] = (1, 2)
@@ -234,6 +253,18 @@ class RunConfig:
         integer("width", 1)
         integer("depth", 2)
         probs("c1_p_grid")
+        integer("c1_inputs", 10)
+        integer("c1_match_every", 1)
+        positive("c1_match_tol")
+        if isinstance(self.c1_l2, bool) or not isinstance(self.c1_l2, (int, float)) or not math.isfinite(self.c1_l2) or self.c1_l2 <= 0:
+            out.append(f"c1_l2 must be a finite number > 0, got {self.c1_l2!r}")
+        if not isinstance(self.c1_noise_floor, bool):
+            out.append(f"c1_noise_floor must be true or false, got {self.c1_noise_floor!r}")
+        integer("c1_noise_draws", 1)
+        integer("c1_hutchinson_probes", 2)
+        positive("c1_sam_rho")
+        integer("c1_sam_steps", 0)
+        integer("c1_mixture_masks", 1)
         choices("c2_activations", ACTIVATIONS)
         ints("c2_widths", 1)
         ints("c2_depths", 1)
@@ -256,7 +287,13 @@ class RunConfig:
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "full": dict(
+        seeds=10,
         c1_p_grid=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
+        c1_inputs=300,
+        c1_noise_draws=16,
+        c1_hutchinson_probes=32,
+        c1_sam_steps=10,
+        c1_mixture_masks=64,
         c2_widths=(8, 16),
         c2_depths=(1, 2, 3),
         c3_p_grid=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5),
@@ -274,6 +311,11 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         input_dim=8,
         width=6,
         c1_p_grid=(0.0, 0.5),
+        c1_inputs=30,
+        c1_noise_draws=2,
+        c1_hutchinson_probes=2,
+        c1_sam_steps=1,
+        c1_mixture_masks=2,
         c2_activations=("identity", "tanh"),
         c2_widths=(6,),
         c2_depths=(2,),

@@ -4,6 +4,11 @@ r"""Curvature of the model manifold (theory.md section 3).
 * :func:`embedding_curvature`   -- scalar e/m/alpha-curvature ``gamma^2``, dense or stochastic.
 * :func:`normal_curvature`      -- curvature along one parameter direction.
 * :func:`alpha_connection`, :func:`skewness_tensor` -- dense coefficients for inspection.
+* :mod:`.invariant` -- coordinate-free measures (normal curvature along the natural-gradient
+  direction and along dropout-noise tangent directions) and the invariance table ``INVARIANCE``.
+* :mod:`.sharpness` -- coordinate-dependent sharpness measures (Hessian trace / top eigenvalue,
+  SAM sharpness, Fisher trace / top eigenvalue), reported beside the invariant ones.
+* :func:`dropout_mixture_manifold` -- the manifold of the dropout-averaged model (theory.md 4.3).
 
 No PyTorch library computes these for neural networks; everything here is
 written for dropgeom on top of :mod:`torch.func`.
@@ -12,7 +17,25 @@ written for dropgeom on top of :mod:`torch.func`.
 from .dense import MAX_DENSE_PARAMS, alpha_connection, skewness_tensor
 from .efron import statistical_curvature
 from .embedding import CurvatureResult, embedding_curvature
+from .invariant import (
+    INVARIANCE,
+    curvature_profile,
+    dropout_tangent_directions,
+    natural_gradient_curvature,
+    natural_gradient_direction,
+    noise_tangent_curvature,
+    normal_curvatures,
+)
+from .mixture_model import dropout_mixture_manifold
 from .normal import normal_curvature
+from .sharpness import (
+    TraceEstimate,
+    fisher_top_eigenvalue,
+    fisher_trace,
+    hessian_top_eigenvalue,
+    hessian_trace,
+    sam_sharpness,
+)
 
 __all__ = [
     "statistical_curvature",
@@ -22,4 +45,18 @@ __all__ = [
     "alpha_connection",
     "skewness_tensor",
     "MAX_DENSE_PARAMS",
+    "INVARIANCE",
+    "curvature_profile",
+    "normal_curvatures",
+    "natural_gradient_direction",
+    "natural_gradient_curvature",
+    "dropout_tangent_directions",
+    "noise_tangent_curvature",
+    "dropout_mixture_manifold",
+    "hessian_trace",
+    "hessian_top_eigenvalue",
+    "sam_sharpness",
+    "fisher_trace",
+    "fisher_top_eigenvalue",
+    "TraceEstimate",
 ]

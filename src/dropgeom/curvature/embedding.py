@@ -261,6 +261,16 @@ def embedding_curvature(
     ``G`` and ``g = J^T G J``; pseudo-inverse where ``g`` is singular. See the
     module docstring for the derivation of both methods.
 
+    Invariance: without damping, **invariant** under every reparametrisation
+    ``theta = phi(theta')`` (same function, new coordinates): ``g^+`` acts on the
+    exact range of ``J`` (dense: truncated at the numerical rank). With
+    ``damping`` it is **coordinate-dependent**: ``lambda I`` is measured in
+    parameter units (storing a layer as ``W / c`` changes the damped value by
+    orders of magnitude), so it is never the only basis of a verdict. The
+    undamped value weights a tangent direction with singular value ``s_k`` by
+    ``s_k^{-4}``: nearly degenerate directions dominate it
+    (:mod:`dropgeom.curvature.invariant`).
+
     Args:
         manifold: the model manifold.
         alpha: 1 (e-curvature, default), -1 (m-curvature) or any real.

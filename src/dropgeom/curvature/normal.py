@@ -44,6 +44,12 @@ def normal_curvature(
     ``min_x |S^T (y - J x)|`` -- never ``g^+``, so it stays well defined when
     ``g`` is badly conditioned.
 
+    Invariance: **invariant** under every reparametrisation ``theta = phi(theta')``
+    when ``v`` is transformed as a tangent vector (``v' = Dphi^{-1} v``, so that
+    ``J' v' = J v``): it depends only on the tangent vector (the second
+    fundamental form). For several directions use
+    :func:`~dropgeom.curvature.normal_curvatures` (one projection for all).
+
     Args:
         manifold: the model manifold.
         v: direction, a flat vector ``[P]`` or a dict of named tensors.

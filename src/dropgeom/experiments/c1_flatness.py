@@ -1,38 +1,49 @@
-r"""Claim C1: dropout flattens the model manifold.
+r"""Claim C1: dropout flattens the model manifold -- tested on measures of geometry, at matched fit.
 
-For every dropout rate ``p`` in ``config.c1_p_grid`` and every seed, a tanh MLP
-(``config.width`` x ``config.depth``, dropout after each hidden layer) is
-trained on the data with dropout at ``p`` (``p = 0``: plain NLL), from the same
-initialisation for every ``p`` of a seed. At the trained parameters the
-curvature of the model manifold over held-out inputs is measured
-(:func:`~dropgeom.experiments.common.curvature_measures`, theory.md 3):
-the scalar e-embedding curvature ``gamma^2`` (dense method only), its damped
-version and the normal curvature along the mask directions.
+Two readings of the claim are tested.
 
-Test: for each measure and seed, the log-ratio
-``log(curv(p_max) / curv(p_min))``; its mean over seeds with a 95% t-interval,
-and Spearman's correlation of ``p`` with ``log curv`` over all runs.
-Verdict: ``supported`` when at least two of the measures decrease
-significantly (interval below 0) and none increases; ``refuted`` when at least
-two increase significantly and none decreases; ``not supported`` when no
-measure changes significantly and every interval lies within +-0.1 (no effect,
-measured precisely); ``inconclusive`` otherwise.
+**(a) Solutions.** For every dropout rate ``p`` in ``config.c1_p_grid`` and every
+seed, a tanh MLP (dropout after each hidden layer) is trained with dropout at
+``p`` from the same initialisation for every ``p`` of a seed. For each
+``p > 0`` the same initialisation is also trained
 
-Confound: solutions trained at different ``p`` differ in more than the
-curvature dropout might induce: dropout fits the training data less closely
-(higher clean train NLL) and keeps the weights smaller or larger, and
-curvature is not invariant under rescaling the weights. The table therefore
-reports the clean train NLL and the norm of the parameters the curvature is
-taken over beside each measure, and the evidence gives their Spearman
-correlation with ``p``: a curvature trend that goes with a large change in
-fit or weight norm cannot be attributed to dropout's regularization alone.
-As a control at matched fit, every ``p > 0`` unit also trains plain NLL from
-the same initialisation and stops it at the first epoch whose clean train
-NLL reaches the dropout solution's; the evidence gives
-``log(curv(dropout) / curv(plain at matched fit))`` at the largest ``p``
-(mean over seeds, 95% interval), and the verdict line counts how many
-measures are significantly lower or higher under dropout at matched fit.
-The verdict itself follows the rule above.
+* without dropout and stopped at the optimizer step whose clean train NLL is
+  closest to the dropout solution's (checked every ``config.c1_match_every``
+  steps; matched when ``|log(NLL ratio)| <= config.c1_match_tol``);
+* with L2 (weight ``config.c1_l2``), stopped the same way (a second control);
+* at the largest ``p``, with dropout again under another training seed (masks
+  and batch order): the noise floor of a dropout-vs-dropout comparison.
+
+Every model is measured on ``config.c1_inputs`` training inputs **and** as many
+held-out inputs, over **all** parameters
+(:func:`~dropgeom.experiments.common.flatness_measures`): the invariant
+measures (normal e- and m-curvature along the mask directions, e-curvature
+along the natural-gradient direction and along dropout-noise tangent
+directions; the undamped ``gamma^2`` where the dense method fits) and the
+coordinate-dependent ones (Fisher trace / top eigenvalue, Hessian trace / top
+eigenvalue, SAM sharpness), reported beside them but never deciding.
+
+**(b) The dropout model.** At each dropout solution (``p > 0``), the invariant
+measures of the manifold of the m-mixture (the predictive distribution averaged
+over ``config.c1_mixture_masks`` common random masks, theory.md 4.3) are
+compared with those of the deterministic (weight-scaled) model at the same
+``theta``.
+
+**Rule (fixed before the data).** Unit of analysis: the paired log-ratio
+``log(curv(dropout) / curv(plain at matched fit))`` per seed (only matched
+pairs), for each ``p > 0``, invariant measure and input set; mean, 95%
+t-interval, paired t-test, Cohen's ``d_z``; Holm correction over all
+``p x measure x input set`` comparisons of the rule. The claim predicts a
+negative log-ratio. A (measure, input set) counts as *lower* when at least one
+``p`` is significantly below 0 after correction and none above (*higher*
+conversely). Verdict: ``supported`` when every invariant measure is lower on
+both input sets, ``refuted`` when every one is higher, ``measure-dependent``
+when some are lower and others higher, ``inconclusive`` when nothing is
+significant or the significant ones all point one way but not every measure
+does. Reading (b) gets a label by the same rule applied to
+``log(curv(mixture) / curv(deterministic))``. The unmatched trend over ``p``
+(log-ratio to ``p = 0``), the L2 control and the noise floor are reported as
+descriptions, not as the verdict.
 
 Example:
     >>> from dropgeom.config import RunConfig
@@ -44,30 +55,81 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..config import RunConfig
-from .common import Verdict, _ckpt, build_mlp, curvature_measures, evaluate_model, fit, fmt, fmt_ci, mean_ci, prepare_data, save_figure, spearman
+from .common import (
+    FLATNESS_MEASURES,
+    Verdict,
+    VerdictLabel,
+    _ckpt,
+    build_mlp,
+    evaluate_model,
+    fit,
+    flatness_measures,
+    fmt,
+    fmt_ci,
+    prepare_data,
+    save_figure,
+)
+from .stats import Comparison, adjust, geometric_mean_ci, paired
 
 NAME = "C1"
 TITLE = "C1: dropout flattens the model manifold"
-MEASURES = ("gamma2", "gamma2_damped", "mask_normal_curvature")
+SETS = ("train", "test")
+SET_WORDS = {"train": "training inputs", "test": "held-out inputs"}
+WORDS = {k: w for k, w, _ in FLATNESS_MEASURES}
+STATUS = {k: s for k, _, s in FLATNESS_MEASURES}
+#: the measures that decide the verdict (the undamped gamma^2 joins when it was computed on every run)
+DECIDING = ("mask_e", "mask_m", "natural_gradient_e", "noise_e")
+#: offset of the noise-floor run's training seed
+NOISE_SEED = 7919
+
+RULE = (
+    "paired log-ratio curvature(dropout) / curvature(plain training stopped at the same clean train NLL) per seed, "
+    "for every p > 0, invariant measure and input set (training and held-out); Holm over all of them; a measure is "
+    "lower (higher) on an input set when some p is significantly below (above) 1 after correction and none the other "
+    "way. Supported: every invariant measure lower on both input sets; refuted: every one higher; measure-dependent: "
+    "some lower, some higher; inconclusive: otherwise. Coordinate-dependent measures, the L2 control, the noise floor "
+    "and the unmatched trend over p are descriptions only."
+)
 
 
 def units(config: RunConfig) -> List[Dict[str, Any]]:
     """One unit per (p, seed)."""
-    return [
-        {"key": f"p={p:g}/seed={s}", "p": float(p), "seed": s}
-        for p in config.c1_p_grid
-        for s in range(config.seeds)
-    ]
+    return [{"key": f"p={p:g}/seed={s}", "p": float(p), "seed": s} for p in config.c1_p_grid for s in range(config.seeds)]
+
+
+def _inputs(data: Any, n: int) -> Dict[str, Tuple[Any, Any]]:
+    return {"train": (data.x_train[:n], data.y_train[:n]), "test": (data.x_test[:n], data.y_test[:n])}
+
+
+def _measure(model: Any, sets: Mapping[str, Tuple[Any, Any]], data: Any, config: RunConfig, seed: int, **kw: Any) -> Dict[str, Any]:
+    return {s: flatness_measures(model, x, y, data.family, config, seed, **kw) for s, (x, y) in sets.items()}
+
+
+def _control(config: RunConfig, data: Any, seed: int, objective: str, target: float, sets: Mapping[str, Any]) -> Dict[str, Any]:
+    """Plain (or L2) training from the same initialisation, stopped at the step closest to ``target``."""
+    net = build_mlp(data.num_features, data.num_outputs, config.width, config.depth, config.activation, 0.0, seed)
+    tr = fit(net, data, objective, config, seed, 0.0, None, stop_at_train_nll=target,
+             match_every=config.c1_match_every, weight_decay=config.c1_l2 if objective == "l2" else None)
+    out: Dict[str, Any] = {"epochs_run": tr["epochs_run"], "steps": tr.get("steps", 0), "diverged": tr["diverged"]}
+    if tr["diverged"]:
+        return out
+    out["train"] = evaluate_model(net, data.x_train, data.y_train, data.family)
+    gap = abs(math.log(out["train"]["nll"] / target)) if target > 0 and out["train"]["nll"] > 0 else math.inf
+    out["log_nll_gap"] = gap
+    out["matched"] = bool(gap <= config.c1_match_tol)
+    if out["matched"]:
+        out["measures"] = _measure(net, sets, data, config, seed)
+    return out
 
 
 def run_unit(config: RunConfig, unit: Mapping[str, Any], workdir: Optional[Path] = None) -> Dict[str, Any]:
-    """Train at ``unit["p"]`` and measure curvature; ``workdir`` holds training checkpoints."""
-    p, seed = unit["p"], unit["seed"]
+    """Train at ``unit["p"]``, train the controls, and take every measure (see the module docstring)."""
+    p, seed = float(unit["p"]), int(unit["seed"])
     data = prepare_data(config, seed)
     model = build_mlp(data.num_features, data.num_outputs, config.width, config.depth, config.activation, p, seed)
     tr = fit(model, data, "dropout" if p > 0 else "none", config, seed, p, _ckpt(workdir, "train"))
@@ -77,175 +139,291 @@ def run_unit(config: RunConfig, unit: Mapping[str, Any], workdir: Optional[Path]
         return rec
     rec["test"] = evaluate_model(model, data.x_test, data.y_test, data.family)
     rec["train"] = evaluate_model(model, data.x_train, data.y_train, data.family)
-    rec["curvature"] = curvature_measures(model, data, config, seed)
+    sets = _inputs(data, config.c1_inputs)
+    rec["measures"] = _measure(model, sets, data, config, seed)
+    rec["curvature"] = dict(rec["measures"]["test"])  # the held-out measures under the common key
     if p > 0:
-        # the confound control: plain training from the same initialisation, stopped at the first
-        # epoch whose clean train NLL reaches the dropout solution's (a solution at matched fit)
-        plain = build_mlp(data.num_features, data.num_outputs, config.width, config.depth, config.activation, 0.0, seed)
-        tr0 = fit(plain, data, "none", config, seed, 0.0, _ckpt(workdir, "matched"), stop_at_train_nll=rec["train"]["nll"])
-        if not tr0["diverged"]:
-            rec["matched"] = {
-                "epochs_run": tr0["epochs_run"],
-                "train": evaluate_model(plain, data.x_train, data.y_train, data.family),
-                "curvature": curvature_measures(plain, data, config, seed, raw=False),
-            }
+        target = rec["train"]["nll"]
+        rec["matched"] = _control(config, data, seed, "none", target, sets)
+        rec["l2"] = _control(config, data, seed, "l2", target, sets)
+        rec["mixture"] = _measure(model, sets, data, config, seed, mixture=True)
+        if config.c1_noise_floor and p == max(config.c1_p_grid):
+            other = build_mlp(data.num_features, data.num_outputs, config.width, config.depth, config.activation, p, seed)
+            tr2 = fit(other, data, "dropout", config, seed + NOISE_SEED, p, _ckpt(workdir, "noise_floor"))
+            if not tr2["diverged"]:
+                rec["noise_floor"] = {"measures": _measure(other, sets, data, config, seed)}
     return rec
 
 
-def _ok(records: List[Mapping[str, Any]]) -> List[Mapping[str, Any]]:
-    return [r for r in records if r.get("status") == "ok" and "curvature" in r]
+# --------------------------------------------------------------------------- summary
+def _ok(records: Sequence[Mapping[str, Any]]) -> List[Mapping[str, Any]]:
+    return [r for r in records if r.get("status") == "ok" and isinstance(r.get("measures"), Mapping)]
 
 
-def measures_present(records: List[Mapping[str, Any]]) -> List[str]:
-    """The curvature measures of :data:`MEASURES` that the records carry (``gamma2`` only with dense curvature)."""
-    return [m for m in MEASURES if any(m in r["curvature"] for r in records)]
+def _get(r: Optional[Mapping[str, Any]], s: str, m: str) -> float:
+    try:
+        return float(r["measures"][s][m])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
+        return float("nan")
+
+
+def measures_present(records: Sequence[Mapping[str, Any]]) -> List[str]:
+    """The measures of :data:`~dropgeom.experiments.common.FLATNESS_MEASURES` that every run carries."""
+    ok = _ok(records)
+    return [k for k, _, _ in FLATNESS_MEASURES if ok and all(math.isfinite(_get(r, s, k)) for r in ok for s in SETS)]
+
+
+def _deciding(present: Sequence[str]) -> List[str]:
+    return [m for m in (*DECIDING, "gamma2") if m in present]
+
+
+def _pairs(ok: Sequence[Mapping[str, Any]], p: float, s: str, m: str, other: str) -> Tuple[List[float], List[float]]:
+    """Per seed at ``p``: (dropout value, control value) for control ``other`` (matched, l2, mixture, noise_floor, p0)."""
+    a, b = [], []
+    by_seed0 = {r["seed"]: r for r in ok if float(r["p"]) == 0.0}
+    for r in ok:
+        if float(r["p"]) != p:
+            continue
+        if other == "p0":
+            ctrl: Any = by_seed0.get(r["seed"])
+        elif other == "mixture":
+            ctrl = {"measures": r.get("mixture")} if isinstance(r.get("mixture"), Mapping) else None
+        else:
+            ctrl = r.get(other)
+            if other in ("matched", "l2") and not (isinstance(ctrl, Mapping) and ctrl.get("matched")):
+                ctrl = None
+        if ctrl is None:
+            continue
+        if other == "mixture":  # mixture vs deterministic: the mixture is "a"
+            a.append(_get(ctrl, s, m))
+            b.append(_get(r, s, m))
+        else:
+            a.append(_get(r, s, m))
+            b.append(_get(ctrl, s, m))
+    return a, b
+
+
+def _direction(cs: Sequence[Comparison]) -> int:
+    signs = {c.sign for c in cs if c.sign != 0}
+    if signs == {-1}:
+        return -1
+    if signs == {1}:
+        return 1
+    return 2 if signs else 0  # 2: significant both ways over p
+
+
+def _label(directions: Mapping[Tuple[str, str], int]) -> str:
+    vals = list(directions.values())
+    if not vals or all(v == 0 for v in vals):
+        return VerdictLabel.INCONCLUSIVE.value
+    lower = [k for k, v in directions.items() if v == -1]
+    higher = [k for k, v in directions.items() if v == 1]
+    if (lower and higher) or any(v == 2 for v in vals):
+        return VerdictLabel.MEASURE_DEPENDENT.value
+    if len(lower) == len(vals):
+        return VerdictLabel.SUPPORTED.value
+    if len(higher) == len(vals):
+        return VerdictLabel.REFUTED.value
+    return VerdictLabel.INCONCLUSIVE.value
+
+
+def _family(ok, grid, measures, other) -> Dict[Tuple[float, str, str], Comparison]:
+    keys, comps = [], []
+    for p in grid:
+        for s in SETS:
+            for m in measures:
+                a, b = _pairs(ok, p, s, m, other)
+                keys.append((p, s, m))
+                comps.append(paired(a, b, log=True, name=f"{m} {s} p={p:g}"))
+    return dict(zip(keys, adjust(comps))) if comps else {}
+
+
+def _ratio_cell(c: Optional[Comparison], adjusted: bool = True) -> str:
+    if c is None or c.n == 0 or not math.isfinite(c.estimate):
+        return "n/a"
+    r, lo, hi = c.ratio()
+    pv = c.p_adjusted if adjusted else c.p_value
+    return f"{fmt(r)} [{fmt(lo)}, {fmt(hi)}] (p={fmt(pv, 2)}, d_z={fmt(c.effect_size, 2)}, n={c.n})"
 
 
 def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, Any]:
-    """Per-p table of curvature (mean [95% CI]) with train NLL and weight norm, and the verdict with its numbers."""
+    """Tables, the verdict for reading (a) with reading (b)'s label in its evidence (see the module docstring)."""
     ok = _ok(records)
-    grid = sorted({float(r["p"]) for r in ok})
-    measures = measures_present(ok)
+    grid_all = sorted({float(r["p"]) for r in ok})
+    grid = [p for p in grid_all if p > 0]
+    present = measures_present(ok)
+    deciding = _deciding(present)
+    described = [m for m in present if m not in deciding]
+    lines: List[str] = []
+    tables: List[Dict[str, Any]] = []
+
+    # per-p description: geometric means of every measure on held-out inputs, fit and weight norm
     rows = []
-    for p in grid:
+    for p in grid_all:
         rs = [r for r in ok if float(r["p"]) == p]
         row = {"p": fmt(p), "runs": str(len(rs))}
-        for m in measures:
-            row[m] = fmt_ci(*mean_ci([r["curvature"].get(m) for r in rs]))
-        row["test NLL"] = fmt_ci(*mean_ci([r["test"].get("nll") for r in rs]))
-        row["train NLL"] = fmt_ci(*mean_ci([r.get("train", {}).get("nll") for r in rs]))
-        row["|theta|"] = fmt_ci(*mean_ci([r["curvature"].get("param_norm") for r in rs]))
+        for m in present:
+            row[m] = fmt_ci(*geometric_mean_ci([_get(r, "test", m) for r in rs]))
+        row["train NLL"] = fmt_ci(*geometric_mean_ci([r["train"]["nll"] for r in rs]))
+        row["test NLL"] = fmt_ci(*geometric_mean_ci([r["test"]["nll"] for r in rs]))
+        row["|theta|"] = fmt_ci(*geometric_mean_ci([_get(r, "test", "param_norm") for r in rs]))
         rows.append(row)
-    tests: Dict[str, Dict[str, float]] = {}
-    lines = []
-    if len(grid) >= 2:
-        p0, p1 = grid[0], grid[-1]
-        for m in measures:
-            ratios = []
-            for s in sorted({r["seed"] for r in ok}):
-                a = [r["curvature"][m] for r in ok if r["seed"] == s and float(r["p"]) == p0]
-                b = [r["curvature"][m] for r in ok if r["seed"] == s and float(r["p"]) == p1]
-                if a and b and a[0] > 0 and b[0] > 0:
-                    ratios.append(math.log(b[0] / a[0]))
-            mean, lo, hi = mean_ci(ratios)
-            xs = [float(r["p"]) for r in ok if r["curvature"].get(m, 0) > 0]
-            ys = [math.log(r["curvature"][m]) for r in ok if r["curvature"].get(m, 0) > 0]
-            rho, pval = spearman(xs, ys)
-            tests[m] = {"log_ratio": mean, "lo": lo, "hi": hi, "pairs": len(ratios), "spearman": rho, "spearman_p": pval}
+
+    # the rule: matched fit, Holm over p x measure x input set
+    fam = _family(ok, grid, deciding, "matched")
+    directions = {(m, s): _direction([fam[(p, s, m)] for p in grid]) for m in deciding for s in SETS}
+    verdict = _label(directions) if fam else VerdictLabel.INCONCLUSIVE.value
+    n_matched = sum(1 for r in ok if isinstance(r.get("matched"), Mapping) and r["matched"].get("matched"))
+    n_ctrl = sum(1 for r in ok if float(r["p"]) > 0)
+    l2_matched = sum(1 for r in ok if isinstance(r.get("l2"), Mapping) and r["l2"].get("matched"))
+
+    # descriptions: unmatched trend, L2 control, noise floor, coordinate-dependent measures at matched fit
+    unmatched = {(p, s, m): paired(*_pairs(ok, p, s, m, "p0"), log=True) for p in grid for s in SETS for m in present}
+    l2 = {(p, s, m): paired(*_pairs(ok, p, s, m, "l2"), log=True) for p in grid for s in SETS for m in present}
+    desc_matched = {(p, s, m): paired(*_pairs(ok, p, s, m, "matched"), log=True) for p in grid for s in SETS for m in described}
+    noise = {(s, m): paired(*_pairs(ok, max(grid), s, m, "noise_floor"), log=True) for s in SETS for m in present} if grid else {}
+
+    main_rows = []
+    for m in present:
+        for s in SETS:
+            for p in grid:
+                c = fam.get((p, s, m))
+                main_rows.append({
+                    "measure": WORDS[m], "invariance": STATUS[m], "inputs": SET_WORDS[s], "p": fmt(p),
+                    "dropout / plain at matched fit (Holm p)": _ratio_cell(c) if c is not None else _ratio_cell(desc_matched.get((p, s, m)), adjusted=False) + " (description)",
+                    "dropout / L2 at matched fit": _ratio_cell(l2.get((p, s, m)), adjusted=False),
+                    "dropout(p) / plain p=0, unmatched": _ratio_cell(unmatched.get((p, s, m)), adjusted=False),
+                })
+    tables.append({
+        "title": "C1 (a): ratio of each measure, dropout over its control (geometric mean over seeds, 95% interval, paired t-test)",
+        "columns": ["measure", "invariance", "inputs", "p", "dropout / plain at matched fit (Holm p)", "dropout / L2 at matched fit", "dropout(p) / plain p=0, unmatched"],
+        "rows": main_rows,
+    })
+    tables.append({
+        "title": "C1 noise floor: dropout / dropout with another training seed, at the largest p (should include 1)",
+        "columns": ["measure", "inputs", "ratio"],
+        "rows": [{"measure": WORDS[m], "inputs": SET_WORDS[s], "ratio": _ratio_cell(c, adjusted=False)} for (s, m), c in noise.items()],
+    })
+
+    # reading (b): mixture vs deterministic at the same theta
+    mix_measures = [m for m in deciding if m != "gamma2" or all(math.isfinite(_get({"measures": r.get("mixture")}, s, m)) for r in ok if r.get("mixture") for s in SETS)]
+    fam_b = _family([r for r in ok if isinstance(r.get("mixture"), Mapping)], grid, mix_measures, "mixture")
+    dir_b = {(m, s): _direction([fam_b[(p, s, m)] for p in grid]) for m in mix_measures for s in SETS} if fam_b else {}
+    label_b = _label(dir_b) if fam_b else VerdictLabel.INCONCLUSIVE.value
+    tables.append({
+        "title": "C1 (b): m-mixture of the dropout model / deterministic model at the same theta (Holm over p x measure x inputs)",
+        "columns": ["measure", "inputs", "p", "mixture / deterministic"],
+        "rows": [{"measure": WORDS[m], "inputs": SET_WORDS[s], "p": fmt(p), "mixture / deterministic": _ratio_cell(c)} for (p, s, m), c in fam_b.items()],
+    })
+    tables.append({
+        "title": "Invariance status of every C1 measure (under theta = A theta': same function, new coordinates)",
+        "columns": ["measure", "invariance", "decides the verdict"],
+        "rows": [{"measure": WORDS[k], "invariance": st, "decides the verdict": "yes" if k in deciding else "no"} for k, _, st in FLATNESS_MEASURES],
+    })
+
+    def words(d: Mapping[Tuple[str, str], int], want: int) -> List[str]:
+        return [f"{WORDS[m]} on {SET_WORDS[s]}" for (m, s), v in d.items() if v == want]
+
+    low, high, mixed = words(directions, -1), words(directions, 1), words(directions, 2)
+    summary = (
+        f"At matched fit ({n_matched} of {n_ctrl} plain controls within the tolerance), dropout's solutions were "
+        f"flatter in {len(low)} and more curved in {len(high)} of {len(directions)} (invariant measure, input set) "
+        f"combinations" + (f", both ways over p in {len(mixed)}" if mixed else "") + f"; reading (b), the dropout "
+        f"mixture vs the deterministic model at the same parameters: {label_b}"
+    )
+    if low:
+        lines.append("flatter under dropout at matched fit: " + "; ".join(low))
+    if high:
+        lines.append("more curved under dropout at matched fit: " + "; ".join(high))
+    for (p, s, m), c in fam.items():
+        lines.append(f"matched fit, {WORDS[m]}, {SET_WORDS[s]}, p={p:g}: dropout / plain = {_ratio_cell(c)}")
+    if grid:
+        gaps = [r["matched"]["log_nll_gap"] for r in ok if isinstance(r.get("matched"), Mapping) and "log_nll_gap" in r["matched"]]
+        steps = [r["matched"].get("steps", 0) for r in ok if isinstance(r.get("matched"), Mapping)]
+        if gaps:
             lines.append(
-                f"{m}: log(curv(p={p1:g}) / curv(p={p0:g})) = {fmt_ci(mean, lo, hi)} over {len(ratios)} seeds "
-                f"(ratio {fmt(math.exp(mean)) if math.isfinite(mean) else 'nan'}); Spearman(p, log curv) = {fmt(rho)} (p-value {fmt(pval)})"
+                f"matching: the plain control stopped at the optimizer step closest to the dropout solution's clean train NLL "
+                f"(checked every {config.c1_match_every} step(s)); |log NLL ratio| median {fmt(float(np.median(gaps)))}, "
+                f"max {fmt(max(gaps))} (tolerance {config.c1_match_tol:g}); median {fmt(float(np.median(steps)))} steps; "
+                f"L2 control (weight {config.c1_l2:g}) matched in {l2_matched} of {n_ctrl}"
             )
-        ps = [float(r["p"]) for r in ok]
-        for label, vals in (
-            ("clean train NLL", [r.get("train", {}).get("nll", float("nan")) for r in ok]),
-            ("norm of the curvature parameters", [r["curvature"].get("param_norm", float("nan")) for r in ok]),
-        ):
-            rho, pval = spearman(ps, vals)
-            lines.append(f"confound: Spearman(p, {label}) = {fmt(rho)} (p-value {fmt(pval)})")
-    matched_tests = _matched_fit(ok, measures, lines)
-    down = sum(1 for t in tests.values() if t["hi"] < 0)
-    up = sum(1 for t in tests.values() if t["lo"] > 0)
-    if not tests:
-        verdict = "inconclusive"
-        lines.append("fewer than two dropout rates finished: no comparison possible")
-    elif down >= 2 and up == 0:
-        verdict = "supported"
-    elif up >= 2 and down == 0:
-        verdict = "refuted"
-    elif down == 0 and up == 0 and all(-0.1 <= t["lo"] and t["hi"] <= 0.1 for t in tests.values()):
-        verdict = "not supported"
-    else:
-        verdict = "inconclusive"
-    summary = f"{down} of {len(tests)} curvature measures decrease significantly from p={grid[0]:g} to p={grid[-1]:g}, {up} increase" if tests else "no data"
-    if matched_tests:
-        m_down = sum(1 for t in matched_tests.values() if t["hi"] < 0)
-        m_up = sum(1 for t in matched_tests.values() if t["lo"] > 0)
-        summary += f"; against plain training stopped at the same train NLL: {m_down} lower, {m_up} higher"
+        for (s, m), c in noise.items():
+            if m in deciding and c.n:
+                lines.append(f"noise floor, {WORDS[m]}, {SET_WORDS[s]}: dropout / dropout with another seed = {_ratio_cell(c, adjusted=False)}")
+        for (p, s, m), c in fam_b.items():
+            lines.append(f"reading (b), {WORDS[m]}, {SET_WORDS[s]}, p={p:g}: mixture / deterministic = {_ratio_cell(c)}")
+    what = (
+        "The verdict would change if the invariant measures moved together at matched fit: all significantly lower under "
+        "dropout on both input sets (supported) or all higher (refuted); more seeds narrow the intervals, and a measure that "
+        "is significant in opposite directions at different p keeps the label measure-dependent."
+    )
+    caveats = [
+        "Coordinate-dependent measures (Fisher trace and top eigenvalue, Hessian trace and top eigenvalue, SAM sharpness) change "
+        "when a layer is stored as W/c with the same function; they are shown beside the invariant ones and never decide.",
+        f"All measures use all {ok[0]['measures']['test']['num_params'] if ok else '?'} parameters on {config.c1_inputs} training "
+        f"and {config.c1_inputs} held-out inputs; the undamped gamma^2 is {'included' if 'gamma2' in present else 'omitted: its dense Hessian tensor is too large at this size, and its matrix-free estimate is unreliable on a badly conditioned g'}.",
+        f"The L2 control uses one weight ({config.c1_l2:g}), stopped at the matched train NLL; it is not tuned per p.",
+        f"Reading (b) averages over {config.c1_mixture_masks} common random masks (the same masks at every theta), not all masks.",
+        "The noise-floor run differs from the dropout run in its training seed (masks and batch order), at the largest p only.",
+    ]
     return {
         "verdict": Verdict(NAME, verdict, summary),
-        "columns": ["p", "runs", *measures, "test NLL", "train NLL", "|theta|"],
+        "rule": RULE,
+        "what_would_change": what,
+        "caveats": caveats,
+        "columns": ["p", "runs", *present, "train NLL", "test NLL", "|theta|"],
         "rows": rows,
+        "tables": tables,
         "evidence": lines,
-        "tests": tests,
-        "matched_tests": matched_tests,
+        "tests": {f"{m}|{s}|p={p:g}": c.as_dict() for (p, s, m), c in fam.items()},
+        "reading_b": {"label": label_b, "tests": {f"{m}|{s}|p={p:g}": c.as_dict() for (p, s, m), c in fam_b.items()}},
+        "matched_tests": {f"{m}|{s}|p={p:g}": c.as_dict() for (p, s, m), c in desc_matched.items()},
     }
 
 
-def _matched_fit(ok: List[Mapping[str, Any]], measures: List[str], lines: List[str]) -> Dict[str, Dict[str, float]]:
-    """Per measure: ``log(curv(dropout at p_max) / curv(plain stopped at the same train NLL))`` over seeds.
-
-    Appends one evidence line per measure to ``lines``; empty when no run carries a matched solution.
-    """
-    with_m = [r for r in ok if isinstance(r.get("matched"), Mapping)]
-    if not with_m:
-        return {}
-    p1 = max(float(r["p"]) for r in with_m)
-    rs = [r for r in with_m if float(r["p"]) == p1]
-    out: Dict[str, Dict[str, float]] = {}
-    for m in measures:
-        ratios = [
-            math.log(r["curvature"][m] / r["matched"]["curvature"][m])
-            for r in rs
-            if r["curvature"].get(m, 0) > 0 and r["matched"]["curvature"].get(m, 0) > 0
-        ]
-        if not ratios:
-            continue
-        mean, lo, hi = mean_ci(ratios)
-        out[m] = {"log_ratio": mean, "lo": lo, "hi": hi, "pairs": len(ratios)}
-        lines.append(
-            f"matched fit, {m}: log(curv(dropout p={p1:g}) / curv(plain, stopped at the same train NLL)) = "
-            f"{fmt_ci(mean, lo, hi)} over {len(ratios)} seeds (ratio {fmt(math.exp(mean))})"
-        )
-    for p in sorted({float(r["p"]) for r in with_m if float(r["p"]) != p1}):
-        parts = []
-        for m in measures:
-            ratios = [
-                math.log(r["curvature"][m] / r["matched"]["curvature"][m])
-                for r in with_m
-                if float(r["p"]) == p and r["curvature"].get(m, 0) > 0 and r["matched"]["curvature"].get(m, 0) > 0
-            ]
-            if ratios:
-                parts.append(f"{m} {fmt_ci(*mean_ci(ratios))}")
-        if parts:
-            lines.append(f"matched fit at p={p:g}: log(curv(dropout) / curv(plain at the same train NLL)): " + "; ".join(parts))
-    ep = mean_ci([r["matched"]["epochs_run"] for r in rs])[0]
-    tn = mean_ci([r["matched"]["train"]["nll"] - r["train"]["nll"] for r in rs])
-    lines.append(
-        f"matched fit: plain training reached the train NLL of dropout at p={p1:g} after {fmt(ep)} epochs on average "
-        f"(train NLL difference plain - dropout {fmt_ci(*tn)})"
-    )
-    return out
-
-
 def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -> List[Path]:
-    """``c1_curvature.png``: each curvature measure against p (mean and 95% CI over seeds, log scale)."""
+    """One figure per reading: paired ratios against p with seed dots, geometric means and 95% intervals (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = _ok(records)
-    if not ok:
+    grid = sorted({float(r["p"]) for r in ok if float(r["p"]) > 0})
+    deciding = _deciding(measures_present(ok))
+    if not ok or not grid or not deciding:
         return []
-    grid = sorted({float(r["p"]) for r in ok})
-    measures = measures_present(ok)
-    fig, axes = plt.subplots(1, len(measures), figsize=(4.2 * len(measures), 3.4), squeeze=False)
-    for ax, m in zip(axes[0], measures):
-        stats = [mean_ci([r["curvature"].get(m) for r in ok if float(r["p"]) == p]) for p in grid]
-        mean = np.array([s[0] for s in stats])
-        lo = np.array([s[1] if math.isfinite(s[1]) else s[0] for s in stats])
-        hi = np.array([s[2] if math.isfinite(s[2]) else s[0] for s in stats])
-        for r in ok:
-            ax.plot(float(r["p"]), r["curvature"].get(m, np.nan), ".", color="0.7")
-        ax.errorbar(grid, mean, yerr=[np.clip(mean - lo, 0, None), np.clip(hi - mean, 0, None)], marker="o", capsize=3)
-        if np.all(mean > 0):
+    paths = []
+    for name, other, title, ylabel in (
+        ("c1_curvature.png", "matched", "C1 (a): dropout solution / plain solution at the same train NLL",
+         "ratio dropout / plain (matched fit)"),
+        ("c1_mixture.png", "mixture", "C1 (b): dropout mixture / deterministic model, same parameters",
+         "ratio m-mixture / deterministic"),
+    ):
+        fig, axes = plt.subplots(1, len(deciding), figsize=(3.6 * len(deciding), 3.4), squeeze=False)
+        for ax, m in zip(axes[0], deciding):
+            for s, colour, dx in (("train", "C0", -0.01), ("test", "C1", 0.01)):
+                means, los, his = [], [], []
+                for p in grid:
+                    a, b = _pairs(ok, p, s, m, other)
+                    ratios = [x / y for x, y in zip(a, b) if x > 0 and y > 0 and math.isfinite(x / y)]
+                    ax.plot([p + dx] * len(ratios), ratios, ".", color=colour, alpha=0.35)
+                    g, lo, hi = geometric_mean_ci(ratios) if ratios else (np.nan, np.nan, np.nan)
+                    means.append(g); los.append(lo if math.isfinite(lo) else g); his.append(hi if math.isfinite(hi) else g)
+                means_a = np.array(means, dtype=float)
+                err = [np.clip(means_a - np.array(los, dtype=float), 0, None), np.clip(np.array(his, dtype=float) - means_a, 0, None)]
+                ax.errorbar(np.array(grid) + dx, means_a, yerr=err, marker="o", capsize=3, color=colour,
+                            label=f"{SET_WORDS[s]}: geometric mean, 95% CI (dots: seeds)")
+            ax.axhline(1.0, color="0.5", lw=0.8)
             ax.set_yscale("log")
-        ax.set_xlabel("dropout rate p")
-        ax.set_title(m)
-    fig.suptitle("C1: curvature of solutions trained with dropout")
-    fig.tight_layout()
-    path = folder / "c1_curvature.png"
-    save_figure(fig, path)
-    return [path]
-
+            ax.set_xlabel("dropout rate p")
+            ax.set_ylabel(ylabel)
+            ax.set_title(WORDS[m], fontsize=8)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
+        fig.suptitle(title + " (below 1: flatter)", fontsize=9)
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
+        path = folder / name
+        save_figure(fig, path)
+        paths.append(path)
+    return paths

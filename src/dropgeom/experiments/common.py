@@ -47,6 +47,8 @@ __all__ = [
     "curvature_measures",
     "mask_directions",
     "curvature_params",
+    "flatness_measures",
+    "FLATNESS_MEASURES",
     "mean_ci",
     "spearman",
     "finite",
@@ -168,6 +170,9 @@ def fit(
     p: float = 0.0,
     checkpoint_dir: Optional[Path] = None,
     stop_at_train_nll: Optional[float] = None,
+    *,
+    match_every: int = 0,
+    weight_decay: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Train ``model`` in place with :func:`dropgeom.train.train` (Adam, ``config`` settings).
 
@@ -177,21 +182,34 @@ def fit(
     ``stop_at_train_nll`` training stops after the first epoch whose clean
     (eval-mode) train NLL is at or below that value (a solution at matched
     fit). Returns ``{"diverged", "divergence", "epochs_run", "history"}``.
+
+    Step-granular matching (``match_every > 0`` with ``stop_at_train_nll``):
+    the clean train NLL is evaluated after every ``match_every`` optimizer
+    steps; at the first check at or below the target the parameters of that
+    check or of the previous one -- whichever is closer to the target -- are
+    kept (frozen for the rest of the epoch), and training stops. The result
+    then also carries ``"steps"`` and ``"matched_nll"``. ``weight_decay``
+    trains the ``l2`` objective with that weight instead of ``config.l2``.
     """
     from ..train import train
 
     set_dropout(model, p)
     options: Dict[str, Any] = {}
     if objective == "l2":
-        options["weight"] = config.l2
+        options["weight"] = config.l2 if weight_decay is None else weight_decay
     elif objective != "none":
         options["p"] = p
+    matcher = None
+    optimizer: Any = "adam"
+    if stop_at_train_nll is not None and match_every > 0:
+        matcher = _StepMatcher(model, data.x_train, data.y_train, data.family, stop_at_train_nll, match_every, config.lr)
+        optimizer = matcher.optimizer
     hist = train(
         model,
         (data.x_train, data.y_train, data.x_test, data.y_test),
         objective,
         objective_options=options,
-        optimizer="adam",
+        optimizer=optimizer,
         lr=config.lr,
         epochs=config.epochs,
         batch_size=config.batch_size,
@@ -201,18 +219,77 @@ def fit(
         checkpoint_every=max(1, config.epochs // 4),
         progress=False,
         divergence_threshold=config.divergence_threshold,
-        callback=None if stop_at_train_nll is None else (lambda rec, _m: float(rec.get("train_nll", math.inf)) <= stop_at_train_nll),
+        callback=None if stop_at_train_nll is None else (
+            (lambda rec, _m: matcher.done) if matcher is not None
+            else (lambda rec, _m: float(rec.get("train_nll", math.inf)) <= stop_at_train_nll)
+        ),
     )
     records = [dict(r) for r in hist.records]
     last = records[-1] if records else {}
     diverged = bool(hist.diverged) or not all(math.isfinite(float(v)) for v in last.values() if isinstance(v, (int, float)))
     keep = ("epoch", "train_nll", "test_nll", "test_accuracy", "objective_loss")  # a light history
-    return {
+    out = {
         "diverged": diverged,
         "divergence": hist.divergence,
         "epochs_run": len(records),
         "history": [{k: r[k] for k in keep if k in r} for r in records],
     }
+    if matcher is not None:
+        out["steps"] = matcher.kept_step
+        out["matched_nll"] = matcher.kept_nll
+    return out
+
+
+class _StepMatcher:
+    """Checks the clean train NLL every ``every`` optimizer steps (an Adam post-step hook) and
+    freezes the parameters at the check closest to ``target`` once it is reached (see :func:`fit`)."""
+
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, family: str, target: float, every: int, lr: float) -> None:
+        self.model, self.x, self.y, self.family, self._lr = model, x, y, family, lr
+        self.target, self.every = float(target), int(every)
+        self.steps = 0
+        self.done = False
+        self.prev: Optional[Tuple[int, float, List[Tensor]]] = None
+        self.frozen: Optional[List[Tensor]] = None
+        self.kept_step = 0
+        self.kept_nll = float("nan")
+
+    def _nll(self) -> float:
+        from ..families import get_family
+        from ..manifold import eval_mode
+
+        with torch.no_grad(), eval_mode(self.model):
+            return float(get_family(self.family).nll(self.model(self.x), self.y).mean())
+
+    def _hook(self, opt: Any, args: Any, kwargs: Any) -> None:
+        params = [q for q in self.model.parameters()]
+        if self.done:
+            with torch.no_grad():
+                for q, f in zip(params, self.frozen or []):
+                    q.copy_(f)
+            return
+        self.steps += 1
+        if self.steps % self.every:
+            return
+        nll = self._nll()
+        now = (self.steps, nll, [q.detach().clone() for q in params])
+        if nll <= self.target:
+            best = now
+            if self.prev is not None and abs(math.log(self.prev[1] / self.target)) < abs(math.log(nll / self.target)):
+                best = self.prev
+            self.kept_step, self.kept_nll, self.frozen = best
+            self.done = True
+            with torch.no_grad():
+                for q, f in zip(params, self.frozen):
+                    q.copy_(f)
+        else:
+            self.prev = now
+            self.kept_step, self.kept_nll = self.steps, nll
+
+    def optimizer(self, params: Any) -> torch.optim.Optimizer:
+        opt = torch.optim.Adam(params, lr=self._lr)
+        opt.register_step_post_hook(self._hook)
+        return opt
 
 
 def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, family: str) -> Dict[str, float]:
@@ -317,6 +394,92 @@ def curvature_measures(
         v[name][:, j] = W[:, j]
         vals.append(float(normal_curvature(m, v, alpha=1.0)))
     out["mask_normal_curvature"] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
+#: C1's measures: (key, words, invariance status); the invariant ones decide the verdict
+FLATNESS_MEASURES: Tuple[Tuple[str, str, str], ...] = (
+    ("mask_e", "e-curvature along the mask directions", "invariant"),
+    ("mask_m", "m-curvature along the mask directions", "invariant"),
+    ("natural_gradient_e", "e-curvature along the natural-gradient direction", "invariant"),
+    ("noise_e", "e-curvature along dropout-noise tangent directions", "invariant"),
+    ("gamma2", "undamped scalar e-curvature gamma^2 (exact range of J)", "invariant"),
+    ("fisher_trace", "Fisher trace", "coordinate-dependent"),
+    ("fisher_top", "top Fisher eigenvalue", "coordinate-dependent"),
+    ("hessian_trace", "Hessian trace (Hutchinson)", "coordinate-dependent"),
+    ("hessian_top", "top Hessian eigenvalue", "coordinate-dependent"),
+    ("sam", "SAM sharpness", "coordinate-dependent"),
+)
+
+
+def flatness_measures(
+    model: nn.Sequential,
+    x: Tensor,
+    y: Tensor,
+    family: str,
+    config: RunConfig,
+    seed: int,
+    *,
+    mixture: bool = False,
+    sharpness: bool = True,
+) -> Dict[str, Any]:
+    """C1's measures of one model on the inputs ``x`` (labels ``y``), over **all** its parameters.
+
+    Invariant (theory.md 3; :mod:`dropgeom.curvature.invariant`): mean normal
+    e- and m-curvature along the mask directions of the first dropout layer
+    (``mask_e``, ``mask_m``), along the natural-gradient direction of the NLL
+    (``natural_gradient_e``) and along ``config.c1_noise_draws`` Rademacher
+    combinations of the mask directions of every dropout layer (``noise_e``);
+    the undamped ``gamma2`` only when the dense Hessian tensor is small
+    (:data:`DENSE_BYTES`). Coordinate-dependent (:mod:`dropgeom.curvature.sharpness`):
+    Fisher trace and top eigenvalue (mean over inputs), Hessian trace
+    (Hutchinson, ``config.c1_hutchinson_probes`` probes), top Hessian eigenvalue
+    (Lanczos, tolerance 1e-3), SAM sharpness (radius ``config.c1_sam_rho |theta|``,
+    ``config.c1_sam_steps`` ascent steps). With ``mixture=True`` the invariant
+    measures are taken on the manifold of the m-mixture of the dropout model
+    (``config.c1_mixture_masks`` common random masks; theory.md 4.3) instead.
+    Also ``param_norm`` (Euclidean norm of all parameters) and ``seconds``.
+    """
+    import time
+
+    from .. import ModelManifold
+    from ..curvature import (
+        curvature_profile,
+        dropout_mixture_manifold,
+        dropout_tangent_directions,
+        embedding_curvature,
+        fisher_top_eigenvalue,
+        fisher_trace,
+        hessian_top_eigenvalue,
+        hessian_trace,
+        sam_sharpness,
+    )
+
+    t0 = time.process_time()
+    gen = torch.Generator().manual_seed(20_000 + seed)
+    if mixture:
+        m = dropout_mixture_manifold(model, x, family, "m", masks=config.c1_mixture_masks, generator=gen)
+    else:
+        m = ModelManifold(model, x, family)
+    out: Dict[str, Any] = {"num_params": m.num_params, "n_inputs": m.n}
+    out["param_norm"] = float(m.theta.norm())
+    dirs = dropout_tangent_directions(m)
+    U = torch.cat(dirs)
+    xi = torch.randint(0, 2, (config.c1_noise_draws, U.shape[0]), generator=gen).to(U.dtype) * 2 - 1
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*vmap.*")
+        # one Jacobian SVD for every direction set (noise_m comes along for free and is dropped)
+        prof = curvature_profile(m, {"mask": dirs[0], "noise": xi @ U}, {"e": 1.0, "m": -1.0}, targets=y)
+    out.update({k: v for k, v in prof.items() if k in ("mask_e", "mask_m", "natural_gradient_e", "noise_e")})
+    if m.n * m.num_outputs * m.num_params**2 * 8 <= DENSE_BYTES and m.num_params <= 2000:
+        out["gamma2"] = float(embedding_curvature(m).gamma2)
+    if sharpness and not mixture:
+        out["fisher_trace"] = fisher_trace(m)
+        out["fisher_top"] = fisher_top_eigenvalue(m)
+        out["hessian_trace"] = hessian_trace(m, y, n_probes=config.c1_hutchinson_probes, generator=gen).value
+        out["hessian_top"] = hessian_top_eigenvalue(m, y, tol=1e-3)
+        out["sam"] = sam_sharpness(m, y, rho=config.c1_sam_rho, steps=config.c1_sam_steps)
+    out["seconds"] = time.process_time() - t0
     return out
 
 

@@ -1,0 +1,148 @@
+r"""The manifold of the dropout-averaged model (theory.md section 4.3), for the curvature engine.
+
+Reading (b) of "dropout flattens the model manifold": at the same ``theta``,
+is the manifold of the *dropout model* -- the mixture of sub-models that
+dropout averages over -- flatter than that of the deterministic model?
+:func:`dropout_mixture_manifold` builds that manifold as an ordinary
+:class:`~dropgeom.ModelManifold` whose outputs are
+
+* ``kind="m"`` (the m-mixture, MC-dropout averaging):
+  ``eta_mix(x) = log sum_m w_m p_m(. | x)`` (categorical: log-probabilities, a
+  valid natural parameter up to the softmax's constant; bernoulli: the log-odds
+  of the averaged probability);
+* ``kind="e"`` (the e-mixture): ``eta_mix(x) = sum_m w_m eta(x; m)``; it equals
+  weight scaling (the eval-mode network) when ``eta`` is affine in the masks.
+
+The masks are either all ``2^U`` joint masks of the dropout units with their
+probabilities (``masks="exact"``; small layers) or ``M`` masks drawn once and
+held fixed (``masks=M``, common random masks: the same masks at every
+``theta``, so that ``eta_mix`` is a smooth function of ``theta`` and every
+derivative of the curvature engine applies). Every curvature function then
+works unchanged (``embedding_curvature``, ``normal_curvatures``, ...) and
+inherits its invariance status.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..families import ExponentialFamily, get_family
+from ..manifold import ModelManifold
+
+__all__ = ["dropout_mixture_manifold", "MIXTURE_KINDS"]
+
+MIXTURE_KINDS = ("m", "e")
+
+
+def dropout_mixture_manifold(
+    model: nn.Module,
+    inputs: Union[Tensor, tuple],
+    family: Union[str, ExponentialFamily] = "categorical",
+    kind: str = "m",
+    *,
+    p: Optional[float] = None,
+    masks: Union[str, int] = "exact",
+    generator: Optional[torch.Generator] = None,
+    layers: Optional[Sequence[str]] = None,
+    param_names: Optional[Sequence[str]] = None,
+    max_masks: int = 2**12,
+) -> ModelManifold:
+    r"""The model manifold of the dropout mixture ``theta -> eta_mix(theta)`` (theory.md 4.3).
+
+    .. math::  \eta^{(m)}_{mix}(x) = \log \sum_m w_m\, \mathrm{softmax}(\eta(x; m)),\qquad
+               \eta^{(e)}_{mix}(x) = \sum_m w_m\, \eta(x; m)
+
+    with ``w_m`` the mask probabilities (exact enumeration) or ``1/M`` (``M``
+    common random masks, drawn once with ``generator`` and shared by all inputs).
+
+    Invariance: the curvature measures computed on this manifold have the
+    invariance status they have on any manifold (module
+    :mod:`dropgeom.curvature.invariant`).
+
+    Args:
+        model: the network with ``nn.Dropout`` layers (their ``p`` is used unless ``p`` is given).
+        inputs: inputs with leading sample axis ``n``.
+        family: ``categorical`` or ``bernoulli`` for ``kind="m"``; any family for ``kind="e"``.
+        kind: ``"m"`` (predictive average) or ``"e"`` (average of natural parameters).
+        p: drop probability for every dropout layer (default: each module's own).
+        masks: ``"exact"`` (all ``2^U`` masks, at most ``max_masks``) or an int ``M >= 1``.
+        generator: random generator for ``masks=M``.
+        layers: restrict the mixture to these dropout layers (the others act as identity).
+        param_names: the manifold's free parameters (default all).
+        max_masks: cap on ``2^U`` for exact enumeration.
+
+    Returns:
+        A :class:`~dropgeom.ModelManifold` (its ``forward`` averages over the masks).
+
+    Raises:
+        ValueError: the model has no dropout layer, every drop probability is 0
+            (the mixture would be the deterministic model), an unknown ``kind`` or
+            ``masks``, ``kind="m"`` with a family other than categorical/bernoulli,
+            or too many masks for exact enumeration.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Dropout(0.3), nn.Linear(3, 2)).double()
+        >>> x = torch.randn(4, 2, dtype=torch.float64)
+        >>> e = dropout_mixture_manifold(net, x, kind="e")   # mask feeds a linear layer: e-mixture = weight scaling
+        >>> torch.allclose(e.eta(), net.eval()(x))
+        True
+        >>> m = dropout_mixture_manifold(net, x, kind="m")
+        >>> bool(torch.allclose(m.eta().exp().sum(-1), torch.ones(4, dtype=torch.float64)))
+        True
+    """
+    from ..dropout.explicit import forward_with_masks
+    from ..dropout.masks import enumerate_masks, find_dropout, resolve_p, sample_masks
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if kind not in MIXTURE_KINDS:
+        raise ValueError(f"kind must be one of {list(MIXTURE_KINDS)} (m- or e-mixture), got {kind!r}")
+    fam = get_family(family)
+    if kind == "m" and fam.name not in ("categorical", "bernoulli"):
+        raise ValueError(
+            f"the m-mixture of {fam.name!r} distributions is not in the family; use kind='e', or a categorical/bernoulli model"
+        )
+    try:
+        mods = find_dropout(model, layers)
+    except ValueError as err:
+        raise ValueError(f"a dropout mixture needs a model with dropout layers: {err}") from None
+    if not mods:
+        raise ValueError("a dropout mixture needs a model with nn.Dropout layers; this model has none")
+    ps = resolve_p(mods, p)
+    if all(q == 0 for q in ps.values()):
+        raise ValueError("every dropout layer has p = 0: the mixture is the deterministic model; set p > 0")
+    x = inputs if isinstance(inputs, Tensor) else inputs[0]
+    if masks == "exact":
+        en = enumerate_masks(model, x[:1], p, list(mods), max_masks=max_masks)
+        mk, w = en.masks, en.probs
+    elif isinstance(masks, int) and not isinstance(masks, bool) and masks >= 1:
+        probe = x[:1].expand(masks, *x.shape[1:])
+        mk = sample_masks(model, probe, "bernoulli", p, list(mods), generator)
+        w = torch.full((masks,), 1.0 / masks, dtype=next(iter(mk.values())).dtype)
+    else:
+        raise ValueError(f"masks must be 'exact' or a positive int (common random masks), got {masks!r}")
+    M = int(w.shape[0])
+    logw = w.log()
+    names = list(mk)
+
+    def forward(params, ins):
+        n = ins[0].shape[0]
+        rep = tuple(t.repeat(M, *([1] * (t.dim() - 1))) for t in ins)  # mask-major: block m holds all n inputs
+        masks_rep = {k: mk[k].to(rep[0].dtype).repeat_interleave(n, 0) for k in names}
+        eta = forward_with_masks(model, rep, masks_rep, params=params)
+        eta = eta.reshape(M, n, -1)
+        if kind == "e":
+            return torch.einsum("m,mnk->nk", w.to(eta.dtype), eta)
+        lw = logw.to(eta.dtype)[:, None, None]
+        if fam.name == "categorical":
+            return torch.logsumexp(lw + torch.log_softmax(eta, -1), 0)
+        return torch.logsumexp(lw + nn.functional.logsigmoid(eta), 0) - torch.logsumexp(
+            lw + nn.functional.logsigmoid(-eta), 0
+        )
+
+    return ModelManifold(model, inputs, fam, param_names=param_names, forward=forward)
