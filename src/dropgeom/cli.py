@@ -128,9 +128,6 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     try:
         report = reproduce(config, out, progress=not args.no_progress, threads=args.threads, workers=args.workers)
     except KeyboardInterrupt:
-        from .pool import exit_on_next_interrupt
-
-        exit_on_next_interrupt()
         print(f"\ndropgeom reproduce: interrupted; finished units are saved in {out}; run the same command again to resume", file=sys.stderr)
         return 130
     print(f"\nreport: {report}  (and {report.with_suffix('.html')})  in {time.perf_counter() - t0:.1f} s")
@@ -400,18 +397,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .pool import interrupt_once_then_exit, leave_after_interrupt
+
+    with interrupt_once_then_exit() as presses:
+        code = _dispatch(args, debug)
+    if presses[0] and not debug:
+        leave_after_interrupt(code)
+    return code
+
+
+def _dispatch(args: argparse.Namespace, debug: bool) -> int:
+    """Run the chosen command; bad input and interrupts become one line on stderr and an exit code."""
     from .config import ConfigError
     from .rundir import RunDirError
 
-    from .pool import interrupt_once_then_exit
-
-    interrupt_once_then_exit()
     try:
         return int(args.fn(args) or 0)
-    except KeyboardInterrupt:
-        from .pool import exit_on_next_interrupt
-
-        exit_on_next_interrupt()
+    except KeyboardInterrupt:  # a second press exits at once (interrupt_once_then_exit)
         if debug:
             raise
         print(f"\ndropgeom {args.command}: interrupted", file=sys.stderr)

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -32,7 +33,7 @@ import time
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
-__all__ = ["WorkerPool", "WorkerDied", "exit_on_next_interrupt", "interrupt_once_then_exit"]
+__all__ = ["WorkerPool", "WorkerDied", "exit_on_next_interrupt", "interrupt_once_then_exit", "leave_after_interrupt"]
 
 #: seconds between two checks of the watchdog thread in a worker
 WATCHDOG_SECONDS = 0.5
@@ -216,16 +217,21 @@ def exit_on_next_interrupt(message: str = "interrupted again: exiting now", code
     signal.signal(signal.SIGINT, handler)
 
 
-def interrupt_once_then_exit(message: str = "interrupted again: exiting now", code: int = 130) -> None:
-    """Install, before any work starts, a Ctrl-C handler: the first press raises ``KeyboardInterrupt`` (the caller
-    cleans up), every later one exits at once with ``code`` and one line, no traceback.
+@contextlib.contextmanager
+def interrupt_once_then_exit(message: str = "interrupted again: exiting now", code: int = 130) -> Iterator[List[int]]:
+    """While active, Ctrl-C works in two steps: the first press raises ``KeyboardInterrupt`` (the caller cleans up),
+    every later one exits at once with ``code`` and one line, no traceback. Yields the press count (a list of one
+    int); the previous handler is restored on exit.
 
-    Installed up front, so a second press that comes while the first one is being handled cannot fall into Python's
-    default handler (which would end the process by SIGINT with a traceback). A no-op outside the main thread.
+    Installed before any work starts, so a second press that comes while the first one is being handled cannot fall
+    into Python's default handler. After an interrupt the caller should leave with ``os._exit`` (see
+    :func:`leave_after_interrupt`): during interpreter shutdown Python resets SIGINT to its default action, and a
+    press then would end the process by the signal. A no-op outside the main thread.
     """
-    if threading.current_thread() is not threading.main_thread():
-        return
     presses = [0]
+    if threading.current_thread() is not threading.main_thread():
+        yield presses
+        return
 
     def handler(signum: int, frame: Any) -> None:
         presses[0] += 1
@@ -236,4 +242,19 @@ def interrupt_once_then_exit(message: str = "interrupted again: exiting now", co
         finally:
             os._exit(code)
 
-    signal.signal(signal.SIGINT, handler)
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield presses
+    finally:
+        if not presses[0]:
+            signal.signal(signal.SIGINT, old)
+
+
+def leave_after_interrupt(code: int = 130) -> None:
+    """Exit now with ``code``, streams flushed, skipping interpreter shutdown (workers are already gone)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
