@@ -72,6 +72,10 @@ def test_memory_budget_chunks_tensor_inputs():
     ref = fisher(ModelManifold(net, x), "exact", "diag").diag()
     tiny = fisher_streamed(net, x, structure="diag", memory_budget=2000)  # a few inputs per chunk
     torch.testing.assert_close(tiny.diag(), ref, atol=1e-12, rtol=1e-10)
+    big_batches = fisher_streamed(net, [x[:30], x[30:]], structure="diag", memory_budget=2000)  # loader batches split
+    torch.testing.assert_close(big_batches.diag(), ref, atol=1e-12, rtol=1e-10)
+    with pytest.raises(ValueError, match="memory_budget"):
+        fisher_streamed(net, x, structure="diag", memory_budget=0)
 
 
 def test_mc_is_reproducible_and_unbiased():

@@ -281,8 +281,8 @@ def fisher_streamed(
         model: the network (evaluated in eval mode, as :class:`~dropgeom.manifold.ModelManifold` does).
         data: a tensor of inputs (with ``targets=`` for the empirical kind) or an iterable of batches.
         family, kind, structure, n_samples, reduction, param_names: as for :func:`~dropgeom.fisher.fisher`.
-        batch_size: rows per chunk for tensor ``data``; default from ``memory_budget``.
-        memory_budget: bytes one chunk may use (tensor ``data`` without ``batch_size``).
+        batch_size: rows per chunk (at most); default: as many as ``memory_budget`` allows.
+        memory_budget: bytes one chunk may use; loader batches larger than that are split (the sums do not change).
         generator: random generator for ``mc``; or ``seed=`` (rank ``r`` of a process group uses ``seed + r``).
 
     Returns:
@@ -326,15 +326,22 @@ def fisher_streamed(
         )
     if memory_budget <= 0:
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
-    if batch_size is None and (isinstance(data, Tensor) or isinstance(data, tuple)):
-        inputs0 = (data,) if isinstance(data, Tensor) else tuple(data)
-        if inputs0 and all(isinstance(t, Tensor) for t in inputs0) and inputs0[0].dim() and inputs0[0].shape[0]:
-            with torch.no_grad():
-                k = model(*(t[:1] for t in inputs0)).shape[-1]
-            batch_size = auto_batch_size(model, inputs0, columns=max(int(k), 1) * max(n_samples, 1), memory_budget=memory_budget)
+    chunk: List[Optional[int]] = [batch_size]
 
     def batches() -> Iterator[Batch]:
-        return iter_batches(data, targets, batch_size=batch_size)
+        # batches larger than the memory budget allows are split (tensor data: chunks of batch_size rows)
+        for inputs, tgt in iter_batches(data, targets, batch_size=batch_size if isinstance(data, (Tensor, tuple)) else None):
+            if chunk[0] is None:
+                with torch.no_grad():
+                    k = model(*(t[:1] for t in inputs)).shape[-1]
+                chunk[0] = auto_batch_size(model, inputs, columns=max(int(k), 1) * max(n_samples, 1), memory_budget=memory_budget)
+            step = int(chunk[0])
+            n_b = inputs[0].shape[0]
+            if n_b <= step:
+                yield inputs, tgt
+                continue
+            for start in range(0, n_b, step):
+                yield tuple(t[start : start + step] for t in inputs), None if tgt is None else tgt[start : start + step]
 
     def batch_operator(b: int, inputs: Tuple[Tensor, ...], tgt: Optional[Tensor], struct: Structure) -> Tuple[CurvatureOperator, int]:
         gen = torch.Generator(device=device).manual_seed(base_seed + b) if kind is FisherKind.MC else None
