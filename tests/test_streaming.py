@@ -166,3 +166,28 @@ def test_two_gloo_processes_equal_one(tmp_path, perturb):
 
 def test_parameter_check_is_silent_without_a_process_group():
     check_same_parameters(_mlp())
+
+
+def test_dropout_terms_and_gap_streamed_equal_in_memory():
+    from dropgeom import dropout
+    from dropgeom.streaming import stream_mean
+
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Dropout(0.3), nn.Linear(6, 3)).double()
+    x, y = torch.randn(N, 5, dtype=torch.float64), torch.randint(0, 3, (N,))
+    ref = dropout.terms(net, x, y)
+    got = stream_mean(lambda inp, t: dropout.terms(net, inp[0], t), DataLoader(TensorDataset(x, y), batch_size=8))
+    for f in ("fisher", "curvature_gaussian", "divergence", "curvature_bernoulli"):
+        assert getattr(got, f) == pytest.approx(getattr(ref, f), rel=1e-10, abs=1e-14)
+    for layer, d in ref.per_unit.items():
+        for k, t in d.items():
+            torch.testing.assert_close(got.per_unit[layer][k], t, atol=1e-12, rtol=1e-10)
+    g_ref = dropout.gap(net, x, y, p=0.3, method="exact")
+    g = stream_mean(lambda inp, t: dropout.gap(net, inp[0], t, p=0.3, method="exact"), x, y, batch_size=10)
+    assert g.value == pytest.approx(g_ref.value, rel=1e-10) and g.p == g_ref.p and g.method == "exact"
+    # independent MC batch estimates: the standard errors add in quadrature
+    gm = stream_mean(
+        lambda inp, t: dropout.gap(net, inp[0], t, p=0.3, method="mc", n_samples=200, generator=torch.Generator().manual_seed(0)),
+        x, y, batch_size=10,
+    )
+    assert 0 < gm.stderr and abs(gm.value - g_ref.value) < 5 * gm.stderr

@@ -67,7 +67,9 @@ from .operators import (
     KroneckerBlock,
 )
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "Batch", "iter_batches", "auto_batch_size", "fisher_streamed", "check_same_parameters"]
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET", "Batch", "iter_batches", "auto_batch_size", "fisher_streamed", "stream_mean", "check_same_parameters",
+]
 
 #: Default bytes one streamed chunk of a tensor input may use for its back-propagated factors (1 GiB).
 DEFAULT_MEMORY_BUDGET = 1024**3
@@ -432,3 +434,99 @@ def _implicit(
 
     meta = dict(kind=probe.kind, structure="implicit", reduction=reduction.value, n=N)
     return ImplicitOperator(matmat, probe.size, probe.dtype, probe.device, diag_fn=diag, **meta)
+
+
+# ----------------------------------------------------------------------------- any mean over inputs
+def _leaves(obj: Any, path: str, keep: Sequence[str], stderr: Sequence[str], out: List[Tuple[str, str, Any]]) -> None:
+    """Flatten a result into ``(path, role, value)`` leaves; role is ``mean``, ``stderr`` or ``keep``."""
+    name = path.rsplit(".", 1)[-1]
+    if name in keep:
+        out.append((path, "keep", obj))
+    elif isinstance(obj, dict):
+        for k in obj:
+            _leaves(obj[k], f"{path}.{k}", keep, stderr, out)
+    elif hasattr(obj, "_fields"):  # NamedTuple
+        for k in obj._fields:
+            _leaves(getattr(obj, k), f"{path}.{k}", keep, stderr, out)
+    elif hasattr(obj, "__dataclass_fields__"):
+        for k in obj.__dataclass_fields__:
+            _leaves(getattr(obj, k), f"{path}.{k}", keep, stderr, out)
+    elif isinstance(obj, Tensor) and obj.is_floating_point() or isinstance(obj, float):
+        out.append((path, "stderr" if name in stderr else "mean", obj))
+    else:  # ints, strings, flags: configuration, the same for every batch
+        out.append((path, "keep", obj))
+
+
+def _rebuild_result(obj: Any, path: str, values: dict) -> Any:
+    if path in values:
+        return values[path]
+    if isinstance(obj, dict):
+        return {k: _rebuild_result(v, f"{path}.{k}", values) for k, v in obj.items()}
+    if hasattr(obj, "_fields"):
+        return type(obj)(*(_rebuild_result(getattr(obj, k), f"{path}.{k}", values) for k in obj._fields))
+    if hasattr(obj, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.replace(obj, **{k: _rebuild_result(getattr(obj, k), f"{path}.{k}", values) for k in obj.__dataclass_fields__ if obj.__dataclass_fields__[k].init})
+    return obj
+
+
+def stream_mean(
+    fn: Callable[[Tuple[Tensor, ...], Optional[Tensor]], Any],
+    data: Data,
+    targets: Optional[Tensor] = None,
+    *,
+    batch_size: Optional[int] = None,
+    keep: Sequence[str] = ("p",),
+    stderr: Sequence[str] = ("stderr",),
+) -> Any:
+    r"""A mean over inputs, :math:`\bar q = \frac1N \sum_b n_b \bar q_b`, of any result ``fn(inputs, targets)`` over batches.
+
+    Every floating leaf of the result (floats, floating tensors, inside dicts, NamedTuples and dataclasses) is the
+    size-weighted mean of its per-batch values, all-reduced over ranks under ``torch.distributed``; leaves named in
+    ``stderr`` are standard errors of independent batch estimates and combine as
+    :math:`\sqrt{\sum_b (n_b/N)^2 s_b^2}`; leaves named in ``keep`` and non-float leaves (ints, strings) are taken
+    from the first batch. This is exact for every quantity defined as a mean over inputs (docs/theory.md: the
+    dropout terms and gap of section 4, the penalty's value), whatever the batch sizes.
+
+    Raises:
+        ValueError: on an empty data set or disagreeing batches (see :func:`iter_batches`).
+
+    Example:
+        >>> import torch
+        >>> x = torch.arange(10.0)[:, None]
+        >>> stream_mean(lambda inp, t: {"mean": inp[0].mean(), "count": 1}, x, batch_size=3)
+        {'mean': tensor(4.5000), 'count': 1}
+    """
+    sums: Optional[List[Any]] = None
+    first: Optional[Any] = None
+    leaves0: List[Tuple[str, str, Any]] = []
+    n_local = 0
+    for inputs, tgt in iter_batches(data, targets, batch_size=batch_size):
+        res = fn(inputs, tgt)
+        n_b = inputs[0].shape[0]
+        leaves: List[Tuple[str, str, Any]] = []
+        _leaves(res, "", keep, stderr, leaves)
+        if first is None:
+            first, leaves0 = res, leaves
+            sums = [None] * len(leaves)
+        elif [(p, r) for p, r, _ in leaves] != [(p, r) for p, r, _ in leaves0]:
+            raise ValueError("the function returned results of different structure for different batches")
+        assert sums is not None
+        for i, (_, role, v) in enumerate(leaves):
+            if role == "keep":
+                continue
+            v = v.detach() if isinstance(v, Tensor) else torch.tensor(float(v), dtype=torch.float64)
+            contrib = v * n_b if role == "mean" else (v * n_b) ** 2
+            sums[i] = contrib if sums[i] is None else sums[i] + contrib
+        n_local += n_b
+    assert first is not None and sums is not None
+    N = float(_all_reduce(torch.tensor([float(n_local)], dtype=torch.float64)).item())
+    values = {}
+    for (path, role, v0), s in zip(leaves0, sums):
+        if role == "keep":
+            continue
+        s = _all_reduce(s.clone())
+        out = s / N if role == "mean" else s.sqrt() / N
+        values[path] = out if isinstance(v0, Tensor) else float(out)
+    return _rebuild_result(first, "", values)
