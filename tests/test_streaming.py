@@ -109,6 +109,8 @@ def test_bad_input_is_named():
         list(iter_batches([x], targets=y))
     with pytest.raises(ValueError, match="batch 0: 5 inputs but targets"):
         fisher_streamed(net, [(x[:5], y[:4])], structure="diag")
+    with pytest.raises(ValueError, match=r"batch 0: the model cannot take inputs of shape \(5, 3\)"):
+        fisher_streamed(net, [(x[:5, :3], y[:5])], structure="diag")
     with pytest.raises(ValueError, match="unknown structure"):
         fisher_streamed(net, x, structure="triangular")
 

@@ -252,8 +252,12 @@ def check_same_parameters(model: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------- the Fisher
-def _family_name(family: Union[str, ExponentialFamily]) -> str:
-    return family if isinstance(family, str) else family.name
+def _misfit(b: int, inputs: Tuple[Tensor, ...], err: Exception) -> ValueError:
+    shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs)
+    return ValueError(
+        f"batch {b}: the model cannot take inputs of shape {shapes} ({str(err).splitlines()[0]}); a batch is inputs or "
+        "(inputs, targets), and a model with several inputs takes ((x1, x2), targets)"
+    )
 
 
 def fisher_streamed(
@@ -334,8 +338,11 @@ def fisher_streamed(
         # batches larger than the memory budget allows are split (tensor data: chunks of batch_size rows)
         for inputs, tgt in iter_batches(data, targets, batch_size=batch_size if isinstance(data, (Tensor, tuple)) else None):
             if chunk[0] is None:
-                with torch.no_grad():
-                    k = model(*(t[:1] for t in inputs)).shape[-1]
+                try:
+                    with torch.no_grad():
+                        k = model(*(t[:1] for t in inputs)).shape[-1]
+                except (RuntimeError, TypeError) as err:
+                    raise _misfit(0, inputs, err) from err
                 chunk[0] = auto_batch_size(model, inputs, columns=max(int(k), 1) * max(n_samples, 1), memory_budget=memory_budget)
             step = int(chunk[0])
             n_b = inputs[0].shape[0]
@@ -349,7 +356,10 @@ def fisher_streamed(
         gen = torch.Generator(device=device).manual_seed(base_seed + b) if kind is FisherKind.MC else None
         if kind is FisherKind.EMPIRICAL and tgt is None:
             raise ValueError("the empirical Fisher needs observed labels: batches of (inputs, targets), or targets= for tensors")
-        m = ModelManifold(model, inputs if len(inputs) > 1 else inputs[0], family, param_names=param_names)
+        try:
+            m = ModelManifold(model, inputs if len(inputs) > 1 else inputs[0], family, param_names=param_names)
+        except (RuntimeError, TypeError) as err:
+            raise _misfit(b, inputs, err) from err
         op = fisher(
             m, kind, struct, targets=tgt if kind is FisherKind.EMPIRICAL else None,
             n_samples=n_samples, generator=gen, reduction="sum",
