@@ -175,6 +175,58 @@ def _scaling(n: int, make: str) -> Dict[int, float]:
     return out
 
 
+def _fd_epoch_worker(rank: int, world: int, port: int, n: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from dropgeom.train import train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        x, y, _ = _data(n)
+        x = x.flatten(1)
+        shard = slice(rank * n // world, (rank + 1) * n // world)
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 10))
+        ddp = nn.parallel.DistributedDataParallel(net)
+        opts = {"p": 0.2, "estimator": "mc"}
+        train(ddp, (x[shard][:256], y[shard][:256]), "fisher_dropout", objective_options=opts, epochs=1, batch_size=256 // world, progress=False, seed=rank)
+        dist.barrier()
+        t0 = time.perf_counter()
+        train(ddp, (x[shard], y[shard]), "fisher_dropout", objective_options=opts, epochs=1, batch_size=256 // world, progress=False, seed=rank)
+        dist.barrier()
+        if rank == 0:
+            pathlib.Path(out).write_text(str(time.perf_counter() - t0))
+    finally:
+        dist.destroy_process_group()
+
+
+def _tiny_unit(i: int) -> float:
+    return float(torch.randn(64, 64).matmul(torch.randn(64, 64)).sum()) + i
+
+
+def _executor_overhead(units: int = 20) -> Dict[str, Tuple[float, float]]:
+    """Seconds to start each executor, and seconds per tiny unit once started (2 workers)."""
+    from dropgeom.experiments.executors import make_executor
+
+    out: Dict[str, Tuple[float, float]] = {}
+    for kind in ("process", "ray"):
+        try:
+            t0 = time.perf_counter()
+            ex = make_executor(kind, workers=2)
+            ex.submit(_tiny_unit, -1).result()  # workers up
+            started = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            for f in [ex.submit(_tiny_unit, i) for i in range(units)]:
+                f.result()
+            out[kind] = (started, (time.perf_counter() - t1) / units)
+            ex.shutdown()
+        except ImportError as err:
+            print(f"  {kind}: {err}", flush=True)
+    return out
+
+
 def main(quick: bool = False) -> None:
     torch.set_num_threads(1)
     n = 6000 if quick else 60000
@@ -213,6 +265,21 @@ def main(quick: bool = False) -> None:
                     }
                 )
         print_table(rows, title=f"{name}, {n} inputs (fwd+bwd over the loader: {unit:.2f} s)")
+    import tempfile
+
+    m = 2048 if quick else 8192
+    t_fd: Dict[int, float] = {}
+    for world in (1, 2):
+        f = os.path.join(tempfile.mkdtemp(), "t")
+        mp.spawn(_fd_epoch_worker, args=(world, _free_port(), m, f), nprocs=world, join=True)
+        t_fd[world] = float(pathlib.Path(f).read_text())
+    print(
+        f"\nstrong scaling, one Fisher-dropout epoch (mc estimator, MLP 784-256-256-10, {m} inputs, global batch 256, DDP): "
+        f"1 process {t_fd[1]:.2f} s, 2 gloo processes {t_fd[2]:.2f} s, efficiency {t_fd[1] / (2 * t_fd[2]):.2f}",
+        flush=True,
+    )
+    for kind, (start, per_unit) in _executor_overhead().items():
+        print(f"executor {kind}: start {start:.2f} s, {1000 * per_unit:.1f} ms per tiny unit (20 units, 2 workers)", flush=True)
     for make in ("mlp", "cnn"):
         t = _scaling(n // 2 if quick else n // 4, make)
         print(
