@@ -208,20 +208,18 @@ def _tiny_unit(i: int) -> float:
 
 def _executor_overhead(units: int = 20) -> Dict[str, Tuple[float, float]]:
     """Seconds to start each executor, and seconds per tiny unit once started (2 workers)."""
-    from dropgeom.experiments.executors import make_executor
+    from dropgeom.experiments.executors import make_pool
 
     out: Dict[str, Tuple[float, float]] = {}
     for kind in ("process", "ray"):
         try:
             t0 = time.perf_counter()
-            ex = make_executor(kind, workers=2)
-            ex.submit(_tiny_unit, -1).result()  # workers up
-            started = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            for f in [ex.submit(_tiny_unit, i) for i in range(units)]:
-                f.result()
-            out[kind] = (started, (time.perf_counter() - t1) / units)
-            ex.shutdown()
+            with make_pool(_tiny_unit, workers=2, kind=kind) as pool:
+                list(pool.imap_unordered([-1, -2]))  # workers up
+                started = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                list(pool.imap_unordered(range(units)))
+                out[kind] = (started, (time.perf_counter() - t1) / units)
         except ImportError as err:
             print(f"  {kind}: {err}", flush=True)
     return out

@@ -1,4 +1,4 @@
-"""Executors of a sweep: the process pool, Ray (local, 2 CPUs) when installed, and their errors."""
+"""Executors of a sweep: the process pool and Ray (local, 2 CPUs), one interface; their errors."""
 
 import socket
 import sys
@@ -6,28 +6,33 @@ import time
 
 import pytest
 
-from dropgeom.experiments.executors import ExecutorKind, check_address, make_executor
+from dropgeom.experiments.executors import ExecutorKind, check_address, make_pool
 
 
 def _square(x: int) -> int:
+    if x < 0:
+        raise ValueError("negative unit")
     return x * x
 
 
+def _run(pool, items):
+    started = []
+    with pool:
+        out = dict(pool.imap_unordered(items, on_start=started.append))
+    return out, started
+
+
 def test_process_pool_runs_units():
-    ex = make_executor("process", workers=2)
-    try:
-        assert sorted(f.result() for f in [ex.submit(_square, i) for i in range(5)]) == [0, 1, 4, 9, 16]
-    finally:
-        ex.shutdown()
+    out, started = _run(make_pool(_square, workers=2), [1, 2, 3, -1])
+    assert {k: v for k, v in out.items() if k >= 0} == {1: 1, 2: 4, 3: 9} and isinstance(out[-1], ValueError)
+    assert sorted(started) == [-1, 1, 2, 3]
 
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="unknown executor 'dask'"):
-        make_executor("dask")
-    with pytest.raises(ValueError, match="workers must be a positive integer"):
-        make_executor("process", workers=0)
+        make_pool(_square, kind="dask")
     with pytest.raises(ValueError, match="--address goes with --executor ray"):
-        make_executor("process", address="127.0.0.1:6379")
+        make_pool(_square, kind="process", address="127.0.0.1:6379")
     with pytest.raises(ValueError, match="not of the form host:port"):
         check_address("nonsense")
 
@@ -45,13 +50,12 @@ def test_unreachable_address_fails_fast():
 def test_ray_missing_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(ImportError, match=r"pip install 'dropgeom\[ray\]'"):
-        make_executor(ExecutorKind.RAY)
+        make_pool(_square, kind=ExecutorKind.RAY)
 
 
-def test_ray_local_runs_units():
+def test_ray_local_runs_units_with_the_same_interface():
     pytest.importorskip("ray")
-    ex = make_executor("ray", workers=2)
-    try:
-        assert sorted(f.result(timeout=120) for f in [ex.submit(_square, i) for i in range(4)]) == [0, 1, 4, 9]
-    finally:
-        ex.shutdown(cancel_futures=True)
+    out, started = _run(make_pool(_square, workers=2, kind="ray"), [0, 1, 2, 3, -5])
+    assert {k: v for k, v in out.items() if k >= 0} == {0: 0, 1: 1, 2: 4, 3: 9}
+    assert isinstance(out[-5], ValueError) and "negative unit" in str(out[-5])
+    assert sorted(started) == [-5, 0, 1, 2, 3]
