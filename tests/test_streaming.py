@@ -193,3 +193,22 @@ def test_dropout_terms_and_gap_streamed_equal_in_memory():
         x, y, batch_size=10,
     )
     assert 0 < gm.stderr and abs(gm.value - g_ref.value) < 5 * gm.stderr
+
+
+@pytest.mark.parametrize("structure", STRUCTURES + ["implicit"])
+@pytest.mark.parametrize("kind", ["exact", "mc", "empirical"])
+def test_fisher_chunks_large_tensor_inputs_internally(structure, kind):
+    """fisher() on a tensor too large for its chunk budget sums chunks; same result as one pass (same draws for mc)."""
+    net = _cnn()
+    x, y = _data(net)
+    m = ModelManifold(net, x)
+    per_input = m.activation_numel() * 4 * 8  # ~4 columns, float64: a budget of ~5 inputs per chunk
+    kw = dict(targets=y if kind == "empirical" else None, n_samples=2)
+    one = fisher(m, kind, structure, generator=torch.Generator().manual_seed(0), **kw)
+    chunked = fisher(m, kind, structure, generator=torch.Generator().manual_seed(0), chunk_bytes=5 * per_input, **kw)
+    assert chunked.meta.n == N and chunked.structure == structure
+    torch.testing.assert_close(_dense(chunked), _dense(one), atol=1e-10, rtol=1e-10)
+    if structure == "implicit":
+        torch.testing.assert_close(chunked.diag(), one.diag(), atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        fisher(m, kind, structure, chunk_bytes=0, **kw)

@@ -21,10 +21,9 @@ all-in-memory factors exactly.
   ``((x1, x2), y)``. A batch of exactly two tensors is therefore always read as ``(inputs, targets)``; a *list*
   is always a list of batches, a *tuple* of tensors always the inputs of one data set.
 
-**Memory.** Peak memory is that of one batch: for tensor inputs without ``batch_size`` the chunk size is chosen so
-that the backward-propagated factors of one chunk stay under ``memory_budget`` bytes (default
-:data:`DEFAULT_MEMORY_BUDGET`, 1 GiB), estimated from one forward pass over one input (activation sizes times the
-number of factor columns; a heuristic, documented as such).
+**Memory.** Peak memory is that of one batch, and within a batch :func:`~dropgeom.fisher.fisher` keeps the
+back-propagated factors of one chunk under ``memory_budget`` bytes (default :data:`DEFAULT_MEMORY_BUDGET`, 1 GiB;
+estimated from one forward pass over one input: activation sizes times the number of factor columns, a heuristic).
 
 **Monte Carlo kinds** draw one base seed from ``generator`` (or take ``seed=``); batch ``b`` of rank ``r`` then draws
 its labels from a generator seeded with ``base + 1_000_003 r + b``. The draws are reproducible, differ between ranks,
@@ -56,23 +55,15 @@ from torch import Tensor, nn
 
 from .families import ExponentialFamily
 from .fisher import FisherKind, Reduction, Structure, _enum, fisher
-from .manifold import ModelManifold
-from .operators import (
-    BlockDiagonalOperator,
-    CurvatureOperator,
-    DenseOperator,
-    DiagonalOperator,
-    ImplicitOperator,
-    KFACOperator,
-    KroneckerBlock,
-)
+from .manifold import DEFAULT_CHUNK_BYTES, ModelManifold
+from .operators import CurvatureOperator, ImplicitOperator, operator_from_parts, operator_parts
 
 __all__ = [
-    "DEFAULT_MEMORY_BUDGET", "Batch", "iter_batches", "auto_batch_size", "fisher_streamed", "stream_mean", "check_same_parameters",
+    "DEFAULT_MEMORY_BUDGET", "Batch", "iter_batches", "fisher_streamed", "stream_mean", "check_same_parameters",
 ]
 
-#: Default bytes one streamed chunk of a tensor input may use for its back-propagated factors (1 GiB).
-DEFAULT_MEMORY_BUDGET = 1024**3
+#: Default bytes the back-propagated factors of one chunk of inputs may use (1 GiB).
+DEFAULT_MEMORY_BUDGET = DEFAULT_CHUNK_BYTES
 
 Batch = Tuple[Tuple[Tensor, ...], Optional[Tensor]]
 Data = Union[Tensor, Tuple[Tensor, ...], Iterable[Any]]
@@ -172,40 +163,6 @@ def iter_batches(
         raise ValueError("the data loader yielded no batches (an empty data set)")
 
 
-def auto_batch_size(model: nn.Module, inputs: Tuple[Tensor, ...], columns: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
-    """Rows per chunk so that ``columns`` back-propagated factors per input stay under ``memory_budget`` bytes.
-
-    Heuristic: one forward pass over the first input counts the elements of every module output ``a``; a chunk of
-    ``b`` inputs then holds about ``b * a * (columns + 2)`` elements (activations, their gradients for each factor
-    column, and the layer inputs).
-
-    Raises:
-        ValueError: if ``memory_budget`` or ``columns`` is not positive.
-
-    Example:
-        >>> import torch
-        >>> net = torch.nn.Sequential(torch.nn.Linear(10, 100), torch.nn.Linear(100, 3))
-        >>> auto_batch_size(net, (torch.zeros(7, 10),), columns=2, memory_budget=10**6) > 0
-        True
-    """
-    if memory_budget <= 0 or columns <= 0:
-        raise ValueError(f"memory_budget and columns must be positive, got {memory_budget} and {columns}")
-    sizes: List[int] = []
-    hooks = [
-        m.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel() if isinstance(out, Tensor) else 0))
-        for m in model.modules()
-        if not list(m.children())
-    ]
-    try:
-        with torch.no_grad():
-            model(*(t[:1] for t in inputs))
-    finally:
-        for h in hooks:
-            h.remove()
-    per_input = max(sum(sizes), 1) * (columns + 2) * inputs[0].element_size()
-    return max(1, int(memory_budget // per_input))
-
-
 # ----------------------------------------------------------------------------- distributed
 def _dist() -> Optional[Any]:
     """``torch.distributed`` when a process group is initialised, else ``None``."""
@@ -287,8 +244,8 @@ def fisher_streamed(
         model: the network (evaluated in eval mode, as :class:`~dropgeom.manifold.ModelManifold` does).
         data: a tensor of inputs (with ``targets=`` for the empirical kind) or an iterable of batches.
         family, kind, structure, n_samples, reduction, param_names: as for :func:`~dropgeom.fisher.fisher`.
-        batch_size: rows per chunk (at most); default: as many as ``memory_budget`` allows.
-        memory_budget: bytes one chunk may use; loader batches larger than that are split (the sums do not change).
+        batch_size: rows per batch for tensor ``data`` (default: one batch, chunked under ``memory_budget``).
+        memory_budget: bytes the factors of one chunk may use; larger batches are processed in chunks.
         generator: random generator for ``mc``; or ``seed=`` (rank ``r`` of a process group uses ``seed + r``).
 
     Returns:
@@ -332,25 +289,8 @@ def fisher_streamed(
         )
     if memory_budget <= 0:
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
-    chunk: List[Optional[int]] = [batch_size]
-
     def batches() -> Iterator[Batch]:
-        # batches larger than the memory budget allows are split (tensor data: chunks of batch_size rows)
-        for inputs, tgt in iter_batches(data, targets, batch_size=batch_size if isinstance(data, (Tensor, tuple)) else None):
-            if chunk[0] is None:
-                try:
-                    with torch.no_grad():
-                        k = model(*(t[:1] for t in inputs)).shape[-1]
-                except (RuntimeError, TypeError) as err:
-                    raise _misfit(0, inputs, err) from err
-                chunk[0] = auto_batch_size(model, inputs, columns=max(int(k), 1) * max(n_samples, 1), memory_budget=memory_budget)
-            step = int(chunk[0])
-            n_b = inputs[0].shape[0]
-            if n_b <= step:
-                yield inputs, tgt
-                continue
-            for start in range(0, n_b, step):
-                yield tuple(t[start : start + step] for t in inputs), None if tgt is None else tgt[start : start + step]
+        return iter_batches(data, targets, batch_size=batch_size if isinstance(data, (Tensor, tuple)) else None)
 
     def batch_operator(b: int, inputs: Tuple[Tensor, ...], tgt: Optional[Tensor], struct: Structure) -> Tuple[CurvatureOperator, int]:
         gen = torch.Generator(device=device).manual_seed(base_seed + b) if kind is FisherKind.MC else None
@@ -362,7 +302,7 @@ def fisher_streamed(
             raise _misfit(b, inputs, err) from err
         op = fisher(
             m, kind, struct, targets=tgt if kind is FisherKind.EMPIRICAL else None,
-            n_samples=n_samples, generator=gen, reduction="sum",
+            n_samples=n_samples, generator=gen, reduction="sum", chunk_bytes=memory_budget,
         )
         return op, m.n
 
@@ -374,7 +314,7 @@ def fisher_streamed(
     n_local = 0
     for b, (inputs, tgt) in enumerate(batches()):
         op, n_b = batch_operator(b, inputs, tgt, structure)
-        parts = _parts(op, n_b)
+        parts = operator_parts(op, n_b)
         total = parts if total is None else [a.add_(b) for a, b in zip(total, parts)]
         template = template or op
         n_local += n_b
@@ -382,38 +322,7 @@ def fisher_streamed(
     N = int(_all_reduce(torch.tensor([n_local], dtype=torch.float64)).item())
     total = [_all_reduce(t) for t in total]
     scale = 1.0 if reduction is Reduction.SUM else 1.0 / N
-    return _rebuild(template, total, N, scale, reduction)
-
-
-def _parts(op: CurvatureOperator, n_b: int) -> List[Tensor]:
-    """The additive pieces of a sum-reduced batch operator (KFAC's input factors weighted by the batch size)."""
-    if isinstance(op, DenseOperator):
-        return [op.dense().clone()]
-    if isinstance(op, DiagonalOperator):
-        return [op.diag().clone()]
-    if isinstance(op, BlockDiagonalOperator):
-        return [b.clone() for b in op.blocks]
-    if isinstance(op, KFACOperator):
-        return [t for kb in op.kron_blocks for t in (kb.A * n_b, kb.B.clone())] + [b.clone() for b, _ in op.dense_blocks]
-    raise TypeError(f"cannot stream an operator of type {type(op).__name__}")
-
-
-def _rebuild(template: CurvatureOperator, parts: List[Tensor], N: int, scale: float, reduction: Reduction) -> CurvatureOperator:
-    meta = dict(kind=template.kind, structure=template.structure, reduction=reduction.value, n=N)
-    if isinstance(template, DenseOperator):
-        return DenseOperator(parts[0] * scale, **meta)
-    if isinstance(template, DiagonalOperator):
-        return DiagonalOperator(parts[0] * scale, **meta)
-    if isinstance(template, BlockDiagonalOperator):
-        return BlockDiagonalOperator([b * scale for b in parts], template.index, template.size, names=template.names, **meta)
-    assert isinstance(template, KFACOperator)
-    k = len(template.kron_blocks)
-    kron = [
-        KroneckerBlock(A=parts[2 * j] / N, B=parts[2 * j + 1] * scale, weight_index=kb.weight_index, bias_index=kb.bias_index, name=kb.name)
-        for j, kb in enumerate(template.kron_blocks)
-    ]
-    dense = [(b * scale, idx) for b, (_, idx) in zip(parts[2 * k :], template.dense_blocks)]
-    return KFACOperator(kron, dense, template.size, template.dtype, template.device, **meta)
+    return operator_from_parts(template, total, N, scale, reduction=reduction.value)
 
 
 def _implicit(
