@@ -60,8 +60,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
-from .manifold import ModelManifold, memory_guard
+from .manifold import DEFAULT_CHUNK_BYTES, ModelManifold, memory_guard
 from .operators import (
+    operator_from_parts,
+    operator_parts,
     BlockDiagonalOperator,
     CurvatureOperator,
     DenseOperator,
@@ -163,6 +165,7 @@ def fisher(
     n_samples: int = 1,
     generator: Optional[torch.Generator] = None,
     reduction: Union[str, Reduction] = "mean",
+    chunk_bytes: Optional[int] = None,
 ) -> CurvatureOperator:
     r"""The Fisher information of ``manifold`` as a curvature operator.
 
@@ -175,6 +178,11 @@ def fisher(
         n_samples: labels drawn per input for ``mc``.
         generator: random generator for ``mc`` (seeded, reproducible).
         reduction: ``mean`` over inputs (default) or ``sum`` (``= n * mean``).
+        chunk_bytes: memory the back-propagated factors of one chunk of inputs may take (default
+            :data:`~dropgeom.manifold.DEFAULT_CHUNK_BYTES`, 1 GiB). Larger input sets are processed in chunks whose
+            sums are added (the factors ``S`` are drawn once for all inputs first, so every kind gives the same
+            result as one pass, up to rounding). For data that do not fit in memory at all, see
+            :func:`dropgeom.streaming.fisher_streamed`.
 
     Returns:
         A :class:`~dropgeom.operators.CurvatureOperator` of shape ``[P, P]``.
@@ -223,6 +231,49 @@ def fisher(
         S = fisher_factors(manifold, kind, targets=targets, n_samples=n_samples, generator=generator)
     scale = 1.0 if reduction is Reduction.SUM else 1.0 / manifold.n
     meta = dict(kind=kind.value, structure=structure.value, reduction=reduction.value, n=manifold.n)
+    step = _chunk_rows(manifold, S.shape[-1], DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
+    if step < manifold.n:
+        return _chunked(manifold, S, structure, step, scale, meta)
+    return _build(manifold, S, structure, scale, meta)
+
+
+def _chunk_rows(manifold: ModelManifold, columns: int, chunk_bytes: int) -> int:
+    """Inputs per chunk so that ``columns`` back-propagated factors stay under ``chunk_bytes`` (all: ``n``)."""
+    if not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be a positive number of bytes, got {chunk_bytes!r}")
+    if manifold.model is None:
+        return manifold.n
+    itemsize = torch.empty((), dtype=manifold.dtype).element_size()
+    per_input = max(manifold.activation_numel(), 1) * (columns + 2) * itemsize
+    return max(1, min(manifold.n, chunk_bytes // per_input))
+
+
+def _chunked(manifold: ModelManifold, S: Tensor, structure: Structure, step: int, scale: float, meta: dict) -> CurvatureOperator:
+    """Sum the operators of chunks of ``step`` inputs (the factors ``S`` were drawn for all inputs at once)."""
+    slices = [slice(a, min(manifold.n, a + step)) for a in range(0, manifold.n, step)]
+    if structure is Structure.IMPLICIT:
+
+        def matmat(V: Tensor) -> Tensor:  # products rebuilt per chunk: no chunk's activations are kept
+            return sum(_implicit_matmat(manifold.subset(sl), S[sl], 1.0)(V) for sl in slices) * scale
+
+        def diag() -> Tensor:
+            return sum(_diagonal(manifold.subset(sl), S[sl], 1.0) for sl in slices) * scale
+
+        return ImplicitOperator(matmat, manifold.num_params, manifold.dtype, manifold.device, diag_fn=diag, **meta)
+    total: Optional[List[Tensor]] = None
+    template: Optional[CurvatureOperator] = None
+    for sl in slices:
+        sub = manifold.subset(sl)
+        op = _build(sub, S[sl], structure, 1.0, dict(meta, n=sub.n))
+        parts = operator_parts(op, sub.n)
+        total = parts if total is None else [a.add_(b) for a, b in zip(total, parts)]
+        template = template or op
+    assert total is not None and template is not None
+    return operator_from_parts(template, total, manifold.n, scale, **meta)
+
+
+def _build(manifold: ModelManifold, S: Tensor, structure: Structure, scale: float, meta: dict) -> CurvatureOperator:
+    """The Fisher ``scale * sum_i J_i^T S_i S_i^T J_i`` of ``manifold`` in ``structure``."""
     P = manifold.num_params
 
     if structure is Structure.DENSE:

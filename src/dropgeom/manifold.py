@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -51,7 +51,10 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from ._intercept import DropoutInterceptor, DropoutSite
 from .families import ExponentialFamily, get_family
 
-__all__ = ["ModelManifold", "eval_mode", "check_inputs_match", "autodiff_kernels", "memory_guard", "DEFAULT_MEMORY_LIMIT"]
+__all__ = [
+    "ModelManifold", "eval_mode", "check_inputs_match", "autodiff_kernels", "memory_guard", "DEFAULT_MEMORY_LIMIT",
+    "DEFAULT_CHUNK_BYTES",
+]
 
 Params = Dict[str, Tensor]
 Inputs = Union[Tensor, Tuple[Tensor, ...]]
@@ -60,6 +63,9 @@ ForwardFn = Callable[[Params, Inputs], Tensor]
 #: Largest single tensor (bytes) a dense request may allocate before an error
 #: pointing to a matrix-free structure is raised. Override per call.
 DEFAULT_MEMORY_LIMIT = 2 * 1024**3
+#: Bytes of back-propagated factors one chunk of inputs may hold inside the Fisher engine (1 GiB): larger input
+#: sets are processed in chunks and summed, so no input size ends in an out-of-memory kill. Override per call.
+DEFAULT_CHUNK_BYTES = 1024**3
 
 
 def memory_guard(numel: int, dtype: torch.dtype, what: str, alternative: str, limit: Optional[int] = None) -> None:
@@ -600,6 +606,61 @@ class ModelManifold:
         new._params = params
         new._post_init()
         return new
+
+    def subset(self, samples: slice) -> "ModelManifold":
+        """The manifold of the inputs in ``samples`` (a slice of the sample axis), without another forward pass.
+
+        The sum of a per-sample quantity over the subsets of a partition is its sum over all inputs; the Fisher
+        engine uses this to process large input sets in chunks (theory.md section 2).
+
+        Raises:
+            ValueError: for a closed-form manifold (no inputs to split) or an empty slice.
+
+        Example:
+            >>> import torch
+            >>> m = ModelManifold(torch.nn.Linear(3, 2).double(), torch.randn(10, 3, dtype=torch.float64))
+            >>> m.subset(slice(2, 5)).n, torch.equal(m.subset(slice(2, 5)).eta(), m.eta()[2:5])
+            (3, True)
+        """
+        if self._is_function:
+            raise ValueError("a closed-form manifold (from_function) has no inputs to split")
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.inputs = tuple(x[samples] for x in self.inputs)
+        new._eta0 = self._eta0[samples]
+        new.n = int(new._eta0.shape[0])
+        if new.n == 0:
+            raise ValueError(f"the slice {samples} selects no inputs of {self.n}")
+        return new
+
+    def activation_numel(self) -> int:
+        """Elements of every module output for one input (one forward pass on the first input).
+
+        Used to size chunks: back-propagating ``R`` factor columns through a chunk of ``b`` inputs holds about
+        ``b * activation_numel() * (R + 2)`` elements. 0 for a closed-form manifold.
+
+        Example:
+            >>> import torch
+            >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+            >>> ModelManifold(net, torch.randn(5, 3, dtype=torch.float64)).activation_numel()
+            10
+        """
+        if self._is_function or self.model is None:
+            return 0
+        sizes: List[int] = []
+
+        def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+            sizes.append(out.numel() if isinstance(out, Tensor) else 0)
+
+        leaves = [m for m in self.model.modules() if not list(m.children())] or [self.model]
+        handles = [m.register_forward_hook(hook) for m in leaves]
+        try:
+            with torch.no_grad():
+                self.forward(self._params, tuple(x[:1] for x in self.inputs))
+        finally:
+            for h in handles:
+                h.remove()
+        return int(sum(sizes))
 
     # -- first and second derivatives --------------------------------------
     def jvp(self, v: Union[Tensor, Mapping[str, Tensor]]) -> Tensor:

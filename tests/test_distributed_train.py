@@ -1,0 +1,64 @@
+"""Training under DistributedDataParallel (2 gloo processes) equals one process on the full batch (float64)."""
+
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from dropgeom.train import train
+
+OBJECTIVES = [("none", {}), ("l2", {}), ("fisher_dropout", {"p": 0.3}), ("fisher_dropout", {"p": 0.3, "form": "divergence"})]
+RANDOM = [("dropout", {"p": 0.3}), ("fisher_dropout", {"p": 0.3, "estimator": "mc"})]
+
+
+def _make() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).double()
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(40, 5, dtype=torch.float64, generator=g), torch.randint(0, 3, (40,), generator=g)
+
+
+def _flat(net: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        x, y = _data()
+        shard = slice(rank * 20, (rank + 1) * 20)  # equal shards: DDP averages the ranks' mean gradients
+        res = {}
+        for i, (name, opts) in enumerate(OBJECTIVES + RANDOM):
+            net = _make()
+            ddp = nn.parallel.DistributedDataParallel(net)
+            train(ddp, (x[shard], y[shard]), name, objective_options=opts, epochs=3, batch_size=20, progress=False, lr=0.01, seed=rank)
+            res[i] = _flat(net)
+        torch.save(res, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_one_full_batch(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "params")
+    mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
+    r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    x, y = _data()
+    for i, (name, opts) in enumerate(OBJECTIVES):
+        net = _make()
+        train(net, (x, y), name, objective_options=opts, epochs=3, batch_size=40, progress=False, lr=0.01)
+        torch.testing.assert_close(r0[i], _flat(net), atol=1e-10, rtol=0, msg=f"{name} {opts}")
+        assert not torch.equal(r0[i], _flat(_make()))  # training moved the parameters
+    for i in range(len(OBJECTIVES), len(OBJECTIVES) + len(RANDOM)):
+        torch.testing.assert_close(r0[i], r1[i], atol=0, rtol=0)  # random objectives: ranks stay in sync
