@@ -389,3 +389,31 @@ def test_exact_fisher_on_the_rest_of_the_model_table(model_name):
         bs = slices[pre + "bias"]
         idx = ref.wb_index(slices[pre + "weight"], bs, mod.out_features, mod.in_features)
         _close(Kd[idx[:, None], idx[None, :]], ref.kron_block(F[bs, bs], a.T @ a / a.shape[0]), scale)
+
+
+def test_custom_forward_takes_the_generic_path():
+    """A forward that reparametrises a layer (W stored as W / c) must not go through the layer rules."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    x = torch.randn(20, 3, dtype=torch.float64)
+    c = 10.0
+
+    def forward(params, inputs):
+        scaled = {**params, "0.weight": params["0.weight"] * c}
+        return functional_call(net, scaled, inputs)
+
+    m = ModelManifold(net, x, forward=forward)
+    dense = fisher(m, "exact", "dense").dense()
+    for structure in ("diag", "kfac", "layer"):
+        op = fisher(m, "exact", structure)
+        torch.testing.assert_close(op.diag(), dense.diagonal(), atol=1e-12, rtol=1e-10)
+    # and the stored-weight block is c^2 times that of the same function stored plainly (chain rule)
+    import copy
+
+    same = copy.deepcopy(net)
+    with torch.no_grad():
+        same[0].weight.mul_(c)
+    plain = fisher(ModelManifold(same, x), "exact", "dense").dense()
+    torch.testing.assert_close(dense[:12, :12], c**2 * plain[:12, :12], atol=1e-10, rtol=1e-10)

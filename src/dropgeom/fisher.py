@@ -367,10 +367,13 @@ def _rule_layers(manifold: ModelManifold) -> Dict[str, nn.Module]:
     """Modules with a layer rule whose weight (and bias, if any) are all free
     parameters held by no other module (tied weights take the generic path).
 
-    A custom ``forward`` must use a rule layer's parameters only by calling
-    the module (functional use elsewhere would be missed by the layer rule).
+    A manifold with a custom ``forward`` takes the generic path: such a
+    forward may transform parameters before a layer sees them (a
+    reparametrisation) or call a layer several times (a mixture over masks),
+    and the layer rules would then differentiate with respect to the wrong
+    quantity.
     """
-    if manifold.model is None:
+    if manifold.model is None or manifold._forward is not None:
         return {}
     free = set(manifold.param_names)
     holders: Dict[int, int] = {}  # parameter -> number of modules holding it (weight tying)
