@@ -244,3 +244,100 @@ def test_unit_estimator_is_unbiased_and_its_gradient_is_right(fast):
     direction = [torch.randn_like(q) for q in params]
     analytic = sum((a * d).sum() for a, d in zip(grads, direction)).item()
     assert abs(analytic - directional_fd(value, params, direction)) < 1e-7 * max(1.0, abs(analytic))
+
+
+# -- the curvature term on every path and estimator, against float64 brute force -----------
+
+
+def _deep_net(seed=0):
+    """Two activations below the first dropout layer: no closed form, second-order propagation."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(3, 4), nn.Tanh(), nn.Dropout(0.2), nn.Linear(4, 4), nn.Softplus(), nn.Linear(4, 4), nn.Tanh(),
+        nn.Dropout(0.3), nn.Linear(4, 3),
+    ).double()
+
+
+def _bruteforce(net, x, y, form):
+    """``sum_l`` of the law's two terms from dense mask derivatives and explicit drops (reference.dropout)."""
+    from reference.dropout import terms_dense
+
+    out = 0.0
+    for i, mod in enumerate(net):
+        if isinstance(mod, nn.Dropout):
+            units = net[i - 1].out_features if isinstance(net[i - 1], nn.Linear) else net[i - 2].out_features
+            t = terms_dense(lambda m, i=i: sequential_eta(net, x, {i: m}), units, "categorical", y)
+            q = mod.p
+            if form == "quadratic":
+                out += 0.5 * q / (1 - q) * (t["fisher"].sum() + t["curvature_gaussian"].sum()).item()
+            else:
+                out += q * (t["divergence"].sum() + t["curvature_bernoulli"].sum()).item()
+    return out
+
+
+def _pen(net, x, y, form, estimator, fast, seed=3):
+    from dropgeom.dropout.penalty import _penalty
+
+    with torch.enable_grad():  # the generic path differentiates w.r.t. the masks (also inside finite differences)
+        return _penalty(net, x, "categorical", None, form, y, True, None, estimator,
+                        torch.Generator().manual_seed(seed), None, fast=fast)[0]
+
+
+@pytest.mark.parametrize("make", [_net, _deep_net])
+@pytest.mark.parametrize("form", ["quadratic", "divergence"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_curvature_term_exact_value_matches_bruteforce(make, form, fast):
+    net = make(5)
+    x, y = _data(n=8)
+    ref = _bruteforce(net, x, y, form)
+    assert abs(_pen(net, x, y, form, "exact", fast).item() - ref) < 1e-12 * max(1.0, abs(ref))
+
+
+@pytest.mark.parametrize("make", [_net, _deep_net])
+@pytest.mark.parametrize("form", ["quadratic", "divergence"])
+@pytest.mark.parametrize("estimator", ["exact", "mc", "unit"])
+def test_curvature_term_gradient_matches_finite_differences_on_both_paths(make, form, estimator):
+    net = make(6)
+    x, y = _data(n=7)
+    params = list(net.parameters())
+    direction = [torch.randn_like(q) for q in params]
+    grads = {}
+    for fast in (True, False):
+        value = lambda fast=fast: _pen(net, x, y, form, estimator, fast, seed=11)  # noqa: E731
+        g = torch.autograd.grad(value(), params)
+        analytic = sum((a * d).sum() for a, d in zip(g, direction)).item()
+        numeric = directional_fd(value, params, direction)
+        assert abs(analytic - numeric) < 1e-7 * max(1.0, abs(numeric)), (fast, analytic, numeric)
+        grads[fast] = torch.cat([a.flatten() for a in g])
+    if estimator == "exact":  # the chain path is the generic path, computed differently
+        assert torch.allclose(grads[True], grads[False], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("make", [_net, _deep_net])
+@pytest.mark.parametrize("form", ["quadratic", "divergence"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_curvature_term_sampled_estimators_are_unbiased(make, form, fast):
+    net = make(7)
+    x, y = _data(n=8)
+    ref = _bruteforce(net, x, y, form)
+    for estimator in ("mc", "unit"):
+        draws = torch.tensor([_pen(net, x, y, form, estimator, fast, seed=s).item() for s in range(100)], dtype=D)
+        se = draws.std().item() / 100**0.5
+        assert se > 0 and abs(draws.mean().item() - ref) < 4 * se, (estimator, draws.mean().item(), ref, se)
+
+
+def test_curvature_term_takes_the_chain_path(monkeypatch):
+    import importlib
+
+    pen_mod = importlib.import_module("dropgeom.dropout.penalty")  # the package re-exports a function of that name
+
+    def boom(*a, **k):
+        raise AssertionError("the generic path was used")
+
+    monkeypatch.setattr(pen_mod, "_gaussian_curvature", boom)
+    monkeypatch.setattr(pen_mod, "_lazy_masks", boom)
+    net = _deep_net(1)
+    x, y = _data(n=5)
+    for form in ("quadratic", "divergence"):
+        for est in ("exact", "mc", "unit"):
+            penalty(net, x, form=form, curvature=True, targets=y, estimator=est).backward()

@@ -157,6 +157,14 @@ class Chain:
         t[rows, units] = h[rows, units]
         return pos, base, t
 
+    def tangent_along(self, name: str, v: Tensor) -> Tuple[int, Tensor]:
+        """The tangent ``sum_j v_ij t_j`` of per-sample mask directions ``v`` (``[n, U]``): ``(position, t [n, d])``.
+
+        Through the first downstream Linear this is ``(h * v) @ W^T`` (one matmul)."""
+        pos, _, lin = self._start(name)
+        hv = self.h(name) * v
+        return pos, (hv @ lin.weight.t() if lin is not None else hv)
+
     def dropped(self, name: str, units: Tensor) -> Tuple[int, Tensor]:
         """States with unit ``j`` dropped for each ``j`` in ``units`` (``[c, n, d]``, entering module ``pos``).
 

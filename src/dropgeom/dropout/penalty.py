@@ -214,7 +214,7 @@ def _penalty(
     ps = resolve_p(mods, p)
     names = list(mods)
 
-    chain_mods = as_chain(model, names) if fast and not curvature and len(args) == 1 else None
+    chain_mods = as_chain(model, names) if fast and len(args) == 1 else None
     if chain_mods is not None:
         with training_off(model):
             chain = run_chain(model, chain_mods, args[0], names)
@@ -222,8 +222,10 @@ def _penalty(
             check_output(fam, chain.eta.detach(), n)
             if targets is not None:
                 fam.check_targets(targets, n, chain.eta.shape[1])
+            r = fam.residual(chain.eta, targets) if curvature else None
             closed = [k for k in names if output_linear(model, k) is not None]
-            return _penalty_chain(chain, fam, names, closed, ps, form, estimator, generator, chunk_size), chain.eta
+            pen = _penalty_chain(chain, fam, names, closed, ps, form, estimator, generator, chunk_size, r)
+            return pen, chain.eta
 
     store: Dict[str, Tuple[Tensor, Tensor]] = {}
     with eval_mode(model), _lazy_masks(model, mods, store):
@@ -346,23 +348,26 @@ def _penalty_chain(
     estimator: str,
     generator: Optional[torch.Generator],
     chunk_size: Optional[int],
+    r: Optional[Tensor] = None,
 ) -> Tensor:
     """The penalty by explicit propagation through a Linear/elementwise chain (see ``chain.py``).
 
-    Random draws are made in the same order as the generic path, so both give the
-    same ``mc`` value for the same generator."""
+    ``r`` (the residual ``mu - t(y)``) adds the curvature term. Random draws are made
+    in the same order as the generic path, so both give the same ``mc`` value for the
+    same generator (with the curvature term: where the chain has no closed form for it)."""
     eta = chain.eta
     n, kdim = eta.shape
     total = eta.new_zeros(())
     mc = estimator != "exact"
+    others = [k for k in names if k not in closed]
     # one softmax shared by every categorical helper (on a busy CPU each parallel op costs)
     prob = torch.softmax(eta, dim=-1) if fam.name == "categorical" else None
     if form == "quadratic":
         for k in closed:
             w_out = chain.modules[-1].weight
             total = total + 0.5 * mask_variance(ps[k]) * _closed_fisher(fam, eta, chain.h(k), w_out, prob).sum() / n
-        if len(closed) == len(names):
-            return total
+        if not others:
+            return total  # both curvature terms vanish: eta is affine in these masks
         if prob is not None:  # the categorical family's cov_sqrt, from the shared softmax
             sp = prob.sqrt()
             sq = torch.diag_embed(sp) - prob.unsqueeze(-1) * sp.unsqueeze(-2)
@@ -388,8 +393,11 @@ def _penalty_chain(
             cols = sq.permute(2, 0, 1)  # [R, n, K]
             for k, w in chain.pull_back(cols, exact_layers).items():
                 total = total + 0.5 * mask_variance(ps[k]) * (chain.h(k) * w).pow(2).sum() / n
+        if r is not None:
+            for k in others:  # the generic path's order of draws
+                total = total + 0.5 * mask_variance(ps[k]) * _chain_curvature(chain, k, r, mc, generator, chunk_size) / n
         return total
-    for k in closed + [k for k in names if k not in closed]:  # the generic path's order of draws
+    for k in closed + others:  # the generic path's order of draws
         u = chain.h(k).shape[1]
         if k in closed and not mc:
             total = total + ps[k] * _closed_kl(fam, eta, chain.h(k), chain.modules[-1].weight, prob).sum() / n
@@ -399,6 +407,8 @@ def _penalty_chain(
             pos, base, t = chain.tangent_per_sample(k, j)
             dropped = chain.push(pos, base - t)
             total = total + ps[k] * u * kl_to_dropped(fam, eta, dropped, prob).sum() / n
+            if r is not None and k not in closed:  # B_j: <r, eta^(-j) - eta> here, <r, d_j eta> below
+                total = total + ps[k] * u * ((dropped - eta) * r).sum() / n
             continue
         pos, base, _ = chain._start(k)
         chunk = chunk_size or chunk_for(n, max(base.shape[1], kdim), 2**22)
@@ -407,6 +417,39 @@ def _penalty_chain(
             pos, states = chain.dropped(k, units)
             dropped = chain.push(pos, states)  # [c, n, K]
             total = total + ps[k] * kl_to_dropped(fam, eta, dropped, prob).sum() / n
+            if r is not None:
+                total = total + ps[k] * ((dropped - eta) * r).sum() / n
+    if r is not None and others:  # sum_j <r_i, d_j eta_i> of B_j: one pull-back of r
+        for k, w in chain.pull_back(r, others).items():
+            total = total + ps[k] * (chain.h(k) * w).sum() / n
+    return total
+
+
+def _chain_curvature(
+    chain, k: str, r: Tensor, mc: bool, generator: Optional[torch.Generator], chunk_size: Optional[int]
+) -> Tensor:
+    """``sum_ij <r_i, d^2 eta_i / d m_j^2>`` of layer ``k`` on the chain path (not divided by ``n``).
+
+    Closed form when it applies (:meth:`Chain.curvature_rank1`: exact, no draw);
+    otherwise second-order forward propagation: of every unit's tangent in chunks
+    (``exact``), or of one Rademacher combination ``sum_j v_ij t_j`` per sample
+    (``mc``: Hutchinson, ``E D2 eta[v, v] = sum_j d^2 eta / d m_j^2``, as on the generic path)."""
+    closed = chain.curvature_rank1(k, r)
+    if closed is not None:
+        return closed.sum()
+    h = chain.h(k)
+    n, u = h.shape
+    if mc:
+        v = _rademacher((n, u), r, generator)
+        pos, t = chain.tangent_along(k, v)
+        return (chain.second(pos, t.unsqueeze(0))[0] * r).sum()
+    pos, base, _ = chain._start(k)
+    chunk = chunk_size or chunk_for(n, max(base.shape[1], r.shape[1]), 2**22)
+    total = r.new_zeros(())
+    for s in range(0, u, chunk):
+        units = torch.arange(s, min(u, s + chunk), device=r.device)
+        pos, _, t = chain.tangents(k, units)
+        total = total + (chain.second(pos, t) * r).sum()
     return total
 
 
