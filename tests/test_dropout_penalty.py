@@ -341,3 +341,29 @@ def test_curvature_term_takes_the_chain_path(monkeypatch):
     for form in ("quadratic", "divergence"):
         for est in ("exact", "mc", "unit"):
             penalty(net, x, form=form, curvature=True, targets=y, estimator=est).backward()
+
+
+def test_relu_low_rank_dropped_outputs_equal_explicit_drops_with_kink_crossings():
+    from dropgeom.dropout.chain import as_chain, run_chain
+
+    torch.manual_seed(9)
+    net = nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Dropout(0.3), nn.Linear(12, 10), nn.ReLU(), nn.Dropout(0.2),
+                        nn.Identity(), nn.Linear(10, 6), nn.Linear(6, 4)).double().eval()
+    x, _ = _data(n=9)
+    chain = run_chain(net, as_chain(net, ["2", "5"]), x, ["2", "5"])
+    low = chain.dropped_relu("2")  # [U, n, K]
+    z = chain.states[4]
+    shifted = z.unsqueeze(0) - chain.h("2").t().unsqueeze(-1) * net[3].weight.t().unsqueeze(1)  # [U, n, d]
+    assert ((shifted > 0) != (z > 0)).sum() > 10  # the case tested: many kink crossings
+    for j in range(12):  # brute force: the model's own forward with unit j dropped
+        m = torch.ones(12, dtype=D)
+        m[j] = 0.0
+        with torch.no_grad():
+            ref = net[3:](net[:2](x) * m)
+        assert torch.allclose(low[j], ref, rtol=1e-12, atol=1e-13), j
+    assert chain.dropped_relu("5") is None  # no ReLU between this layer and the output
+    pos, states = chain.dropped("2", torch.arange(12))
+    g1 = torch.autograd.grad(low.pow(2).sum(), list(net.parameters()), allow_unused=True, retain_graph=True)
+    g2 = torch.autograd.grad(chain.push(pos, states).pow(2).sum(), list(net.parameters()), allow_unused=True)
+    for a, b in zip(g1, g2):
+        assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-11, atol=1e-13)

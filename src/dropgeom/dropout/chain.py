@@ -206,6 +206,66 @@ class Chain:
         q = rb * act_d2(self.modules[a], self.states[a])  # [n, d]
         return h * h * (q @ (lin.weight * lin.weight))
 
+    def _linear_rest(self, start: int) -> Optional[Tensor]:
+        """``L`` (``[K, d]``) if modules ``start..`` map their input to eta affinely (Linear / pass-through only)."""
+        rest = self.modules[start:]
+        if any(not isinstance(m, (nn.Linear,) + PASS) for m in rest):
+            return None
+        mat: Optional[Tensor] = None
+        for mod in reversed(rest):
+            if isinstance(mod, nn.Linear):
+                mat = mod.weight if mat is None else mat @ mod.weight
+        return mat
+
+    def dropped_relu(self, name: str) -> Optional[Tensor]:
+        """Every ``eta^(-j)`` (``[U, n, K]``) by a low-rank update, or ``None`` if it does not apply.
+
+        Applies when the mask enters a Linear ``W`` followed by one ReLU and an affine
+        rest ``L``: with ``z`` the Linear's output, ``D = 1[z > 0]`` and
+        ``delta_j = h_j W[:, j]``,
+
+        ``eta^(-j) = eta - h_j J[:, j] + L c_j``,  ``J = L D W`` (``[n, K, U]``, one matmul),
+        ``c_j = relu(z - delta_j) - relu(z) + D delta_j``,
+
+        and ``c_j`` is zero except where ``z - delta_j`` and ``z`` lie on different
+        sides of the kink, which needs ``|z_a| <= max_j |h_j W[a, j]|``: only those
+        coordinates are examined (bounded by ``max_j |h_j| max_j |W[a, j]|``), and only
+        the actual crossings enter the graph. Exact (no Taylor step); differentiable."""
+        pos, z, lin = self._start(name)
+        if lin is None or pos >= len(self.modules) or not isinstance(self.modules[pos], nn.ReLU):
+            return None
+        mat = self._linear_rest(pos + 1)
+        if mat is None:
+            return None
+        h, w = self.h(name), lin.weight  # [n, U], [d, U]
+        n, u = h.shape
+        eta = self.eta
+        d = (z > 0).to(z.dtype)
+        jac = (d.unsqueeze(1) * mat.unsqueeze(0)).reshape(n * mat.shape[0], -1) @ w  # [n*K, U]
+        dropped = eta.unsqueeze(-1) - h.unsqueeze(1) * jac.reshape(n, -1, u)  # [n, K, U]
+        with torch.no_grad():
+            hd, wd, zd = h.detach(), w.detach(), z.detach()
+            bound = hd.abs().amax(1, keepdim=True) * wd.abs().amax(1).unsqueeze(0)  # [n, d]
+            ii, aa = torch.nonzero(zd.abs() <= bound, as_tuple=True)
+            found = []
+            step = max(1, 2**22 // max(1, u))  # candidate rows per chunk: a bounded [step, U] scan
+            for s in range(0, ii.shape[0], step):
+                ic, ac = ii[s : s + step], aa[s : s + step]
+                zc = zd[ic, ac].unsqueeze(1)
+                shifted = torch.addcmul(zc, hd[ic], wd[ac], value=-1.0)  # [c, U]
+                c_idx, jj = torch.nonzero((shifted > 0) != (zc > 0), as_tuple=True)
+                found.append((ic[c_idx], ac[c_idx], jj))
+        if not found or not sum(f[0].numel() for f in found):
+            return dropped.permute(2, 0, 1)
+        i_f, a_f, jj = (torch.cat(t) for t in zip(*found))
+        zf, delta = z[i_f, a_f], h[i_f, jj] * w[a_f, jj]
+        val = torch.relu(zf - delta) - torch.relu(zf) + d[i_f, a_f] * delta  # [F], the crossings only
+        # sum_a c_ija L[:, a] for every (i, j): scattered rows (index_add's backward is a gather;
+        # a sparse matmul's backward cost ~20x more here)
+        corr = torch.zeros(n * u, mat.shape[0], dtype=eta.dtype, device=eta.device)
+        corr = corr.index_add(0, i_f * u + jj, val.unsqueeze(1) * mat.t()[a_f]).reshape(n, u, -1)  # [n, U, K]
+        return (dropped + corr.transpose(1, 2)).permute(2, 0, 1)
+
     def push(self, pos: int, v: Tensor) -> Tensor:
         """Run states ``v`` (``[..., n, d]``, input of module ``pos``) through the rest of the chain."""
         for mod in self.modules[pos:]:

@@ -410,6 +410,12 @@ def _penalty_chain(
             if r is not None and k not in closed:  # B_j: <r, eta^(-j) - eta> here, <r, d_j eta> below
                 total = total + ps[k] * u * ((dropped - eta) * r).sum() / n
             continue
+        low_rank = chain.dropped_relu(k)
+        if low_rank is not None:  # every eta^(-j) by one matmul and the kink crossings
+            total = total + ps[k] * kl_to_dropped(fam, eta, low_rank, prob).sum() / n
+            if r is not None:
+                total = total + ps[k] * ((low_rank - eta) * r).sum() / n
+            continue
         pos, base, _ = chain._start(k)
         chunk = chunk_size or chunk_for(n, max(base.shape[1], kdim), 2**22)
         for s in range(0, u, chunk):
