@@ -367,3 +367,49 @@ def test_relu_low_rank_dropped_outputs_equal_explicit_drops_with_kink_crossings(
     g2 = torch.autograd.grad(chain.push(pos, states).pow(2).sum(), list(net.parameters()), allow_unused=True)
     for a, b in zip(g1, g2):
         assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-11, atol=1e-13)
+
+
+class _NoForwardMode(torch.autograd.Function):
+    """tanh without a jvp rule: forward-mode autodiff through it fails."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class _CustomAct(nn.Module):
+    def forward(self, x):
+        return _NoForwardMode.apply(x)
+
+
+def test_curvature_term_bad_inputs_name_the_problem():
+    from dropgeom.families import Gaussian
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Dropout(0.2), nn.Linear(4, 4), _CustomAct(), nn.Linear(4, 3))
+    net = net.double()
+    x, y = _data(n=5)
+    with pytest.raises(ValueError, match=r"curvature term .* not supported for dropout layer '2'.*jvp"):
+        penalty(net, x, targets=y, curvature=True)
+    for est in ("exact", "mc"):  # the divergence form's curvature term needs no forward mode
+        penalty(net, x, form="divergence", targets=y, curvature=True, estimator=est).backward()
+
+    class NoStatistic(Gaussian):
+        name = "mygauss"
+
+        def sufficient_statistic(self, y, k=None):
+            raise NotImplementedError("no t(y)")
+
+    with pytest.raises(ValueError, match="not supported for family 'mygauss'"):
+        penalty(_net(), x, family=NoStatistic(), targets=torch.randn(5, 3, dtype=D), curvature=True)
+    for bad in (1.0, 1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"\[0, 1\)"):
+            penalty(_net(), x, p=bad, targets=y, curvature=True)
+        with pytest.raises(ValueError, match=r"\[0, 1\)"):
+            penalty(_net(), x, p={"2": bad})

@@ -59,11 +59,11 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.func import jvp, vmap
+from torch.func import jvp
 
 from ..families import ExponentialFamily
 from ..manifold import eval_mode
-from ._common import Inputs, as_tuple, check_output, chunk_for, family_of, kl_to_dropped
+from ._common import Inputs, as_tuple, check_output, chunk_for, chunked_vmap, family_of, kl_to_dropped
 from .chain import as_chain, run_chain, training_off
 from .explicit import forward_with_masks
 from .masks import _CHANNEL_TYPES, PSpec, find_dropout, mask_variance, resolve_p
@@ -222,7 +222,7 @@ def _penalty(
             check_output(fam, chain.eta.detach(), n)
             if targets is not None:
                 fam.check_targets(targets, n, chain.eta.shape[1])
-            r = fam.residual(chain.eta, targets) if curvature else None
+            r = _residual(fam, chain.eta, targets) if curvature else None
             closed = [k for k in names if output_linear(model, k) is not None]
             pen = _penalty_chain(chain, fam, names, closed, ps, form, estimator, generator, chunk_size, r)
             return pen, chain.eta
@@ -237,7 +237,7 @@ def _penalty(
         raise ValueError(f"dropout layers {missing} were not used by the model's forward pass")
     if targets is not None:
         fam.check_targets(targets, n, kdim)
-    r = fam.residual(eta, targets) if curvature else None
+    r = _residual(fam, eta, targets) if curvature else None
 
     closed = {k: output_linear(model, k) for k in names}
     closed = {k: lin for k, lin in closed.items() if lin is not None and store[k][0].dim() == 2}
@@ -300,7 +300,7 @@ def _penalty(
         for k, g in zip(generic, grads):
             total = total + 0.5 * mask_variance(ps[k]) * g.pow(2).sum() / n
         if curvature:
-            total = total + _gaussian_curvature(model, args, generic, store, r, ps, estimator, generator, chunk_size)
+            total = total + _gaussian_curvature(model, args, generic, store, r, ps, estimator, generator, chunk_size, fam)
         return total, eta
 
     # -- divergence form -----------------------------------------------------------
@@ -318,7 +318,7 @@ def _penalty(
                 def drop(row: Tensor, k: str = k, shape=shape) -> Tensor:
                     return forward_with_masks(model, args, {k: (1.0 - row).reshape(1, *shape)})
 
-                dropped = vmap(drop)(e)  # [c, n, K]
+                dropped = chunked_vmap(drop, e, e.shape[0])  # [c, n, K]; a loop where a layer cannot be vmapped
                 c = dropped.shape[0]
                 kl = fam.kl(eta.unsqueeze(0).expand(c, n, kdim).reshape(-1, kdim), dropped.reshape(-1, kdim))
                 kl_sum = kl_sum + kl.sum() / n
@@ -336,6 +336,17 @@ def _penalty(
             (gr,) = torch.autograd.grad(eta, [m], r, create_graph=True)
             total = total + ps[k] * (b_sum + gr.sum() / n)
     return total, eta
+
+
+def _residual(fam: ExponentialFamily, eta: Tensor, targets: Tensor) -> Tensor:
+    """``r = mu - t(y)`` for the curvature term; a family without ``t(y)`` or ``mu`` is named in the error."""
+    try:
+        return fam.residual(eta, targets)
+    except NotImplementedError as exc:
+        raise ValueError(
+            f"penalty: the curvature term is not supported for family {fam.name!r}: it needs the residual "
+            f"r = mu(eta) - t(y), and the family does not implement it ({exc}). Use curvature=False."
+        ) from exc
 
 
 def _penalty_chain(
@@ -501,34 +512,61 @@ def _gaussian_curvature(
     estimator: str,
     generator: Optional[torch.Generator],
     chunk_size: Optional[int],
+    fam: Optional[ExponentialFamily] = None,
 ) -> Tensor:
-    """``sum_l V_l/2 (1/n) sum_ij <r_i, d^2 eta_i / d m_j^2>`` by forward-over-forward passes."""
-    n = args[0].shape[0]
+    """``sum_l V_l/2 (1/n) sum_ij <r_i, d^2 eta_i / d m_j^2>`` by forward-over-forward passes.
+
+    Raises ``ValueError`` naming the layer when a module after it has no forward-mode derivative."""
     total = r.new_zeros(())
     for k in generic:
-        m = store[k][1]
-        shape = tuple(m.shape[1:])
-        u = math.prod(shape)
-
-        def f(mask: Tensor, k: str = k) -> Tensor:
-            return forward_with_masks(model, args, {k: mask})
-
-        def second(t: Tensor, base: Tensor) -> Tensor:
-            def along(mm: Tensor) -> Tensor:
-                return jvp(f, (mm,), (t,))[1]
-
-            return jvp(along, (base,), (t,))[1]
-
-        if estimator != "exact":  # Hutchinson over units, per sample (samples do not interact)
-            v = _rademacher((n, *shape), r, generator)
-            q = second(v, torch.ones(n, *shape, dtype=r.dtype, device=r.device))
-        else:
-            chunk = chunk_size or chunk_for(n, max(u, r.shape[1]), 2**22)
-            base = torch.ones(1, *shape, dtype=r.dtype, device=r.device)
-            q = r.new_zeros(r.shape)
-            for s in range(0, u, chunk):
-                e = torch.zeros(min(u, s + chunk) - s, u, dtype=r.dtype, device=r.device)
-                e[torch.arange(e.shape[0]), torch.arange(s, s + e.shape[0])] = 1.0
-                q = q + vmap(lambda row: second(row.reshape(1, *shape), base))(e).sum(0)
-        total = total + 0.5 * mask_variance(ps[k]) * (r * q).sum() / n
+        try:
+            total = total + _gaussian_curvature_layer(model, args, k, store, r, ps, estimator, generator, chunk_size)
+        except (RuntimeError, NotImplementedError) as exc:
+            fam_name = fam.name if fam is not None else "?"
+            raise ValueError(
+                f"penalty: the curvature term (family {fam_name!r}, form 'quadratic') is not supported for dropout "
+                f"layer {k!r}: it needs second derivatives along the mask by forward-mode autodiff "
+                f"(torch.func.jvp) through the modules after {k!r}, which failed ({exc}). Use curvature=False, "
+                f"form='divergence' (its curvature term needs no forward mode), or restrict `layers`."
+            ) from exc
     return total
+
+
+def _gaussian_curvature_layer(
+    model: nn.Module,
+    args: Tuple[Tensor, ...],
+    k: str,
+    store: Dict[str, Tuple[Tensor, Tensor]],
+    r: Tensor,
+    ps: Dict[str, float],
+    estimator: str,
+    generator: Optional[torch.Generator],
+    chunk_size: Optional[int],
+) -> Tensor:
+    """One layer's ``V/2 (1/n) sum_ij <r_i, d^2 eta_i / d m_j^2>`` (generic path)."""
+    n = args[0].shape[0]
+    m = store[k][1]
+    shape = tuple(m.shape[1:])
+    u = math.prod(shape)
+
+    def f(mask: Tensor) -> Tensor:
+        return forward_with_masks(model, args, {k: mask})
+
+    def second(t: Tensor, base: Tensor) -> Tensor:
+        def along(mm: Tensor) -> Tensor:
+            return jvp(f, (mm,), (t,))[1]
+
+        return jvp(along, (base,), (t,))[1]
+
+    if estimator != "exact":  # Hutchinson over units, per sample (samples do not interact)
+        v = _rademacher((n, *shape), r, generator)
+        q = second(v, torch.ones(n, *shape, dtype=r.dtype, device=r.device))
+    else:  # one forward-over-forward pass per unit, vmapped over chunks of units
+        chunk = chunk_size or chunk_for(n, max(u, r.shape[1]), 2**22)
+        base = torch.ones(1, *shape, dtype=r.dtype, device=r.device)
+        q = r.new_zeros(r.shape)
+        for s in range(0, u, chunk):
+            e = torch.zeros(min(u, s + chunk) - s, u, dtype=r.dtype, device=r.device)
+            e[torch.arange(e.shape[0]), torch.arange(s, s + e.shape[0])] = 1.0
+            q = q + chunked_vmap(lambda row: second(row.reshape(1, *shape), base), e, e.shape[0]).sum(0)
+    return 0.5 * mask_variance(ps[k]) * (r * q).sum() / n
