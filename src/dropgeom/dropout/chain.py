@@ -44,6 +44,8 @@ ELEMENTWISE = (
     nn.Mish, nn.Hardtanh, nn.ReLU6, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
 )
 PASS = DROPOUT_TYPES + (nn.Identity, nn.Flatten)
+#: piecewise-linear activations: ``a'' = 0`` almost everywhere (theory.md 4.2, caveat on ReLU)
+PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh)
 
 
 def _is_supported(mod: nn.Module) -> bool:
@@ -71,7 +73,7 @@ def act_d1(mod: nn.Module, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
 
 def act_d2(mod: nn.Module, v: Tensor) -> Tensor:
     """``a''(v)`` of an elementwise activation module."""
-    if isinstance(mod, nn.ReLU):
+    if isinstance(mod, PIECEWISE_LINEAR):
         return torch.zeros_like(v)
     if isinstance(mod, nn.Tanh):
         y = torch.tanh(v)
@@ -198,6 +200,8 @@ class Chain:
         if len(acts) > 1 or any(isinstance(m, nn.Linear) for m in rest[: acts[0]]):
             return None
         a = pos + acts[0]
+        if isinstance(self.modules[a], PIECEWISE_LINEAR):  # a'' = 0: no matmul, no graph
+            return torch.zeros_like(h)
         rb = r
         for i in range(len(self.modules) - 1, a, -1):
             mod = self.modules[i]
@@ -296,7 +300,7 @@ class Chain:
                 s = None if s is None else s @ mod.weight.t()
             elif isinstance(mod, ELEMENTWISE):
                 d1 = act_d1(mod, v, self.states[i + 1])
-                if not isinstance(mod, nn.ReLU):  # ReLU: a'' = 0 almost everywhere
+                if not isinstance(mod, PIECEWISE_LINEAR):  # a'' = 0 almost everywhere
                     q = act_d2(mod, v) * t * t
                     s = q if s is None else q + d1 * s
                 elif s is not None:

@@ -24,7 +24,7 @@ How each layer is computed (``U`` units, ``R`` = rank of ``Sigma``):
   sample, ``O(n K)``.
 * **chain** (``chain.py``): a top-level ``nn.Sequential`` whose modules downstream
   of the dropout layers are Linear / elementwise activations / Dropout / Flatten /
-  Identity (and ``curvature=False``, one input tensor). One forward pass records
+  Identity (one input tensor; with or without the curvature term). One forward pass records
   every module's input; its output is returned with ``return_output=True`` so the
   clean loss needs no second forward. Quadratic: the probes are pulled back by
   explicit matmuls (``w -> w @ W``, ``w -> w * a'(z)``) -- autograd differentiates
@@ -33,7 +33,16 @@ How each layer is computed (``U`` units, ``R`` = rank of ``Sigma``):
   penalty on a two-hidden-layer MLP), ``exact`` ``R`` of them. Divergence: the
   dropped outputs are rank-1 changes ``z - h_j W[:, j]`` of the first downstream
   Linear's output pushed through the rest of the chain; ``mc``: one ``[n, width]``
-  pass, ``exact``: ``U`` of them (chunked). Quadratic with ``estimator="unit"``: the
+  pass, ``exact``: ``U`` of them (chunked) -- except when a single ReLU and an affine
+  rest follow that Linear (``Chain.dropped_relu``): then every ``eta^(-j)`` is
+  ``eta - h_j J[:, j]`` (the Jacobian ``J = L D W`` from one matmul) corrected at the
+  few coordinates where the drop crosses the ReLU's kink; exact, no per-unit pass.
+  Curvature terms: ``B_j`` reuses the dropped outputs plus one pull-back of ``r``
+  (``sum_j <r, d_j eta>``); ``C_jj`` is zero where eta is affine in the mask, in
+  closed form ``h_j^2 ((L^T r) a''(z)) @ W^2`` with one activation before an affine
+  rest (one matmul), and otherwise second-order forward propagation of the unit
+  tangents (``exact``, chunked) or of one Rademacher combination per sample
+  (``mc`` / ``unit``: Hutchinson). Quadratic with ``estimator="unit"``: the
   same rank-1 tangent ``h_j W[:, j]`` of one random unit per sample is pushed forward
   (``t -> t W^T``, ``t -> a'(z) t``) to ``d_j eta``, and ``U (d_j eta)^T Sigma (d_j eta)``
   is unbiased at ``O(n width K)`` -- no matmul with the ``[width, U]`` weight at all.
@@ -150,7 +159,8 @@ def penalty(
         p: drop probability (default each module's ``p``; float or dict per layer).
         form: ``"quadratic"`` (Fisher form) or ``"divergence"`` (KL to the dropout sub-models).
         targets: labels; needed only with ``curvature=True``.
-        curvature: add ``1/2 sum V C_jj`` (quadratic) or ``sum p B_j`` (divergence).
+        curvature: add ``1/2 sum V C_jj`` (quadratic) or ``sum p B_j`` (divergence), by the
+            same path and estimator as the Fisher term (theory.md 4.2).
         layers: restrict to these dropout layers.
         estimator: ``"exact"``, ``"mc"`` (unbiased, one probe ``Sigma^{1/2} xi`` per sample)
             or ``"unit"`` (unbiased, one random unit ``j_i`` per sample:
@@ -167,6 +177,15 @@ def penalty(
     Returns:
         A scalar tensor, differentiable with respect to ``model.parameters()``
         (with ``return_output``: the pair ``(penalty, eta)``).
+
+    Raises:
+        ValueError: an unknown ``form`` or ``estimator``; ``p`` outside ``[0, 1)``;
+            ``curvature=True`` without ``targets``, or with a family that has no
+            residual ``mu - t(y)``, or (quadratic form, generic path) with a layer
+            whose downstream modules have no forward-mode derivative (the error
+            names the layer and the family); targets or outputs of the wrong shape;
+            an unknown or unused dropout layer in ``layers``.
+        TypeError: ``inputs`` is not a tensor or a tuple of tensors.
 
     Example:
         >>> import torch
