@@ -167,6 +167,19 @@ class Chain:
         hv = self.h(name) * v
         return pos, (hv @ lin.weight.t() if lin is not None else hv)
 
+    def along_mask(self, name: str) -> Tensor:
+        """``sum_j d_j eta`` (``[n, K]``): eta's derivative along the all-ones mask direction.
+
+        The tangent at the dropout output is ``h`` itself, so after the first downstream
+        Linear it is ``z - b`` (its output less the bias): no matmul with ``W``, then one
+        forward-mode sweep through the rest of the chain."""
+        pos, z, lin = self._start(name)
+        if lin is None:
+            t = self.h(name)
+        else:
+            t = z if lin.bias is None else z - lin.bias
+        return self.forward_tangent(pos, t)
+
     def dropped(self, name: str, units: Tensor) -> Tuple[int, Tensor]:
         """States with unit ``j`` dropped for each ``j`` in ``units`` (``[c, n, d]``, entering module ``pos``).
 

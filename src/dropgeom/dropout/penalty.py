@@ -415,9 +415,9 @@ def _chain_layers(
             total = total + ps[k] * kl_to_dropped(fam, eta, dropped, prob).sum() / n
             if r is not None:
                 total = total + ps[k] * ((dropped - eta) * r).sum() / n
-    if r is not None:  # sum_j <r_i, d_j eta_i> of B_j: one pull-back of r for every layer
-        for k, w in chain.pull_back(r, others).items():
-            total = total + ps[k] * (chain.h(k) * w).sum() / n
+    if r is not None:  # sum_j <r_i, d_j eta_i> of B_j: eta's derivative along the all-ones mask direction
+        for k in others:
+            total = total + ps[k] * (chain.along_mask(k) * r).sum() / n
     return total
 
 
