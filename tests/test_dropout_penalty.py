@@ -324,9 +324,10 @@ def test_curvature_term_sampled_estimators_are_unbiased(make, form, fast):
     net = make(7)
     x, y = _data(n=8)
     ref = _bruteforce(net, x, y, form)
+    count = 100 if fast else 50  # the generic path's forward-over-forward passes are slower
     for estimator in ("mc", "unit"):
-        draws = torch.tensor([_pen(net, x, y, form, estimator, fast, seed=s).item() for s in range(100)], dtype=D)
-        se = draws.std().item() / 100**0.5
+        draws = torch.tensor([_pen(net, x, y, form, estimator, fast, seed=s).item() for s in range(count)], dtype=D)
+        se = draws.std().item() / count**0.5
         assert se > 0 and abs(draws.mean().item() - ref) < 4 * se, (estimator, draws.mean().item(), ref, se)
 
 
