@@ -87,7 +87,6 @@ def configs(quick: bool) -> Dict[str, Tuple[nn.Module, torch.Tensor, torch.Tenso
     x1, y1 = digits.x_train[:256], digits.y_train[:256]
     x2 = torch.randn(256, 784)
     y2 = torch.randint(0, 10, (256,))
-    return {
     # --quick: the exact divergence rows of the large MLP (seconds per step) are left out
     big = [it for it in OBJECTIVES if not (quick and it[0].startswith("fisher divergence exact"))]
     return {
