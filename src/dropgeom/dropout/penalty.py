@@ -37,8 +37,9 @@ How each layer is computed (``U`` units, ``R`` = rank of ``Sigma``):
   rest follow that Linear (``Chain.dropped_relu``): then every ``eta^(-j)`` is
   ``eta - h_j J[:, j]`` (the Jacobian ``J = L D W`` from one matmul) corrected at the
   few coordinates where the drop crosses the ReLU's kink; exact, no per-unit pass.
-  Curvature terms: ``B_j`` reuses the dropped outputs plus one pull-back of ``r``
-  (``sum_j <r, d_j eta>``); ``C_jj`` is zero where eta is affine in the mask, in
+  Curvature terms: ``B_j`` reuses the dropped outputs plus one forward tangent
+  (``sum_j <r, d_j eta>`` = eta's derivative along the all-ones mask, whose tangent
+  after the first Linear is its output less the bias); ``C_jj`` is zero where eta is affine in the mask, in
   closed form ``h_j^2 ((L^T r) a''(z)) @ W^2`` with one activation before an affine
   rest (one matmul), and otherwise second-order forward propagation of the unit
   tangents (``exact``, chunked) or of one Rademacher combination per sample
@@ -58,6 +59,9 @@ How each layer is computed (``U`` units, ``R`` = rank of ``Sigma``):
   with per-sample Rademacher ``v`` (one forward-over-forward pass).
   **unit** (unbiased): quadratic: one random unit ``j_i`` per sample, ``d_j eta`` by one
   forward-mode pass (``jvp`` along the one-hot mask); otherwise as ``mc``.
+
+Every random number is drawn by ``_draw`` before any term is computed, so both
+paths consume the same draws in the same order.
 """
 
 from __future__ import annotations
