@@ -418,3 +418,44 @@ def test_curvature_term_bad_inputs_name_the_problem():
             penalty(_net(), x, p=bad, targets=y, curvature=True)
         with pytest.raises(ValueError, match=r"\[0, 1\)"):
             penalty(_net(), x, p={"2": bad})
+
+
+def _cnn(act, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), act(), nn.Dropout2d(0.2), nn.Conv2d(3, 4, 3), act(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(4 * 2 * 2, 6), act(), nn.Dropout(0.3), nn.Linear(6, 3),
+    ).double()
+
+
+def test_generic_path_curvature_term_of_piecewise_linear_downstream_is_zero_without_passes(monkeypatch):
+    import importlib
+
+    from dropgeom.dropout import terms
+
+    pen_mod = importlib.import_module("dropgeom.dropout.penalty")
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(5, 1, 6, 6, generator=g, dtype=D), torch.randint(0, 3, (5,), generator=g)
+    smooth = _cnn(nn.Tanh, 1)  # not piecewise linear: the forward-over-forward passes, equal to terms
+    t = terms(smooth, x, y)
+    for est in ("exact",):
+        with_c = penalty(smooth, x, targets=y, curvature=True, estimator=est).item()
+        expect = sum(0.5 * q / (1 - q) * (t.per_layer[k]["fisher"] + t.per_layer[k]["curvature_gaussian"])
+                     for k, q in t.p.items())
+        assert abs(with_c - expect) < 1e-12 * max(1.0, abs(expect))
+        assert abs(t.curvature_gaussian) > 1e-6
+    relu = _cnn(nn.ReLU, 2)
+    t = terms(relu, x, y)  # the generic forward-over-forward passes give exactly zero here
+    assert t.curvature_gaussian == 0.0
+
+    def boom(*a, **k):
+        raise AssertionError("a forward-over-forward pass was run")
+
+    monkeypatch.setattr(pen_mod, "_gaussian_curvature_layer", boom)
+    for est in ("exact", "mc", "unit"):
+        gen = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+        a = penalty(relu, x, targets=y, curvature=True, estimator=est, generator=gen())
+        b = penalty(relu, x, targets=y, curvature=False, estimator=est, generator=gen())
+        if est == "exact":
+            assert a.item() == b.item()
+        a.backward()

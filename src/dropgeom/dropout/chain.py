@@ -199,8 +199,9 @@ class Chain:
         """``<r_i, d^2 eta_i / d m_j^2>`` (``[n, U]``) in closed form, or ``None`` if it does not apply.
 
         Applies when the mask enters a Linear ``W`` (rank-1 tangent ``h_j W[:, j]``)
-        followed by at most one elementwise activation ``a`` before a purely linear
-        rest ``L``: then ``d^2 eta / d m_j^2 = L (a''(z) (h_j W[:, j])^2)`` and
+        followed only by piecewise-linear activations (ReLU & co: zero), or by one
+        elementwise activation ``a`` before a purely linear rest ``L``: then
+        ``d^2 eta / d m_j^2 = L (a''(z) (h_j W[:, j])^2)`` and
         ``<r, .> = h_j^2 ((L^T r) a''(z)) @ W^2`` -- one matmul, no per-unit pass."""
         pos, _, lin = self._start(name)
         if lin is None:
@@ -208,13 +209,11 @@ class Chain:
         h = self.h(name)
         rest = self.modules[pos:]
         acts = [i for i, m in enumerate(rest) if isinstance(m, ELEMENTWISE)]
-        if not acts:  # eta affine in the mask
+        if all(isinstance(rest[i], PIECEWISE_LINEAR) for i in acts):  # eta (piecewise) affine in the mask
             return torch.zeros_like(h)
         if len(acts) > 1 or any(isinstance(m, nn.Linear) for m in rest[: acts[0]]):
             return None
         a = pos + acts[0]
-        if isinstance(self.modules[a], PIECEWISE_LINEAR):  # a'' = 0: no matmul, no graph
-            return torch.zeros_like(h)
         rb = r
         for i in range(len(self.modules) - 1, a, -1):
             mod = self.modules[i]

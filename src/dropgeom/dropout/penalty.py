@@ -80,12 +80,34 @@ from ..manifold import eval_mode
 from ._common import Inputs, as_tuple, check_output, chunk_for, chunked_vmap, family_of, kl_to_dropped
 from .chain import Chain, as_chain, run_chain, training_off
 from .explicit import forward_with_masks
-from .masks import _CHANNEL_TYPES, PSpec, find_dropout, mask_variance, resolve_p
+from .masks import _CHANNEL_TYPES, DROPOUT_TYPES, PSpec, find_dropout, mask_variance, resolve_p
 
 __all__ = ["penalty", "output_linear"]
 
 FORMS = ("quadratic", "divergence")
 ESTIMATORS = ("exact", "mc", "unit")
+
+
+#: modules that are linear, affine or piecewise linear (``a'' = 0`` almost everywhere)
+_PIECEWISE_LINEAR_MODULES = DROPOUT_TYPES + (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.Flatten, nn.Unflatten, nn.Identity,
+)
+
+
+def _piecewise_linear_after(model: nn.Module, name: str) -> bool:
+    """True if ``model`` is a plain top-level ``nn.Sequential`` and every module after ``name``
+    is (piecewise) linear: then ``d^2 eta / d m_j^2 = 0`` wherever it exists (autodiff, and
+    the forward-over-forward passes of the generic path, give exactly 0 too), so the
+    Gaussian curvature term ``C_jj`` of that layer is zero."""
+    if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
+        return False
+    keys = list(model._modules)
+    if name not in keys:
+        return False
+    return all(type(m) in _PIECEWISE_LINEAR_MODULES for m in list(model)[keys.index(name) + 1 :])
 
 
 def output_linear(model: nn.Module, name: str) -> Optional[nn.Linear]:
@@ -497,8 +519,9 @@ def _generic_layers(
                 grads.append(math.sqrt(u) * torch.einsum("nkr,nk->nr", sq, d))
         for k, g in zip(others, grads):
             total = total + 0.5 * mask_variance(ps[k]) * g.pow(2).sum() / n
-        if r is not None:
-            total = total + _gaussian_curvature(model, args, others, store, r, ps, draws, chunk_size, fam)
+        curved = [k for k in others if not _piecewise_linear_after(model, k)]  # the others' C_jj is 0
+        if r is not None and curved:
+            total = total + _gaussian_curvature(model, args, curved, store, r, ps, draws, chunk_size, fam)
         return total
 
     for k in others:
