@@ -115,16 +115,14 @@ def _steps(net: nn.Sequential, x: torch.Tensor, y: torch.Tensor, quick: bool, bi
 def main(quick: bool) -> None:
     torch.manual_seed(0)
     batch = 256
-    rows = []
     big = _mlp([784, 1024, 1024, 10])
     xb, yb = torch.randn(batch, 784), torch.randint(0, 10, (batch,))
     r, _ = _steps(big, xb, yb, quick, True, "784-1024-1024-10")
-    rows += r
+    print_table(r, title=f"Fisher-dropout training step vs dropout step, batch {batch}")
     small = _mlp([64, 256, 256, 10])
     xs, ys = _digits(batch)
     r, _ = _steps(small, xs, ys, quick, False, "64-256-256-10 digits")
-    rows += r
-    print_table(rows, title=f"Fisher-dropout training step vs dropout step, batch {batch}")
+    print_table(r, title=f"Fisher-dropout training step vs dropout step, batch {batch}")
 
     net = _mlp([784, 1024, 1024, 10], act=nn.ReLU, last_act=nn.Tanh).eval()
     params = list(net.parameters())

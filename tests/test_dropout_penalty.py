@@ -244,3 +244,218 @@ def test_unit_estimator_is_unbiased_and_its_gradient_is_right(fast):
     direction = [torch.randn_like(q) for q in params]
     analytic = sum((a * d).sum() for a, d in zip(grads, direction)).item()
     assert abs(analytic - directional_fd(value, params, direction)) < 1e-7 * max(1.0, abs(analytic))
+
+
+# -- the curvature term on every path and estimator, against float64 brute force -----------
+
+
+def _deep_net(seed=0):
+    """Two activations below the first dropout layer: no closed form, second-order propagation."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(3, 4), nn.Tanh(), nn.Dropout(0.2), nn.Linear(4, 4), nn.Softplus(), nn.Linear(4, 4), nn.Tanh(),
+        nn.Dropout(0.3), nn.Linear(4, 3),
+    ).double()
+
+
+def _bruteforce(net, x, y, form):
+    """``sum_l`` of the law's two terms from dense mask derivatives and explicit drops (reference.dropout)."""
+    from reference.dropout import terms_dense
+
+    out = 0.0
+    for i, mod in enumerate(net):
+        if isinstance(mod, nn.Dropout):
+            units = net[i - 1].out_features if isinstance(net[i - 1], nn.Linear) else net[i - 2].out_features
+            t = terms_dense(lambda m, i=i: sequential_eta(net, x, {i: m}), units, "categorical", y)
+            q = mod.p
+            if form == "quadratic":
+                out += 0.5 * q / (1 - q) * (t["fisher"].sum() + t["curvature_gaussian"].sum()).item()
+            else:
+                out += q * (t["divergence"].sum() + t["curvature_bernoulli"].sum()).item()
+    return out
+
+
+def _pen(net, x, y, form, estimator, fast, seed=3):
+    from dropgeom.dropout.penalty import _penalty
+
+    with torch.enable_grad():  # the generic path differentiates w.r.t. the masks (also inside finite differences)
+        return _penalty(net, x, "categorical", None, form, y, True, None, estimator,
+                        torch.Generator().manual_seed(seed), None, fast=fast)[0]
+
+
+@pytest.mark.parametrize("make", [_net, _deep_net])
+@pytest.mark.parametrize("form", ["quadratic", "divergence"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_curvature_term_exact_value_matches_bruteforce(make, form, fast):
+    net = make(5)
+    x, y = _data(n=8)
+    ref = _bruteforce(net, x, y, form)
+    assert abs(_pen(net, x, y, form, "exact", fast).item() - ref) < 1e-12 * max(1.0, abs(ref))
+
+
+@pytest.mark.parametrize("make", [_net, _deep_net])
+@pytest.mark.parametrize("form", ["quadratic", "divergence"])
+@pytest.mark.parametrize("estimator", ["exact", "mc", "unit"])
+def test_curvature_term_gradient_matches_finite_differences_on_both_paths(make, form, estimator):
+    net = make(6)
+    x, y = _data(n=7)
+    params = list(net.parameters())
+    direction = [torch.randn_like(q) for q in params]
+    grads = {}
+    for fast in (True, False):
+        value = lambda fast=fast: _pen(net, x, y, form, estimator, fast, seed=11)  # noqa: E731
+        g = torch.autograd.grad(value(), params)
+        analytic = sum((a * d).sum() for a, d in zip(g, direction)).item()
+        numeric = directional_fd(value, params, direction)
+        assert abs(analytic - numeric) < 1e-7 * max(1.0, abs(numeric)), (fast, analytic, numeric)
+        grads[fast] = torch.cat([a.flatten() for a in g])
+    # the chain path is the generic path, computed differently; the sampled estimators consume the
+    # same draws (penalty._draw), so they agree too wherever the chain has no closed form for C
+    if estimator == "exact" or make is _deep_net:
+        assert torch.allclose(grads[True], grads[False], rtol=1e-10, atol=1e-13)
+        a, b = _pen(net, x, y, form, estimator, True, seed=4).item(), _pen(net, x, y, form, estimator, False, seed=4).item()
+        assert abs(a - b) < 1e-13 * max(1.0, abs(b)), (a, b)
+
+
+@pytest.mark.parametrize("make", [_net, _deep_net])
+@pytest.mark.parametrize("form", ["quadratic", "divergence"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_curvature_term_sampled_estimators_are_unbiased(make, form, fast):
+    net = make(7)
+    x, y = _data(n=8)
+    ref = _bruteforce(net, x, y, form)
+    count = 100 if fast else 50  # the generic path's forward-over-forward passes are slower
+    for estimator in ("mc", "unit"):
+        draws = torch.tensor([_pen(net, x, y, form, estimator, fast, seed=s).item() for s in range(count)], dtype=D)
+        se = draws.std().item() / count**0.5
+        assert se > 0 and abs(draws.mean().item() - ref) < 4 * se, (estimator, draws.mean().item(), ref, se)
+
+
+def test_curvature_term_takes_the_chain_path(monkeypatch):
+    import importlib
+
+    pen_mod = importlib.import_module("dropgeom.dropout.penalty")  # the package re-exports a function of that name
+
+    def boom(*a, **k):
+        raise AssertionError("the generic path was used")
+
+    monkeypatch.setattr(pen_mod, "_gaussian_curvature", boom)
+    monkeypatch.setattr(pen_mod, "_lazy_masks", boom)
+    net = _deep_net(1)
+    x, y = _data(n=5)
+    for form in ("quadratic", "divergence"):
+        for est in ("exact", "mc", "unit"):
+            penalty(net, x, form=form, curvature=True, targets=y, estimator=est).backward()
+
+
+def test_relu_low_rank_dropped_outputs_equal_explicit_drops_with_kink_crossings():
+    from dropgeom.dropout.chain import as_chain, run_chain
+
+    torch.manual_seed(9)
+    net = nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Dropout(0.3), nn.Linear(12, 10), nn.ReLU(), nn.Dropout(0.2),
+                        nn.Identity(), nn.Linear(10, 6), nn.Linear(6, 4)).double().eval()
+    x, _ = _data(n=9)
+    chain = run_chain(net, as_chain(net, ["2", "5"]), x, ["2", "5"])
+    low = chain.dropped_relu("2")  # [U, n, K]
+    z = chain.states[4]
+    shifted = z.unsqueeze(0) - chain.h("2").t().unsqueeze(-1) * net[3].weight.t().unsqueeze(1)  # [U, n, d]
+    assert ((shifted > 0) != (z > 0)).sum() > 10  # the case tested: many kink crossings
+    for j in range(12):  # brute force: the model's own forward with unit j dropped
+        m = torch.ones(12, dtype=D)
+        m[j] = 0.0
+        with torch.no_grad():
+            ref = net[3:](net[:2](x) * m)
+        assert torch.allclose(low[j], ref, rtol=1e-12, atol=1e-13), j
+    assert chain.dropped_relu("5") is None  # no ReLU between this layer and the output
+    pos, states = chain.dropped("2", torch.arange(12))
+    g1 = torch.autograd.grad(low.pow(2).sum(), list(net.parameters()), allow_unused=True, retain_graph=True)
+    g2 = torch.autograd.grad(chain.push(pos, states).pow(2).sum(), list(net.parameters()), allow_unused=True)
+    for a, b in zip(g1, g2):
+        assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-11, atol=1e-13)
+
+
+class _NoForwardMode(torch.autograd.Function):
+    """tanh without a jvp rule: forward-mode autodiff through it fails."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class _CustomAct(nn.Module):
+    def forward(self, x):
+        return _NoForwardMode.apply(x)
+
+
+def test_curvature_term_bad_inputs_name_the_problem():
+    from dropgeom.families import Gaussian
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Dropout(0.2), nn.Linear(4, 4), _CustomAct(), nn.Linear(4, 3))
+    net = net.double()
+    x, y = _data(n=5)
+    with pytest.raises(ValueError, match=r"curvature term .* not supported for dropout layer '2'.*jvp"):
+        penalty(net, x, targets=y, curvature=True)
+    for est in ("exact", "mc"):  # the divergence form's curvature term needs no forward mode
+        penalty(net, x, form="divergence", targets=y, curvature=True, estimator=est).backward()
+
+    class NoStatistic(Gaussian):
+        name = "mygauss"
+
+        def sufficient_statistic(self, y, k=None):
+            raise NotImplementedError("no t(y)")
+
+    with pytest.raises(ValueError, match="not supported for family 'mygauss'"):
+        penalty(_net(), x, family=NoStatistic(), targets=torch.randn(5, 3, dtype=D), curvature=True)
+    for bad in (1.0, 1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"\[0, 1\)"):
+            penalty(_net(), x, p=bad, targets=y, curvature=True)
+        with pytest.raises(ValueError, match=r"\[0, 1\)"):
+            penalty(_net(), x, p={"2": bad})
+
+
+def _cnn(act, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), act(), nn.Dropout2d(0.2), nn.Conv2d(3, 4, 3), act(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(4 * 2 * 2, 6), act(), nn.Dropout(0.3), nn.Linear(6, 3),
+    ).double()
+
+
+def test_generic_path_curvature_term_of_piecewise_linear_downstream_is_zero_without_passes(monkeypatch):
+    import importlib
+
+    from dropgeom.dropout import terms
+
+    pen_mod = importlib.import_module("dropgeom.dropout.penalty")
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(5, 1, 6, 6, generator=g, dtype=D), torch.randint(0, 3, (5,), generator=g)
+    smooth = _cnn(nn.Tanh, 1)  # not piecewise linear: the forward-over-forward passes, equal to terms
+    t = terms(smooth, x, y)
+    for est in ("exact",):
+        with_c = penalty(smooth, x, targets=y, curvature=True, estimator=est).item()
+        expect = sum(0.5 * q / (1 - q) * (t.per_layer[k]["fisher"] + t.per_layer[k]["curvature_gaussian"])
+                     for k, q in t.p.items())
+        assert abs(with_c - expect) < 1e-12 * max(1.0, abs(expect))
+        assert abs(t.curvature_gaussian) > 1e-6
+    relu = _cnn(nn.ReLU, 2)
+    t = terms(relu, x, y)  # the generic forward-over-forward passes give exactly zero here
+    assert t.curvature_gaussian == 0.0
+
+    def boom(*a, **k):
+        raise AssertionError("a forward-over-forward pass was run")
+
+    monkeypatch.setattr(pen_mod, "_gaussian_curvature_layer", boom)
+    for est in ("exact", "mc", "unit"):
+        gen = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+        a = penalty(relu, x, targets=y, curvature=True, estimator=est, generator=gen())
+        b = penalty(relu, x, targets=y, curvature=False, estimator=est, generator=gen())
+        if est == "exact":
+            assert a.item() == b.item()
+        a.backward()

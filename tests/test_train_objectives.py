@@ -286,3 +286,15 @@ def test_fisher_dropout_mc_estimator_is_unbiased(form):
     mean, se = mc_draws(obj, net, x, y, seed=9, copies=50, draws=40)
     assert se > 0
     assert abs(mean - exact) < 4.5 * se
+
+
+def test_fisher_dropout_bad_inputs():
+    for bad in (1.0, -0.2, float("nan"), True):
+        with pytest.raises(ValueError, match=r"\[0, 1\)"):
+            make_objective("fisher_dropout", p=bad, curvature=True)
+    with pytest.raises(ValueError, match="estimator"):
+        make_objective("fisher_dropout", estimator="sampled")
+    net = two_dropout_net()
+    x, y = batch(n=4)
+    with pytest.raises(ValueError, match="class indices"):  # the curvature term's residual needs valid labels
+        make_objective("fisher_dropout", curvature=True)(net, x, y.double())

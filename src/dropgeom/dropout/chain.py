@@ -44,6 +44,8 @@ ELEMENTWISE = (
     nn.Mish, nn.Hardtanh, nn.ReLU6, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
 )
 PASS = DROPOUT_TYPES + (nn.Identity, nn.Flatten)
+#: piecewise-linear activations: ``a'' = 0`` almost everywhere (theory.md 4.2, caveat on ReLU)
+PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh)
 
 
 def _is_supported(mod: nn.Module) -> bool:
@@ -71,7 +73,7 @@ def act_d1(mod: nn.Module, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
 
 def act_d2(mod: nn.Module, v: Tensor) -> Tensor:
     """``a''(v)`` of an elementwise activation module."""
-    if isinstance(mod, nn.ReLU):
+    if isinstance(mod, PIECEWISE_LINEAR):
         return torch.zeros_like(v)
     if isinstance(mod, nn.Tanh):
         y = torch.tanh(v)
@@ -157,6 +159,27 @@ class Chain:
         t[rows, units] = h[rows, units]
         return pos, base, t
 
+    def tangent_along(self, name: str, v: Tensor) -> Tuple[int, Tensor]:
+        """The tangent ``sum_j v_ij t_j`` of per-sample mask directions ``v`` (``[n, U]``): ``(position, t [n, d])``.
+
+        Through the first downstream Linear this is ``(h * v) @ W^T`` (one matmul)."""
+        pos, _, lin = self._start(name)
+        hv = self.h(name) * v
+        return pos, (hv @ lin.weight.t() if lin is not None else hv)
+
+    def along_mask(self, name: str) -> Tensor:
+        """``sum_j d_j eta`` (``[n, K]``): eta's derivative along the all-ones mask direction.
+
+        The tangent at the dropout output is ``h`` itself, so after the first downstream
+        Linear it is ``z - b`` (its output less the bias): no matmul with ``W``, then one
+        forward-mode sweep through the rest of the chain."""
+        pos, z, lin = self._start(name)
+        if lin is None:
+            t = self.h(name)
+        else:
+            t = z if lin.bias is None else z - lin.bias
+        return self.forward_tangent(pos, t)
+
     def dropped(self, name: str, units: Tensor) -> Tuple[int, Tensor]:
         """States with unit ``j`` dropped for each ``j`` in ``units`` (``[c, n, d]``, entering module ``pos``).
 
@@ -176,8 +199,9 @@ class Chain:
         """``<r_i, d^2 eta_i / d m_j^2>`` (``[n, U]``) in closed form, or ``None`` if it does not apply.
 
         Applies when the mask enters a Linear ``W`` (rank-1 tangent ``h_j W[:, j]``)
-        followed by at most one elementwise activation ``a`` before a purely linear
-        rest ``L``: then ``d^2 eta / d m_j^2 = L (a''(z) (h_j W[:, j])^2)`` and
+        followed only by piecewise-linear activations (ReLU & co: zero), or by one
+        elementwise activation ``a`` before a purely linear rest ``L``: then
+        ``d^2 eta / d m_j^2 = L (a''(z) (h_j W[:, j])^2)`` and
         ``<r, .> = h_j^2 ((L^T r) a''(z)) @ W^2`` -- one matmul, no per-unit pass."""
         pos, _, lin = self._start(name)
         if lin is None:
@@ -185,7 +209,7 @@ class Chain:
         h = self.h(name)
         rest = self.modules[pos:]
         acts = [i for i, m in enumerate(rest) if isinstance(m, ELEMENTWISE)]
-        if not acts:  # eta affine in the mask
+        if all(isinstance(rest[i], PIECEWISE_LINEAR) for i in acts):  # eta (piecewise) affine in the mask
             return torch.zeros_like(h)
         if len(acts) > 1 or any(isinstance(m, nn.Linear) for m in rest[: acts[0]]):
             return None
@@ -197,6 +221,66 @@ class Chain:
                 rb = rb @ mod.weight
         q = rb * act_d2(self.modules[a], self.states[a])  # [n, d]
         return h * h * (q @ (lin.weight * lin.weight))
+
+    def _linear_rest(self, start: int) -> Optional[Tensor]:
+        """``L`` (``[K, d]``) if modules ``start..`` map their input to eta affinely (Linear / pass-through only)."""
+        rest = self.modules[start:]
+        if any(not isinstance(m, (nn.Linear,) + PASS) for m in rest):
+            return None
+        mat: Optional[Tensor] = None
+        for mod in reversed(rest):
+            if isinstance(mod, nn.Linear):
+                mat = mod.weight if mat is None else mat @ mod.weight
+        return mat
+
+    def dropped_relu(self, name: str) -> Optional[Tensor]:
+        """Every ``eta^(-j)`` (``[U, n, K]``) by a low-rank update, or ``None`` if it does not apply.
+
+        Applies when the mask enters a Linear ``W`` followed by one ReLU and an affine
+        rest ``L``: with ``z`` the Linear's output, ``D = 1[z > 0]`` and
+        ``delta_j = h_j W[:, j]``,
+
+        ``eta^(-j) = eta - h_j J[:, j] + L c_j``,  ``J = L D W`` (``[n, K, U]``, one matmul),
+        ``c_j = relu(z - delta_j) - relu(z) + D delta_j``,
+
+        and ``c_j`` is zero except where ``z - delta_j`` and ``z`` lie on different
+        sides of the kink, which needs ``|z_a| <= max_j |h_j W[a, j]|``: only those
+        coordinates are examined (bounded by ``max_j |h_j| max_j |W[a, j]|``), and only
+        the actual crossings enter the graph. Exact (no Taylor step); differentiable."""
+        pos, z, lin = self._start(name)
+        if lin is None or pos >= len(self.modules) or not isinstance(self.modules[pos], nn.ReLU):
+            return None
+        mat = self._linear_rest(pos + 1)
+        if mat is None:
+            return None
+        h, w = self.h(name), lin.weight  # [n, U], [d, U]
+        n, u = h.shape
+        eta = self.eta
+        d = (z > 0).to(z.dtype)
+        jac = (d.unsqueeze(1) * mat.unsqueeze(0)).reshape(n * mat.shape[0], -1) @ w  # [n*K, U]
+        dropped = eta.unsqueeze(-1) - h.unsqueeze(1) * jac.reshape(n, -1, u)  # [n, K, U]
+        with torch.no_grad():
+            hd, wd, zd = h.detach(), w.detach(), z.detach()
+            bound = hd.abs().amax(1, keepdim=True) * wd.abs().amax(1).unsqueeze(0)  # [n, d]
+            ii, aa = torch.nonzero(zd.abs() <= bound, as_tuple=True)
+            found = []
+            step = max(1, 2**22 // max(1, u))  # candidate rows per chunk: a bounded [step, U] scan
+            for s in range(0, ii.shape[0], step):
+                ic, ac = ii[s : s + step], aa[s : s + step]
+                zc = zd[ic, ac].unsqueeze(1)
+                shifted = torch.addcmul(zc, hd[ic], wd[ac], value=-1.0)  # [c, U]
+                c_idx, jj = torch.nonzero((shifted > 0) != (zc > 0), as_tuple=True)
+                found.append((ic[c_idx], ac[c_idx], jj))
+        if not found or not sum(f[0].numel() for f in found):
+            return dropped.permute(2, 0, 1)
+        i_f, a_f, jj = (torch.cat(t) for t in zip(*found))
+        zf, delta = z[i_f, a_f], h[i_f, jj] * w[a_f, jj]
+        val = torch.relu(zf - delta) - torch.relu(zf) + d[i_f, a_f] * delta  # [F], the crossings only
+        # sum_a c_ija L[:, a] for every (i, j): scattered rows (index_add's backward is a gather;
+        # a sparse matmul's backward cost ~20x more here)
+        corr = torch.zeros(n * u, mat.shape[0], dtype=eta.dtype, device=eta.device)
+        corr = corr.index_add(0, i_f * u + jj, val.unsqueeze(1) * mat.t()[a_f]).reshape(n, u, -1)  # [n, U, K]
+        return (dropped + corr.transpose(1, 2)).permute(2, 0, 1)
 
     def push(self, pos: int, v: Tensor) -> Tensor:
         """Run states ``v`` (``[..., n, d]``, input of module ``pos``) through the rest of the chain."""
@@ -228,7 +312,7 @@ class Chain:
                 s = None if s is None else s @ mod.weight.t()
             elif isinstance(mod, ELEMENTWISE):
                 d1 = act_d1(mod, v, self.states[i + 1])
-                if not isinstance(mod, nn.ReLU):  # ReLU: a'' = 0 almost everywhere
+                if not isinstance(mod, PIECEWISE_LINEAR):  # a'' = 0 almost everywhere
                     q = act_d2(mod, v) * t * t
                     s = q if s is None else q + d1 * s
                 elif s is not None:

@@ -24,8 +24,9 @@ The pieces (``l_i = -log p(y_i | eta_i)``, ``p`` the DROP probability):
   ``1/2 sum_j V_jj F^mask_jj`` with ``V = p/(1-p)`` (``form="quadratic"``) or
   ``p sum_j K_j`` (``form="divergence"``), optionally plus the curvature term
   (``1/2 sum_j V_jj C_jj`` or ``p sum_j B_j``); no mask noise enters the
-  gradient. ``estimator="mc"`` estimates it from sampled labels.
-  gradient. ``estimator="mc"`` estimates it from sampled labels, ``"unit"`` from one sampled unit per input (both unbiased).
+  gradient. ``estimator="exact"`` (default) is deterministic; ``"mc"`` (one random
+  probe ``Sigma^{1/2} xi`` or one dropped unit per input) and ``"unit"`` (one random
+  unit per input) are unbiased and cheaper (:func:`dropgeom.dropout.penalty`).
 The named objectives of the experiments (:class:`ObjectiveName`, built by
 :func:`make_objective`): ``none`` = NLL; ``l2`` = NLL + L2;
 ``dropout`` = DropoutNLL; ``gaussian_dropout`` = GaussianDropoutNLL;
@@ -384,8 +385,15 @@ class FisherPenalty(Objective):
 
     ``form="quadratic"``: ``1/2 sum_j V_jj F^mask_jj`` with ``V = p/(1-p)``;
     ``form="divergence"``: ``p sum_j K_j``. With ``curvature=True`` the
-    matching curvature term is added (it needs the targets). ``weight``
+    matching curvature term is added (it needs the targets): ``1/2 V sum_j C_jj``
+    or ``p sum_j B_j`` (theory.md 4.2), by the same path and estimator. ``weight``
     multiplies the penalty (1 = the small-noise law).
+
+    Raises:
+        ValueError: ``p`` outside ``[0, 1)``, an unknown ``form`` or ``estimator``, a
+            negative or non-finite ``weight``; at call time, the errors of
+            :func:`dropgeom.dropout.penalty` (e.g. the curvature term with a layer or
+            family it does not support, named in the message).
     """
 
     name = "fisher_penalty"
