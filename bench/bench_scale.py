@@ -208,7 +208,7 @@ def _tiny_unit(i: int) -> float:
 
 def _executor_overhead(units: int = 20) -> Dict[str, Tuple[float, float]]:
     """Seconds to start each executor, and seconds per tiny unit once started (2 workers)."""
-    from dropgeom.experiments.executors import make_pool
+    from dropgeom.executors import make_pool
 
     out: Dict[str, Tuple[float, float]] = {}
     for kind in ("process", "ray"):

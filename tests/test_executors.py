@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from dropgeom.experiments.executors import ExecutorKind, check_address, make_pool
+from dropgeom.executors import ExecutorKind, check_address, make_pool
 
 
 def _square(x: int) -> int:
@@ -59,3 +59,56 @@ def test_ray_local_runs_units_with_the_same_interface():
     assert {k: v for k, v in out.items() if k >= 0} == {0: 0, 1: 1, 2: 4, 3: 9}
     assert isinstance(out[-5], ValueError) and "negative unit" in str(out[-5])
     assert sorted(started) == [-5, 0, 1, 2, 3]
+
+
+def test_reproduce_on_ray_killed_and_resumed_recomputes_nothing(tmp_path):
+    """A tiny grid on a local Ray with 2 CPUs, interrupted after two units, then resumed: the finished units are
+    not computed again, and the records equal those of the process pool (bitwise, apart from wall-clock fields)."""
+    pytest.importorskip("ray")
+    from dropgeom.config import RunConfig
+    from dropgeom.experiments.sweep import reproduce
+    from dropgeom.rundir import RunDir
+
+    cfg = RunConfig.from_preset("test", experiments=["C3"], c3_objectives=["none", "l2", "dropout"], epochs=2, seeds=2)
+    done: list = []
+
+    def stop_after_two(key: str) -> None:  # called as a unit is handed out: the third one interrupts
+        done.append(key)
+        if len(done) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(cfg, tmp_path / "ray", progress=False, render=False, workers=2, executor="ray", on_compute=stop_after_two)
+    finished = {r["key"] for r in RunDir(tmp_path / "ray").records("C3")}
+    again: list = []
+    reproduce(cfg, tmp_path / "ray", progress=False, render=False, workers=2, executor="ray", on_compute=again.append)
+    assert finished and not finished & set(again)
+    reproduce(cfg, tmp_path / "pool", progress=False, render=False, workers=2)
+
+    def untimed(obj):
+        if isinstance(obj, dict):
+            return {k: untimed(v) for k, v in obj.items() if k != "seconds"}
+        return [untimed(v) for v in obj] if isinstance(obj, list) else obj
+
+    by_key = lambda d: {r["key"]: untimed(r) for r in RunDir(d).records("C3")}  # noqa: E731
+    assert by_key(tmp_path / "ray") == by_key(tmp_path / "pool")
+
+
+def test_cli_executor_errors_are_one_line(monkeypatch, capsys, tmp_path):
+    from dropgeom.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else importlib.machinery.PathFinder.find_spec(name))
+    code = main(["reproduce", "--preset", "test", "--executor", "ray", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "pip install 'dropgeom[ray]'" in err
+    assert not (tmp_path / "r").exists()  # nothing written
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.undo()
+    code = main(["reproduce", "--preset", "test", "--executor", "ray", "--address", f"127.0.0.1:{port}", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "cannot reach a Ray head" in err

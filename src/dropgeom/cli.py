@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from .executors import ExecutorKind
+
 __all__ = ["main", "build_parser"]
 
 
@@ -126,7 +128,10 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/reproduce-{preset}")
     t0 = time.perf_counter()
     try:
-        report = reproduce(config, out, progress=not args.no_progress, threads=args.threads, workers=args.workers)
+        report = reproduce(
+            config, out, progress=not args.no_progress, threads=args.threads, workers=args.workers,
+            executor=args.executor, address=args.address,
+        )
     except KeyboardInterrupt:
         print(f"\ndropgeom reproduce: interrupted; finished units are saved in {out}; run the same command again to resume", file=sys.stderr)
         return 130
@@ -300,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="JSON file of config overrides (every option of dropgeom.config.RunConfig)")
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads per process (default 1: fastest for these tiny models)")
     p.add_argument("--workers", type=_positive_int, default=min(2, os.cpu_count() or 1), help="processes running units in parallel (default: 2, or 1 on a 1-core machine)")
+    p.add_argument(
+        "--executor", choices=[k.value for k in ExecutorKind], default=ExecutorKind.PROCESS.value,
+        help="where units run: 'process' (worker processes on this machine) or 'ray' (Ray tasks: a local Ray, or a "
+        "cluster with --address; pip install 'dropgeom[ray]')",
+    )
+    p.add_argument("--address", default=None, help="Ray head node HOST:PORT (or auto) for --executor ray; default: start a local Ray")
     p.add_argument("--no-progress", action="store_true", help="no progress line (by default one line shows the claim, units done/total and an ETA)")
     p.set_defaults(fn=_cmd_reproduce)
 
@@ -418,7 +429,7 @@ def _dispatch(args: argparse.Namespace, debug: bool) -> int:
             raise
         print(f"\ndropgeom {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, ConfigError, RunDirError, ValueError, OSError, MemoryError) as err:
+    except (CLIError, ConfigError, RunDirError, ValueError, OSError, MemoryError, ImportError) as err:
         # bad input, data files, folders or sizes: a message, no traceback
         if debug:
             raise

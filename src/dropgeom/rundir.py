@@ -315,6 +315,8 @@ class RunDir:
         on_compute: Optional[Callable[[str], None]] = None,
         workers: int = 1,
         on_done: Optional[Callable[[str, Mapping[str, Any]], None]] = None,
+        executor: str = "process",
+        address: Optional[str] = None,
     ) -> Dict[str, int]:
         """Run ``fn(unit)`` for each unit (a mapping with a ``key``) not finished yet.
 
@@ -323,7 +325,9 @@ class RunDir:
         finished units are kept, worker processes are killed at once). With
         ``workers > 1`` the units run in that many spawned processes (a
         :class:`~dropgeom.pool.WorkerPool`; ``fn`` must be picklable); records
-        are still written by this process, one atomic file each.
+        are still written by this process, one atomic file each. ``executor="ray"`` runs the units as Ray tasks
+        instead (:class:`~dropgeom.executors.RayPool`: a local Ray with ``workers`` CPUs, or the cluster at
+        ``address``); this process stays the only writer.
 
         ``progress``: ``True`` for a tqdm bar of this experiment, ``False`` for
         none, or an object with ``start(key)`` and ``done(key, record)`` methods
@@ -331,7 +335,8 @@ class RunDir:
         before a unit starts, ``on_done(key, record)`` after its record is stored.
         Returns counts of computed, skipped and failed units.
         """
-        from .pool import WorkerPool, exit_on_next_interrupt
+        from .executors import ExecutorKind, make_pool
+        from .pool import exit_on_next_interrupt
 
         counts = {"computed": 0, "skipped": 0, "errors": 0}
         todo = [u for u in units if not self.is_done(experiment, u["key"])]
@@ -352,14 +357,17 @@ class RunDir:
             if on_done is not None:
                 on_done(unit["key"], record)
 
-        pool: Optional[WorkerPool] = None
+        kind = ExecutorKind(executor)
+        pool: Any = None
         try:
-            if workers <= 1 or len(todo) <= 1:
+            if not todo:
+                pass
+            elif kind is ExecutorKind.PROCESS and (workers <= 1 or len(todo) <= 1):
                 for unit in todo:
                     start(unit)
                     store(unit, timed_call(fn, unit))
             else:
-                pool = WorkerPool(functools.partial(timed_call, fn), min(workers, len(todo)))
+                pool = make_pool(functools.partial(timed_call, fn), min(workers, len(todo)), kind, address)
                 for unit, result in pool.imap_unordered(todo, on_start=start):
                     if isinstance(result, BaseException):
                         result = {"status": "error", "error": f"{type(result).__name__}: {result}", "seconds": float("nan")}

@@ -40,6 +40,8 @@ def reproduce(
     render: bool = True,
     threads: Optional[int] = 1,
     workers: int = 1,
+    executor: str = "process",
+    address: Optional[str] = None,
 ) -> Path:
     """Run (or resume) every experiment of ``config`` into the folder ``out``; return the report path.
 
@@ -53,7 +55,11 @@ def reproduce(
         render: write figures, ``report.md`` and ``report.html`` at the end.
         threads: torch intra-op threads while running (``None``: leave as is).
             The models are tiny: one thread per process is fastest.
-        workers: run the units of each experiment in this many processes.
+        workers: run the units of each experiment in this many processes (with ``executor="ray"`` and no
+            address: the CPUs of the local Ray).
+        executor: ``process`` (spawned worker processes, default) or ``ray`` (Ray tasks; ``pip install
+            'dropgeom[ray]'``); see :mod:`dropgeom.executors`. Records are written by this process either way.
+        address: a Ray cluster's head (``host:port``) for ``executor="ray"``; ``None`` starts a local Ray.
 
     Every invocation is recorded in ``timings.json`` when it starts and
     updated as units finish, so a killed one is there too (status
@@ -63,10 +69,15 @@ def reproduce(
         ConfigError: ``out`` holds a run with a different config.
         RunDirError: ``out`` is not a folder dropgeom may write into, or another process works in it.
         KeyboardInterrupt: on Ctrl-C, after the finished units are saved and the workers killed.
+        ImportError: ``executor="ray"`` without Ray installed.
+        ConnectionError: ``address`` cannot be reached (within :data:`dropgeom.executors.CONNECT_TIMEOUT` seconds).
     """
     import torch
 
+    from ..executors import check_executor
+
     config.validate()
+    check_executor(executor, address)  # before anything is written: Ray installed, the cluster reachable
     if threads is not None:
         torch.set_num_threads(int(threads))
     rd = RunDir.claim(out)
@@ -80,11 +91,14 @@ def reproduce(
                 mod = EXPERIMENTS[name]
                 line.set_claim(name)
                 t0 = time.perf_counter()
-                if workers > 1:
+                if workers > 1 or executor != "process":
                     fn = functools.partial(_run_unit_in_worker, name, config.to_dict(), str(rd.checkpoints), threads)
                 else:
                     fn = functools.partial(_run_unit, mod, config, rd.checkpoints)
-                counts = rd.run_units(name, units, fn, line, on_compute, workers=workers, on_done=lambda k, r: timings.unit_done(name))
+                counts = rd.run_units(
+                    name, units, fn, line, on_compute, workers=workers, on_done=lambda k, r: timings.unit_done(name),
+                    executor=executor, address=address,
+                )
                 rd.write_metrics(name)
                 timings.experiment_done(name, counts, time.perf_counter() - t0)
         except KeyboardInterrupt:

@@ -24,7 +24,7 @@ import socket
 from enum import Enum
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
-__all__ = ["ExecutorKind", "RayPool", "make_pool", "RAY_INSTALL_HINT", "check_address", "CONNECT_TIMEOUT"]
+__all__ = ["ExecutorKind", "RayPool", "make_pool", "check_executor", "RAY_INSTALL_HINT", "check_address", "CONNECT_TIMEOUT"]
 
 RAY_INSTALL_HINT = "pip install 'dropgeom[ray]'"
 #: seconds within which an unreachable ``--address`` is reported
@@ -69,6 +69,40 @@ def check_address(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
             f"cannot reach a Ray head at {address} within {timeout:g} s ({err.strerror or err}); start one with "
             "`ray start --head` on that machine, or leave --address out to run a local Ray"
         ) from None
+
+
+def _kind(kind: Union[str, ExecutorKind]) -> ExecutorKind:
+    try:
+        return ExecutorKind(kind.value if isinstance(kind, Enum) else str(kind))
+    except ValueError:
+        raise ValueError(f"unknown executor {kind!r}; choose one of {[k.value for k in ExecutorKind]}") from None
+
+
+def check_executor(kind: Union[str, ExecutorKind], address: Optional[str] = None, timeout: float = CONNECT_TIMEOUT) -> ExecutorKind:
+    """Check up front, before anything is written, that ``kind`` can run: a known kind, Ray installed for ``ray``,
+    ``address`` only with ``ray`` and reachable within ``timeout``.
+
+    Raises:
+        ValueError: for an unknown kind or an ``address`` without ``ray``.
+        ImportError: for ``ray`` without Ray installed (the message says how to install it).
+        ConnectionError: for an unreachable ``address``.
+
+    Example:
+        >>> check_executor("process")
+        <ExecutorKind.PROCESS: 'process'>
+    """
+    kind = _kind(kind)
+    if kind is ExecutorKind.PROCESS:
+        if address is not None:
+            raise ValueError("--address goes with --executor ray")
+        return kind
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise ImportError(f"--executor ray needs Ray, which is not installed: {RAY_INSTALL_HINT}")
+    if address is not None:
+        check_address(address, timeout)
+    return kind
 
 
 def _call(fn: Callable[[Any], Any], item: Any) -> Any:
@@ -181,14 +215,11 @@ def make_pool(
         ...
         ValueError: unknown executor 'threads'; choose one of ['process', 'ray']
     """
-    try:
-        kind = ExecutorKind(kind.value if isinstance(kind, Enum) else str(kind))
-    except ValueError:
-        raise ValueError(f"unknown executor {kind!r}; choose one of {[k.value for k in ExecutorKind]}") from None
+    kind = _kind(kind)
     if kind is ExecutorKind.RAY:
         return RayPool(fn, workers=workers, address=address)
     if address is not None:
         raise ValueError("--address goes with --executor ray")
-    from ..pool import WorkerPool
+    from .pool import WorkerPool
 
     return WorkerPool(fn, workers)
