@@ -273,14 +273,7 @@ def fisher_streamed(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     device = next(model.parameters()).device
-    base_seed = 0
-    if kind is FisherKind.MC:
-        if seed is not None:
-            base_seed = int(seed)
-        else:
-            base_seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-        dist = _dist()
-        base_seed += 1_000_003 * (dist.get_rank() if dist else 0)
+    base_seed = _base_seed(seed, generator) if kind is FisherKind.MC else 0
     check_same_parameters(model)
     if structure is Structure.IMPLICIT and not isinstance(data, (Tensor, tuple)) and iter(data) is data:  # type: ignore[arg-type]
         raise ValueError(
@@ -289,6 +282,7 @@ def fisher_streamed(
         )
     if memory_budget <= 0:
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+
     def batches() -> Iterator[Batch]:
         return iter_batches(data, targets, batch_size=batch_size if isinstance(data, (Tensor, tuple)) else None)
 
@@ -309,20 +303,35 @@ def fisher_streamed(
     if structure is Structure.IMPLICIT:
         return _implicit(batches, batch_operator, reduction)
 
-    total: Optional[List[Tensor]] = None
-    template: Optional[CurvatureOperator] = None
-    n_local = 0
-    for b, (inputs, tgt) in enumerate(batches()):
-        op, n_b = batch_operator(b, inputs, tgt, structure)
-        parts = operator_parts(op, n_b)
-        total = parts if total is None else [a.add_(b) for a, b in zip(total, parts)]
-        template = template or op
-        n_local += n_b
-    assert total is not None and template is not None  # iter_batches raises on an empty data set
+    template, total, n_local = _sum_batches(batches(), lambda b, inp, tgt: batch_operator(b, inp, tgt, structure))
     N = int(_all_reduce(torch.tensor([n_local], dtype=torch.float64)).item())
     total = [_all_reduce(t) for t in total]
     scale = 1.0 if reduction is Reduction.SUM else 1.0 / N
     return operator_from_parts(template, total, N, scale, reduction=reduction.value)
+
+
+def _base_seed(seed: Optional[int], generator: Optional[torch.Generator]) -> int:
+    """The Monte Carlo base seed of this rank: ``seed`` (or one draw from ``generator``) plus ``1000003 * rank``."""
+    base = int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    dist = _dist()
+    return base + 1_000_003 * (dist.get_rank() if dist else 0)
+
+
+def _sum_batches(
+    batches: Iterator[Batch], operator: Callable[[int, Tuple[Tensor, ...], Optional[Tensor]], Tuple[CurvatureOperator, int]]
+) -> Tuple[CurvatureOperator, List[Tensor], int]:
+    """The first batch's operator (a template), the summed additive parts of all batches, and the input count."""
+    total: Optional[List[Tensor]] = None
+    template: Optional[CurvatureOperator] = None
+    count = 0
+    for index, (inputs, tgt) in enumerate(batches):
+        op, n_b = operator(index, inputs, tgt)
+        parts = operator_parts(op, n_b)
+        total = parts if total is None else [acc.add_(part) for acc, part in zip(total, parts)]
+        template = template or op
+        count += n_b
+    assert total is not None and template is not None  # iter_batches raises on an empty data set
+    return template, total, count
 
 
 def _implicit(
