@@ -111,7 +111,7 @@ class RunConfig:
     c3_optimizers: Tuple[str, ...] = ("adam",)
     #: learning rate of plain SGD in C3 (``lr`` is Adam's)
     c3_sgd_lr: float = 0.1
-    #: C3 training-set sizes (0: ``max_train``)
+    #: C3 training-set sizes on Fashion-MNIST (0: ``max_train``); the bundled sets always use ``max_train``
     c3_train_sizes: Tuple[int, ...] = (0,)
     #: C3 Wager regime: logistic (binary) and softmax regression with input dropout, gap vs 1/2 V theta^T diag(F) theta
     c3_wager_datasets: Tuple[str, ...] = ("breast_cancer", "digits")

@@ -87,7 +87,8 @@ def units(config: RunConfig) -> List[Dict[str, Any]]:
     out: List[Dict[str, Any]] = []
     for ds in config.c3_datasets:
         for arch in config.c3_architectures:
-            for size in config.c3_train_sizes:
+            # training-set sizes apply to Fashion-MNIST; the small bundled sets use max_train
+            for size in (config.c3_train_sizes if ds == "fashion_mnist" else (0,)):
                 for opt in config.c3_optimizers:
                     tag = _tag(config, ds, arch, size, opt)
                     base = {"dataset": ds, "arch": arch, "size": size, "optimizer": opt, "tag": tag}
@@ -199,10 +200,13 @@ def _run_objectives(config: RunConfig, unit: Mapping[str, Any], workdir: Optiona
         if o == "dropout":
             continue
         opts = {"weight": config.l2} if o == "l2" else ({} if o == "none" else {"p": p})
+        if o == "fisher_dropout" and unit["arch"] == "cnn":
+            opts["estimator"] = "unit"
         plan.append((o, o, opts, seed))
     for reg in config.c3_regularizers:
         for s in config.c3_strengths:
-            plan.append((f"{reg}@{s:g}", make_regularizer(reg, s, p, config.l2), {}, seed))
+            est = "unit" if unit["arch"] == "cnn" else "exact"  # the CNN's exact divergence form: one forward per unit
+            plan.append((f"{reg}@{s:g}", make_regularizer(reg, s, p, config.l2, est), {}, seed))
     models = {}
     for name, obj, opts, train_seed in plan:
         model = copy.deepcopy(init)
@@ -386,6 +390,14 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
     }
 
 
+def _log_bars(st: List[Any]) -> Any:
+    """Error bars of geometric-mean intervals; none where the interval is unbounded (a single seed)."""
+    ok = [math.isfinite(t[1]) and math.isfinite(t[2]) and t[1] > 0 for t in st]
+    lo = np.array([t[0] - t[1] if k else 0.0 for t, k in zip(st, ok)])
+    hi = np.array([t[2] - t[0] if k else 0.0 for t, k in zip(st, ok)])
+    return lo, hi
+
+
 def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -> List[Path]:
     """``c3_gap.png`` (gradient cosines per stage, and the Wager-regime ratio against p) and
     ``c3_objectives.png`` (KL to dropout against strength per regularizer, with the noise floor)."""
@@ -422,14 +434,13 @@ def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -
             ps = sorted({row["p"] for r in rs for row in r["rows"]})
             st = [geometric_mean_ci([row["ratio"] for r in rs for row in r["rows"] if row["p"] == p]) for p in ps]
             mean = np.array([t[0] for t in st])
-            lo = np.array([t[0] - t[1] if math.isfinite(t[1]) else 0.0 for t in st])
-            hi = np.array([t[2] - t[0] if math.isfinite(t[2]) else 0.0 for t in st])
+            lo, hi = _log_bars(st)
             ax.errorbar(ps, mean, yerr=[lo, hi], fmt="o-", capsize=3, label=f"{ds} (geometric mean, 95% CI)")
         ax.axhline(1.0, color="0.5", lw=0.8)
         ax.axhspan(BAND[0], BAND[1], color="0.9")
         ax.set_xlabel("input dropout rate p")
         ax.set_ylabel("1/2 V theta^T diag(F) theta / measured gap")
-        ax.set_title("Wager regime (GLM, input dropout); band: [0.8, 1.25]")
+        ax.set_title("Wager regime (GLM, input dropout); grey: [0.8, 1.25]", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = folder / "c3_gap.png"
@@ -442,8 +453,7 @@ def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -
             ss = sorted({e["strength"] for r in objs for n, e in r["objectives"].items() if e.get("regularizer") == reg})
             st = [geometric_mean_ci([r["objectives"].get(f"{reg}@{s:g}", {}).get("kl_from_dropout") for r in objs]) for s in ss]
             mean = np.array([t[0] for t in st])
-            lo = np.array([t[0] - t[1] if math.isfinite(t[1]) else 0.0 for t in st])
-            hi = np.array([t[2] - t[0] if math.isfinite(t[2]) else 0.0 for t in st])
+            lo, hi = _log_bars(st)
             ax.errorbar(ss, mean, yerr=[lo, hi], fmt="o-", capsize=3, label=reg)
         for name, style in (("dropout_floor", "k--"), ("none", "k:")):
             g = geometric_mean_ci([r["objectives"].get(name, {}).get("kl_from_dropout") for r in objs])[0]
@@ -453,7 +463,7 @@ def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -
         ax.set_yscale("log")
         ax.set_xlabel("strength (multiple of the nominal strength)")
         ax.set_ylabel("KL(p_dropout || p_regularizer) on test inputs (nats)")
-        ax.set_title("C3b: distance to dropout's predictions (geometric means, 95% CI)")
+        ax.set_title("C3b: distance to dropout (geometric means, 95% CI)", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = folder / "c3_objectives.png"

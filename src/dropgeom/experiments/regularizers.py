@@ -39,32 +39,32 @@ __all__ = ["make_regularizer", "REGULARIZERS", "build_cnn", "c3_data", "c3_model
 IMAGE_MLP_WIDTH = 256
 
 
-def _l2(s: float, p: float, l2: float) -> Any:
+def _l2(s: float, p: float, l2: float, estimator: str = "exact") -> Any:
     from ..train import make_objective
 
     return make_objective("l2", weight=s * l2)
 
 
-def _fq(s: float, p: float, l2: float) -> Any:
+def _fq(s: float, p: float, l2: float, estimator: str = "exact") -> Any:
     from ..train.objectives import FisherDropout
 
-    return FisherDropout(p=p, form="quadratic", weight=s)
+    return FisherDropout(p=p, form="quadratic", weight=s, estimator=estimator)
 
 
-def _fd(s: float, p: float, l2: float) -> Any:
+def _fd(s: float, p: float, l2: float, estimator: str = "exact") -> Any:
     from ..train.objectives import FisherDropout
 
-    return FisherDropout(p=p, form="divergence", weight=s)
+    return FisherDropout(p=p, form="divergence", weight=s, estimator=estimator)
 
 
-def _wkm(s: float, p: float, l2: float) -> Any:
+def _wkm(s: float, p: float, l2: float, estimator: str = "exact") -> Any:
     from ..train.wkm import WKMNoise
 
-    return WKMNoise(p=p, weight=s)
+    return WKMNoise(p=p, weight=s, estimator=estimator)
 
 
 #: regularizer name -> builder(strength, p, l2)
-REGULARIZERS: Dict[str, Callable[[float, float, float], Any]] = {
+REGULARIZERS: Dict[str, Callable[..., Any]] = {
     "l2": _l2,
     "fisher_quadratic": _fq,
     "fisher_divergence": _fd,
@@ -73,8 +73,11 @@ REGULARIZERS: Dict[str, Callable[[float, float, float], Any]] = {
 assert tuple(REGULARIZERS) == C3_REGULARIZERS
 
 
-def make_regularizer(name: str, strength: float, p: float, l2: float) -> Any:
+def make_regularizer(name: str, strength: float, p: float, l2: float, estimator: str = "exact") -> Any:
     """The training objective of regularizer ``name`` at ``strength`` times its nominal strength.
+
+    ``estimator`` is passed to the Fisher penalties (``"unit"``: one sampled unit per input, unbiased;
+    used for the CNN, whose exact divergence form costs one forward pass per unit).
 
     Raises:
         ValueError: an unknown name, or a strength that is not a finite positive number.
@@ -85,7 +88,7 @@ def make_regularizer(name: str, strength: float, p: float, l2: float) -> Any:
         raise ValueError(f"unknown regularizer {name!r}; choose from {list(REGULARIZERS)}")
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) or strength <= 0:
         raise ValueError(f"regularizer strength must be a finite number > 0 (a point of a log grid), got {strength!r}")
-    return REGULARIZERS[name](float(strength), float(p), float(l2))
+    return REGULARIZERS[name](float(strength), float(p), float(l2), estimator)
 
 
 def build_cnn(side: int, channels: int, out_dim: int, activation: str = "tanh", p: float = 0.0, seed: int = 0) -> nn.Sequential:
