@@ -205,3 +205,13 @@ def test_cnn_has_dropout_between_blocks_and_its_fisher_form_has_a_gradient():
     assert v > 0 and torch.isfinite(g).all() and g.norm() > 0
     mc = mc_regularizer_gradient(net, x, y, p=0.2, n_samples=8, groups=2, generator=torch.Generator().manual_seed(0))
     assert mc["grad"].shape == g.shape
+
+
+def test_c3_units_run_with_the_cnn_on_image_data():
+    cfg = RunConfig.from_preset("test", c3_architectures=["cnn"], epochs=1, c3_regularizers=["fisher_divergence"], curvature_inputs=20)
+    units = {u["part"]: u for u in c3.units(cfg) if u.get("arch") == "cnn"}
+    g = c3.run_unit(cfg, units["grad"])
+    assert set(g["stages"]) == set(c3.STAGES) and all(-1 <= v["cos_quadratic"] <= 1 for v in g["stages"].values())
+    o = c3.run_unit(cfg, units["objectives"])
+    assert o["objectives"]["fisher_divergence@1"]["kl_from_dropout"] >= 0
+    assert o["objectives"]["dropout"]["kl_from_dropout"] == 0.0
