@@ -44,14 +44,19 @@ def test_rounding_level_curvature_is_zero_and_off_the_log_scale():
         within_setting_analysis(curv, y, g, expected_sign=0)
 
 
-def _records(within: float, between: float):
+def _records(within: float, between: float, knob_moves: bool = True):
     curv, y, g = _blocks(within=within, between=between, groups=6, per=4)
+    # the knob: the rank of the curvature within its block (it moves the curvature), or unrelated to it
+    scales = [float(sum(curv[j] < curv[i] for j in range(len(g)) if g[j] == g[i]) + 1) if knob_moves else float((i * 3) % 4 + 1)
+              for i in range(len(g))]
+    if not knob_moves:  # make the knob's order unrelated to curvature within every block
+        scales = [float(1 + (k + int(g[i])) % 4) if k % 2 else float(4 - (k + int(g[i])) % 4) for i, k in enumerate(range(len(g)))]
     recs = []
     for i, (c, v, s) in enumerate(zip(curv, y, g)):
         recs.append(
             {
                 "status": "ok", "setting": "tanh-w6-d2", "activation": "tanh", "width": 6, "depth": 2, "seed": int(s),
-                "group": f"tanh-w6-d2/seed={int(s)}", "init_scale": float(i % 4 + 1), "gain": float(v), "gain_last_epoch": float(v),
+                "group": f"tanh-w6-d2/seed={int(s)}", "init_scale": scales[i], "gain": float(v), "gain_last_epoch": float(v),
                 "gap": {"per_rate": float(v), "value": 0.1, "stderr": 0.0},
                 "terms": {"share_bernoulli": float(v), "ratio_bernoulli": 0.0},
                 "curvature": {"gamma2_damped": float(c)},
@@ -66,6 +71,13 @@ def test_c2_verdict_rests_on_the_within_setting_test(within, between, verdict):
     assert s["verdict"].verdict == verdict
     assert "negative" in s["rule"].lower() and s["what_would_change"] and s["caveats"]
     assert any("description only" in line for line in s["evidence"])
+
+
+def test_c2_without_a_manipulation_effect_is_inconclusive_not_negative():
+    s = c2.summarize(RunConfig.from_preset("test"), _records(0.0, -1.0, knob_moves=False))
+    assert s["tests"]["knob_p"] > 0.05
+    assert s["verdict"].verdict == "inconclusive"
+    assert any("did NOT move" in line for line in s["evidence"])
 
 
 def test_c2_units_vary_the_initial_scale_within_one_architecture():
