@@ -313,11 +313,13 @@ def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -
         for gname in groups:
             pts = sorted((c, _outcome(r, key)) for r, c in zip(ok, curv) if r.get("group", "") == gname and c > 0)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", alpha=0.6, ms=4)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", alpha=0.6, ms=4, label=gname)
         ax.set_xscale("log")
         ax.axhline(0, color="0.5", lw=0.8)
-        ax.set_xlabel("damped embedding curvature gamma^2 at the dropout solution")
+        ax.set_xlabel("damped curvature gamma^2 at the dropout solution")
         ax.set_ylabel(label)
+        if len(groups) <= 12:
+            ax.legend(fontsize=6, title="setting/seed (dots: initial scales)", title_fontsize=6)
     axes[0].set_title("each line: one setting and seed, initial scale varied")
     axes[1].set_title("expected sign: negative (theory.md 4.2)")
     fig.suptitle("C2: within-setting dependence on curvature (rounding-level curvature left out)")
@@ -338,6 +340,9 @@ def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -
                 ax.plot([k] * len(ys), ys, ".", color="0.6", ms=3)
         ax.set_xscale("log")
         ax.axhline(0, color="0.5", lw=0.8)
+        ax.set_xticks(scales)
+        ax.set_xticklabels([f"{k:g}" for k in scales])
+        ax.minorticks_off()
         ax.set_xlabel("initial scale of the input layer (factor)")
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
