@@ -215,3 +215,14 @@ def test_c3_units_run_with_the_cnn_on_image_data():
     o = c3.run_unit(cfg, units["objectives"])
     assert o["objectives"]["fisher_divergence@1"]["kl_from_dropout"] >= 0
     assert o["objectives"]["dropout"]["kl_from_dropout"] == 0.0
+
+
+def test_missing_fashion_mnist_fails_at_once(tmp_path, monkeypatch):
+    import dropgeom.data as data_mod
+    from dropgeom.experiments import reproduce
+
+    monkeypatch.setattr(data_mod, "FASHION_MNIST_DIR", str(tmp_path / "absent"))
+    cfg = RunConfig.from_preset("test", experiments=["C3"], c3_datasets=["fashion_mnist"])
+    with pytest.raises(ConfigError, match="apt-get install -y dataset-fashion-mnist"):
+        reproduce(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "units").exists()  # nothing was computed

@@ -98,6 +98,22 @@ def units(config: RunConfig) -> List[Dict[str, Any]]:
     return out
 
 
+def check_inputs(config: RunConfig) -> None:
+    """Fail at once (before any training) when a data set C3 needs is not installed.
+
+    Raises:
+        ConfigError: one problem line per missing data set, saying how to install it.
+    """
+    import os
+
+    from ..config import ConfigError
+    from ..data import FASHION_MNIST_DIR, FASHION_MNIST_HINT
+
+    needed = set(config.c3_datasets) | set(config.c3_wager_datasets)
+    if "fashion_mnist" in needed and not os.path.isdir(FASHION_MNIST_DIR):
+        raise ConfigError([FASHION_MNIST_HINT])
+
+
 def run_unit(config: RunConfig, unit: Mapping[str, Any], workdir: Optional[Path] = None) -> Dict[str, Any]:
     """One gradient, objectives or Wager unit; ``workdir`` holds training checkpoints."""
     part = unit.get("part")

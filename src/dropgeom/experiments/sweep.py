@@ -55,6 +55,8 @@ def reproduce(
     import torch
 
     config.validate()
+    for name in config.experiments:  # missing inputs (e.g. a data set that is not installed) fail at once
+        getattr(EXPERIMENTS[name], "check_inputs", lambda _c: None)(config)
     if threads is not None:
         torch.set_num_threads(int(threads))
     rd = RunDir(out)
