@@ -130,6 +130,15 @@ def c3_data(config: RunConfig, dataset: str, arch: str, size: int, seed: int) ->
 
     Raises:
         FileNotFoundError: Fashion-MNIST is not installed (one line saying how to install it).
+        ValueError: ``arch="cnn"`` on a data set whose inputs are not square images.
+
+    Example:
+        >>> from dropgeom.config import RunConfig
+        >>> cfg = RunConfig.from_preset("test")
+        >>> c3_data(cfg, "digits", "cnn", 0, seed=0).x_train.shape
+        torch.Size([200, 1, 8, 8])
+        >>> c3_data(cfg, "digits", "mlp", 0, seed=0).x_train.shape
+        torch.Size([200, 8])
     """
     ds = _load(dataset, seed, int(size or config.max_train))
     xtr, xte = ds.x_train.to(DTYPE), ds.x_test.to(DTYPE)
@@ -150,7 +159,18 @@ def c3_data(config: RunConfig, dataset: str, arch: str, size: int, seed: int) ->
 
 
 def c3_model(config: RunConfig, data: ExperimentData, dataset: str, arch: str, p: float, seed: int) -> nn.Sequential:
-    """The C3 network: the config's MLP (784-256-256-10 on Fashion-MNIST) or :func:`build_cnn`."""
+    """The C3 network: the config's MLP (784-256-256-10 on Fashion-MNIST) or :func:`build_cnn`.
+
+    Raises:
+        ValueError: from :func:`~dropgeom.experiments.common.build_mlp` / :func:`build_cnn` (bad activation or image side).
+
+    Example:
+        >>> from dropgeom.config import RunConfig
+        >>> cfg = RunConfig.from_preset("test")
+        >>> net = c3_model(cfg, c3_data(cfg, "digits", "mlp", 0, 0), "digits", "mlp", 0.2, seed=0)
+        >>> [type(m).__name__ for m in net][:3]
+        ['Linear', 'Tanh', 'Dropout']
+    """
     if arch == "cnn":
         return build_cnn(int(data.x_train.shape[-1]), int(data.x_train.shape[1]), data.num_outputs, config.activation, p, seed)
     width = IMAGE_MLP_WIDTH if dataset == "fashion_mnist" else config.width
@@ -161,7 +181,11 @@ def c3_train(
     model: nn.Module, data: ExperimentData, objective: Any, config: RunConfig, seed: int, optimizer: str,
     options: Dict[str, Any] = None, checkpoint_dir: Any = None, callback: Any = None,
 ) -> Tuple[bool, list]:
-    """Train with :func:`dropgeom.train.train` (``optimizer`` adam at ``lr`` or sgd at ``c3_sgd_lr``); ``(diverged, history)``."""
+    """Train with :func:`dropgeom.train.train` (``optimizer`` adam at ``lr`` or sgd at ``c3_sgd_lr``); ``(diverged, history)``.
+
+    Raises:
+        ValueError: from :func:`dropgeom.train.train` (an unknown objective or optimizer, bad options).
+    """
     from ..train import train
 
     hist = train(
