@@ -206,3 +206,24 @@ def test_mnist_directory_keeps_its_split(tmp_path):
     (tmp_path / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(FileNotFoundError, match="t10k-labels"):
         load_dataset("mnist", path=tmp_path)
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST (Debian package)
+def test_fashion_mnist_missing_fails_at_once_with_the_install_line(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        load_dataset("fashion_mnist", path=tmp_path)
+    msg = str(info.value)
+    assert "apt-get install -y dataset-fashion-mnist" in msg and "\n" not in msg
+
+
+def test_fashion_mnist_small_slice():
+    import os
+
+    from dropgeom.data import FASHION_MNIST_DIR
+
+    if not os.path.isdir(FASHION_MNIST_DIR):
+        pytest.skip("dataset-fashion-mnist is not installed (apt-get install -y dataset-fashion-mnist)")
+    ds = load_dataset("fashion_mnist", max_train=64, seed=0)
+    assert ds.x_train.shape == (64, 784) and ds.x_test.shape == (10000, 784)
+    assert ds.num_classes == 10 and ds.family == "categorical"
+    assert set(ds.y_test.unique().tolist()) == set(range(10))

@@ -127,7 +127,7 @@ def test_diverged_and_failing_units_are_recorded_not_fatal(tmp_path, monkeypatch
 
     def flaky(config, unit, workdir=None):
         calls.append(unit["key"])
-        if unit["key"] == "gap/seed=1" and calls.count("gap/seed=1") == 1:
+        if unit["key"] == "wager/iris/seed=1" and calls.count("wager/iris/seed=1") == 1:
             raise RuntimeError("simulated failure")
         return original(config, unit, workdir)
 
@@ -135,11 +135,11 @@ def test_diverged_and_failing_units_are_recorded_not_fatal(tmp_path, monkeypatch
     out = tmp_path / "second"
     report = reproduce(cfg2, out, progress=False)
     assert "RuntimeError: simulated failure" in report.read_text()
-    assert RunDir(out).load_unit("C3", "gap/seed=1")["status"] == "error"
+    assert RunDir(out).load_unit("C3", "wager/iris/seed=1")["status"] == "error"
     before = len(calls)
     reproduce(cfg2, out, progress=False)
-    assert calls[before:] == ["gap/seed=1"]
-    assert RunDir(out).load_unit("C3", "gap/seed=1")["status"] == "ok"
+    assert calls[before:] == ["wager/iris/seed=1"]
+    assert RunDir(out).load_unit("C3", "wager/iris/seed=1")["status"] == "ok"
 
 
 # --------------------------------------------------------------------------- statistics
@@ -238,53 +238,10 @@ def test_c1_single_seed_is_inconclusive():
     assert s["verdict"].verdict == "inconclusive"
 
 
-def _c2_records(sign: float, n: int = 8):
-    recs = []
-    for i in range(n):
-        curv = 10.0 ** (i % 30)
-        gain = sign * i + 0.01 if sign else float((i * 7) % 5)  # sign 0: a pattern unrelated to the curvature
-        recs.append({"status": "ok", "setting": f"s{i}", "activation": "tanh", "seed": 0, "gain": gain,
-                     "curvature": {"gamma2_damped": curv, "mask_normal_curvature": 0.1},
-                     "terms": {"ratio_bernoulli": 0.1 * i, "ratio_gaussian": 0.1 * i}})
-    return recs
+# C2: tests/test_experiments_c2.py
 
 
-@pytest.mark.parametrize("sign, n, verdict", [(1.0, 8, "supported"), (-1.0, 8, "supported"), (0.0, 30, "not supported"), (0.0, 8, "inconclusive")])
-def test_c2_verdicts(sign, n, verdict):
-    recs = _c2_records(sign, n)
-    s = c2_curvature_strength.summarize(RunConfig.from_preset("test"), recs)
-    assert s["verdict"].verdict == verdict
-    rho, _ = spearman([r["curvature"]["gamma2_damped"] for r in recs], [r["gain"] for r in recs])
-    assert s["tests"]["spearman"] == pytest.approx(rho)
-    if sign:
-        assert rho == pytest.approx(sign)
-
-
-def test_c2_within_setting_correlation_separates_settings():
-    # across settings: more curvature, smaller gain; within each setting: more curvature, larger gain
-    recs = []
-    for k, (base_curv, base_gain) in enumerate(((1.0, 1.0), (1e4, 0.0))):
-        for i in range(6):
-            recs.append({"status": "ok", "setting": f"s{k}", "activation": "tanh", "seed": i, "gain": base_gain + 0.01 * (k + 1) * i,
-                         "curvature": {"gamma2_damped": base_curv * 1.1 ** ((k + 1) * i), "mask_normal_curvature": 0.1},
-                         "terms": {"ratio_bernoulli": 0.1, "ratio_gaussian": 0.1}})
-    s = c2_curvature_strength.summarize(RunConfig.from_preset("test"), recs)
-    assert s["tests"]["spearman"] < -0.5
-    assert s["tests"]["spearman_within"] == pytest.approx(1.0)
-    assert "within settings 1 (p-value" in s["verdict"].evidence
-    assert s["tests"]["helped"] == 12 - 1  # the gain of exactly 0 is not a help
-
-
-def test_c3_gap_verdicts():
-    cfg = RunConfig.from_preset("test")
-
-    def recs(ratio):
-        return [{"status": "ok", "part": "gap", "seed": s, "terms": {"ratio_bernoulli": 0.0},
-                 "gap": [{"p": 0.05, "measured": 0.01 * (1 + 0.01 * s), "stderr": 0.0, "fisher_term": 0.01 * ratio,
-                          "bernoulli_law": 0.01, "quadratic_fisher": 0.01}]} for s in range(3)]
-
-    assert c3_fisher_regularizer.summarize(cfg, recs(1.0))["verdict"].verdict == "supported"
-    assert c3_fisher_regularizer.summarize(cfg, recs(0.4))["verdict"].verdict == "not supported"
+# C3: tests/test_experiments_c3.py
 
 
 def test_fit_stops_at_the_step_closest_to_the_target_train_nll():

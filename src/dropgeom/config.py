@@ -41,7 +41,12 @@ OBJECTIVES = ("none", "l2", "dropout", "gaussian_dropout", "fisher_dropout")
 #: The paper's claims, one experiment each.
 EXPERIMENTS = ("C1", "C2", "C3")
 CURVATURE_METHODS = ("auto", "dense", "stochastic")
-DATASETS = ("digits", "breast_cancer", "wine", "iris")
+DATASETS = ("digits", "breast_cancer", "wine", "iris", "fashion_mnist")
+#: C3b regularizers whose strength is swept (``dropgeom.experiments.regularizers``)
+C3_REGULARIZERS = ("l2", "fisher_quadratic", "fisher_divergence", "wkm_noise")
+#: C3 architectures (``mlp``: the config's MLP; ``cnn``: a small CNN for image data)
+C3_ARCHITECTURES = ("mlp", "cnn")
+OPTIMIZERS = ("adam", "sgd")
 
 
 class ConfigError(ValueError):
@@ -103,9 +108,33 @@ class RunConfig:
     c2_widths: Tuple[int, ...] = (16,)
     c2_depths: Tuple[int, ...] = (1, 2)
     c2_p: float = 0.2
+    #: C2's manipulation: the input layer's weights at initialisation are multiplied by each of
+    #: these factors (one architecture, one knob moving curvature; > 0)
+    c2_init_scales: Tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    #: probe samples of C2's stochastic curvature (0: ``curvature_samples``); C2 compares curvatures that
+    #: differ by factors, so a few probes suffice in the quick run
+    c2_curvature_samples: int = 8
     c3_p_grid: Tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3)
     c3_p: float = 0.2
     c3_objectives: Tuple[str, ...] = ("none", "l2", "dropout", "fisher_dropout")
+    #: C3b: regularizers whose strength is swept, each relative to its nominal strength at ``c3_p``
+    c3_regularizers: Tuple[str, ...] = C3_REGULARIZERS
+    #: C3b: strength multipliers (a log grid, > 0) applied to each regularizer's nominal strength
+    c3_strengths: Tuple[float, ...] = (0.25, 1.0, 4.0)
+    #: C3a: Monte Carlo masks for the gradient of the dropout regularizer
+    c3_grad_samples: int = 256
+    #: C3a/C3b data sets (``fashion_mnist`` needs the Debian package dataset-fashion-mnist)
+    c3_datasets: Tuple[str, ...] = ("digits",)
+    #: C3 architectures and optimizers (image data: ``cnn`` is a small CNN with dropout between blocks)
+    c3_architectures: Tuple[str, ...] = ("mlp",)
+    c3_optimizers: Tuple[str, ...] = ("adam",)
+    #: learning rate of plain SGD in C3 (``lr`` is Adam's)
+    c3_sgd_lr: float = 0.1
+    #: C3 training-set sizes on Fashion-MNIST (0: ``max_train``); the bundled sets always use ``max_train``
+    c3_train_sizes: Tuple[int, ...] = (0,)
+    #: C3 Wager regime: logistic (binary) and softmax regression with input dropout, gap vs 1/2 V theta^T diag(F) theta
+    c3_wager_datasets: Tuple[str, ...] = ("breast_cancer", "digits")
+    c3_wager_p_grid: Tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
     #: Monte Carlo masks for the measured dropout gap when exact enumeration is too large
     gap_samples: int = 2000
     #: held-out inputs on which curvature is evaluated (digits has 449 test inputs:
@@ -236,6 +265,14 @@ class RunConfig:
                 if isinstance(x, bool) or not isinstance(x, int) or x < lo:
                     out.append(f"{name}: {x!r} must be an integer >= {lo}")
 
+        def strengths(name: str) -> None:
+            v = getattr(self, name)
+            if not v:
+                out.append(f"{name} must not be empty")
+            for x in v:
+                if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
+                    out.append(f"{name}: {x!r} is not a positive number (a log grid needs values > 0)")
+
         if self.preset not in PRESETS:
             out.append(f"preset: unknown value {self.preset!r}; choose from {sorted(PRESETS)}")
         choices("experiments", EXPERIMENTS)
@@ -272,6 +309,20 @@ class RunConfig:
         probs("c3_p_grid", allow_zero=False)
         probs("c3_p", allow_zero=False)
         choices("c3_objectives", OBJECTIVES)
+        choices("c3_regularizers", C3_REGULARIZERS)
+        strengths("c2_init_scales")
+        integer("c2_curvature_samples", 0)
+        if self.c2_curvature_samples == 1:
+            out.append("c2_curvature_samples must be 0 (use curvature_samples) or >= 2")
+        strengths("c3_strengths")
+        integer("c3_grad_samples", 10)
+        choices("c3_datasets", DATASETS)
+        choices("c3_architectures", C3_ARCHITECTURES)
+        choices("c3_optimizers", OPTIMIZERS)
+        positive("c3_sgd_lr")
+        ints("c3_train_sizes", 0)
+        choices("c3_wager_datasets", DATASETS)
+        probs("c3_wager_p_grid", allow_zero=False)
         if "dropout" not in self.c3_objectives:
             out.append("c3_objectives must include 'dropout' (the reference every other objective is compared with)")
         integer("gap_samples", 10)
@@ -294,14 +345,23 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         c1_hutchinson_probes=32,
         c1_sam_steps=10,
         c1_mixture_masks=64,
-        c2_widths=(8, 16),
-        c2_depths=(1, 2, 3),
+        c2_widths=(16,),
+        c2_depths=(2, 3),
         c3_p_grid=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5),
         c3_objectives=("none", "l2", "dropout", "gaussian_dropout", "fisher_dropout"),
+        c2_activations=("tanh", "softplus"),
+        c2_init_scales=(0.25, 0.5, 1.0, 2.0, 4.0),
+        c2_curvature_samples=0,
+        c3_strengths=(0.0625, 0.25, 1.0, 4.0, 16.0),
+        c3_grad_samples=1024,
+        c3_datasets=("digits", "fashion_mnist"),
+        c3_architectures=("mlp", "cnn"),
+        c3_optimizers=("adam", "sgd"),
+        c3_train_sizes=(1000, 10000, 60000),
         curvature_samples=64,
         gap_samples=5000,
     ),
-    "quick": dict(),
+    "quick": dict(c2_activations=("tanh",), c2_depths=(2,), c3_objectives=("none", "dropout")),
     "test": dict(
         seeds=2,
         epochs=3,
@@ -316,11 +376,17 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         c1_hutchinson_probes=2,
         c1_sam_steps=1,
         c1_mixture_masks=2,
-        c2_activations=("identity", "tanh"),
+        c2_activations=("tanh",),
         c2_widths=(6,),
         c2_depths=(2,),
         c3_p_grid=(0.05, 0.2),
         c3_objectives=("none", "dropout", "fisher_dropout"),
+        c2_init_scales=(0.5, 2.0),
+        c3_regularizers=("l2", "fisher_quadratic", "wkm_noise"),
+        c3_strengths=(1.0,),
+        c3_grad_samples=32,
+        c3_wager_datasets=("iris",),
+        c3_wager_p_grid=(0.1, 0.3),
         gap_samples=200,
         c2_p=0.3,
         c3_p=0.3,

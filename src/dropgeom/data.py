@@ -16,7 +16,12 @@ Sources (``name``):
 * local files: ``npz`` (keys ``X`` and ``y``), ``csv`` (a header row and a label
   column), ``idx`` (MNIST-format IDX images + labels, gzip optional) and
   ``mnist`` (a directory holding the four standard MNIST IDX files, whose own
-  train/test split is kept). A path ending in ``.npz`` / ``.csv`` / ``-ubyte``
+  train/test split is kept). ``fashion_mnist`` reads the four IDX files the
+  Debian package ``dataset-fashion-mnist`` installs in
+  ``/usr/share/datasets/fashion-mnist`` (or ``path=``), 60,000 training and
+  10,000 test images of 28x28 pixels, 10 classes, keeping its own split; when
+  they are missing it fails at once with one line saying how to install them.
+  A path ending in ``.npz`` / ``.csv`` / ``-ubyte``
   (``.gz``) may also be given directly as ``name``.
 
 Labels: integer (or string) labels give the ``categorical`` family with the
@@ -50,7 +55,15 @@ PathLike = Union[str, "os.PathLike[str]"]
 BUNDLED = ("digits", "breast_cancer", "wine", "iris")
 SYNTHETIC = ("glm_teacher", "mlp_teacher")
 FILES = ("npz", "csv", "idx", "mnist")
-DATASETS = BUNDLED + SYNTHETIC + FILES
+#: data sets installed by system packages (read from their install directory, never downloaded)
+INSTALLED = ("fashion_mnist",)
+DATASETS = BUNDLED + SYNTHETIC + FILES + INSTALLED
+#: where the Debian package ``dataset-fashion-mnist`` puts the four IDX files
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_HINT = (
+    "Fashion-MNIST is not installed: run `apt-get install -y dataset-fashion-mnist` "
+    f"(Debian/Ubuntu; it puts the IDX files in {FASHION_MNIST_DIR}) or pass path=<directory with the four IDX files>"
+)
 
 
 @dataclass(frozen=True)
@@ -441,7 +454,7 @@ def load_dataset(
     Args:
         name: one of ``digits`` (default), ``breast_cancer``, ``wine``, ``iris``,
             ``glm_teacher``, ``mlp_teacher``, ``npz``, ``csv``, ``idx``, ``mnist``,
-            or a path to an ``.npz`` / ``.csv`` / IDX file.
+            ``fashion_mnist`` (installed by the Debian package ``dataset-fashion-mnist``), or a path to an ``.npz`` / ``.csv`` / IDX file.
         path: the file (``npz``, ``csv``, ``idx`` images) or directory (``mnist``).
         labels: the IDX label file that goes with ``path`` (``idx`` only).
         label: the label column of a csv file (name or index; default ``"label"``).
@@ -463,7 +476,8 @@ def load_dataset(
     Raises:
         ValueError: unknown name, bad options, malformed files, mismatched
             numbers of inputs and labels.
-        FileNotFoundError: a local file or directory that does not exist.
+        FileNotFoundError: a local file or directory that does not exist, or
+            ``fashion_mnist`` not installed (the message says how to install it).
 
     Example:
         >>> ds = load_dataset("mlp_teacher", n=200, num_features=5, seed=1)
@@ -507,6 +521,13 @@ def load_dataset(
         x, y, info = _teacher(key, n, num_features, num_classes, label_noise, hidden, depth, sc, seed)
         names = tuple(f"x{j}" for j in range(num_features))
     else:
+        if key == "fashion_mnist":
+            path = FASHION_MNIST_DIR if path is None else path
+            try:
+                _find_mnist(path)
+            except FileNotFoundError:
+                raise FileNotFoundError(FASHION_MNIST_HINT + f" (looked in {os.fspath(path)!r})") from None
+            key = "mnist"
         if path is None:
             raise ValueError(f"dataset {key!r} needs path=...")
         where = os.fspath(path)

@@ -78,6 +78,8 @@ def reproduce(
 
     config.validate()
     check_executor(executor, address)  # before anything is written: Ray installed, the cluster reachable
+    for name in config.experiments:  # missing inputs (e.g. a data set that is not installed) fail at once
+        getattr(EXPERIMENTS[name], "check_inputs", lambda _c: None)(config)
     if threads is not None:
         torch.set_num_threads(int(threads))
     rd = RunDir.claim(out)

@@ -1,0 +1,87 @@
+"""C2's within-setting analysis: the acceptance test (a between-setting correlation alone is 'no effect')."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dropgeom.config import RunConfig
+from dropgeom.experiments import c2_curvature_strength as c2
+from dropgeom.experiments.c2_analysis import rounding_zero, within_setting_analysis
+
+
+def _blocks(within: float, between: float, seed: int = 0, groups: int = 8, per: int = 5):
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(groups), per)
+    logc = 2.0 * g + rng.normal(size=g.size)  # curvature differs strongly between settings
+    y = between * g + within * (logc - 2.0 * g) + rng.normal(scale=0.3, size=g.size)
+    return np.exp(logc), y, g
+
+
+def test_between_setting_correlation_alone_is_no_effect():
+    curv, y, g = _blocks(within=0.0, between=-1.0)
+    a = within_setting_analysis(curv, y, g, expected_sign=-1)
+    assert a["pooled_spearman"] < -0.8 and a["pooled_spearman_p"] < 1e-6  # the pooled correlation is strong ...
+    assert a["label"] == "no effect"  # ... but nothing happens within settings
+    assert a["p_value"] > 0.05
+
+
+@pytest.mark.parametrize("within,expected,label", [(-1.0, -1, "predicted sign"), (-1.0, 1, "opposite sign"), (1.0, 1, "predicted sign")])
+def test_within_setting_effect_is_found_with_its_sign(within, expected, label):
+    curv, y, g = _blocks(within=within, between=0.0)
+    a = within_setting_analysis(curv, y, g, expected_sign=expected)
+    assert a["label"] == label
+    assert np.sign(a["slope"]) == np.sign(within) and a["slope_lo"] < within < a["slope_hi"]
+
+
+def test_rounding_level_curvature_is_zero_and_off_the_log_scale():
+    assert rounding_zero([1e-300, 2.0, 3e-12], reference=2.0) == [0.0, 2.0, 0.0]
+    curv, y, g = _blocks(within=0.0, between=0.0)
+    curv[:3] = 0.0
+    a = within_setting_analysis(curv, y, g, expected_sign=-1)
+    assert a["zeros"] == 3 and a["n"] == curv.size - 3
+    with pytest.raises(ValueError, match="expected_sign"):
+        within_setting_analysis(curv, y, g, expected_sign=0)
+
+
+def _records(within: float, between: float, knob_moves: bool = True):
+    curv, y, g = _blocks(within=within, between=between, groups=6, per=4)
+    # the knob: the rank of the curvature within its block (it moves the curvature), or unrelated to it
+    scales = [float(sum(curv[j] < curv[i] for j in range(len(g)) if g[j] == g[i]) + 1) if knob_moves else float((i * 3) % 4 + 1)
+              for i in range(len(g))]
+    if not knob_moves:  # make the knob's order unrelated to curvature within every block
+        scales = [float(1 + (k + int(g[i])) % 4) if k % 2 else float(4 - (k + int(g[i])) % 4) for i, k in enumerate(range(len(g)))]
+    recs = []
+    for i, (c, v, s) in enumerate(zip(curv, y, g)):
+        recs.append(
+            {
+                "status": "ok", "setting": "tanh-w6-d2", "activation": "tanh", "width": 6, "depth": 2, "seed": int(s),
+                "group": f"tanh-w6-d2/seed={int(s)}", "init_scale": scales[i], "gain": float(v), "gain_last_epoch": float(v),
+                "gap": {"per_rate": float(v), "value": 0.1, "stderr": 0.0},
+                "terms": {"share_bernoulli": float(v), "ratio_bernoulli": 0.0},
+                "curvature": {"gamma2_damped": float(c)},
+            }
+        )
+    return recs
+
+
+@pytest.mark.parametrize("within,between,verdict", [(0.0, -1.0, "not supported"), (-1.0, 0.0, "supported"), (1.0, 0.0, "refuted")])
+def test_c2_verdict_rests_on_the_within_setting_test(within, between, verdict):
+    s = c2.summarize(RunConfig.from_preset("test"), _records(within, between))
+    assert s["verdict"].verdict == verdict
+    assert "negative" in s["rule"].lower() and s["what_would_change"] and s["caveats"]
+    assert any("description only" in line for line in s["evidence"])
+
+
+def test_c2_without_a_manipulation_effect_is_inconclusive_not_negative():
+    s = c2.summarize(RunConfig.from_preset("test"), _records(0.0, -1.0, knob_moves=False))
+    assert s["tests"]["knob_p"] > 0.05
+    assert s["verdict"].verdict == "inconclusive"
+    assert any("did NOT move" in line for line in s["evidence"])
+
+
+def test_c2_units_vary_the_initial_scale_within_one_architecture():
+    cfg = RunConfig.from_preset("test")
+    us = c2.units(cfg)
+    assert {u["init_scale"] for u in us} == set(cfg.c2_init_scales)
+    assert len({u["setting"] for u in us}) == 1

@@ -1,0 +1,228 @@
+"""C3: the gradient comparison and the Wager-regime quantities against float64 brute force (tests/reference/c3.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dropgeom.dropout import terms
+from dropgeom.experiments.c3_gradients import compare_gradients, exact_regularizer_gradient, form_gradient, mc_regularizer_gradient
+from dropgeom.experiments.wager import glm_with_input_dropout, wager_curve, wager_gap, wager_quadratic
+from tests.reference.c3 import glm_gap, glm_quadratic, mlp_regularizer_and_grad
+
+
+def _net(seed: int = 0, h: int = 4):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(3, h), nn.Tanh(), nn.Dropout(0.3), nn.Linear(h, 3)).double()
+    with torch.no_grad():
+        net[0].weight.mul_(2.0)
+    x = torch.randn(12, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,))
+    return net, x, y
+
+
+def test_exact_gradient_matches_brute_force_enumeration():
+    net, x, y = _net()
+    value, grad = exact_regularizer_gradient(net, x, y, p=0.3)
+    ref_value, ref_grads = mlp_regularizer_and_grad(net[0].weight, net[0].bias, net[3].weight, net[3].bias, x, y, 0.3)
+    assert value == pytest.approx(ref_value, rel=1e-12, abs=1e-14)
+    torch.testing.assert_close(grad, torch.cat([g.reshape(-1) for g in ref_grads]), rtol=1e-10, atol=1e-13)
+
+
+def test_mc_gradient_is_unbiased_within_its_standard_error():
+    net, x, y = _net(1)
+    _, exact = exact_regularizer_gradient(net, x, y, p=0.3)
+    mc = mc_regularizer_gradient(net, x, y, p=0.3, n_samples=4000, groups=20, generator=torch.Generator().manual_seed(0))
+    z = (mc["grad"] - exact) / mc["grad_se"].clamp_min(1e-12)
+    assert float(z.abs().max()) < 5.0  # 35 coordinates, 5 standard errors
+    assert float((z.abs() < 2).double().mean()) > 0.7
+    cos = float(mc["grad"] @ exact / (mc["grad"].norm() * exact.norm()))
+    assert cos > 0.98
+
+
+def test_form_gradients_against_terms_and_finite_differences():
+    net, x, y = _net(2)
+    t = terms(net, x, y)
+    vq, gq = form_gradient(net, x, p=0.3, form="quadratic")
+    vd, gd = form_gradient(net, x, p=0.3, form="divergence")
+    assert vq == pytest.approx(0.5 * 0.3 / 0.7 * t.fisher, rel=1e-10)
+    assert vd == pytest.approx(0.3 * t.divergence, rel=1e-10)
+    # directional finite difference of the quadratic form
+    v = torch.randn(gq.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    theta = torch.nn.utils.parameters_to_vector(net.parameters()).detach()
+    vals = []
+    for s in (1e-5, -1e-5):
+        torch.nn.utils.vector_to_parameters(theta + s * v, net.parameters())
+        vals.append(form_gradient(net, x, p=0.3, form="quadratic")[0])
+    torch.nn.utils.vector_to_parameters(theta, net.parameters())
+    assert (vals[0] - vals[1]) / 2e-5 == pytest.approx(float(gq @ v), rel=1e-6)
+
+
+def test_compare_gradients_exact_and_mc_agree():
+    net, x, y = _net(4)
+    ex = compare_gradients(net, x, y, p=0.3, method="exact")
+    mc = compare_gradients(net, x, y, p=0.3, method="mc", n_samples=2000, groups=20, generator=torch.Generator().manual_seed(1))
+    for key in ("cos_quadratic", "cos_divergence"):
+        assert abs(mc[key] - ex[key]) < 5 * mc[f"{key}_se"] + 0.02
+        assert ex[f"{key}_se"] == 0.0 and mc[f"{key}_se"] > 0
+    assert abs(mc["value_R"] - ex["value_R"]) < 5 * mc["value_R_se"]
+    assert ex["ratio_quadratic"] == pytest.approx(ex["value_quadratic"] / ex["value_R"])
+    with pytest.raises(ValueError, match="method"):
+        compare_gradients(net, x, y, p=0.3, method="magic")
+    with pytest.raises(ValueError, match="p must"):
+        compare_gradients(net, x, y, p=1.5, method="exact")
+
+
+def test_glm_dropout_gradient_matches_quadratic_form_for_small_weights():
+    # Wager's regime: a GLM with input dropout, where the Fisher form is the exact second-order term
+    torch.manual_seed(5)
+    glm = glm_with_input_dropout(4, 3, seed=5)
+    with torch.no_grad():
+        glm[1].weight.normal_(std=0.01)
+    x, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    c = compare_gradients(glm, x, y, p=0.2, method="exact")
+    assert c["cos_quadratic"] > 0.999 and c["norm_quadratic"] == pytest.approx(1.0, abs=0.03)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_wager_quantities_match_brute_force(k):
+    torch.manual_seed(k)
+    glm = glm_with_input_dropout(4, k, seed=k)
+    with torch.no_grad():
+        glm[1].weight.normal_()
+        glm[1].bias.normal_()
+    x, y = torch.randn(15, 4, dtype=torch.float64), torch.randint(0, k, (15,))
+    W, b, xn, yn = (t.detach().numpy() for t in (glm[1].weight, glm[1].bias, x, y))
+    for p in (0.05, 0.3):
+        assert wager_quadratic(glm, x, p) == pytest.approx(glm_quadratic(W, b, xn, p), rel=1e-12)
+        assert wager_gap(glm, x, y, p)["value"] == pytest.approx(glm_gap(W, b, xn, yn, p), rel=1e-10)
+    # the penalty of dropgeom.dropout is the same quadratic form
+    assert form_gradient(glm, x, p=0.3)[0] == pytest.approx(glm_quadratic(W, b, xn, 0.3), rel=1e-10)
+    # exact to second order in the per-feature change of eta: the ratio tends to 1 as the weights shrink
+    # (not as p -> 0: a dropped input is a jump, theory.md 4.2)
+    errs = []
+    for scale in (1.0, 0.1, 0.01):
+        with torch.no_grad():
+            glm[1].weight.copy_(torch.as_tensor(W) * scale)
+        errs.append(abs(wager_curve(glm, x, y, [0.2])[0]["ratio"] - 1))
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-3
+
+
+def test_wager_rejects_a_model_that_is_not_a_glm():
+    net, x, y = _net()
+    with pytest.raises(ValueError, match="GLM with input dropout"):
+        wager_quadratic(net, x, 0.2)
+    with pytest.raises(ValueError, match="p must be in"):
+        wager_quadratic(glm_with_input_dropout(3, 3), x, 0.0)
+
+
+# --------------------------------------------------------------------------- C3 verdicts and bad input
+from dropgeom.config import ConfigError, RunConfig  # noqa: E402
+from dropgeom.experiments import c3_fisher_regularizer as c3  # noqa: E402
+from dropgeom.experiments.regularizers import build_cnn, make_regularizer  # noqa: E402
+
+
+def _grad_records(cos: float, ratio: float, datasets=("digits", "fashion_mnist")):
+    recs = []
+    for ds in datasets:
+        for s in range(4):
+            st = {k: {"cos_quadratic": cos + 0.01 * s, "ratio_quadratic": ratio * (1 + 0.01 * s), "norm_quadratic": 1.0,
+                      "cos_divergence": 0.5, "ratio_divergence": 0.5, "norm_divergence": 0.5, "grad_rel_se": 0.01}
+                  for k in c3.STAGES}
+            recs.append({"status": "ok", "part": "grad", "seed": s, "dataset": ds, "tag": f"{ds}-mlp", "stages": st})
+    return recs
+
+
+@pytest.mark.parametrize("cos,ratio,datasets,verdict", [
+    (0.95, 1.0, ("digits", "fashion_mnist"), "supported"),
+    (0.95, 1.0, ("digits",), "inconclusive"),
+    (0.6, 1.0, ("digits", "fashion_mnist"), "not supported"),
+    (0.95, 0.5, ("digits", "fashion_mnist"), "not supported"),
+])
+def test_c3a_rule(cos, ratio, datasets, verdict):
+    s = c3.summarize(RunConfig.from_preset("test"), _grad_records(cos, ratio, datasets))
+    assert s["verdict"].verdict == verdict
+    assert "0.9" in s["rule"] and "[0.8, 1.25]" in s["rule"]
+    if verdict == "not supported":
+        assert "<" in s["verdict"].evidence or "outside" in s["verdict"].evidence  # names what did not hold
+
+
+def _obj_records(fisher_kl: float, l2_kl: float):
+    rng = np.random.default_rng(0)
+    recs = []
+    for s in range(6):
+        noise = float(np.exp(rng.normal(scale=0.05)))
+        objs = {"dropout": {"test": {"nll": 1.0}, "kl_from_dropout": 0.0}, "dropout_floor": {"test": {"nll": 1.0}, "kl_from_dropout": 0.01 * (1 + 0.1 * s)}}
+        for reg, kl in (("l2", l2_kl), ("fisher_quadratic", fisher_kl)):
+            for k in (0.5, 2.0):
+                objs[f"{reg}@{k:g}"] = {"test": {"nll": 1.0}, "kl_from_dropout": kl * noise * (1 + abs(math.log(k))), "regularizer": reg, "strength": k}
+        recs.append({"status": "ok", "part": "objectives", "seed": s, "objectives": objs})
+    return recs
+
+
+@pytest.mark.parametrize("fisher,l2,verdict", [(0.01, 0.1, "supported"), (0.1, 0.01, "refuted"), (0.05, 0.05, "inconclusive")])
+def test_c3b_rule_compares_best_strengths(fisher, l2, verdict):
+    cfg = RunConfig.from_preset("test", c3_regularizers=["l2", "fisher_quadratic"])
+    s = c3.summarize(cfg, _obj_records(fisher, l2))
+    assert s["verdict_b"].verdict == verdict
+    assert any("noise floor" in line for line in s["evidence"])
+
+
+def test_bad_regularizer_input_is_rejected():
+    with pytest.raises(ValueError, match="unknown regularizer 'l3'"):
+        make_regularizer("l3", 1.0, p=0.2, l2=1e-3)
+    with pytest.raises(ValueError, match="log grid"):
+        make_regularizer("l2", 0.0, p=0.2, l2=1e-3)
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_preset("test", c3_strengths=[1.0, -2.0, 0.0], c3_regularizers=["l2", "dropconnect"], c2_init_scales=[0])
+    text = str(info.value)
+    assert "c3_strengths: -2.0" in text and "c3_strengths: 0.0" in text and "'dropconnect'" in text and "c2_init_scales" in text
+
+
+def test_wkm_noise_has_zero_mean_and_the_explicit_regularizer_without_it():
+    from dropgeom.train.objectives import FisherDropout
+    from dropgeom.train.wkm import WKMNoise
+
+    net, x, y = _net(6)
+    base = FisherDropout(p=0.3)(net, x, y).metrics["loss"]
+    assert WKMNoise(p=0.3, noise_scale=0.0)(net, x, y).metrics["loss"] == pytest.approx(base, rel=1e-12)
+    gen = torch.Generator().manual_seed(0)
+    noise = [WKMNoise(p=0.3)(net, x, y, "categorical", gen).metrics["noise"] for _ in range(400)]
+    assert abs(np.mean(noise)) < 4 * np.std(noise) / math.sqrt(len(noise))
+    assert np.std(noise) > 0
+
+
+def test_cnn_has_dropout_between_blocks_and_its_fisher_form_has_a_gradient():
+    net = build_cnn(8, 1, 3, p=0.2, seed=0)
+    names = [type(m).__name__ for m in net]
+    assert names.count("Dropout") == 2 and names.index("Dropout") < names.index("Conv2d", 1)
+    x, y = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
+    v, g = form_gradient(net, x, p=0.2)
+    assert v > 0 and torch.isfinite(g).all() and g.norm() > 0
+    mc = mc_regularizer_gradient(net, x, y, p=0.2, n_samples=8, groups=2, generator=torch.Generator().manual_seed(0))
+    assert mc["grad"].shape == g.shape
+
+
+def test_c3_units_run_with_the_cnn_on_image_data():
+    cfg = RunConfig.from_preset("test", c3_architectures=["cnn"], epochs=1, c3_regularizers=["fisher_divergence"], curvature_inputs=20)
+    units = {u["part"]: u for u in c3.units(cfg) if u.get("arch") == "cnn"}
+    g = c3.run_unit(cfg, units["grad"])
+    assert set(g["stages"]) == set(c3.STAGES) and all(-1 <= v["cos_quadratic"] <= 1 for v in g["stages"].values())
+    o = c3.run_unit(cfg, units["objectives"])
+    assert o["objectives"]["fisher_divergence@1"]["kl_from_dropout"] >= 0
+    assert o["objectives"]["dropout"]["kl_from_dropout"] == 0.0
+
+
+def test_missing_fashion_mnist_fails_at_once(tmp_path, monkeypatch):
+    import dropgeom.data as data_mod
+    from dropgeom.experiments import reproduce
+
+    monkeypatch.setattr(data_mod, "FASHION_MNIST_DIR", str(tmp_path / "absent"))
+    cfg = RunConfig.from_preset("test", experiments=["C3"], c3_datasets=["fashion_mnist"])
+    with pytest.raises(ConfigError, match="apt-get install -y dataset-fashion-mnist"):
+        reproduce(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "units").exists()  # nothing was computed
