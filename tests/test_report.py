@@ -82,7 +82,7 @@ def test_report_numbers_match_metrics_files(run):
         assert f"| {setting} | {scale:.3g} | {len(gains)} |" in text
         assert fmt_ci(*mean_ci(gains)) in text
     better = sum(1 for r in c2 if r["gain"] > 0)
-    assert f"lowered the test NLL in {better} of {len(c2)} C2 runs" in text
+    assert f"lowered the test NLL against the early-stopped plain baseline in {better} of {len(c2)} runs" in text
     # the early-stopped baseline is never worse than plain training at its last epoch
     assert all(r["test_none_early_stopped"] <= r["test_none"]["nll"] + 1e-12 for r in c2)
 

@@ -357,7 +357,18 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
         "dropout on both input sets (supported) or all higher (refuted); more seeds narrow the intervals, and a measure that "
         "is significant in opposite directions at different p keeps the label measure-dependent."
     )
+    ps = sorted({float(r["p"]) for r in ok})
+    fit_nll = {p: float(np.mean([r["train"]["nll"] for r in ok if float(r["p"]) == p])) for p in ps}
     caveats = [
+        *(
+            [
+                f"The confound the rule holds fixed: solutions trained at different p also differ in fit; the clean train "
+                f"NLL went from {fit_nll[ps[0]]:.3g} at p={ps[0]:g} to {fit_nll[ps[-1]]:.3g} at p={ps[-1]:g}. The unmatched "
+                "trend over p is therefore a description only; the verdict compares at matched train NLL."
+            ]
+            if len(ps) > 1
+            else []
+        ),
         "Coordinate-dependent measures (Fisher trace and top eigenvalue, Hessian trace and top eigenvalue, SAM sharpness) change "
         "when a layer is stored as W/c with the same function; they are shown beside the invariant ones and never decide.",
         f"All measures use all {ok[0]['measures']['test']['num_params'] if ok else '?'} parameters on {config.c1_inputs} training "

@@ -18,7 +18,8 @@ __all__ = ["table", "build_markdown", "caveats"]
 
 
 def caveats(config: Any, records: Dict[str, List[Mapping[str, Any]]]) -> List[str]:
-    """What the verdicts rest on, computed from the records: model sizes, curvature set-up, dropout's effect."""
+    """What every verdict rests on, computed from the records: model sizes and the curvature set-up (claim-specific
+    caveats come with each claim's summary)."""
     train = f"the first {config.max_train} training samples" if config.max_train else "all training samples"
     out = [
         f"Models: float64 MLPs of width {config.width} (C1, C3) and widths {list(config.c2_widths)} x depths "
@@ -32,8 +33,9 @@ def caveats(config: Any, records: Dict[str, List[Mapping[str, Any]]]) -> List[st
         ratio = f"; n(K-1)/P between {min(ratios):.1f} and {max(ratios):.1f}" if ratios else ""
         methods = sorted({str(c.get("method", "?")) for c in curv})
         line = (
-            f"Curvature: over {curv[0]['n_inputs']} held-out inputs, on the parameters of the layers around the first dropout mask "
-            f"({min(c['num_params'] for c in curv)}-{max(c['num_params'] for c in curv)} parameters{ratio}), "
+            f"Curvature: over {min(c['n_inputs'] for c in curv)}-{max(c['n_inputs'] for c in curv)} inputs, "
+            f"on {min(c['num_params'] for c in curv)}-{max(c['num_params'] for c in curv)} parameters{ratio} (each claim's "
+            "section says which inputs and parameters), "
             f"damping {config.damping} x the largest eigenvalue of g; method {', '.join(methods)}."
         )
         if "stochastic" in methods:
@@ -45,33 +47,7 @@ def caveats(config: Any, records: Dict[str, List[Mapping[str, Any]]]) -> List[st
                 "estimated then (on a badly conditioned g its matrix-free estimate is slow and heavy-tailed, theory.md 3)."
             )
         out.append(line)
-    c1 = [r for r in records.get("C1", []) if r.get("status") == "ok" and isinstance(r.get("train"), Mapping)]
-    if c1:
-        lo, hi = min(float(r["p"]) for r in c1), max(float(r["p"]) for r in c1)
-
-        def avg(p: float, f: Any) -> float:
-            vals = [f(r) for r in c1 if float(r["p"]) == p]
-            return sum(vals) / len(vals)
-
-        out.append(
-            f"C1 confound: solutions trained at different p also differ in fit and weight size; the clean train NLL went from "
-            f"{avg(lo, lambda r: r['train']['nll']):.3g} at p={lo:g} to {avg(hi, lambda r: r['train']['nll']):.3g} at p={hi:g}, "
-            f"the norm of the curvature parameters from {avg(lo, lambda r: r['curvature'].get('param_norm', float('nan'))):.3g} "
-            f"to {avg(hi, lambda r: r['curvature'].get('param_norm', float('nan'))):.3g}. Curvature is not invariant under rescaling "
-            "the weights, and a less closely fitted solution sits elsewhere on the manifold, so the trend over p (the C1 verdict) "
-            "measures dropout's solution as a whole. The matched-fit lines of the C1 evidence compare, at every p > 0, with "
-            "plain training from the same initialisation stopped at the same clean train NLL; that control is early-stopped, "
-            "so it differs from the dropout solution in how it was reached, not in how well it fits."
-        )
-    c2 = [r for r in records.get("C2", []) if r.get("status") == "ok" and "gain" in r]
-    if c2:
-        better = sum(1 for r in c2 if r["gain"] > 0)
-        note = (
-            "it mostly raised it: these networks are in a regime where dropout underfits, and C1/C2 describe that regime"
-            if better < len(c2) / 2
-            else "dropout mostly helped: plain training overfits here, the regime dropout is meant for"
-        )
-        out.append(f"Dropout (p = {config.c2_p}) lowered the test NLL in {better} of {len(c2)} C2 runs; {note}.")
+    # claim-specific caveats (C1's confound and controls, C2's baseline) come with each claim's summary
     return out
 
 
