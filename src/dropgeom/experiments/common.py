@@ -28,9 +28,8 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -54,7 +53,8 @@ __all__ = [
     "finite",
     "Verdict",
     "VerdictLabel",
-    "geo_mean_ci",
+    "fmt",
+    "fmt_ci",
     "log_scale_ok",
     "style_axes",
     "seed_legend_handles",
@@ -483,212 +483,7 @@ def flatness_measures(
     return out
 
 
-# --------------------------------------------------------------------------- statistics
-def finite(values: Sequence[Any]) -> List[float]:
-    """The finite floats among ``values`` (NaN, inf and non-numbers dropped)."""
-    out = []
-    for v in values:
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(f):
-            out.append(f)
-    return out
-
-
-def mean_ci(values: Sequence[Any], level: float = 0.95) -> Tuple[float, float, float]:
-    """Mean and two-sided Student-t confidence interval ``(mean, lo, hi)`` of the finite values.
-
-    One value gives an infinite interval; none gives NaNs.
-    """
-    from scipy import stats
-
-    xs = np.asarray(finite(values), dtype=float)
-    if xs.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    mean = float(xs.mean())
-    if xs.size == 1:
-        return mean, float("-inf"), float("inf")
-    half = float(stats.t.ppf(0.5 + level / 2, xs.size - 1) * xs.std(ddof=1) / math.sqrt(xs.size))
-    return mean, mean - half, mean + half
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> Tuple[float, float]:
-    """Spearman's rank correlation and its two-sided p-value (NaN when fewer than 3 finite pairs)."""
-    from scipy import stats
-
-    pairs = [(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)]
-    if len(pairs) < 3:
-        return float("nan"), float("nan")
-    a, b = zip(*pairs)
-    if len(set(a)) < 2 or len(set(b)) < 2:
-        return float("nan"), float("nan")
-    res = stats.spearmanr(a, b)
-    return float(res.statistic if hasattr(res, "statistic") else res[0]), float(res.pvalue)
-
-
-class VerdictLabel(str, Enum):
-    """The verdict a claim can get; each rule states in advance which data give which label."""
-
-    #: the pre-stated rule's evidence holds, significant after correction, on every measure the rule names
-    SUPPORTED = "supported"
-    #: the evidence the rule asks for is absent, though the data could have shown it
-    NOT_SUPPORTED = "not supported"
-    #: a significant effect opposite to the claim, on every measure the rule names
-    REFUTED = "refuted"
-    #: invariant measures disagree in sign (significantly): the answer depends on how flatness is measured
-    MEASURE_DEPENDENT = "measure-dependent"
-    #: nothing significant either way, or too little data
-    INCONCLUSIVE = "inconclusive"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass
-class Verdict:
-    """A claim's verdict (a :class:`VerdictLabel` value), and why."""
-
-    claim: str
-    verdict: str
-    evidence: str
-
-    def as_dict(self) -> Dict[str, str]:
-        return {"claim": self.claim, "verdict": self.verdict, "evidence": self.evidence}
-
-
-def fmt(x: float, digits: int = 3) -> str:
-    """A number for tables: 3 significant digits, 'nan' for missing."""
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return str(x)
-    if not math.isfinite(x):
-        return str(x)
-    return f"{x:.{digits}g}"
-
-
-def fmt_ci(mean: float, lo: float, hi: float) -> str:
-    return f"{fmt(mean)} [{fmt(lo)}, {fmt(hi)}]"
-
-
-#: the resolution of every report figure (readable at the report's column width and when zoomed)
-FIGURE_DPI = 150
-
-#: quantities of the records and the CLI in words (with the symbol of theory.md where there is one)
-QUANTITY_NAMES: Dict[str, str] = {
-    "gamma2": "embedding curvature gamma^2 (sum over inputs)",
-    "gamma2_per_sample": "embedding curvature per input, n gamma^2",
-    "gamma2_stderr": "standard error of gamma^2",
-    "gamma2_damped": "damped embedding curvature gamma^2_lambda",
-    "gamma2_damped_stderr": "standard error of the damped gamma^2_lambda",
-    "mask_normal_curvature": "curvature along the mask directions",
-    "normal_dim": "dimension of the normal space",
-    "damping_abs": "damping lambda (absolute)",
-    "param_norm": "norm of the parameters the manifold varies",
-    "num_params": "parameters the manifold varies, P",
-    "n_inputs": "inputs the curvature is evaluated on, n",
-    "num_outputs": "outputs per input, K",
-    "method": "curvature method",
-    "seconds": "time taken (s)",
-    "test_nll": "test negative log-likelihood (nats)",
-    "train_nll": "train negative log-likelihood (nats)",
-    "test_accuracy": "test accuracy",
-    "test_ece": "test expected calibration error",
-    "gain": "test NLL gain from dropout (nats)",
-}
-
-
-def quantity_name(key: str) -> str:
-    """A record key in words (``QUANTITY_NAMES``); unknown keys are returned with ``_`` as spaces.
-
-    Example:
-        >>> quantity_name("mask_normal_curvature")
-        'curvature along the mask directions'
-    """
-    return QUANTITY_NAMES.get(key, key.replace("_", " "))
-
-
-def geo_mean_ci(values: Sequence[Any], level: float = 0.95) -> Tuple[float, float, float]:
-    """Geometric mean and its ``level`` interval ``(gmean, lo, hi)`` for positive quantities.
-
-    The Student-t interval of the mean of ``log x`` mapped back with ``exp``:
-    always positive and asymmetric, the right summary of curvatures that vary
-    by factors between seeds. Non-positive and non-finite values are dropped;
-    one value gives ``(x, 0, inf)``, none gives NaNs.
-
-    Example:
-        >>> g, lo, hi = geo_mean_ci([1.0, 10.0, 100.0])
-        >>> round(g, 6), lo > 0, round(lo * hi, 6)   # symmetric on the log scale
-        (10.0, True, 100.0)
-    """
-    xs = [x for x in finite(values) if x > 0]
-    if not xs:
-        return float("nan"), float("nan"), float("nan")
-    m, lo, hi = mean_ci([math.log(x) for x in xs], level)
-    if len(xs) == 1:
-        return math.exp(m), 0.0, float("inf")
-    return math.exp(m), math.exp(lo), math.exp(hi)
-
-
-def log_scale_ok(values: Sequence[Any], rounding: float = 1e-10) -> bool:
-    """Whether a log axis suits ``values``: all positive, and the smallest not at rounding level.
-
-    Rounding level: below ``rounding`` times the largest magnitude (float64
-    noise from a quantity that is zero in exact arithmetic, e.g. a curvature
-    of an e-flat manifold). Such values belong on a linear axis, or in the text.
-
-    Example:
-        >>> log_scale_ok([1.0, 30.0]), log_scale_ok([1e-15, 1.0]), log_scale_ok([0.0, 1.0])
-        (True, False, False)
-    """
-    xs = finite(values)
-    return bool(xs) and min(xs) > 0 and min(xs) >= rounding * max(abs(x) for x in xs)
-
-
-def style_axes(ax: Any, xlabel: str, ylabel: str, title: Optional[str] = None, legend: bool = True) -> None:
-    """Label both axes (with units), set a plain-words title and a legend of the labelled artists.
-
-    Example:
-        >>> import matplotlib
-        >>> matplotlib.use("Agg")
-        >>> import matplotlib.pyplot as plt
-        >>> fig, ax = plt.subplots()
-        >>> _ = ax.plot([0, 1], [1, 2], label="mean over seeds")
-        >>> style_axes(ax, "dropout rate p", "test NLL (nats)", "Test NLL")
-        >>> ax.get_ylabel(), ax.get_legend() is not None
-        ('test NLL (nats)', True)
-        >>> plt.close(fig)
-    """
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    if legend and ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small", frameon=False)
-    ax.grid(True, alpha=0.3)
-
-
-def seed_legend_handles(interval: str = "95% interval of the geometric mean") -> List[Any]:
-    """Legend entries for the usual figure: the mean over seeds with its interval, and one dot per seed."""
-    from matplotlib.lines import Line2D
-
-    return [
-        Line2D([], [], color="C0", marker="o", label=f"mean over seeds, bars: {interval}"),
-        Line2D([], [], color="0.6", marker=".", linestyle="none", label="one seed"),
-    ]
-
-
-def save_figure(fig: Any, path: Path, dpi: int = FIGURE_DPI) -> None:
-    """Save a matplotlib figure as PNG (``dpi`` >= 150 by default) atomically and close it."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    from ..rundir import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=max(int(dpi), FIGURE_DPI), bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+# statistics, verdicts and figures live in their own modules; re-exported here for the experiments' convenience
+from .figures import FIGURE_DPI, QUANTITY_NAMES, log_scale_ok, quantity_name, save_figure, seed_legend_handles, style_axes  # noqa: E402
+from .stats import finite, mean_ci, spearman  # noqa: E402
+from .verdicts import Verdict, VerdictLabel, fmt, fmt_ci  # noqa: E402

@@ -40,6 +40,9 @@ __all__ = [
     "within_group_permutation",
     "mixed_slope",
     "GroupedTest",
+    "finite",
+    "mean_ci",
+    "spearman",
 ]
 
 
@@ -325,3 +328,48 @@ def mixed_slope(y: Sequence[Any], x: Sequence[Any], groups: Sequence[Any], level
     beta = float(fit.params["x"])
     lo, hi = (float(v) for v in fit.conf_int(alpha=1 - level).loc["x"])
     return GroupedTest("mixed model, random intercept per group", beta, lo, hi, float(fit.pvalues["x"]), int(len(df)), int(df["g"].nunique()))
+
+
+# --------------------------------------------------------------------------- plain summaries
+def finite(values: Sequence[Any]) -> List[float]:
+    """The finite floats among ``values`` (NaN, inf and non-numbers dropped)."""
+    out = []
+    for v in values:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(f):
+            out.append(f)
+    return out
+
+
+def mean_ci(values: Sequence[Any], level: float = 0.95) -> Tuple[float, float, float]:
+    """Mean and two-sided Student-t confidence interval ``(mean, lo, hi)`` of the finite values.
+
+    One value gives an infinite interval; none gives NaNs.
+    """
+    from scipy import stats
+
+    xs = np.asarray(finite(values), dtype=float)
+    if xs.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(xs.mean())
+    if xs.size == 1:
+        return mean, float("-inf"), float("inf")
+    half = float(stats.t.ppf(0.5 + level / 2, xs.size - 1) * xs.std(ddof=1) / math.sqrt(xs.size))
+    return mean, mean - half, mean + half
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> Tuple[float, float]:
+    """Spearman's rank correlation and its two-sided p-value (NaN when fewer than 3 finite pairs)."""
+    from scipy import stats
+
+    pairs = [(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)]
+    if len(pairs) < 3:
+        return float("nan"), float("nan")
+    a, b = zip(*pairs)
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return float("nan"), float("nan")
+    res = stats.spearmanr(a, b)
+    return float(res.statistic if hasattr(res, "statistic") else res[0]), float(res.pvalue)

@@ -1,0 +1,65 @@
+"""A claim's verdict: the labels a pre-stated rule can give, the verdict record, and number formatting for reports.
+
+Example:
+    >>> Verdict("C1", VerdictLabel.INCONCLUSIVE.value, "nothing significant").as_dict()["verdict"]
+    'inconclusive'
+    >>> fmt_ci(1.23456, 0.5, 2.0)
+    '1.23 [0.5, 2]'
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Dict
+
+__all__ = ["VerdictLabel", "Verdict", "fmt", "fmt_ci"]
+
+
+class VerdictLabel(str, Enum):
+    """The verdict a claim can get; each rule states in advance which data give which label."""
+
+    #: the pre-stated rule's evidence holds, significant after correction, on every measure the rule names
+    SUPPORTED = "supported"
+    #: the evidence the rule asks for is absent, though the data could have shown it
+    NOT_SUPPORTED = "not supported"
+    #: a significant effect opposite to the claim, on every measure the rule names
+    REFUTED = "refuted"
+    #: invariant measures disagree in sign (significantly): the answer depends on how flatness is measured
+    MEASURE_DEPENDENT = "measure-dependent"
+    #: nothing significant either way, or too little data
+    INCONCLUSIVE = "inconclusive"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class Verdict:
+    """A claim's verdict (a :class:`VerdictLabel` value), and why."""
+
+    claim: str
+    verdict: str
+    evidence: str
+
+    def as_dict(self) -> Dict[str, str]:
+        return {"claim": self.claim, "verdict": self.verdict, "evidence": self.evidence}
+
+
+def fmt(x: float, digits: int = 3) -> str:
+    """A number for tables: 3 significant digits, 'nan' for missing."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.{digits}g}"
+
+
+def fmt_ci(mean: float, lo: float, hi: float) -> str:
+    return f"{fmt(mean)} [{fmt(lo)}, {fmt(hi)}]"
+
+
+#: the resolution of every report figure (readable at the report's column width and when zoomed)
