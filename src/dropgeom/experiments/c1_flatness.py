@@ -246,6 +246,14 @@ def _ratio_cell(c: Optional[Comparison], adjusted: bool = True) -> str:
     return f"{fmt(r)} [{fmt(lo)}, {fmt(hi)}] (p={fmt(pv, 2)}, d_z={fmt(c.effect_size, 2)}, n={c.n})"
 
 
+#: short column labels in words for the per-p table (held-out inputs)
+_LABEL = {
+    "mask_e": "e-curv. mask dirs", "mask_m": "m-curv. mask dirs", "natural_gradient_e": "e-curv. natural gradient",
+    "noise_e": "e-curv. noise dirs", "gamma2": "undamped gamma^2", "fisher_trace": "Fisher trace",
+    "fisher_top": "top Fisher eig.", "hessian_trace": "Hessian trace", "hessian_top": "top Hessian eig.", "sam": "SAM sharpness",
+}
+
+
 def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, Any]:
     """Tables, the verdict for reading (a) with reading (b)'s label in its evidence (see the module docstring)."""
     ok = _ok(records)
@@ -263,7 +271,7 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
         rs = [r for r in ok if float(r["p"]) == p]
         row = {"p": fmt(p), "runs": str(len(rs))}
         for m in present:
-            row[m] = fmt_ci(*geometric_mean_ci([_get(r, "test", m) for r in rs]))
+            row[_LABEL.get(m, m)] = fmt_ci(*geometric_mean_ci([_get(r, "test", m) for r in rs]))
         row["train NLL"] = fmt_ci(*geometric_mean_ci([r["train"]["nll"] for r in rs]))
         row["test NLL"] = fmt_ci(*geometric_mean_ci([r["test"]["nll"] for r in rs]))
         row["|theta|"] = fmt_ci(*geometric_mean_ci([_get(r, "test", "param_norm") for r in rs]))
@@ -382,7 +390,7 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
         "rule": RULE,
         "what_would_change": what,
         "caveats": caveats,
-        "columns": ["p", "runs", *present, "train NLL", "test NLL", "|theta|"],
+        "columns": ["p", "runs", *(_LABEL.get(m, m) for m in present), "train NLL", "test NLL", "|theta|"],
         "rows": rows,
         "tables": tables,
         "evidence": lines,

@@ -44,10 +44,20 @@ def config_values(text: str, config: Any) -> str:
 
 
 def _first_paragraph(doc: str) -> str:
-    """The paragraph after a module docstring's title, with reST markup turned into markdown."""
+    """A module docstring after its title, up to its example, with reST markup turned into markdown."""
     paras = [p.strip() for p in (doc or "").split("\n\n") if p.strip()]
-    keep = paras[1:2] + [p for p in paras[2:] if p.startswith(("Test:", "**"))]
-    text = "\n\n".join(" ".join(p.split()) for p in keep)
+    keep = []
+    for p in paras[1:]:
+        if p.startswith(("Example", "Raises")):
+            break
+        keep.append(p)
+
+    def flow(p: str) -> str:  # a bullet list keeps one line per bullet; prose is one line
+        if not p.startswith("* "):
+            return " ".join(p.split())
+        return "\n".join("* " + " ".join(b.split()) for b in re.split(r"(?m)^\* ", p) if b.strip())
+
+    text = "\n\n".join(flow(p) for p in keep)
     text = re.sub(r":\w+:`~?(?:[\w.]+\.)?(\w+)`", r"`\1`", text)  # :func:`~a.b.name` -> `name`
     return text.replace("``", "`").replace("**", "")
 

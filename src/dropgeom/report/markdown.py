@@ -99,7 +99,8 @@ def build_markdown(
         "Claims (Kimura & Hino, arXiv 2206.10936): C1 dropout flattens the model manifold; "
         "C2 the strength of dropout's regularization depends on the amount of curvature; "
         "C3 dropout essentially corresponds to a regularization that depends on the Fisher information. "
-        "Numbers are means over seeds with 95% Student-t intervals in brackets.\n"
+        "Numbers are means over seeds with 95% Student-t intervals in brackets; positive quantities (curvatures and "
+        "their ratios) are geometric means with the interval taken on the log scale.\n"
     )
     verdicts = []
     for name, s in summaries.items():
