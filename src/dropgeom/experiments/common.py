@@ -98,16 +98,27 @@ def prepare_data(config: RunConfig, seed: int) -> ExperimentData:
     ds = load_dataset(config.dataset, seed=seed, dtype=DTYPE, max_train=config.max_train or None)
     xtr, xte = ds.x_train.to(DTYPE), ds.x_test.to(DTYPE)
     if config.input_dim and config.input_dim < xtr.shape[1]:
-        # principal components of the (standardised) training inputs
-        mu = xtr.mean(0)
-        _, _, vt = torch.linalg.svd(xtr - mu, full_matrices=False)
-        basis = vt[: config.input_dim].T
-        xtr, xte = (xtr - mu) @ basis, (xte - mu) @ basis
-        scale = xtr.std(0).clamp_min(1e-12)
-        xtr, xte = xtr / scale, xte / scale
+        xtr, xte = project_pca(xtr, xte, config.input_dim)
     k = ds.num_outputs if hasattr(ds, "num_outputs") else (ds.num_classes or 1)
     nc = min(config.curvature_inputs, xte.shape[0])
     return ExperimentData(xtr, ds.y_train, xte, ds.y_test, xte[:nc], ds.y_test[:nc], ds.family, int(k))
+
+
+def project_pca(xtr: Tensor, xte: Tensor, dim: int) -> Tuple[Tensor, Tensor]:
+    """Both splits projected on the first ``dim`` principal components of the training inputs, each component
+    scaled to unit variance on the training split (fitted on the training inputs only).
+
+    Example:
+        >>> a, b = project_pca(torch.randn(50, 6, dtype=torch.float64), torch.randn(7, 6, dtype=torch.float64), 2)
+        >>> a.shape, b.shape, bool(torch.allclose(a.std(0), torch.ones(2, dtype=torch.float64)))
+        (torch.Size([50, 2]), torch.Size([7, 2]), True)
+    """
+    mu = xtr.mean(0)
+    _, _, vt = torch.linalg.svd(xtr - mu, full_matrices=False)
+    basis = vt[:dim].T
+    xtr, xte = (xtr - mu) @ basis, (xte - mu) @ basis
+    scale = xtr.std(0).clamp_min(1e-12)
+    return xtr / scale, xte / scale
 
 
 # --------------------------------------------------------------------------- models

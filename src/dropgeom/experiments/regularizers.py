@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..config import C3_REGULARIZERS, RunConfig
-from .common import ACT, DTYPE, ExperimentData, build_mlp
+from .common import ACT, DTYPE, ExperimentData, build_mlp, project_pca
 
 __all__ = ["make_regularizer", "REGULARIZERS", "build_cnn", "c3_data", "c3_model", "IMAGE_MLP_WIDTH"]
 
@@ -148,12 +148,7 @@ def c3_data(config: RunConfig, dataset: str, arch: str, size: int, seed: int) ->
             raise ValueError(f"data set {dataset!r} has {xtr.shape[1]} features, not a square image: no CNN")
         xtr, xte = xtr.reshape(-1, 1, side, side), xte.reshape(-1, 1, side, side)
     elif dataset != "fashion_mnist" and config.input_dim and config.input_dim < xtr.shape[1]:
-        mu = xtr.mean(0)
-        _, _, vt = torch.linalg.svd(xtr - mu, full_matrices=False)
-        basis = vt[: config.input_dim].T
-        xtr, xte = (xtr - mu) @ basis, (xte - mu) @ basis
-        scale = xtr.std(0).clamp_min(1e-12)
-        xtr, xte = xtr / scale, xte / scale
+        xtr, xte = project_pca(xtr, xte, config.input_dim)
     nc = min(config.curvature_inputs, xte.shape[0])
     return ExperimentData(xtr, ds.y_train, xte, ds.y_test, xte[:nc], ds.y_test[:nc], ds.family, int(ds.num_outputs))
 
