@@ -59,7 +59,7 @@ def _records(within: float, between: float, knob_moves: bool = True):
                 "group": f"tanh-w6-d2/seed={int(s)}", "init_scale": scales[i], "gain": float(v), "gain_last_epoch": float(v),
                 "gap": {"per_rate": float(v), "value": 0.1, "stderr": 0.0},
                 "terms": {"share_bernoulli": float(v), "ratio_bernoulli": 0.0},
-                "curvature": {"gamma2_damped": float(c)},
+                "curvature": {"mask_normal_curvature": float(c)},
             }
         )
     return recs

@@ -12,8 +12,9 @@ layers around the first mask, :func:`~dropgeom.experiments.common.curvature_para
 
 Recorded per run (all at the dropout solution, the parameters the regularizer acts on):
 
-* the damped embedding curvature over held-out inputs (theory.md 3) and the
-  normal curvature along the mask directions;
+* the normal curvature along the mask directions over held-out inputs (the
+  measure the analysis uses: invariant under reparametrisations, docs/theory.md 5)
+  and the damped embedding curvature (theory.md 3; coordinate-dependent, recorded only);
 * the strength of the regularizer itself: the measured Bernoulli gap per unit
   rate ``R(theta)/p`` (Monte Carlo over masks) and the curvature share
   ``B/(K+B)`` of theory.md 4.2's first-order law (``K``: divergence term,
@@ -37,7 +38,7 @@ the curvature share's within-setting correlation is significantly negative;
 outcome shows a within-setting effect over at least 20 runs in at least 4
 settings and the knob did move the curvature (manipulation check: the
 within-setting rank correlation of the initial scale with log curvature is
-significantly positive); ``inconclusive`` otherwise. The pooled Spearman correlation over
+significantly different from 0, in either direction); ``inconclusive`` otherwise. The pooled Spearman correlation over
 all runs is reported as a description only. Curvatures at rounding level are
 reported as zero and left off the log axis.
 
@@ -83,12 +84,13 @@ OUTCOMES = (
     ("gain", "test-NLL gain vs early-stopped plain"),
 )
 RULE = (
-    "within one architecture the input layer's initial scale moves curvature; expected sign NEGATIVE (more curvature, "
+    "within one architecture the input layer's initial scale moves curvature (the normal curvature along the mask "
+    "directions, invariant under reparametrisations); expected sign NEGATIVE (more curvature, "
     "smaller curvature share B/(K+B), smaller R/p and gain; theory.md 4.2). Supported: the curvature share's within-setting "
     "rank correlation with log curvature (permutation within setting-seed blocks, Holm over 3 outcomes) is significantly "
     "negative; refuted: significantly positive; not supported: no within-setting effect on any outcome over >= 20 runs in "
     ">= 4 settings, provided the knob moved the curvature (manipulation check: within-setting rank correlation of the initial "
-    "scale with log curvature significantly positive); inconclusive otherwise. The pooled correlation is a description only."
+    "scale with log curvature significantly different from 0, either sign); inconclusive otherwise. The pooled correlation is a description only."
 )
 
 
@@ -174,9 +176,15 @@ def _ok(records: List[Mapping[str, Any]]) -> List[Mapping[str, Any]]:
     return [r for r in records if r.get("status") == "ok" and "gain" in r and "gap" in r]
 
 
+#: the curvature C2's analysis uses: invariant under reparametrisations (docs/theory.md 5), unlike the damped
+#: gamma^2, whose parameter-space damping reacts to the very weight scale the knob changes
+CURVATURE_KEY = "mask_normal_curvature"
+CURVATURE_NAME = "curvature along the mask directions"
+
+
 def _curvatures(ok: List[Mapping[str, Any]]) -> List[float]:
-    """Damped curvature per run, rounding-level values (relative to the run's largest) set to exactly zero."""
-    raw = [float(r["curvature"]["gamma2_damped"]) for r in ok]
+    """The invariant curvature per run, rounding-level values (relative to the run's largest) set to exactly zero."""
+    raw = [float(r["curvature"][CURVATURE_KEY]) for r in ok]
     ref = max((abs(v) for v in raw if math.isfinite(v)), default=1.0)
     return rounding_zero(raw, ref if ref > 0 else 1.0)
 
@@ -214,7 +222,7 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
                 "setting": s[0],
                 "init scale": fmt(s[1]),
                 "runs": str(len(rs)),
-                "damped curvature (geo. mean)": fmt_ci(*geometric_mean_ci(cs)) + (f" ({zeros} zero)" if zeros else ""),
+                f"{CURVATURE_NAME} (geo. mean)": fmt_ci(*geometric_mean_ci(cs)) + (f" ({zeros} zero)" if zeros else ""),
                 "R/p": fmt_ci(*mean_ci([_outcome(r, "strength") for r in rs])),
                 "B/(K+B)": fmt_ci(*mean_ci([_outcome(r, "share") for r in rs])),
                 "gain vs early-stopped plain": fmt_ci(*mean_ci([r["gain"] for r in rs])),
@@ -225,7 +233,7 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
     for key, label in OUTCOMES:
         a = analyses[key]
         lines.append(
-            f"{label} against log damped curvature, within settings ({a['settings']} setting-seed blocks, {a['n']} runs): "
+            f"{label} against the log {CURVATURE_NAME}, within settings ({a['settings']} setting-seed blocks, {a['n']} runs): "
             f"within-setting rank correlation {fmt(a['within_spearman'])}, permutation p-value {fmt(a['p_value'])} "
             f"(Holm {fmt(a['p_holm'])}); mixed-model slope {fmt(a['slope'])} [{fmt(a['slope_lo'])}, {fmt(a['slope_hi'])}] "
             f"per unit of log curvature; pooled Spearman {fmt(a['pooled_spearman'])} (description only) -> {a['label']}"
@@ -238,17 +246,18 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
     )
     zeros = sum(1 for c in curv if c == 0.0)
     if zeros:
-        lines.append(f"{zeros} run(s) have a damped curvature at rounding level, reported as zero and left out of the log-curvature tests")
+        lines.append(f"{zeros} run(s) have a {CURVATURE_NAME} at rounding level, reported as zero and left out of the log-curvature tests")
     # manipulation check: did the knob move the curvature within blocks?
     from .stats import within_group_permutation
 
     knob = within_group_permutation([r["init_scale"] for r in ok], [math.log(c) if c > 0 else float("nan") for c in curv], groups) if ok else None
-    moved = knob is not None and math.isfinite(knob.p_value) and knob.p_value < 0.05 and knob.statistic > 0
+    # either direction is a manipulation: the outcomes are analysed against the curvature, not against the knob
+    moved = knob is not None and math.isfinite(knob.p_value) and knob.p_value < 0.05
     if knob is not None:
         lines.insert(0,
-            f"manipulation check: within-setting rank correlation of the initial scale with log damped curvature "
+            f"manipulation check: within-setting rank correlation of the initial scale with the log {CURVATURE_NAME} "
             f"{fmt(knob.statistic)} (permutation p-value {fmt(knob.p_value)}): the knob "
-            + ("moved the curvature" if moved else "did NOT move the curvature significantly; the curvature still varies "
+            + ((f"moved the curvature ({'up' if knob.statistic > 0 else 'down'} with the scale)") if moved else "did NOT move the curvature significantly; the curvature still varies "
                "within blocks, so the tests below are observational within blocks, not a manipulation")
         )
     share = analyses["share"]
@@ -267,7 +276,7 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
         f"gain vs early-stopped plain: {analyses['gain']['label']}; pooled Spearman (description) {fmt(share['pooled_spearman'])}; "
         f"{len(ok)} runs; the knob {'moved' if moved else 'did not significantly move'} the curvature"
     )
-    cols = ["setting", "init scale", "runs", "damped curvature (geo. mean)", "R/p", "B/(K+B)", "gain vs early-stopped plain", "gain vs last-epoch plain"]
+    cols = ["setting", "init scale", "runs", f"{CURVATURE_NAME} (geo. mean)", "R/p", "B/(K+B)", "gain vs early-stopped plain", "gain vs last-epoch plain"]
     tests = {f"{key}_{k}": v for key, a in analyses.items() for k, v in a.items() if isinstance(v, (int, float, str))}
     tests["helped"] = helped
     if knob is not None:
@@ -296,7 +305,7 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
 
 
 def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -> List[Path]:
-    """``c2_gain_vs_curvature.png`` (gain against damped curvature, one line per setting and seed) and
+    """``c2_gain_vs_curvature.png`` (gain against the curvature along the mask directions, one line per setting and seed) and
     ``c2_term_ratio.png`` (curvature share and R/p against the initial scale)."""
     import matplotlib
 
@@ -316,7 +325,7 @@ def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", alpha=0.6, ms=4, label=gname)
         ax.set_xscale("log")
         ax.axhline(0, color="0.5", lw=0.8)
-        ax.set_xlabel("damped curvature gamma^2 at the dropout solution")
+        ax.set_xlabel("curvature along the mask directions at the dropout solution (invariant)")
         ax.set_ylabel(label)
         if len(groups) <= 12:
             ax.legend(fontsize=6, title="setting/seed (dots: initial scales)", title_fontsize=6)
