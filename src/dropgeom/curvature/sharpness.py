@@ -233,10 +233,8 @@ def sam_sharpness(
 def fisher_trace(manifold: ModelManifold) -> float:
     r"""Trace of the Fisher information (mean over inputs), ``tr F = (1/n) sum_i |S_i^T J_i|_F^2``.
 
-    Summed from the manifold's per-sample products ``J_i^T S_i`` in chunks
-    (``ModelManifold.iter_per_sample_vjp``, the representation behind
-    :func:`dropgeom.fisher`'s dense Fisher), so a manifold with a custom
-    ``forward`` (e.g. reparametrised layers) is measured through that forward. theory.md section 2.
+    The trace of :func:`dropgeom.fisher`'s exact diagonal; a manifold with a custom ``forward`` (e.g. reparametrised
+    layers) is measured through that forward (such manifolds take the engine's generic path). theory.md section 2.
 
     Invariance: **coordinate-dependent**.
 
@@ -251,12 +249,10 @@ def fisher_trace(manifold: ModelManifold) -> float:
         >>> fisher_trace(m)   # mean x^2
         2.5
     """
+    from ..fisher import fisher
+
     check_manifold(manifold, "fisher_trace")
-    S = manifold.family.cov_sqrt(manifold.eta())
-    total = 0.0
-    for _, G in manifold.iter_per_sample_vjp(S):
-        total += float((G * G).sum())
-    return total / manifold.n
+    return float(fisher(manifold, "exact", "diag").trace())
 
 
 def fisher_top_eigenvalue(manifold: ModelManifold) -> float:
