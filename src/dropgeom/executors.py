@@ -24,20 +24,13 @@ import socket
 from enum import Enum
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
+from .options import ExecutorKind
+
 __all__ = ["ExecutorKind", "RayPool", "make_pool", "check_executor", "RAY_INSTALL_HINT", "check_address", "CONNECT_TIMEOUT"]
 
 RAY_INSTALL_HINT = "pip install 'dropgeom[ray]'"
 #: seconds within which an unreachable ``--address`` is reported
 CONNECT_TIMEOUT = 10.0
-
-
-class ExecutorKind(str, Enum):
-    """Which executor runs the units of a sweep."""
-
-    PROCESS = "process"
-    """Spawned worker processes on this machine (default)."""
-    RAY = "ray"
-    """Ray tasks, on a local Ray or on a cluster (``--address``)."""
 
 
 def check_address(address: str, timeout: float = CONNECT_TIMEOUT) -> None:

@@ -53,8 +53,9 @@ Example:
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Dict, List, Optional, Tuple, Union
+
+from .options import FisherKind, Reduction, Structure, parse
 
 import torch
 from torch import Tensor, nn
@@ -76,46 +77,8 @@ from .operators import (
 __all__ = ["FisherKind", "Structure", "Reduction", "fisher", "fisher_factors"]
 
 
-class FisherKind(str, Enum):
-    """Which Fisher information (theory.md section 2)."""
-
-    EXACT = "exact"
-    """``(1/n) sum_i J_i^T Sigma_i J_i``: the Fisher information of the model; equals the GGN of the NLL."""
-    MC = "mc"
-    """Monte Carlo Fisher: labels sampled from the model; unbiased for ``exact``."""
-    EMPIRICAL = "empirical"
-    """Empirical Fisher from observed labels (``targets=``); biased, equals ``exact`` only at a perfect fit."""
-
-
-class Structure(str, Enum):
-    """How the ``[P, P]`` Fisher is represented."""
-
-    DENSE = "dense"
-    """The full matrix; exact, ``O(P^2)`` memory."""
-    DIAG = "diag"
-    """The exact diagonal of the chosen kind."""
-    LAYER = "layer"
-    """Exact per-module blocks (block-diagonal)."""
-    KFAC = "kfac"
-    """Kronecker factors for Linear and Conv1d/Conv2d layers (KFAC / KFC "expand"), exact blocks for other modules."""
-    IMPLICIT = "implicit"
-    """Matrix-free products through jvp/vjp; exact; ``O(P + nK)`` memory."""
-
-
-class Reduction(str, Enum):
-    """Scaling over the ``n`` inputs."""
-
-    MEAN = "mean"
-    """``(1/n) sum_i``: the per-sample Fisher (default)."""
-    SUM = "sum"
-    """``sum_i = n * mean``: the Fisher of all ``n`` observations together."""
-
-
 def _enum(cls, value, what: str):
-    try:
-        return cls(value.value if isinstance(value, Enum) else str(value).lower())
-    except ValueError:
-        raise ValueError(f"unknown {what} {value!r}; choose one of {[e.value for e in cls]}") from None
+    return parse(cls, value, what)
 
 
 def fisher_factors(

@@ -11,28 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
 from typing import Dict
 
+from ..options import VerdictLabel
+
 __all__ = ["VerdictLabel", "Verdict", "fmt", "fmt_ci"]
-
-
-class VerdictLabel(str, Enum):
-    """The verdict a claim can get; each rule states in advance which data give which label."""
-
-    #: the pre-stated rule's evidence holds, significant after correction, on every measure the rule names
-    SUPPORTED = "supported"
-    #: the evidence the rule asks for is absent, though the data could have shown it
-    NOT_SUPPORTED = "not supported"
-    #: a significant effect opposite to the claim, on every measure the rule names
-    REFUTED = "refuted"
-    #: invariant measures disagree in sign (significantly): the answer depends on how flatness is measured
-    MEASURE_DEPENDENT = "measure-dependent"
-    #: nothing significant either way, or too little data
-    INCONCLUSIVE = "inconclusive"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass
