@@ -25,7 +25,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .executors import ExecutorKind
+from .config import ACTIVATIONS, CURVATURE_METHODS, CURVATURE_PARAMS, DATASETS, EXPERIMENTS, PRESETS
+from .data import BUNDLED, INSTALLED, SYNTHETIC
+from .options import ExecutorKind, FisherKind, Structure, choices
+from .train.registry import objective_names, objective_spec, run_options
 
 __all__ = ["main", "build_parser"]
 
@@ -163,13 +166,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         prepare_output_dir(args.out, allowed=lambda name: name == CHECKPOINT_NAME)
     ds = load_dataset(args.data, seed=args.seed, dtype=torch.float64)
-    p = args.p if args.objective not in ("none", "l2") else 0.0
+    p = args.p if objective_spec(args.objective).uses_dropout else 0.0
     model = _mlp_for(args, ds.num_features, ds.num_outputs, p)
-    options: Dict[str, Any] = {}
-    if args.objective == "l2":
-        options["weight"] = args.weight
-    elif args.objective != "none":
-        options["p"] = p
+    options = run_options(args.objective, p=p, l2=args.weight)
     hist = train(
         model, ds, args.objective, objective_options=options, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
         seed=args.seed, checkpoint_dir=args.out, progress=not args.no_progress,
@@ -270,23 +269,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _add_model_options(p: argparse.ArgumentParser, width: int = 8, depth: int = 2) -> None:
     p.add_argument("--width", type=_positive_int, default=width, help=f"units per hidden layer (default {width})")
     p.add_argument("--depth", type=_positive_int, default=depth, help=f"number of hidden layers (default {depth})")
-    p.add_argument("--activation", choices=["identity", "tanh", "softplus", "relu"], default="tanh", help="hidden activation (default tanh)")
+    p.add_argument("--activation", choices=ACTIVATIONS, default="tanh", help="hidden activation (default tanh)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the data split, initialisation and masks (default 0)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``dropgeom`` command."""
-    parser = argparse.ArgumentParser(
-        prog="dropgeom",
-        description="dropgeom: the information geometry of dropout training (Fisher information, curvature of the "
-        "model manifold, dropout terms) for PyTorch models.",
-        epilog="Run `dropgeom COMMAND --help` for the options of a command. Errors are one line; add --debug "
-        "(anywhere) for the traceback.",
-    )
-    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback instead of one line")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
+def _add_reproduce(sub: Any) -> None:
     p = sub.add_parser(
         "reproduce",
         help="test the paper's claims C1-C3 and write a report",
@@ -299,14 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the quick preset: about 10 minutes on an idle 2-core CPU (default: the full run, about half an hour)")
     p.add_argument("--out", default=None, help="run directory (default runs/reproduce-<preset>): a new or empty folder, or an earlier run of the same config, which is resumed; one process at a time")
     p.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds per setting (default: the preset's, 5 for quick and full, 2 for test)")
-    p.add_argument("--only", nargs="+", choices=["C1", "C2", "C3"], default=None, help="run only these claims")
-    p.add_argument("--data", default=None, choices=["digits", "breast_cancer", "wine", "iris"], help="bundled data set (default digits)")
-    p.add_argument("--preset", choices=["full", "quick", "test"], default=None, help="a named preset (overrides --quick); 'test' is a smoke run of well under a minute on an idle machine")
+    p.add_argument("--only", nargs="+", choices=EXPERIMENTS, default=None, help="run only these claims")
+    p.add_argument("--data", default=None, choices=DATASETS, help="data set (default digits)")
+    p.add_argument("--preset", choices=list(PRESETS), default=None, help="a named preset (overrides --quick); 'test' is a smoke run of well under a minute on an idle machine")
     p.add_argument("--config", default=None, help="JSON file of config overrides (every option of dropgeom.config.RunConfig)")
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads per process (default 1: fastest for these tiny models)")
     p.add_argument("--workers", type=_positive_int, default=min(2, os.cpu_count() or 1), help="processes running units in parallel (default: 2, or 1 on a 1-core machine)")
     p.add_argument(
-        "--executor", choices=[k.value for k in ExecutorKind], default=ExecutorKind.PROCESS.value,
+        "--executor", choices=choices(ExecutorKind), default=ExecutorKind.PROCESS.value,
         help="where units run: 'process' (worker processes on this machine) or 'ray' (Ray tasks: a local Ray, or a "
         "cluster with --address; pip install 'dropgeom[ray]')",
     )
@@ -314,15 +301,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress line (by default one line shows the claim, units done/total and an ETA)")
     p.set_defaults(fn=_cmd_reproduce)
 
+
+def _add_train(sub: Any) -> None:
+    names = objective_names()
     p = sub.add_parser(
         "train",
         help="train an MLP with a chosen objective and print per-epoch metrics",
-        description="Train an MLP (dropout after each hidden layer) on a data set with one objective: none, l2, "
-        "dropout, gaussian_dropout or fisher_dropout (the deterministic Fisher penalty of theory.md 4.4). Prints "
+        description=f"Train an MLP (dropout after each hidden layer) on a data set with one objective: {', '.join(names)} "
+        "(fisher_dropout: the deterministic Fisher penalty of theory.md 4.4). Prints "
         "train/test NLL, accuracy and calibration error per epoch; --out keeps checkpoints and resumes.",
     )
-    p.add_argument("--data", default="digits", help="data set name (digits, breast_cancer, wine, iris, glm_teacher, mlp_teacher) or a file path")
-    p.add_argument("--objective", default="dropout", choices=["none", "l2", "dropout", "gaussian_dropout", "fisher_dropout"], help="training objective (default dropout)")
+    named = ", ".join(BUNDLED + SYNTHETIC + INSTALLED)
+    p.add_argument("--data", default="digits", help=f"data set name ({named}) or a file path")
+    p.add_argument(
+        "--objective", default="dropout", choices=names,
+        help="training objective (default dropout): " + "; ".join(f"{n}: {objective_spec(n).description}" for n in names),
+    )
     p.add_argument("--p", type=_probability, default=0.3, help="dropout probability (drop rate, default 0.3)")
     p.add_argument("--weight", type=_positive_float, default=1e-3, help="L2 weight for --objective l2 (default 1e-3)")
     p.add_argument("--epochs", type=_positive_int, default=20, help="epochs (default 20)")
@@ -333,22 +327,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p, width=32)
     p.set_defaults(fn=_cmd_train)
 
+
+def _add_fisher(sub: Any) -> None:
+    kinds, structures = choices(FisherKind), choices(Structure)
     p = sub.add_parser(
         "fisher",
         help="Fisher information of an MLP on digits: a kind x structure table",
-        description="Compute the Fisher information (exact, Monte Carlo, empirical) of a tanh MLP on scikit-learn's "
-        "bundled digits in every structure (dense, diag, layer, kfac, implicit) and print its trace, top "
+        description=f"Compute the Fisher information ({', '.join(kinds)}) of a tanh MLP on scikit-learn's "
+        f"bundled digits in every structure ({', '.join(structures)}) and print its trace, top "
         "eigenvalue and the time taken (mean over inputs).",
     )
     p.add_argument("--hidden", type=_positive_int, default=32, help="hidden units per layer (default 32)")
     p.add_argument("--depth", type=_positive_int, default=1, help="hidden layers (default 1)")
     p.add_argument("--n", type=_positive_int, default=512, help="number of inputs (default 512)")
-    p.add_argument("--kinds", nargs="+", choices=["exact", "mc", "empirical"], default=["exact", "mc", "empirical"], help="Fisher kinds")
-    p.add_argument("--structures", nargs="+", choices=["dense", "diag", "layer", "kfac", "implicit"], default=["dense", "diag", "layer", "kfac", "implicit"], help="structures")
+    p.add_argument("--kinds", nargs="+", choices=kinds, default=kinds, help="Fisher kinds")
+    p.add_argument("--structures", nargs="+", choices=structures, default=structures, help="structures")
     p.add_argument("--float64", action="store_true", help="compute in float64")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the inputs and the Monte Carlo Fisher (default 0)")
     p.set_defaults(fn=_cmd_fisher)
 
+
+def _add_curvature(sub: Any) -> None:
     p = sub.add_parser(
         "curvature",
         help="embedding curvature and mask-direction curvature of a trained MLP",
@@ -361,12 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_nonnegative_int, default=20, help="training epochs before measuring (0: at initialisation; default 20)")
     p.add_argument("--inputs", type=_positive_int, default=100, help="held-out inputs the curvature is evaluated on (default 100)")
     p.add_argument("--input-dim", type=_positive_int, default=10, help="principal components of the inputs kept (default 10)")
-    p.add_argument("--method", choices=["auto", "dense", "stochastic"], default="auto", help="curvature method (default auto: dense, exact and with the raw gamma^2, while the Hessian tensor n x K x P x P stays under 32 MB, else the matrix-free stochastic estimate, whose memory grows like n K P)")
-    p.add_argument("--params", choices=["around_mask", "all"], default="around_mask", help="parameters the manifold varies (default: the layers around the first mask)")
+    p.add_argument("--method", choices=CURVATURE_METHODS, default="auto", help="curvature method (default auto: dense, exact and with the raw gamma^2, while the Hessian tensor n x K x P x P stays under 32 MB, else the matrix-free stochastic estimate, whose memory grows like n K P)")
+    p.add_argument("--params", choices=CURVATURE_PARAMS, default="around_mask", help="parameters the manifold varies (default: the layers around the first mask)")
     p.add_argument("--damping", type=_positive_float, default=1e-3, help="relative damping of the damped curvature (default 1e-3)")
     _add_model_options(p)
     p.set_defaults(fn=_cmd_curvature)
 
+
+def _add_report(sub: Any) -> None:
     p = sub.add_parser(
         "report",
         help="re-render the report of a run directory",
@@ -375,6 +376,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dir", help="the run directory (holds config.json)")
     p.set_defaults(fn=_cmd_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``dropgeom`` command; its choices come from the option enums and registries."""
+    parser = argparse.ArgumentParser(
+        prog="dropgeom",
+        description="dropgeom: the information geometry of dropout training (Fisher information, curvature of the "
+        "model manifold, dropout terms) for PyTorch models.",
+        epilog="Run `dropgeom COMMAND --help` for the options of a command. Errors are one line; add --debug "
+        "(anywhere) for the traceback.",
+    )
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback instead of one line")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in (_add_reproduce, _add_train, _add_fisher, _add_curvature, _add_report):
+        add(sub)
     return parser
 
 

@@ -32,16 +32,24 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from .data import BUNDLED, INSTALLED
+from .options import CurvatureMethod
+from .train.registry import objective_names
+
 __all__ = ["RunConfig", "ConfigError", "PRESETS", "ACTIVATIONS", "OBJECTIVES", "EXPERIMENTS"]
 
 #: Hidden-layer activations the experiments know (``identity`` gives a deep linear network).
 ACTIVATIONS = ("identity", "tanh", "softplus", "relu")
-#: Training objectives compared in C3 (names of ``dropgeom.train`` objectives).
-OBJECTIVES = ("none", "l2", "dropout", "gaussian_dropout", "fisher_dropout")
+#: Training objectives C3 can compare: the registered ``dropgeom.train`` objectives (at import time).
+OBJECTIVES = objective_names()
 #: The paper's claims, one experiment each.
 EXPERIMENTS = ("C1", "C2", "C3")
-CURVATURE_METHODS = ("auto", "dense", "stochastic")
-DATASETS = ("digits", "breast_cancer", "wine", "iris", "fashion_mnist")
+#: ``auto`` (dense while small, else stochastic) or a :class:`dropgeom.options.CurvatureMethod`.
+CURVATURE_METHODS = ("auto", *(m.value for m in CurvatureMethod))
+#: Parameters the curvature manifold varies: the layers around the first mask, or all.
+CURVATURE_PARAMS = ("around_mask", "all")
+#: Data sets of a reproduce run: the bundled and the installed ones of :mod:`dropgeom.data`.
+DATASETS = BUNDLED + INSTALLED
 #: C3b regularizers whose strength is swept (``dropgeom.experiments.regularizers``)
 C3_REGULARIZERS = ("l2", "fisher_quadratic", "fisher_divergence", "wkm_noise")
 #: C3 architectures (``mlp``: the config's MLP; ``cnn``: a small CNN for image data)
@@ -308,7 +316,7 @@ class RunConfig:
         probs("c2_p", allow_zero=False)
         probs("c3_p_grid", allow_zero=False)
         probs("c3_p", allow_zero=False)
-        choices("c3_objectives", OBJECTIVES)
+        choices("c3_objectives", objective_names())
         choices("c3_regularizers", C3_REGULARIZERS)
         strengths("c2_init_scales")
         integer("c2_curvature_samples", 0)
@@ -328,7 +336,7 @@ class RunConfig:
         integer("gap_samples", 10)
         integer("curvature_inputs", 10)
         choices("curvature_method", CURVATURE_METHODS)
-        choices("curvature_params", ("around_mask", "all"))
+        choices("curvature_params", CURVATURE_PARAMS)
         integer("curvature_samples", 2)
         integer("curvature_cg_iter", 0)
         if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not (0 < self.damping < 1):

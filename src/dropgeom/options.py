@@ -173,8 +173,11 @@ def _what(cls: Type[Enum]) -> str:
     return "".join(words).strip()
 
 
-def parse(cls: Type[E], value: Union[str, E], what: str = "") -> E:
+def parse(cls: Type[E], value: Union[str, E], what: str = "", where: str = "") -> E:
     """The member of ``cls`` named by ``value`` (a member, or its value in any case).
+
+    ``what`` names the option in the message (default: the enum's name in words);
+    ``where`` prefixes it with the function that checks it.
 
     Raises:
         ValueError: ``value`` is not a member or value of ``cls``; the message lists the choices.
@@ -182,6 +185,10 @@ def parse(cls: Type[E], value: Union[str, E], what: str = "") -> E:
     Example:
         >>> parse(Noise, "Gaussian")
         <Noise.GAUSSIAN: 'gaussian'>
+        >>> parse(Method, "sampled", where="gap")
+        Traceback (most recent call last):
+        ...
+        ValueError: gap: unknown method 'sampled'; choose one of ['exact', 'mc']
     """
     if isinstance(value, cls):
         return value
@@ -189,4 +196,5 @@ def parse(cls: Type[E], value: Union[str, E], what: str = "") -> E:
     try:
         return cls(str(raw).lower() if isinstance(raw, str) else raw)
     except ValueError:
-        raise ValueError(f"unknown {what or _what(cls)} {value!r}; choose one of {choices(cls)}") from None
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}unknown {what or _what(cls)} {value!r}; choose one of {choices(cls)}") from None

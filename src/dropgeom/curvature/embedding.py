@@ -49,13 +49,14 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from ..manifold import ModelManifold
 from ..operators import conjugate_gradient
+from ..options import CurvatureMethod, parse
 from ._common import (
     LinearisedManifold,
     check_alpha,
@@ -243,7 +244,7 @@ def _stochastic(
 def embedding_curvature(
     manifold: ModelManifold,
     alpha: float = 1.0,
-    method: str = "dense",
+    method: Union[str, CurvatureMethod] = "dense",
     n_samples: int = 64,
     generator: Optional[torch.Generator] = None,
     damping: Optional[float] = None,
@@ -274,7 +275,7 @@ def embedding_curvature(
     Args:
         manifold: the model manifold.
         alpha: 1 (e-curvature, default), -1 (m-curvature) or any real.
-        method: ``"dense"`` (exact; at most 2000 parameters, forms the Hessian
+        method: a :class:`~dropgeom.options.CurvatureMethod` or its value: ``"dense"`` (exact; at most 2000 parameters, forms the Hessian
             tensor ``[n, K, P, P]``) or ``"stochastic"`` (matrix-free unbiased
             estimate ``mean |N(u, v)|_G^2`` over ``n_samples`` pairs ``u, v ~ N(0, g^+)``).
         n_samples: pairs for the stochastic method.
@@ -305,9 +306,8 @@ def embedding_curvature(
     check_manifold(manifold, "embedding_curvature")
     alpha = check_alpha(alpha)
     damping = check_damping(damping)
-    if method not in ("dense", "stochastic"):
-        raise ValueError(f"method must be 'dense' or 'stochastic', got {method!r}")
-    if method == "dense":
+    method = parse(CurvatureMethod, method, "method")
+    if method is CurvatureMethod.DENSE:
         return _dense(manifold, alpha, damping)
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
         raise ValueError(f"n_samples must be an integer >= 2 (for a standard error), got {n_samples!r}")

@@ -16,9 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from ..families import ExponentialFamily
+from ..options import Method, Noise, parse
 from ._common import Inputs, as_tuple, model_inputs, check_output, chunk_for, chunked_vmap, detached_params, family_of
 from .explicit import forward_with_masks
-from .masks import NOISES, PSpec, _draw, enumerate_shapes, mask_spec
+from .masks import PSpec, _draw, enumerate_shapes, mask_spec
 
 __all__ = ["GapResult", "gap"]
 
@@ -87,10 +88,8 @@ def gap(
     fam = family_of(family)
     args = model_inputs(model, inputs)
     n = args[0].shape[0]
-    if noise not in NOISES:
-        raise ValueError(f"gap: noise must be one of {NOISES}, got {noise!r}")
-    if method not in ("exact", "mc"):
-        raise ValueError(f"gap: method must be 'exact' or 'mc', got {method!r}")
+    noise = parse(Noise, noise, where="gap").value
+    method = parse(Method, method, where="gap").value
     spec = mask_spec(model, args, layers, p, noise)
     ps = spec.p
     draw_noise = "gaussian" if noise == "gaussian" else "bernoulli"

@@ -55,12 +55,12 @@ import torch
 from torch import Tensor, nn
 
 from .._intercept import DropoutSite, unit_shape as _kind_unit_shape
+from ..options import Noise, parse
 from .modules import DropPath
 
 __all__ = [
     "DROPOUT_TYPES",
     "dropout_sites",
-    "NOISES",
     "MaskEnumeration",
     "find_dropout",
     "resolve_p",
@@ -74,7 +74,6 @@ __all__ = [
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _CHANNEL_TYPES = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _UNSUPPORTED = (nn.AlphaDropout, nn.FeatureAlphaDropout)
-NOISES = ("bernoulli", "gaussian", "dropconnect")
 #: Dropout module types and their kind (first match wins; order matters for subclasses).
 MODULE_KINDS = (
     (nn.Dropout1d, "channel"), (nn.Dropout2d, "channel"), (nn.Dropout3d, "channel"),
@@ -348,10 +347,9 @@ def _draw(shape: Tuple[int, ...], p: float, noise: str, generator: Optional[torc
     return torch.bernoulli(keep, generator=generator) / (1.0 - p)
 
 
-def _check_noise(noise: str) -> str:
-    if noise not in NOISES:
-        raise ValueError(f"unknown noise {noise!r}; choose one of {NOISES}")
-    return noise
+def _check_noise(noise: Union[str, Noise]) -> str:
+    """The value of the :class:`~dropgeom.options.Noise` named by ``noise`` (a plain string, as recorded)."""
+    return parse(Noise, noise).value
 
 
 def sample_masks(
@@ -392,7 +390,7 @@ def sample_masks(
         >>> round(m.mean().item(), 1), round(m.var().item(), 2)
         (1.0, 0.25)
     """
-    _check_noise(noise)
+    noise = _check_noise(noise)
     ref = next(iter(model.parameters()), None)
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.get_default_dtype()
     device = ref.device if ref is not None else None
@@ -567,7 +565,7 @@ def mask_spec(
         >>> s.shapes, s.p, s.kinds
         ({'2': torch.Size([2, 2])}, {'2': 0.1}, {'2': 'dropconnect'})
     """
-    _check_noise(noise)
+    noise = _check_noise(noise)
     if noise == "dropconnect":
         mods = _linear_layers(model, layers)
         if p is None:

@@ -26,9 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from ..families import ExponentialFamily, get_family
+from ..options import Noise, parse
 from ._common import Inputs, as_tuple, model_inputs, check_output, chunk_for, chunked_vmap, detached_params
 from .explicit import forward_with_masks
-from .masks import NOISES, PSpec, _draw, enumerate_shapes, mask_spec
+from .masks import PSpec, _draw, enumerate_shapes, mask_spec
 
 __all__ = ["MixtureResult", "mixture"]
 
@@ -101,8 +102,7 @@ def mixture(
     """
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"mixture: alpha must be a finite number, got {alpha!r}")
-    if noise not in NOISES:
-        raise ValueError(f"mixture: noise must be one of {NOISES}, got {noise!r}")
+    noise = parse(Noise, noise, where="mixture").value
     fam = get_family(family)
     args = model_inputs(model, inputs)
     n = args[0].shape[0]

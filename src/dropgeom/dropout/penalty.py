@@ -77,15 +77,13 @@ from torch.func import jvp
 
 from ..families import ExponentialFamily
 from ..manifold import eval_mode
+from ..options import Estimator, PenaltyForm, parse
 from ._common import Inputs, as_tuple, check_output, chunk_for, chunked_vmap, family_of, kl_to_dropped
 from .chain import Chain, as_chain, run_chain, training_off
 from .explicit import forward_with_masks
 from .masks import _CHANNEL_TYPES, DROPOUT_TYPES, PSpec, find_dropout, mask_variance, resolve_p
 
 __all__ = ["penalty", "output_linear"]
-
-FORMS = ("quadratic", "divergence")
-ESTIMATORS = ("exact", "mc", "unit")
 
 
 #: modules that are linear, affine or piecewise linear (``a'' = 0`` almost everywhere)
@@ -253,10 +251,8 @@ def _penalty(
     of random draws is fixed in one place): :func:`_closed_layer` for a dropout layer
     right before the output Linear, :func:`_chain_layers` on the chain fast path and
     :func:`_generic_layers` otherwise."""
-    if form not in FORMS:
-        raise ValueError(f"penalty: form must be one of {FORMS}, got {form!r}")
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"penalty: estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    form = parse(PenaltyForm, form, where="penalty").value
+    estimator = parse(Estimator, estimator, where="penalty").value
     if curvature and targets is None:
         raise ValueError("penalty: curvature=True needs targets (the residual r = mu - t(y) enters the curvature term)")
     fam = family_of(family)

@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
 from ..families import ExponentialFamily
+from ..options import Noise, parse
 from ._common import Inputs, as_tuple, model_inputs, check_output, chunk_for, detached_params, family_of, kl_to_dropped
 from .chain import Chain, as_chain, run_chain, training_off
 from .explicit import forward_with_masks
@@ -183,6 +184,7 @@ def terms(
     fam = family_of(family)
     args = model_inputs(model, inputs)
     n = args[0].shape[0]
+    noise = parse(Noise, noise, where="terms").value
     spec = mask_spec(model, args, layers, p, noise)
     ps = spec.p
     names = list(spec.shapes)

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from ..config import RunConfig
+from ..train.registry import run_options
 from .common import Verdict, _ckpt, evaluate_model, fmt, fmt_ci, mean_ci, save_figure, set_dropout
 from .stats import adjust, geometric_mean_ci, paired
 
@@ -215,7 +216,7 @@ def _run_objectives(config: RunConfig, unit: Mapping[str, Any], workdir: Optiona
     for o in config.c3_objectives:
         if o == "dropout":
             continue
-        opts = {"weight": config.l2} if o == "l2" else ({} if o == "none" else {"p": p})
+        opts = run_options(o, p=p, l2=config.l2)
         if o == "fisher_dropout" and unit["arch"] == "cnn":
             opts["estimator"] = "unit"
         plan.append((o, o, opts, seed))

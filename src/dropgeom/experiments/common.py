@@ -202,14 +202,10 @@ def fit(
     then also carries ``"steps"`` and ``"matched_nll"``. ``weight_decay``
     trains the ``l2`` objective with that weight instead of ``config.l2``.
     """
-    from ..train import train
+    from ..train import run_options, train
 
     set_dropout(model, p)
-    options: Dict[str, Any] = {}
-    if objective == "l2":
-        options["weight"] = config.l2 if weight_decay is None else weight_decay
-    elif objective != "none":
-        options["p"] = p
+    options = run_options(objective, p=p, l2=config.l2 if weight_decay is None else weight_decay)
     matcher = None
     optimizer: Any = "adam"
     if stop_at_train_nll is not None and match_every > 0:

@@ -1,6 +1,7 @@
 """Training: objectives (none, L2, dropout, Gaussian dropout, Fisher-dropout), the loop, checkpoints, metrics.
 
 See :mod:`dropgeom.train.objectives` (theory.md 4.4 for Fisher-dropout),
+:mod:`dropgeom.train.registry` (the named objectives: one registration each),
 :mod:`dropgeom.train.loop` (seeded, resumable training), :mod:`dropgeom.train.checkpoint`
 (atomic writes) and :mod:`dropgeom.train.metrics` (NLL, accuracy, calibration).
 """
@@ -16,11 +17,18 @@ from .objectives import (
     FisherPenalty,
     GaussianDropoutNLL,
     Objective,
-    ObjectiveName,
     ObjectiveOutput,
     Sum,
     dropout_modules,
+)
+from .registry import (
+    ObjectiveName,
+    ObjectiveSpec,
     make_objective,
+    objective_names,
+    objective_spec,
+    register_objective,
+    run_options,
 )
 
 __all__ = [
@@ -31,7 +39,12 @@ __all__ = [
     "Objective",
     "ObjectiveOutput",
     "ObjectiveName",
+    "ObjectiveSpec",
     "make_objective",
+    "objective_names",
+    "objective_spec",
+    "register_objective",
+    "run_options",
     "NLL",
     "L2",
     "DropoutNLL",

@@ -53,7 +53,8 @@ from ..data import Dataset
 from ..families import ExponentialFamily, get_family
 from .checkpoint import load_checkpoint, save_checkpoint
 from .metrics import evaluate
-from .objectives import Objective, make_objective
+from .objectives import Objective
+from .registry import make_objective
 
 __all__ = ["train", "History", "EarlyStopping", "CHECKPOINT_NAME"]
 

@@ -27,10 +27,9 @@ The pieces (``l_i = -log p(y_i | eta_i)``, ``p`` the DROP probability):
   gradient. ``estimator="exact"`` (default) is deterministic; ``"mc"`` (one random
   probe ``Sigma^{1/2} xi`` or one dropped unit per input) and ``"unit"`` (one random
   unit per input) are unbiased and cheaper (:func:`dropgeom.dropout.penalty`).
-The named objectives of the experiments (:class:`ObjectiveName`, built by
-:func:`make_objective`): ``none`` = NLL; ``l2`` = NLL + L2;
-``dropout`` = DropoutNLL; ``gaussian_dropout`` = GaussianDropoutNLL;
-``fisher_dropout`` = :class:`FisherDropout` (= NLL + FisherPenalty, sharing one forward).
+The named objectives (``none``, ``l2``, ``dropout``, ``gaussian_dropout``,
+``fisher_dropout``) are registered in :mod:`dropgeom.train.registry`, which
+builds them by name (:func:`~dropgeom.train.registry.make_objective`).
 
 References: Srivastava et al. (2014) dropout; Wang & Manning (2013) Gaussian
 dropout; Wager, Wang & Liang (2013) and Wei, Kakade & Ma (2020) for the
@@ -40,7 +39,7 @@ Example:
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Dropout(0.2), torch.nn.Linear(8, 3))
     >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
-    >>> obj = make_objective("l2", weight=1e-3)
+    >>> obj = NLL() + L2(1e-3)
     >>> out = obj(net, x, y, "categorical", torch.Generator().manual_seed(0))
     >>> sorted(out.metrics)
     ['l2', 'loss', 'nll']
@@ -53,13 +52,13 @@ import contextlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..families import ExponentialFamily, get_family
+from ..options import Estimator, PenaltyForm, parse
 
 __all__ = [
     "ObjectiveOutput",
@@ -71,8 +70,6 @@ __all__ = [
     "FisherPenalty",
     "FisherDropout",
     "Sum",
-    "ObjectiveName",
-    "make_objective",
     "dropout_modules",
 ]
 
@@ -376,10 +373,6 @@ class GaussianDropoutNLL(Objective):
         return {"name": self.name, "p": self.p, "layers": self.layers}
 
 
-FORMS = ("quadratic", "divergence")
-ESTIMATORS = ("exact", "mc", "unit")  # as dropgeom.dropout.penalty: exact, sampled labels, one sampled unit
-
-
 class FisherPenalty(Objective):
     r"""The deterministic dropout penalty of theory.md 4.4, from :func:`dropgeom.dropout.penalty`; metric ``penalty``.
 
@@ -401,16 +394,13 @@ class FisherPenalty(Objective):
     def __init__(
         self,
         p: Optional[float] = None,
-        form: str = "quadratic",
+        form: Union[str, PenaltyForm] = "quadratic",
         curvature: bool = False,
-        estimator: str = "exact",
+        estimator: Union[str, Estimator] = "exact",
         layers: Optional[Sequence[str]] = None,
         weight: float = 1.0,
     ) -> None:
-        if form not in FORMS:
-            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        form, estimator = parse(PenaltyForm, form), parse(Estimator, estimator)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise ValueError(f"penalty weight must be a finite number >= 0, got {weight!r}")
         self.p, self.form, self.curvature, self.estimator = _check_p(p), form, bool(curvature), estimator
@@ -445,9 +435,9 @@ class FisherPenalty(Objective):
         return {
             "name": self.name,
             "p": self.p,
-            "form": self.form,
+            "form": self.form.value,
             "curvature": self.curvature,
-            "estimator": self.estimator,
+            "estimator": self.estimator.value,
             "layers": self.layers,
             "weight": self.weight,
         }
@@ -477,84 +467,3 @@ class FisherDropout(FisherPenalty):
         pen, eta = self._penalty(model, x, y, family, generator)
         nll = _nll(eta, y, family)
         return ObjectiveOutput(nll + pen, {"nll": float(nll.detach()), "penalty": float(pen.detach())})
-
-
-# ---------------------------------------------------------------------------
-# the registry
-# ---------------------------------------------------------------------------
-
-
-class ObjectiveName(str, Enum):
-    """The named training objectives (the values are the names accepted by :func:`make_objective`)."""
-
-    NONE = "none"
-    """The clean loss only (dropout modules off). Options: none."""
-
-    L2 = "l2"
-    """Clean loss + ``(weight/2) ||theta||^2``. Options: ``weight`` (default 1e-4), ``biases``."""
-
-    DROPOUT = "dropout"
-    """Bernoulli dropout, one mask sample per step. Options: ``p``, ``masks`` ('module'|'explicit'), ``layers``."""
-
-    GAUSSIAN_DROPOUT = "gaussian_dropout"
-    """Multiplicative Gaussian noise N(1, p/(1-p)) at the dropout modules. Options: ``p``, ``layers``."""
-
-    FISHER_DROPOUT = "fisher_dropout"
-    """Clean loss + deterministic dropout penalty (theory.md 4.4). Options: ``p``, ``form``
-    ('quadratic'|'divergence'), ``curvature``, ``estimator`` ('exact'|'mc'|'unit'), ``layers``, ``weight``."""
-
-    @property
-    def description(self) -> str:
-        return str(_DOCS[self])
-
-
-_DOCS = {
-    ObjectiveName.NONE: "clean loss (dropout off)",
-    ObjectiveName.L2: "clean loss + (weight/2) ||theta||^2",
-    ObjectiveName.DROPOUT: "Bernoulli dropout (one mask sample per step)",
-    ObjectiveName.GAUSSIAN_DROPOUT: "Gaussian dropout, masks N(1, p/(1-p))",
-    ObjectiveName.FISHER_DROPOUT: "clean loss + Fisher (quadratic) or divergence dropout penalty",
-}
-
-_OPTIONS: Dict[ObjectiveName, Tuple[str, ...]] = {
-    ObjectiveName.NONE: (),
-    ObjectiveName.L2: ("weight", "biases"),
-    ObjectiveName.DROPOUT: ("p", "masks", "layers"),
-    ObjectiveName.GAUSSIAN_DROPOUT: ("p", "layers"),
-    ObjectiveName.FISHER_DROPOUT: ("p", "form", "curvature", "estimator", "layers", "weight"),
-}
-
-
-def make_objective(name: Union[str, ObjectiveName, Objective], **options: Any) -> Objective:
-    """Build a named objective (see :class:`ObjectiveName`); an :class:`Objective` passes through.
-
-    Raises ``ValueError`` for an unknown name or an option the objective does not take.
-
-    Example:
-        >>> make_objective("fisher_dropout", p=0.3, form="divergence")
-        FisherDropout(p=0.3, form='divergence', curvature=False, estimator='exact', layers=None, weight=1.0)
-        >>> make_objective("none")
-        NLL()
-    """
-    if isinstance(name, Objective):
-        if options:
-            raise ValueError("options cannot be given with an Objective instance")
-        return name
-    try:
-        key = ObjectiveName(name.lower() if isinstance(name, str) else name)
-    except ValueError:
-        raise ValueError(
-            f"unknown objective {name!r}; choose one of {[m.value for m in ObjectiveName]}"
-        ) from None
-    bad = sorted(set(options) - set(_OPTIONS[key]))
-    if bad:
-        raise ValueError(f"objective {key.value!r} takes options {list(_OPTIONS[key])}; got unknown {bad}")
-    if key is ObjectiveName.NONE:
-        return NLL()
-    if key is ObjectiveName.L2:
-        return NLL() + L2(**options)
-    if key is ObjectiveName.DROPOUT:
-        return DropoutNLL(**options)
-    if key is ObjectiveName.GAUSSIAN_DROPOUT:
-        return GaussianDropoutNLL(**options)
-    return FisherDropout(**options)
