@@ -36,6 +36,21 @@ def test_p_outside_range(p):
         sample_masks(_net(), torch.zeros(2, 3, dtype=D), p=p)
 
 
+def test_every_noise_has_unit_mean_and_the_dropout_variance(noise):
+    """Each mask law of :class:`dropgeom.options.Noise` (at the dropout modules, or at the Linear weights
+    for dropconnect): ``E m = 1``, ``Var m = p/(1-p)`` (5-sigma bands), reproducible from a seed."""
+    net, p, n = _net(), 0.2, 20000
+    layers = ["3"] if noise == "dropconnect" else ["2"]
+    draw = lambda seed: sample_masks(net, torch.zeros(n, 3, dtype=D), noise=noise, p=p, layers=layers,  # noqa: E731
+                                     generator=torch.Generator().manual_seed(seed))[layers[0]]
+    m, v = draw(4), p / (1 - p)
+    assert m.shape[0] == n
+    assert abs(m.mean().item() - 1) < 5 * math.sqrt(v / m.numel())
+    mu4 = ((m - 1) ** 4).mean().item()  # Var of the sample variance: (mu4 - v^2) / N
+    assert abs(m.var().item() - v) < 5 * math.sqrt((mu4 - v * v) / m.numel())
+    assert torch.equal(m, draw(4)) and not torch.equal(m, draw(5))
+
+
 def test_bernoulli_and_gaussian_masks_moments_and_seed():
     net = _net(p=0.25)
     x = torch.zeros(20000, 3, dtype=D)
