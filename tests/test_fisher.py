@@ -15,7 +15,7 @@ from torch import nn
 import dropgeom.manifold as manifold_mod
 from dropgeom import ModelManifold, fisher
 from reference import dense as ref
-from reference.cases import APPROXIMATE_STRUCTURES, EXACT_STRUCTURES, RANDOM_KINDS
+from reference.cases import APPROXIMATE_STRUCTURES, EXACT_STRUCTURES, RANDOM_KINDS, REDUCTION_FACTOR
 from reference.compare import assert_close_to_scale as _close
 from reference.models import FISHER_MODELS, build
 
@@ -160,12 +160,13 @@ def test_kfac_is_exact_for_the_gaussian_glm():
 # -- sum = n * mean, structures agree ---------------------------------------------------
 
 
-def test_sum_is_n_times_mean(kind, structure):
+def test_reduction_scales_the_mean(kind, structure, reduction):
+    """sum = n * mean (and mean = mean): the factors of the case table, for every kind and structure."""
     c = case("mlp_tanh", "categorical")
     mean = c.op(kind, structure)
-    total = c.op(kind, structure, reduction="sum")
-    assert total.reduction == "sum"
-    n = c.m.n
+    total = c.op(kind, structure, reduction=reduction)
+    assert total.reduction == reduction
+    n = REDUCTION_FACTOR[reduction](c.m.n)
     V = torch.randn(mean.shape[0], 2, dtype=D64)
     _close(total.diag(), n * mean.diag())
     _close(total.mv(V), n * mean.mv(V))
