@@ -275,7 +275,8 @@ def embedding_curvature(
     Args:
         manifold: the model manifold.
         alpha: 1 (e-curvature, default), -1 (m-curvature) or any real.
-        method: a :class:`~dropgeom.options.CurvatureMethod` or its value: ``"dense"`` (exact; at most 2000 parameters, forms the Hessian
+        method: a :class:`~dropgeom.options.CurvatureMethod` or its value: ``"dense"``
+            (exact; at most 2000 parameters, forms the Hessian
             tensor ``[n, K, P, P]``) or ``"stochastic"`` (matrix-free unbiased
             estimate ``mean |N(u, v)|_G^2`` over ``n_samples`` pairs ``u, v ~ N(0, g^+)``).
         n_samples: pairs for the stochastic method.
