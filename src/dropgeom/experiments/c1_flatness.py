@@ -1,49 +1,7 @@
 r"""Claim C1: dropout flattens the model manifold -- tested on measures of geometry, at matched fit.
 
-Two readings of the claim are tested.
-
-**(a) Solutions.** For every dropout rate ``p`` in ``config.c1_p_grid`` and every
-seed, a tanh MLP (dropout after each hidden layer) is trained with dropout at
-``p`` from the same initialisation for every ``p`` of a seed. For each
-``p > 0`` the same initialisation is also trained
-
-* without dropout and stopped at the optimizer step whose clean train NLL is
-  closest to the dropout solution's (checked every ``config.c1_match_every``
-  steps; matched when ``|log(NLL ratio)| <= config.c1_match_tol``);
-* with L2 (weight ``config.c1_l2``), stopped the same way (a second control);
-* at the largest ``p``, with dropout again under another training seed (masks
-  and batch order): the noise floor of a dropout-vs-dropout comparison.
-
-Every model is measured on ``config.c1_inputs`` training inputs **and** as many
-held-out inputs, over **all** parameters
-(:func:`~dropgeom.experiments.common.flatness_measures`): the invariant
-measures (normal e- and m-curvature along the mask directions, e-curvature
-along the natural-gradient direction and along dropout-noise tangent
-directions; the undamped ``gamma^2`` where the dense method fits) and the
-coordinate-dependent ones (Fisher trace / top eigenvalue, Hessian trace / top
-eigenvalue, SAM sharpness), reported beside them but never deciding.
-
-**(b) The dropout model.** At each dropout solution (``p > 0``), the invariant
-measures of the manifold of the m-mixture (the predictive distribution averaged
-over ``config.c1_mixture_masks`` common random masks, theory.md 4.3) are
-compared with those of the deterministic (weight-scaled) model at the same
-``theta``.
-
-**Rule (fixed before the data).** Unit of analysis: the paired log-ratio
-``log(curv(dropout) / curv(plain at matched fit))`` per seed (only matched
-pairs), for each ``p > 0``, invariant measure and input set; mean, 95%
-t-interval, paired t-test, Cohen's ``d_z``; Holm correction over all
-``p x measure x input set`` comparisons of the rule. The claim predicts a
-negative log-ratio. A (measure, input set) counts as *lower* when at least one
-``p`` is significantly below 0 after correction and none above (*higher*
-conversely). Verdict: ``supported`` when every invariant measure is lower on
-both input sets, ``refuted`` when every one is higher, ``measure-dependent``
-when some are lower and others higher, ``inconclusive`` when nothing is
-significant or the significant ones all point one way but not every measure
-does. Reading (b) gets a label by the same rule applied to
-``log(curv(mixture) / curv(deterministic))``. The unmatched trend over ``p``
-(log-ratio to ``p = 0``), the L2 control and the noise floor are reported as
-descriptions, not as the verdict.
+The design and the pre-stated rule, in words, are :data:`ABOUT` (the report prints it under the claim's
+title, with the run's config values); :func:`summarize` applies the rule to the records.
 
 Example:
     >>> from dropgeom.config import RunConfig
@@ -78,6 +36,43 @@ from .stats import Comparison, adjust, geometric_mean_ci, paired
 
 NAME = "C1"
 TITLE = "C1: dropout flattens the model manifold"
+#: The claim's design and pre-stated rule in words, printed under its title in the report (``config.<name>``
+#: becomes the run's value); the report takes this text, never the module docstring.
+ABOUT = (
+    "Two readings of the claim are tested.\n"
+    "\n"
+    "(a) Solutions. For every dropout rate `p` in `config.c1_p_grid` and every seed, a tanh MLP (dropout after "
+    "each hidden layer) is trained with dropout at `p` from the same initialisation for every `p` of a seed. "
+    "For each `p > 0` the same initialisation is also trained\n"
+    "\n"
+    "* without dropout and stopped at the optimizer step whose clean train NLL is closest to the dropout "
+    "solution's (checked every `config.c1_match_every` steps; matched when `|log(NLL ratio)| <= "
+    "config.c1_match_tol`);\n"
+    "* with L2 (weight `config.c1_l2`), stopped the same way (a second control);\n"
+    "* at the largest `p`, with dropout again under another training seed (masks and batch order): the noise "
+    "floor of a dropout-vs-dropout comparison.\n"
+    "\n"
+    "Every model is measured on `config.c1_inputs` training inputs and as many held-out inputs, over all "
+    "parameters (`flatness_measures`): the invariant measures (normal e- and m-curvature along the mask "
+    "directions, e-curvature along the natural-gradient direction and along dropout-noise tangent directions; "
+    "the undamped `gamma^2` where the dense method fits) and the coordinate-dependent ones (Fisher trace / top "
+    "eigenvalue, Hessian trace / top eigenvalue, SAM sharpness), reported beside them but never deciding.\n"
+    "\n"
+    "(b) The dropout model. At each dropout solution (`p > 0`), the invariant measures of the manifold of the "
+    "m-mixture (the predictive distribution averaged over `config.c1_mixture_masks` common random masks, "
+    "theory.md 4.3) are compared with those of the deterministic (weight-scaled) model at the same `theta`.\n"
+    "\n"
+    "Rule (fixed before the data). Unit of analysis: the paired log-ratio `log(curv(dropout) / curv(plain at "
+    "matched fit))` per seed (only matched pairs), for each `p > 0`, invariant measure and input set; mean, 95% "
+    "t-interval, paired t-test, Cohen's `d_z`; Holm correction over all `p x measure x input set` comparisons "
+    "of the rule. The claim predicts a negative log-ratio. A (measure, input set) counts as *lower* when at "
+    "least one `p` is significantly below 0 after correction and none above (*higher* conversely). Verdict: "
+    "`supported` when every invariant measure is lower on both input sets, `refuted` when every one is higher, "
+    "`measure-dependent` when some are lower and others higher, `inconclusive` when nothing is significant or "
+    "the significant ones all point one way but not every measure does. Reading (b) gets a label by the same "
+    "rule applied to `log(curv(mixture) / curv(deterministic))`. The unmatched trend over `p` (log-ratio to `p "
+    "= 0`), the L2 control and the noise floor are reported as descriptions, not as the verdict."
+)
 SETS = ("train", "test")
 SET_WORDS = {"train": "training inputs", "test": "held-out inputs"}
 WORDS = {k: w for k, w, _ in FLATNESS_MEASURES}

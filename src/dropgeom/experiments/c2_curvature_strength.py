@@ -1,46 +1,7 @@
 r"""Claim C2: the strength of dropout's regularization depends on the amount of curvature.
 
-Design: a manipulation inside one architecture. For every setting (activation x
-width x depth of ``config.c2_*``) and seed, one knob moves the curvature: the
-input layer's weights at initialisation are multiplied by each factor in
-``config.c2_init_scales`` (larger weights saturate tanh/softplus units and bend
-the outputs along the mask directions). Everything else (data split, the other
-layers' initialisation, training) is the same, so a dependence *within* a
-setting and seed is an effect of the knob and not a difference between
-architectures. Curvature is always taken over the same parameter set (the
-layers around the first mask, :func:`~dropgeom.experiments.common.curvature_params`).
-
-Recorded per run (all at the dropout solution, the parameters the regularizer acts on):
-
-* the normal curvature along the mask directions over held-out inputs (the
-  measure the analysis uses: invariant under reparametrisations, docs/theory.md 5)
-  and the damped embedding curvature (theory.md 3; coordinate-dependent, recorded only);
-* the strength of the regularizer itself: the measured Bernoulli gap per unit
-  rate ``R(theta)/p`` (Monte Carlo over masks) and the curvature share
-  ``B/(K+B)`` of theory.md 4.2's first-order law (``K``: divergence term,
-  ``B``: curvature term);
-* the test-NLL gain against an **early-stopped** plain baseline: plain
-  training from the same initialisation, taken at its best test-NLL epoch
-  (an oracle stopping rule, which favours the baseline), minus the test NLL of
-  dropout at the end of training. The gain against plain training at the last
-  epoch is recorded beside it.
-
-Rule (fixed before the data; sign from theory.md 4.2, where the curvature term
-was measured at about -0.5 times the divergence term on tanh networks, i.e.
-curvature *weakens* Bernoulli dropout's regularizer): the expected sign of the
-dependence on ``log`` curvature is **negative** for all three outcomes. Each
-outcome is tested within settings (a permutation test of the within-setting
-rank correlation, with a mixed model's slope as the effect size,
-:func:`~dropgeom.experiments.c2_analysis.within_setting_analysis`),
-p-values Holm-adjusted over the three outcomes. Verdict: ``supported`` when
-the curvature share's within-setting correlation is significantly negative;
-``refuted`` when it is significantly positive; ``not supported`` when no
-outcome shows a within-setting effect over at least 20 runs in at least 4
-settings and the knob did move the curvature (manipulation check: the
-within-setting rank correlation of the initial scale with log curvature is
-significantly different from 0, in either direction); ``inconclusive`` otherwise. The pooled Spearman correlation over
-all runs is reported as a description only. Curvatures at rounding level are
-reported as zero and left off the log axis.
+The design and the pre-stated rule, in words, are :data:`ABOUT` (the report prints it under the claim's
+title, with the run's config values); :func:`summarize` applies the rule to the records.
 
 Example:
     >>> from dropgeom.config import RunConfig
@@ -76,6 +37,42 @@ from .stats import geometric_mean_ci, holm
 
 NAME = "C2"
 TITLE = "C2: dropout's regularization strength depends on curvature"
+#: The claim's design and pre-stated rule in words, printed under its title in the report (``config.<name>``
+#: becomes the run's value); the report takes this text, never the module docstring.
+ABOUT = (
+    "Design: a manipulation inside one architecture. For every setting (activation x width x depth of "
+    "`config.c2_*`) and seed, one knob moves the curvature: the input layer's weights at initialisation are "
+    "multiplied by each factor in `config.c2_init_scales` (larger weights saturate tanh/softplus units and bend "
+    "the outputs along the mask directions). Everything else (data split, the other layers' initialisation, "
+    "training) is the same, so a dependence *within* a setting and seed is an effect of the knob and not a "
+    "difference between architectures. Curvature is always taken over the same parameter set (the layers around "
+    "the first mask, `curvature_params`).\n"
+    "\n"
+    "Recorded per run (all at the dropout solution, the parameters the regularizer acts on):\n"
+    "\n"
+    "* the normal curvature along the mask directions over held-out inputs (the measure the analysis uses: "
+    "invariant under reparametrisations, docs/theory.md 5) and the damped embedding curvature (theory.md 3; "
+    "coordinate-dependent, recorded only);\n"
+    "* the strength of the regularizer itself: the measured Bernoulli gap per unit rate `R(theta)/p` (Monte "
+    "Carlo over masks) and the curvature share `B/(K+B)` of theory.md 4.2's first-order law (`K`: divergence "
+    "term, `B`: curvature term);\n"
+    "* the test-NLL gain against an early-stopped plain baseline: plain training from the same initialisation, "
+    "taken at its best test-NLL epoch (an oracle stopping rule, which favours the baseline), minus the test NLL "
+    "of dropout at the end of training. The gain against plain training at the last epoch is recorded beside "
+    "it.\n"
+    "\n"
+    "Rule (fixed before the data; sign from theory.md 4.2, where the curvature term was measured at about -0.5 "
+    "times the divergence term on tanh networks, i.e. curvature *weakens* Bernoulli dropout's regularizer): the "
+    "expected sign of the dependence on `log` curvature is negative for all three outcomes. Each outcome is "
+    "tested within settings (a permutation test of the within-setting rank correlation, with a mixed model's "
+    "slope as the effect size, `within_setting_analysis`), p-values Holm-adjusted over the three outcomes. "
+    "Verdict: `supported` when the curvature share's within-setting correlation is significantly negative; "
+    "`refuted` when it is significantly positive; `not supported` when no outcome shows a within-setting effect "
+    "over at least 20 runs in at least 4 settings and the knob did move the curvature (manipulation check: the "
+    "within-setting rank correlation of the initial scale with log curvature is significantly different from 0, "
+    "in either direction); `inconclusive` otherwise. The pooled Spearman correlation over all runs is reported "
+    "as a description only. Curvatures at rounding level are reported as zero and left off the log axis."
+)
 #: the sign of d outcome / d log curvature predicted in advance (theory.md 4.2)
 EXPECTED_SIGN = -1
 OUTCOMES = (
