@@ -87,14 +87,11 @@ KNOWN_LONG_FILES: Dict[str, str] = {
 #: Functions over MAX_FUNCTION_LINES today ("path:qualified name", paths relative to src/).
 KNOWN_LONG_FUNCTIONS: Dict[str, str] = {
     "dropgeom/cli.py:build_parser": "issue #8 item 2: CLI choices from the enums",
-    "dropgeom/data.py:load_dataset": "issue #8 acceptance: functions <= 80 lines",
     "dropgeom/dropout/gap.py:gap": "issue #8 item 4: one dropout signature",
     "dropgeom/dropout/mixture.py:mixture": "issue #8 item 4: one dropout signature",
     "dropgeom/dropout/terms.py:terms": "issue #8 item 4: one dropout signature",
     "dropgeom/fisher.py:_capture": "issue #8 item 1: layer-rule registry",
-    "dropgeom/train/loop.py:train": "issue #8 item 6: split train into named steps",
     # grown in the session that worked on issues 9-14 in parallel; split them next
-    "dropgeom/config.py:RunConfig.problems": "issue #8 acceptance: per-field validators (issue 13 kept the dataclass)",
     "dropgeom/curvature/mixture_model.py:dropout_mixture_manifold": "issue #8 acceptance: functions <= 80 lines (issue 9 code)",
     "dropgeom/curvature/normal.py:normal_curvature": "issue #8 acceptance: functions <= 80 lines (issue 9 code)",
     "dropgeom/dropout/penalty.py:_generic_layers": "issue #8 item 6: penalty strategies (issue 14 code)",

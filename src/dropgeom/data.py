@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -294,6 +294,23 @@ def load_dataset(
         >>> load_dataset("mlp_teacher", n=200, num_features=5, seed=1).y_train.equal(ds.y_train)
         True
     """
+    _check_options(seed, test_fraction, dtype, max_train)
+    key, path = _resolve_name(name, path)
+    rng = np.random.default_rng(seed)
+    if key in SYNTHETIC:
+        sc = scale if scale is not None else (3.0 if key == "glm_teacher" else 2.5)
+        x, y, info = _teacher(key, n, num_features, num_classes, label_noise, hidden, depth, sc, seed)
+        src = _Source(key, x, y, tuple(f"x{j}" for j in range(num_features)), info=info)
+    else:
+        src = _read_source(key, path, labels, label)
+    x = _check_inputs(src.x, src.y, src.where)
+    y, family, k, class_names = _labels(src.y, src.where)
+    info = {**src.info, "classes": class_names} if class_names is not None else src.info
+    tr, te = _split_indices(x.shape[0], src.n_fixed_train, float(test_fraction), max_train, rng)
+    return _assemble(src, x, y, tr, te, family, k, info, standardize, dtype)
+
+
+def _check_options(seed: Any, test_fraction: Any, dtype: Any, max_train: Any) -> None:
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an int, got {seed!r}")
     if not (isinstance(test_fraction, (int, float)) and 0.0 < test_fraction < 1.0):
@@ -302,63 +319,79 @@ def load_dataset(
         raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
     if max_train is not None and (not isinstance(max_train, int) or max_train < 1):
         raise ValueError(f"max_train must be a positive int or None, got {max_train!r}")
+
+
+def _resolve_name(name: Union[str, "os.PathLike[str]"], path: Optional[PathLike]) -> Tuple[str, Optional[PathLike]]:
+    """``(source key, path)``: a name of :data:`DATASETS`, or a file / directory path given as the name."""
     key = os.fspath(name) if isinstance(name, os.PathLike) else name
     if not isinstance(key, str):
         raise ValueError(f"name must be a string or a path, got {type(name).__name__}")
-    if key not in DATASETS:
-        low = key.lower()
-        if low.endswith(".npz"):
-            key, path = "npz", key
-        elif low.endswith(".csv"):
-            key, path = "csv", key
-        elif low.endswith("ubyte") or low.endswith("ubyte.gz"):
-            key, path = "idx", key
-        elif os.path.isdir(key):
-            key, path = "mnist", key
-        else:
-            raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)} or give a .npz/.csv/IDX path")
-    rng = np.random.default_rng(seed)
+    if key in DATASETS:
+        return key, path
+    low = key.lower()
+    if low.endswith(".npz"):
+        return "npz", key
+    if low.endswith(".csv"):
+        return "csv", key
+    if low.endswith(("ubyte", "ubyte.gz")):
+        return "idx", key
+    if os.path.isdir(key):
+        return "mnist", key
+    raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)} or give a .npz/.csv/IDX path")
+
+
+@dataclass
+class _Source:
+    """What a source gives before labels are indexed and the data are split."""
+
+    key: str
+    x: np.ndarray
+    y: np.ndarray
     names: Optional[Tuple[str, ...]] = None
-    info: Dict[str, object] = {}
-    fixed_split: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = None
-    where = key
+    where: str = ""
+    info: Dict[str, object] = field(default_factory=dict)
+    n_fixed_train: Optional[int] = None  # the first samples are the source's own training split (MNIST)
+
+    def __post_init__(self) -> None:
+        self.where = self.where or self.key
+
+
+def _read_source(key: str, path: Optional[PathLike], labels: Optional[PathLike], label: Union[str, int]) -> _Source:
+    """The bundled sets and local files (``fashion_mnist`` is read as an ``mnist`` directory)."""
     if key in BUNDLED:
-        x, y, names = _bundled(key)
-    elif key in SYNTHETIC:
-        sc = scale if scale is not None else (3.0 if key == "glm_teacher" else 2.5)
-        x, y, info = _teacher(key, n, num_features, num_classes, label_noise, hidden, depth, sc, seed)
-        names = tuple(f"x{j}" for j in range(num_features))
-    else:
-        if key == "fashion_mnist":
-            path = FASHION_MNIST_DIR if path is None else path
-            try:
-                _find_mnist(path)
-            except FileNotFoundError:
-                raise FileNotFoundError(FASHION_MNIST_HINT + f" (looked in {os.fspath(path)!r})") from None
-            key = "mnist"
-        if path is None:
-            raise ValueError(f"dataset {key!r} needs path=...")
-        where = os.fspath(path)
-        if key == "npz":
-            x, y, names = _read_npz(path)
-        elif key == "csv":
-            x, y, names = _read_csv(path, label)
-        elif key == "idx":
-            if labels is None:
-                raise ValueError("dataset 'idx' needs labels=<IDX label file> beside path=<IDX image file>")
-            x, y = read_idx(path), read_idx(labels)
-        else:
-            files = _find_mnist(path)
-            xs = {k: read_idx(v) for k, v in files.items()}
-            for part in ("train", "test"):
-                if xs[f"x_{part}"].shape[0] != xs[f"y_{part}"].shape[0]:
-                    raise ValueError(
-                        f"{where!r}: MNIST {part} images ({xs[f'x_{part}'].shape[0]}) and labels "
-                        f"({xs[f'y_{part}'].shape[0]}) differ in number"
-                    )
-            fixed_split = (xs["x_train"], xs["y_train"], xs["x_test"], xs["y_test"])
-            x = np.concatenate([xs["x_train"], xs["x_test"]])
-            y = np.concatenate([xs["y_train"], xs["y_test"]])
+        return _Source(key, *_bundled(key))
+    if key == "fashion_mnist":
+        path = FASHION_MNIST_DIR if path is None else path
+        try:
+            _find_mnist(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(FASHION_MNIST_HINT + f" (looked in {os.fspath(path)!r})") from None
+        key = "mnist"
+    if path is None:
+        raise ValueError(f"dataset {key!r} needs path=...")
+    where = os.fspath(path)
+    if key == "npz":
+        return _Source(key, *_read_npz(path), where=where)
+    if key == "csv":
+        return _Source(key, *_read_csv(path, label), where=where)
+    if key == "idx":
+        if labels is None:
+            raise ValueError("dataset 'idx' needs labels=<IDX label file> beside path=<IDX image file>")
+        return _Source(key, read_idx(path), read_idx(labels), where=where)
+    xs = {k: read_idx(v) for k, v in _find_mnist(path).items()}
+    for part in ("train", "test"):
+        if xs[f"x_{part}"].shape[0] != xs[f"y_{part}"].shape[0]:
+            raise ValueError(
+                f"{where!r}: MNIST {part} images ({xs[f'x_{part}'].shape[0]}) and labels "
+                f"({xs[f'y_{part}'].shape[0]}) differ in number"
+            )
+    x = np.concatenate([xs["x_train"], xs["x_test"]])
+    y = np.concatenate([xs["y_train"], xs["y_test"]])
+    return _Source(key, x, y, where=where, n_fixed_train=xs["x_train"].shape[0])
+
+
+def _check_inputs(x: Any, y: Any, where: str) -> np.ndarray:
+    """The inputs as float64 ``[n, features]``, checked against the labels."""
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim < 2:
         raise ValueError(f"{where}: inputs must have shape [n, ...] with at least one feature, got {x.shape}")
@@ -369,18 +402,29 @@ def load_dataset(
     x = x.reshape(x.shape[0], -1).astype(np.float64)
     if not np.isfinite(x).all():
         raise ValueError(f"{where}: inputs contain non-finite values")
-    y, family, k, class_names = _labels(y, where)
-    if class_names is not None:
-        info = {**info, "classes": class_names}
-    if fixed_split is not None:
-        n_tr = fixed_split[0].shape[0]
-        tr, te = np.arange(n_tr), np.arange(n_tr, x.shape[0])
+    return x
+
+
+def _split_indices(
+    n: int, n_fixed_train: Optional[int], test_fraction: float, max_train: Optional[int], rng: np.random.Generator
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Train and test indices: the source's own split or a seeded one, the training part cut to ``max_train``."""
+    if n_fixed_train is not None:
+        tr, te = np.arange(n_fixed_train), np.arange(n_fixed_train, n)
         tr = tr[rng.permutation(len(tr))] if max_train is not None else tr
     else:
-        tr, te = _split(x.shape[0], float(test_fraction), rng)
+        tr, te = _split(n, test_fraction, rng)
         tr = rng.permutation(tr) if max_train is not None else tr
     if max_train is not None:
         tr = np.sort(tr[:max_train])
+    return tr, te
+
+
+def _assemble(
+    src: _Source, x: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray, family: str, k: Optional[int],
+    info: Dict[str, object], standardize: bool, dtype: torch.dtype,
+) -> Dataset:
+    """The :class:`Dataset` of the split indices, standardised with the training split's mean and deviation."""
     x_tr, x_te = x[tr], x[te]
     mean = std = None
     if standardize:
@@ -394,14 +438,14 @@ def load_dataset(
         return torch.as_tensor(np.ascontiguousarray(a)).to(dt)
 
     return Dataset(
-        name=where if key in FILES else key,
+        name=src.where if src.key in FILES else src.key,
         x_train=t(x_tr, dtype),
         y_train=t(y[tr], ydt),
         x_test=t(x_te, dtype),
         y_test=t(y[te], ydt),
         family=family,
         num_classes=k,
-        feature_names=names,
+        feature_names=src.names,
         mean=None if mean is None else t(mean, dtype),
         std=None if std is None else t(std, dtype),
         info=info,
