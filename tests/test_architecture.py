@@ -95,9 +95,7 @@ KNOWN_LONG_FUNCTIONS: Dict[str, str] = {
     "dropgeom/curvature/mixture_model.py:dropout_mixture_manifold": "issue #8 acceptance: functions <= 80 lines (issue 9 code)",
     "dropgeom/curvature/normal.py:normal_curvature": "issue #8 acceptance: functions <= 80 lines (issue 9 code)",
     "dropgeom/dropout/penalty.py:_generic_layers": "issue #8 item 6: penalty strategies (issue 14 code)",
-    "dropgeom/experiments/c1_flatness.py:summarize": "issue #8 item 5: typed summary; tables apart from the rule (issue 9 code)",
     "dropgeom/experiments/c2_analysis.py:within_setting_analysis": "issue #8 acceptance: functions <= 80 lines (issue 10 code)",
-    "dropgeom/experiments/c2_curvature_strength.py:summarize": "issue #8 item 5: typed summary (issue 10 code)",
     "dropgeom/streaming.py:fisher_streamed": "issue #8 acceptance: functions <= 80 lines (issue 12 code)",
 }
 
