@@ -15,9 +15,9 @@ blocks are skipped (they never run). The edges of the graph:
 Layer order (issue #8, item 5), low to high; a module may import only its own
 layer or lower ones:
 
-    base (families, operators) -> manifold -> core (fisher, curvature, dropout, data)
-    -> train (and the package facade ``dropgeom``) -> experiments (with config, rundir)
-    -> report -> cli
+    base (families, operators, solvers, the shared helpers ``_utils``, the typed run ``summary``)
+    -> manifold -> core (fisher, curvature, dropout, data) -> train (and the package facade
+    ``dropgeom``) -> experiments (with config, rundir) -> report -> cli (with ``pipeline``)
 
 plus one rule beyond the order: the report imports no experiment code.
 
@@ -45,13 +45,19 @@ MAX_FUNCTION_LINES = 80
 
 #: Layers, lowest first. A module belongs to the layer of its longest listed prefix.
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
-    ("base", ("dropgeom.options", "dropgeom.families", "dropgeom.operators", "dropgeom._intercept")),
+    (
+        "base",
+        (
+            "dropgeom.options", "dropgeom.families", "dropgeom.operators", "dropgeom.solvers", "dropgeom._intercept",
+            "dropgeom._utils", "dropgeom._evaluation", "dropgeom.summary",
+        ),
+    ),
     ("manifold", ("dropgeom.manifold",)),
-    ("core", ("dropgeom.fisher", "dropgeom.curvature", "dropgeom.dropout", "dropgeom.data", "dropgeom.streaming")),
+    ("core", ("dropgeom.fisher", "dropgeom.curvature", "dropgeom.dropout", "dropgeom.data", "dropgeom.datafiles", "dropgeom.streaming")),
     ("train", ("dropgeom.train", "dropgeom")),  # ``dropgeom`` itself: the facade re-exports core and train
     ("experiments", ("dropgeom.experiments", "dropgeom.config", "dropgeom.rundir", "dropgeom.pool", "dropgeom.executors")),
     ("report", ("dropgeom.report",)),
-    ("cli", ("dropgeom.cli", "dropgeom.__main__")),
+    ("cli", ("dropgeom.cli", "dropgeom.__main__", "dropgeom.pipeline")),
 ]
 
 #: Imports forbidden although the layer order allows them.
@@ -64,63 +70,30 @@ FORBIDDEN: List[Tuple[str, str, str]] = [
 ]
 
 #: Edges that close an import cycle today (importer, imported).
-KNOWN_CYCLE_EDGES: Dict[Tuple[str, str], str] = {
-    # issue #8, item 5: render_report looks up the experiments, and reproduce calls render_report
-    ("dropgeom.report", "dropgeom.experiments"): "issue #8 item 5: report <-> experiments.sweep",
-    ("dropgeom.report", "dropgeom.experiments.sweep"): "issue #8 item 5: report <-> experiments.sweep",
-    ("dropgeom.experiments.sweep", "dropgeom.report"): "issue #8 item 5: report <-> experiments.sweep",
-    # issue #8, item 5: masks.unit_shapes records inputs with explicit.record_dropout_inputs (function-local)
-    ("dropgeom.dropout.masks", "dropgeom.dropout.explicit"): "issue #8 item 5: dropout.masks <-> dropout.explicit",
-    # issue #8, item 5: config validates objective names against dropgeom.train.registry, and the training
-    # checkpoints reach config through rundir (train.checkpoint -> rundir -> config); gone once the atomic
-    # writer leaves rundir (then remove this entry with the layer violation below)
-    ("dropgeom.train.checkpoint", "dropgeom.rundir"): "issue #8 item 5: train.checkpoint -> rundir -> config -> train",
-}
+KNOWN_CYCLE_EDGES: Dict[Tuple[str, str], str] = {}
 
 #: Imports against the layer order (or FORBIDDEN) today (importer, imported).
-KNOWN_LAYER_VIOLATIONS: Dict[Tuple[str, str], str] = {
-    # issue #8, item 5: operators takes memory_guard from manifold (move it to a base module)
-    ("dropgeom.operators", "dropgeom.manifold"): "issue #8 item 5: operators -> manifold (memory_guard)",
-    # issue #8, item 5: training checkpoints depend on the reproduce config through rundir
-    ("dropgeom.train.checkpoint", "dropgeom.rundir"): "issue #8 item 5: train.checkpoint -> rundir -> config",
-    # issue #8, item 5: reproduce renders the report itself
-    ("dropgeom.experiments.sweep", "dropgeom.report"): "issue #8 item 5: experiments.sweep -> report",
-    # issue #8, item 5: the report imports experiment code (EXPERIMENTS, module docstrings)
-    ("dropgeom.report", "dropgeom.experiments"): "issue #8 item 5: report -> experiments",
-    ("dropgeom.report", "dropgeom.experiments.sweep"): "issue #8 item 5: report -> experiments.sweep",
-}
+KNOWN_LAYER_VIOLATIONS: Dict[Tuple[str, str], str] = {}
 
 #: Files over MAX_FILE_LINES today (paths relative to src/).
 KNOWN_LONG_FILES: Dict[str, str] = {
-    "dropgeom/data.py": "issue #8 acceptance: files <= 500 lines",
     "dropgeom/fisher.py": "issue #8 items 1 and 6: layer-rule registry",
-    "dropgeom/manifold.py": "issue #8 acceptance: files <= 500 lines",
-    "dropgeom/operators.py": "issue #8 acceptance: files <= 500 lines",
     # grown in the session that worked on issues 9-14 in parallel; split them next (issue #8 acceptance)
     "dropgeom/curvature/invariant.py": "issue #8 acceptance: split measures from the SVD machinery (issue 9 code)",
-    "dropgeom/dropout/masks.py": "issue #8 acceptance: dropout sites apart from mask sampling (issue 11 code)",
     "dropgeom/dropout/penalty.py": "issue #8 item 6: one module per penalty strategy (issue 14 code)",
-    "dropgeom/experiments/c3_fisher_regularizer.py": "issue #8 acceptance: C3b sweep in its own module (issue 10 code)",
 }
 
 #: Functions over MAX_FUNCTION_LINES today ("path:qualified name", paths relative to src/).
 KNOWN_LONG_FUNCTIONS: Dict[str, str] = {
-    "dropgeom/data.py:load_dataset": "issue #8 acceptance: functions <= 80 lines",
     "dropgeom/dropout/gap.py:gap": "issue #8 item 4: one dropout signature",
     "dropgeom/dropout/mixture.py:mixture": "issue #8 item 4: one dropout signature",
     "dropgeom/dropout/terms.py:terms": "issue #8 item 4: one dropout signature",
     "dropgeom/fisher.py:_capture": "issue #8 item 1: layer-rule registry",
-    "dropgeom/report/markdown.py:build_markdown": "issue #8 item 5: typed report summary",
-    "dropgeom/train/loop.py:train": "issue #8 item 6: split train into named steps",
     # grown in the session that worked on issues 9-14 in parallel; split them next
-    "dropgeom/config.py:RunConfig.problems": "issue #8 acceptance: per-field validators (issue 13 kept the dataclass)",
     "dropgeom/curvature/mixture_model.py:dropout_mixture_manifold": "issue #8 acceptance: functions <= 80 lines (issue 9 code)",
     "dropgeom/curvature/normal.py:normal_curvature": "issue #8 acceptance: functions <= 80 lines (issue 9 code)",
     "dropgeom/dropout/penalty.py:_generic_layers": "issue #8 item 6: penalty strategies (issue 14 code)",
-    "dropgeom/experiments/c1_flatness.py:summarize": "issue #8 item 5: typed summary; tables apart from the rule (issue 9 code)",
     "dropgeom/experiments/c2_analysis.py:within_setting_analysis": "issue #8 acceptance: functions <= 80 lines (issue 10 code)",
-    "dropgeom/experiments/c2_curvature_strength.py:summarize": "issue #8 item 5: typed summary (issue 10 code)",
-    "dropgeom/experiments/sweep.py:reproduce": "issue #8 acceptance: functions <= 80 lines (issue 13/12 code)",
     "dropgeom/streaming.py:fisher_streamed": "issue #8 acceptance: functions <= 80 lines (issue 12 code)",
 }
 
@@ -300,8 +273,8 @@ def _violations() -> Dict[Tuple[str, str], str]:
 def test_the_parser_sees_module_level_function_local_and_reexported_imports():
     # module level, relative
     assert "dropgeom.manifold" in GRAPH["dropgeom.fisher"]
-    # function-local (dropout/masks.py imports explicit inside unit_shapes)
-    assert "dropgeom.dropout.explicit" in GRAPH["dropgeom.dropout.masks"]
+    # function-local (experiments/figures.py imports rundir inside the function that saves a figure)
+    assert "dropgeom.rundir" in GRAPH["dropgeom.experiments.figures"]
     # `from .. import ModelManifold` inside experiments.common resolves through the facade to the manifold
     assert "dropgeom.manifold" in GRAPH["dropgeom.experiments.common"]
     assert PACKAGE not in GRAPH["dropgeom.experiments.common"]

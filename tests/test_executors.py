@@ -66,7 +66,7 @@ def test_reproduce_on_ray_killed_and_resumed_recomputes_nothing(tmp_path):
     not computed again, and the records equal those of the process pool (bitwise, apart from wall-clock fields)."""
     pytest.importorskip("ray")
     from dropgeom.config import RunConfig
-    from dropgeom.experiments.sweep import reproduce
+    from dropgeom.pipeline import reproduce
     from dropgeom.rundir import RunDir
 
     cfg = RunConfig.from_preset("test", experiments=["C3"], c3_objectives=["none", "l2", "dropout"], epochs=2, seeds=2)

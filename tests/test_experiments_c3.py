@@ -219,7 +219,7 @@ def test_c3_units_run_with_the_cnn_on_image_data():
 
 def test_missing_fashion_mnist_fails_at_once(tmp_path, monkeypatch):
     import dropgeom.data as data_mod
-    from dropgeom.experiments import reproduce
+    from dropgeom.pipeline import reproduce
 
     monkeypatch.setattr(data_mod, "FASHION_MNIST_DIR", str(tmp_path / "absent"))
     cfg = RunConfig.from_preset("test", experiments=["C3"], c3_datasets=["fashion_mnist"])

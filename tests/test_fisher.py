@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-import dropgeom.manifold as manifold_mod
 from dropgeom import ModelManifold, fisher
 from reference import dense as ref
 from reference.cases import APPROXIMATE_STRUCTURES, EXACT_STRUCTURES, RANDOM_KINDS, REDUCTION_FACTOR
@@ -309,7 +308,7 @@ def test_errors_name_the_problem(monkeypatch):
     p = case("mlp_tanh", "poisson")
     with pytest.raises(ValueError, match="non-negative"):
         fisher(p.m, "empirical", "diag", targets=-p.y - 1)
-    monkeypatch.setattr(manifold_mod, "DEFAULT_MEMORY_LIMIT", 64)
+    monkeypatch.setattr("dropgeom._utils.DEFAULT_MEMORY_LIMIT", 64)  # memory_guard lives there
     with pytest.raises(MemoryError, match="structure='(diag|kfac|implicit)'"):
         fisher(c.m, "exact", "dense")
 

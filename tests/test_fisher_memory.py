@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-import dropgeom.manifold as manifold_module
 from dropgeom import ModelManifold
 from dropgeom.fisher import fisher
 
@@ -16,7 +15,7 @@ from dropgeom.fisher import fisher
 @pytest.fixture
 def small_limit(monkeypatch):
     # 128 KiB: every dense [P x P] (P = 2,124) and every per-sample [n, K, P] product is over it
-    monkeypatch.setattr(manifold_module, "DEFAULT_MEMORY_LIMIT", 128 * 1024)
+    monkeypatch.setattr("dropgeom._utils.DEFAULT_MEMORY_LIMIT", 128 * 1024)  # memory_guard lives there
 
 
 def _manifold(norm: bool = False) -> ModelManifold:

@@ -341,7 +341,7 @@ def test_direction_errors(cases):
 
 def test_dense_jacobian_too_large(monkeypatch, cases):
     m, _, _, _, _ = cases["mlp_tanh"]
-    monkeypatch.setattr(manifold_mod, "DEFAULT_MEMORY_LIMIT", 64)
+    monkeypatch.setattr("dropgeom._utils.DEFAULT_MEMORY_LIMIT", 64)  # memory_guard lives there
     with pytest.raises(MemoryError, match="jvp/vjp"):
         m.jacobian()
     with pytest.raises(MemoryError, match="structure='diag'"):

@@ -11,7 +11,6 @@ import pytest
 
 from dropgeom.cli import main
 from dropgeom.config import RunConfig
-from dropgeom.experiments import reproduce
 from dropgeom.experiments.common import fmt_ci, mean_ci
 from dropgeom.report import markdown_to_html
 
@@ -134,26 +133,27 @@ def test_markdown_to_html_subset(tmp_path):
 
 def test_optional_summary_keys_are_rendered(tmp_path):
     """The report contract: rule, tables, symbols, caveats, what_would_change and captions appear when present."""
-    from dropgeom.experiments.common import Verdict
     from dropgeom.report.markdown import build_markdown
+    from dropgeom.summary import ClaimSummary, Figure, RunSummary, Table, Verdict, VerdictEntry
 
     cfg = RunConfig.from_preset("test", experiments=["C1"])
     fig = tmp_path / "figures" / "c1_x.png"
     fig.parent.mkdir()
     fig.write_bytes(b"png")
-    summary = {
-        "verdict": Verdict("C1", "measure-dependent", "two of three measures fall"),
-        "rule": "supported when every measure falls significantly",
-        "columns": ["p", "curvature"], "rows": [{"p": "0", "curvature": "1.0"}],
-        "tables": [{"title": "Per architecture", "columns": ["arch"], "rows": [{"arch": "tanh-w16-d2"}]}],
-        "symbols": {"$\\gamma^2$": "embedding curvature"},
-        "evidence": ["a line"],
-        "what_would_change": "a significant rise of any measure",
-        "caveats": ["only tanh networks"],
-        "figure_captions": {"c1_x": "Curvature against p; dots: seeds"},
-    }
-    text = build_markdown(tmp_path, cfg, {"C1": summary}, {"C1": [fig]}, {"C1": []}, {"C1": "C1 title"}, {"C1": ""},
-                          units={"C1": (3, 4)})
+    claim = ClaimSummary(
+        "C1", "C1 title",
+        verdicts=(VerdictEntry("verdict", Verdict("C1", "measure-dependent", "two of three measures fall"),
+                               rule="supported when every measure falls significantly"),),
+        tables=(Table(["p", "curvature"], [{"p": "0", "curvature": "1.0"}]),
+                Table(["arch"], [{"arch": "tanh-w16-d2"}], title="Per architecture")),
+        symbols=(("$\\gamma^2$", "embedding curvature"),),
+        evidence=("a line",),
+        what_would_change="a significant rise of any measure",
+        caveats=("only tanh networks",),
+        figures=(Figure(fig, "Curvature against p; dots: seeds"),),
+        units=(3, 4),
+    )
+    text = build_markdown(RunSummary(tmp_path, cfg, (claim,)))
     for piece in ("**Verdict (C1): measure-dependent.** Rule: supported when every measure falls significantly",
                   "**Per architecture**", "| tanh-w16-d2 |", "Symbols: $\\gamma^2$: embedding curvature.",
                   "What would change the verdict: a significant rise of any measure", "- only tanh networks",
@@ -162,3 +162,22 @@ def test_optional_summary_keys_are_rendered(tmp_path):
         assert piece in text, piece
     html = markdown_to_html(text, base=tmp_path)
     assert "<math" in html and "<figcaption>Curvature against p; dots: seeds</figcaption>" in html
+
+
+def test_report_text_comes_from_the_summary_builders_not_docstrings(tmp_path):
+    """Editing an experiment module's docstring does not change a report: the text under a claim's title is its ABOUT."""
+    import types
+
+    from dropgeom.experiments.run_summary import claim_summary
+    from dropgeom.experiments.verdicts import Verdict
+
+    cfg = RunConfig.from_preset("test", experiments=["C1"])
+    mod = types.ModuleType("fake_claim", "Fake claim.\n\nDOCSTRING TEXT that the report must not print.\n")
+    mod.TITLE, mod.ABOUT = "C1: fake", "Widths `config.c2_widths`, explicit text."
+    mod.units = lambda config: [{"key": "a"}]
+    mod.summarize = lambda config, records: {"verdict": Verdict("C1", "inconclusive", "why"), "rule": "seeds config.seeds"}
+    mod.figures = lambda config, records, folder: []
+    claim = claim_summary("C1", mod, cfg, [{"key": "a", "status": "ok", "seconds": 1.5}], tmp_path)
+    assert claim.about == f"Widths {{{', '.join(str(w) for w in cfg.c2_widths)}}}, explicit text."
+    assert claim.verdicts[0].rule == f"seeds {cfg.seeds}" and claim.units == (1, 1) and claim.seconds == (1.5,)
+    assert "DOCSTRING" not in claim.about

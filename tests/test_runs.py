@@ -16,8 +16,8 @@ import pytest
 import dropgeom
 from dropgeom.cli import main
 from dropgeom.config import RunConfig
-from dropgeom.experiments import EXPERIMENTS, reproduce
-from dropgeom.report import render_report
+from dropgeom.experiments import EXPERIMENTS
+from dropgeom.pipeline import render_run, reproduce
 from dropgeom.rundir import MARKER, RunDir, RunDirError
 
 LINUX = sys.platform.startswith("linux")
@@ -182,7 +182,7 @@ def test_incomplete_run_gives_provisional_verdicts_and_no_verdict_without_data(t
 
     with pytest.raises(KeyboardInterrupt):
         reproduce(cfg, tmp_path, progress=False, on_compute=stop_after_two)
-    report = render_report(tmp_path)
+    report = render_run(tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     for key in ("verdict", "verdict_b"):
         assert summary["C3"][key]["verdict"].startswith(f"provisional (2 of {n_c3} units): ")

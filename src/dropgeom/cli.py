@@ -104,7 +104,7 @@ def _print_table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> None:
 # --------------------------------------------------------------------------- reproduce
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from .config import RunConfig
-    from .experiments import reproduce
+    from .pipeline import reproduce
 
     preset = args.preset or ("quick" if args.quick else "full")
     overrides: Dict[str, Any] = {}
@@ -257,10 +257,9 @@ def _cmd_curvature(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- report
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .experiments import EXPERIMENTS
-    from .report import render_report
+    from .pipeline import render_run
 
-    path = render_report(args.dir, experiments=EXPERIMENTS)
+    path = render_run(args.dir)
     print(f"report: {path}  (and {path.with_suffix('.html')})")
     return 0
 

@@ -30,7 +30,8 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from functools import partial
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .data import BUNDLED, INSTALLED
 from .options import CurvatureMethod
@@ -232,116 +233,121 @@ class RunConfig:
         return self
 
     def problems(self) -> List[str]:
-        """Every problem of this config, as readable sentences (empty when valid)."""
-        out: List[str] = []
+        """Every problem of this config, as readable sentences (empty when valid), in the order of :data:`CHECKS`."""
+        return [msg for name, check in CHECKS for msg in check(name, getattr(self, name))]
 
-        def integer(name: str, lo: int, hi: Optional[int] = None) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                out.append(f"{name} must be an integer, got {v!r}")
-            elif v < lo or (hi is not None and v > hi):
-                out.append(f"{name} must be in [{lo}, {hi if hi is not None else 'inf'}], got {v}")
 
-        def positive(name: str) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                out.append(f"{name} must be a finite positive number, got {v!r}")
+# --------------------------------------------------------------------------- per-field checks
+def _integer(name: str, v: Any, lo: int, hi: Optional[int] = None) -> List[str]:
+    if isinstance(v, bool) or not isinstance(v, int):
+        return [f"{name} must be an integer, got {v!r}"]
+    if v < lo or (hi is not None and v > hi):
+        return [f"{name} must be in [{lo}, {hi if hi is not None else 'inf'}], got {v}"]
+    return []
 
-        def probs(name: str, allow_zero: bool = True) -> None:
-            v = getattr(self, name)
-            values = v if isinstance(v, tuple) else (v,)
-            if isinstance(v, tuple) and not v:
-                out.append(f"{name} must not be empty")
-            for p in values:
-                if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= p < 1.0) or (p == 0 and not allow_zero):
-                    out.append(f"{name}: dropout probability {p!r} is outside {'[0' if allow_zero else '(0'}, 1)")
 
-        def choices(name: str, allowed: Tuple[str, ...]) -> None:
-            v = getattr(self, name)
-            values = v if isinstance(v, tuple) else (v,)
-            if isinstance(v, tuple) and not v:
-                out.append(f"{name} must not be empty")
-            for x in values:
-                if x not in allowed:
-                    out.append(f"{name}: unknown value {x!r}; choose from {list(allowed)}")
+def _number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
-        def ints(name: str, lo: int) -> None:
-            v = getattr(self, name)
-            if not v:
-                out.append(f"{name} must not be empty")
-            for x in v:
-                if isinstance(x, bool) or not isinstance(x, int) or x < lo:
-                    out.append(f"{name}: {x!r} must be an integer >= {lo}")
 
-        def strengths(name: str) -> None:
-            v = getattr(self, name)
-            if not v:
-                out.append(f"{name} must not be empty")
-            for x in v:
-                if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
-                    out.append(f"{name}: {x!r} is not a positive number (a log grid needs values > 0)")
+def _positive(name: str, v: Any) -> List[str]:
+    return [] if _number(v) and v > 0 else [f"{name} must be a finite positive number, got {v!r}"]
 
-        if self.preset not in PRESETS:
-            out.append(f"preset: unknown value {self.preset!r}; choose from {sorted(PRESETS)}")
-        choices("experiments", EXPERIMENTS)
-        choices("dataset", DATASETS)
-        integer("input_dim", 0)
-        integer("max_train", 0)
-        integer("seeds", 1, 1000)
-        integer("epochs", 1)
-        integer("batch_size", 1)
-        positive("lr")
-        positive("divergence_threshold")
-        if isinstance(self.l2, bool) or not isinstance(self.l2, (int, float)) or not math.isfinite(self.l2) or self.l2 < 0:
-            out.append(f"l2 must be a finite number >= 0, got {self.l2!r}")
-        choices("activation", ACTIVATIONS)
-        integer("width", 1)
-        integer("depth", 2)
-        probs("c1_p_grid")
-        integer("c1_inputs", 10)
-        integer("c1_match_every", 1)
-        positive("c1_match_tol")
-        if isinstance(self.c1_l2, bool) or not isinstance(self.c1_l2, (int, float)) or not math.isfinite(self.c1_l2) or self.c1_l2 <= 0:
-            out.append(f"c1_l2 must be a finite number > 0, got {self.c1_l2!r}")
-        if not isinstance(self.c1_noise_floor, bool):
-            out.append(f"c1_noise_floor must be true or false, got {self.c1_noise_floor!r}")
-        integer("c1_noise_draws", 1)
-        integer("c1_hutchinson_probes", 2)
-        positive("c1_sam_rho")
-        integer("c1_sam_steps", 0)
-        integer("c1_mixture_masks", 1)
-        choices("c2_activations", ACTIVATIONS)
-        ints("c2_widths", 1)
-        ints("c2_depths", 1)
-        probs("c2_p", allow_zero=False)
-        probs("c3_p_grid", allow_zero=False)
-        probs("c3_p", allow_zero=False)
-        choices("c3_objectives", objective_names())
-        choices("c3_regularizers", C3_REGULARIZERS)
-        strengths("c2_init_scales")
-        integer("c2_curvature_samples", 0)
-        if self.c2_curvature_samples == 1:
-            out.append("c2_curvature_samples must be 0 (use curvature_samples) or >= 2")
-        strengths("c3_strengths")
-        integer("c3_grad_samples", 10)
-        choices("c3_datasets", DATASETS)
-        choices("c3_architectures", C3_ARCHITECTURES)
-        choices("c3_optimizers", OPTIMIZERS)
-        positive("c3_sgd_lr")
-        ints("c3_train_sizes", 0)
-        choices("c3_wager_datasets", DATASETS)
-        probs("c3_wager_p_grid", allow_zero=False)
-        if "dropout" not in self.c3_objectives:
-            out.append("c3_objectives must include 'dropout' (the reference every other objective is compared with)")
-        integer("gap_samples", 10)
-        integer("curvature_inputs", 10)
-        choices("curvature_method", CURVATURE_METHODS)
-        choices("curvature_params", CURVATURE_PARAMS)
-        integer("curvature_samples", 2)
-        integer("curvature_cg_iter", 0)
-        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not (0 < self.damping < 1):
-            out.append(f"damping must be in (0, 1) (relative to the largest Fisher eigenvalue), got {self.damping!r}")
-        return out
+
+def _probs(name: str, v: Any, allow_zero: bool = True) -> List[str]:
+    out = [f"{name} must not be empty"] if isinstance(v, tuple) and not v else []
+    for p in v if isinstance(v, tuple) else (v,):
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= p < 1.0) or (p == 0 and not allow_zero):
+            out.append(f"{name}: dropout probability {p!r} is outside {'[0' if allow_zero else '(0'}, 1)")
+    return out
+
+
+def _choices(name: str, v: Any, allowed: Tuple[str, ...]) -> List[str]:
+    out = [f"{name} must not be empty"] if isinstance(v, tuple) and not v else []
+    out += [f"{name}: unknown value {x!r}; choose from {list(allowed)}" for x in (v if isinstance(v, tuple) else (v,)) if x not in allowed]
+    return out
+
+
+def _ints(name: str, v: Any, lo: int) -> List[str]:
+    out = [] if v else [f"{name} must not be empty"]
+    return out + [f"{name}: {x!r} must be an integer >= {lo}" for x in v if isinstance(x, bool) or not isinstance(x, int) or x < lo]
+
+
+def _strengths(name: str, v: Any) -> List[str]:
+    out = [] if v else [f"{name} must not be empty"]
+    return out + [f"{name}: {x!r} is not a positive number (a log grid needs values > 0)" for x in v if not (_number(x) and x > 0)]
+
+
+def _check(ok: Callable[[Any], bool], message: str) -> Callable[[str, Any], List[str]]:
+    """A one-off check: ``message`` (formatted with ``name`` and ``v``) unless ``ok(v)``."""
+    return lambda name, v: [] if ok(v) else [message.format(name=name, v=v)]
+
+
+def _preset(name: str, v: Any) -> List[str]:
+    return [] if v in PRESETS else [f"preset: unknown value {v!r}; choose from {sorted(PRESETS)}"]
+
+
+#: ``(field, check(name, value) -> problems)`` in the order the problems are reported.
+CHECKS: List[Tuple[str, Callable[[str, Any], List[str]]]] = [
+    ("preset", _preset),
+    ("experiments", partial(_choices, allowed=EXPERIMENTS)),
+    ("dataset", partial(_choices, allowed=DATASETS)),
+    ("input_dim", partial(_integer, lo=0)),
+    ("max_train", partial(_integer, lo=0)),
+    ("seeds", partial(_integer, lo=1, hi=1000)),
+    ("epochs", partial(_integer, lo=1)),
+    ("batch_size", partial(_integer, lo=1)),
+    ("lr", _positive),
+    ("divergence_threshold", _positive),
+    ("l2", _check(lambda v: _number(v) and v >= 0, "l2 must be a finite number >= 0, got {v!r}")),
+    ("activation", partial(_choices, allowed=ACTIVATIONS)),
+    ("width", partial(_integer, lo=1)),
+    ("depth", partial(_integer, lo=2)),
+    ("c1_p_grid", _probs),
+    ("c1_inputs", partial(_integer, lo=10)),
+    ("c1_match_every", partial(_integer, lo=1)),
+    ("c1_match_tol", _positive),
+    ("c1_l2", _check(lambda v: _number(v) and v > 0, "c1_l2 must be a finite number > 0, got {v!r}")),
+    ("c1_noise_floor", _check(lambda v: isinstance(v, bool), "c1_noise_floor must be true or false, got {v!r}")),
+    ("c1_noise_draws", partial(_integer, lo=1)),
+    ("c1_hutchinson_probes", partial(_integer, lo=2)),
+    ("c1_sam_rho", _positive),
+    ("c1_sam_steps", partial(_integer, lo=0)),
+    ("c1_mixture_masks", partial(_integer, lo=1)),
+    ("c2_activations", partial(_choices, allowed=ACTIVATIONS)),
+    ("c2_widths", partial(_ints, lo=1)),
+    ("c2_depths", partial(_ints, lo=1)),
+    ("c2_p", partial(_probs, allow_zero=False)),
+    ("c3_p_grid", partial(_probs, allow_zero=False)),
+    ("c3_p", partial(_probs, allow_zero=False)),
+    ("c3_objectives", lambda name, v: _choices(name, v, tuple(objective_names()))),
+    ("c3_regularizers", partial(_choices, allowed=C3_REGULARIZERS)),
+    ("c2_init_scales", _strengths),
+    ("c2_curvature_samples", partial(_integer, lo=0)),
+    ("c2_curvature_samples", _check(lambda v: v != 1, "c2_curvature_samples must be 0 (use curvature_samples) or >= 2")),
+    ("c3_strengths", _strengths),
+    ("c3_grad_samples", partial(_integer, lo=10)),
+    ("c3_datasets", partial(_choices, allowed=DATASETS)),
+    ("c3_architectures", partial(_choices, allowed=C3_ARCHITECTURES)),
+    ("c3_optimizers", partial(_choices, allowed=OPTIMIZERS)),
+    ("c3_sgd_lr", _positive),
+    ("c3_train_sizes", partial(_ints, lo=0)),
+    ("c3_wager_datasets", partial(_choices, allowed=DATASETS)),
+    ("c3_wager_p_grid", partial(_probs, allow_zero=False)),
+    ("c3_objectives", _check(
+        lambda v: "dropout" in v, "c3_objectives must include 'dropout' (the reference every other objective is compared with)"
+    )),
+    ("gap_samples", partial(_integer, lo=10)),
+    ("curvature_inputs", partial(_integer, lo=10)),
+    ("curvature_method", partial(_choices, allowed=CURVATURE_METHODS)),
+    ("curvature_params", partial(_choices, allowed=CURVATURE_PARAMS)),
+    ("curvature_samples", partial(_integer, lo=2)),
+    ("curvature_cg_iter", partial(_integer, lo=0)),
+    ("damping", _check(
+        lambda v: not isinstance(v, bool) and isinstance(v, (int, float)) and 0 < v < 1,
+        "damping must be in (0, 1) (relative to the largest Fisher eigenvalue), got {v!r}",
+    )),
+]
 
 
 PRESETS: Dict[str, Dict[str, Any]] = {

@@ -38,15 +38,15 @@ Example:
 
 from __future__ import annotations
 
-import csv
-import gzip
 import os
 from dataclasses import dataclass, field, replace
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .datafiles import _find_mnist, _read_csv, _read_npz, read_idx, write_idx
 
 __all__ = ["Dataset", "load_dataset", "read_idx", "write_idx", "DATASETS"]
 
@@ -139,105 +139,6 @@ class Dataset:
         )
 
 
-# ---------------------------------------------------------------------------
-# IDX (MNIST) format. Hand-written: a few lines of header parsing, no library
-# in our dependencies reads it without downloading.
-# ---------------------------------------------------------------------------
-
-_IDX_DTYPES = {
-    0x08: np.dtype(np.uint8),
-    0x09: np.dtype(np.int8),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
-
-
-def _open_maybe_gzip(path: PathLike) -> bytes:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path!r}")
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file name says
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as err:
-            raise ValueError(f"{path!r}: corrupt gzip stream ({err})") from err
-    return raw
-
-
-def read_idx(path: PathLike) -> np.ndarray:
-    """Read an IDX file (the MNIST format), optionally gzip-compressed.
-
-    Layout: two zero bytes, a type byte (``0x08`` uint8, ``0x09`` int8, ``0x0B``
-    int16, ``0x0C`` int32, ``0x0D`` float32, ``0x0E`` float64, all big-endian),
-    a byte with the number of dimensions ``d``, then ``d`` big-endian uint32
-    sizes, then the data in C order.
-
-    Example:
-        >>> import tempfile, os
-        >>> f = os.path.join(tempfile.mkdtemp(), "a-idx1-ubyte")
-        >>> write_idx(f, np.array([3, 1, 4], dtype=np.uint8))
-        >>> read_idx(f)
-        array([3, 1, 4], dtype=uint8)
-    """
-    raw = _open_maybe_gzip(path)
-    where = os.fspath(path)
-    if len(raw) < 4:
-        raise ValueError(f"{where!r}: too short to be an IDX file ({len(raw)} bytes)")
-    if raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{where!r}: not an IDX file (the magic number must start with two zero bytes)")
-    code, ndim = raw[2], raw[3]
-    if code not in _IDX_DTYPES:
-        raise ValueError(f"{where!r}: unknown IDX data type code 0x{code:02x}")
-    if ndim == 0:
-        raise ValueError(f"{where!r}: IDX file declares 0 dimensions")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"{where!r}: truncated IDX header")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    dtype = _IDX_DTYPES[code]
-    expected = int(np.prod(dims)) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise ValueError(
-            f"{where!r}: IDX header declares shape {dims} of {dtype} ({expected} bytes) but the file holds "
-            f"{len(raw) - header} data bytes"
-        )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
-
-
-def write_idx(path: PathLike, array: np.ndarray, compress: bool = False) -> None:
-    """Write ``array`` as an IDX file (gzip-compressed if ``compress``); the inverse of :func:`read_idx`.
-
-    Example:
-        >>> import tempfile, os
-        >>> f = os.path.join(tempfile.mkdtemp(), "b-idx3-ubyte.gz")
-        >>> write_idx(f, np.zeros((2, 3, 3), dtype=np.uint8), compress=True)
-        >>> read_idx(f).shape
-        (2, 3, 3)
-    """
-    array = np.asarray(array)
-    codes = {np.dtype(v).newbyteorder("="): k for k, v in _IDX_DTYPES.items()}
-    dt = array.dtype.newbyteorder("=")
-    if dt not in codes:
-        raise ValueError(f"IDX cannot store dtype {array.dtype}; use one of {sorted(str(d) for d in codes)}")
-    code = codes[dt]
-    header = bytes([0, 0, code, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
-    body = np.ascontiguousarray(array.astype(_IDX_DTYPES[code])).tobytes()
-    blob = header + body
-    if compress:
-        blob = gzip.compress(blob)
-    with open(os.fspath(path), "wb") as fh:
-        fh.write(blob)
-
-
-# ---------------------------------------------------------------------------
-# Sources returning raw (X, y, feature_names, info)
-# ---------------------------------------------------------------------------
-
-
 def _bundled(name: str) -> Tuple[np.ndarray, np.ndarray, Optional[Tuple[str, ...]]]:
     from sklearn import datasets as skd  # local import: scikit-learn is slow to import
 
@@ -302,99 +203,6 @@ def _teacher(
     y = np.where(flip, lab.integers(0, num_classes, n), y)
     info.update({"label_noise": label_noise, "n": n, "bayes_accuracy_clean": float((p.argmax(1) == y).mean())})
     return x, y, info
-
-
-def _read_npz(path: PathLike) -> Tuple[np.ndarray, np.ndarray, Optional[Tuple[str, ...]]]:
-    import zipfile
-    import zlib
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path!r}")
-    with open(path, "rb") as fh:
-        head = fh.read(6)
-    if head.startswith(b"\x93NUMPY"):
-        raise ValueError(f"{path!r}: a single .npy array, not an npz archive; save X and y with numpy.savez")
-    if not head.startswith(b"PK"):
-        raise ValueError(f"{path!r}: not an npz file (no zip header); save X and y with numpy.savez")
-    broken = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            keys = list(z.keys())
-            xk = next((k for k in ("X", "x") if k in z), None)
-            yk = next((k for k in ("y", "Y") if k in z), None)
-            if xk is None or yk is None:
-                raise LookupError(f"{path!r}: an npz data file needs arrays 'X' and 'y'; it holds {keys}")
-            x, y = z[xk], z[yk]
-            names = tuple(str(s) for s in z["feature_names"]) if "feature_names" in z else None
-    except LookupError as err:
-        raise ValueError(str(err)) from None
-    except broken as err:  # a truncated or bit-flipped archive: zipfile / zlib / numpy errors
-        raise ValueError(
-            f"{path!r}: the npz file is truncated or corrupt ({type(err).__name__}); re-create it with numpy.savez"
-        ) from err
-    return x, y, names
-
-
-def _read_csv(path: PathLike, label: Union[str, int]) -> Tuple[np.ndarray, np.ndarray, Tuple[str, ...]]:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path!r}")
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
-    rows = [r for r in rows if r and any(c.strip() for c in r)]
-    if len(rows) < 2:
-        raise ValueError(f"{path!r}: a csv data file needs a header row and at least one data row")
-    header = [c.strip() for c in rows[0]]
-    if isinstance(label, int):
-        if not -len(header) <= label < len(header):
-            raise ValueError(f"{path!r}: label column {label} out of range for {len(header)} columns")
-        li = label % len(header)
-    else:
-        if label not in header:
-            raise ValueError(f"{path!r}: no label column {label!r}; columns are {header}")
-        li = header.index(label)
-    bad = [i + 2 for i, r in enumerate(rows[1:]) if len(r) != len(header)]
-    if bad:
-        raise ValueError(f"{path!r}: rows {bad[:5]} have a different number of fields than the header ({len(header)})")
-    labels = [r[li].strip() for r in rows[1:]]
-    feats = [[c for j, c in enumerate(r) if j != li] for r in rows[1:]]
-    try:
-        x = np.asarray(feats, dtype=np.float64)
-    except ValueError as err:
-        raise ValueError(f"{path!r}: feature columns must be numeric ({err})") from err
-    try:
-        y = np.asarray([float(v) for v in labels])
-        if np.all(y == np.round(y)):
-            y = y.astype(np.int64)
-    except ValueError:
-        y = np.asarray(labels)  # string class labels
-    return x, y, tuple(h for j, h in enumerate(header) if j != li)
-
-
-_MNIST_FILES = {
-    "x_train": "train-images-idx3-ubyte",
-    "y_train": "train-labels-idx1-ubyte",
-    "x_test": "t10k-images-idx3-ubyte",
-    "y_test": "t10k-labels-idx1-ubyte",
-}
-
-
-def _find_mnist(directory: PathLike) -> Dict[str, str]:
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"MNIST directory not found: {directory!r}")
-    found, missing = {}, []
-    for key, stem in _MNIST_FILES.items():
-        for cand in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
-            if os.path.isfile(os.path.join(directory, cand)):
-                found[key] = os.path.join(directory, cand)
-                break
-        else:
-            missing.append(stem + "[.gz]")
-    if missing:
-        raise FileNotFoundError(f"{directory!r} lacks the MNIST files {missing}")
-    return found
 
 
 # ---------------------------------------------------------------------------
@@ -486,6 +294,23 @@ def load_dataset(
         >>> load_dataset("mlp_teacher", n=200, num_features=5, seed=1).y_train.equal(ds.y_train)
         True
     """
+    _check_options(seed, test_fraction, dtype, max_train)
+    key, path = _resolve_name(name, path)
+    rng = np.random.default_rng(seed)
+    if key in SYNTHETIC:
+        sc = scale if scale is not None else (3.0 if key == "glm_teacher" else 2.5)
+        x, y, info = _teacher(key, n, num_features, num_classes, label_noise, hidden, depth, sc, seed)
+        src = _Source(key, x, y, tuple(f"x{j}" for j in range(num_features)), info=info)
+    else:
+        src = _read_source(key, path, labels, label)
+    x = _check_inputs(src.x, src.y, src.where)
+    y, family, k, class_names = _labels(src.y, src.where)
+    info = {**src.info, "classes": class_names} if class_names is not None else src.info
+    tr, te = _split_indices(x.shape[0], src.n_fixed_train, float(test_fraction), max_train, rng)
+    return _assemble(src, x, y, tr, te, family, k, info, standardize, dtype)
+
+
+def _check_options(seed: Any, test_fraction: Any, dtype: Any, max_train: Any) -> None:
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an int, got {seed!r}")
     if not (isinstance(test_fraction, (int, float)) and 0.0 < test_fraction < 1.0):
@@ -494,63 +319,79 @@ def load_dataset(
         raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
     if max_train is not None and (not isinstance(max_train, int) or max_train < 1):
         raise ValueError(f"max_train must be a positive int or None, got {max_train!r}")
+
+
+def _resolve_name(name: Union[str, "os.PathLike[str]"], path: Optional[PathLike]) -> Tuple[str, Optional[PathLike]]:
+    """``(source key, path)``: a name of :data:`DATASETS`, or a file / directory path given as the name."""
     key = os.fspath(name) if isinstance(name, os.PathLike) else name
     if not isinstance(key, str):
         raise ValueError(f"name must be a string or a path, got {type(name).__name__}")
-    if key not in DATASETS:
-        low = key.lower()
-        if low.endswith(".npz"):
-            key, path = "npz", key
-        elif low.endswith(".csv"):
-            key, path = "csv", key
-        elif low.endswith("ubyte") or low.endswith("ubyte.gz"):
-            key, path = "idx", key
-        elif os.path.isdir(key):
-            key, path = "mnist", key
-        else:
-            raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)} or give a .npz/.csv/IDX path")
-    rng = np.random.default_rng(seed)
+    if key in DATASETS:
+        return key, path
+    low = key.lower()
+    if low.endswith(".npz"):
+        return "npz", key
+    if low.endswith(".csv"):
+        return "csv", key
+    if low.endswith(("ubyte", "ubyte.gz")):
+        return "idx", key
+    if os.path.isdir(key):
+        return "mnist", key
+    raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)} or give a .npz/.csv/IDX path")
+
+
+@dataclass
+class _Source:
+    """What a source gives before labels are indexed and the data are split."""
+
+    key: str
+    x: np.ndarray
+    y: np.ndarray
     names: Optional[Tuple[str, ...]] = None
-    info: Dict[str, object] = {}
-    fixed_split: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = None
-    where = key
+    where: str = ""
+    info: Dict[str, object] = field(default_factory=dict)
+    n_fixed_train: Optional[int] = None  # the first samples are the source's own training split (MNIST)
+
+    def __post_init__(self) -> None:
+        self.where = self.where or self.key
+
+
+def _read_source(key: str, path: Optional[PathLike], labels: Optional[PathLike], label: Union[str, int]) -> _Source:
+    """The bundled sets and local files (``fashion_mnist`` is read as an ``mnist`` directory)."""
     if key in BUNDLED:
-        x, y, names = _bundled(key)
-    elif key in SYNTHETIC:
-        sc = scale if scale is not None else (3.0 if key == "glm_teacher" else 2.5)
-        x, y, info = _teacher(key, n, num_features, num_classes, label_noise, hidden, depth, sc, seed)
-        names = tuple(f"x{j}" for j in range(num_features))
-    else:
-        if key == "fashion_mnist":
-            path = FASHION_MNIST_DIR if path is None else path
-            try:
-                _find_mnist(path)
-            except FileNotFoundError:
-                raise FileNotFoundError(FASHION_MNIST_HINT + f" (looked in {os.fspath(path)!r})") from None
-            key = "mnist"
-        if path is None:
-            raise ValueError(f"dataset {key!r} needs path=...")
-        where = os.fspath(path)
-        if key == "npz":
-            x, y, names = _read_npz(path)
-        elif key == "csv":
-            x, y, names = _read_csv(path, label)
-        elif key == "idx":
-            if labels is None:
-                raise ValueError("dataset 'idx' needs labels=<IDX label file> beside path=<IDX image file>")
-            x, y = read_idx(path), read_idx(labels)
-        else:
-            files = _find_mnist(path)
-            xs = {k: read_idx(v) for k, v in files.items()}
-            for part in ("train", "test"):
-                if xs[f"x_{part}"].shape[0] != xs[f"y_{part}"].shape[0]:
-                    raise ValueError(
-                        f"{where!r}: MNIST {part} images ({xs[f'x_{part}'].shape[0]}) and labels "
-                        f"({xs[f'y_{part}'].shape[0]}) differ in number"
-                    )
-            fixed_split = (xs["x_train"], xs["y_train"], xs["x_test"], xs["y_test"])
-            x = np.concatenate([xs["x_train"], xs["x_test"]])
-            y = np.concatenate([xs["y_train"], xs["y_test"]])
+        return _Source(key, *_bundled(key))
+    if key == "fashion_mnist":
+        path = FASHION_MNIST_DIR if path is None else path
+        try:
+            _find_mnist(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(FASHION_MNIST_HINT + f" (looked in {os.fspath(path)!r})") from None
+        key = "mnist"
+    if path is None:
+        raise ValueError(f"dataset {key!r} needs path=...")
+    where = os.fspath(path)
+    if key == "npz":
+        return _Source(key, *_read_npz(path), where=where)
+    if key == "csv":
+        return _Source(key, *_read_csv(path, label), where=where)
+    if key == "idx":
+        if labels is None:
+            raise ValueError("dataset 'idx' needs labels=<IDX label file> beside path=<IDX image file>")
+        return _Source(key, read_idx(path), read_idx(labels), where=where)
+    xs = {k: read_idx(v) for k, v in _find_mnist(path).items()}
+    for part in ("train", "test"):
+        if xs[f"x_{part}"].shape[0] != xs[f"y_{part}"].shape[0]:
+            raise ValueError(
+                f"{where!r}: MNIST {part} images ({xs[f'x_{part}'].shape[0]}) and labels "
+                f"({xs[f'y_{part}'].shape[0]}) differ in number"
+            )
+    x = np.concatenate([xs["x_train"], xs["x_test"]])
+    y = np.concatenate([xs["y_train"], xs["y_test"]])
+    return _Source(key, x, y, where=where, n_fixed_train=xs["x_train"].shape[0])
+
+
+def _check_inputs(x: Any, y: Any, where: str) -> np.ndarray:
+    """The inputs as float64 ``[n, features]``, checked against the labels."""
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim < 2:
         raise ValueError(f"{where}: inputs must have shape [n, ...] with at least one feature, got {x.shape}")
@@ -561,18 +402,29 @@ def load_dataset(
     x = x.reshape(x.shape[0], -1).astype(np.float64)
     if not np.isfinite(x).all():
         raise ValueError(f"{where}: inputs contain non-finite values")
-    y, family, k, class_names = _labels(y, where)
-    if class_names is not None:
-        info = {**info, "classes": class_names}
-    if fixed_split is not None:
-        n_tr = fixed_split[0].shape[0]
-        tr, te = np.arange(n_tr), np.arange(n_tr, x.shape[0])
+    return x
+
+
+def _split_indices(
+    n: int, n_fixed_train: Optional[int], test_fraction: float, max_train: Optional[int], rng: np.random.Generator
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Train and test indices: the source's own split or a seeded one, the training part cut to ``max_train``."""
+    if n_fixed_train is not None:
+        tr, te = np.arange(n_fixed_train), np.arange(n_fixed_train, n)
         tr = tr[rng.permutation(len(tr))] if max_train is not None else tr
     else:
-        tr, te = _split(x.shape[0], float(test_fraction), rng)
+        tr, te = _split(n, test_fraction, rng)
         tr = rng.permutation(tr) if max_train is not None else tr
     if max_train is not None:
         tr = np.sort(tr[:max_train])
+    return tr, te
+
+
+def _assemble(
+    src: _Source, x: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray, family: str, k: Optional[int],
+    info: Dict[str, object], standardize: bool, dtype: torch.dtype,
+) -> Dataset:
+    """The :class:`Dataset` of the split indices, standardised with the training split's mean and deviation."""
     x_tr, x_te = x[tr], x[te]
     mean = std = None
     if standardize:
@@ -586,14 +438,14 @@ def load_dataset(
         return torch.as_tensor(np.ascontiguousarray(a)).to(dt)
 
     return Dataset(
-        name=where if key in FILES else key,
+        name=src.where if src.key in FILES else src.key,
         x_train=t(x_tr, dtype),
         y_train=t(y[tr], ydt),
         x_test=t(x_te, dtype),
         y_test=t(y[te], ydt),
         family=family,
         num_classes=k,
-        feature_names=names,
+        feature_names=src.names,
         mean=None if mean is None else t(mean, dtype),
         std=None if std is None else t(std, dtype),
         info=info,

@@ -31,72 +31,16 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from .manifold import memory_guard
+from ._utils import memory_guard
+from .solvers import _as_matrix, _check_damping, conjugate_gradient, lanczos_top_eigenpairs, top_eigenpairs
 
 __all__ = [
-    "CurvatureOperator",
-    "DenseOperator",
-    "DiagonalOperator",
-    "BlockDiagonalOperator",
-    "KroneckerBlock",
-    "KFACOperator",
-    "ImplicitOperator",
-    "conjugate_gradient",
-    "operator_parts",
-    "operator_from_parts",
+    "CurvatureOperator", "DenseOperator", "DiagonalOperator", "BlockDiagonalOperator", "KroneckerBlock", "KFACOperator",
+    "ImplicitOperator", "conjugate_gradient", "operator_parts", "operator_from_parts",
 ]
-
-
-def _as_matrix(v: Tensor, p: int) -> Tuple[Tensor, bool]:
-    if v.dim() == 1:
-        if v.shape[0] != p:
-            raise ValueError(f"vector must have P={p} entries, got {tuple(v.shape)}")
-        return v[:, None], True
-    if v.dim() == 2 and v.shape[0] == p:
-        return v, False
-    raise ValueError(f"expected a vector [P={p}] or a matrix [P={p}, m], got {tuple(v.shape)}")
-
-
-def conjugate_gradient(
-    mv: Callable[[Tensor], Tensor], b: Tensor, tol: float = 1e-10, max_iter: Optional[int] = None
-) -> Tensor:
-    """Solve ``A x = b`` for symmetric positive definite ``A`` given as ``mv`` (Hestenes & Stiefel 1952).
-
-    ``b`` may be ``[P]`` or ``[P, m]`` (columns solved together). Stops when
-    ``|r| <= tol |b|`` for every column or after ``max_iter`` (default ``2 P``) steps.
-
-    Example:
-        >>> import torch
-        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
-        >>> x = conjugate_gradient(lambda v: A @ v, torch.tensor([1.0, 2.0], dtype=torch.float64))
-        >>> torch.allclose(A @ x, torch.tensor([1.0, 2.0], dtype=torch.float64))
-        True
-    """
-    squeeze = b.dim() == 1
-    B = b[:, None] if squeeze else b
-    x = torch.zeros_like(B)
-    r = B.clone()
-    p = r.clone()
-    rs = (r * r).sum(0)
-    bnorm = B.norm(dim=0).clamp_min(torch.finfo(B.dtype).tiny)
-    max_iter = 2 * B.shape[0] if max_iter is None else max_iter
-    for _ in range(max_iter):
-        if bool((rs.sqrt() <= tol * bnorm).all()):
-            break
-        Ap = mv(p)
-        denom = (p * Ap).sum(0)
-        alpha = torch.where(denom > 0, rs / denom, torch.zeros_like(rs))
-        x = x + alpha * p
-        r = r - alpha * Ap
-        rs_new = (r * r).sum(0)
-        beta = torch.where(rs > 0, rs_new / rs, torch.zeros_like(rs))
-        p = r + beta * p
-        rs = rs_new
-    return x[:, 0] if squeeze else x
 
 
 @dataclass
@@ -183,19 +127,7 @@ class CurvatureOperator(ABC):
             raise ValueError(f"k must lie in [1, P={self.size}], got {k}")
         if self.size <= 2048 or k >= self.size - 1:
             return top_eigenpairs(self.dense(), k, tol=tol)
-        from scipy.sparse.linalg import LinearOperator, eigsh
-
-        def matvec(x: np.ndarray) -> np.ndarray:
-            t = torch.as_tensor(np.asarray(x), dtype=self.dtype, device=self.device).reshape(self.size, -1)
-            return self._matmat(t).detach().cpu().double().numpy().reshape(x.shape)
-
-        op = LinearOperator((self.size, self.size), matvec=matvec, matmat=matvec, dtype=np.float64)
-        evals, evecs = eigsh(op, k=k, which="LA", tol=tol, v0=np.ones(self.size) / np.sqrt(self.size))
-        order = np.argsort(evals)[::-1]
-        return (
-            torch.as_tensor(evals[order].copy(), dtype=self.dtype, device=self.device),
-            torch.as_tensor(evecs[:, order].copy(), dtype=self.dtype, device=self.device),
-        )
+        return lanczos_top_eigenpairs(self._matmat, self.size, k, tol, self.dtype, self.device)
 
     def solve(self, b: Tensor, damping: float = 0.0, tol: float = 1e-10, max_iter: Optional[int] = None) -> Tensor:
         """``(F + damping I)^{-1} b`` (conjugate gradients unless the structure allows a direct solve)."""
@@ -209,40 +141,6 @@ class CurvatureOperator(ABC):
             f"{type(self).__name__}(P={self.size}, kind={self.kind!r}, structure={self.structure!r}, "
             f"reduction={self.reduction!r}, dtype={self.dtype})"
         )
-
-
-def top_eigenpairs(matrix: Tensor, k: int, tol: float = 1e-8) -> Tuple[Tensor, Tensor]:
-    """The ``k`` largest eigenpairs of a symmetric matrix (values descending, vectors ``[m, k]``).
-
-    A full ``eigh`` costs ``O(m^3)`` whatever ``k``; for a few eigenpairs of a
-    large matrix, Lanczos (ARPACK through :func:`scipy.sparse.linalg.eigsh`)
-    needs only products and is far faster, so it is used when ``m > 256`` and
-    ``k <= m / 4``.
-
-    Example:
-        >>> import torch
-        >>> top_eigenpairs(torch.diag(torch.tensor([1.0, 5.0, 3.0])), 2)[0]
-        tensor([5., 3.])
-    """
-    m = matrix.shape[0]
-    if m <= 256 or 4 * k > m:
-        evals, evecs = torch.linalg.eigh(matrix)
-        return evals.flip(0)[:k], evecs.flip(1)[:, :k]
-    from scipy.sparse.linalg import eigsh
-
-    a = matrix.detach().cpu().double().numpy()
-    v0 = np.ones(m) / np.sqrt(m)  # deterministic start vector
-    evals, evecs = eigsh(a, k=k, which="LA", tol=tol, v0=v0)
-    order = np.argsort(evals)[::-1]
-    return (
-        torch.as_tensor(evals[order].copy(), dtype=matrix.dtype, device=matrix.device),
-        torch.as_tensor(evecs[:, order].copy(), dtype=matrix.dtype, device=matrix.device),
-    )
-
-
-def _check_damping(damping: float) -> None:
-    if not (isinstance(damping, (int, float)) and np.isfinite(damping) and damping >= 0):
-        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
 
 
 class DenseOperator(CurvatureOperator):

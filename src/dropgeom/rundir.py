@@ -46,11 +46,11 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
+from ._utils import atomic_write_bytes
 from .config import ConfigError, RunConfig
 
 __all__ = ["RunDir", "RunDirError", "safe_name", "prepare_output_dir", "timed_call", "atomic_write_text", "atomic_write_bytes", "atomic_write_json", "FINISHED", "to_jsonable"]
@@ -97,35 +97,6 @@ def prepare_output_dir(root: Union[str, Path], what: str = "--out", allowed: Cal
             f"{', ...' if len(names) > 3 else ''}); choose a new or empty folder"
         )
     return root
-
-
-def _file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-_MODE = _file_mode()  # mkstemp creates 0600 files; written results get the usual permissions
-
-
-def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def atomic_write_text(path: Union[str, Path], text: str) -> None:

@@ -17,8 +17,9 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vjp, vmap
+from torch.func import jvp, vjp
 
+from .._utils import vmap_or_loop
 from ..manifold import ModelManifold
 from ..operators import conjugate_gradient
 
@@ -92,10 +93,7 @@ def skew_whitened(manifold: ModelManifold, eta: Tensor, S_pinv: Tensor, ju: Tens
     def one(x: Tensor, y: Tensor) -> Tensor:
         return fam.third_cumulant(eta, x, y)
 
-    try:
-        t = vmap(one)(a, b)
-    except (RuntimeError, NotImplementedError):
-        t = torch.stack([one(a[i], b[i]) for i in range(a.shape[0])])
+    t = vmap_or_loop(one, a, b)
     return torch.einsum("nrk,mnk->mnr", S_pinv, t).reshape(*lead, *S_pinv.shape[:2])
 
 
@@ -112,10 +110,7 @@ class LinearisedManifold:
         self._vjp_fn: Optional[Callable] = None
 
     def _map(self, fn: Callable, *cols: Tensor) -> Tensor:
-        try:
-            return vmap(fn)(*cols)
-        except (RuntimeError, NotImplementedError):
-            return torch.stack([fn(*(c[i] for c in cols)) for i in range(cols[0].shape[0])])
+        return vmap_or_loop(fn, *cols)
 
     def jvp(self, V: Tensor) -> Tensor:
         """``J v`` for each row of ``V`` (``[m, P]``) -> ``[m, n, K]``."""

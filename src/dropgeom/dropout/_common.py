@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.func import vmap
 
+from .._utils import Inputs, checked_inputs as as_tuple, vmap_or_loop  # noqa: F401 (as_tuple: re-exported)
 from ..families import ExponentialFamily, get_family
-
-Inputs = Union[Tensor, Tuple[Tensor, ...]]
-
-
-def as_tuple(inputs: Inputs) -> Tuple[Tensor, ...]:
-    if isinstance(inputs, Tensor):
-        inputs = (inputs,)
-    if not isinstance(inputs, tuple) or not inputs or not all(isinstance(t, Tensor) for t in inputs):
-        raise TypeError("inputs must be a tensor or a tuple of tensors with a leading sample axis")
-    n = inputs[0].shape[0] if inputs[0].dim() else 0
-    for t in inputs:
-        if t.dim() == 0 or t.shape[0] != n:
-            raise ValueError(f"every input needs the same leading sample axis; got {[tuple(x.shape) for x in inputs]}")
-        if torch.is_floating_point(t) and not torch.isfinite(t).all():
-            raise ValueError("inputs contain non-finite values (NaN or inf)")
-    if n == 0:
-        raise ValueError("inputs are empty (n = 0)")
-    return inputs
 
 
 def model_inputs(model: nn.Module, inputs: Inputs) -> Tuple[Tensor, ...]:
@@ -55,14 +37,7 @@ def family_of(family: Union[str, ExponentialFamily]) -> ExponentialFamily:
 
 def chunked_vmap(fn: Callable, batched: Tensor, chunk: int) -> Tensor:
     """``torch.stack([fn(b) for b in batched])`` computed with ``vmap`` in chunks (loop fallback)."""
-    outs: List[Tensor] = []
-    for s in range(0, batched.shape[0], chunk):
-        part = batched[s : s + chunk]
-        try:
-            outs.append(vmap(fn)(part))
-        except (RuntimeError, NotImplementedError):  # a layer without a batching rule
-            outs.append(torch.stack([fn(b) for b in part]))
-    return torch.cat(outs)
+    return torch.cat([vmap_or_loop(fn, batched[s : s + chunk]) for s in range(0, batched.shape[0], chunk)])
 
 
 def chunk_for(n_rows: int, width: int, budget: int = 2**24) -> int:

@@ -26,15 +26,15 @@ gradient is exact).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import jvp
 
+from .._utils import training_off  # noqa: F401 (one copy, in dropgeom._utils; penalty and terms import it from here)
 from .masks import _CHANNEL_TYPES, DROPOUT_TYPES
 
 __all__ = ["Chain", "as_chain"]
@@ -351,21 +351,6 @@ def as_chain(model: nn.Module, names: Sequence[str]) -> Optional[List[nn.Module]
     if not all(_is_supported(m) for m in mods[first + 1 :]):
         return None
     return mods
-
-
-@contextlib.contextmanager
-def training_off(model: nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode for the duration (flags restored). Unlike
-    ``manifold.eval_mode`` no kernels are rerouted: the chain path differentiates
-    first-order graphs only, which the fused kernels handle correctly."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        for m, _ in flags:
-            m.training = False
-        yield
-    finally:
-        for m, t in flags:
-            m.training = t
 
 
 def run_chain(model: nn.Sequential, mods: List[nn.Module], x: Tensor, names: Sequence[str]) -> Optional[Chain]:

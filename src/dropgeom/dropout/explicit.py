@@ -20,16 +20,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .._intercept import DropoutSite, apply_mask
+from .._utils import as_tuple as _as_tuple
 from ..manifold import check_inputs_match, eval_mode
-from .masks import module_kind
+from .kinds import module_kind
 
 __all__ = ["forward_with_masks", "record_dropout_inputs"]
 
 Inputs = Union[Tensor, Tuple[Tensor, ...]]
-
-
-def _as_tuple(inputs: Inputs) -> Tuple[Tensor, ...]:
-    return inputs if isinstance(inputs, tuple) else (inputs,)
 
 
 def _unit_mask_hook(mod: nn.Module, name: str, mask: Tensor):

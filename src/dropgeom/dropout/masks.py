@@ -48,15 +48,16 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-import warnings
 from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from .._intercept import DropoutSite, unit_shape as _kind_unit_shape
+from .._intercept import DropoutSite
+from .._utils import as_tuple as _as_tuple
 from ..options import Noise, parse
-from .modules import DropPath
+from .kinds import _CHANNEL_TYPES, ALPHA_KINDS, DROPOUT_TYPES, MODULE_KINDS, find_dropout, module_kind  # noqa: F401
+from .sites import dropout_sites, unit_shapes
 
 __all__ = [
     "DROPOUT_TYPES",
@@ -70,198 +71,8 @@ __all__ = [
     "mask_variance",
 ]
 
-#: Module types treated as multiplicative unit dropout.
-DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-_CHANNEL_TYPES = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-_UNSUPPORTED = (nn.AlphaDropout, nn.FeatureAlphaDropout)
-#: Dropout module types and their kind (first match wins; order matters for subclasses).
-MODULE_KINDS = (
-    (nn.Dropout1d, "channel"), (nn.Dropout2d, "channel"), (nn.Dropout3d, "channel"),
-    (nn.FeatureAlphaDropout, "feature_alpha"), (nn.AlphaDropout, "alpha"),
-    (DropPath, "sample"), (nn.Dropout, "dropout"),
-)
-ALPHA_KINDS = ("alpha", "feature_alpha")
-
-
-def module_kind(mod: nn.Module) -> Optional[str]:
-    """The dropout kind of a module (``None`` if it is no dropout module).
-
-    Example:
-        >>> from torch import nn
-        >>> module_kind(nn.Dropout2d(0.1)), module_kind(nn.Linear(2, 2))
-        ('channel', None)
-    """
-    for cls, kind in MODULE_KINDS:
-        if isinstance(mod, cls):
-            return kind
-    return None
-
-
-def _left_out(model: nn.Module) -> Dict[str, str]:
-    """Dropout the multiplicative-module view leaves out: ``{name: description}``."""
-    out = {}
-    for k, m in model.named_modules():
-        kind = module_kind(m)
-        if kind is not None and not isinstance(m, DROPOUT_TYPES):
-            out[k] = f"{type(m).__name__}(p={m.p})"
-        elif isinstance(m, nn.MultiheadAttention) and m.dropout > 0:
-            out[k] = f"attention-weight dropout of nn.MultiheadAttention (p={m.dropout})"
-    out.update(_rnn_dropout(model))
-    return out
-
-
-def _rnn_dropout(model: nn.Module) -> Dict[str, str]:
-    """Dropout between the layers of ``nn.RNN/LSTM/GRU``: inside a fused kernel, no explicit mask possible."""
-    return {
-        k: f"{type(m).__name__} inter-layer dropout (p={m.dropout}), inside a fused kernel"
-        for k, m in model.named_modules()
-        if isinstance(m, nn.RNNBase) and m.dropout > 0 and m.num_layers > 1
-    }
-
 PSpec = Union[None, float, Mapping[str, float]]
 Inputs = Union[Tensor, Tuple[Tensor, ...]]
-
-
-def find_dropout(
-    model: nn.Module, layers: Optional[Sequence[str]] = None, *, all_kinds: bool = False
-) -> Dict[str, nn.Module]:
-    """The dropout modules of ``model`` by qualified name (``model.named_modules()`` order).
-
-    Args:
-        model: any ``nn.Module``.
-        layers: restrict to these qualified names (each must name a supported
-            dropout module); default: every supported dropout module.
-        all_kinds: also return ``nn.AlphaDropout``, ``nn.FeatureAlphaDropout`` and
-            :class:`~dropgeom.dropout.DropPath` modules. Without it only the
-            multiplicative ``torch.nn`` modules (``DROPOUT_TYPES``) are returned and a
-            ``RuntimeWarning`` names every other dropout of the model (those modules,
-            ``nn.MultiheadAttention`` attention dropout) that the caller leaves out.
-            Dropout that is not a module at all is found by :func:`dropout_sites`.
-
-    Raises:
-        ValueError: the model has no dropout module, a name is unknown, or it
-            names a module that is not (supported) dropout.
-
-    Example:
-        >>> from torch import nn
-        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1), nn.Linear(2, 2), nn.Dropout(0.2))
-        >>> {k: v.p for k, v in find_dropout(net).items()}
-        {'1': 0.1, '3': 0.2}
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    modules = dict(model.named_modules())
-    ok = (lambda m: module_kind(m) is not None) if all_kinds else (lambda m: isinstance(m, DROPOUT_TYPES))
-    found = {k: m for k, m in modules.items() if ok(m)}
-    if layers is None:
-        if not all_kinds:
-            left = _left_out(model)
-            if left:
-                warnings.warn(
-                    "this quantity takes nn.Dropout/Dropout1d/2d/3d modules only and leaves out "
-                    + "; ".join(f"{k!r}: {v}" for k, v in left.items())
-                    + " (dropgeom.dropout.gap, terms and mixture include them)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        if not found:
-            raise ValueError(
-                f"{type(model).__name__} has no dropout modules ({', '.join(t.__name__ for t in DROPOUT_TYPES)}); "
-                "add nn.Dropout layers or use noise='dropconnect'"
-            )
-        return found
-    if isinstance(layers, str):
-        layers = [layers]
-    out: Dict[str, nn.Module] = {}
-    for name in layers:
-        if name not in modules:
-            raise ValueError(f"unknown layer name {name!r}; the model's dropout modules are {list(found)}")
-        mod = modules[name]
-        if not all_kinds and module_kind(mod) is not None and not isinstance(mod, DROPOUT_TYPES):
-            raise ValueError(
-                f"layer {name!r} is {type(mod).__name__}, which is not multiplicative nn.Dropout; "
-                "this quantity does not support it (dropgeom.dropout.gap, terms and mixture do)"
-            )
-        if not ok(mod):
-            raise ValueError(f"layer {name!r} is a {type(mod).__name__}, not a dropout module; dropout modules: {list(found)}")
-        out[name] = mod
-    if not out:
-        raise ValueError("layers is empty: name at least one dropout module")
-    return out
-
-
-def dropout_sites(
-    model: nn.Module, inputs: "Inputs", layers: Optional[Sequence[str]] = None
-) -> Dict[str, DropoutSite]:
-    """Every dropout site of ``model`` on ``inputs``, found by one eval-mode forward pass.
-
-    Sites: dropout modules of every kind (named as modules) in ``named_modules()``
-    order, then the dropout that is not a module -- ``nn.MultiheadAttention``
-    attention weights (the module's name), ``F.dropout``-family calls
-    (``"<module>#dropout<i>"``) and ``F.scaled_dot_product_attention`` with
-    ``dropout_p > 0`` (``"<module>#sdpa<i>"``) -- in call order. Each site carries
-    its kind, drop probability and per-sample unit (mask) shape.
-
-    Args:
-        model: the network.
-        inputs: its inputs (leading sample axis).
-        layers: restrict to these site names (in this order).
-
-    Raises:
-        ValueError: no dropout at all, an unknown name, or a named dropout module that
-            the forward pass never runs.
-
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> net = nn.Sequential(nn.Conv1d(2, 3, 1), nn.Dropout1d(0.1), nn.Flatten(), nn.Linear(12, 2))
-        >>> s = dropout_sites(net, torch.zeros(5, 2, 4))
-        >>> {k: (v.kind, v.p, tuple(v.unit_shape)) for k, v in s.items()}
-        {'1': ('channel', 0.1, (3,))}
-    """
-    from .explicit import record_dropout_inputs  # local import: explicit imports this module
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    modules = {k: m for k, m in model.named_modules() if module_kind(m) is not None}
-    record: Dict[str, DropoutSite] = {}
-    with torch.no_grad():
-        rec = record_dropout_inputs(model, inputs, list(modules), sites=record, strict=False)
-    sites: Dict[str, DropoutSite] = {}
-    for k, m in modules.items():
-        if k in rec:
-            kind = module_kind(m)
-            sites[k] = DropoutSite(k, kind, float(m.p), k, _kind_unit_shape(kind, rec[k]))
-    sites.update(record)
-    fused = _rnn_dropout(model)
-    if fused:
-        warnings.warn(
-            "dropout that cannot be made an explicit mask is left out (evaluated as in eval mode): "
-            + "; ".join(f"{k!r}: {v}" for k, v in fused.items())
-            + ". Build the stack from single-layer modules with nn.Dropout between them to include it.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    if layers is None:
-        if not sites:
-            raise ValueError(
-                f"{type(model).__name__} has no dropout modules, and its forward pass calls no F.dropout or "
-                "attention dropout; add dropout layers or use noise='dropconnect'"
-            )
-        return sites
-    if isinstance(layers, str):
-        layers = [layers]
-    if not layers:
-        raise ValueError("layers is empty: name at least one dropout layer")
-    out = {}
-    for name in layers:
-        if name in sites:
-            out[name] = sites[name]
-        elif name in modules:
-            raise ValueError(f"dropout module {name!r} is never run by the model's forward pass on these inputs")
-        else:
-            raise ValueError(f"unknown layer name {name!r}; the model's dropout layers are {list(sites)}")
-    return out
 
 
 def _check_p(p: float, where: str) -> float:
@@ -311,30 +122,6 @@ def mask_variance(p: float) -> float:
     """
     p = _check_p(p, "the mask")
     return p / (1.0 - p)
-
-
-def _as_tuple(inputs: Inputs) -> Tuple[Tensor, ...]:
-    return inputs if isinstance(inputs, tuple) else (inputs,)
-
-
-def unit_shapes(model: nn.Module, inputs: Inputs, layers: Optional[Sequence[str]] = None) -> Dict[str, torch.Size]:
-    """Per-sample unit shape of each dropout site (:func:`dropout_sites`), found by one eval-mode forward pass.
-
-    ``nn.Dropout``: the shape of the layer's input without the batch axis;
-    ``nn.Dropout1d/2d/3d``: ``(channels,)``; ``DropPath``: ``()``; attention: ``(heads, L, S)``.
-
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2))
-        >>> unit_shapes(net, torch.zeros(2, 3))
-        {'1': torch.Size([4])}
-    """
-    return {k: s.unit_shape for k, s in dropout_sites(model, inputs, layers).items()}
-
-
-def _unit_shape(mod: nn.Module, h: Tensor) -> torch.Size:
-    return _kind_unit_shape(module_kind(mod) or "dropout", h)
 
 
 def _draw(shape: Tuple[int, ...], p: float, noise: str, generator: Optional[torch.Generator], dtype, device) -> Tensor:

@@ -1,46 +1,7 @@
 r"""Claim C2: the strength of dropout's regularization depends on the amount of curvature.
 
-Design: a manipulation inside one architecture. For every setting (activation x
-width x depth of ``config.c2_*``) and seed, one knob moves the curvature: the
-input layer's weights at initialisation are multiplied by each factor in
-``config.c2_init_scales`` (larger weights saturate tanh/softplus units and bend
-the outputs along the mask directions). Everything else (data split, the other
-layers' initialisation, training) is the same, so a dependence *within* a
-setting and seed is an effect of the knob and not a difference between
-architectures. Curvature is always taken over the same parameter set (the
-layers around the first mask, :func:`~dropgeom.experiments.common.curvature_params`).
-
-Recorded per run (all at the dropout solution, the parameters the regularizer acts on):
-
-* the normal curvature along the mask directions over held-out inputs (the
-  measure the analysis uses: invariant under reparametrisations, docs/theory.md 5)
-  and the damped embedding curvature (theory.md 3; coordinate-dependent, recorded only);
-* the strength of the regularizer itself: the measured Bernoulli gap per unit
-  rate ``R(theta)/p`` (Monte Carlo over masks) and the curvature share
-  ``B/(K+B)`` of theory.md 4.2's first-order law (``K``: divergence term,
-  ``B``: curvature term);
-* the test-NLL gain against an **early-stopped** plain baseline: plain
-  training from the same initialisation, taken at its best test-NLL epoch
-  (an oracle stopping rule, which favours the baseline), minus the test NLL of
-  dropout at the end of training. The gain against plain training at the last
-  epoch is recorded beside it.
-
-Rule (fixed before the data; sign from theory.md 4.2, where the curvature term
-was measured at about -0.5 times the divergence term on tanh networks, i.e.
-curvature *weakens* Bernoulli dropout's regularizer): the expected sign of the
-dependence on ``log`` curvature is **negative** for all three outcomes. Each
-outcome is tested within settings (a permutation test of the within-setting
-rank correlation, with a mixed model's slope as the effect size,
-:func:`~dropgeom.experiments.c2_analysis.within_setting_analysis`),
-p-values Holm-adjusted over the three outcomes. Verdict: ``supported`` when
-the curvature share's within-setting correlation is significantly negative;
-``refuted`` when it is significantly positive; ``not supported`` when no
-outcome shows a within-setting effect over at least 20 runs in at least 4
-settings and the knob did move the curvature (manipulation check: the
-within-setting rank correlation of the initial scale with log curvature is
-significantly different from 0, in either direction); ``inconclusive`` otherwise. The pooled Spearman correlation over
-all runs is reported as a description only. Curvatures at rounding level are
-reported as zero and left off the log axis.
+The design and the pre-stated rule, in words, are :data:`ABOUT` (the report prints it under the claim's
+title, with the run's config values); :func:`summarize` applies the rule to the records.
 
 Example:
     >>> from dropgeom.config import RunConfig
@@ -52,7 +13,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -72,10 +33,46 @@ from .common import (
     prepare_data,
     save_figure,
 )
-from .stats import geometric_mean_ci, holm
+from .stats import geometric_mean_ci, holm, within_group_permutation
 
 NAME = "C2"
 TITLE = "C2: dropout's regularization strength depends on curvature"
+#: The claim's design and pre-stated rule in words, printed under its title in the report (``config.<name>``
+#: becomes the run's value); the report takes this text, never the module docstring.
+ABOUT = (
+    "Design: a manipulation inside one architecture. For every setting (activation x width x depth of "
+    "`config.c2_*`) and seed, one knob moves the curvature: the input layer's weights at initialisation are "
+    "multiplied by each factor in `config.c2_init_scales` (larger weights saturate tanh/softplus units and bend "
+    "the outputs along the mask directions). Everything else (data split, the other layers' initialisation, "
+    "training) is the same, so a dependence *within* a setting and seed is an effect of the knob and not a "
+    "difference between architectures. Curvature is always taken over the same parameter set (the layers around "
+    "the first mask, `curvature_params`).\n"
+    "\n"
+    "Recorded per run (all at the dropout solution, the parameters the regularizer acts on):\n"
+    "\n"
+    "* the normal curvature along the mask directions over held-out inputs (the measure the analysis uses: "
+    "invariant under reparametrisations, docs/theory.md 5) and the damped embedding curvature (theory.md 3; "
+    "coordinate-dependent, recorded only);\n"
+    "* the strength of the regularizer itself: the measured Bernoulli gap per unit rate `R(theta)/p` (Monte "
+    "Carlo over masks) and the curvature share `B/(K+B)` of theory.md 4.2's first-order law (`K`: divergence "
+    "term, `B`: curvature term);\n"
+    "* the test-NLL gain against an early-stopped plain baseline: plain training from the same initialisation, "
+    "taken at its best test-NLL epoch (an oracle stopping rule, which favours the baseline), minus the test NLL "
+    "of dropout at the end of training. The gain against plain training at the last epoch is recorded beside "
+    "it.\n"
+    "\n"
+    "Rule (fixed before the data; sign from theory.md 4.2, where the curvature term was measured at about -0.5 "
+    "times the divergence term on tanh networks, i.e. curvature *weakens* Bernoulli dropout's regularizer): the "
+    "expected sign of the dependence on `log` curvature is negative for all three outcomes. Each outcome is "
+    "tested within settings (a permutation test of the within-setting rank correlation, with a mixed model's "
+    "slope as the effect size, `within_setting_analysis`), p-values Holm-adjusted over the three outcomes. "
+    "Verdict: `supported` when the curvature share's within-setting correlation is significantly negative; "
+    "`refuted` when it is significantly positive; `not supported` when no outcome shows a within-setting effect "
+    "over at least 20 runs in at least 4 settings and the knob did move the curvature (manipulation check: the "
+    "within-setting rank correlation of the initial scale with log curvature is significantly different from 0, "
+    "in either direction); `inconclusive` otherwise. The pooled Spearman correlation over all runs is reported "
+    "as a description only. Curvatures at rounding level are reported as zero and left off the log axis."
+)
 #: the sign of d outcome / d log curvature predicted in advance (theory.md 4.2)
 EXPECTED_SIGN = -1
 OUTCOMES = (
@@ -198,78 +195,15 @@ def _outcome(r: Mapping[str, Any], key: str) -> float:
 
 
 def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The verdict by :data:`RULE`, the per-setting table, the evidence and the statistics behind them."""
     ok = _ok(records)
     curv = _curvatures(ok)
     groups = [r.get("group", f"{r['setting']}/seed={r['seed']}") for r in ok]
-    analyses = {key: within_setting_analysis(curv, [_outcome(r, key) for r in ok], groups, EXPECTED_SIGN) for key, _ in OUTCOMES}
-    adjusted = holm([a["p_value"] for a in analyses.values()])
-    for (key, _), q in zip(OUTCOMES, adjusted):
-        a = analyses[key]
-        a["p_holm"] = q
-        est = a.get("within_spearman", float("nan"))
-        if a["label"] != "too little data":
-            if math.isfinite(q) and q < 0.05 and math.isfinite(est) and est != 0:
-                a["label"] = "predicted sign" if np.sign(est) == EXPECTED_SIGN else "opposite sign"
-            else:
-                a["label"] = "no effect"
-    rows = []
-    for s in sorted({(r["setting"], r["init_scale"]) for r in ok}):
-        rs = [r for r, c in zip(ok, curv) if (r["setting"], r["init_scale"]) == s]
-        cs = [c for r, c in zip(ok, curv) if (r["setting"], r["init_scale"]) == s]
-        zeros = sum(1 for c in cs if c == 0.0)
-        rows.append(
-            {
-                "setting": s[0],
-                "init scale": fmt(s[1]),
-                "runs": str(len(rs)),
-                f"{CURVATURE_NAME} (geo. mean)": fmt_ci(*geometric_mean_ci(cs)) + (f" ({zeros} zero)" if zeros else ""),
-                "R/p": fmt_ci(*mean_ci([_outcome(r, "strength") for r in rs])),
-                "B/(K+B)": fmt_ci(*mean_ci([_outcome(r, "share") for r in rs])),
-                "gain vs early-stopped plain": fmt_ci(*mean_ci([r["gain"] for r in rs])),
-                "gain vs last-epoch plain": fmt_ci(*mean_ci([r.get("gain_last_epoch", float("nan")) for r in rs])),
-            }
-        )
-    lines = []
-    for key, label in OUTCOMES:
-        a = analyses[key]
-        lines.append(
-            f"{label} against the log {CURVATURE_NAME}, within settings ({a['settings']} setting-seed blocks, {a['n']} runs): "
-            f"within-setting rank correlation {fmt(a['within_spearman'])}, permutation p-value {fmt(a['p_value'])} "
-            f"(Holm {fmt(a['p_holm'])}); mixed-model slope {fmt(a['slope'])} [{fmt(a['slope_lo'])}, {fmt(a['slope_hi'])}] "
-            f"per unit of log curvature; pooled Spearman {fmt(a['pooled_spearman'])} (description only) -> {a['label']}"
-        )
-    gains = [float(r["gain"]) for r in ok]
-    helped = sum(1 for g in gains if g > 0)
-    lines.append(
-        f"mean gain of dropout on test NLL against the early-stopped plain baseline: {fmt_ci(*mean_ci(gains))}; "
-        f"dropout helped in {helped} of {len(gains)} runs"
-    )
-    zeros = sum(1 for c in curv if c == 0.0)
-    if zeros:
-        lines.append(f"{zeros} run(s) have a {CURVATURE_NAME} at rounding level, reported as zero and left out of the log-curvature tests")
-    # manipulation check: did the knob move the curvature within blocks?
-    from .stats import within_group_permutation
-
-    knob = within_group_permutation([r["init_scale"] for r in ok], [math.log(c) if c > 0 else float("nan") for c in curv], groups) if ok else None
-    # either direction is a manipulation: the outcomes are analysed against the curvature, not against the knob
-    moved = knob is not None and math.isfinite(knob.p_value) and knob.p_value < 0.05
-    if knob is not None:
-        lines.insert(0,
-            f"manipulation check: within-setting rank correlation of the initial scale with the log {CURVATURE_NAME} "
-            f"{fmt(knob.statistic)} (permutation p-value {fmt(knob.p_value)}): the knob "
-            + ((f"moved the curvature ({'up' if knob.statistic > 0 else 'down'} with the scale)") if moved else "did NOT move the curvature significantly; the curvature still varies "
-               "within blocks, so the tests below are observational within blocks, not a manipulation")
-        )
+    analyses = _analyses(ok, curv, groups)
+    rows = _setting_rows(ok, curv)
+    lines, gains, helped = _outcome_lines(analyses, ok, curv)
+    knob, moved = _manipulation_check(lines, ok, curv, groups)
     share = analyses["share"]
-    settings_n = share["settings"]
-    if share["label"] == "predicted sign":
-        verdict = "supported"
-    elif share["label"] == "opposite sign":
-        verdict = "refuted"
-    elif all(analyses[k]["label"] == "no effect" for k, _ in OUTCOMES) and len(ok) >= 20 and settings_n >= 4 and moved:
-        verdict = "not supported"
-    else:
-        verdict = "inconclusive"
     summary = (
         f"within settings, rank correlation of the curvature share with log curvature {fmt(share['within_spearman'])} "
         f"(permutation test, Holm p-value {fmt(share['p_holm'])}; expected negative); R/p: {analyses['strength']['label']}, "
@@ -282,7 +216,7 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
     if knob is not None:
         tests["knob_spearman"], tests["knob_p"] = knob.statistic, knob.p_value
     return {
-        "verdict": Verdict(NAME, verdict, summary),
+        "verdict": Verdict(NAME, _verdict(analyses, len(ok), moved), summary),
         "rule": RULE,
         "what_would_change": (
             "a within-setting correlation of the curvature share with log curvature that is significant after Holm correction "
@@ -302,6 +236,94 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
         "evidence": lines,
         "tests": tests,
     }
+
+
+def _analyses(ok: List[Mapping[str, Any]], curv: List[float], groups: List[str]) -> Dict[str, Dict[str, Any]]:
+    """Each outcome against log curvature within settings, Holm-adjusted over the outcomes and labelled."""
+    analyses = {key: within_setting_analysis(curv, [_outcome(r, key) for r in ok], groups, EXPECTED_SIGN) for key, _ in OUTCOMES}
+    adjusted = holm([a["p_value"] for a in analyses.values()])
+    for (key, _), q in zip(OUTCOMES, adjusted):
+        a = analyses[key]
+        a["p_holm"] = q
+        est = a.get("within_spearman", float("nan"))
+        if a["label"] != "too little data":
+            if math.isfinite(q) and q < 0.05 and math.isfinite(est) and est != 0:
+                a["label"] = "predicted sign" if np.sign(est) == EXPECTED_SIGN else "opposite sign"
+            else:
+                a["label"] = "no effect"
+    return analyses
+
+
+def _setting_rows(ok: List[Mapping[str, Any]], curv: List[float]) -> List[Dict[str, str]]:
+    """One table row per (setting, initial scale): curvature, strength, share and gains with their intervals."""
+    rows = []
+    for s in sorted({(r["setting"], r["init_scale"]) for r in ok}):
+        rs = [r for r, c in zip(ok, curv) if (r["setting"], r["init_scale"]) == s]
+        cs = [c for r, c in zip(ok, curv) if (r["setting"], r["init_scale"]) == s]
+        zeros = sum(1 for c in cs if c == 0.0)
+        rows.append(
+            {
+                "setting": s[0],
+                "init scale": fmt(s[1]),
+                "runs": str(len(rs)),
+                f"{CURVATURE_NAME} (geo. mean)": fmt_ci(*geometric_mean_ci(cs)) + (f" ({zeros} zero)" if zeros else ""),
+                "R/p": fmt_ci(*mean_ci([_outcome(r, "strength") for r in rs])),
+                "B/(K+B)": fmt_ci(*mean_ci([_outcome(r, "share") for r in rs])),
+                "gain vs early-stopped plain": fmt_ci(*mean_ci([r["gain"] for r in rs])),
+                "gain vs last-epoch plain": fmt_ci(*mean_ci([r.get("gain_last_epoch", float("nan")) for r in rs])),
+            }
+        )
+    return rows
+
+
+def _outcome_lines(analyses: Mapping[str, Mapping[str, Any]], ok: List[Mapping[str, Any]], curv: List[float]) -> Tuple[List[str], List[float], int]:
+    """``(evidence lines, gains, runs where dropout helped)``: one line per outcome, the gains, zero curvatures."""
+    lines = []
+    for key, label in OUTCOMES:
+        a = analyses[key]
+        lines.append(
+            f"{label} against the log {CURVATURE_NAME}, within settings ({a['settings']} setting-seed blocks, {a['n']} runs): "
+            f"within-setting rank correlation {fmt(a['within_spearman'])}, permutation p-value {fmt(a['p_value'])} "
+            f"(Holm {fmt(a['p_holm'])}); mixed-model slope {fmt(a['slope'])} [{fmt(a['slope_lo'])}, {fmt(a['slope_hi'])}] "
+            f"per unit of log curvature; pooled Spearman {fmt(a['pooled_spearman'])} (description only) -> {a['label']}"
+        )
+    gains = [float(r["gain"]) for r in ok]
+    helped = sum(1 for g in gains if g > 0)
+    lines.append(
+        f"mean gain of dropout on test NLL against the early-stopped plain baseline: {fmt_ci(*mean_ci(gains))}; "
+        f"dropout helped in {helped} of {len(gains)} runs"
+    )
+    zeros = sum(1 for c in curv if c == 0.0)
+    if zeros:
+        lines.append(f"{zeros} run(s) have a {CURVATURE_NAME} at rounding level, reported as zero and left out of the log-curvature tests")
+    return lines, gains, helped
+
+
+def _manipulation_check(lines: List[str], ok: List[Mapping[str, Any]], curv: List[float], groups: List[str]) -> Tuple[Any, bool]:
+    """``(test, moved)``: did the knob move the curvature within blocks? Its evidence line goes first in ``lines``."""
+    knob = within_group_permutation([r["init_scale"] for r in ok], [math.log(c) if c > 0 else float("nan") for c in curv], groups) if ok else None
+    # either direction is a manipulation: the outcomes are analysed against the curvature, not against the knob
+    moved = knob is not None and math.isfinite(knob.p_value) and knob.p_value < 0.05
+    if knob is not None:
+        lines.insert(0,
+            f"manipulation check: within-setting rank correlation of the initial scale with the log {CURVATURE_NAME} "
+            f"{fmt(knob.statistic)} (permutation p-value {fmt(knob.p_value)}): the knob "
+            + ((f"moved the curvature ({'up' if knob.statistic > 0 else 'down'} with the scale)") if moved else "did NOT move the curvature significantly; the curvature still varies "
+               "within blocks, so the tests below are observational within blocks, not a manipulation")
+        )
+    return knob, moved
+
+
+def _verdict(analyses: Mapping[str, Mapping[str, Any]], runs: int, moved: bool) -> str:
+    """:data:`RULE` applied: the curvature share's sign decides; ``not supported`` needs power and a working knob."""
+    share = analyses["share"]
+    if share["label"] == "predicted sign":
+        return "supported"
+    if share["label"] == "opposite sign":
+        return "refuted"
+    if all(analyses[k]["label"] == "no effect" for k, _ in OUTCOMES) and runs >= 20 and share["settings"] >= 4 and moved:
+        return "not supported"
+    return "inconclusive"
 
 
 def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -> List[Path]:

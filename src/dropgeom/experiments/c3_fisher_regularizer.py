@@ -1,45 +1,7 @@
 r"""Claim C3: dropout essentially corresponds to a Fisher-information regularizer.
 
-Three parts (theory.md 4.1, 4.2, 4.4), on every data set x architecture x
-training size x optimizer of ``config.c3_*`` (the quick run: the bundled
-digits, one MLP; the full run adds Fashion-MNIST with an MLP 784-256-256-10
-and a small CNN at 1k/10k/60k training images, with Adam and SGD).
-
-**C3a, gradients at the training rate** (``grad/...`` units). A network is
-trained with dropout at ``p = config.c3_p``; at initialisation, mid-training
-and the solution, over training inputs,
-:func:`~dropgeom.experiments.c3_gradients.compare_gradients` gives the cosine
-and norm ratio of the Fisher quadratic form's gradient
-``grad 1/2 V sum_j F^mask_jj`` and of the divergence form's ``grad p sum_j K_j``
-against the Monte Carlo gradient of dropout's regularizer ``grad R`` (with its
-standard error), and the value ratios ``Q/R``, ``D/R``. At the solution the
-measured gap is also compared with both forms over ``config.c3_p_grid``.
-Rule (fixed in advance): **supported** when, at the training ``p`` and at
-every stage, the Fisher quadratic form's gradient cosine (mean over seeds) is
-at least 0.9 and its value ratio (geometric mean over seeds) lies in
-[0.8, 1.25], on at least two data sets; otherwise the verdict names what held
-and what did not (``not supported`` when a criterion fails, ``inconclusive``
-when everything holds but fewer than two data sets were run).
-
-**Wager et al.'s regime** (``wager/...`` units): logistic (breast cancer) and
-softmax (digits) regression with input dropout, trained with dropout at
-``c3_p``; the measured gap (exact enumeration of the input masks) against
-``1/2 V theta^T diag(F) theta`` for ``p`` in ``config.c3_wager_p_grid``
-(:mod:`~dropgeom.experiments.wager`): where theory is exact to second order.
-
-**C3b, a fair comparison of regularizers** (``objectives/...`` units). From
-one initialisation: dropout (the reference), dropout again with another mask
-and batch seed (the dropout-vs-dropout noise floor), plain training, and each
-regularizer of ``config.c3_regularizers`` at every strength multiplier in
-``config.c3_strengths`` (a log grid around its nominal strength:
-:mod:`~dropgeom.experiments.regularizers`). Recorded: the clean train NLL,
-test NLL, and ``KL(p_dropout || p_obj)`` on the test inputs, so each
-regularizer gives a curve of KL-to-dropout against strength. Rule: the best
-(smallest over the grid) KL of each Fisher form is compared with L2's best,
-paired log-ratios over seeds, Holm over the Fisher forms; ``supported`` when a
-Fisher form is significantly closer to dropout than L2 and none is farther;
-``refuted`` when a Fisher form is significantly farther and none closer;
-``inconclusive`` otherwise. The noise floor is shown beside it.
+The design and the pre-stated rule, in words, are :data:`ABOUT` (the report prints it under the claim's
+title, with the run's config values); :func:`summarize` applies the rule to the records.
 
 Example:
     >>> from dropgeom.config import RunConfig
@@ -64,6 +26,39 @@ from .stats import adjust, geometric_mean_ci, paired
 
 NAME = "C3"
 TITLE = "C3: dropout corresponds to a Fisher-information regularizer"
+#: The claim's design and pre-stated rule in words, printed under its title in the report (``config.<name>``
+#: becomes the run's value); the report takes this text, never the module docstring.
+ABOUT = (
+    "Three parts (theory.md 4.1, 4.2, 4.4), on every data set x architecture x training size x optimizer of "
+    "`config.c3_*` (the quick run: the bundled digits, one MLP; the full run adds Fashion-MNIST with an MLP "
+    "784-256-256-10 and a small CNN at 1k/10k/60k training images, with Adam and SGD).\n"
+    "\n"
+    "C3a, gradients at the training rate (`grad/...` units). A network is trained with dropout at `p = "
+    "config.c3_p`; at initialisation, mid-training and the solution, over training inputs, `compare_gradients` "
+    "gives the cosine and norm ratio of the Fisher quadratic form's gradient `grad 1/2 V sum_j F^mask_jj` and "
+    "of the divergence form's `grad p sum_j K_j` against the Monte Carlo gradient of dropout's regularizer "
+    "`grad R` (with its standard error), and the value ratios `Q/R`, `D/R`. At the solution the measured gap is "
+    "also compared with both forms over `config.c3_p_grid`. Rule (fixed in advance): supported when, at the "
+    "training `p` and at every stage, the Fisher quadratic form's gradient cosine (mean over seeds) is at least "
+    "0.9 and its value ratio (geometric mean over seeds) lies in [0.8, 1.25], on at least two data sets; "
+    "otherwise the verdict names what held and what did not (`not supported` when a criterion fails, "
+    "`inconclusive` when everything holds but fewer than two data sets were run).\n"
+    "\n"
+    "Wager et al.'s regime (`wager/...` units): logistic (breast cancer) and softmax (digits) regression with "
+    "input dropout, trained with dropout at `c3_p`; the measured gap (exact enumeration of the input masks) "
+    "against `1/2 V theta^T diag(F) theta` for `p` in `config.c3_wager_p_grid` (`wager`): where theory is exact "
+    "to second order.\n"
+    "\n"
+    "C3b, a fair comparison of regularizers (`objectives/...` units). From one initialisation: dropout (the "
+    "reference), dropout again with another mask and batch seed (the dropout-vs-dropout noise floor), plain "
+    "training, and each regularizer of `config.c3_regularizers` at every strength multiplier in "
+    "`config.c3_strengths` (a log grid around its nominal strength: `regularizers`). Recorded: the clean train "
+    "NLL, test NLL, and `KL(p_dropout || p_obj)` on the test inputs, so each regularizer gives a curve of "
+    "KL-to-dropout against strength. Rule: the best (smallest over the grid) KL of each Fisher form is compared "
+    "with L2's best, paired log-ratios over seeds, Holm over the Fisher forms; `supported` when a Fisher form "
+    "is significantly closer to dropout than L2 and none is farther; `refuted` when a Fisher form is "
+    "significantly farther and none closer; `inconclusive` otherwise. The noise floor is shown beside it."
+)
 COS_MIN = 0.9
 BAND = (0.8, 1.25)
 STAGES = ("init", "mid", "solution")

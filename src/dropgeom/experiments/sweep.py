@@ -1,10 +1,11 @@
 """The sweep runner behind ``dropgeom reproduce``: every unit of every experiment, resumable.
 
-:func:`reproduce` writes the resolved config to the run directory (or checks
-it against the one there), runs each experiment's units that are not finished
-yet (experiment x setting x seed; each record written atomically), writes the
-metrics tables and renders the report. Interrupt it at any point and run it
-again: finished units are skipped.
+:func:`run_experiments` writes the resolved config to the run directory (or
+checks it against the one there), runs each experiment's units that are not
+finished yet (experiment x setting x seed; each record written atomically) and
+writes the metrics tables. Interrupt it at any point and run it again: finished
+units are skipped. The report is not rendered here (the experiments import no
+report code): :func:`dropgeom.pipeline.reproduce` runs the sweep, then the report.
 
 Example:
     >>> sorted(EXPERIMENTS)
@@ -26,24 +27,25 @@ from ..config import RunConfig
 from ..rundir import FINISHED, RunDir, atomic_write_json, safe_name
 from . import c1_flatness, c2_curvature_strength, c3_fisher_regularizer
 
-__all__ = ["EXPERIMENTS", "reproduce", "ProgressLine"]
+__all__ = ["EXPERIMENTS", "run_experiments", "ProgressLine"]
 
 #: claim name -> experiment module
 EXPERIMENTS = {"C1": c1_flatness, "C2": c2_curvature_strength, "C3": c3_fisher_regularizer}
 
 
-def reproduce(
+def run_experiments(
     config: RunConfig,
     out: Union[str, Path],
     progress: bool = True,
     on_compute: Optional[Callable[[str], None]] = None,
-    render: bool = True,
     threads: Optional[int] = 1,
     workers: int = 1,
     executor: str = "process",
     address: Optional[str] = None,
 ) -> Path:
-    """Run (or resume) every experiment of ``config`` into the folder ``out``; return the report path.
+    """Run (or resume) every experiment of ``config`` into the folder ``out``; return the run directory.
+
+    The report is rendered by the caller (:func:`dropgeom.pipeline.reproduce` runs this, then the report).
 
     Args:
         config: a validated :class:`~dropgeom.config.RunConfig`.
@@ -52,7 +54,6 @@ def reproduce(
         progress: show one overall progress line (claim, units done/total, ETA).
         on_compute: called with each unit key just before it is computed
             (finished units are skipped and never reach it).
-        render: write figures, ``report.md`` and ``report.html`` at the end.
         threads: torch intra-op threads while running (``None``: leave as is).
             The models are tiny: one thread per process is fastest.
         workers: run the units of each experiment in this many processes (with ``executor="ray"`` and no
@@ -72,6 +73,30 @@ def reproduce(
         ImportError: ``executor="ray"`` without Ray installed.
         ConnectionError: ``address`` cannot be reached (within :data:`dropgeom.executors.CONNECT_TIMEOUT` seconds).
     """
+    _check_before_writing(config, executor, address, threads)
+    rd = RunDir.claim(out)
+    with rd.lock():
+        config = rd.init(config)
+        plan = [(name, EXPERIMENTS[name].units(config)) for name in config.experiments]
+        timings = _Timings(rd.root / "timings.json", workers)
+        line = ProgressLine(rd, plan, workers, enabled=progress)
+        try:
+            for name, units in plan:
+                _run_claim(rd, config, name, units, line, timings, on_compute, threads, workers, executor, address)
+        except KeyboardInterrupt:
+            timings.end("interrupted")
+            raise
+        except BaseException as err:
+            timings.end(f"failed: {type(err).__name__}")
+            raise
+        finally:
+            line.close()
+        timings.end("finished")
+    return rd.root
+
+
+def _check_before_writing(config: RunConfig, executor: str, address: Optional[str], threads: Optional[int]) -> None:
+    """Fail before anything is written: an invalid config, Ray missing or unreachable, missing inputs; set the threads."""
     import torch
 
     from ..executors import check_executor
@@ -82,41 +107,25 @@ def reproduce(
         getattr(EXPERIMENTS[name], "check_inputs", lambda _c: None)(config)
     if threads is not None:
         torch.set_num_threads(int(threads))
-    rd = RunDir.claim(out)
-    with rd.lock():
-        config = rd.init(config)
-        plan = [(name, EXPERIMENTS[name].units(config)) for name in config.experiments]
-        timings = _Timings(rd.root / "timings.json", workers)
-        line = ProgressLine(rd, plan, workers, enabled=progress)
-        try:
-            for name, units in plan:
-                mod = EXPERIMENTS[name]
-                line.set_claim(name)
-                t0 = time.perf_counter()
-                if workers > 1 or executor != "process":
-                    fn = functools.partial(_run_unit_in_worker, name, config.to_dict(), str(rd.checkpoints), threads)
-                else:
-                    fn = functools.partial(_run_unit, mod, config, rd.checkpoints)
-                counts = rd.run_units(
-                    name, units, fn, line, on_compute, workers=workers, on_done=lambda k, r: timings.unit_done(name),
-                    executor=executor, address=address,
-                )
-                rd.write_metrics(name)
-                timings.experiment_done(name, counts, time.perf_counter() - t0)
-        except KeyboardInterrupt:
-            timings.end("interrupted")
-            raise
-        except BaseException as err:
-            timings.end(f"failed: {type(err).__name__}")
-            raise
-        finally:
-            line.close()
-        timings.end("finished")
-        if not render:
-            return rd.root / "report.md"
-        from ..report import render_report
 
-        return render_report(rd.root, experiments=EXPERIMENTS)
+
+def _run_claim(
+    rd: RunDir, config: RunConfig, name: str, units: Sequence[Mapping[str, Any]], line: "ProgressLine", timings: "_Timings",
+    on_compute: Optional[Callable[[str], None]], threads: Optional[int], workers: int, executor: str, address: Optional[str],
+) -> None:
+    """The units of one claim that are not finished yet, then its metrics tables."""
+    line.set_claim(name)
+    t0 = time.perf_counter()
+    if workers > 1 or executor != "process":
+        fn = functools.partial(_run_unit_in_worker, name, config.to_dict(), str(rd.checkpoints), threads)
+    else:
+        fn = functools.partial(_run_unit, EXPERIMENTS[name], config, rd.checkpoints)
+    counts = rd.run_units(
+        name, units, fn, line, on_compute, workers=workers, on_done=lambda k, r: timings.unit_done(name),
+        executor=executor, address=address,
+    )
+    rd.write_metrics(name)
+    timings.experiment_done(name, counts, time.perf_counter() - t0)
 
 
 class _Timings:

@@ -10,24 +10,11 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Dict
 
 from ..options import VerdictLabel
+from ..summary import Verdict  # the record a verdict is, shared with the report's typed summary
 
 __all__ = ["VerdictLabel", "Verdict", "fmt", "fmt_ci"]
-
-
-@dataclass
-class Verdict:
-    """A claim's verdict (a :class:`VerdictLabel` value), and why."""
-
-    claim: str
-    verdict: str
-    evidence: str
-
-    def as_dict(self) -> Dict[str, str]:
-        return {"claim": self.claim, "verdict": self.verdict, "evidence": self.evidence}
 
 
 def fmt(x: float, digits: int = 3) -> str:

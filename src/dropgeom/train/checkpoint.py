@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from ..rundir import atomic_write_bytes  # one atomic writer for run directories and checkpoints
+from .._utils import atomic_write_bytes  # one atomic writer for run directories and checkpoints
 
 __all__ = ["save_checkpoint", "load_checkpoint", "atomic_write_bytes"]
 

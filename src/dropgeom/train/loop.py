@@ -39,12 +39,11 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +51,7 @@ from torch import Tensor, nn
 from ..data import Dataset
 from ..families import ExponentialFamily, get_family
 from .checkpoint import load_checkpoint, save_checkpoint
+from .history import EarlyStopping, History
 from .metrics import evaluate
 from .objectives import Objective
 from .registry import make_objective
@@ -62,69 +62,6 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 OptimizerSpec = Union[None, str, torch.optim.Optimizer, Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]]
 DataSpec = Union[Dataset, Tuple[Tensor, Tensor], Tuple[Tensor, Tensor, Tensor, Tensor]]
-
-
-@dataclass
-class EarlyStopping:
-    """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs.
-
-    ``monitor`` is a key of the per-epoch record (``test_nll`` by default:
-    the held-out split of the data; pass a validation split as the test part
-    to monitor validation NLL). With ``restore_best`` the model ends at the
-    parameters of the best epoch.
-    """
-
-    patience: int = 10
-    monitor: str = "test_nll"
-    min_delta: float = 0.0
-    restore_best: bool = True
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.patience, int) or self.patience < 1:
-            raise ValueError(f"early stopping patience must be a positive int, got {self.patience!r}")
-        if not (isinstance(self.min_delta, (int, float)) and self.min_delta >= 0):
-            raise ValueError(f"early stopping min_delta must be >= 0, got {self.min_delta!r}")
-
-
-@dataclass
-class History:
-    """Per-epoch records of a run and how it ended.
-
-    ``records[e]`` holds, for epoch ``e + 1``: ``epoch``, ``objective_<metric>``
-    (means over the epoch's batches of the objective's metrics, e.g.
-    ``objective_loss``, ``objective_nll``, ``objective_penalty``), ``train_nll``,
-    ``test_nll`` (and ``_accuracy``, ``_ece`` for classification; eval mode),
-    ``lr`` and ``seconds`` (wall time of the epoch).
-    ``diverged`` / ``divergence`` say whether and why the run was stopped for
-    NaN or explosion; ``stopped_early`` and ``best_epoch`` report early
-    stopping, ``stopped_by_callback`` a stop asked for by the callback; ``resumed_from`` is the epoch a resumed run continued after.
-    """
-
-    records: List[Dict[str, float]] = field(default_factory=list)
-    diverged: bool = False
-    divergence: Optional[str] = None
-    stopped_early: bool = False
-    stopped_by_callback: bool = False
-    best_epoch: Optional[int] = None
-    finished: bool = False
-    resumed_from: Optional[int] = None
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> Dict[str, float]:
-        return self.records[i]
-
-    def metric(self, key: str) -> List[float]:
-        """The values of one metric over the epochs."""
-        return [r.get(key, float("nan")) for r in self.records]
-
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "History":
-        return cls(**{k: copy.deepcopy(v) for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 def _split_data(data: DataSpec) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[str]]:
@@ -224,13 +161,11 @@ def train(
         resume: continue from an existing checkpoint in ``checkpoint_dir``
             (``False``: start afresh and overwrite it).
         checkpoint_every: write a checkpoint every this many epochs (and at the end).
-        checkpoint_seconds: also write one after any epoch that ends this many
-            seconds after the last checkpoint (``None``: only ``checkpoint_every``),
-            so that an interrupted long training loses little work.
-        callback: ``callback(record, model)`` after each epoch (before that
-            epoch's checkpoint, so a resumed run sees the same decision);
-            returning ``True`` stops the run, and a resumed run stopped this
-            way is not continued.
+        checkpoint_seconds: also write one after any epoch that ends this many seconds after the last checkpoint
+            (``None``: only ``checkpoint_every``), so that an interrupted long training loses little work.
+        callback: ``callback(record, model)`` after each epoch (before that epoch's checkpoint, so a resumed
+            run sees the same decision); returning ``True`` stops the run, and a resumed run stopped this way
+            is not continued.
         progress: show a tqdm progress bar over epochs.
         divergence_threshold: a batch loss above this counts as divergence.
         eval_batch_size: batch size of the per-epoch evaluation.
@@ -251,25 +186,52 @@ def train(
         >>> len(h), all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
         (3, True)
     """
+    early_stopping = _check_args(model, epochs=epochs, batch_size=batch_size, checkpoint_every=checkpoint_every, seed=seed, lr=lr,
+                                 checkpoint_seconds=checkpoint_seconds, divergence_threshold=divergence_threshold, early_stopping=early_stopping)
+    obj = make_objective(objective, **dict(objective_options or {}))
+    split, fam, ref = _prepare_data(model, data, family, early_stopping)
+    opt = _make_optimizer(optimizer, model, float(lr))
+    ckpt_path = os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_NAME) if checkpoint_dir is not None else None
+    fingerprint = _fingerprint(model, obj, opt, seed, batch_size, int(split[0].shape[0]))
+    run = _Run(model, opt, torch.Generator(device="cpu").manual_seed(seed), History(), fingerprint, ckpt_path)
+    plan = _Plan(obj, fam, split, epochs, batch_size, checkpoint_every, checkpoint_seconds, divergence_threshold, eval_batch_size,
+                 early_stopping, callback)
+    with torch.random.fork_rng(devices=[ref.device] if ref.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        if not (resume and run.resume(epochs)):
+            _epochs(run, plan, progress)
+    return run.history
+
+
+def _check_args(model: nn.Module, *, early_stopping: Optional[Union[EarlyStopping, int]], **kw: Any) -> Optional[EarlyStopping]:
+    """Validate :func:`train`'s scalar arguments; return ``early_stopping`` as an :class:`EarlyStopping` (or ``None``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for name, val in (("epochs", epochs), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
+    for name in ("epochs", "batch_size", "checkpoint_every"):
+        val = kw[name]
         if isinstance(val, bool) or not isinstance(val, int) or val < (0 if name == "epochs" else 1):
             raise ValueError(f"{name} must be a {'non-negative' if name == 'epochs' else 'positive'} int, got {val!r}")
+    seed, lr, seconds, threshold = kw["seed"], kw["lr"], kw["checkpoint_seconds"], kw["divergence_threshold"]
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    if checkpoint_seconds is not None and not (isinstance(checkpoint_seconds, (int, float)) and checkpoint_seconds > 0):
-        raise ValueError(f"checkpoint_seconds must be None or positive, got {checkpoint_seconds!r}")
-    if not (isinstance(divergence_threshold, (int, float)) and divergence_threshold > 0):
-        raise ValueError(f"divergence_threshold must be positive, got {divergence_threshold!r}")
+    if seconds is not None and not (isinstance(seconds, (int, float)) and seconds > 0):
+        raise ValueError(f"checkpoint_seconds must be None or positive, got {seconds!r}")
+    if not (isinstance(threshold, (int, float)) and threshold > 0):
+        raise ValueError(f"divergence_threshold must be positive, got {threshold!r}")
     if isinstance(early_stopping, int) and not isinstance(early_stopping, bool):
         early_stopping = EarlyStopping(patience=early_stopping)
     if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
         raise TypeError("early_stopping must be None, an int patience or an EarlyStopping")
+    return early_stopping
 
-    obj = make_objective(objective, **dict(objective_options or {}))
+
+def _prepare_data(
+    model: nn.Module, data: DataSpec, family: Optional[Union[str, ExponentialFamily]], early_stopping: Optional[EarlyStopping]
+) -> Tuple[Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]], ExponentialFamily, Tensor]:
+    """``((x_train, y_train, x_test, y_test), family, a parameter)``: the splits checked and moved to the
+    parameters' device (floating ones to their dtype)."""
     x_tr, y_tr, x_te, y_te, data_family = _split_data(data)
     fam = get_family(family if family is not None else (data_family or "categorical"))
     if x_tr.shape[0] != y_tr.shape[0] or (x_te is not None and x_te.shape[0] != y_te.shape[0]):
@@ -290,144 +252,204 @@ def train(
         x_te, y_te = x_te.to(ref.device), y_te.to(ref.device)
     if early_stopping is not None and early_stopping.monitor.startswith("test_") and x_te is None:
         raise ValueError(f"early stopping monitors {early_stopping.monitor!r} but the data has no test split")
+    return (x_tr, y_tr, x_te, y_te), fam, ref
 
-    opt = _make_optimizer(optimizer, model, float(lr))
-    n = int(x_tr.shape[0])
-    fp = _fingerprint(model, obj, opt, seed, batch_size, n)
-    ckpt_path = os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_NAME) if checkpoint_dir is not None else None
 
-    history = History()
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    best_value, best_state, bad_epochs = math.inf, None, 0
+@dataclass
+class _Plan:
+    """What :func:`train` was asked to do (fixed for the run)."""
 
-    with torch.random.fork_rng(devices=[ref.device] if ref.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        state = load_checkpoint(ckpt_path) if (ckpt_path is not None and resume) else None
-        if state is not None:
-            diffs = [k for k in fp if state.get("fingerprint", {}).get(k) != fp[k]]
-            if diffs:
-                raise ValueError(
-                    f"checkpoint {ckpt_path} belongs to a different training (differs in {', '.join(diffs)}); "
-                    "delete it, or use another checkpoint folder"
-                )
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            gen.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
-            history = History.from_dict(state["history"])
-            history.resumed_from = len(history.records)
-            best_value, bad_epochs = state["best_value"], state["bad_epochs"]
-            best_state = state.get("best_state")
-            ended = history.diverged or history.stopped_early or history.stopped_by_callback
-            if history.finished and (ended or len(history) >= epochs):
-                return history
-            history.finished = False
+    objective: Objective
+    family: ExponentialFamily
+    data: Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]
+    epochs: int
+    batch_size: int
+    checkpoint_every: int
+    checkpoint_seconds: Optional[float]
+    divergence_threshold: Union[int, float]
+    eval_batch_size: Optional[int]
+    early_stopping: Optional[EarlyStopping]
+    callback: Optional[Callable[[Dict[str, float], nn.Module], Optional[bool]]]
 
-        last_save = [time.perf_counter()]
 
-        def checkpoint() -> None:
-            if ckpt_path is None:
-                return
-            last_save[0] = time.perf_counter()
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "fingerprint": fp,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "generator": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "history": history.to_dict(),
-                    "best_value": best_value,
-                    "bad_epochs": bad_epochs,
-                    "best_state": best_state,
-                },
+@dataclass
+class _Run:
+    """The state of a run, everything a checkpoint holds: model, optimizer, generator, history, early stopping."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    history: History
+    fingerprint: Dict[str, Any]
+    ckpt_path: Optional[str]
+    best_value: float = math.inf
+    best_state: Optional[Dict[str, Tensor]] = None
+    bad_epochs: int = 0
+    last_save: float = 0.0
+
+    def resume(self, epochs: int) -> bool:
+        """Load the checkpoint, if any (the global RNG included); ``True`` when that run has already ended.
+
+        Raises:
+            ValueError: the checkpoint belongs to a different training.
+        """
+        state = load_checkpoint(self.ckpt_path) if self.ckpt_path is not None else None
+        if state is None:
+            return False
+        diffs = [k for k in self.fingerprint if state.get("fingerprint", {}).get(k) != self.fingerprint[k]]
+        if diffs:
+            raise ValueError(
+                f"checkpoint {self.ckpt_path} belongs to a different training (differs in {', '.join(diffs)}); "
+                "delete it, or use another checkpoint folder"
             )
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history = History.from_dict(state["history"])
+        self.history.resumed_from = len(self.history.records)
+        self.best_value, self.bad_epochs = state["best_value"], state["bad_epochs"]
+        self.best_state = state.get("best_state")
+        h = self.history
+        if h.finished and (h.diverged or h.stopped_early or h.stopped_by_callback or len(h) >= epochs):
+            return True
+        h.finished = False
+        return False
 
-        from tqdm.auto import tqdm
+    def checkpoint(self) -> None:
+        """Write the state atomically (nothing without a checkpoint folder)."""
+        if self.ckpt_path is None:
+            return
+        self.last_save = time.perf_counter()
+        save_checkpoint(
+            self.ckpt_path,
+            {
+                "fingerprint": self.fingerprint,
+                "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "generator": self.gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "history": self.history.to_dict(),
+                "best_value": self.best_value,
+                "bad_epochs": self.bad_epochs,
+                "best_state": self.best_state,
+            },
+        )
 
-        bar = tqdm(total=epochs, initial=len(history), disable=not progress, desc=f"train {obj.name}", leave=False)
-        last_good = _state_copy(model)
-        try:
-            for epoch in range(len(history) + 1, epochs + 1):
-                t0 = time.perf_counter()
-                model.train()
-                perm = torch.randperm(n, generator=gen).to(x_tr.device)
-                sums: Dict[str, float] = {}
-                reason: Optional[str] = None
-                for start in range(0, n, batch_size):
-                    idx = perm[start : start + batch_size]
-                    opt.zero_grad(set_to_none=True)
-                    out = obj(model, x_tr[idx], y_tr[idx], fam, gen)
-                    value = out.metrics["loss"]
-                    if not math.isfinite(value):
-                        reason = f"non-finite loss ({value}) at epoch {epoch}, batch {start // batch_size}"
-                        break
-                    if abs(value) > divergence_threshold:
-                        reason = f"loss {value:.3g} above divergence_threshold={divergence_threshold:g} at epoch {epoch}"
-                        break
-                    out.loss.backward()
-                    opt.step()
-                    w = len(idx) / n
-                    for k, v in out.metrics.items():
-                        sums[f"objective_{k}"] = sums.get(f"objective_{k}", 0.0) + w * v
-                if reason is None and not _params_finite(model):
-                    reason = f"non-finite parameters after epoch {epoch}"
-                if reason is not None:
-                    model.load_state_dict(last_good)
-                    history.diverged, history.divergence, history.finished = True, reason, True
-                    checkpoint()
-                    break
-                record: Dict[str, float] = {"epoch": epoch, **sums}
-                for split, xs, ys in (("train", x_tr, y_tr), ("test", x_te, y_te)):
-                    if xs is not None:
-                        for k, v in evaluate(model, xs, ys, fam, eval_batch_size).items():
-                            record[f"{split}_{k}"] = v
-                record["lr"] = float(opt.param_groups[0].get("lr", float("nan")))
-                record["seconds"] = time.perf_counter() - t0
-                if not math.isfinite(record.get("train_nll", 0.0)):
-                    model.load_state_dict(last_good)
-                    history.diverged, history.finished = True, True
-                    history.divergence = f"non-finite training NLL after epoch {epoch}"
-                    checkpoint()
-                    break
-                history.records.append(record)
-                last_good = _state_copy(model)
-                stop = False
-                if early_stopping is not None:
-                    if early_stopping.monitor not in record:
-                        raise ValueError(
-                            f"early stopping monitors {early_stopping.monitor!r}, not among the metrics {sorted(record)}"
-                        )
-                    value = record[early_stopping.monitor]
-                    if value < best_value - early_stopping.min_delta:
-                        best_value, bad_epochs, history.best_epoch = value, 0, epoch
-                        best_state = _state_copy(model) if early_stopping.restore_best else None
-                    else:
-                        bad_epochs += 1
-                        stop = bad_epochs >= early_stopping.patience
-                # the callback decides before the checkpoint is written: a run killed after
-                # that checkpoint resumes with the same decision (bitwise resume)
-                user_stop = callback is not None and bool(callback(record, model)) and not stop
-                if stop or user_stop or epoch == epochs:
-                    history.stopped_early = stop
-                    history.stopped_by_callback = user_stop
-                    if (stop or epoch == epochs) and early_stopping is not None and early_stopping.restore_best and best_state is not None:
-                        model.load_state_dict(best_state)
-                    history.finished = True
-                    checkpoint()
-                elif epoch % checkpoint_every == 0 or (
-                    checkpoint_seconds is not None and time.perf_counter() - last_save[0] >= checkpoint_seconds
-                ):
-                    checkpoint()
-                bar.update(1)
-                bar.set_postfix(
-                    {k: f"{record[k]:.4g}" for k in ("objective_loss", "test_nll", "test_accuracy") if k in record}
-                )
-                if stop or user_stop:
-                    break
-            else:
-                history.finished = True
-        finally:
-            bar.close()
-    return history
+    def diverge(self, last_good: Dict[str, Tensor], reason: str) -> None:
+        """End the run as diverged: the parameters of the last completed epoch back, the reason recorded."""
+        self.model.load_state_dict(last_good)
+        self.history.diverged, self.history.divergence, self.history.finished = True, reason, True
+        self.checkpoint()
+
+
+def _epochs(run: _Run, plan: _Plan, progress: bool) -> None:
+    """The remaining epochs (a progress bar over them when ``progress``)."""
+    from tqdm.auto import tqdm
+
+    run.last_save = time.perf_counter()
+    bar = tqdm(total=plan.epochs, initial=len(run.history), disable=not progress, desc=f"train {plan.objective.name}", leave=False)
+    try:
+        _epoch_loop(run, plan, bar)
+    finally:
+        bar.close()
+
+
+def _epoch_loop(run: _Run, plan: _Plan, bar: Any) -> None:
+    """Each epoch: one pass over the batches, its record, early stopping, the callback, the checkpoint."""
+    last_good = _state_copy(run.model)
+    for epoch in range(len(run.history) + 1, plan.epochs + 1):
+        t0 = time.perf_counter()
+        sums, reason = _train_epoch(run, plan, epoch)
+        record = _epoch_record(run, plan, epoch, sums, t0) if reason is None else {}
+        if reason is None and not math.isfinite(record.get("train_nll", 0.0)):
+            reason = f"non-finite training NLL after epoch {epoch}"
+        if reason is not None:
+            run.diverge(last_good, reason)
+            break
+        run.history.records.append(record)
+        last_good = _state_copy(run.model)
+        stop = _early_stopping_step(run, plan.early_stopping, record, epoch)
+        # the callback decides before the checkpoint is written: a run killed after
+        # that checkpoint resumes with the same decision (bitwise resume)
+        user_stop = plan.callback is not None and bool(plan.callback(record, run.model)) and not stop
+        if stop or user_stop or epoch == plan.epochs:
+            _finish(run, plan.early_stopping, stop, user_stop, epoch == plan.epochs)
+        elif epoch % plan.checkpoint_every == 0 or (
+            plan.checkpoint_seconds is not None and time.perf_counter() - run.last_save >= plan.checkpoint_seconds
+        ):
+            run.checkpoint()
+        bar.update(1)
+        bar.set_postfix({k: f"{record[k]:.4g}" for k in ("objective_loss", "test_nll", "test_accuracy") if k in record})
+        if stop or user_stop:
+            break
+    else:
+        run.history.finished = True
+
+
+def _train_epoch(run: _Run, plan: _Plan, epoch: int) -> Tuple[Dict[str, float], Optional[str]]:
+    """One pass over shuffled mini-batches: ``(means of the objective's metrics, why it diverged or None)``."""
+    x_tr, y_tr = plan.data[0], plan.data[1]
+    n, batch_size = int(x_tr.shape[0]), plan.batch_size
+    run.model.train()
+    perm = torch.randperm(n, generator=run.gen).to(x_tr.device)
+    sums: Dict[str, float] = {}
+    for start in range(0, n, batch_size):
+        idx = perm[start : start + batch_size]
+        run.opt.zero_grad(set_to_none=True)
+        out = plan.objective(run.model, x_tr[idx], y_tr[idx], plan.family, run.gen)
+        value = out.metrics["loss"]
+        if not math.isfinite(value):
+            return sums, f"non-finite loss ({value}) at epoch {epoch}, batch {start // batch_size}"
+        if abs(value) > plan.divergence_threshold:
+            return sums, f"loss {value:.3g} above divergence_threshold={plan.divergence_threshold:g} at epoch {epoch}"
+        out.loss.backward()
+        run.opt.step()
+        w = len(idx) / n
+        for k, v in out.metrics.items():
+            sums[f"objective_{k}"] = sums.get(f"objective_{k}", 0.0) + w * v
+    if not _params_finite(run.model):
+        return sums, f"non-finite parameters after epoch {epoch}"
+    return sums, None
+
+
+def _epoch_record(run: _Run, plan: _Plan, epoch: int, sums: Mapping[str, float], t0: float) -> Dict[str, float]:
+    """The epoch's record: the objective's means, train and test metrics (eval mode), learning rate, seconds."""
+    x_tr, y_tr, x_te, y_te = plan.data
+    record: Dict[str, float] = {"epoch": epoch, **sums}
+    for split, xs, ys in (("train", x_tr, y_tr), ("test", x_te, y_te)):
+        if xs is not None:
+            for k, v in evaluate(run.model, xs, ys, plan.family, plan.eval_batch_size).items():
+                record[f"{split}_{k}"] = v
+    record["lr"] = float(run.opt.param_groups[0].get("lr", float("nan")))
+    record["seconds"] = time.perf_counter() - t0
+    return record
+
+
+def _early_stopping_step(run: _Run, es: Optional[EarlyStopping], record: Mapping[str, float], epoch: int) -> bool:
+    """Update the best value and the epochs without improvement; ``True`` when patience has run out.
+
+    Raises:
+        ValueError: the monitored metric is not in the record.
+    """
+    if es is None:
+        return False
+    if es.monitor not in record:
+        raise ValueError(f"early stopping monitors {es.monitor!r}, not among the metrics {sorted(record)}")
+    value = record[es.monitor]
+    if value < run.best_value - es.min_delta:
+        run.best_value, run.bad_epochs, run.history.best_epoch = value, 0, epoch
+        run.best_state = _state_copy(run.model) if es.restore_best else None
+        return False
+    run.bad_epochs += 1
+    return run.bad_epochs >= es.patience
+
+
+def _finish(run: _Run, es: Optional[EarlyStopping], stop: bool, user_stop: bool, last: bool) -> None:
+    """End the run (patience out, the callback's stop, or the last epoch): best parameters back if asked, checkpoint."""
+    run.history.stopped_early = stop
+    run.history.stopped_by_callback = user_stop
+    if (stop or last) and es is not None and es.restore_best and run.best_state is not None:
+        run.model.load_state_dict(run.best_state)
+    run.history.finished = True
+    run.checkpoint()

@@ -25,6 +25,7 @@ from typing import Dict, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .._utils import training_off
 from ..families import ExponentialFamily, get_family
 
 __all__ = ["expected_calibration_error", "classification_metrics", "evaluate"]
@@ -102,16 +103,11 @@ def evaluate(
     """
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"{x.shape[0]} inputs but {y.shape[0]} labels")
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with training_off(model):
         if batch_size is None or x.shape[0] <= batch_size:
             eta = model(x)
         else:
             eta = torch.cat([model(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
-    finally:
-        for m, t in flags:
-            m.training = t
     if not torch.isfinite(eta).all():
         return {"nll": float("nan")}
     return classification_metrics(eta, y, family, n_bins)

@@ -1,0 +1,153 @@
+"""Small helpers shared across the package (not public): inputs as a tuple, the batching fallback,
+the training-flags context and the memory guard.
+
+One copy of each, imported by the modules that need them (issue #8, item 6). This module is in the
+base layer: it imports nothing from dropgeom.
+
+Example:
+    >>> import torch
+    >>> as_tuple(torch.zeros(2, 3))[0].shape
+    torch.Size([2, 3])
+    >>> vmap_or_loop(lambda r: r.sum(), torch.ones(4, 3)).tolist()
+    [3.0, 3.0, 3.0, 3.0]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+
+__all__ = [
+    "Inputs", "as_tuple", "checked_inputs", "vmap_or_loop", "training_off", "check_finite", "memory_guard",
+    "DEFAULT_MEMORY_LIMIT", "DEFAULT_CHUNK_BYTES", "atomic_write_bytes",
+]
+
+Inputs = Union[Tensor, Tuple[Tensor, ...]]
+
+#: Largest single tensor (bytes) a dense request may allocate before an error
+#: pointing to a matrix-free structure is raised. Override per call.
+DEFAULT_MEMORY_LIMIT = 2 * 1024**3
+#: Bytes of back-propagated factors one chunk of inputs may hold inside the Fisher engine (1 GiB): larger input
+#: sets are processed in chunks and summed, so no input size ends in an out-of-memory kill. Override per call.
+DEFAULT_CHUNK_BYTES = 1024**3
+
+
+def as_tuple(inputs: Inputs) -> Tuple[Tensor, ...]:
+    """``inputs`` as a tuple of model arguments (a single tensor becomes a 1-tuple); nothing is checked."""
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def checked_inputs(inputs: Inputs) -> Tuple[Tensor, ...]:
+    """:func:`as_tuple`, checked: tensors with one non-empty leading sample axis and finite floating values.
+
+    Raises:
+        TypeError: not a tensor or a tuple of tensors.
+        ValueError: no leading sample axis, differing sample counts, ``n = 0`` or non-finite values.
+    """
+    if isinstance(inputs, Tensor):
+        inputs = (inputs,)
+    if not isinstance(inputs, tuple) or not inputs or not all(isinstance(t, Tensor) for t in inputs):
+        raise TypeError("inputs must be a tensor or a tuple of tensors with a leading sample axis")
+    n = inputs[0].shape[0] if inputs[0].dim() else 0
+    for t in inputs:
+        if t.dim() == 0 or t.shape[0] != n:
+            raise ValueError(f"every input needs the same leading sample axis; got {[tuple(x.shape) for x in inputs]}")
+        if torch.is_floating_point(t) and not torch.isfinite(t).all():
+            raise ValueError("inputs contain non-finite values (NaN or inf)")
+    if n == 0:
+        raise ValueError("inputs are empty (n = 0)")
+    return inputs
+
+
+def vmap_or_loop(fn: Callable[..., Tensor], *cols: Tensor) -> Tensor:
+    """``vmap(fn)(*cols)``, or ``stack([fn(*row) for row in zip(*cols)])`` when a layer has no batching rule."""
+    try:
+        return vmap(fn)(*cols)
+    except (RuntimeError, NotImplementedError):
+        return torch.stack([fn(*(c[i] for c in cols)) for i in range(cols[0].shape[0])])
+
+
+@contextlib.contextmanager
+def training_off(model: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode (``training = False``) for the duration; each flag restored afterwards.
+
+    Unlike :func:`dropgeom.manifold.eval_mode` (which uses it) no kernels are rerouted and no dropout is intercepted.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        for m, _ in flags:
+            m.training = False
+        yield
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def check_finite(name: str, t: Tensor) -> None:
+    """Raise ``ValueError`` if the floating tensor ``t`` holds a NaN or an infinity.
+
+    A finite sum implies every entry is finite (NaN/inf propagate); only a non-finite sum (which may be an
+    overflow) needs the elementwise check: one reduction instead of three ``[numel]`` temporaries per call.
+
+    Raises:
+        ValueError: ``t`` contains non-finite values.
+    """
+    if torch.is_floating_point(t) and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+
+
+def memory_guard(numel: int, dtype: torch.dtype, what: str, alternative: str, limit: Optional[int] = None) -> None:
+    """Raise ``MemoryError`` with advice if ``numel`` elements of ``dtype`` exceed ``limit`` bytes.
+
+    Raises:
+        MemoryError: ``numel`` elements need more than ``limit`` (default :data:`DEFAULT_MEMORY_LIMIT`) bytes.
+    """
+    limit = DEFAULT_MEMORY_LIMIT if limit is None else limit
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes > limit:
+        raise MemoryError(
+            f"{what} needs {nbytes / 1024**3:.2f} GiB (limit {limit / 1024**3:.2f} GiB); {alternative}"
+        )
+
+
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_MODE = _file_mode()  # mkstemp creates 0600 files; written results get the usual permissions
+
+
+def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, ``os.replace``).
+
+    One writer for run directories (:mod:`dropgeom.rundir`) and training checkpoints
+    (:mod:`dropgeom.train.checkpoint`): a reader sees the old file or the new one, never a torn one.
+
+    Raises:
+        OSError: the folder cannot be created or written (the temporary file is removed).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, _MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

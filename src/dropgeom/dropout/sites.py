@@ -1,0 +1,117 @@
+"""The dropout sites of a model, found by one eval-mode forward pass (theory.md section 4).
+
+A *site* is a dropout module of any kind or dropout that is not a module (attention weights,
+``F.dropout`` calls, ``scaled_dot_product_attention(dropout_p>0)``), with its kind, drop
+probability and per-sample unit (mask) shape. :mod:`dropgeom.dropout.masks` re-exports
+:func:`dropout_sites` and :func:`unit_shapes`.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+    >>> list(dropout_sites(net, torch.zeros(2, 3)))
+    ['1']
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .._intercept import DropoutSite, unit_shape as _kind_unit_shape
+from .._utils import Inputs
+from .explicit import record_dropout_inputs
+from .kinds import _rnn_dropout, module_kind
+
+__all__ = ["dropout_sites", "unit_shapes"]
+
+
+def dropout_sites(
+    model: nn.Module, inputs: "Inputs", layers: Optional[Sequence[str]] = None
+) -> Dict[str, DropoutSite]:
+    """Every dropout site of ``model`` on ``inputs``, found by one eval-mode forward pass.
+
+    Sites: dropout modules of every kind (named as modules) in ``named_modules()``
+    order, then the dropout that is not a module -- ``nn.MultiheadAttention``
+    attention weights (the module's name), ``F.dropout``-family calls
+    (``"<module>#dropout<i>"``) and ``F.scaled_dot_product_attention`` with
+    ``dropout_p > 0`` (``"<module>#sdpa<i>"``) -- in call order. Each site carries
+    its kind, drop probability and per-sample unit (mask) shape.
+
+    Args:
+        model: the network.
+        inputs: its inputs (leading sample axis).
+        layers: restrict to these site names (in this order).
+
+    Raises:
+        ValueError: no dropout at all, an unknown name, or a named dropout module that
+            the forward pass never runs.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv1d(2, 3, 1), nn.Dropout1d(0.1), nn.Flatten(), nn.Linear(12, 2))
+        >>> s = dropout_sites(net, torch.zeros(5, 2, 4))
+        >>> {k: (v.kind, v.p, tuple(v.unit_shape)) for k, v in s.items()}
+        {'1': ('channel', 0.1, (3,))}
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    modules = {k: m for k, m in model.named_modules() if module_kind(m) is not None}
+    record: Dict[str, DropoutSite] = {}
+    with torch.no_grad():
+        rec = record_dropout_inputs(model, inputs, list(modules), sites=record, strict=False)
+    sites: Dict[str, DropoutSite] = {}
+    for k, m in modules.items():
+        if k in rec:
+            kind = module_kind(m)
+            sites[k] = DropoutSite(k, kind, float(m.p), k, _kind_unit_shape(kind, rec[k]))
+    sites.update(record)
+    fused = _rnn_dropout(model)
+    if fused:
+        warnings.warn(
+            "dropout that cannot be made an explicit mask is left out (evaluated as in eval mode): "
+            + "; ".join(f"{k!r}: {v}" for k, v in fused.items())
+            + ". Build the stack from single-layer modules with nn.Dropout between them to include it.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if layers is None:
+        if not sites:
+            raise ValueError(
+                f"{type(model).__name__} has no dropout modules, and its forward pass calls no F.dropout or "
+                "attention dropout; add dropout layers or use noise='dropconnect'"
+            )
+        return sites
+    if isinstance(layers, str):
+        layers = [layers]
+    if not layers:
+        raise ValueError("layers is empty: name at least one dropout layer")
+    out = {}
+    for name in layers:
+        if name in sites:
+            out[name] = sites[name]
+        elif name in modules:
+            raise ValueError(f"dropout module {name!r} is never run by the model's forward pass on these inputs")
+        else:
+            raise ValueError(f"unknown layer name {name!r}; the model's dropout layers are {list(sites)}")
+    return out
+
+
+def unit_shapes(model: nn.Module, inputs: Inputs, layers: Optional[Sequence[str]] = None) -> Dict[str, torch.Size]:
+    """Per-sample unit shape of each dropout site (:func:`dropout_sites`), found by one eval-mode forward pass.
+
+    ``nn.Dropout``: the shape of the layer's input without the batch axis;
+    ``nn.Dropout1d/2d/3d``: ``(channels,)``; ``DropPath``: ``()``; attention: ``(heads, L, S)``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+        >>> unit_shapes(net, torch.zeros(2, 3))
+        {'1': torch.Size([4])}
+    """
+    return {k: s.unit_shape for k, s in dropout_sites(model, inputs, layers).items()}
