@@ -334,13 +334,14 @@ def test_curvature_term_sampled_estimators_are_unbiased(make, form, fast):
 def test_curvature_term_takes_the_chain_path(monkeypatch):
     import importlib
 
-    pen_mod = importlib.import_module("dropgeom.dropout.penalty")  # the package re-exports a function of that name
+    generic = importlib.import_module("dropgeom.dropout.penalty_generic")
+    sites = importlib.import_module("dropgeom.dropout.penalty_sites")
 
     def boom(*a, **k):
         raise AssertionError("the generic path was used")
 
-    monkeypatch.setattr(pen_mod, "_gaussian_curvature", boom)
-    monkeypatch.setattr(pen_mod, "_lazy_masks", boom)
+    monkeypatch.setattr(generic, "_gaussian_curvature", boom)
+    monkeypatch.setattr(sites, "_generic_forward", boom)
     net = _deep_net(1)
     x, y = _data(n=5)
     for form in ("quadratic", "divergence"):
@@ -433,7 +434,7 @@ def test_generic_path_curvature_term_of_piecewise_linear_downstream_is_zero_with
 
     from dropgeom.dropout import terms
 
-    pen_mod = importlib.import_module("dropgeom.dropout.penalty")
+    pen_mod = importlib.import_module("dropgeom.dropout.penalty_generic")
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(5, 1, 6, 6, generator=g, dtype=D), torch.randint(0, 3, (5,), generator=g)
     smooth = _cnn(nn.Tanh, 1)  # not piecewise linear: the forward-over-forward passes, equal to terms
