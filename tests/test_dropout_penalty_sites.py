@@ -189,3 +189,49 @@ def test_penalty_takes_every_site_and_names_unknown_ones():
         penalty(host, x, layers=["1.lin1"])
     with pytest.raises(ValueError, match="module's own p"):
         penalty(_alpha_net(False)[0], x, p=0.1)
+
+
+def test_penalty_bad_inputs_name_the_problem():
+    net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Dropout(0.2), nn.Linear(3, 2)).double()
+    x32 = torch.zeros(4, 2)
+    from dropgeom.dropout.penalty import _penalty
+
+    for fast in (True, False):  # the chain path and the generic one
+        with pytest.raises(ValueError, match=r"inputs\[0\] has dtype torch.float32.*torch.float64"):
+            _penalty(net, x32, "categorical", None, "quadratic", None, False, None, "exact", None, None, fast=fast)
+    with pytest.raises(ValueError, match=r"'2' must lie in \[0, 1\)"):
+        penalty(net, x32.double(), p=1.0)
+    with pytest.raises(ValueError, match=r"'attn' must lie in \[0, 1\)"):
+        penalty(AttnNet(p=1.0).double(), torch.zeros(4, 2, 2, dtype=D))
+
+    class Skips(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.unused = nn.Linear(2, 2), nn.Dropout(0.1)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    with pytest.raises(ValueError, match="'unused' is never run"):
+        penalty(Skips().double(), x32.double(), layers=["unused"])
+
+
+def test_override_check_bypass_is_per_thread():
+    """While one thread runs a masked MHA call, ``F.has_torch_function`` answers as torch's own elsewhere."""
+    import threading
+
+    from dropgeom import _intercept
+
+    class Marked(torch.Tensor):
+        pass
+
+    t = torch.zeros(2).as_subclass(Marked)
+    own = F.has_torch_function
+    inside, other = [], []
+    with _intercept._bypass_override_check():
+        inside.append(F.has_torch_function((t,)))
+        worker = threading.Thread(target=lambda: other.append(F.has_torch_function((t,))))
+        worker.start()
+        worker.join()
+    assert inside == [False] and other == [True]
+    assert F.has_torch_function is own  # restored

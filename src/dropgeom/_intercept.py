@@ -347,8 +347,8 @@ class DropoutInterceptor(torch.overrides.TorchFunctionMode):
             where = f"module {self._owner!r}" if self._owner else "the model's forward"
             warnings.warn(
                 f"{what} (p={float(p):g}) in {where} is not an nn.Dropout module and gets no explicit mask "
-                f"here: this quantity leaves it out (evaluated as identity). dropgeom.dropout.gap, terms and "
-                f"mixture include it as layer {name!r}.",
+                f"here: this quantity leaves it out (evaluated as identity). dropgeom.dropout.gap, terms, "
+                f"mixture and penalty include it as layer {name!r}.",
                 RuntimeWarning,
                 stacklevel=3,
             )

@@ -24,8 +24,9 @@ Dropout layers (*sites*, :func:`dropout_sites`), each with a mask law:
   (``"<module>#sdpa0"``).
 
 :func:`find_dropout` returns the multiplicative ``torch.nn`` modules only (what the
-penalty and the fast paths take) and warns, naming them, about the dropout it leaves
-out; :func:`dropout_sites` returns every site (what ``gap``, ``terms`` and ``mixture`` take).
+fast paths and the dropout-mixture manifold take) and warns, naming them, about the
+dropout it leaves out; :func:`dropout_sites` returns every site (what ``gap``, ``terms``,
+``mixture`` and ``penalty`` take).
 
 Masks are per sample: a layer with unit shape ``U`` gets a mask of shape
 ``[n, *U]`` (a leading axis of 1 broadcasts one mask over every sample).
@@ -161,7 +162,7 @@ def find_dropout(
                 warnings.warn(
                     "this quantity takes nn.Dropout/Dropout1d/2d/3d modules only and leaves out "
                     + "; ".join(f"{k!r}: {v}" for k, v in left.items())
-                    + " (dropgeom.dropout.gap, terms and mixture include them)",
+                    + " (dropgeom.dropout.gap, terms, mixture and penalty include them)",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -181,7 +182,7 @@ def find_dropout(
         if not all_kinds and module_kind(mod) is not None and not isinstance(mod, DROPOUT_TYPES):
             raise ValueError(
                 f"layer {name!r} is {type(mod).__name__}, which is not multiplicative nn.Dropout; "
-                "this quantity does not support it (dropgeom.dropout.gap, terms and mixture do)"
+                "this quantity does not support it (dropgeom.dropout.gap, terms, mixture and penalty do)"
             )
         if not ok(mod):
             raise ValueError(f"layer {name!r} is a {type(mod).__name__}, not a dropout module; dropout modules: {list(found)}")

@@ -103,8 +103,12 @@ def record(model: nn.Module, args: Tuple[Tensor, ...], layers: Optional[Sequence
     if chain_mods is not None:
         seen: Dict[str, DropoutSite] = {}
         watch = DropoutInterceptor(model, record=seen) if wanted is None and not _torch_only(model) else None
-        with training_off(model), (watch if watch is not None else contextlib.nullcontext()):
-            chain = run_chain(model, chain_mods, args[0], names)
+        try:
+            with training_off(model), (watch if watch is not None else contextlib.nullcontext()):
+                chain = run_chain(model, chain_mods, args[0], names)
+        except RuntimeError as err:  # name the input whose dtype / device does not fit, if that is why
+            check_inputs_match(model, args, err)
+            raise
         if chain is not None and not seen:
             ps = resolve_p({k: modules[k] for k in names}, p)
             hs: Dict[str, Optional[Tensor]] = {k: chain.h(k) for k in names}
