@@ -66,6 +66,7 @@ from ._common import Inputs, as_tuple, model_inputs, check_output, chunk_for, de
 from .chain import Chain, as_chain, run_chain, training_off
 from .explicit import forward_with_masks
 from .masks import ALPHA_KINDS, PSpec, mask_spec, mask_variance
+from .penalty_generic import _piecewise_linear_after
 
 __all__ = ["DropoutTerms", "terms", "TERM_NAMES"]
 
@@ -242,15 +243,12 @@ def _terms_generic(
     def f(masks: Dict[str, Tensor]) -> Tensor:
         return forward_with_masks(model, args, masks, params)
 
-    # First derivatives w.r.t. per-sample masks: mask gradient = h * d eta / d h~.
     ones = {k: torch.ones(n, *shapes[k], dtype=dtype, device=device) for k in names}
-    _, pull = vjp(f, ones)
-    try:
-        g_sigma = vmap(pull)(sq.permute(2, 0, 1).contiguous())[0]  # name -> [R, n, *unit]
-    except (RuntimeError, NotImplementedError):
-        cols = [pull(sq[:, :, c].contiguous())[0] for c in range(sq.shape[2])]
-        g_sigma = {k: torch.stack([c[k] for c in cols]) for k in names}
-    g_res = pull(r)[0]  # name -> [n, *unit]: <r_i, d_j eta_i>
+    curved = {k: not _piecewise_linear_after(model, k) for k in names}  # else d^2 eta / d m_j^2 = 0
+    # d_j eta: free from the per-unit forward-over-forward passes where the curvature runs them;
+    # elsewhere the cheaper of U forward tangents and R + 1 reverse products
+    reverse = [k for k in names if not curved[k] and sizes[k] > sq.shape[2] + 1]
+    g_sigma, g_res = _reverse_first_order(f, {k: ones[k] for k in reverse}, sq, r)
     drift = _alpha_drift(f, {k: ones[k] for k in names if kinds[k] in ALPHA_KINDS}, r)
 
     shared = {k: torch.ones(1, *shapes[k], dtype=dtype, device=device) for k in names}
@@ -263,27 +261,35 @@ def _terms_generic(
         def eta_drop(e: Tensor, k: str = k, shape=shape) -> Tensor:
             return f({**shared, k: (1.0 - e).reshape(1, *shape)})
 
-        def second(e: Tensor, k: str = k, shape=shape) -> Tensor:
+        def along(m: Tensor, e: Tensor, k: str = k) -> Tensor:
+            return jvp(lambda mm: f({**shared, k: mm}), (m,), (e,))[1]
+
+        def taylor(e: Tensor, k: str = k, shape=shape) -> Tensor:  # [2, n, K]: d_e eta and d_e^2 eta
             t = e.reshape(1, *shape)
+            return torch.stack(jvp(lambda m: along(m, t), (shared[k],), (t,)))
 
-            def along(m: Tensor) -> Tensor:
-                return jvp(lambda mm: f({**shared, k: mm}), (m,), (t,))[1]
+        def first(e: Tensor, k: str = k, shape=shape) -> Tensor:
+            return along(shared[k], e.reshape(1, *shape))
 
-            return jvp(along, (shared[k],), (t,))[1]
-
+        curv = torch.zeros(u, dtype=dtype, device=device)
+        if curved[k]:
+            both = _batched_over_units(taylor, u, chunk, eta0)  # [U, 2, n, K]
+            d1 = both[:, 0]
+            curv = (both[:, 1] * r).sum(-1).mean(1).detach()
+        elif k not in reverse:
+            d1 = _batched_over_units(first, u, chunk, eta0)  # [U, n, K]
         with torch.no_grad():
-            fisher_u = g_sigma[k].reshape(-1, n, u).pow(2).sum(0).mean(0)
-            rd = g_res[k].reshape(n, u).mean(0)
+            if k in reverse:
+                fisher_u = g_sigma[k].reshape(-1, n, u).pow(2).sum(0).mean(0)
+                rd = g_res[k].reshape(n, u).mean(0)
+            else:
+                fisher_u = torch.einsum("unk,nkr->unr", d1, sq).pow(2).sum(-1).mean(1)
+                rd = (d1 * r).sum(-1).mean(1)
             dropped = _batched_over_units(eta_drop, u, chunk, eta0)  # [U, n, K]
             kl = fam.kl(eta0.expand(u, n, kdim).reshape(-1, kdim), dropped.reshape(-1, kdim)).reshape(u, n).mean(1)
             bern = ((dropped - eta0) * r).sum(-1).mean(1) + rd
             if k in drift:  # alpha dropout's mean drifts: E h~ = a (1 - p) h (theory.md 4.5)
                 bern = bern - 0.5 * (1.0 + ALPHA * ALPHA) * drift[k].reshape(n, u).mean(0)
-            del dropped
-        d2 = _batched_over_units(second, u, chunk, eta0)  # [U, n, K]
-        with torch.no_grad():
-            curv = (d2 * r).sum(-1).mean(1)
-        del d2
         per_unit[k] = {
             "fisher": fisher_u.reshape(shape),
             "curvature_gaussian": curv.reshape(shape),
@@ -291,6 +297,23 @@ def _terms_generic(
             "curvature_bernoulli": bern.reshape(shape),
         }
     return per_unit
+
+
+def _reverse_first_order(
+    f: Callable[[Dict[str, Tensor]], Tensor], ones: Dict[str, Tensor], sq: Tensor, r: Tensor
+) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+    """``Sigma^{1/2 T} d_j eta`` (``[R, n, *unit]``) and ``<r, d_j eta>`` (``[n, *unit]``) for every unit
+    of the layers in ``ones`` by ``R + 1`` reverse-mode products (``vmap`` over the columns); the mask
+    gradient is ``h * d eta / d h~``."""
+    if not ones:
+        return {}, {}
+    _, pull = vjp(f, ones)
+    try:
+        g_sigma = vmap(pull)(sq.permute(2, 0, 1).contiguous())[0]  # name -> [R, n, *unit]
+    except (RuntimeError, NotImplementedError):
+        cols = [pull(sq[:, :, c].contiguous())[0] for c in range(sq.shape[2])]
+        g_sigma = {k: torch.stack([c[k] for c in cols]) for k in ones}
+    return g_sigma, pull(r)[0]
 
 
 def _alpha_drift(f: Callable[[Dict[str, Tensor]], Tensor], ones: Dict[str, Tensor], r: Tensor) -> Dict[str, Tensor]:
