@@ -242,7 +242,7 @@ class LazyMasks(dict):
 _BYPASS = threading.local()
 _BYPASS_LOCK = threading.Lock()
 _BYPASS_USERS = [0]
-_HAS_TORCH_FUNCTION = F.has_torch_function
+_HAS_TORCH_FUNCTION = getattr(F, "has_torch_function")
 
 
 def _guarded_has_torch_function(*args) -> bool:
@@ -255,7 +255,7 @@ def _guarded_has_torch_function(*args) -> bool:
 def _bypass_override_check() -> Iterator[None]:
     with _BYPASS_LOCK:
         if _BYPASS_USERS[0] == 0:
-            F.has_torch_function = _guarded_has_torch_function
+            setattr(F, "has_torch_function", _guarded_has_torch_function)
         _BYPASS_USERS[0] += 1
     _BYPASS.depth = getattr(_BYPASS, "depth", 0) + 1
     try:
@@ -265,7 +265,7 @@ def _bypass_override_check() -> Iterator[None]:
         with _BYPASS_LOCK:
             _BYPASS_USERS[0] -= 1
             if _BYPASS_USERS[0] == 0:
-                F.has_torch_function = _HAS_TORCH_FUNCTION
+                setattr(F, "has_torch_function", _HAS_TORCH_FUNCTION)
 
 
 class DropoutInterceptor(torch.overrides.TorchFunctionMode):
@@ -273,8 +273,8 @@ class DropoutInterceptor(torch.overrides.TorchFunctionMode):
 
     Args:
         model: the network (its modules name the sites).
-        masks: ``{site name: mask [n or 1, *unit_shape]}`` to apply.
-        p: ``{site name: drop probability}`` overriding the call's own ``p`` for alpha sites.
+        masks: ``{site name: mask [n or 1, *unit_shape]}`` to apply, or a :class:`LazyMasks`
+            that gives every site met an all-ones mask.
         record: a dict filled with ``{site name: DropoutSite}`` for every site seen.
         warn: warn about every site evaluated without a mask.
     """

@@ -123,8 +123,7 @@ def penalty(
     r"""Fisher-dropout penalty: ``1/2 sum_l V_l sum_j F^mask_jj`` or ``sum_l p_l sum_j K_j`` (theory.md 4.4).
 
     Args:
-        model: network with dropout (modules of every kind, attention-weight and functional
-            dropout; evaluated at ``m = 1`` in eval mode).
+        model: network with dropout modules (evaluated at ``m = 1`` in eval mode).
         inputs: the batch.
         family: output family.
         p: drop probability (default each module's ``p``; float or dict per layer).
@@ -132,8 +131,7 @@ def penalty(
         targets: labels; needed only with ``curvature=True``.
         curvature: add ``1/2 sum V C_jj`` (quadratic) or ``sum p B_j`` (divergence), by the
             same path and estimator as the Fisher term (theory.md 4.2).
-        layers: restrict to these dropout layers (module or site names,
-            :func:`~dropgeom.dropout.dropout_sites`).
+        layers: restrict to these dropout layers.
         estimator: ``"exact"``, ``"mc"`` (unbiased, one probe ``Sigma^{1/2} xi`` per sample)
             or ``"unit"`` (unbiased, one random unit ``j_i`` per sample:
             ``U (d_j eta)^T Sigma (d_j eta)``, a forward-mode pass -- the cheapest on deep

@@ -24,7 +24,7 @@ the actual perturbation, ``Var h~_j = V_alpha (h_j + ALPHA)^2`` with
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -120,6 +120,7 @@ def _quadratic(
     total = eta.new_zeros(())
     ms = [masks[k] for k in others]
     sq = fam.cov_sqrt(eta)  # [n, K, R]
+    grads: Sequence[Tensor]
     if estimator == "exact":  # R reverse-mode products, batched over the columns
         cot = sq.permute(2, 0, 1)
         try:
@@ -131,7 +132,7 @@ def _quadratic(
         probe = torch.einsum("nkr,nr->nk", sq, draws.probe)
         grads = torch.autograd.grad(eta, ms, probe, create_graph=True)
     else:  # "unit": one random unit j_i per sample, U (d_j eta)^T Sigma (d_j eta) by one jvp
-        grads = []
+        units: List[Tensor] = []
         for k in others:
             shape = tuple(masks[k].shape[1:])
             u = math.prod(shape)
@@ -143,7 +144,8 @@ def _quadratic(
                 return forward_with_masks(model, args, {k: mm})
 
             d = jvp(along, (ones,), (onehot.reshape(n, *shape),))[1]  # [n, K]
-            grads.append(math.sqrt(u) * torch.einsum("nkr,nk->nr", sq, d))
+            units.append(math.sqrt(u) * torch.einsum("nkr,nk->nr", sq, d))
+        grads = units
     for k, g in zip(others, grads):
         total = total + 0.5 * layer_variance(kinds[k], ps[k]) * g.pow(2).sum() / n
     curved = [k for k in others if not _piecewise_linear_after(model, k)]  # the others' C_jj is 0

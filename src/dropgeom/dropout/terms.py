@@ -62,7 +62,7 @@ from torch.func import jvp, vjp, vmap
 
 from .._intercept import ALPHA, alpha_mode
 from ..families import ExponentialFamily
-from ._common import Inputs, as_tuple, model_inputs, check_output, chunk_for, detached_params, family_of, kl_to_dropped
+from ._common import Inputs, model_inputs, check_output, chunk_for, detached_params, family_of, kl_to_dropped
 from .chain import Chain, as_chain, run_chain, training_off
 from .explicit import forward_with_masks
 from .masks import ALPHA_KINDS, PSpec, mask_spec, mask_variance
