@@ -235,3 +235,18 @@ def test_override_check_bypass_is_per_thread():
         worker.join()
     assert inside == [False] and other == [True]
     assert F.has_torch_function is own  # restored
+
+
+def test_chain_path_falls_back_when_a_custom_module_upstream_drops_functionally():
+    """A chain-shaped model whose first module calls F.dropout: the chain pass is watched, the site
+    found, and the generic path takes both layers (the quadratic form is additive over layers)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(FuncDrop(p=0.4), nn.Tanh(), nn.Dropout(0.3), nn.Linear(2, 2)).double()
+    x, y = _data(5, (2,))
+    both = penalty(net, x).item()
+    alone = penalty(net, x, layers=["2"]).item()  # the chain path: the functional site is not asked for
+    site = penalty(net, x, layers=["0#dropout0"]).item()
+    assert site > 0 and abs(both - alone - site) < 1e-14 * max(1.0, abs(both))
+    t = terms(net, x, y)
+    assert set(t.per_layer) == {"2", "0#dropout0"}
+    assert abs(both - sum(0.5 * q / (1 - q) * t.per_layer[k]["fisher"] for k, q in t.p.items())) < 1e-13
