@@ -80,19 +80,16 @@ KNOWN_LONG_FILES: Dict[str, str] = {
     "dropgeom/fisher.py": "issue #8 items 1 and 6: layer-rule registry",
     # grown in the session that worked on issues 9-14 in parallel; split them next (issue #8 acceptance)
     "dropgeom/curvature/invariant.py": "issue #8 acceptance: split measures from the SVD machinery (issue 9 code)",
-    "dropgeom/dropout/penalty.py": "issue #8 item 6: one module per penalty strategy (issue 14 code)",
 }
 
 #: Functions over MAX_FUNCTION_LINES today ("path:qualified name", paths relative to src/).
 KNOWN_LONG_FUNCTIONS: Dict[str, str] = {
     "dropgeom/dropout/gap.py:gap": "issue #8 item 4: one dropout signature",
     "dropgeom/dropout/mixture.py:mixture": "issue #8 item 4: one dropout signature",
-    "dropgeom/dropout/terms.py:terms": "issue #8 item 4: one dropout signature",
     "dropgeom/fisher.py:_capture": "issue #8 item 1: layer-rule registry",
     # grown in the session that worked on issues 9-14 in parallel; split them next
     "dropgeom/curvature/mixture_model.py:dropout_mixture_manifold": "issue #8 acceptance: functions <= 80 lines (issue 9 code)",
     "dropgeom/curvature/normal.py:normal_curvature": "issue #8 acceptance: functions <= 80 lines (issue 9 code)",
-    "dropgeom/dropout/penalty.py:_generic_layers": "issue #8 item 6: penalty strategies (issue 14 code)",
     "dropgeom/experiments/c2_analysis.py:within_setting_analysis": "issue #8 acceptance: functions <= 80 lines (issue 10 code)",
     "dropgeom/streaming.py:fisher_streamed": "issue #8 acceptance: functions <= 80 lines (issue 12 code)",
 }

@@ -335,13 +335,14 @@ def test_curvature_term_sampled_estimators_are_unbiased(make, form, fast, sample
 def test_curvature_term_takes_the_chain_path(monkeypatch, form, estimator):
     import importlib
 
-    pen_mod = importlib.import_module("dropgeom.dropout.penalty")  # the package re-exports a function of that name
+    generic = importlib.import_module("dropgeom.dropout.penalty_generic")
+    sites = importlib.import_module("dropgeom.dropout.penalty_sites")
 
     def boom(*a, **k):
         raise AssertionError("the generic path was used")
 
-    monkeypatch.setattr(pen_mod, "_gaussian_curvature", boom)
-    monkeypatch.setattr(pen_mod, "_lazy_masks", boom)
+    monkeypatch.setattr(generic, "_gaussian_curvature", boom)
+    monkeypatch.setattr(sites, "_generic_forward", boom)
     net = _deep_net(1)
     x, y = _data(n=5)
     penalty(net, x, form=form, curvature=True, targets=y, estimator=estimator).backward()
@@ -446,7 +447,7 @@ def test_generic_path_curvature_term_of_a_smooth_cnn_equals_terms():
 def test_generic_path_curvature_term_of_piecewise_linear_downstream_is_zero_without_passes(monkeypatch, estimator):
     import importlib
 
-    pen_mod = importlib.import_module("dropgeom.dropout.penalty")
+    pen_mod = importlib.import_module("dropgeom.dropout.penalty_generic")
     x, y = _cnn_batch()
     relu = _cnn(nn.ReLU, 2)
     t = terms(relu, x, y)  # the generic forward-over-forward passes give exactly zero here

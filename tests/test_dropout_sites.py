@@ -149,19 +149,19 @@ def test_attention_dropout_gap_matches_torch_train_mode():
     _within(r.value, ref, math.hypot(se, r.stderr))
 
 
-def test_penalty_warns_naming_the_attention_it_leaves_out():
+def test_penalty_takes_the_attention_dropout_without_a_warning():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Dropout(0.1), nn.Flatten(), nn.Linear(4, 2)).double()
     model = nn.Sequential()
     model.add_module("pre", nn.Linear(2, 2))
     model.add_module("attn_net", AttnNet())
-    x, _ = _data(3, (2, 2))
-    with pytest.warns(RuntimeWarning, match="'attn_net.attn'.*MultiheadAttention"):
-        with pytest.raises(ValueError, match="no dropout modules"):
-            penalty(model.double(), x)
+    x, y = _data(3, (2, 2))
+    model = model.double()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        penalty(net, x)  # plain nn.Dropout: no warning
+        val = penalty(model, x)  # values against brute force: tests/test_dropout_penalty_sites.py
+    t = terms(model, x, y)
+    assert list(t.per_layer) == ["attn_net.attn"]
+    assert abs(val.item() - 0.5 * 0.3 / 0.7 * t.fisher) < 1e-13
 
 
 # -- F.dropout and scaled_dot_product_attention in a custom forward -----------------
@@ -183,10 +183,13 @@ def test_functional_dropout_sites_enumeration_and_warning():
     r = gap(net, x, y, method="mc", n_samples=1500, generator=torch.Generator().manual_seed(0))
     ref, se = _train_mode_gap(net, x, y, 1500)
     _within(r.value, ref, math.hypot(se, r.stderr))
-    # the penalty takes nn.Dropout modules only: it names the functional site it leaves out
+    # an interceptor asked to warn names a functional site it evaluates without a mask
+    from dropgeom.manifold import eval_mode
+
     host = nn.Sequential(nn.Dropout(0.2), FuncDrop().double())
     with pytest.warns(RuntimeWarning, match=r"F.dropout .*module '1'.*leaves it out.*'1#dropout0'"):
-        penalty(host, x)
+        with eval_mode(host, warn=True):
+            host(x)
 
 
 def test_unconditional_functional_dropout_is_deterministic_under_dropgeom():
@@ -263,13 +266,9 @@ def test_alpha_dropout_against_enumeration_and_torch(feature):
     r = gap(net, x, y, method="mc", n_samples=2000, generator=torch.Generator().manual_seed(0))
     ref, se = _train_mode_gap(net, x, y, 2000)
     _within(r.value, ref, math.hypot(se, r.stderr))
-    with pytest.raises(ValueError, match="not multiplicative"):
-        terms(net, x, y)
     with pytest.raises(ValueError, match="module's own p"):
         gap(net, x, y, p=0.1)
-    with pytest.warns(RuntimeWarning, match="'3'"):
-        with pytest.raises(ValueError, match="no dropout modules"):
-            penalty(net, x)
+    # terms and penalty along the mask line: tests/test_dropout_penalty_sites.py
 
 
 def test_stochastic_depth_against_enumeration_and_torch():

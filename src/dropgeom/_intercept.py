@@ -46,16 +46,21 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import math
+import threading
 import warnings
-from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DropoutSite", "DropoutInterceptor", "ALPHA", "alpha_affine", "MODULE_DROPOUT"]
+__all__ = [
+    "DropoutSite", "DropoutInterceptor", "ALPHA", "alpha_affine", "alpha_mode", "LazyMasks", "MODULE_DROPOUT",
+]
 
 #: SELU's ``-lambda * alpha``: the value a dropped unit of alpha dropout takes before the affine correction.
 ALPHA = 1.7580993408473766
@@ -106,6 +111,42 @@ def alpha_affine(p: float) -> Tuple[float, float]:
     return a, a * ALPHA * p
 
 
+#: How alpha dropout reads an explicit mask (:func:`alpha_mode`); per thread / task.
+_ALPHA_MODE: contextvars.ContextVar[str] = contextvars.ContextVar("dropgeom_alpha_mode", default="law")
+ALPHA_MODES = ("law", "line", "scale")
+
+
+@contextlib.contextmanager
+def alpha_mode(mode: str) -> Iterator[None]:
+    """How :func:`apply_mask` reads an alpha-dropout mask ``m`` for the duration (theory.md section 4.5).
+
+    * ``"law"`` (default): torch's law at the layer's ``p``, ``h~ = a (b h - ALPHA (1 - b)) + c``,
+      ``b = m (1 - p)`` (what ``gap`` and ``mixture`` sample);
+    * ``"line"``: the ``p -> 0`` mask line ``h~ = m (h + ALPHA) - ALPHA`` (``m = 1``: eval mode,
+      ``m = 0``: the dropped value ``-ALPHA``), along which ``terms`` and ``penalty`` differentiate;
+    * ``"scale"``: ``h~ = m h``, whose mask derivative ``g_j h_j`` gives the drift term.
+
+    A ``contextvars`` variable: other threads keep their own mode.
+
+    Raises:
+        ValueError: an unknown mode.
+
+    Example:
+        >>> import torch
+        >>> h, m = torch.tensor([[0.5]]), torch.tensor([[0.0]])
+        >>> with alpha_mode("line"):
+        ...     round(apply_mask("alpha", h, m, 0.2, "a").item(), 4)
+        -1.7581
+    """
+    if mode not in ALPHA_MODES:
+        raise ValueError(f"alpha_mode: mode must be one of {ALPHA_MODES}, got {mode!r}")
+    token = _ALPHA_MODE.set(mode)
+    try:
+        yield
+    finally:
+        _ALPHA_MODE.reset(token)
+
+
 def _kind_of(fname: str) -> str:
     if fname == "dropout":
         return "dropout"
@@ -127,7 +168,8 @@ def apply_mask(kind: str, h: Tensor, m: Tensor, p: float, name: str) -> Tensor:
     """``h~`` for a dropout of ``kind`` at explicit mask ``m`` (``[n or 1, *unit_shape]``).
 
     Multiplicative kinds: ``h * m``. Alpha kinds: ``m = b / (1 - p)`` as for the others,
-    and ``h~ = a (b h - ALPHA (1 - b)) + c`` (:func:`alpha_affine`).
+    and ``h~ = a (b h - ALPHA (1 - b)) + c`` (:func:`alpha_affine`), or the mask line /
+    scaling of :func:`alpha_mode`.
     """
     shape = unit_shape(kind, h)
     if m.dim() != len(shape) + 1 or tuple(m.shape[1:]) != tuple(shape):
@@ -138,6 +180,11 @@ def apply_mask(kind: str, h: Tensor, m: Tensor, p: float, name: str) -> Tensor:
         raise ValueError(f"mask for layer {name!r} has {m.shape[0]} rows for a batch of {h.shape[0]} samples")
     m = m.reshape(*m.shape, *([1] * (h.dim() - m.dim())))
     if kind in ("alpha", "feature_alpha"):
+        mode = _ALPHA_MODE.get()
+        if mode == "line":
+            return m * (h + ALPHA) - ALPHA
+        if mode == "scale":
+            return h * m
         a, c = alpha_affine(p)
         b = m * (1.0 - p)
         return a * (b * h - ALPHA * (1.0 - b)) + c
@@ -165,8 +212,60 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask, is_causal: bool, scal
     return (w * m) @ v
 
 
-def _never(*args) -> bool:
-    return False
+class LazyMasks(dict):
+    """``{site name: mask}`` that creates an all-ones mask (requiring grad) for every site met.
+
+    Given as ``masks`` to :class:`DropoutInterceptor` (or ``eval_mode``), every attention /
+    functional dropout site of the forward pass is multiplied by a fresh ``[n, *unit_shape]``
+    mask of ones, so derivatives with respect to the masks of sites that are found only by
+    running the model come from the same pass (the penalty's generic path). ``inputs[name]``
+    keeps the site's input ``h`` (functional sites).
+    """
+
+    def __init__(self, n: int, dtype: torch.dtype, device: Optional[torch.device]) -> None:
+        super().__init__()
+        self.n, self.dtype, self.device = n, dtype, device
+        self.inputs: Dict[str, Tensor] = {}
+
+    def create(self, name: str, shape: torch.Size, h: Tensor) -> Tensor:
+        """The ones mask of site ``name`` (made on the first call)."""
+        if name not in self:
+            self[name] = torch.ones(self.n, *shape, dtype=self.dtype, device=self.device, requires_grad=True)
+            self.inputs[name] = h
+        return self[name]
+
+
+# F.multi_head_attention_forward checks ``F.has_torch_function`` (a module global) before its body;
+# while a masked MHA call runs that check must say False *in this thread only*. The global is swapped
+# for a guard that consults a thread-local counter while any thread needs it (reference-counted under
+# a lock), so other threads see torch's own answer throughout. Hand-written: torch offers no per-call switch.
+_BYPASS = threading.local()
+_BYPASS_LOCK = threading.Lock()
+_BYPASS_USERS = [0]
+_HAS_TORCH_FUNCTION = getattr(F, "has_torch_function")
+
+
+def _guarded_has_torch_function(*args) -> bool:
+    if getattr(_BYPASS, "depth", 0):
+        return False
+    return _HAS_TORCH_FUNCTION(*args)
+
+
+@contextlib.contextmanager
+def _bypass_override_check() -> Iterator[None]:
+    with _BYPASS_LOCK:
+        if _BYPASS_USERS[0] == 0:
+            setattr(F, "has_torch_function", _guarded_has_torch_function)
+        _BYPASS_USERS[0] += 1
+    _BYPASS.depth = getattr(_BYPASS, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _BYPASS.depth -= 1
+        with _BYPASS_LOCK:
+            _BYPASS_USERS[0] -= 1
+            if _BYPASS_USERS[0] == 0:
+                setattr(F, "has_torch_function", _HAS_TORCH_FUNCTION)
 
 
 class DropoutInterceptor(torch.overrides.TorchFunctionMode):
@@ -174,8 +273,8 @@ class DropoutInterceptor(torch.overrides.TorchFunctionMode):
 
     Args:
         model: the network (its modules name the sites).
-        masks: ``{site name: mask [n or 1, *unit_shape]}`` to apply.
-        p: ``{site name: drop probability}`` overriding the call's own ``p`` for alpha sites.
+        masks: ``{site name: mask [n or 1, *unit_shape]}`` to apply, or a :class:`LazyMasks`
+            that gives every site met an all-ones mask.
         record: a dict filled with ``{site name: DropoutSite}`` for every site seen.
         warn: warn about every site evaluated without a mask.
     """
@@ -189,7 +288,7 @@ class DropoutInterceptor(torch.overrides.TorchFunctionMode):
     ) -> None:
         super().__init__()
         self.model = model
-        self.masks = dict(masks or {})
+        self.masks = masks if isinstance(masks, LazyMasks) else dict(masks or {})
         self.record = record
         self.warn = warn
         self._stack: List[str] = []
@@ -205,7 +304,8 @@ class DropoutInterceptor(torch.overrides.TorchFunctionMode):
         self._depth += 1
         if self._depth > 1:  # re-entered for an attention call with a mask
             return super().__enter__()
-        if self.model is not None and (self.masks or self.record is not None or self.warn):  # names needed
+        names_needed = self.masks or isinstance(self.masks, LazyMasks) or self.record is not None or self.warn
+        if self.model is not None and names_needed:
             for mod in self._mods.values():
                 self._handles.append(mod.register_forward_pre_hook(self._push))
                 self._handles.append(mod.register_forward_hook(self._pop, always_call=True))
@@ -239,16 +339,16 @@ class DropoutInterceptor(torch.overrides.TorchFunctionMode):
         self._counts[(owner, tag)] = i + 1
         return f"{owner}#{tag}{i}"
 
-    def _seen(self, name: str, kind: str, p: float, shape: torch.Size, what: str) -> Optional[Tensor]:
+    def _seen(self, name: str, kind: str, p: float, shape: torch.Size, what: str, h: Tensor) -> Optional[Tensor]:
         if self.record is not None and name not in self.record:
             self.record[name] = DropoutSite(name, kind, float(p), self._owner, torch.Size(shape))
-        mask = self.masks.get(name)
+        mask = self.masks.create(name, torch.Size(shape), h) if isinstance(self.masks, LazyMasks) else self.masks.get(name)
         if mask is None and self.warn:
             where = f"module {self._owner!r}" if self._owner else "the model's forward"
             warnings.warn(
                 f"{what} (p={float(p):g}) in {where} is not an nn.Dropout module and gets no explicit mask "
-                f"here: this quantity leaves it out (evaluated as identity). dropgeom.dropout.gap, terms and "
-                f"mixture include it as layer {name!r}.",
+                f"here: this quantity leaves it out (evaluated as identity). dropgeom.dropout.gap, terms, "
+                f"mixture and penalty include it as layer {name!r}.",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -281,7 +381,7 @@ class DropoutInterceptor(torch.overrides.TorchFunctionMode):
         fname = _FUNCTIONAL[func]
         kind = _kind_of(fname)
         name = self._site(fname)
-        mask = self._seen(name, kind, p, unit_shape(kind, h), f"F.{fname}")
+        mask = self._seen(name, kind, p, unit_shape(kind, h), f"F.{fname}", h)
         if mask is None:
             return h  # eval mode: the identity
         return apply_mask(kind, h, mask, p, name)
@@ -299,7 +399,8 @@ class DropoutInterceptor(torch.overrides.TorchFunctionMode):
         else:
             name = self._site("sdpa")
             mask = self._seen(
-                name, "attention", p, torch.Size([*q.shape[1:-1], k.shape[-2]]), "scaled_dot_product_attention dropout"
+                name, "attention", p, torch.Size([*q.shape[1:-1], k.shape[-2]]), "scaled_dot_product_attention dropout",
+                q,
             )
         if mask is None:
             return func(*args, **{**kwargs, "dropout_p": 0.0}) if "dropout_p" in kwargs else func(
@@ -323,19 +424,16 @@ class DropoutInterceptor(torch.overrides.TorchFunctionMode):
         if q.dim() != 3:
             raise ValueError(f"attention dropout of {name!r}: unbatched inputs are not supported; add a batch axis")
         s = k.shape[0] + (b.arguments["bias_k"] is not None) + bool(b.arguments["add_zero_attn"])
-        mask = self._seen(name, "attention", p, torch.Size([heads, q.shape[0], s]), "attention-weight dropout")
+        mask = self._seen(name, "attention", p, torch.Size([heads, q.shape[0], s]), "attention-weight dropout", q)
         if mask is None:
             return func(*args, **kwargs)
         b.arguments["training"] = True
         self._attn = (name, heads)
         # Run the body of F.multi_head_attention_forward with this mode active so that its
         # inner dropout / SDPA call reaches us; its own override check is bypassed for the
-        # duration (it would dispatch back here). Hand-written: torch has no hook for this.
-        check = F.has_torch_function
-        F.has_torch_function = _never
+        # duration, in this thread only (it would dispatch back here).
         try:
-            with self:
+            with _bypass_override_check(), self:
                 return func(*b.args, **b.kwargs)
         finally:
-            F.has_torch_function = check
             self._attn = None

@@ -109,7 +109,7 @@ def find_dropout(
                 warnings.warn(
                     "this quantity takes nn.Dropout/Dropout1d/2d/3d modules only and leaves out "
                     + "; ".join(f"{k!r}: {v}" for k, v in left.items())
-                    + " (dropgeom.dropout.gap, terms and mixture include them)",
+                    + " (dropgeom.dropout.gap, terms, mixture and penalty include them)",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -129,7 +129,7 @@ def find_dropout(
         if not all_kinds and module_kind(mod) is not None and not isinstance(mod, DROPOUT_TYPES):
             raise ValueError(
                 f"layer {name!r} is {type(mod).__name__}, which is not multiplicative nn.Dropout; "
-                "this quantity does not support it (dropgeom.dropout.gap, terms and mixture do)"
+                "this quantity does not support it (dropgeom.dropout.gap, terms, mixture and penalty do)"
             )
         if not ok(mod):
             raise ValueError(f"layer {name!r} is a {type(mod).__name__}, not a dropout module; dropout modules: {list(found)}")

@@ -24,8 +24,9 @@ Dropout layers (*sites*, :func:`dropout_sites`), each with a mask law:
   (``"<module>#sdpa0"``).
 
 :func:`find_dropout` returns the multiplicative ``torch.nn`` modules only (what the
-penalty and the fast paths take) and warns, naming them, about the dropout it leaves
-out; :func:`dropout_sites` returns every site (what ``gap``, ``terms`` and ``mixture`` take).
+fast paths and the dropout-mixture manifold take) and warns, naming them, about the
+dropout it leaves out; :func:`dropout_sites` returns every site (what ``gap``, ``terms``,
+``mixture`` and ``penalty`` take).
 
 Masks are per sample: a layer with unit shape ``U`` gets a mask of shape
 ``[n, *U]`` (a leading axis of 1 broadcasts one mask over every sample).

@@ -54,18 +54,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
+from .._intercept import ALPHA, alpha_mode
 from ..families import ExponentialFamily
 from ..options import Noise, parse
 from ._common import Inputs, as_tuple, model_inputs, check_output, chunk_for, detached_params, family_of, kl_to_dropped
 from .chain import Chain, as_chain, run_chain, training_off
 from .explicit import forward_with_masks
 from .masks import ALPHA_KINDS, PSpec, mask_spec, mask_variance
+from .penalty_generic import _piecewise_linear_after
 
 __all__ = ["DropoutTerms", "terms", "TERM_NAMES"]
 
@@ -88,6 +90,7 @@ class DropoutTerms:
     per_layer: Dict[str, Dict[str, float]]
     p: Dict[str, float]
     family: str = field(default="categorical")
+    kinds: Dict[str, str] = field(default_factory=dict)
 
     def predicted_gap(self, p: PSpec = None, noise: str = "bernoulli") -> float:
         """The gap each law predicts: ``sum_l p_l (K_l + B_l)`` (bernoulli) or
@@ -104,6 +107,12 @@ class DropoutTerms:
             ps = {k: p.get(k, self.p[k]) for k in self.per_layer}
         else:
             ps = {k: (self.p[k] if p is None else p) for k in self.per_layer}
+        alpha = [k for k in self.per_layer if self.kinds.get(k) in ALPHA_KINDS]
+        if alpha and noise == "gaussian":
+            raise ValueError(
+                f"predicted_gap: layers {alpha} are alpha dropout, whose masks are Bernoulli: only the Bernoulli "
+                "law applies (theory.md 4.5); use noise='bernoulli'"
+            )
         total = 0.0
         for k, t in self.per_layer.items():
             if noise == "bernoulli":
@@ -158,13 +167,15 @@ def terms(
         noise: ``"dropconnect"`` takes the weights of the ``nn.Linear`` layers in ``layers``
             (default all) as the units; otherwise every dropout site
             (:func:`~dropgeom.dropout.dropout_sites`: modules, attention-weight and functional
-            dropout, stochastic depth). The terms do not depend on the mask law.
+            dropout, stochastic depth, alpha dropout). The terms do not depend on the mask law;
+            alpha dropout is read along its mask line ``h~ = m (h + ALPHA) - ALPHA`` and its
+            ``curvature_bernoulli`` includes the drift of its mean (theory.md 4.5).
         p: drop probabilities recorded for :meth:`DropoutTerms.predicted_gap` (required for
             DropConnect; default the layers' own).
 
     Raises:
-        ValueError: no dropout, unknown or never-run layers, alpha-dropout layers (not
-            multiplicative), ``p`` outside ``[0, 1)``, targets that do not fit the family.
+        ValueError: no dropout, unknown or never-run layers, ``p`` outside ``[0, 1)``,
+            targets that do not fit the family.
 
     Returns:
         :class:`DropoutTerms` with the sums ``fisher``, ``curvature_gaussian``,
@@ -188,13 +199,7 @@ def terms(
     spec = mask_spec(model, args, layers, p, noise)
     ps = spec.p
     names = list(spec.shapes)
-    alpha = [k for k in names if spec.kinds[k] in ALPHA_KINDS]
-    if alpha:
-        raise ValueError(
-            f"terms: layers {alpha} are alpha dropout, which is not multiplicative (h~ = a (b h - alpha (1 - b)) + c): "
-            "the small-noise laws of theory.md 4.2 expand around the mask m = 1 of a multiplicative layer; "
-            "restrict `layers` to the others or use gap()"
-        )
+    kinds = dict(spec.kinds)
     chain_mods = as_chain(model, names) if fast and len(args) == 1 and noise != "dropconnect" else None
     if chain_mods is not None:
         with torch.no_grad(), training_off(model):
@@ -206,14 +211,32 @@ def terms(
                 per_unit = _terms_chain(chain, fam, names, targets, chunk_size)
             per_layer = {k: {name: float(v.sum()) for name, v in per_unit[k].items()} for k in names}
             sums = {name: sum(per_layer[k][name] for k in names) for name in TERM_NAMES}
-            return DropoutTerms(per_unit=per_unit, per_layer=per_layer, p=ps, family=fam.name, **sums)
+            return DropoutTerms(per_unit=per_unit, per_layer=per_layer, p=ps, family=fam.name, kinds=kinds, **sums)
+    with alpha_mode("line"):  # alpha dropout along its mask line (theory.md 4.5); no effect otherwise
+        per_unit = _terms_generic(model, args, fam, targets, spec.shapes, names, kinds, chunk_size)
+    per_layer = {k: {name: float(v.sum()) for name, v in per_unit[k].items()} for k in names}
+    sums = {name: sum(per_layer[k][name] for k in names) for name in TERM_NAMES}
+    return DropoutTerms(per_unit=per_unit, per_layer=per_layer, p=ps, family=fam.name, kinds=kinds, **sums)
+
+
+def _terms_generic(
+    model: nn.Module,
+    args: Tuple[Tensor, ...],
+    fam: ExponentialFamily,
+    targets: Tensor,
+    shapes: Mapping[str, torch.Size],
+    names: Sequence[str],
+    kinds: Mapping[str, str],
+    chunk_size: Optional[int],
+) -> Dict[str, Dict[str, Tensor]]:
+    """The four terms by ``torch.func`` with respect to the masks, batched over units."""
+    n = args[0].shape[0]
     params = detached_params(model)
     with torch.no_grad():
         eta0 = forward_with_masks(model, args, {}, params)
     check_output(fam, eta0, n)
     kdim = eta0.shape[1]
     fam.check_targets(targets, n, kdim)
-    shapes = spec.shapes
     sizes = {k: math.prod(shapes[k]) for k in names}
     dtype, device = eta0.dtype, eta0.device
     r = fam.residual(eta0, targets).to(dtype)
@@ -222,55 +245,87 @@ def terms(
     def f(masks: Dict[str, Tensor]) -> Tensor:
         return forward_with_masks(model, args, masks, params)
 
-    # First derivatives w.r.t. per-sample masks: mask gradient = h * d eta / d h~.
     ones = {k: torch.ones(n, *shapes[k], dtype=dtype, device=device) for k in names}
-    _, pull = vjp(f, ones)
-    try:
-        g_sigma = vmap(pull)(sq.permute(2, 0, 1).contiguous())[0]  # name -> [R, n, *unit]
-    except (RuntimeError, NotImplementedError):
-        cols = [pull(sq[:, :, c].contiguous())[0] for c in range(sq.shape[2])]
-        g_sigma = {k: torch.stack([c[k] for c in cols]) for k in names}
-    g_res = pull(r)[0]  # name -> [n, *unit]: <r_i, d_j eta_i>
+    curved = {k: not _piecewise_linear_after(model, k) for k in names}  # else d^2 eta / d m_j^2 = 0
+    # d_j eta: free from the per-unit forward-over-forward passes where the curvature runs them;
+    # elsewhere the cheaper of U forward tangents and R + 1 reverse products
+    reverse = [k for k in names if not curved[k] and sizes[k] > sq.shape[2] + 1]
+    g_sigma, g_res = _reverse_first_order(f, {k: ones[k] for k in reverse}, sq, r)
+    drift = _alpha_drift(f, {k: ones[k] for k in names if kinds[k] in ALPHA_KINDS}, r)
 
     shared = {k: torch.ones(1, *shapes[k], dtype=dtype, device=device) for k in names}
     width = max(kdim, *sizes.values())
     chunk = chunk_size or chunk_for(n, width, 2**22)
     per_unit: Dict[str, Dict[str, Tensor]] = {}
-    per_layer: Dict[str, Dict[str, float]] = {}
     for k in names:
         u, shape = sizes[k], shapes[k]
 
         def eta_drop(e: Tensor, k: str = k, shape=shape) -> Tensor:
             return f({**shared, k: (1.0 - e).reshape(1, *shape)})
 
-        def second(e: Tensor, k: str = k, shape=shape) -> Tensor:
+        def along(m: Tensor, e: Tensor, k: str = k) -> Tensor:
+            return jvp(lambda mm: f({**shared, k: mm}), (m,), (e,))[1]
+
+        def taylor(e: Tensor, k: str = k, shape=shape) -> Tensor:  # [2, n, K]: d_e eta and d_e^2 eta
             t = e.reshape(1, *shape)
+            return torch.stack(jvp(lambda m: along(m, t), (shared[k],), (t,)))
 
-            def along(m: Tensor) -> Tensor:
-                return jvp(lambda mm: f({**shared, k: mm}), (m,), (t,))[1]
+        def first(e: Tensor, k: str = k, shape=shape) -> Tensor:
+            return along(shared[k], e.reshape(1, *shape))
 
-            return jvp(along, (shared[k],), (t,))[1]
-
+        curv = torch.zeros(u, dtype=dtype, device=device)
+        if curved[k]:
+            both = _batched_over_units(taylor, u, chunk, eta0)  # [U, 2, n, K]
+            d1 = both[:, 0]
+            curv = (both[:, 1] * r).sum(-1).mean(1).detach()
+        elif k not in reverse:
+            d1 = _batched_over_units(first, u, chunk, eta0)  # [U, n, K]
         with torch.no_grad():
-            fisher_u = g_sigma[k].reshape(-1, n, u).pow(2).sum(0).mean(0)
-            rd = g_res[k].reshape(n, u).mean(0)
+            if k in reverse:
+                fisher_u = g_sigma[k].reshape(-1, n, u).pow(2).sum(0).mean(0)
+                rd = g_res[k].reshape(n, u).mean(0)
+            else:
+                fisher_u = torch.einsum("unk,nkr->unr", d1, sq).pow(2).sum(-1).mean(1)
+                rd = (d1 * r).sum(-1).mean(1)
             dropped = _batched_over_units(eta_drop, u, chunk, eta0)  # [U, n, K]
             kl = fam.kl(eta0.expand(u, n, kdim).reshape(-1, kdim), dropped.reshape(-1, kdim)).reshape(u, n).mean(1)
             bern = ((dropped - eta0) * r).sum(-1).mean(1) + rd
-            del dropped
-        d2 = _batched_over_units(second, u, chunk, eta0)  # [U, n, K]
-        with torch.no_grad():
-            curv = (d2 * r).sum(-1).mean(1)
-        del d2
+            if k in drift:  # alpha dropout's mean drifts: E h~ = a (1 - p) h (theory.md 4.5)
+                bern = bern - 0.5 * (1.0 + ALPHA * ALPHA) * drift[k].reshape(n, u).mean(0)
         per_unit[k] = {
             "fisher": fisher_u.reshape(shape),
             "curvature_gaussian": curv.reshape(shape),
             "divergence": kl.reshape(shape),
             "curvature_bernoulli": bern.reshape(shape),
         }
-        per_layer[k] = {name: float(v.sum()) for name, v in per_unit[k].items()}
-    sums = {name: sum(per_layer[k][name] for k in names) for name in TERM_NAMES}
-    return DropoutTerms(per_unit=per_unit, per_layer=per_layer, p=ps, family=fam.name, **sums)
+    return per_unit
+
+
+def _reverse_first_order(
+    f: Callable[[Dict[str, Tensor]], Tensor], ones: Dict[str, Tensor], sq: Tensor, r: Tensor
+) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+    """``Sigma^{1/2 T} d_j eta`` (``[R, n, *unit]``) and ``<r, d_j eta>`` (``[n, *unit]``) for every unit
+    of the layers in ``ones`` by ``R + 1`` reverse-mode products (``vmap`` over the columns); the mask
+    gradient is ``h * d eta / d h~``."""
+    if not ones:
+        return {}, {}
+    _, pull = vjp(f, ones)
+    try:
+        g_sigma = vmap(pull)(sq.permute(2, 0, 1).contiguous())[0]  # name -> [R, n, *unit]
+    except (RuntimeError, NotImplementedError):
+        cols = [pull(sq[:, :, c].contiguous())[0] for c in range(sq.shape[2])]
+        g_sigma = {k: torch.stack([c[k] for c in cols]) for k in ones}
+    return g_sigma, pull(r)[0]
+
+
+def _alpha_drift(f: Callable[[Dict[str, Tensor]], Tensor], ones: Dict[str, Tensor], r: Tensor) -> Dict[str, Tensor]:
+    """``<r_i, sum_{s in unit j} d eta_i / d h~_s h_s>`` per alpha-dropout unit (``[n, *unit]``):
+    the mask derivative of ``<r, eta>`` with the alpha layers read as ``h~ = m h`` (one backward)."""
+    if not ones:
+        return {}
+    with alpha_mode("scale"):
+        _, pull = vjp(lambda ms: f(ms), ones)
+        return pull(r)[0]
 
 
 def _terms_chain(
