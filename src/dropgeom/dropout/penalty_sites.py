@@ -31,7 +31,8 @@ from .._intercept import DropoutInterceptor, DropoutSite, LazyMasks, alpha_mode,
 from .._intercept import unit_shape as kind_unit_shape
 from ..manifold import check_inputs_match, eval_mode
 from .chain import Chain, as_chain, run_chain, training_off
-from .masks import DROPOUT_TYPES, PSpec, _rnn_dropout, module_kind, resolve_p, site_p
+from .kinds import DROPOUT_TYPES, _rnn_dropout, module_kind
+from .masks import PSpec, resolve_p, site_p
 
 __all__: List[str] = []
 
