@@ -96,7 +96,7 @@ KNOWN_LONG_FILES: Dict[str, str] = {
     # grown in the session that worked on issues 9-14 in parallel; split them next (issue #8 acceptance)
     "dropgeom/curvature/invariant.py": "issue #8 acceptance: split measures from the SVD machinery (issue 9 code)",
     "dropgeom/dropout/masks.py": "issue #8 acceptance: dropout sites apart from mask sampling (issue 11 code)",
-    "dropgeom/dropout/penalty.py": "issue #8 item 6: one module per penalty strategy (issue 14 code)",
+    "dropgeom/dropout/_penalty.py": "issue #8 item 6: one module per penalty strategy (issue 14 code)",
     "dropgeom/experiments/c3_fisher_regularizer.py": "issue #8 acceptance: C3b sweep in its own module (issue 10 code)",
 }
 
@@ -104,9 +104,9 @@ KNOWN_LONG_FILES: Dict[str, str] = {
 KNOWN_LONG_FUNCTIONS: Dict[str, str] = {
     "dropgeom/cli.py:build_parser": "issue #8 item 2: CLI choices from the enums",
     "dropgeom/data.py:load_dataset": "issue #8 acceptance: functions <= 80 lines",
-    "dropgeom/dropout/gap.py:gap": "issue #8 item 4: one dropout signature",
-    "dropgeom/dropout/mixture.py:mixture": "issue #8 item 4: one dropout signature",
-    "dropgeom/dropout/terms.py:terms": "issue #8 item 4: one dropout signature",
+    "dropgeom/dropout/_gap.py:gap": "issue #8 item 4: one dropout signature",
+    "dropgeom/dropout/_mixture.py:mixture": "issue #8 item 4: one dropout signature",
+    "dropgeom/dropout/_terms.py:terms": "issue #8 item 4: one dropout signature",
     "dropgeom/fisher.py:_capture": "issue #8 item 1: layer-rule registry",
     "dropgeom/report/markdown.py:build_markdown": "issue #8 item 5: typed report summary",
     "dropgeom/train/loop.py:train": "issue #8 item 6: split train into named steps",
@@ -114,7 +114,7 @@ KNOWN_LONG_FUNCTIONS: Dict[str, str] = {
     "dropgeom/config.py:RunConfig.problems": "issue #8 acceptance: per-field validators (issue 13 kept the dataclass)",
     "dropgeom/curvature/mixture_model.py:dropout_mixture_manifold": "issue #8 acceptance: functions <= 80 lines (issue 9 code)",
     "dropgeom/curvature/normal.py:normal_curvature": "issue #8 acceptance: functions <= 80 lines (issue 9 code)",
-    "dropgeom/dropout/penalty.py:_generic_layers": "issue #8 item 6: penalty strategies (issue 14 code)",
+    "dropgeom/dropout/_penalty.py:_generic_layers": "issue #8 item 6: penalty strategies (issue 14 code)",
     "dropgeom/experiments/c1_flatness.py:summarize": "issue #8 item 5: typed summary; tables apart from the rule (issue 9 code)",
     "dropgeom/experiments/c2_analysis.py:within_setting_analysis": "issue #8 acceptance: functions <= 80 lines (issue 10 code)",
     "dropgeom/experiments/c2_curvature_strength.py:summarize": "issue #8 item 5: typed summary (issue 10 code)",

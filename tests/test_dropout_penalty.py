@@ -142,7 +142,7 @@ def _chain_nets(act, bias):
 
 
 def _value_and_grad(net, x, fast, **kw):
-    from dropgeom.dropout.penalty import _penalty
+    from dropgeom.dropout._penalty import _penalty
 
     args = dict(family="categorical", p=None, form="quadratic", targets=None, curvature=False, layers=None,
                 estimator="exact", generator=None, chunk_size=None)
@@ -223,7 +223,7 @@ def test_kl_to_dropped_matches_family_kl_including_overflow_fallback():
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_unit_estimator_is_unbiased_and_its_gradient_is_right(fast):
-    from dropgeom.dropout.penalty import _penalty
+    from dropgeom.dropout._penalty import _penalty
 
     net = _net(3)
     x, y = _data()
@@ -276,7 +276,7 @@ def _bruteforce(net, x, y, form):
 
 
 def _pen(net, x, y, form, estimator, fast, seed=3):
-    from dropgeom.dropout.penalty import _penalty
+    from dropgeom.dropout._penalty import _penalty
 
     with torch.enable_grad():  # the generic path differentiates w.r.t. the masks (also inside finite differences)
         return _penalty(net, x, "categorical", None, form, y, True, None, estimator,
@@ -334,7 +334,7 @@ def test_curvature_term_sampled_estimators_are_unbiased(make, form, fast):
 def test_curvature_term_takes_the_chain_path(monkeypatch):
     import importlib
 
-    pen_mod = importlib.import_module("dropgeom.dropout.penalty")  # the package re-exports a function of that name
+    pen_mod = importlib.import_module("dropgeom.dropout._penalty")
 
     def boom(*a, **k):
         raise AssertionError("the generic path was used")
@@ -433,7 +433,7 @@ def test_generic_path_curvature_term_of_piecewise_linear_downstream_is_zero_with
 
     from dropgeom.dropout import terms
 
-    pen_mod = importlib.import_module("dropgeom.dropout.penalty")
+    pen_mod = importlib.import_module("dropgeom.dropout._penalty")
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(5, 1, 6, 6, generator=g, dtype=D), torch.randint(0, 3, (5,), generator=g)
     smooth = _cnn(nn.Tanh, 1)  # not piecewise linear: the forward-over-forward passes, equal to terms

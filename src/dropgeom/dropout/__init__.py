@@ -5,10 +5,10 @@ kind -- modules, attention-weight and functional dropout, DropConnect, stochasti
 depth -- are explicit masks (see :mod:`dropgeom.dropout.masks`)."""
 
 from .explicit import forward_with_masks, record_dropout_inputs
-from .gap import GapResult, gap
-from .mixture import MixtureResult, mixture
-from .penalty import output_linear, penalty
-from .terms import DropoutTerms, terms
+from ._gap import GapResult, gap
+from ._mixture import MixtureResult, mixture
+from ._penalty import output_linear, penalty
+from ._terms import DropoutTerms, terms
 from .modules import DropPath, StochasticDepth
 from .masks import (
     DROPOUT_TYPES,
