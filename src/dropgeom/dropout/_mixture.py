@@ -119,14 +119,14 @@ def mixture(
         fam.check_targets(targets, n, kdim)
     shapes = spec.shapes
     splits = [math.prod(shapes[k]) for k in names]
-    if fam.name != "categorical":
+    if fam.log_probs(eta0[:1]) is None:  # the family is not the whole simplex on K labels
         return _general(model, args, params, fam, eta0, targets, spec, n_samples, generator, draw_noise, max_masks)
 
     def logp(flat: Tensor, per_sample: bool) -> Tensor:
         parts = torch.split(flat, splits, dim=-1)
         lead = n if per_sample else 1
         masks = {k: parts[i].reshape(lead, *shapes[k]) for i, k in enumerate(names)}
-        return torch.log_softmax(forward_with_masks(model, args, masks, params), -1)
+        return fam.log_probs(forward_with_masks(model, args, masks, params))
 
     a = (1.0 - alpha) / 2.0
     acc_m = acc_a = None  # running logsumexp of log w + log p (m) and log w + a log p (alpha)
@@ -168,10 +168,10 @@ def mixture(
                 done += c
         logs = {
             "m": acc_m,
-            "e": torch.log_softmax(acc_e, -1),
-            "weight_scaling": torch.log_softmax(eta0, -1),
+            "e": fam.log_probs(acc_e),
+            "weight_scaling": fam.log_probs(eta0),
         }
-        logs["alpha"] = torch.log_softmax(acc_a / a, -1) if a != 0.0 else logs["e"]
+        logs["alpha"] = fam.log_probs(acc_a / a) if a != 0.0 else logs["e"]
         logs["m"] = logs["m"] - torch.logsumexp(logs["m"], -1, keepdim=True)  # exact weights sum to 1; guard rounding
         probs = {k: logs[k].exp() for k in KINDS}
         nll = acc = None

@@ -77,7 +77,7 @@ from torch.func import jvp
 
 from ..families import ExponentialFamily
 from ..manifold import eval_mode
-from ._common import Inputs, as_tuple, check_output, chunk_for, chunked_vmap, family_of, kl_to_dropped
+from ._common import Inputs, as_tuple, check_output, chunk_for, chunked_vmap, family_of
 from .chain import Chain, as_chain, run_chain, training_off
 from .explicit import forward_with_masks
 from .masks import _CHANNEL_TYPES, DROPOUT_TYPES, PSpec, find_dropout, mask_variance, resolve_p
@@ -292,8 +292,8 @@ def _penalty(
     others = [k for k in names if k not in closed]
     shapes = {k: (tuple(store[k][1].shape[1:]) if chain is None else tuple(hs[k].shape[1:])) for k in names}
     draws = _draw(form, estimator, curvature, list(closed), others, shapes, eta, fam.rank(eta.shape[1]), generator)
-    # one softmax shared by every categorical helper (on a busy CPU each parallel op costs)
-    prob = torch.softmax(eta, dim=-1) if fam.name == "categorical" else None
+    # one mean parameter (categorical: softmax) shared by the family's helpers (on a busy CPU each op costs)
+    prob = fam.mean(eta)
 
     total = eta.new_zeros(())
     for k, lin in closed.items():
@@ -369,13 +369,13 @@ def _closed_layer(
     exact ``O(n U K)``, or with ``j`` (one unit per sample) ``U KL(eta_i || eta_i^(-j_i))``, ``O(n K)``."""
     n = eta.shape[0]
     if form == "quadratic":
-        return 0.5 * mask_variance(p) * _closed_fisher(fam, eta, h, w, prob).sum() / n
+        return 0.5 * mask_variance(p) * fam.column_cov_norms(eta, w, h, prob).sum() / n
     if j is None:
-        return p * _closed_kl(fam, eta, h, w, prob).sum() / n
+        return p * fam.kl_to_shifted(eta, w, h, prob).sum() / n
     rows = torch.arange(n, device=eta.device)
     # index_select keeps the weight-gradient layout (a transposed gather made the backward add strided)
     dropped = eta - h[rows, j].unsqueeze(-1) * torch.index_select(w, 1, j).t()
-    return p * h.shape[1] * kl_to_dropped(fam, eta, dropped, prob).sum() / n
+    return p * h.shape[1] * fam.kl_to_each(eta, dropped, prob).sum() / n
 
 
 def _chain_layers(
@@ -396,11 +396,7 @@ def _chain_layers(
     n, kdim = eta.shape
     total = eta.new_zeros(())
     if form == "quadratic":
-        if prob is not None:  # the categorical family's cov_sqrt, from the shared softmax
-            sp = prob.sqrt()
-            sq = torch.diag_embed(sp) - prob.unsqueeze(-1) * sp.unsqueeze(-2)
-        else:
-            sq = fam.cov_sqrt(eta)  # [n, K, R]
+        sq = fam.cov_sqrt_with_mean(eta, prob)  # [n, K, R]; categorical: from the shared softmax
         if estimator == "unit":
             for k in others:
                 u = chain.h(k).shape[1]
@@ -422,13 +418,13 @@ def _chain_layers(
         if estimator != "exact":
             pos, base, t = chain.tangent_per_sample(k, draws.units[k])
             dropped = chain.push(pos, base - t)
-            total = total + ps[k] * u * kl_to_dropped(fam, eta, dropped, prob).sum() / n
+            total = total + ps[k] * u * fam.kl_to_each(eta, dropped, prob).sum() / n
             if r is not None:  # B_j: <r, eta^(-j) - eta> here, <r, d_j eta> below
                 total = total + ps[k] * u * ((dropped - eta) * r).sum() / n
             continue
         low_rank = chain.dropped_relu(k)
         if low_rank is not None:  # every eta^(-j) by one matmul and the kink crossings
-            total = total + ps[k] * kl_to_dropped(fam, eta, low_rank, prob).sum() / n
+            total = total + ps[k] * fam.kl_to_each(eta, low_rank, prob).sum() / n
             if r is not None:
                 total = total + ps[k] * ((low_rank - eta) * r).sum() / n
             continue
@@ -438,7 +434,7 @@ def _chain_layers(
             units = torch.arange(s, min(u, s + chunk), device=eta.device)
             pos, states = chain.dropped(k, units)
             dropped = chain.push(pos, states)  # [c, n, K]
-            total = total + ps[k] * kl_to_dropped(fam, eta, dropped, prob).sum() / n
+            total = total + ps[k] * fam.kl_to_each(eta, dropped, prob).sum() / n
             if r is not None:
                 total = total + ps[k] * ((dropped - eta) * r).sum() / n
     if r is not None:  # sum_j <r_i, d_j eta_i> of B_j: eta's derivative along the all-ones mask direction
@@ -566,38 +562,6 @@ def _residual(fam: ExponentialFamily, eta: Tensor, targets: Tensor) -> Tensor:
             f"penalty: the curvature term is not supported for family {fam.name!r}: it needs the residual "
             f"r = mu(eta) - t(y), and the family does not implement it ({exc}). Use curvature=False."
         ) from exc
-
-
-def _closed_fisher(fam: ExponentialFamily, eta: Tensor, h: Tensor, w: Tensor, prob: Optional[Tensor] = None) -> Tensor:
-    """``h_ij^2 (W^T Sigma_i W)_jj`` (``[n, U]``) for a dropout layer right before the output Linear ``W``.
-
-    Categorical: ``Sigma = diag(p) - p p^T`` gives ``p @ W^2 - (p @ W)^2`` (``O(n K U)``,
-    no ``[n, R, U]`` tensor); other families through ``Sigma^{1/2}``."""
-    if fam.name == "categorical":
-        prob = torch.softmax(eta, dim=-1) if prob is None else prob
-        return h * h * (prob @ (w * w) - (prob @ w).pow(2))
-    sw = torch.einsum("nkr,kj->nrj", fam.cov_sqrt(eta), w)
-    return (h.unsqueeze(1) * sw).pow(2).sum(1)
-
-
-def _closed_kl(fam: ExponentialFamily, eta: Tensor, h: Tensor, w: Tensor, prob: Optional[Tensor] = None) -> Tensor:
-    """``KL(p(.|eta_i) || p(.|eta_i - h_ij W[:, j]))`` (``[n, U]``), every unit ``j``.
-
-    Categorical: with ``delta = h_ij W[:, j]`` centred under ``p_i``
-    (``x = delta - <p_i, delta>``), ``KL = log1p(sum_c p_c expm1(-x_c))``: one
-    ``[n, U, K]`` tensor and a batched matmul instead of two log-softmaxes;
-    as accurate as the log-softmax form (both lose the first-order terms to
-    cancellation in the same way). Other families: ``family.kl``."""
-    n, kdim = eta.shape
-    u = h.shape[1]
-    if fam.name == "categorical":
-        prob = torch.softmax(eta, dim=-1) if prob is None else prob
-        centred = w.unsqueeze(0) - (prob @ w).unsqueeze(1)  # [n, K, U]: W - <p_i, W>
-        x = centred * h.unsqueeze(1)
-        s = torch.bmm(prob.unsqueeze(1), torch.expm1(-x)).squeeze(1)  # [n, U]
-        return torch.log1p(s).clamp_min(0)
-    dropped = eta.unsqueeze(1) - h.unsqueeze(-1) * w.t().unsqueeze(0)  # [n, U, K]
-    return fam.kl(eta.unsqueeze(1).expand(n, u, kdim).reshape(-1, kdim), dropped.reshape(-1, kdim)).reshape(n, u)
 
 
 def _gaussian_curvature(

@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
 from ..families import ExponentialFamily
-from ._common import Inputs, as_tuple, model_inputs, check_output, chunk_for, detached_params, family_of, kl_to_dropped
+from ._common import Inputs, as_tuple, model_inputs, check_output, chunk_for, detached_params, family_of
 from .chain import Chain, as_chain, run_chain, training_off
 from .explicit import forward_with_masks
 from .masks import ALPHA_KINDS, PSpec, mask_spec, mask_variance
@@ -298,7 +298,7 @@ def _terms_chain(
             pos, states = chain.dropped(k, units)
             dropped = chain.push(pos, states)  # [c, n, K]
             del states
-            kl[s : s + c] = kl_to_dropped(fam, eta0, dropped).mean(1)
+            kl[s : s + c] = fam.kl_to_each(eta0, dropped).mean(1)
             bern[s : s + c] = ((dropped - eta0) * r).sum(-1).mean(1)
             del dropped
             if curv_closed is None:

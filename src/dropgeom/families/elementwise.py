@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -76,6 +76,26 @@ class Bernoulli(_Elementwise):
         s = torch.sigmoid(eta)
         kl = s * (ls(eta) - ls(eta2)) + torch.sigmoid(-eta) * (ls(-eta) - ls(-eta2))
         return kl.clamp_min(0).sum(-1)
+
+    def m_mixture_eta(self, etas: Tensor, logw: Tensor) -> Tensor:
+        r"""The log-odds of each label's mixture probability ``sum_m w_m sigmoid(eta_m)`` (theory.md section 6).
+
+        .. math::  \eta_{mix} = \log \sum_m w_m \sigma(\eta_m) - \log \sum_m w_m \sigma(-\eta_m)
+
+        (per label: for ``K > 1`` the marginals of the mixture).
+        """
+        lw = logw.reshape(-1, 1, 1)
+        return torch.logsumexp(lw + F.logsigmoid(etas), 0) - torch.logsumexp(lw + F.logsigmoid(-etas), 0)
+
+    def class_probs(self, eta: Tensor, y: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+        r"""One output: ``([1 - s, s], round(y))`` with ``s = sigmoid(eta)``; ``None`` for multi-label (theory.md section 1).
+
+        .. math::  p(1 \mid \eta) = \sigma(\eta)
+        """
+        if eta.shape[1] != 1:
+            return None
+        s = torch.sigmoid(eta[:, 0])
+        return torch.stack([1 - s, s], dim=-1), y.reshape(-1).round().long()
 
     def check_targets(self, y: Tensor, n: int, k: int) -> None:
         super().check_targets(y, n, k)
