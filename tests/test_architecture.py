@@ -104,9 +104,6 @@ KNOWN_LONG_FILES: Dict[str, str] = {
 KNOWN_LONG_FUNCTIONS: Dict[str, str] = {
     "dropgeom/cli.py:build_parser": "issue #8 item 2: CLI choices from the enums",
     "dropgeom/data.py:load_dataset": "issue #8 acceptance: functions <= 80 lines",
-    "dropgeom/dropout/_gap.py:gap": "issue #8 item 4: one dropout signature",
-    "dropgeom/dropout/_mixture.py:mixture": "issue #8 item 4: one dropout signature",
-    "dropgeom/dropout/_terms.py:terms": "issue #8 item 4: one dropout signature",
     "dropgeom/fisher.py:_capture": "issue #8 item 1: layer-rule registry",
     "dropgeom/report/markdown.py:build_markdown": "issue #8 item 5: typed report summary",
     "dropgeom/train/loop.py:train": "issue #8 item 6: split train into named steps",

@@ -85,7 +85,7 @@ def test_transformer_every_quantity_runs_and_restores_flags():
     assert set(t.per_layer) == {"body.dropout", "body.dropout1", "body.dropout2", "body.self_attn"}
     assert all(math.isfinite(v) for v in (t.fisher, t.divergence, t.curvature_gaussian, t.curvature_bernoulli))
     with pytest.warns(RuntimeWarning, match="body.self_attn"):
-        pen = penalty(net, x)
+        pen = penalty(net, x).value
     pen.backward()
     assert all(mod.training for mod in net.modules())  # restored to what it was
     assert torch.backends.mha.get_fastpath_enabled()

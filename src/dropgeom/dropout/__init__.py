@@ -8,6 +8,7 @@ from .explicit import forward_with_masks, record_dropout_inputs
 from ._gap import GapResult, gap
 from ._mixture import MixtureResult, mixture
 from ._penalty import output_linear, penalty
+from ._penalty_result import PenaltyResult
 from ._terms import DropoutTerms, terms
 from .modules import DropPath, StochasticDepth
 from .masks import (
@@ -43,6 +44,7 @@ __all__ = [
     "DropoutTerms",
     "terms",
     "penalty",
+    "PenaltyResult",
     "output_linear",
     "MixtureResult",
     "mixture",

@@ -20,12 +20,12 @@ How each layer is computed (``U`` units, ``R`` = rank of ``Sigma``):
   ``d_j eta_i = h_ij W_out[:, j]``, ``eta_i^(-j) = eta_i - h_ij W_out[:, j]`` and both
   curvature terms are exactly zero (eta is affine in the mask). Quadratic: always
   exact, ``O(n U K)`` (categorical: ``p @ W^2 - (p @ W)^2``; else ``O(n R U K)``).
-  Divergence: exact ``O(n U K)``; with ``estimator="mc"`` one dropped unit per
+  Divergence: exact ``O(n U K)``; with ``method="mc"`` one dropped unit per
   sample, ``O(n K)``.
 * **chain** (``chain.py``): a top-level ``nn.Sequential`` whose modules downstream
   of the dropout layers are Linear / elementwise activations / Dropout / Flatten /
   Identity (one input tensor; with or without the curvature term). One forward pass records
-  every module's input; its output is returned with ``return_output=True`` so the
+  every module's input; its output is the result's ``eta`` so the
   clean loss needs no second forward. Quadratic: the probes are pulled back by
   explicit matmuls (``w -> w @ W``, ``w -> w * a'(z)``) -- autograd differentiates
   only a first-order graph; ``mc`` costs one extra backward-sized pass through the
@@ -43,7 +43,7 @@ How each layer is computed (``U`` units, ``R`` = rank of ``Sigma``):
   closed form ``h_j^2 ((L^T r) a''(z)) @ W^2`` with one activation before an affine
   rest (one matmul), and otherwise second-order forward propagation of the unit
   tangents (``exact``, chunked) or of one Rademacher combination per sample
-  (``mc`` / ``unit``: Hutchinson). Quadratic with ``estimator="unit"``: the
+  (``mc`` / ``unit``: Hutchinson). Quadratic with ``method="unit"``: the
   same rank-1 tangent ``h_j W[:, j]`` of one random unit per sample is pushed forward
   (``t -> t W^T``, ``t -> a'(z) t``) to ``d_j eta``, and ``U (d_j eta)^T Sigma (d_j eta)``
   is unbiased at ``O(n width K)`` -- no matmul with the ``[width, U]`` weight at all.
@@ -69,7 +69,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -77,12 +77,15 @@ from torch.func import jvp
 
 from ..families import ExponentialFamily
 from ..manifold import eval_mode
+from ..options import Estimator, PenaltyForm
 from ._common import Inputs, as_tuple, check_output, chunk_for, chunked_vmap, family_of
 from .chain import Chain, as_chain, run_chain, training_off
+from ._legacy import legacy_signature, warn_deprecated
+from ._penalty_result import PenaltyResult
 from .explicit import forward_with_masks
 from .masks import _CHANNEL_TYPES, DROPOUT_TYPES, PSpec, find_dropout, mask_variance, resolve_p
 
-__all__ = ["penalty", "output_linear"]
+__all__ = ["penalty", "output_linear", "PenaltyResult"]
 
 FORMS = ("quadratic", "divergence")
 ESTIMATORS = ("exact", "mc", "unit")
@@ -162,51 +165,59 @@ def _rademacher(shape, like: Tensor, generator: Optional[torch.Generator]) -> Te
     return (2 * b - 1).to(like.dtype)
 
 
+@legacy_signature(
+    old=("family", "p", "form", "targets", "curvature", "layers", "estimator", "generator"), renamed={"estimator": "method"}
+)
 def penalty(
     model: nn.Module,
     inputs: Inputs,
+    targets: Optional[Tensor] = None,
+    *,
     family: Union[str, ExponentialFamily] = "categorical",
     p: PSpec = None,
-    form: str = "quadratic",
-    targets: Optional[Tensor] = None,
-    curvature: bool = False,
     layers: Optional[Sequence[str]] = None,
-    estimator: str = "exact",
+    form: Union[str, PenaltyForm] = "quadratic",
+    curvature: bool = False,
+    method: Union[str, Estimator] = "exact",
     generator: Optional[torch.Generator] = None,
-    *,
     chunk_size: Optional[int] = None,
-    return_output: bool = False,
-) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-    r"""Fisher-dropout penalty: ``1/2 sum_l V_l sum_j F^mask_jj`` or ``sum_l p_l sum_j K_j`` (theory.md 4.4).
+    return_output: Optional[bool] = None,
+) -> PenaltyResult:
+    r"""Fisher-dropout penalty: ``1/2 sum_l V_l sum_j F^mask_jj`` or ``sum_l p_l sum_j K_j`` (theory.md section 4.4).
+
+    .. math::  \tfrac12 \sum_l V_l \sum_j F^{mask}_{jj}\ \ (\text{quadratic}), \qquad
+               \sum_l p_l \sum_j K_j\ \ (\text{divergence}), \qquad V_l = \frac{p_l}{1 - p_l}
 
     Args:
         model: network with dropout modules (evaluated at ``m = 1`` in eval mode).
         inputs: the batch.
+        targets: labels; needed only with ``curvature=True``.
         family: output family.
         p: drop probability (default each module's ``p``; float or dict per layer).
+        layers: restrict to these dropout layers.
         form: ``"quadratic"`` (Fisher form) or ``"divergence"`` (KL to the dropout sub-models).
-        targets: labels; needed only with ``curvature=True``.
         curvature: add ``1/2 sum V C_jj`` (quadratic) or ``sum p B_j`` (divergence), by the
             same path and estimator as the Fisher term (theory.md 4.2).
-        layers: restrict to these dropout layers.
-        estimator: ``"exact"``, ``"mc"`` (unbiased, one probe ``Sigma^{1/2} xi`` per sample)
-            or ``"unit"`` (unbiased, one random unit ``j_i`` per sample:
-            ``U (d_j eta)^T Sigma (d_j eta)``, a forward-mode pass -- the cheapest on deep
-            layers; for the divergence form and the curvature terms it equals ``"mc"``).
-            See the module docstring.
-            The quadratic form of a layer right before the output Linear is always exact.
-        generator: seeds the ``mc`` probes.
+        method: the estimator (:class:`~dropgeom.options.Estimator`; the keyword was
+            ``estimator``, still accepted, deprecated): ``"exact"``, ``"mc"`` (unbiased, one
+            probe ``Sigma^{1/2} xi`` per sample) or ``"unit"`` (unbiased, one random unit
+            ``j_i`` per sample: ``U (d_j eta)^T Sigma (d_j eta)``, a forward-mode pass -- the
+            cheapest on deep layers; for the divergence form and the curvature terms it equals
+            ``"mc"``). See the module docstring. The quadratic form of a layer right before the
+            output Linear is always exact.
+        generator: seeds the ``mc`` / ``unit`` draws.
         chunk_size: units evaluated together by the exact divergence form.
-        return_output: also return the clean (eval-mode) output ``eta`` of the same
-            forward pass, differentiable, so the clean loss can reuse it
-            (``loss = family.nll(eta, y) + pen``) instead of running a second forward.
+        return_output: deprecated. ``True`` returns the pair ``(value, eta)``, ``False`` the
+            bare ``value`` tensor, as before; omit it and read the result's fields.
 
     Returns:
-        A scalar tensor, differentiable with respect to ``model.parameters()``
-        (with ``return_output``: the pair ``(penalty, eta)``).
+        :class:`~dropgeom.dropout.PenaltyResult`: ``value``, a scalar tensor differentiable
+        with respect to ``model.parameters()``, and ``eta``, the clean (eval-mode) output of
+        the same forward pass, differentiable, so the clean loss can reuse it
+        (``loss = family.nll(r.eta, y).mean() + r.value``) instead of running a second forward.
 
     Raises:
-        ValueError: an unknown ``form`` or ``estimator``; ``p`` outside ``[0, 1)``;
+        ValueError: an unknown ``form`` or ``method``; ``p`` outside ``[0, 1)``;
             ``curvature=True`` without ``targets``, or with a family that has no
             residual ``mu - t(y)``, or (quadratic form, generic path) with a layer
             whose downstream modules have no forward-mode derivative (the error
@@ -222,15 +233,18 @@ def penalty(
         <torch._C.Generator object at ...>
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Dropout(0.2), nn.Linear(3, 3)).double()
         >>> x, y = torch.randn(5, 2, dtype=torch.float64), torch.randint(0, 3, (5,))
-        >>> pen = penalty(net, x)
+        >>> pen = penalty(net, x).value
         >>> pen.backward()
         >>> ref = 0.5 * 0.25 * terms(net, x, y).fisher
         >>> abs(pen.item() - ref) < 1e-12, net[0].weight.grad is not None
         (True, True)
     """
     with torch.enable_grad():  # derivatives w.r.t. the masks are needed even under no_grad
-        pen, eta = _penalty(model, inputs, family, p, form, targets, curvature, layers, estimator, generator, chunk_size)
-    return (pen, eta) if return_output else pen
+        pen, eta = _penalty(model, inputs, family, p, form, targets, curvature, layers, method, generator, chunk_size)
+    if return_output is not None:
+        warn_deprecated("penalty(return_output=...): read .value and .eta of the result", stacklevel=4)  # via the wrapper
+        return cast(PenaltyResult, (pen, eta) if return_output else pen)  # the old return types, for one release
+    return PenaltyResult(pen, eta)
 
 
 def _penalty(

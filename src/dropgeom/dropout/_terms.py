@@ -54,24 +54,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
 from ..families import ExponentialFamily
-from ._common import Inputs, as_tuple, model_inputs, check_output, chunk_for, detached_params, family_of
+from ..options import Noise
+from ._common import Inputs, model_inputs, check_output, chunk_for, detached_params, family_of
+from ._legacy import legacy_signature
 from .chain import Chain, as_chain, run_chain, training_off
 from .explicit import forward_with_masks
-from .masks import ALPHA_KINDS, PSpec, mask_spec, mask_variance
+from .masks import ALPHA_KINDS, MaskSpec, PSpec, mask_spec, mask_variance
 
 __all__ = ["DropoutTerms", "terms", "TERM_NAMES"]
 
 TERM_NAMES = ("fisher", "curvature_gaussian", "divergence", "curvature_bernoulli")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DropoutTerms:
     """The four terms of theory.md 4.2, summed over units (mean over inputs, no variance factor).
 
@@ -88,7 +90,7 @@ class DropoutTerms:
     p: Dict[str, float]
     family: str = field(default="categorical")
 
-    def predicted_gap(self, p: PSpec = None, noise: str = "bernoulli") -> float:
+    def predicted_gap(self, p: PSpec = None, noise: Union[str, Noise] = "bernoulli") -> float:
         """The gap each law predicts: ``sum_l p_l (K_l + B_l)`` (bernoulli) or
         ``sum_l V_l/2 (F_l + C_l)`` with ``V_l = p_l/(1-p_l)`` (gaussian).
 
@@ -131,35 +133,37 @@ def _batched_over_units(fn: Callable[[Tensor], Tensor], units: int, chunk: int, 
     return torch.cat(outs)
 
 
+@legacy_signature(old=("targets", "family", "layers"))
 def terms(
     model: nn.Module,
     inputs: Inputs,
     targets: Tensor,
-    family: Union[str, ExponentialFamily] = "categorical",
-    layers: Optional[Sequence[str]] = None,
     *,
+    family: Union[str, ExponentialFamily] = "categorical",
+    p: PSpec = None,
+    layers: Optional[Sequence[str]] = None,
+    noise: Union[str, Noise] = "bernoulli",
     chunk_size: Optional[int] = None,
     fast: bool = True,
-    noise: str = "bernoulli",
-    p: PSpec = None,
 ) -> DropoutTerms:
     r"""Fisher, divergence and curvature terms of the dropout gap for every unit (theory.md 4.2).
 
     Args:
         model: the network with ``nn.Dropout`` modules (evaluated at ``m = 1``, eval mode).
         inputs: tensor (or tuple) with leading sample axis ``n``.
-        targets: labels in the family's format (they enter through ``r = mu - t(y)``).
+        targets: labels in the family's format (required: they enter through ``r = mu - t(y)``).
         family: output family of the model's outputs.
+        p: drop probabilities recorded for :meth:`DropoutTerms.predicted_gap` (required for
+            DropConnect; default the layers' own).
         layers: restrict to these dropout layers (default: all).
-        chunk_size: units evaluated together in one ``vmap`` (default: from a memory budget).
-        fast: use the explicit chain path when the model allows it (see the module
-            docstring); ``False`` forces the generic ``torch.func`` path.
         noise: ``"dropconnect"`` takes the weights of the ``nn.Linear`` layers in ``layers``
             (default all) as the units; otherwise every dropout site
             (:func:`~dropgeom.dropout.dropout_sites`: modules, attention-weight and functional
-            dropout, stochastic depth). The terms do not depend on the mask law.
-        p: drop probabilities recorded for :meth:`DropoutTerms.predicted_gap` (required for
-            DropConnect; default the layers' own).
+            dropout, stochastic depth). The terms do not depend on the mask law, and are
+            exact (no ``method``, ``n_samples`` or ``generator``: nothing is sampled).
+        chunk_size: units evaluated together in one ``vmap`` (default: from a memory budget).
+        fast: use the explicit chain path when the model allows it (see the module
+            docstring); ``False`` forces the generic ``torch.func`` path.
 
     Raises:
         ValueError: no dropout, unknown or never-run layers, alpha-dropout layers (not
@@ -205,6 +209,22 @@ def terms(
             per_layer = {k: {name: float(v.sum()) for name, v in per_unit[k].items()} for k in names}
             sums = {name: sum(per_layer[k][name] for k in names) for name in TERM_NAMES}
             return DropoutTerms(per_unit=per_unit, per_layer=per_layer, p=ps, family=fam.name, **sums)
+    per_unit, per_layer = _terms_generic(model, args, fam, spec, targets, chunk_size)
+    sums = {name: sum(per_layer[k][name] for k in names) for name in TERM_NAMES}
+    return DropoutTerms(per_unit=per_unit, per_layer=per_layer, p=ps, family=fam.name, **sums)
+
+
+def _terms_generic(
+    model: nn.Module,
+    args: Tuple[Tensor, ...],
+    fam: ExponentialFamily,
+    spec: MaskSpec,
+    targets: Tensor,
+    chunk_size: Optional[int],
+) -> Tuple[Dict[str, Dict[str, Tensor]], Dict[str, Dict[str, float]]]:
+    """The four terms per unit and per layer by ``torch.func`` with respect to per-sample masks (module docstring)."""
+    n = args[0].shape[0]
+    names = list(spec.shapes)
     params = detached_params(model)
     with torch.no_grad():
         eta0 = forward_with_masks(model, args, {}, params)
@@ -267,8 +287,7 @@ def terms(
             "curvature_bernoulli": bern.reshape(shape),
         }
         per_layer[k] = {name: float(v.sum()) for name, v in per_unit[k].items()}
-    sums = {name: sum(per_layer[k][name] for k in names) for name in TERM_NAMES}
-    return DropoutTerms(per_unit=per_unit, per_layer=per_layer, p=ps, family=fam.name, **sums)
+    return per_unit, per_layer
 
 
 def _terms_chain(
