@@ -36,8 +36,8 @@ class _TensorLike:
         return self.value
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("value", "eta"):  # never for dunders (copy, pickle) or the fields
-            raise AttributeError(name)
+        if name.startswith("_") or name in ("value", "eta") or not hasattr(Tensor, name):
+            raise AttributeError(name)  # only tensor API: copy, pickle and hasattr probes see a plain dataclass
         return getattr(self._tensor(), name)
 
     def __float__(self) -> float:
