@@ -7,7 +7,7 @@ digits set), ``nn.Dropout(0.5)`` after each hidden layer, batch 256.
   unit ``x fwd+bwd``), an ordinary dropout step (the model's ``nn.Dropout`` in
   train mode, ``x dropout step``), and Fisher-dropout steps ``clean loss +
   penalty`` for the quadratic and divergence forms, ``mc`` / ``unit`` / ``exact``. The
-  clean loss reuses the penalty's forward (``penalty(..., return_output=True)``);
+  clean loss reuses the penalty's forward (``penalty(...).eta``);
   one row shows the cost of a separate clean forward instead (what an objective
   that calls ``model(x)`` and ``penalty`` separately pays). Goal (issues 4/5):
   a Fisher-dropout step <= 1.0x a dropout step.
@@ -89,10 +89,11 @@ def _steps(net: nn.Sequential, x: torch.Tensor, y: torch.Tensor, quick: bool, bi
         def step() -> None:
             opt.zero_grad()
             if shared:
-                pen, eta = penalty(net, x, form=form, estimator=est, generator=gen, return_output=True)
+                res = penalty(net, x, form=form, method=est, generator=gen)
+                pen, eta = res.value, res.eta
                 loss = ce(eta, y) + pen
             else:
-                loss = ce(net(x), y) + penalty(net, x, form=form, estimator=est, generator=gen)
+                loss = ce(net(x), y) + penalty(net, x, form=form, method=est, generator=gen).value
             loss.backward()
             opt.step()
 

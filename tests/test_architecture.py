@@ -84,8 +84,6 @@ KNOWN_LONG_FILES: Dict[str, str] = {
 
 #: Functions over MAX_FUNCTION_LINES today ("path:qualified name", paths relative to src/).
 KNOWN_LONG_FUNCTIONS: Dict[str, str] = {
-    "dropgeom/dropout/gap.py:gap": "issue #8 item 4: one dropout signature",
-    "dropgeom/dropout/mixture.py:mixture": "issue #8 item 4: one dropout signature",
     "dropgeom/fisher.py:_capture": "issue #8 item 1: layer-rule registry",
     # grown in the session that worked on issues 9-14 in parallel; split them next
     "dropgeom/curvature/mixture_model.py:dropout_mixture_manifold": "issue #8 acceptance: functions <= 80 lines (issue 9 code)",

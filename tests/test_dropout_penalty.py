@@ -42,11 +42,11 @@ def test_value_equals_terms(form, curv):
     net = _net()
     x, y = _data()
     t = terms(net, x, y)
-    val = penalty(net, x, form=form, curvature=curv, targets=y)
+    val = penalty(net, x, form=form, curvature=curv, targets=y).value
     assert abs(val.item() - _expected(t, form, curv)) < 1e-14
     # the closed-form last layer alone
     t5 = terms(net, x, y, layers=["5"])
-    v5 = penalty(net, x, form=form, curvature=curv, targets=y, layers=["5"])
+    v5 = penalty(net, x, form=form, curvature=curv, targets=y, layers=["5"]).value
     assert abs(v5.item() - _expected(t5, form, curv)) < 1e-14
 
 
@@ -58,8 +58,8 @@ def test_gradient_matches_finite_differences(form, curv, estimator):
     seed = 5
 
     def value():
-        return penalty(net, x, form=form, curvature=curv, targets=y, estimator=estimator,
-                       generator=torch.Generator().manual_seed(seed))
+        return penalty(net, x, form=form, curvature=curv, targets=y, method=estimator,
+                       generator=torch.Generator().manual_seed(seed)).value
 
     grads = torch.autograd.grad(value(), params)
     direction = [torch.randn_like(p) for p in params]
@@ -72,10 +72,10 @@ def test_gradient_matches_finite_differences(form, curv, estimator):
 def test_mc_estimator_is_unbiased(form, curv):
     net = _net(3)
     x, y = _data()
-    exact = penalty(net, x, form=form, curvature=curv, targets=y).item()
+    exact = penalty(net, x, form=form, curvature=curv, targets=y).value.item()
     g = torch.Generator().manual_seed(0)
     draws = torch.tensor([
-        penalty(net, x, form=form, curvature=curv, targets=y, estimator="mc", generator=g).item() for _ in range(120)
+        penalty(net, x, form=form, curvature=curv, targets=y, method="mc", generator=g).value.item() for _ in range(120)
     ], dtype=D)
     se = draws.std().item() / 120**0.5
     assert abs(draws.mean().item() - exact) < 4 * se + 1e-15
@@ -97,15 +97,15 @@ def test_penalty_bad_inputs():
 def test_mixture_exact_matches_bruteforce_and_alpha_ends():
     net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Dropout(0.3), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     x, y = _data(n=7)
-    res = mixture(net, x, y, alpha=0.4, n_samples="exact")
+    res = mixture(net, x, y, alpha=0.4, method="exact")
     with torch.no_grad():
         ref = mixture_exact(lambda m: sequential_eta(net, x, {2: m}), 4, 0.3, 0.4)
     for kind in ("m", "e", "alpha"):
         assert torch.allclose(res.probs[kind], ref[kind], atol=1e-13)
     assert not torch.allclose(res.probs["e"], res.probs["weight_scaling"], atol=1e-6)  # curved: they differ
-    m_end = mixture(net, x, alpha=-1.0, n_samples="exact")
+    m_end = mixture(net, x, alpha=-1.0, method="exact")
     assert torch.allclose(m_end.probs["alpha"], m_end.probs["m"], atol=1e-14)
-    e_end = mixture(net, x, alpha=1.0 - 1e-9, n_samples="exact")
+    e_end = mixture(net, x, alpha=1.0 - 1e-9, method="exact")
     assert torch.allclose(e_end.probs["alpha"], e_end.probs["e"], atol=1e-7)
     assert abs(res.nll["m"] + res.probs["m"].gather(1, y[:, None]).log().mean().item()) < 1e-12
     acc = (res.probs["e"].argmax(-1) == y).double().mean().item()
@@ -118,7 +118,7 @@ def test_weight_scaling_is_e_mixture_when_affine():
     torch.manual_seed(4)
     last = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Dropout(0.4), nn.Linear(5, 3)).double()
     x, y = _data(n=6)
-    res = mixture(last, x, y, n_samples="exact")
+    res = mixture(last, x, y, method="exact")
     assert torch.allclose(res.probs["e"], res.probs["weight_scaling"], atol=1e-13)
     with pytest.raises(ValueError, match="class indices"):
         mixture(last, x, y.double())
@@ -143,7 +143,7 @@ def _chain_nets(act, bias):
 
 
 def _value_and_grad(net, x, fast, **kw):
-    from dropgeom.dropout.penalty import _penalty
+    from dropgeom.dropout._penalty import _penalty
 
     args = dict(family="categorical", p=None, form="quadratic", targets=None, curvature=False, layers=None,
                 estimator="exact", generator=None, chunk_size=None)
@@ -201,21 +201,21 @@ def test_chain_path_other_families(family, form, estimator):
     assert torch.allclose(fg, gg, rtol=1e-9, atol=1e-13)
 
 
-def test_return_output_reuses_the_clean_forward():
+def test_the_result_carries_the_clean_forward():
     net = _net(4)
     x, y = _data()
-    pen, eta = penalty(net, x, form="divergence", return_output=True)
+    res = penalty(net, x, form="divergence")
+    pen, eta = res.value, res.eta
     assert torch.equal(eta.detach(), net.eval()(x))
     loss = nn.functional.cross_entropy(eta, y) + pen
     grads = torch.autograd.grad(loss, list(net.parameters()))
-    ref = torch.autograd.grad(nn.functional.cross_entropy(net(x), y) + penalty(net, x, form="divergence"),
+    ref = torch.autograd.grad(nn.functional.cross_entropy(net(x), y) + penalty(net, x, form="divergence").value,
                               list(net.parameters()))
     for a, b in zip(grads, ref):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-15)
 
 
-def test_kl_to_dropped_matches_family_kl_including_overflow_fallback():
-    from dropgeom.dropout._common import kl_to_dropped
+def test_kl_to_each_matches_family_kl_including_overflow_fallback():
     from dropgeom.families import get_family
 
     fam = get_family("categorical")
@@ -224,12 +224,12 @@ def test_kl_to_dropped_matches_family_kl_including_overflow_fallback():
     for scale in (1e-3, 1.0, 200.0):  # 200: exp would overflow, the log-softmax form is used
         dropped = eta + scale * torch.randn(3, 7, 5, generator=g, dtype=D)
         ref = fam.kl(eta.expand(3, 7, 5).reshape(-1, 5), dropped.reshape(-1, 5)).reshape(3, 7)
-        assert torch.allclose(kl_to_dropped(fam, eta, dropped), ref, rtol=1e-9, atol=1e-15), scale
+        assert torch.allclose(fam.kl_to_each(eta, dropped), ref, rtol=1e-9, atol=1e-15), scale
 
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_unit_estimator_is_unbiased_and_its_gradient_is_right(fast):
-    from dropgeom.dropout.penalty import _penalty
+    from dropgeom.dropout._penalty import _penalty
 
     net = _net(3)
     x, y = _data()
@@ -282,7 +282,7 @@ def _bruteforce(net, x, y, form):
 
 
 def _pen(net, x, y, form, estimator, fast, seed=3):
-    from dropgeom.dropout.penalty import _penalty
+    from dropgeom.dropout._penalty import _penalty
 
     with torch.enable_grad():  # the generic path differentiates w.r.t. the masks (also inside finite differences)
         return _penalty(net, x, "categorical", None, form, y, True, None, estimator,
@@ -335,8 +335,8 @@ def test_curvature_term_sampled_estimators_are_unbiased(make, form, fast, sample
 def test_curvature_term_takes_the_chain_path(monkeypatch, form, estimator):
     import importlib
 
-    generic = importlib.import_module("dropgeom.dropout.penalty_generic")
-    sites = importlib.import_module("dropgeom.dropout.penalty_sites")
+    generic = importlib.import_module("dropgeom.dropout._penalty_generic")
+    sites = importlib.import_module("dropgeom.dropout._penalty_sites")
 
     def boom(*a, **k):
         raise AssertionError("the generic path was used")
@@ -345,7 +345,7 @@ def test_curvature_term_takes_the_chain_path(monkeypatch, form, estimator):
     monkeypatch.setattr(sites, "_generic_forward", boom)
     net = _deep_net(1)
     x, y = _data(n=5)
-    penalty(net, x, form=form, curvature=True, targets=y, estimator=estimator).backward()
+    penalty(net, x, form=form, curvature=True, targets=y, method=estimator).value.backward()
 
 
 def test_relu_low_rank_dropped_outputs_equal_explicit_drops_with_kink_crossings():
@@ -403,7 +403,7 @@ def test_curvature_term_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match=r"curvature term .* not supported for dropout layer '2'.*jvp"):
         penalty(net, x, targets=y, curvature=True)
     for est in Estimator:  # the divergence form's curvature term needs no forward mode
-        penalty(net, x, form="divergence", targets=y, curvature=True, estimator=est).backward()
+        penalty(net, x, form="divergence", targets=y, curvature=True, method=est).value.backward()
 
     class NoStatistic(Gaussian):
         name = "mygauss"
@@ -437,7 +437,7 @@ def test_generic_path_curvature_term_of_a_smooth_cnn_equals_terms():
     x, y = _cnn_batch()
     smooth = _cnn(nn.Tanh, 1)  # not piecewise linear: the forward-over-forward passes, equal to terms
     t = terms(smooth, x, y)
-    with_c = penalty(smooth, x, targets=y, curvature=True, estimator="exact").item()
+    with_c = penalty(smooth, x, targets=y, curvature=True, method="exact").value.item()
     expect = sum(0.5 * q / (1 - q) * (t.per_layer[k]["fisher"] + t.per_layer[k]["curvature_gaussian"])
                  for k, q in t.p.items())
     assert abs(with_c - expect) < 1e-12 * max(1.0, abs(expect))
@@ -447,7 +447,7 @@ def test_generic_path_curvature_term_of_a_smooth_cnn_equals_terms():
 def test_generic_path_curvature_term_of_piecewise_linear_downstream_is_zero_without_passes(monkeypatch, estimator):
     import importlib
 
-    pen_mod = importlib.import_module("dropgeom.dropout.penalty_generic")
+    pen_mod = importlib.import_module("dropgeom.dropout._penalty_generic")
     x, y = _cnn_batch()
     relu = _cnn(nn.ReLU, 2)
     t = terms(relu, x, y)  # the generic forward-over-forward passes give exactly zero here
@@ -458,8 +458,8 @@ def test_generic_path_curvature_term_of_piecewise_linear_downstream_is_zero_with
 
     monkeypatch.setattr(pen_mod, "_gaussian_curvature_layer", boom)
     gen = lambda: torch.Generator().manual_seed(4)  # noqa: E731
-    a = penalty(relu, x, targets=y, curvature=True, estimator=estimator, generator=gen())
-    b = penalty(relu, x, targets=y, curvature=False, estimator=estimator, generator=gen())
+    a = penalty(relu, x, targets=y, curvature=True, method=estimator, generator=gen()).value
+    b = penalty(relu, x, targets=y, curvature=False, method=estimator, generator=gen()).value
     if estimator not in SAMPLED_ESTIMATORS:
         assert a.item() == b.item()
     a.backward()

@@ -135,7 +135,7 @@ def test_attention_dropout_gap_terms_mixture_against_enumeration():
     ref = terms_dense(eta, 4, "categorical", y)
     for name, v in ref.items():
         torch.testing.assert_close(t.per_unit["attn"][name].reshape(-1), v, rtol=1e-9, atol=1e-12)
-    mix = mixture(net, x, alpha=0.5, n_samples="exact")
+    mix = mixture(net, x, alpha=0.5, method="exact")
     for kind, v in mixture_exact(eta, 4, 0.3, 0.5).items():
         torch.testing.assert_close(mix.probs[kind], v, rtol=1e-10, atol=1e-12)
 
@@ -237,7 +237,7 @@ def test_channel_dropout_against_enumeration():
     t = terms(net, x, y)
     for name, v in terms_dense(eta, 3, "categorical", y).items():
         torch.testing.assert_close(t.per_unit["2"][name], v, rtol=1e-9, atol=1e-12)
-    mix = mixture(net, x, alpha=-0.5, n_samples="exact")
+    mix = mixture(net, x, alpha=-0.5, method="exact")
     for kind, v in mixture_exact(eta, 3, 0.3, -0.5).items():
         torch.testing.assert_close(mix.probs[kind], v, rtol=1e-10, atol=1e-12)
     r = gap(net, x, y, method="mc", n_samples=2000, generator=torch.Generator().manual_seed(0))
@@ -261,7 +261,7 @@ def test_alpha_dropout_against_enumeration_and_torch(feature):
     with torch.no_grad():  # exact_gap subtracts L(m = 1); the clean loss of alpha dropout is eval mode's
         shift = F.cross_entropy(eta(torch.ones(3, dtype=D)), y) - F.cross_entropy(net.eval()(x), y)
     assert abs(gap(net, x, y).value - exact_gap(eta, 3, 0.3, "categorical", y) - float(shift)) < 1e-12
-    mix = mixture(net, x, n_samples="exact")
+    mix = mixture(net, x, method="exact")
     torch.testing.assert_close(mix.probs["m"], mixture_exact(eta, 3, 0.3, 0.0)["m"], rtol=1e-10, atol=1e-12)
     r = gap(net, x, y, method="mc", n_samples=2000, generator=torch.Generator().manual_seed(0))
     ref, se = _train_mode_gap(net, x, y, 2000)
@@ -309,7 +309,7 @@ def test_dropconnect_gap_terms_mixture_against_enumeration():
     t = terms(net, x, y, layers=["2"], noise="dropconnect", p=0.25)
     for name, v in terms_dense(eta, 4, "categorical", y).items():
         torch.testing.assert_close(t.per_unit["2"][name].reshape(-1), v, rtol=1e-9, atol=1e-12)
-    mix = mixture(net, x, alpha=0.5, n_samples="exact", **kw)
+    mix = mixture(net, x, alpha=0.5, method="exact", **kw)
     for kind, v in mixture_exact(eta, 4, 0.25, 0.5).items():
         torch.testing.assert_close(mix.probs[kind], v, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="needs p"):
@@ -385,7 +385,7 @@ def test_mixture_every_family_against_enumeration(family):
         etas.append(net[3](torch.tanh(net[0](x)) * b / 0.7).detach())
     w = torch.tensor(ws, dtype=D)
     E = torch.stack(etas)
-    res = mixture(net, x, y, n_samples="exact", family=family)
+    res = mixture(net, x, y, method="exact", family=family)
     assert res.probs is None and res.family == family
     torch.testing.assert_close(res.eta["e"], (w[:, None, None] * E).sum(0), rtol=1e-12, atol=1e-12)
     mu = torch.stack([mean_param(family, e) for e in E])

@@ -258,3 +258,96 @@ def test_kl_between_nearby_extreme_logits_has_no_cancellation(name, dtype):
     expect = ref.log_prob_kl(name, eta, eta2)
     assert (kl >= 0).all(), kl
     torch.testing.assert_close(kl.to(D64), expect, rtol=1e-4, atol=1e-6)
+
+
+# -- the family-specific building blocks (reduced root, column norms, shifted KL, mixtures) --
+def _generic(fam, method: str):
+    """The base class's generic implementation of ``method``, bound to ``fam`` (the oracle)."""
+    from dropgeom.families import ExponentialFamily
+
+    return getattr(ExponentialFamily, method).__get__(fam)
+
+
+@pytest.mark.parametrize("name,family,sigma,k", FAMILY_TABLE, ids=IDS)
+def test_reduced_cov_sqrt_is_a_root_with_fewest_columns(name, family, sigma, k):
+    fam = get_family(family)
+    eta = _eta(name, 6, k, scale=2.0)
+    s = fam.reduced_cov_sqrt(eta)
+    torch.testing.assert_close(s @ s.transpose(1, 2), ref.closed_form_cov(_base(name), eta, sigma), rtol=1e-12, atol=1e-13)
+    assert s.shape[-1] == (k - 1 if _base(name) == "categorical" else k)
+    assert torch.equal(fam.cov_sqrt_with_mean(eta, fam.mean(eta)), fam.cov_sqrt(eta))  # same arithmetic
+
+
+@pytest.mark.parametrize("name,family,sigma,k", FAMILY_TABLE, ids=IDS)
+def test_column_cov_norms_and_shifted_kl_match_brute_force(name, family, sigma, k):
+    fam = get_family(family)
+    n, u = 5, 4
+    eta = _eta(name, n, k)
+    g = torch.Generator().manual_seed(7)
+    w = 0.3 * torch.randn(k, u, generator=g, dtype=D64)
+    h = torch.rand(n, u, generator=g, dtype=D64)
+    if _base(name) == "normal":
+        w[1] = w[1].abs()  # the shifted eta_2 - h w_2 stays negative
+    cov = ref.closed_form_cov(_base(name), eta, sigma)
+    brute = torch.stack([h[:, j] ** 2 * torch.einsum("a,nab,b->n", w[:, j], cov, w[:, j]) for j in range(u)], 1)
+    for mean in (None, fam.mean(eta)):
+        torch.testing.assert_close(fam.column_cov_norms(eta, w, h, mean), brute, rtol=1e-12, atol=1e-14)
+    kl = torch.stack([fam.kl(eta, eta - h[:, j : j + 1] * w[:, j]) for j in range(u)], 1)
+    for mean in (None, fam.mean(eta)):
+        torch.testing.assert_close(fam.kl_to_shifted(eta, w, h, mean), kl, rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(_generic(fam, "kl_to_shifted")(eta, w, h), kl, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("name,family,sigma,k", FAMILY_TABLE, ids=IDS)
+@pytest.mark.parametrize("scale", [0.3, 30.0, 300.0], ids=["small", "large", "overflow"])
+def test_kl_to_each_matches_pairwise_kl(name, family, sigma, k, scale):
+    fam = get_family(family)
+    eta = _eta(name, 4, k)
+    others = torch.stack([_eta(name, 4, k, scale=1.0) * (1 + 0.1 * i) for i in range(3)])
+    if _base(name) == "categorical":  # large logit gaps exercise the overflow fallback (max x >= 50)
+        others = eta + scale * (others - eta)
+    ref_kl = torch.stack([fam.kl(eta, o) for o in others])
+    got = fam.kl_to_each(eta, others)
+    assert got.shape == (3, 4)
+    torch.testing.assert_close(got, ref_kl, rtol=1e-9, atol=1e-13)
+    torch.testing.assert_close(fam.kl_to_each(eta, others, fam.mean(eta)), got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,family,sigma,k", FAMILY_TABLE, ids=IDS)
+def test_log_probs_mixtures_and_class_probs(name, family, sigma, k):
+    fam = get_family(family)
+    base = _base(name)
+    etas = torch.stack([_eta(name, 5, k, scale=s) for s in (0.5, 1.0, 2.0)])
+    w = torch.tensor([0.2, 0.5, 0.3], dtype=D64)
+    lp = fam.log_probs(etas[0])
+    if base == "categorical":  # log p(c | eta) = -nll(eta, c) for every class c
+        byclass = torch.stack([-fam.nll(etas[0], torch.full((5,), c)) for c in range(k)], 1)
+        torch.testing.assert_close(lp, byclass, rtol=1e-12, atol=1e-12)
+    else:
+        assert lp is None
+    if base in ("categorical", "bernoulli"):
+        assert fam.has_m_mixture
+        mix = fam.m_mixture_eta(etas, w.log())
+        torch.testing.assert_close(fam.mean(mix), torch.einsum("m,mnk->nk", w, fam.mean(etas)), rtol=1e-12, atol=1e-14)
+    else:
+        assert not fam.has_m_mixture
+        with pytest.raises(NotImplementedError, match="not in the family"):
+            fam.m_mixture_eta(etas, w.log())
+    y = _targets(name, etas[0], torch.Generator().manual_seed(3))
+    classes = fam.class_probs(etas[0], y)
+    if base == "categorical" or (base == "bernoulli" and k == 1):
+        probs, labels = classes
+        # the probability of each class is exp(-nll) of that class, whatever the family
+        c1 = torch.ones(5, dtype=torch.long) if base == "categorical" else torch.ones(5, k, dtype=D64)
+        torch.testing.assert_close(probs[:, 1], (-fam.nll(etas[0], c1)).exp(), rtol=1e-12, atol=1e-14)
+        assert labels.dtype == torch.long and labels.shape == (5,)
+    else:
+        assert classes is None
+
+
+def test_bernoulli_single_output_class_probs():
+    fam = get_family("bernoulli")
+    eta = torch.tensor([[0.0], [2.0]], dtype=D64)
+    probs, labels = fam.class_probs(eta, torch.tensor([[1.0], [0.0]], dtype=D64))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, dtype=D64))
+    assert labels.tolist() == [1, 0]

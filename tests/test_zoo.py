@@ -84,7 +84,7 @@ def test_transformer_every_quantity_runs_and_restores_flags():
     t = terms(net, x, y)
     assert set(t.per_layer) == {"body.dropout", "body.dropout1", "body.dropout2", "body.self_attn"}
     assert all(math.isfinite(v) for v in (t.fisher, t.divergence, t.curvature_gaussian, t.curvature_bernoulli))
-    pen = penalty(net, x)  # every site, attention weights included (no warning)
+    pen = penalty(net, x).value  # every site, attention weights included (no warning)
     expect = sum(0.5 * q / (1 - q) * t.per_layer[k]["fisher"] for k, q in t.p.items())
     assert abs(pen.item() - expect) < 1e-10 * max(1.0, abs(expect))
     pen.backward()

@@ -9,7 +9,7 @@ return type shows up as a type error.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Tuple, Union
+from typing import TYPE_CHECKING, Dict
 
 if TYPE_CHECKING:  # nothing is imported at run time: a renamed API fails mypy, not test collection
     import torch
@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # nothing is imported at run time: a renamed API fails mypy, 
         forward_with_masks,
         gap,
         mixture,
+        PenaltyResult,
         penalty,
         sample_masks,
         terms,
@@ -79,13 +80,14 @@ def _use_public_api() -> None:
     out: Tensor = forward_with_masks(net, x, masks)
     r: GapResult = gap(net, x, y, family="categorical", method="exact")
     t: DropoutTerms = terms(net, x, y, family="categorical")
-    pen: Union[Tensor, Tuple[Tensor, Tensor]] = penalty(net, x, family="categorical", form="quadratic")
-    mix: MixtureResult = mixture(net, x, y, alpha=0.5, n_samples=16, generator=gen)
+    pen: PenaltyResult = penalty(net, x, y, family="categorical", form="quadratic", method="mc", generator=gen)
+    pen_value: Tensor = pen.value
+    mix: MixtureResult = mixture(net, x, y, alpha=0.5, method="mc", n_samples=16, generator=gen)
 
     obj: Objective = make_objective("fisher_dropout", p=0.2)
     data: Dataset = load_dataset("glm_teacher", n=64)
     hist: History = train(net, data, obj, epochs=1, progress=False)
     metrics: Dict[str, float] = evaluate(net, x, y) | classification_metrics(net(x), y)
 
-    del mu, jv, sol, res, kappa, g2, layers, enum, out, r, t, pen, mix, hist, metrics
+    del mu, jv, sol, res, kappa, g2, layers, enum, out, r, t, pen, pen_value, mix, hist, metrics
     assert dropgeom.__version__

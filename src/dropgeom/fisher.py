@@ -188,8 +188,8 @@ def fisher(
     reduction = _enum(Reduction, reduction, "reduction")
     if not isinstance(manifold, ModelManifold):
         raise TypeError(f"fisher() needs a ModelManifold, got {type(manifold).__name__}")
-    if kind is FisherKind.EXACT and manifold.family.name == "categorical":
-        S = _categorical_root(manifold.eta())  # K-1 columns instead of K
+    if kind is FisherKind.EXACT:
+        S = manifold.family.reduced_cov_sqrt(manifold.eta())  # categorical: K-1 columns instead of K
     else:
         S = fisher_factors(manifold, kind, targets=targets, n_samples=n_samples, generator=generator)
     scale = 1.0 if reduction is Reduction.SUM else 1.0 / manifold.n

@@ -103,7 +103,7 @@ def dropout_mixture_manifold(
     if kind not in MIXTURE_KINDS:
         raise ValueError(f"kind must be one of {list(MIXTURE_KINDS)} (m- or e-mixture), got {kind!r}")
     fam = get_family(family)
-    if kind == "m" and fam.name not in ("categorical", "bernoulli"):
+    if kind == "m" and not fam.has_m_mixture:
         raise ValueError(
             f"the m-mixture of {fam.name!r} distributions is not in the family; use kind='e', or a categorical/bernoulli model"
         )
@@ -138,11 +138,6 @@ def dropout_mixture_manifold(
         eta = eta.reshape(M, n, -1)
         if kind == "e":
             return torch.einsum("m,mnk->nk", w.to(eta.dtype), eta)
-        lw = logw.to(eta.dtype)[:, None, None]
-        if fam.name == "categorical":
-            return torch.logsumexp(lw + torch.log_softmax(eta, -1), 0)
-        return torch.logsumexp(lw + nn.functional.logsigmoid(eta), 0) - torch.logsumexp(
-            lw + nn.functional.logsigmoid(-eta), 0
-        )
+        return fam.m_mixture_eta(eta, logw.to(eta.dtype))
 
     return ModelManifold(model, inputs, fam, param_names=param_names, forward=forward)

@@ -5,10 +5,11 @@ kind -- modules, attention-weight and functional dropout, DropConnect, stochasti
 depth -- are explicit masks (see :mod:`dropgeom.dropout.masks`)."""
 
 from .explicit import forward_with_masks, record_dropout_inputs
-from .gap import GapResult, gap
-from .mixture import MixtureResult, mixture
-from .penalty import output_linear, penalty
-from .terms import DropoutTerms, terms
+from ._gap import GapResult, gap
+from ._mixture import MixtureResult, mixture
+from ._penalty import output_linear, penalty
+from ._penalty_result import PenaltyResult
+from ._terms import DropoutTerms, terms
 from .modules import DropPath, StochasticDepth
 from .masks import (
     DROPOUT_TYPES,
@@ -43,6 +44,7 @@ __all__ = [
     "DropoutTerms",
     "terms",
     "penalty",
+    "PenaltyResult",
     "output_linear",
     "MixtureResult",
     "mixture",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -43,22 +43,3 @@ def chunked_vmap(fn: Callable, batched: Tensor, chunk: int) -> Tensor:
 def chunk_for(n_rows: int, width: int, budget: int = 2**24) -> int:
     """How many batched evaluations of ``n_rows x width`` activations to run at once."""
     return max(1, budget // max(1, n_rows * width))
-
-
-def kl_to_dropped(family: ExponentialFamily, eta: Tensor, dropped: Tensor, prob: Optional[Tensor] = None) -> Tensor:
-    """``KL(p(.|eta_i) || p(.|dropped_..i))`` for ``eta`` ``[n, K]`` and ``dropped`` ``[..., n, K]`` (shape ``[..., n]``).
-
-    Categorical: with ``d = dropped - eta`` centred under ``p_i`` (``x = d - <p_i, d>``),
-    ``KL = log sum_c p_c exp(x_c) = log1p(sum_c p_c expm1(x_c))``: about half the passes
-    of two log-softmaxes and as accurate (both lose the first-order terms to cancellation
-    alike); ``family.kl`` where ``exp`` could overflow and for other families.
-    """
-    kdim = eta.shape[-1]
-    if family.name == "categorical":
-        prob = torch.softmax(eta, dim=-1) if prob is None else prob  # ``prob``: softmax(eta), if at hand
-        d = dropped - eta
-        x = d - (d * prob).sum(-1, keepdim=True)
-        if float(x.detach().max()) < 50.0:
-            return torch.log1p((torch.expm1(x) * prob).sum(-1)).clamp_min(0)
-    flat = family.kl(eta.expand_as(dropped).reshape(-1, kdim), dropped.reshape(-1, kdim))
-    return flat.reshape(dropped.shape[:-1])

@@ -187,7 +187,7 @@ def form_gradient(
     p = _check_p(p)
     params = _params(model)
     with torch.enable_grad():
-        val = penalty(model, x, family=family, p=p, form=form, estimator=estimator)
+        val = penalty(model, x, family=family, p=p, form=form, method=estimator).value
         grads = torch.autograd.grad(val, params, allow_unused=True)
     return float(val.detach()), _flat(grads, params).detach()
 

@@ -69,16 +69,11 @@ def classification_metrics(
     eta = eta.detach()
     nll = fam.nll(eta, y).mean()
     out = {"nll": float(nll)}
-    if fam.name == "categorical":
-        probs = torch.softmax(eta, dim=-1)
-        out["accuracy"] = float((probs.argmax(-1) == y).double().mean())
-        out["ece"] = expected_calibration_error(probs, y, n_bins)
-    elif fam.name == "bernoulli" and eta.shape[1] == 1:
-        s = torch.sigmoid(eta[:, 0])
-        probs = torch.stack([1 - s, s], dim=-1)
-        yy = y.reshape(-1).round().long()
-        out["accuracy"] = float((probs.argmax(-1) == yy).double().mean())
-        out["ece"] = expected_calibration_error(probs, yy, n_bins)
+    classes = fam.class_probs(eta, y)  # None unless the labels are classes
+    if classes is not None:
+        probs, labels = classes
+        out["accuracy"] = float((probs.argmax(-1) == labels).double().mean())
+        out["ece"] = expected_calibration_error(probs, labels, n_bins)
     return out
 
 

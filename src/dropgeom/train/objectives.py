@@ -416,20 +416,20 @@ class FisherPenalty(Objective):
         # enable_grad: the exact penalty differentiates with respect to the masks
         # internally, so it also works when the caller evaluates under no_grad.
         with torch.enable_grad():
-            pen, eta = _dropout_api("penalty")(
+            res = _dropout_api("penalty")(
                 model,
                 x,
+                y if self.curvature else None,
                 family=family,
                 p=self.p,
                 form=self.form,
-                targets=y if self.curvature else None,
                 curvature=self.curvature,
                 layers=self.layers,
-                estimator=self.estimator,
+                method=self.estimator,
                 generator=generator,
-                return_output=True,
             )
-        return (pen if self.weight == 1.0 else self.weight * pen), eta
+        pen = res.value
+        return (pen if self.weight == 1.0 else self.weight * pen), res.eta
 
     def config(self) -> Dict[str, Any]:
         return {

@@ -11,7 +11,7 @@ respect to every mask come from that one pass. Alpha dropout is differentiated a
 mask line ``h~ = m (h + ALPHA) - ALPHA`` (:func:`~dropgeom._intercept.alpha_mode`, theory.md
 section 4.5).
 
-The chain fast path (``penalty_chain``) is taken only when every requested layer is a
+The chain fast path (``_penalty_chain``) is taken only when every requested layer is a
 multiplicative ``torch.nn`` dropout module of a top-level ``nn.Sequential`` and no other
 dropout would be left out: with ``layers=None`` a model holding other dropout modules or
 attention dropout goes the generic way, and a model with custom modules has its chain pass

@@ -63,18 +63,19 @@ from torch.func import jvp, vjp, vmap
 from .._intercept import ALPHA, alpha_mode
 from ..families import ExponentialFamily
 from ..options import Noise, parse
-from ._common import Inputs, as_tuple, model_inputs, check_output, chunk_for, detached_params, family_of, kl_to_dropped
+from ._common import Inputs, as_tuple, model_inputs, check_output, chunk_for, detached_params, family_of
+from ._legacy import legacy_signature
 from .chain import Chain, as_chain, run_chain, training_off
 from .explicit import forward_with_masks
 from .masks import ALPHA_KINDS, PSpec, mask_spec, mask_variance
-from .penalty_generic import _piecewise_linear_after
+from ._penalty_generic import _piecewise_linear_after
 
 __all__ = ["DropoutTerms", "terms", "TERM_NAMES"]
 
 TERM_NAMES = ("fisher", "curvature_gaussian", "divergence", "curvature_bernoulli")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DropoutTerms:
     """The four terms of theory.md 4.2, summed over units (mean over inputs, no variance factor).
 
@@ -92,7 +93,7 @@ class DropoutTerms:
     family: str = field(default="categorical")
     kinds: Dict[str, str] = field(default_factory=dict)
 
-    def predicted_gap(self, p: PSpec = None, noise: str = "bernoulli") -> float:
+    def predicted_gap(self, p: PSpec = None, noise: Union[str, Noise] = "bernoulli") -> float:
         """The gap each law predicts: ``sum_l p_l (K_l + B_l)`` (bernoulli) or
         ``sum_l V_l/2 (F_l + C_l)`` with ``V_l = p_l/(1-p_l)`` (gaussian).
 
@@ -141,24 +142,25 @@ def _batched_over_units(fn: Callable[[Tensor], Tensor], units: int, chunk: int, 
     return torch.cat(outs)
 
 
+@legacy_signature(old=("targets", "family", "layers"))
 def terms(
     model: nn.Module,
     inputs: Inputs,
     targets: Tensor,
-    family: Union[str, ExponentialFamily] = "categorical",
-    layers: Optional[Sequence[str]] = None,
     *,
+    family: Union[str, ExponentialFamily] = "categorical",
+    p: PSpec = None,
+    layers: Optional[Sequence[str]] = None,
+    noise: Union[str, Noise] = "bernoulli",
     chunk_size: Optional[int] = None,
     fast: bool = True,
-    noise: str = "bernoulli",
-    p: PSpec = None,
 ) -> DropoutTerms:
     r"""Fisher, divergence and curvature terms of the dropout gap for every unit (theory.md 4.2).
 
     Args:
         model: the network with ``nn.Dropout`` modules (evaluated at ``m = 1``, eval mode).
         inputs: tensor (or tuple) with leading sample axis ``n``.
-        targets: labels in the family's format (they enter through ``r = mu - t(y)``).
+        targets: labels in the family's format (required: they enter through ``r = mu - t(y)``).
         family: output family of the model's outputs.
         layers: restrict to these dropout layers (default: all).
         chunk_size: units evaluated together in one ``vmap`` (default: from a memory budget).
@@ -355,7 +357,7 @@ def _terms_chain(
             pos, states = chain.dropped(k, units)
             dropped = chain.push(pos, states)  # [c, n, K]
             del states
-            kl[s : s + c] = kl_to_dropped(fam, eta0, dropped).mean(1)
+            kl[s : s + c] = fam.kl_to_each(eta0, dropped).mean(1)
             bern[s : s + c] = ((dropped - eta0) * r).sum(-1).mean(1)
             del dropped
             if curv_closed is None:

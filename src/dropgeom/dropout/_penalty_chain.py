@@ -19,10 +19,10 @@ import torch
 from torch import Tensor
 
 from ..families import ExponentialFamily
-from ._common import chunk_for, kl_to_dropped
+from ._common import chunk_for
 from .chain import Chain
 from .masks import mask_variance
-from .penalty_draws import _Draws
+from ._penalty_draws import _Draws
 
 __all__: List[str] = []
 
@@ -45,11 +45,7 @@ def _chain_layers(
     n, kdim = eta.shape
     total = eta.new_zeros(())
     if form == "quadratic":
-        if prob is not None:  # the categorical family's cov_sqrt, from the shared softmax
-            sp = prob.sqrt()
-            sq = torch.diag_embed(sp) - prob.unsqueeze(-1) * sp.unsqueeze(-2)
-        else:
-            sq = fam.cov_sqrt(eta)  # [n, K, R]
+        sq = fam.cov_sqrt_with_mean(eta, prob)  # [n, K, R]; categorical: from the shared softmax
         if estimator == "unit":
             for k in others:
                 u = chain.h(k).shape[1]
@@ -71,13 +67,13 @@ def _chain_layers(
         if estimator != "exact":
             pos, base, t = chain.tangent_per_sample(k, draws.units[k])
             dropped = chain.push(pos, base - t)
-            total = total + ps[k] * u * kl_to_dropped(fam, eta, dropped, prob).sum() / n
+            total = total + ps[k] * u * fam.kl_to_each(eta, dropped, prob).sum() / n
             if r is not None:  # B_j: <r, eta^(-j) - eta> here, <r, d_j eta> below
                 total = total + ps[k] * u * ((dropped - eta) * r).sum() / n
             continue
         low_rank = chain.dropped_relu(k)
         if low_rank is not None:  # every eta^(-j) by one matmul and the kink crossings
-            total = total + ps[k] * kl_to_dropped(fam, eta, low_rank, prob).sum() / n
+            total = total + ps[k] * fam.kl_to_each(eta, low_rank, prob).sum() / n
             if r is not None:
                 total = total + ps[k] * ((low_rank - eta) * r).sum() / n
             continue
@@ -87,7 +83,7 @@ def _chain_layers(
             units = torch.arange(s, min(u, s + chunk), device=eta.device)
             pos, states = chain.dropped(k, units)
             dropped = chain.push(pos, states)  # [c, n, K]
-            total = total + ps[k] * kl_to_dropped(fam, eta, dropped, prob).sum() / n
+            total = total + ps[k] * fam.kl_to_each(eta, dropped, prob).sum() / n
             if r is not None:
                 total = total + ps[k] * ((dropped - eta) * r).sum() / n
     if r is not None:  # sum_j <r_i, d_j eta_i> of B_j: eta's derivative along the all-ones mask direction

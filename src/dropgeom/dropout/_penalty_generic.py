@@ -1,7 +1,7 @@
 r"""The penalty's generic strategy (theory.md section 4.4): autograd / ``torch.func`` with respect to the masks.
 
 Every dropout site -- modules of every kind, attention-weight and functional dropout --
-is multiplied by an all-ones mask in the shared forward pass (``penalty_sites``), and:
+is multiplied by an all-ones mask in the shared forward pass (``_penalty_sites``), and:
 
 * **exact**: quadratic: ``R`` reverse-mode products with respect to the masks (one batched
   backward with ``create_graph``); divergence: one forward pass per unit (``vmap`` over
@@ -35,7 +35,7 @@ from ..families import ExponentialFamily
 from ._common import chunk_for, chunked_vmap
 from .explicit import forward_with_masks
 from .masks import ALPHA_KINDS, DROPOUT_TYPES, mask_variance
-from .penalty_draws import _Draws
+from ._penalty_draws import _Draws
 
 __all__: List[str] = []
 

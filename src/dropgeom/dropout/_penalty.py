@@ -20,12 +20,12 @@ How each layer is computed (``U`` units, ``R`` = rank of ``Sigma``):
   ``d_j eta_i = h_ij W_out[:, j]``, ``eta_i^(-j) = eta_i - h_ij W_out[:, j]`` and both
   curvature terms are exactly zero (eta is affine in the mask). Quadratic: always
   exact, ``O(n U K)`` (categorical: ``p @ W^2 - (p @ W)^2``; else ``O(n R U K)``).
-  Divergence: exact ``O(n U K)``; with ``estimator="mc"`` one dropped unit per
+  Divergence: exact ``O(n U K)``; with ``method="mc"`` one dropped unit per
   sample, ``O(n K)``.
 * **chain** (``chain.py``): a top-level ``nn.Sequential`` whose modules downstream
   of the dropout layers are Linear / elementwise activations / Dropout / Flatten /
   Identity (one input tensor; with or without the curvature term). One forward pass records
-  every module's input; its output is returned with ``return_output=True`` so the
+  every module's input; its output is the result's ``eta`` so the
   clean loss needs no second forward. Quadratic: the probes are pulled back by
   explicit matmuls (``w -> w @ W``, ``w -> w * a'(z)``) -- autograd differentiates
   only a first-order graph; ``mc`` costs one extra backward-sized pass through the
@@ -43,17 +43,17 @@ How each layer is computed (``U`` units, ``R`` = rank of ``Sigma``):
   closed form ``h_j^2 ((L^T r) a''(z)) @ W^2`` with one activation before an affine
   rest (one matmul), and otherwise second-order forward propagation of the unit
   tangents (``exact``, chunked) or of one Rademacher combination per sample
-  (``mc`` / ``unit``: Hutchinson). Quadratic with ``estimator="unit"``: the
+  (``mc`` / ``unit``: Hutchinson). Quadratic with ``method="unit"``: the
   same rank-1 tangent ``h_j W[:, j]`` of one random unit per sample is pushed forward
   (``t -> t W^T``, ``t -> a'(z) t``) to ``d_j eta``, and ``U (d_j eta)^T Sigma (d_j eta)``
   is unbiased at ``O(n width K)`` -- no matmul with the ``[width, U]`` weight at all.
-* **generic** otherwise (``penalty_generic``): ``torch.func`` / autograd with respect
+* **generic** otherwise (``_penalty_generic``): ``torch.func`` / autograd with respect
   to all-ones masks placed in one shared forward pass; ``exact``: ``R`` backward products
   (quadratic), one forward per unit (divergence, ``vmap``), forward-over-forward passes
   (curvature); ``mc`` / ``unit``: one probe, one dropped unit or one forward-mode product
   per sample, Hutchinson for the curvature (unbiased).
 
-Every dropout site is taken (``penalty_sites``): ``nn.Dropout`` / channel dropout,
+Every dropout site is taken (``_penalty_sites``): ``nn.Dropout`` / channel dropout,
 :class:`~dropgeom.dropout.DropPath`, attention-weight dropout of ``nn.MultiheadAttention``,
 ``F.dropout``-family calls and ``scaled_dot_product_attention(dropout_p>0)`` in custom
 forwards (the last ones on the generic path), and alpha dropout along its mask line with
@@ -65,21 +65,23 @@ paths consume the same draws in the same order.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
 
 from ..families import ExponentialFamily
 from ..options import Estimator, PenaltyForm, parse
-from ._common import Inputs, as_tuple, check_output, family_of, kl_to_dropped
+from ._common import Inputs, as_tuple, check_output, family_of
+from ._legacy import legacy_signature, warn_deprecated
+from ._penalty_result import PenaltyResult
 from .masks import PSpec, mask_variance
-from .penalty_chain import _chain_layers
-from .penalty_draws import _draw
-from .penalty_generic import _generic_layers
-from .penalty_sites import record
+from ._penalty_chain import _chain_layers
+from ._penalty_draws import _draw
+from ._penalty_generic import _generic_layers
+from ._penalty_sites import record
 
-__all__ = ["penalty", "output_linear"]
+__all__ = ["penalty", "output_linear", "PenaltyResult"]
 
 
 def output_linear(model: nn.Module, name: str) -> Optional[nn.Linear]:
@@ -104,51 +106,59 @@ def output_linear(model: nn.Module, name: str) -> Optional[nn.Linear]:
     return None
 
 
+@legacy_signature(
+    old=("family", "p", "form", "targets", "curvature", "layers", "estimator", "generator"), renamed={"estimator": "method"}
+)
 def penalty(
     model: nn.Module,
     inputs: Inputs,
+    targets: Optional[Tensor] = None,
+    *,
     family: Union[str, ExponentialFamily] = "categorical",
     p: PSpec = None,
-    form: str = "quadratic",
-    targets: Optional[Tensor] = None,
-    curvature: bool = False,
     layers: Optional[Sequence[str]] = None,
-    estimator: str = "exact",
+    form: Union[str, PenaltyForm] = "quadratic",
+    curvature: bool = False,
+    method: Union[str, Estimator] = "exact",
     generator: Optional[torch.Generator] = None,
-    *,
     chunk_size: Optional[int] = None,
-    return_output: bool = False,
-) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-    r"""Fisher-dropout penalty: ``1/2 sum_l V_l sum_j F^mask_jj`` or ``sum_l p_l sum_j K_j`` (theory.md 4.4).
+    return_output: Optional[bool] = None,
+) -> PenaltyResult:
+    r"""Fisher-dropout penalty: ``1/2 sum_l V_l sum_j F^mask_jj`` or ``sum_l p_l sum_j K_j`` (theory.md section 4.4).
+
+    .. math::  \tfrac12 \sum_l V_l \sum_j F^{mask}_{jj}\ \ (\text{quadratic}), \qquad
+               \sum_l p_l \sum_j K_j\ \ (\text{divergence}), \qquad V_l = \frac{p_l}{1 - p_l}
 
     Args:
         model: network with dropout modules (evaluated at ``m = 1`` in eval mode).
         inputs: the batch.
+        targets: labels; needed only with ``curvature=True``.
         family: output family.
         p: drop probability (default each module's ``p``; float or dict per layer).
+        layers: restrict to these dropout layers.
         form: ``"quadratic"`` (Fisher form) or ``"divergence"`` (KL to the dropout sub-models).
-        targets: labels; needed only with ``curvature=True``.
         curvature: add ``1/2 sum V C_jj`` (quadratic) or ``sum p B_j`` (divergence), by the
             same path and estimator as the Fisher term (theory.md 4.2).
-        layers: restrict to these dropout layers.
-        estimator: ``"exact"``, ``"mc"`` (unbiased, one probe ``Sigma^{1/2} xi`` per sample)
-            or ``"unit"`` (unbiased, one random unit ``j_i`` per sample:
-            ``U (d_j eta)^T Sigma (d_j eta)``, a forward-mode pass -- the cheapest on deep
-            layers; for the divergence form and the curvature terms it equals ``"mc"``).
-            See the module docstring.
-            The quadratic form of a layer right before the output Linear is always exact.
-        generator: seeds the ``mc`` probes.
+        method: the estimator (:class:`~dropgeom.options.Estimator`; the keyword was
+            ``estimator``, still accepted, deprecated): ``"exact"``, ``"mc"`` (unbiased, one
+            probe ``Sigma^{1/2} xi`` per sample) or ``"unit"`` (unbiased, one random unit
+            ``j_i`` per sample: ``U (d_j eta)^T Sigma (d_j eta)``, a forward-mode pass -- the
+            cheapest on deep layers; for the divergence form and the curvature terms it equals
+            ``"mc"``). See the module docstring. The quadratic form of a layer right before the
+            output Linear is always exact.
+        generator: seeds the ``mc`` / ``unit`` draws.
         chunk_size: units evaluated together by the exact divergence form.
-        return_output: also return the clean (eval-mode) output ``eta`` of the same
-            forward pass, differentiable, so the clean loss can reuse it
-            (``loss = family.nll(eta, y) + pen``) instead of running a second forward.
+        return_output: deprecated. ``True`` returns the pair ``(value, eta)``, ``False`` the
+            bare ``value`` tensor, as before; omit it and read the result's fields.
 
     Returns:
-        A scalar tensor, differentiable with respect to ``model.parameters()``
-        (with ``return_output``: the pair ``(penalty, eta)``).
+        :class:`~dropgeom.dropout.PenaltyResult`: ``value``, a scalar tensor differentiable
+        with respect to ``model.parameters()``, and ``eta``, the clean (eval-mode) output of
+        the same forward pass, differentiable, so the clean loss can reuse it
+        (``loss = family.nll(r.eta, y).mean() + r.value``) instead of running a second forward.
 
     Raises:
-        ValueError: an unknown ``form`` or ``estimator``; ``p`` outside ``[0, 1)``;
+        ValueError: an unknown ``form`` or ``method``; ``p`` outside ``[0, 1)``;
             ``curvature=True`` without ``targets``, or with a family that has no
             residual ``mu - t(y)``, or (quadratic form, generic path) with a layer
             whose downstream modules have no forward-mode derivative (the error
@@ -164,15 +174,18 @@ def penalty(
         <torch._C.Generator object at ...>
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Dropout(0.2), nn.Linear(3, 3)).double()
         >>> x, y = torch.randn(5, 2, dtype=torch.float64), torch.randint(0, 3, (5,))
-        >>> pen = penalty(net, x)
+        >>> pen = penalty(net, x).value
         >>> pen.backward()
         >>> ref = 0.5 * 0.25 * terms(net, x, y).fisher
         >>> abs(pen.item() - ref) < 1e-12, net[0].weight.grad is not None
         (True, True)
     """
     with torch.enable_grad():  # derivatives w.r.t. the masks are needed even under no_grad
-        pen, eta = _penalty(model, inputs, family, p, form, targets, curvature, layers, estimator, generator, chunk_size)
-    return (pen, eta) if return_output else pen
+        pen, eta = _penalty(model, inputs, family, p, form, targets, curvature, layers, method, generator, chunk_size)
+    if return_output is not None:
+        warn_deprecated("penalty(return_output=...): read .value and .eta of the result", stacklevel=4)  # via the wrapper
+        return cast(PenaltyResult, (pen, eta) if return_output else pen)  # the old return types, for one release
+    return PenaltyResult(pen, eta)
 
 
 def _penalty(
@@ -191,11 +204,11 @@ def _penalty(
 ) -> Tuple[Tensor, Tensor]:
     """Validate, run one forward pass, draw every random number, then sum the layers' terms.
 
-    Three strategies share the forward pass (``penalty_sites.record``) and the draws
-    (``penalty_draws._draw``, so the order of random draws is fixed in one place):
+    Three strategies share the forward pass (``_penalty_sites.record``) and the draws
+    (``_penalty_draws._draw``, so the order of random draws is fixed in one place):
     :func:`_closed_layer` for a dropout layer right before the output Linear,
-    ``penalty_chain._chain_layers`` on the chain fast path and
-    ``penalty_generic._generic_layers`` otherwise."""
+    ``_penalty_chain._chain_layers`` on the chain fast path and
+    ``_penalty_generic._generic_layers`` otherwise."""
     form = parse(PenaltyForm, form, where="penalty").value
     estimator = parse(Estimator, estimator, where="penalty").value
     if curvature and targets is None:
@@ -215,8 +228,8 @@ def _penalty(
     others = [k for k in names if k not in closed]
     shapes = {k: (tuple(rec.masks[k].shape[1:]) if chain is None else tuple(hs[k].shape[1:])) for k in names}
     draws = _draw(form, estimator, curvature, list(closed), others, shapes, eta, fam.rank(eta.shape[1]), generator)
-    # one softmax shared by every categorical helper (on a busy CPU each parallel op costs)
-    prob = torch.softmax(eta, dim=-1) if fam.name == "categorical" else None
+    # one mean parameter (categorical: softmax) shared by the family's helpers (on a busy CPU each op costs)
+    prob = fam.mean(eta)
 
     total = eta.new_zeros(())
     for k, lin in closed.items():
@@ -240,13 +253,13 @@ def _closed_layer(
     exact ``O(n U K)``, or with ``j`` (one unit per sample) ``U KL(eta_i || eta_i^(-j_i))``, ``O(n K)``."""
     n = eta.shape[0]
     if form == "quadratic":
-        return 0.5 * mask_variance(p) * _closed_fisher(fam, eta, h, w, prob).sum() / n
+        return 0.5 * mask_variance(p) * fam.column_cov_norms(eta, w, h, prob).sum() / n
     if j is None:
-        return p * _closed_kl(fam, eta, h, w, prob).sum() / n
+        return p * fam.kl_to_shifted(eta, w, h, prob).sum() / n
     rows = torch.arange(n, device=eta.device)
     # index_select keeps the weight-gradient layout (a transposed gather made the backward add strided)
     dropped = eta - h[rows, j].unsqueeze(-1) * torch.index_select(w, 1, j).t()
-    return p * h.shape[1] * kl_to_dropped(fam, eta, dropped, prob).sum() / n
+    return p * h.shape[1] * fam.kl_to_each(eta, dropped, prob).sum() / n
 
 
 def _residual(fam: ExponentialFamily, eta: Tensor, targets: Tensor) -> Tensor:
@@ -258,35 +271,3 @@ def _residual(fam: ExponentialFamily, eta: Tensor, targets: Tensor) -> Tensor:
             f"penalty: the curvature term is not supported for family {fam.name!r}: it needs the residual "
             f"r = mu(eta) - t(y), and the family does not implement it ({exc}). Use curvature=False."
         ) from exc
-
-
-def _closed_fisher(fam: ExponentialFamily, eta: Tensor, h: Tensor, w: Tensor, prob: Optional[Tensor] = None) -> Tensor:
-    """``h_ij^2 (W^T Sigma_i W)_jj`` (``[n, U]``) for a dropout layer right before the output Linear ``W``.
-
-    Categorical: ``Sigma = diag(p) - p p^T`` gives ``p @ W^2 - (p @ W)^2`` (``O(n K U)``,
-    no ``[n, R, U]`` tensor); other families through ``Sigma^{1/2}``."""
-    if fam.name == "categorical":
-        prob = torch.softmax(eta, dim=-1) if prob is None else prob
-        return h * h * (prob @ (w * w) - (prob @ w).pow(2))
-    sw = torch.einsum("nkr,kj->nrj", fam.cov_sqrt(eta), w)
-    return (h.unsqueeze(1) * sw).pow(2).sum(1)
-
-
-def _closed_kl(fam: ExponentialFamily, eta: Tensor, h: Tensor, w: Tensor, prob: Optional[Tensor] = None) -> Tensor:
-    """``KL(p(.|eta_i) || p(.|eta_i - h_ij W[:, j]))`` (``[n, U]``), every unit ``j``.
-
-    Categorical: with ``delta = h_ij W[:, j]`` centred under ``p_i``
-    (``x = delta - <p_i, delta>``), ``KL = log1p(sum_c p_c expm1(-x_c))``: one
-    ``[n, U, K]`` tensor and a batched matmul instead of two log-softmaxes;
-    as accurate as the log-softmax form (both lose the first-order terms to
-    cancellation in the same way). Other families: ``family.kl``."""
-    n, kdim = eta.shape
-    u = h.shape[1]
-    if fam.name == "categorical":
-        prob = torch.softmax(eta, dim=-1) if prob is None else prob
-        centred = w.unsqueeze(0) - (prob @ w).unsqueeze(1)  # [n, K, U]: W - <p_i, W>
-        x = centred * h.unsqueeze(1)
-        s = torch.bmm(prob.unsqueeze(1), torch.expm1(-x)).squeeze(1)  # [n, U]
-        return torch.log1p(s).clamp_min(0)
-    dropped = eta.unsqueeze(1) - h.unsqueeze(-1) * w.t().unsqueeze(0)  # [n, U, K]
-    return fam.kl(eta.unsqueeze(1).expand(n, u, kdim).reshape(-1, kdim), dropped.reshape(-1, kdim)).reshape(n, u)

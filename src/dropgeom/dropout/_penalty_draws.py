@@ -1,7 +1,7 @@
 """The random numbers of one penalty evaluation, drawn in one fixed order (theory.md section 4.4).
 
-Every strategy of :func:`~dropgeom.dropout.penalty` (closed form, ``penalty_chain``,
-``penalty_generic``) reads its draws from one :class:`_Draws`, so the paths consume the
+Every strategy of :func:`~dropgeom.dropout.penalty` (closed form, ``_penalty_chain``,
+``_penalty_generic``) reads its draws from one :class:`_Draws`, so the paths consume the
 same draws in the same order and agree for the same generator.
 """
 
