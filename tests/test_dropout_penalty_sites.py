@@ -194,7 +194,7 @@ def test_penalty_takes_every_site_and_names_unknown_ones():
 def test_penalty_bad_inputs_name_the_problem():
     net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Dropout(0.2), nn.Linear(3, 2)).double()
     x32 = torch.zeros(4, 2)
-    from dropgeom.dropout.penalty import _penalty
+    from dropgeom.dropout._penalty import _penalty
 
     for fast in (True, False):  # the chain path and the generic one
         with pytest.raises(ValueError, match=r"inputs\[0\] has dtype torch.float32.*torch.float64"):
