@@ -17,15 +17,17 @@ residuals scaled by ``1/sqrt(M)`` (mc), or the observed residual (empirical).
 * ``diag``     the diagonal
 * ``layer``    exact per-module blocks
 * ``kfac``     Kronecker factors per Linear layer (Martens & Grosse 2015) and per
-  Conv1d/Conv2d layer (KFC, Grosse & Martens 2016, "expand"), exact blocks elsewhere
+  Conv1d/Conv2d/Conv3d layer (KFC, Grosse & Martens 2016, "expand"), exact blocks elsewhere
 * ``implicit`` matrix-free ``F V = (1/n) J^T S S^T J V`` (jvp and vjp vectorised over columns)
 
-Fast paths: for Linear and Conv1d/Conv2d layers the diagonal and the Kronecker
+Fast paths: for layers with a rule in :data:`dropgeom.layer_rules.LAYER_RULES`
+(Linear, Conv1d/Conv2d/Conv3d, and any type registered with
+:func:`~dropgeom.layer_rules.register_layer_rule`) the diagonal and the Kronecker
 factors come from the layer inputs and the columns of ``S`` back-propagated to
-the layer outputs (one forward, one batched backward, never per-sample
-gradients for plain Linear layers; the last layer needs no backward). Every
-other layer (norms, embeddings, attention, ...) goes through per-sample
-``torch.func`` products. For the categorical family the exact Fisher uses a
+the layer outputs (:mod:`dropgeom._capture`: one forward, one batched backward,
+never per-sample gradients for plain Linear layers; the last layer needs no
+backward). Every other layer (norms, embeddings, attention, ...) goes through
+per-sample ``torch.func`` products. For the categorical family the exact Fisher uses a
 ``K-1``-column square root of ``Sigma``.
 
 Every result is a :class:`~dropgeom.operators.CurvatureOperator` with
@@ -58,9 +60,10 @@ from typing import Dict, List, Optional, Tuple, Union
 from .options import FisherKind, Reduction, Structure, parse
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
+from ._capture import capture, pname, rule_layers
 from .manifold import DEFAULT_CHUNK_BYTES, ModelManifold, memory_guard
 from .operators import (
     operator_from_parts,
@@ -151,7 +154,7 @@ def fisher(
         A :class:`~dropgeom.operators.CurvatureOperator` of shape ``[P, P]``.
 
     Notes:
-        ``kfac``: per Linear / Conv1d / Conv2d layer with weight ``W`` (conv kernels
+        ``kfac``: per Linear / Conv1d / Conv2d / Conv3d layer (any layer rule) with weight ``W`` (conv kernels
         flattened to ``[out, in * prod(kernel)]``) and bias ``b``, the block on
         ``vec([W | b])`` is ``B (x) A`` with ``A = (1/(n T)) sum_{i,t} a~_it a~_it^T``
         (layer inputs or unfolded patches, ``a~ = [a; 1]`` with a bias, ``T`` output
@@ -293,11 +296,6 @@ def _categorical_root(eta: Tensor) -> Tensor:
     return R
 
 
-def _pname(module: str, leaf: str) -> str:
-    """Full parameter name; the root module (``""``, e.g. a bare ``nn.Linear``) has no prefix."""
-    return f"{module}.{leaf}" if module else leaf
-
-
 def _parameter_groups(manifold: ModelManifold) -> List[Tuple[str, List[str]]]:
     """Group parameter names by owning module (``"0.weight"``, ``"0.bias"`` -> ``"0"``; ``"weight"`` -> ``""``)."""
     groups: Dict[str, List[str]] = {}
@@ -307,213 +305,25 @@ def _parameter_groups(manifold: ModelManifold) -> List[Tuple[str, List[str]]]:
     return list(groups.items())
 
 
-def _has_layer_rule(mod: nn.Module) -> bool:
-    """Linear (inputs ``[n, ..., in]``), and Conv1d/Conv2d with ``groups=1``, zero padding and numeric padding."""
-    if type(mod) is nn.Linear:
-        return True
-    if type(mod) in (nn.Conv1d, nn.Conv2d):
-        return mod.groups == 1 and mod.padding_mode == "zeros" and _conv_padding(mod) is not None
-    return False
-
-
-def _conv_padding(mod: nn.Module) -> Optional[Tuple[int, ...]]:
-    """Symmetric zero padding per spatial dim; ``None`` where ``padding="same"`` pads unevenly."""
-    if not isinstance(mod.padding, str):
-        return tuple(mod.padding)
-    if mod.padding == "valid":
-        return (0,) * len(mod.kernel_size)
-    total = [d * (k - 1) for d, k in zip(mod.dilation, mod.kernel_size)]  # "same" (stride 1)
-    return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
-
-
-def _rule_layers(manifold: ModelManifold) -> Dict[str, nn.Module]:
-    """Modules with a layer rule whose weight (and bias, if any) are all free
-    parameters held by no other module (tied weights take the generic path).
-
-    A manifold with a custom ``forward`` takes the generic path: such a
-    forward may transform parameters before a layer sees them (a
-    reparametrisation) or call a layer several times (a mixture over masks),
-    and the layer rules would then differentiate with respect to the wrong
-    quantity.
-    """
-    if manifold.model is None or manifold._forward is not None:
-        return {}
-    free = set(manifold.param_names)
-    holders: Dict[int, int] = {}  # parameter -> number of modules holding it (weight tying)
-    for mod in manifold.model.modules():
-        for p in mod._parameters.values():
-            if p is not None:
-                holders[id(p)] = holders.get(id(p), 0) + 1
-    out = {}
-    for name, mod in manifold.model.named_modules():
-        if _has_layer_rule(mod) and all(holders[id(p)] == 1 for p in mod.parameters(recurse=False)):
-            keys = [_pname(name, "weight")] + ([_pname(name, "bias")] if mod.bias is not None else [])
-            if all(k in free for k in keys):
-                out[name] = mod
-    return out
-
-
-def _unfold(mod: nn.Module, x: Tensor) -> Tensor:
-    """Layer inputs as ``[n, T, d_in]`` rows such that ``out[:, t] = W_flat @ a[:, t] (+ b)``.
-
-    Linear: the extra (weight-sharing) dims flattened into ``T``; Conv: the
-    unfolded patches (``T`` = output positions, ``d_in = C_in * prod(kernel)``,
-    in the order of ``weight.reshape(out, -1)``).
-    """
-    if type(mod) is nn.Linear:
-        return x.reshape(x.shape[0], -1, x.shape[-1])
-    pad = _conv_padding(mod)
-    if type(mod) is nn.Conv1d:
-        cols = torch.nn.functional.unfold(
-            x.unsqueeze(-2), (1, mod.kernel_size[0]), dilation=(1, mod.dilation[0]),
-            padding=(0, pad[0]), stride=(1, mod.stride[0]),
-        )
-    else:
-        cols = torch.nn.functional.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=pad, stride=mod.stride)
-    return cols.transpose(1, 2)
-
-
-def _capture(
-    manifold: ModelManifold, layers: Dict[str, nn.Module], S: Tensor
-) -> Dict[str, Tuple[Tensor, Tensor]]:
-    """For each rule layer: its inputs ``a`` (``[n, T, d_in]``, see :func:`_unfold`) and
-    the back-propagated columns ``g`` (``[R, n, T, d_out]``) of ``S`` at its outputs,
-    from one forward and one batched backward pass (Dangel et al. 2020's recipe;
-    forward hooks because no ``torch.func`` primitive exposes layer outputs).
-
-    A layer whose output is ``eta`` itself needs no backward: its columns are
-    ``S``. Layers called more than once per forward (weight tying) are left to
-    the generic per-sample path.
-    """
-    mods = {mod: name for name, mod in layers.items()}
-
-    def run(copy: bool) -> Tuple[Tensor, Dict[str, Tuple[Optional[Tensor], Optional[Tensor]]], bool]:
-        # copy=False: record the layer's own input and output tensors. If the
-        # model later modifies one of them in place (ReLU(inplace=True), "+="),
-        # the records are stale: run again handing the network copies (copy=True).
-        records: Dict[str, Tuple[Optional[Tensor], Optional[Tensor]]] = {}
-        versions: Dict[str, Tuple[int, int]] = {}
-
-        def hook(mod: nn.Module, inp: Tuple[Tensor, ...], out: Tensor):
-            name = mods[mod]
-            ndim = {nn.Conv1d: 3, nn.Conv2d: 4}.get(type(mod))
-            if (
-                name in records
-                or not isinstance(out, Tensor)
-                or not inp
-                or inp[0].dim() < 2
-                or (ndim is not None and inp[0].dim() != ndim)
-                or inp[0].shape[0] != manifold.n
-            ):
-                records[name] = (None, None)
-                return None
-            x = inp[0].detach()
-            records[name] = (x.clone() if copy else x, out)
-            versions[name] = (inp[0]._version, out._version)
-            return out.clone() if copy else None
-
-        handles = [m.register_forward_hook(hook) for m in mods]
-        try:
-            params = {k: v.detach().requires_grad_(True) for k, v in manifold.params.items()}
-            with torch.enable_grad():
-                eta = manifold.forward(params)
-        finally:
-            for h in handles:
-                h.remove()
-        stale = not copy and any(
-            rec[0] is not None and (rec[0]._version, rec[1]._version) != versions[k] for k, rec in records.items()
-        )
-        return eta, records, stale
-
-    eta, records, stale = run(copy=False)
-    if stale:
-        eta, records, _ = run(copy=True)
-    good = {k: v for k, v in records.items() if v[0] is not None}
-    R = S.shape[2]
-    cols = S.permute(2, 0, 1)  # [R, n, K]
-    last = {k for k, (_, out) in good.items() if out is eta}
-    back = [k for k in good if k not in last]
-    grads: Dict[str, Optional[Tensor]] = {k: cols for k in last}
-    if back:
-        outs = [good[k][1] for k in back]
-        if R == 1:
-            gs = torch.autograd.grad(eta, outs, grad_outputs=cols[0], allow_unused=True)
-            gs = tuple(None if g is None else g.unsqueeze(0) for g in gs)
-        else:
-            gs = torch.autograd.grad(eta, outs, grad_outputs=cols.contiguous(), is_grads_batched=True, allow_unused=True)
-        grads.update(zip(back, gs))
-    result = {}
-    for name, (x, out) in good.items():
-        mod = layers[name]
-        a = _unfold(mod, x)
-        g = grads[name]
-        if g is None:
-            g = torch.zeros((R, *out.shape), dtype=out.dtype, device=out.device)
-        g = g.detach()
-        if type(mod) is nn.Linear:
-            g = g.reshape(R, g.shape[1], -1, g.shape[-1])
-        else:
-            g = g.reshape(R, g.shape[1], g.shape[2], -1).transpose(2, 3)
-        result[name] = (a, g)
-    return result
-
-
-def _layer_diagonal(
-    a: Tensor, g: Tensor, has_bias: bool, scale: float = 1.0, max_bytes: int = 128 * 1024**2
-) -> Tuple[Tensor, Optional[Tensor]]:
-    """``scale * sum_{i,r} diag(G_ir G_ir^T)`` for one layer, with the per-sample gradient
-    ``G_ir = sum_t g_irt a_it^T`` (``[d_out, d_in]``) and bias gradient ``sum_t g_irt``.
-
-    ``T = 1``: ``(sum_r g_ir^2)^T a_i^2`` without per-sample gradients. ``T > 1``
-    (convolutions, Linear on ``[n, T, d]``): per-sample gradients in chunks of
-    samples (``<= max_bytes`` alive).
-    """
-    R, n, T, d_out = g.shape
-    if T == 1:
-        g0 = g[:, :, 0]
-        g2 = (g0 * g0).sum(0) if g0.shape[0] > 1 else g0[0] * g0[0]  # [n, out]
-        if scale != 1.0:
-            g2 = g2 * scale
-        a0 = a[:, 0]
-        return g2.T @ (a0 * a0), (g2.sum(0) if has_bias else None)
-    d_in = a.shape[2]
-    step = max(1, int(max_bytes // max(1, R * d_out * d_in * a.element_size())))
-    dw = torch.zeros(d_out, d_in, dtype=a.dtype, device=a.device)
-    db = torch.zeros(d_out, dtype=a.dtype, device=a.device) if has_bias else None
-    for s in range(0, n, step):
-        # per-sample gradients as one batched matmul [c, R*out, T] @ [c, T, in] (about 1.5x faster than
-        # the equivalent einsum on conv layers), squared in place
-        gc = g[:, s : s + step]
-        G = torch.bmm(gc.permute(1, 0, 3, 2).reshape(gc.shape[1], R * d_out, T), a[s : s + step])
-        dw += G.square_().sum(0).reshape(R, d_out, d_in).sum(0)
-        if has_bias:
-            gb = g[:, s : s + step].sum(2)
-            db += (gb * gb).sum((0, 1))
-    if scale != 1.0:
-        dw *= scale
-        if db is not None:
-            db *= scale
-    return dw, db
-
-
 def _diagonal(manifold: ModelManifold, S: Tensor, scale: float = 1.0) -> Tensor:
     """Exact ``scale * sum_i diag(J_i^T S_i S_i^T J_i)``.
 
-    Rule layers (Linear, Conv1d/2d) from layer inputs and back-propagated factor
-    columns (:func:`_layer_diagonal`); every other parameter through per-sample
+    Rule layers (Linear, Conv1d/2d/3d, registered types) from layer inputs and
+    back-propagated factor columns (:meth:`~dropgeom.layer_rules.LayerRule.diagonal`); every other parameter through per-sample
     products on a sub-manifold. The pieces are concatenated in parameter order
     (no ``[P]`` scratch buffer).
     """
     P = manifold.num_params
-    layers = _rule_layers(manifold)
-    captured = _capture(manifold, layers, S) if layers else {}
+    layers = rule_layers(manifold)
+    captured = capture(manifold, layers, S) if layers else {}
     pieces: Dict[str, Tensor] = {}
     for name, (a, g) in captured.items():
-        has_bias = layers[name].bias is not None
-        dw, db = _layer_diagonal(a, g, has_bias, scale)
-        pieces[_pname(name, "weight")] = dw.reshape(-1)
+        mod, rule = layers[name]
+        has_bias = rule.has_bias(mod)
+        dw, db = rule.diagonal(a, g, has_bias, scale)
+        pieces[pname(name, "weight")] = dw.reshape(-1)
         if has_bias:
-            pieces[_pname(name, "bias")] = db
+            pieces[pname(name, "bias")] = db
     rest = [k for k in manifold.param_names if k not in pieces]
     if rest:
         sub = manifold if len(rest) == P or not pieces else _sub_manifold(manifold, rest)
@@ -553,20 +363,15 @@ def _kfac(manifold: ModelManifold, S: Tensor, scale: float, meta: dict) -> KFACO
     """
     n = manifold.n
     slices = manifold.param_slices()
-    layers = _rule_layers(manifold)
-    captured = _capture(manifold, layers, S) if layers else {}
+    layers = rule_layers(manifold)
+    captured = capture(manifold, layers, S) if layers else {}
     kron, done = [], set()
     for name, (a, g) in captured.items():
-        has_bias = layers[name].bias is not None
-        T = a.shape[1]
-        af = a.reshape(-1, a.shape[2])
-        if has_bias:
-            af = torch.cat([af, torch.ones(af.shape[0], 1, dtype=af.dtype, device=af.device)], dim=1)
-        A = af.T @ af / (n * T)
-        gf = g.reshape(-1, g.shape[-1])
-        B = gf.T @ gf * scale
-        w = slices[_pname(name, "weight")]
-        b = slices[_pname(name, "bias")] if has_bias else None
+        mod, rule = layers[name]
+        has_bias = rule.has_bias(mod)
+        A, B = rule.kronecker(a, g, has_bias, n, scale)
+        w = slices[pname(name, "weight")]
+        b = slices[pname(name, "bias")] if has_bias else None
         kron.append(
             KroneckerBlock(
                 A=A,
@@ -576,7 +381,7 @@ def _kfac(manifold: ModelManifold, S: Tensor, scale: float, meta: dict) -> KFACO
                 name=name,
             )
         )
-        done.update({_pname(name, "weight")} | ({_pname(name, "bias")} if has_bias else set()))
+        done.update({pname(name, "weight")} | ({pname(name, "bias")} if has_bias else set()))
     rest = [k for k in manifold.param_names if k not in done]
     dense = []
     if rest:

@@ -18,68 +18,32 @@ autograd only ever differentiates a first-order graph (no double backward):
   along the same tangent: Linear ``(Wv + b, Wt, Ws)``; activation
   ``(a(v), a'(v) t, a''(v) t^2 + a'(v) s)``.
 
-Hand-written: no library propagates these per-unit quantities through a chain.
-Activation derivatives use closed forms for ReLU / Tanh / Sigmoid / Identity and
-``torch.func.jvp`` of the module otherwise (differentiable, so the penalty's
-gradient is exact).
+Each module acts through its rule in :data:`~dropgeom.dropout.chain_rules.CHAIN_RULES`
+(:mod:`dropgeom.dropout.chain_rules`): a new module type for this path is one
+registered :class:`~dropgeom.dropout.chain_rules.ChainRule`. Hand-written: no
+library propagates these per-unit quantities through a chain.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import jvp
 
 from .._utils import training_off  # noqa: F401 (one copy, in dropgeom._utils; penalty and terms import it from here)
+from .chain_rules import AffineRule, ChainRule, ElementwiseRule, IdentityRule, ReLURule, chain_rule
 from .masks import _CHANNEL_TYPES, DROPOUT_TYPES
 
 __all__ = ["Chain", "as_chain"]
 
-ELEMENTWISE = (
-    nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.GELU, nn.SiLU, nn.ELU, nn.CELU, nn.SELU, nn.LeakyReLU,
-    nn.Mish, nn.Hardtanh, nn.ReLU6, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
-)
-PASS = DROPOUT_TYPES + (nn.Identity, nn.Flatten)
-#: piecewise-linear activations: ``a'' = 0`` almost everywhere (theory.md 4.2, caveat on ReLU)
-PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh)
 
+class Affine(NamedTuple):
+    """The weight and bias of an affine module (:class:`~dropgeom.dropout.chain_rules.AffineRule`)."""
 
-def _is_supported(mod: nn.Module) -> bool:
-    if isinstance(mod, nn.Flatten):
-        return mod.start_dim in (1, -1) and mod.end_dim == -1
-    return isinstance(mod, (nn.Linear,) + ELEMENTWISE + PASS)
-
-
-def _ones(v: Tensor) -> Tensor:
-    return torch.ones_like(v)
-
-
-def act_d1(mod: nn.Module, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """``a'(v)`` of an elementwise activation module (differentiable in ``v``)."""
-    if isinstance(mod, nn.ReLU):
-        return (v > 0).to(v.dtype)
-    if isinstance(mod, nn.Tanh):
-        y = torch.tanh(v) if out is None else out
-        return 1.0 - y * y
-    if isinstance(mod, nn.Sigmoid):
-        y = torch.sigmoid(v) if out is None else out
-        return y * (1.0 - y)
-    return jvp(mod, (v,), (_ones(v),))[1]
-
-
-def act_d2(mod: nn.Module, v: Tensor) -> Tensor:
-    """``a''(v)`` of an elementwise activation module."""
-    if isinstance(mod, PIECEWISE_LINEAR):
-        return torch.zeros_like(v)
-    if isinstance(mod, nn.Tanh):
-        y = torch.tanh(v)
-        return -2.0 * y * (1.0 - y * y)
-    return jvp(lambda u: jvp(mod, (u,), (_ones(u),))[1], (v,), (_ones(v),))[1]
-
+    weight: Tensor
+    bias: Optional[Tensor]
 
 @dataclass
 class Chain:
@@ -91,6 +55,13 @@ class Chain:
     modules: List[nn.Module]
     index: Dict[str, int]  # dropout layer name -> position
     states: List[Tensor]
+    #: ``rules[i]``: the chain rule of module ``i`` (upstream of the dropout layers, where none is
+    #: needed, the base :class:`~dropgeom.dropout.chain_rules.ChainRule`, whose methods raise)
+    rules: List[ChainRule] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.rules:
+            self.rules = [chain_rule(m) or ChainRule() for m in self.modules]
 
     @property
     def eta(self) -> Tensor:
@@ -113,24 +84,28 @@ class Chain:
                 out[want[i]] = w
                 if i == stop:
                     break
-            mod = self.modules[i]
-            if isinstance(mod, nn.Linear):
-                w = w @ mod.weight
-            elif isinstance(mod, ELEMENTWISE):
-                w = w * act_d1(mod, self.states[i], self.states[i + 1])
+            w = self.rules[i].pull_back(self.modules[i], w, self.states[i], self.states[i + 1])
         return out
 
-    def _start(self, name: str) -> Tuple[int, Tensor, Optional[nn.Linear]]:
+    def _affine(self, i: int) -> Optional[Affine]:
+        """Weight and bias of module ``i`` if its rule is affine."""
+        rule = self.rules[i]
+        if not isinstance(rule, AffineRule):
+            return None
+        return Affine(rule.weight(self.modules[i]), rule.bias(self.modules[i]))
+
+    def _start(self, name: str) -> Tuple[int, Tensor, Optional[Affine]]:
         """Where perturbations of layer ``name`` enter: (position, base value, first Linear or None).
 
         If only identity-like modules lie between the dropout layer and a Linear,
         perturbations enter after that Linear (rank-1 change of its output)."""
         d = self.index[name]
         i = d + 1
-        while i < len(self.modules) and isinstance(self.modules[i], PASS):
+        while i < len(self.modules) and isinstance(self.rules[i], IdentityRule):
             i += 1
-        if i < len(self.modules) and isinstance(self.modules[i], nn.Linear):
-            return i + 1, self.states[i + 1], self.modules[i]
+        lin = self._affine(i) if i < len(self.modules) else None
+        if lin is not None:
+            return i + 1, self.states[i + 1], lin
         return d + 1, self.states[d + 1], None
 
     def tangents(self, name: str, units: Tensor) -> Tuple[int, Tensor, Tensor]:
@@ -207,30 +182,33 @@ class Chain:
         if lin is None:
             return None
         h = self.h(name)
-        rest = self.modules[pos:]
-        acts = [i for i, m in enumerate(rest) if isinstance(m, ELEMENTWISE)]
-        if all(isinstance(rest[i], PIECEWISE_LINEAR) for i in acts):  # eta (piecewise) affine in the mask
+        rest = self.rules[pos:]
+        if any(not isinstance(rule, (AffineRule, ElementwiseRule, IdentityRule)) for rule in rest):
+            return None
+        elementwise = {i: rule for i, rule in enumerate(rest) if isinstance(rule, ElementwiseRule)}
+        acts = list(elementwise)
+        if all(rule.piecewise_linear for rule in elementwise.values()):  # eta (piecewise) affine in the mask
             return torch.zeros_like(h)
-        if len(acts) > 1 or any(isinstance(m, nn.Linear) for m in rest[: acts[0]]):
+        if len(acts) > 1 or any(isinstance(rule, AffineRule) for rule in rest[: acts[0]]):
             return None
         a = pos + acts[0]
         rb = r
         for i in range(len(self.modules) - 1, a, -1):
-            mod = self.modules[i]
-            if isinstance(mod, nn.Linear):
-                rb = rb @ mod.weight
-        q = rb * act_d2(self.modules[a], self.states[a])  # [n, d]
+            aff = self._affine(i)
+            if aff is not None:
+                rb = rb @ aff.weight
+        q = rb * elementwise[acts[0]].d2(self.modules[a], self.states[a])  # [n, d]
         return h * h * (q @ (lin.weight * lin.weight))
 
     def _linear_rest(self, start: int) -> Optional[Tensor]:
         """``L`` (``[K, d]``) if modules ``start..`` map their input to eta affinely (Linear / pass-through only)."""
-        rest = self.modules[start:]
-        if any(not isinstance(m, (nn.Linear,) + PASS) for m in rest):
+        if any(not isinstance(rule, (AffineRule, IdentityRule)) for rule in self.rules[start:]):
             return None
         mat: Optional[Tensor] = None
-        for mod in reversed(rest):
-            if isinstance(mod, nn.Linear):
-                mat = mod.weight if mat is None else mat @ mod.weight
+        for i in range(len(self.modules) - 1, start - 1, -1):
+            aff = self._affine(i)
+            if aff is not None:
+                mat = aff.weight if mat is None else mat @ aff.weight
         return mat
 
     def dropped_relu(self, name: str) -> Optional[Tensor]:
@@ -248,7 +226,7 @@ class Chain:
         coordinates are examined (bounded by ``max_j |h_j| max_j |W[a, j]|``), and only
         the actual crossings enter the graph. Exact (no Taylor step); differentiable."""
         pos, z, lin = self._start(name)
-        if lin is None or pos >= len(self.modules) or not isinstance(self.modules[pos], nn.ReLU):
+        if lin is None or pos >= len(self.modules) or not isinstance(self.rules[pos], ReLURule):
             return None
         mat = self._linear_rest(pos + 1)
         if mat is None:
@@ -284,41 +262,21 @@ class Chain:
 
     def push(self, pos: int, v: Tensor) -> Tensor:
         """Run states ``v`` (``[..., n, d]``, input of module ``pos``) through the rest of the chain."""
-        for mod in self.modules[pos:]:
-            if isinstance(mod, nn.Linear):
-                v = F.linear(v, mod.weight, mod.bias)
-            elif isinstance(mod, ELEMENTWISE):
-                v = mod(v)
+        for mod, rule in zip(self.modules[pos:], self.rules[pos:]):
+            v = rule.push(mod, v)
         return v
 
     def forward_tangent(self, pos: int, t: Tensor) -> Tensor:
         """``d eta`` along tangents ``t`` (``[..., n, d]``) entering at module ``pos`` (forward mode)."""
         for i in range(pos, len(self.modules)):
-            mod = self.modules[i]
-            if isinstance(mod, nn.Linear):
-                t = t @ mod.weight.t()
-            elif isinstance(mod, ELEMENTWISE):
-                t = t * act_d1(mod, self.states[i], self.states[i + 1])
+            t = self.rules[i].tangent(self.modules[i], t, self.states[i], self.states[i + 1])
         return t
 
     def second(self, pos: int, t: Tensor) -> Tensor:
         """``d^2 eta / d m^2`` along tangents ``t`` ``[c, n, d]`` entering at module ``pos``."""
-        v = self.states[pos]
         s: Optional[Tensor] = None
         for i in range(pos, len(self.modules)):
-            mod = self.modules[i]
-            if isinstance(mod, nn.Linear):
-                t = t @ mod.weight.t()
-                s = None if s is None else s @ mod.weight.t()
-            elif isinstance(mod, ELEMENTWISE):
-                d1 = act_d1(mod, v, self.states[i + 1])
-                if not isinstance(mod, PIECEWISE_LINEAR):  # a'' = 0 almost everywhere
-                    q = act_d2(mod, v) * t * t
-                    s = q if s is None else q + d1 * s
-                elif s is not None:
-                    s = d1 * s
-                t = d1 * t
-            v = self.states[i + 1]
+            t, s = self.rules[i].second(self.modules[i], t, s, self.states[i], self.states[i + 1])
         return torch.zeros_like(t) if s is None else s
 
 
@@ -326,8 +284,8 @@ def as_chain(model: nn.Module, names: Sequence[str]) -> Optional[List[nn.Module]
     """The module list if the fast chain path applies to dropout layers ``names``, else ``None``.
 
     Requires a top-level ``nn.Sequential`` (its own ``forward``), each named layer a
-    top-level unit-wise dropout module, and only supported modules downstream of the
-    first named layer.
+    top-level unit-wise dropout module, and only modules with a chain rule
+    (:func:`~dropgeom.dropout.chain_rules.chain_rule`) downstream of the first named layer.
 
     Example:
         >>> from torch import nn
@@ -348,7 +306,7 @@ def as_chain(model: nn.Module, names: Sequence[str]) -> Optional[List[nn.Module]
         m = model._modules[k]
         if not isinstance(m, DROPOUT_TYPES) or isinstance(m, _CHANNEL_TYPES):
             return None
-    if not all(_is_supported(m) for m in mods[first + 1 :]):
+    if any(chain_rule(m) is None for m in mods[first + 1 :]):
         return None
     return mods
 

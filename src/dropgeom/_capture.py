@@ -1,0 +1,159 @@
+r"""What the layer rules consume: layer inputs and back-propagated factor columns (theory.md section 2).
+
+:func:`rule_layers` picks the modules a :class:`~dropgeom.layer_rules.LayerRule`
+covers; :func:`capture` records their inputs ``a`` and the columns ``g`` of the
+factor ``S`` back-propagated to their outputs, from one forward and one batched
+backward pass (Dangel et al. 2020's recipe; forward hooks, because no
+``torch.func`` primitive exposes layer outputs). With
+``F = (1/n) sum_i J_i^T S_i S_i^T J_i``, the layer's part of ``J_i^T S_i`` is
+then ``sum_t g_irt a_it^T`` per column ``r``.
+
+Example:
+    >>> import torch
+    >>> from dropgeom import ModelManifold
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    >>> m = ModelManifold(net, torch.randn(5, 3))
+    >>> layers = rule_layers(m)
+    >>> sorted(layers)
+    ['0', '2']
+    >>> a, g = capture(m, layers, torch.randn(5, 2, 2))["0"]
+    >>> tuple(a.shape), tuple(g.shape)  # [n, T, d_in], [R, n, T, d_out]
+    ((5, 1, 3), (2, 5, 1, 4))
+"""
+
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .layer_rules import LayerRule, layer_rule
+from .manifold import ModelManifold
+
+__all__ = ["RuleLayer", "rule_layers", "capture", "pname"]
+
+Records = Dict[str, Optional[Tuple[Tensor, Tensor]]]  # layer -> (input, output), None where not recorded
+
+
+class RuleLayer(NamedTuple):
+    """A module the fast paths take, with its rule."""
+
+    module: nn.Module
+    rule: LayerRule
+
+
+def pname(module: str, leaf: str) -> str:
+    """Full parameter name; the root module (``""``, e.g. a bare ``nn.Linear``) has no prefix."""
+    return f"{module}.{leaf}" if module else leaf
+
+
+def rule_layers(manifold: ModelManifold) -> Dict[str, RuleLayer]:
+    """Modules with a layer rule whose weight (and bias, if any) are all free
+    parameters held by no other module (tied weights take the generic path).
+
+    A manifold with a custom ``forward`` takes the generic path: such a
+    forward may transform parameters before a layer sees them (a
+    reparametrisation) or call a layer several times (a mixture over masks),
+    and the layer rules would then differentiate with respect to the wrong
+    quantity.
+    """
+    if manifold.model is None or manifold._forward is not None:
+        return {}
+    free = set(manifold.param_names)
+    holders: Dict[int, int] = {}  # parameter -> number of modules holding it (weight tying)
+    for mod in manifold.model.modules():
+        for p in mod._parameters.values():
+            if p is not None:
+                holders[id(p)] = holders.get(id(p), 0) + 1
+    out = {}
+    for name, mod in manifold.model.named_modules():
+        rule = layer_rule(mod)
+        if rule is not None and all(holders[id(p)] == 1 for p in mod.parameters(recurse=False)):
+            keys = [pname(name, "weight")] + ([pname(name, "bias")] if rule.has_bias(mod) else [])
+            if all(k in free for k in keys):
+                out[name] = RuleLayer(mod, rule)
+    return out
+
+
+def _record(manifold: ModelManifold, layers: Dict[str, RuleLayer], copy: bool) -> Tuple[Tensor, Records, bool]:
+    """One forward with hooks: ``(eta, {name: (input, output)}, stale)``.
+
+    ``copy=False`` records the layer's own input and output tensors. If the model
+    later modifies one of them in place (``ReLU(inplace=True)``, ``+=``), the records
+    are stale (``stale=True``): run again handing the network copies (``copy=True``).
+    A layer called twice, or whose input its rule does not accept, records ``None``.
+    """
+    names = {layer.module: name for name, layer in layers.items()}
+    records: Records = {}
+    versions: Dict[str, Tuple[int, int]] = {}
+
+    def hook(mod: nn.Module, inp: Tuple[Tensor, ...], out: Tensor):
+        name = names[mod]
+        if (
+            name in records
+            or not isinstance(out, Tensor)
+            or not inp
+            or not layers[name].rule.accepts(mod, inp[0])
+            or inp[0].shape[0] != manifold.n
+        ):
+            records[name] = None
+            return None
+        x = inp[0].detach()
+        records[name] = (x.clone() if copy else x, out)
+        versions[name] = (inp[0]._version, out._version)
+        return out.clone() if copy else None
+
+    handles = [m.register_forward_hook(hook) for m in names]
+    try:
+        params = {k: v.detach().requires_grad_(True) for k, v in manifold.params.items()}
+        with torch.enable_grad():
+            eta = manifold.forward(params)
+    finally:
+        for h in handles:
+            h.remove()
+    stale = not copy and any(rec is not None and (rec[0]._version, rec[1]._version) != versions[k] for k, rec in records.items())
+    return eta, records, stale
+
+
+def _backpropagate(eta: Tensor, outputs: Dict[str, Tensor], S: Tensor) -> Dict[str, Optional[Tensor]]:
+    """The columns of ``S`` back-propagated to each output (``[R, n, *output dims]``; ``None`` if unused).
+
+    An output that is ``eta`` itself needs no backward: its columns are ``S``."""
+    R = S.shape[2]
+    cols = S.permute(2, 0, 1)  # [R, n, K]
+    last = {k for k, out in outputs.items() if out is eta}
+    back = [k for k in outputs if k not in last]
+    grads: Dict[str, Optional[Tensor]] = {k: cols for k in last}
+    if back:
+        outs = [outputs[k] for k in back]
+        if R == 1:
+            gs = torch.autograd.grad(eta, outs, grad_outputs=cols[0], allow_unused=True)
+            gs = tuple(None if g is None else g.unsqueeze(0) for g in gs)
+        else:
+            gs = torch.autograd.grad(eta, outs, grad_outputs=cols.contiguous(), is_grads_batched=True, allow_unused=True)
+        grads.update(zip(back, gs))
+    return grads
+
+
+def capture(manifold: ModelManifold, layers: Dict[str, RuleLayer], S: Tensor) -> Dict[str, Tuple[Tensor, Tensor]]:
+    """For each rule layer: its unfolded inputs ``a`` (``[n, T, d_in]``, :meth:`LayerRule.unfold`)
+    and the back-propagated columns ``g`` (``[R, n, T, d_out]``, :meth:`LayerRule.columns`)
+    of ``S`` at its outputs. Layers called more than once per forward (weight tying)
+    are left out (the generic per-sample path takes them).
+    """
+    eta, records, stale = _record(manifold, layers, copy=False)
+    if stale:
+        eta, records, _ = _record(manifold, layers, copy=True)
+    good = {k: v for k, v in records.items() if v is not None}
+    grads = _backpropagate(eta, {k: out for k, (_, out) in good.items()}, S)
+    R = S.shape[2]
+    result = {}
+    for name, (x, out) in good.items():
+        mod, rule = layers[name]
+        a = rule.unfold(mod, x)
+        g = grads[name]
+        if g is None:
+            g = torch.zeros((R, *out.shape), dtype=out.dtype, device=out.device)
+        result[name] = (a, rule.columns(mod, g.detach()))
+    return result
