@@ -272,30 +272,6 @@ def _build(manifold: ModelManifold, S: Tensor, structure: Structure, scale: floa
 # --------------------------------------------------------------------------
 
 
-def _categorical_root(eta: Tensor) -> Tensor:
-    r"""An exact ``K-1``-column square root of the categorical covariance
-    ``Sigma = diag(p) - p p^T`` (``[n, K, K-1]``), in closed form.
-
-    The symmetric root ``S = diag(sqrt p) - p sqrt(p)^T`` annihilates the unit
-    vector ``u = sqrt(p)``. With the Householder reflection ``H = I - c w w^T``,
-    ``w = u + e_K``, ``c = 2 / |w|^2 = 1 / (1 + u_K)`` (``H u = -e_K``), ``S H``
-    has a zero last column and ``(S H)(S H)^T = S S^T = Sigma``; since
-    ``S w = u_K (e_K - p)``, its columns ``j < K`` are
-
-    ``R_j = u_j (e_j - p / (1 + u_K) - e_K u_K / (1 + u_K))``.
-
-    Hand-written (no library offers it); ``1 + u_K >= 1`` keeps it stable.
-    """
-    p = torch.softmax(eta, dim=-1)
-    u = p.sqrt()
-    a = u[:, :-1]  # [n, K-1]
-    d = 1.0 + u[:, -1:]  # [n, 1]
-    R = -(p / d).unsqueeze(-1) * a.unsqueeze(1)  # [n, K, K-1]
-    R[:, :-1, :] += torch.diag_embed(a)
-    R[:, -1, :] -= (u[:, -1:] / d) * a
-    return R
-
-
 def _parameter_groups(manifold: ModelManifold) -> List[Tuple[str, List[str]]]:
     """Group parameter names by owning module (``"0.weight"``, ``"0.bias"`` -> ``"0"``; ``"weight"`` -> ``""``)."""
     groups: Dict[str, List[str]] = {}
