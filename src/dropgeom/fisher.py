@@ -61,6 +61,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
+from .dispatch import streams
 from .manifold import DEFAULT_CHUNK_BYTES, ModelManifold, memory_guard
 from .operators import (
     operator_from_parts,
@@ -119,6 +120,7 @@ def fisher_factors(
     return (t - mu).permute(1, 2, 0) / n_samples**0.5
 
 
+@streams
 def fisher(
     manifold: ModelManifold,
     kind: Union[str, FisherKind] = "exact",
