@@ -45,7 +45,7 @@ MAX_FUNCTION_LINES = 80
 
 #: Layers, lowest first. A module belongs to the layer of its longest listed prefix.
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
-    ("base", ("dropgeom.options", "dropgeom.families", "dropgeom.operators", "dropgeom._intercept")),
+    ("base", ("dropgeom.options", "dropgeom.families", "dropgeom.operators", "dropgeom._intercept", "dropgeom.linalg")),
     ("manifold", ("dropgeom.manifold", "dropgeom.batches", "dropgeom.dispatch")),
     ("core", ("dropgeom.fisher", "dropgeom.curvature", "dropgeom.dropout", "dropgeom.data", "dropgeom.streaming")),
     ("train", ("dropgeom.train", "dropgeom")),  # ``dropgeom`` itself: the facade re-exports core and train

@@ -62,6 +62,7 @@ from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
 from .dispatch import streams
+from .linalg import gram
 from .manifold import DEFAULT_CHUNK_BYTES, ModelManifold, memory_guard
 from .operators import (
     operator_from_parts,
@@ -564,9 +565,9 @@ def _kfac(manifold: ModelManifold, S: Tensor, scale: float, meta: dict) -> KFACO
         af = a.reshape(-1, a.shape[2])
         if has_bias:
             af = torch.cat([af, torch.ones(af.shape[0], 1, dtype=af.dtype, device=af.device)], dim=1)
-        A = af.T @ af / (n * T)
+        A = gram(af) / (n * T)
         gf = g.reshape(-1, g.shape[-1])
-        B = gf.T @ gf * scale
+        B = gram(gf) * scale
         w = slices[_pname(name, "weight")]
         b = slices[_pname(name, "bias")] if has_bias else None
         kron.append(
