@@ -19,7 +19,7 @@ from torch import Tensor
 __all__ = ["gram"]
 
 #: Columns per block of :func:`gram`; narrower matrices take one ``X.T @ X``.
-GRAM_BLOCK = 512
+GRAM_BLOCK = 128
 
 
 def gram(X: Tensor, block: int = GRAM_BLOCK) -> Tensor:
