@@ -112,7 +112,8 @@ class StreamedManifold:
         self._reads = 0
 
     def batches(self) -> Iterator[Batch]:
-        """The batches ``(inputs tuple, targets or None)`` of this rank (:func:`~dropgeom.batches.iter_batches`).
+        """The batches ``(inputs tuple, targets or None)`` of this rank (:func:`~dropgeom.batches.iter_batches`), on the
+        model's device (a ``DataLoader`` yields CPU tensors; each batch is moved when it is read).
 
         Raises:
             ValueError: a one-shot iterator read a second time.
@@ -123,7 +124,9 @@ class StreamedManifold:
                 "this quantity reads the data more than once; a one-shot iterator (a generator) can be read only once: "
                 "pass a list of batches or a DataLoader"
             )
-        return iter_batches(self.data, self.targets, batch_size=self.batch_size if not is_batches(self.data) else None)
+        device = next(self.model.parameters()).device
+        for inputs, targets in iter_batches(self.data, self.targets, batch_size=self.batch_size if not is_batches(self.data) else None):
+            yield tuple(t.to(device) for t in inputs), None if targets is None else targets.to(device)
 
     def manifolds(self) -> Iterator[Tuple[ModelManifold, Optional[Tensor]]]:
         """One :class:`~dropgeom.manifold.ModelManifold` per batch, with the batch's targets.
@@ -259,10 +262,14 @@ def mean_over_batches(fn: F, *, refuse: Optional[Dict[str, str]] = None) -> F:
                 raise ValueError(f"{fn.__name__}(): {name}= cannot be used with an iterable of batches: {why}")
         check_same_parameters(bound.arguments["model"])
 
+        model = bound.arguments["model"]
+        device = next(model.parameters()).device
+
         def one(inputs: Tuple[Tensor, ...], targets: Optional[Tensor]) -> Any:
+            inputs = tuple(t.to(device) for t in inputs)  # batches move to the model's device when they are read
             bound.arguments["inputs"] = inputs if len(inputs) > 1 else inputs[0]
             if "targets" in sig.parameters:
-                bound.arguments["targets"] = targets
+                bound.arguments["targets"] = None if targets is None else targets.to(device)
             return fn(*bound.args, **bound.kwargs)
 
         return stream_mean(one, data)

@@ -154,7 +154,7 @@ def _dense(manifold: ModelManifold, alpha: float, damping: Optional[float]) -> C
 
 def _largest_metric_eigenvalue(lin: LinearisedManifold, S: Tensor, P: int, dtype, generator, iters: int = 100) -> float:
     """``lambda_max(g)`` by power iteration on Fisher products (stops at relative change 1e-6)."""
-    v = torch.randn(P, 1, dtype=dtype, generator=generator)
+    v = torch.randn(P, 1, dtype=dtype, generator=generator).to(S.device)  # drawn on the CPU: the same on every device
     v = v / v.norm()
     lam = 0.0
     for _ in range(iters):
@@ -224,10 +224,10 @@ def _stochastic(
     warned = False
     while done < n_samples:
         m = min(batch_size, n_samples - done)
-        z = torch.randn(2 * m, n, R, dtype=dtype, generator=generator)[:, setup.rows]  # this process's rows
+        z = torch.randn(2 * m, n, R, dtype=dtype, generator=generator)[:, setup.rows].to(S.device)  # this rank's rows
         b = lin.vjp(unwhiten(S, z)).T  # [P, 2m] = J^T S z
         if damping is not None:
-            b = b + math.sqrt(lam) * torch.randn(P, 2 * m, dtype=dtype, generator=generator)
+            b = b + math.sqrt(lam) * torch.randn(P, 2 * m, dtype=dtype, generator=generator).to(S.device)
         uv = solve(b, lam)  # [P, 2m]
         resid = lin.metric_matmat(S, uv) + lam * uv - b
         worst = float((resid.norm(dim=0) / b.norm(dim=0).clamp_min(torch.finfo(dtype).tiny)).max())
@@ -319,7 +319,8 @@ def embedding_curvature(
             tensor ``[n, K, P, P]``) or ``"stochastic"`` (matrix-free unbiased
             estimate ``mean |N(u, v)|_G^2`` over ``n_samples`` pairs ``u, v ~ N(0, g^+)``).
         n_samples: pairs for the stochastic method.
-        generator: random generator for the stochastic method.
+        generator: random generator for the stochastic method, on the CPU (draws are made there and moved to the
+            model's device, so a CPU and a GPU run with the same seed see the same draws).
         damping: if given, replace ``g^+`` by ``(g + lambda I)^{-1}`` with
             ``lambda = damping * lambda_max(g)`` (theory.md practical note); the
             projection onto ``range(J)`` stays exact.
