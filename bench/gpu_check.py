@@ -31,7 +31,6 @@ import copy
 import statistics
 import sys
 import time
-import warnings
 from typing import Dict, List, Tuple
 
 import torch
@@ -93,7 +92,7 @@ def check_streamed(device: str = "cuda", dtype: str = "float32", quick: bool = F
     unit = _fwd_bwd(dev_net, x.to(dev, dt), dev, reps)
     loader = DataLoader(TensorDataset(x.to(dt), y), batch_size=8)  # CPU batches, 8 does not divide 60
     m_ref = ModelManifold(ref_net, x.double())
-    curv = dict(method="stochastic", alpha=-1.0, n_samples=2, batch_size=2, damping=0.1, cg_max_iter=20)  # same iterations
+    curv = dict(method="stochastic", alpha=-1.0, n_samples=2, batch_size=2, damping=0.1, cg_tol=1e-6)
     cases = [
         ("loader", "diag", lambda: fisher(StreamedManifold(dev_net, loader), "exact", "diag").diag(),
          lambda: fisher(m_ref, "exact", "diag").diag()),
@@ -107,14 +106,14 @@ def check_streamed(device: str = "cuda", dtype: str = "float32", quick: bool = F
     ]
     rows = []
     for kind, structure, run, reference in cases:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "embedding_curvature.*conjugate gradients stopped")  # capped CG, on purpose
-            got, seconds = _timed(run, dev, reps)
-            ref = reference()
+        got, seconds = _timed(run, dev, reps)
+        ref = reference()
         err = float((got.double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
         on_device = got.device.type == dev.type and got.dtype == dt
         rows.append({"model": "mlp+dropout/categorical", "kind": kind, "structure": structure, "max rel err": err,
-                     "on device": on_device, "ms": 1e3 * seconds, "x fwd+bwd": seconds / unit})
+                     "on device": on_device, "ms": 1e3 * seconds, "x fwd+bwd": seconds / unit,
+                     # CG carries rounding differences to its tolerance: the curvature agrees to ~cg_tol
+                     "tol": 1e-5 if kind == "curvature" else None})
     return rows
 
 
@@ -185,7 +184,7 @@ def main(argv: List[str] | None = None) -> int:
     print(f"{'model':20s} {'kind':10s} {'structure':10s} {'max rel err':>12s} {'on device':>9s} {'ms':>9s} {'x fwd+bwd':>9s}")
     bad = 0
     for r in rows:
-        flag = "" if r["max rel err"] <= tol and r["on device"] else "  <-- FAIL"
+        flag = "" if r["max rel err"] <= max(tol, r.get("tol") or 0.0) and r["on device"] else "  <-- FAIL"
         bad += bool(flag)
         print(f"{r['model']:20s} {r['kind']:10s} {r['structure']:10s} {r['max rel err']:12.2e} {str(r['on device']):>9s} {r['ms']:9.2f} {r['x fwd+bwd']:9.1f}{flag}")
     print("all checks passed" if not bad else f"{bad} checks FAILED")

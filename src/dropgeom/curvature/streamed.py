@@ -11,7 +11,8 @@ Registered with :func:`dropgeom.dispatch.register_streamed`, so that the public 
   ``J^T w = \sum_b J_b^T w_b`` is summed over batches and all-reduced over ranks, so every conjugate-gradient
   iterate (in parameter space) is the same on every rank, and the squared normal norms are summed over ranks. The
   draws ``z`` are taken for all ``N`` inputs from ``generator`` (the same on every rank) and each rank keeps its rows,
-  so the result equals the in-memory estimate with the same generator up to rounding. Memory: activations of one
+  so the result equals the in-memory estimate with the same generator up to the conjugate-gradient tolerance
+  (the batch sums round differently and CG carries that to its tolerance; every rank gets the same bits). Memory: activations of one
   batch at a time, plus the inputs and the ``[batch_size, N, K]`` normal vectors (the estimator's own size).
   ``method="dense"`` forms the Hessian tensor of all inputs at once: a clear error.
 
