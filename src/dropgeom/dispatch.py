@@ -272,7 +272,7 @@ def mean_over_batches(fn: F, *, refuse: Optional[Dict[str, str]] = None) -> F:
                 bound.arguments["targets"] = None if targets is None else targets.to(device)
             return fn(*bound.args, **bound.kwargs)
 
-        return stream_mean(one, data)
+        return stream_mean(one, data)  # type: ignore[arg-type]  # is_batches(data) holds
 
     return wrapper  # type: ignore[return-value]
 

@@ -13,15 +13,6 @@ from .gap import GapResult, gap
 from .mixture import MixtureResult, mixture
 from .penalty import output_linear, penalty
 from .terms import DropoutTerms, terms
-
-# The public gap, terms and penalty also take an iterable of batches (a DataLoader, a list of (inputs, targets)) in
-# place of ``inputs``: a mean over the whole data set (dropgeom.dispatch.mean_over_batches, guide section 8).
-gap = mean_over_batches(gap)
-terms = mean_over_batches(terms)
-penalty = mean_over_batches(
-    penalty,
-    refuse={"return_output": "the outputs of all batches are not kept; call penalty per batch for them"},
-)
 from .modules import DropPath, StochasticDepth
 from .masks import (
     DROPOUT_TYPES,
@@ -34,6 +25,15 @@ from .masks import (
     resolve_p,
     sample_masks,
     unit_shapes,
+)
+
+# The public gap, terms and penalty also take an iterable of batches (a DataLoader, a list of (inputs, targets)) in
+# place of ``inputs``: a mean over the whole data set (dropgeom.dispatch.mean_over_batches, guide section 8).
+gap = mean_over_batches(gap)
+terms = mean_over_batches(terms)
+penalty = mean_over_batches(
+    penalty,
+    refuse={"return_output": "the outputs of all batches are not kept; call penalty per batch for them"},
 )
 
 __all__ = [
