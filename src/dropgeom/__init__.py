@@ -9,10 +9,11 @@ See ``docs/guide.md`` and ``docs/theory.md`` for the notation.
 from .families import ExponentialFamily, get_family
 from .fisher import FisherKind, Reduction, Structure, fisher
 from .manifold import ModelManifold
+from .dispatch import StreamedManifold
 from .operators import CurvatureOperator
 from .data import Dataset, load_dataset
 from .train import EarlyStopping, History, Objective, make_objective  # the loop: dropgeom.train.train
-from . import dropout
+from . import dropout, streaming  # streaming registers the Fisher over batches
 from .curvature import (
     CurvatureResult,
     alpha_connection,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ModelManifold",
+    "StreamedManifold",
     "fisher",
     "FisherKind",
     "Structure",

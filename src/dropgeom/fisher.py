@@ -64,6 +64,7 @@ from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
 from ._capture import capture, pname, rule_layers
+from .dispatch import streams
 from .manifold import DEFAULT_CHUNK_BYTES, ModelManifold, memory_guard
 from .operators import (
     operator_from_parts,
@@ -122,6 +123,7 @@ def fisher_factors(
     return (t - mu).permute(1, 2, 0) / n_samples**0.5
 
 
+@streams
 def fisher(
     manifold: ModelManifold,
     kind: Union[str, FisherKind] = "exact",

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._registry import lookup, register
+from .linalg import gram
 
 __all__ = [
     "LayerRule",
@@ -104,14 +105,15 @@ def layer_diagonal(
 
 
 def kronecker_factors(a: Tensor, g: Tensor, has_bias: bool, n: int, scale: float) -> Tuple[Tensor, Tensor]:
-    """``A = (1/(n T)) sum_{i,t} a~_it a~_it^T`` (``a~ = [a; 1]`` with a bias) and ``B = scale * sum_{i,r,t} g_irt g_irt^T``."""
+    """``A = (1/(n T)) sum_{i,t} a~_it a~_it^T`` (``a~ = [a; 1]`` with a bias) and ``B = scale * sum_{i,r,t} g_irt g_irt^T``
+    (both by :func:`~dropgeom.linalg.gram`, which forms only the upper triangle)."""
     T = a.shape[1]
     af = a.reshape(-1, a.shape[2])
     if has_bias:
         af = torch.cat([af, torch.ones(af.shape[0], 1, dtype=af.dtype, device=af.device)], dim=1)
-    A = af.T @ af / (n * T)
+    A = gram(af) / (n * T)
     gf = g.reshape(-1, g.shape[-1])
-    B = gf.T @ gf * scale
+    B = gram(gf) * scale
     return A, B
 
 

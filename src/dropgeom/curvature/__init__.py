@@ -9,6 +9,8 @@ r"""Curvature of the model manifold (theory.md section 3).
 * :mod:`.sharpness` -- coordinate-dependent sharpness measures (Hessian trace / top eigenvalue,
   SAM sharpness, Fisher trace / top eigenvalue), reported beside the invariant ones.
 * :func:`dropout_mixture_manifold` -- the manifold of the dropout-averaged model (theory.md 4.3).
+* :mod:`.streamed` -- ``fisher_trace``, ``fisher_top_eigenvalue`` and the stochastic ``embedding_curvature`` of a
+  :class:`~dropgeom.dispatch.StreamedManifold` (a data loader, across processes).
 
 No PyTorch library computes these for neural networks; everything here is
 written for dropgeom on top of :mod:`torch.func`.
@@ -36,6 +38,7 @@ from .sharpness import (
     hessian_trace,
     sam_sharpness,
 )
+from . import streamed  # registers the curvature over batches (dropgeom.dispatch)
 
 __all__ = [
     "statistical_curvature",

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.func import jvp, vjp
 
 from .._utils import vmap_or_loop
+from ..dispatch import StreamedManifold
 from ..manifold import ModelManifold
 from ..operators import conjugate_gradient
 
@@ -27,6 +28,11 @@ __all__: list = []
 
 
 def check_manifold(manifold: object, fn: str) -> ModelManifold:
+    if isinstance(manifold, StreamedManifold):
+        raise TypeError(
+            f"{fn}() needs a ModelManifold of inputs in memory, got a StreamedManifold: {fn}() is not streamed over "
+            "batches (dropgeom.dispatch.streamed_functions() lists those that are)"
+        )
     if not isinstance(manifold, ModelManifold):
         raise TypeError(f"{fn}() needs a ModelManifold, got {type(manifold).__name__}")
     return manifold

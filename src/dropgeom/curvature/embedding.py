@@ -49,11 +49,12 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
+from ..dispatch import streams
 from ..manifold import ModelManifold
 from ..operators import conjugate_gradient
 from ..options import CurvatureMethod, parse
@@ -71,7 +72,7 @@ from ._common import (
 )
 from .dense import DenseGeometry
 
-__all__ = ["CurvatureResult", "embedding_curvature"]
+__all__ = ["CurvatureResult", "embedding_curvature", "Linearisation"]
 
 
 @dataclass
@@ -154,7 +155,7 @@ def _dense(manifold: ModelManifold, alpha: float, damping: Optional[float]) -> C
 
 def _largest_metric_eigenvalue(lin: LinearisedManifold, S: Tensor, P: int, dtype, generator, iters: int = 100) -> float:
     """``lambda_max(g)`` by power iteration on Fisher products (stops at relative change 1e-6)."""
-    v = torch.randn(P, 1, dtype=dtype, generator=generator)
+    v = torch.randn(P, 1, dtype=dtype, generator=generator).to(S.device)  # drawn on the CPU: the same on every device
     v = v / v.norm()
     lam = 0.0
     for _ in range(iters):
@@ -170,6 +171,30 @@ def _largest_metric_eigenvalue(lin: LinearisedManifold, S: Tensor, P: int, dtype
     return lam
 
 
+@dataclass
+class Linearisation:
+    """What the stochastic estimator needs of the inputs: products, whitening, and how rows are spread over processes.
+
+    ``lin`` gives ``J v``, ``J^T w`` (summed over every process) and ``D2 eta``; ``eta``, ``S``, ``S_pinv`` hold this
+    process's rows ``rows`` of the ``n`` inputs; ``total`` sums a per-process partial sum over processes. One process
+    with every input in memory: :meth:`of`. Over batches and ranks: :mod:`dropgeom.curvature.streamed`.
+    """
+
+    lin: LinearisedManifold
+    family_of: object  # anything with ``.family`` (for the skewness term)
+    eta: Tensor
+    S: Tensor
+    S_pinv: Tensor
+    n: int
+    rows: slice
+    total: Callable[[Tensor], Tensor]
+
+    @classmethod
+    def of(cls, manifold: ModelManifold) -> "Linearisation":
+        eta, S, S_pinv = whitening(manifold)
+        return cls(LinearisedManifold(manifold), manifold, eta, S, S_pinv, manifold.n, slice(0, manifold.n), lambda t: t)
+
+
 def _stochastic(
     manifold: ModelManifold,
     alpha: float,
@@ -179,14 +204,15 @@ def _stochastic(
     batch_size: int,
     cg_tol: Optional[float],
     cg_max_iter: Optional[int],
+    setup: Optional[Linearisation] = None,
 ) -> CurvatureResult:
-    n, P = manifold.n, manifold.num_params
-    dtype = manifold.dtype
+    setup = Linearisation.of(manifold) if setup is None else setup
+    n, P = setup.n, manifold.num_params
+    dtype = setup.eta.dtype
     tol = default_tol(dtype) if cg_tol is None else cg_tol
     cg_max_iter = default_max_iter(P) if cg_max_iter is None else cg_max_iter
-    eta, S, S_pinv = whitening(manifold)
+    eta, S, S_pinv, lin = setup.eta, setup.S, setup.S_pinv, setup.lin
     R = S.shape[-1]
-    lin = LinearisedManifold(manifold)
     lam = 0.0
     if damping is not None:
         lam = damping * _largest_metric_eigenvalue(lin, S, P, dtype, generator)
@@ -199,10 +225,10 @@ def _stochastic(
     warned = False
     while done < n_samples:
         m = min(batch_size, n_samples - done)
-        z = torch.randn(2 * m, n, R, dtype=dtype, generator=generator)
+        z = torch.randn(2 * m, n, R, dtype=dtype, generator=generator)[:, setup.rows].to(S.device)  # this rank's rows
         b = lin.vjp(unwhiten(S, z)).T  # [P, 2m] = J^T S z
         if damping is not None:
-            b = b + math.sqrt(lam) * torch.randn(P, 2 * m, dtype=dtype, generator=generator)
+            b = b + math.sqrt(lam) * torch.randn(P, 2 * m, dtype=dtype, generator=generator).to(S.device)
         uv = solve(b, lam)  # [P, 2m]
         resid = lin.metric_matmat(S, uv) + lam * uv - b
         worst = float((resid.norm(dim=0) / b.norm(dim=0).clamp_min(torch.finfo(dtype).tiny)).max())
@@ -219,9 +245,9 @@ def _stochastic(
         u, v = uv[:m], uv[m:]
         Y = whiten(S, lin.d2(u, v))  # [m, n, R]
         if alpha != 1.0:
-            Y = Y + 0.5 * (1.0 - alpha) * skew_whitened(manifold, eta, S_pinv, lin.jvp(u), lin.jvp(v))
+            Y = Y + 0.5 * (1.0 - alpha) * skew_whitened(setup.family_of, eta, S_pinv, lin.jvp(u), lin.jvp(v))  # type: ignore[arg-type]
         Nw = lin.project_out(S, Y, tol, cg_max_iter)
-        values.append((Nw * Nw).sum((1, 2)))
+        values.append(setup.total((Nw * Nw).sum((1, 2))))
         done += m
     vals = torch.cat(values)
     gamma2 = vals.mean()
@@ -241,6 +267,19 @@ def _stochastic(
     )
 
 
+def check_stochastic_options(n_samples: object, batch_size: object, cg_tol: object, cg_max_iter: object) -> None:
+    """Validate the options of the stochastic estimator (one-line ``ValueError`` naming the option)."""
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
+        raise ValueError(f"n_samples must be an integer >= 2 (for a standard error), got {n_samples!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if cg_tol is not None and not (isinstance(cg_tol, (int, float)) and 0 < cg_tol < 1):
+        raise ValueError(f"cg_tol must lie in (0, 1), got {cg_tol!r}")
+    if cg_max_iter is not None and not (isinstance(cg_max_iter, int) and cg_max_iter >= 1):
+        raise ValueError(f"cg_max_iter must be a positive integer, got {cg_max_iter!r}")
+
+
+@streams
 def embedding_curvature(
     manifold: ModelManifold,
     alpha: float = 1.0,
@@ -273,14 +312,17 @@ def embedding_curvature(
     (:mod:`dropgeom.curvature.invariant`).
 
     Args:
-        manifold: the model manifold.
+        manifold: the model manifold, or a :class:`~dropgeom.dispatch.StreamedManifold` (a ``DataLoader`` or list of
+            batches) for the stochastic method: products stream over the batches (and are all-reduced across ranks),
+            the ``[n_samples, n, K]`` normal vectors stay in memory (:mod:`dropgeom.curvature.streamed`).
         alpha: 1 (e-curvature, default), -1 (m-curvature) or any real.
         method: a :class:`~dropgeom.options.CurvatureMethod` or its value: ``"dense"``
             (exact; at most 2000 parameters, forms the Hessian
             tensor ``[n, K, P, P]``) or ``"stochastic"`` (matrix-free unbiased
             estimate ``mean |N(u, v)|_G^2`` over ``n_samples`` pairs ``u, v ~ N(0, g^+)``).
         n_samples: pairs for the stochastic method.
-        generator: random generator for the stochastic method.
+        generator: random generator for the stochastic method, on the CPU (draws are made there and moved to the
+            model's device, so a CPU and a GPU run with the same seed see the same draws).
         damping: if given, replace ``g^+`` by ``(g + lambda I)^{-1}`` with
             ``lambda = damping * lambda_max(g)`` (theory.md practical note); the
             projection onto ``range(J)`` stays exact.
@@ -290,6 +332,11 @@ def embedding_curvature(
 
     Returns:
         :class:`CurvatureResult` (``gamma2``, ``gamma2_per_sample = n * gamma2``, ``stderr``, ...).
+
+    Raises:
+        ValueError: an invalid option, or ``method="dense"`` with a ``StreamedManifold`` (the dense method forms the
+            Hessian tensor of all inputs at once and cannot be streamed).
+        TypeError: ``manifold`` is not a manifold.
 
     Example:
         >>> import torch
@@ -310,12 +357,5 @@ def embedding_curvature(
     method = parse(CurvatureMethod, method, "method")
     if method is CurvatureMethod.DENSE:
         return _dense(manifold, alpha, damping)
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
-        raise ValueError(f"n_samples must be an integer >= 2 (for a standard error), got {n_samples!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if cg_tol is not None and not (isinstance(cg_tol, (int, float)) and 0 < cg_tol < 1):
-        raise ValueError(f"cg_tol must lie in (0, 1), got {cg_tol!r}")
-    if cg_max_iter is not None and not (isinstance(cg_max_iter, int) and cg_max_iter >= 1):
-        raise ValueError(f"cg_max_iter must be a positive integer, got {cg_max_iter!r}")
+    check_stochastic_options(n_samples, batch_size, cg_tol, cg_max_iter)
     return _stochastic(manifold, alpha, n_samples, generator, damping, batch_size, cg_tol, cg_max_iter)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp
 
+from ..dispatch import streams
 from ..manifold import ModelManifold
 from ._common import check_manifold
 
@@ -230,6 +231,7 @@ def sam_sharpness(
     return max(0.0, best - base)
 
 
+@streams
 def fisher_trace(manifold: ModelManifold) -> float:
     r"""Trace of the Fisher information (mean over inputs), ``tr F = (1/n) sum_i |S_i^T J_i|_F^2``.
 
@@ -255,6 +257,7 @@ def fisher_trace(manifold: ModelManifold) -> float:
     return float(fisher(manifold, "exact", "diag").trace())
 
 
+@streams
 def fisher_top_eigenvalue(manifold: ModelManifold) -> float:
     r"""Largest eigenvalue of the Fisher information (mean over inputs).
 

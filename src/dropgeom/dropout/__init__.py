@@ -1,9 +1,13 @@
 """Dropout analysis (theory.md section 4): explicit masks, the exact dropout gap,
 its Fisher (divergence) and curvature terms, dropout inference as a mixture of
-sub-models, and the differentiable Fisher-dropout penalty. Dropout layers of every
+sub-models, and the differentiable Fisher-dropout penalty. :func:`gap`, :func:`terms` and
+:func:`penalty` also take a ``DataLoader`` or a list of ``(inputs, targets)`` batches in place of the
+inputs (a mean over the whole data set; the penalty's value is then detached: train with gradient
+accumulation, see :mod:`dropgeom.dispatch`). Dropout layers of every
 kind -- modules, attention-weight and functional dropout, DropConnect, stochastic
 depth -- are explicit masks (see :mod:`dropgeom.dropout.masks`)."""
 
+from ..dispatch import mean_over_batches
 from .explicit import forward_with_masks, record_dropout_inputs
 from ._gap import GapResult, gap
 from ._mixture import MixtureResult, mixture
@@ -22,6 +26,15 @@ from .masks import (
     resolve_p,
     sample_masks,
     unit_shapes,
+)
+
+# The public gap, terms and penalty also take an iterable of batches (a DataLoader, a list of (inputs, targets)) in
+# place of ``inputs``: a mean over the whole data set (dropgeom.dispatch.mean_over_batches, guide section 8).
+gap = mean_over_batches(gap)
+terms = mean_over_batches(terms)
+penalty = mean_over_batches(
+    penalty,
+    refuse={"return_output": "the outputs of all batches are not kept; call penalty per batch for them"},
 )
 
 __all__ = [

@@ -1,0 +1,193 @@
+"""The public entry points over a data set of batches (dropgeom.dispatch) against the in-memory results.
+
+float64, 37 inputs in batches of 8 or 10 (neither divides 37); oracles: the same function on a ModelManifold of all
+inputs (itself tested against brute force and the peer libraries elsewhere). Two gloo processes with uneven shards
+for the curvature estimator sums and the dropout terms.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dropgeom import ModelManifold, StreamedManifold, dropout, embedding_curvature
+from dropgeom.curvature import fisher_top_eigenvalue, fisher_trace, natural_gradient_curvature
+from dropgeom.dispatch import streamed_functions
+from dropgeom.fisher import fisher
+
+N = 37
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Dropout(0.3), nn.Linear(6, 4)).double()
+
+
+def _data():
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(N, 5, dtype=torch.float64, generator=g), torch.randint(0, 4, (N,), generator=g)
+
+
+def _loader(x, y, bs=8):
+    return DataLoader(TensorDataset(x, y), batch_size=bs)
+
+
+def _mat(op):
+    return op @ torch.eye(op.size, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("structure", ["dense", "diag", "layer", "kfac", "implicit"])
+@pytest.mark.parametrize("kind", ["exact", "empirical"])
+def test_fisher_of_a_loader_equals_in_memory(kind, structure):
+    net, (x, y) = _net(), _data()
+    ref = fisher(ModelManifold(net, x), kind, structure, targets=y if kind == "empirical" else None)
+    got = fisher(StreamedManifold(net, _loader(x, y)), kind, structure)
+    assert got.structure == structure and got.meta.n == N
+    torch.testing.assert_close(_mat(got), _mat(ref), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(got.diag(), ref.diag(), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(got.trace(), ref.trace(), atol=1e-10, rtol=1e-10)
+    if structure in ("dense", "implicit"):
+        vals, _ = got.eig(k=2)
+        torch.testing.assert_close(vals, ref.eig(k=2)[0], atol=1e-9, rtol=1e-9)
+
+
+def test_sharpness_and_tensor_data_stream():
+    net, (x, y) = _net(), _data()
+    m = ModelManifold(net, x)
+    streamed = StreamedManifold(net, x, targets=y, batch_size=10)
+    assert fisher_trace(streamed) == pytest.approx(fisher_trace(m), rel=1e-10)
+    assert fisher_top_eigenvalue(streamed) == pytest.approx(fisher_top_eigenvalue(m), rel=1e-9)
+    assert streamed.n == N and fisher(streamed, "empirical", "diag").meta.n == N
+
+
+#: The stochastic estimator, small for CI. Its conjugate-gradient solves carry the rounding differences of the batch
+#: sums up to their tolerance, so the streamed estimate equals the in-memory one to ~cg_tol (the products themselves
+#: agree to 1e-10: test_batched_linearisation_products_equal_in_memory); ranks agree bit for bit.
+CURV = dict(method="stochastic", n_samples=2, batch_size=2, damping=0.1, cg_tol=1e-6)
+CURV_RTOL = 1e-5
+
+
+def test_batched_linearisation_products_equal_in_memory():
+    from dropgeom.curvature._common import LinearisedManifold
+    from dropgeom.curvature.streamed import BatchedLinearisation
+
+    net, (x, y) = _net(), _data()
+    whole = LinearisedManifold(ModelManifold(net, x))
+    parts = BatchedLinearisation([m for m, _ in StreamedManifold(net, _loader(x, y, 10)).manifolds()])
+    g = torch.Generator().manual_seed(1)
+    V = torch.randn(3, whole.m.num_params, dtype=torch.float64, generator=g)
+    W = torch.randn(3, N, 4, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(parts.jvp(V), whole.jvp(V), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(parts.vjp(W), whole.vjp(W), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(parts.d2(V, V.flip(0)), whole.d2(V, V.flip(0)), atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("alpha", [1.0, -1.0])
+def test_stochastic_embedding_curvature_of_a_loader_equals_in_memory(alpha):
+    net, (x, y) = _net(), _data()
+    kw = dict(alpha=alpha, **CURV)
+    ref = embedding_curvature(ModelManifold(net, x), generator=torch.Generator().manual_seed(0), **kw)
+    got = embedding_curvature(StreamedManifold(net, _loader(x, y, 10)), generator=torch.Generator().manual_seed(0), **kw)
+    for f in ("gamma2", "gamma2_per_sample", "stderr"):
+        torch.testing.assert_close(getattr(got, f), getattr(ref, f), atol=0, rtol=CURV_RTOL)
+    assert got.damping_abs == pytest.approx(ref.damping_abs, rel=CURV_RTOL)
+
+
+def test_dropout_terms_gap_penalty_take_a_loader():
+    net, (x, y) = _net(), _data()
+    loader = _loader(x, y)
+    t, t_ref = dropout.terms(net, loader), dropout.terms(net, x, y)
+    for f in ("fisher", "curvature_gaussian", "divergence", "curvature_bernoulli"):
+        assert getattr(t, f) == pytest.approx(getattr(t_ref, f), rel=1e-10, abs=1e-14)
+    for layer, d in t_ref.per_unit.items():
+        for k, v in d.items():
+            torch.testing.assert_close(t.per_unit[layer][k], v, atol=1e-12, rtol=1e-10)
+    g = dropout.gap(net, [(x[:20], y[:20]), (x[20:], y[20:])], p=0.3, method="exact")
+    assert g.value == pytest.approx(dropout.gap(net, x, y, p=0.3, method="exact").value, rel=1e-10)
+    for kw in (dict(), dict(form="divergence", curvature=True)):
+        ref = dropout.penalty(net, x, p=0.3, targets=y if kw else None, **kw)
+        got = dropout.penalty(net, loader, p=0.3, **kw)
+        torch.testing.assert_close(got, ref.detach(), atol=1e-12, rtol=1e-10)
+    # gradient accumulation (the documented way to train on the penalty over a loader): sum_b (n_b / N) grad P_b
+    net.zero_grad()
+    for xb, _ in loader:
+        (dropout.penalty(net, xb, p=0.3) * xb.shape[0] / N).backward()
+    acc = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    dropout.penalty(net, x, p=0.3).backward()
+    for a, p in zip(acc, net.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-12, rtol=1e-10)
+
+
+def test_what_cannot_be_streamed_says_so():
+    net, (x, y) = _net(), _data()
+    s = StreamedManifold(net, _loader(x, y))
+    with pytest.raises(ValueError, match=r"method='dense'\) cannot be streamed"):
+        embedding_curvature(s)
+    with pytest.raises(TypeError, match="is not streamed over batches"):
+        natural_gradient_curvature(s, y)
+    with pytest.raises(ValueError, match="return_output= cannot be used"):
+        dropout.penalty(net, _loader(x, y), p=0.3, return_output=True)
+    with pytest.raises(ValueError, match="targets= goes with tensor inputs"):
+        dropout.terms(net, _loader(x, y), y)
+    with pytest.raises(ValueError, match="takes its targets from the batches"):
+        fisher(s, "empirical", "diag", targets=y)
+    with pytest.raises(ValueError, match="targets= goes with tensor inputs"):
+        StreamedManifold(net, _loader(x, y), targets=y)
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        StreamedManifold(lambda t: t, [x])
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        fisher(StreamedManifold(net, (b for b in [x[:5], x[5:]])), "exact", "implicit").diag()
+    with pytest.raises(ValueError, match="no batches"):
+        fisher(StreamedManifold(net, []), "exact", "diag")
+    with pytest.raises(ValueError, match="batch 0: the model cannot take"):
+        fisher(StreamedManifold(net, [x[:, :3]]), "exact", "diag")
+    listed = streamed_functions()
+    assert {"dropgeom.fisher.fisher", "dropgeom.curvature.embedding.embedding_curvature"} <= set(listed)
+
+
+# ------------------------------------------------------------------ two processes, gloo on 127.0.0.1
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        net, (x, y) = _net(), _data()
+        shard = slice(0, 15) if rank == 0 else slice(15, N)  # uneven shards
+        loader = _loader(x[shard], y[shard], 6)
+        curv = embedding_curvature(StreamedManifold(net, loader), alpha=-1.0, generator=torch.Generator().manual_seed(0), **CURV)
+        t = dropout.terms(net, loader)
+        g = dropout.gap(net, loader, p=0.3, method="exact")
+        pen = dropout.penalty(net, loader, p=0.3)
+        torch.save(dict(gamma2=curv.gamma2, stderr=curv.stderr, terms=t, gap=g.value, penalty=pen), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_curvature_and_dropout_terms(tmp_path):
+    out = str(tmp_path / "res")
+    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    r0, r1 = torch.load(f"{out}.0", weights_only=False), torch.load(f"{out}.1", weights_only=False)
+    net, (x, y) = _net(), _data()
+    ref = embedding_curvature(ModelManifold(net, x), alpha=-1.0, generator=torch.Generator().manual_seed(0), **CURV)
+    assert torch.equal(r0["gamma2"], r1["gamma2"]) and torch.equal(r0["stderr"], r1["stderr"])  # lockstep
+    for r in (r0, r1):
+        torch.testing.assert_close(r["gamma2"], ref.gamma2, atol=0, rtol=CURV_RTOL)
+        torch.testing.assert_close(r["stderr"], ref.stderr, atol=0, rtol=CURV_RTOL)
+        t_ref = dropout.terms(net, x, y)
+        for f in ("fisher", "curvature_gaussian", "divergence", "curvature_bernoulli"):
+            assert getattr(r["terms"], f) == pytest.approx(getattr(t_ref, f), rel=1e-10, abs=1e-14)
+        assert r["gap"] == pytest.approx(dropout.gap(net, x, y, p=0.3, method="exact").value, rel=1e-10)
+        torch.testing.assert_close(r["penalty"], dropout.penalty(net, x, p=0.3).detach(), atol=1e-12, rtol=1e-10)
