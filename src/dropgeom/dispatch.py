@@ -226,13 +226,21 @@ def streamed_functions() -> Dict[str, bool]:
     return {k: True for k in sorted(_STREAMED)}
 
 
-def mean_over_batches(fn: F, *, refuse: Optional[Dict[str, str]] = None) -> F:
+def mean_over_batches(
+    fn: F,
+    *,
+    refuse: Optional[Dict[str, str]] = None,
+    per_batch: Optional[Callable[[Any], Any]] = None,
+    finish: Optional[Callable[[Any], Any]] = None,
+) -> F:
     """Wrap ``fn(model, inputs, targets, ...)`` (a mean over inputs) so that ``inputs`` may be an iterable of batches.
 
     With batches, ``targets`` must be left out (each batch carries its own), the ranks of a process group must hold
     the same parameters, and the result is :func:`~dropgeom.batches.stream_mean` of ``fn`` on each batch: floating
     leaves are size-weighted means over the whole data set (detached), standard errors combine in quadrature.
     ``refuse`` maps argument names to the reason they cannot be used with batches (checked when they are truthy).
+    ``per_batch`` maps each batch's result to what is averaged (e.g. a result's ``value`` only), and ``finish``
+    maps the mean to the returned object (e.g. back into the result type).
 
     Raises (from the wrapped function):
         ValueError: ``targets`` given with batches, or a refused argument.
@@ -270,9 +278,11 @@ def mean_over_batches(fn: F, *, refuse: Optional[Dict[str, str]] = None) -> F:
             bound.arguments["inputs"] = inputs if len(inputs) > 1 else inputs[0]
             if "targets" in sig.parameters:
                 bound.arguments["targets"] = None if targets is None else targets.to(device)
-            return fn(*bound.args, **bound.kwargs)
+            res = fn(*bound.args, **bound.kwargs)
+            return res if per_batch is None else per_batch(res)
 
-        return stream_mean(one, data)  # type: ignore[arg-type]  # is_batches(data) holds
+        mean = stream_mean(one, data)  # type: ignore[arg-type]  # is_batches(data) holds
+        return mean if finish is None else finish(mean)
 
     return wrapper  # type: ignore[return-value]
 

@@ -35,6 +35,8 @@ terms = mean_over_batches(terms)
 penalty = mean_over_batches(
     penalty,
     refuse={"return_output": "the outputs of all batches are not kept; call penalty per batch for them"},
+    per_batch=lambda res: res.value,  # the outputs of the batches are not kept: eta is None over batches
+    finish=lambda value: PenaltyResult(value, None),
 )
 
 __all__ = [

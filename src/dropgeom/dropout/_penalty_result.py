@@ -86,7 +86,9 @@ class PenaltyResult(_TensorLike):
         value: the penalty, a scalar tensor differentiable with respect to the model's parameters.
         eta: the clean (eval-mode) output ``[n, K]``, differentiable: the clean loss can reuse it
             (``loss = family.nll(r.eta, y).mean() + r.value``) instead of a second forward pass.
+            ``None`` when the penalty was taken over an iterable of batches (the value is then a detached
+            mean over the whole data set, and the batches' outputs are not kept).
     """
 
     value: Tensor
-    eta: Tensor
+    eta: Optional[Tensor]
