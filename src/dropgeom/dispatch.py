@@ -259,7 +259,10 @@ def mean_over_batches(
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        bound = sig.bind_partial(*args, **kwargs)
+        try:
+            bound = sig.bind_partial(*args, **kwargs)
+        except TypeError:  # not the current signature (a deprecated call form): fn itself translates or refuses it
+            return fn(*args, **kwargs)
         data = bound.arguments.get("inputs")
         if not is_batches(data):
             return fn(*args, **kwargs)

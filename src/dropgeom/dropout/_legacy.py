@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
+import os
 import warnings
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, TypeVar, cast
 
@@ -39,9 +41,23 @@ F = TypeVar("F", bound=Callable[..., Any])
 N_POSITIONAL = 3
 
 
-def warn_deprecated(message: str, stacklevel: int = 3) -> None:
-    """Emit ``DeprecationWarning(message + removal note)`` pointing at the caller's line."""
-    warnings.warn(f"{message} (deprecated; removed in the next release)", DeprecationWarning, stacklevel=stacklevel)
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside the dropgeom package (as pandas' ``find_stack_level``), so a
+    warning points at the user's line however many of dropgeom's wrappers (legacy, batches) sit in between."""
+    level, frame = 1, inspect.currentframe()
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_deprecated(message: str, stacklevel: Optional[int] = None) -> None:
+    """Emit ``DeprecationWarning(message + removal note)`` pointing at the caller's line (the first frame outside
+    dropgeom unless ``stacklevel`` is given)."""
+    level = stacklevel if stacklevel is not None else _caller_stacklevel()
+    warnings.warn(f"{message} (deprecated; removed in the next release)", DeprecationWarning, stacklevel=level)
 
 
 def _is_legacy(args: Tuple[Any, ...], old: Sequence[str]) -> bool:
@@ -72,12 +88,12 @@ def translate(
             kwargs[key] = value
         args = args[:2]
         shown = [k for k in names if k != "targets" or old[0] != "targets"]
-        warn_deprecated(f"{name}(): passing {', '.join(shown)} by position; pass them as keywords", stacklevel=4)
+        warn_deprecated(f"{name}(): passing {', '.join(shown)} by position; pass them as keywords")
     for old_key, new_key in renamed.items():
         if old_key in kwargs:
             if new_key in kwargs:
                 raise TypeError(f"{name}() got both {old_key!r} (old name) and {new_key!r}")
-            warn_deprecated(f"{name}(): the keyword {old_key!r} is now {new_key!r}", stacklevel=4)
+            warn_deprecated(f"{name}(): the keyword {old_key!r} is now {new_key!r}")
             kwargs[new_key] = kwargs.pop(old_key)
     return args, kwargs
 

@@ -114,7 +114,7 @@ def mixture(
         True
     """
     if isinstance(n_samples, str) and n_samples == "exact":
-        warn_deprecated("mixture(): n_samples='exact' is now method='exact'", stacklevel=4)  # via the wrapper
+        warn_deprecated("mixture(): n_samples='exact' is now method='exact'")
         method = "exact"
     method = parse(Method, method, "method")
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):

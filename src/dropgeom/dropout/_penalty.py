@@ -183,7 +183,7 @@ def penalty(
     with torch.enable_grad():  # derivatives w.r.t. the masks are needed even under no_grad
         pen, eta = _penalty(model, inputs, family, p, form, targets, curvature, layers, method, generator, chunk_size)
     if return_output is not None:
-        warn_deprecated("penalty(return_output=...): read .value and .eta of the result", stacklevel=4)  # via the wrapper
+        warn_deprecated("penalty(return_output=...): read .value and .eta of the result")
         return cast(PenaltyResult, (pen, eta) if return_output else pen)  # the old return types, for one release
     return PenaltyResult(pen, eta)
 

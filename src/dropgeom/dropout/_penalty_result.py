@@ -32,7 +32,7 @@ class _TensorLike:
     value: Tensor
 
     def _tensor(self) -> Tensor:
-        warn_deprecated("using penalty()'s result as a tensor; use its .value (and .eta for the clean output)", 4)
+        warn_deprecated("using penalty()'s result as a tensor; use its .value (and .eta for the clean output)")
         return self.value
 
     def __getattr__(self, name: str) -> Any:
