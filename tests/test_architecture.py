@@ -97,7 +97,6 @@ KNOWN_LONG_FILES: Dict[str, str] = {
     "dropgeom/curvature/invariant.py": "issue #8 acceptance: split measures from the SVD machinery (issue 9 code)",
     "dropgeom/dropout/masks.py": "issue #8 acceptance: dropout sites apart from mask sampling (issue 11 code)",
     "dropgeom/dropout/penalty.py": "issue #8 item 6: one module per penalty strategy (issue 14 code)",
-    "dropgeom/experiments/c3_fisher_regularizer.py": "issue #8 acceptance: C3b sweep in its own module (issue 10 code)",
 }
 
 #: Functions over MAX_FUNCTION_LINES today ("path:qualified name", paths relative to src/).
@@ -116,8 +115,6 @@ KNOWN_LONG_FUNCTIONS: Dict[str, str] = {
     "dropgeom/curvature/normal.py:normal_curvature": "issue #8 acceptance: functions <= 80 lines (issue 9 code)",
     "dropgeom/dropout/penalty.py:_generic_layers": "issue #8 item 6: penalty strategies (issue 14 code)",
     "dropgeom/experiments/c1_flatness.py:summarize": "issue #8 item 5: typed summary; tables apart from the rule (issue 9 code)",
-    "dropgeom/experiments/c2_analysis.py:within_setting_analysis": "issue #8 acceptance: functions <= 80 lines (issue 10 code)",
-    "dropgeom/experiments/c2_curvature_strength.py:summarize": "issue #8 item 5: typed summary (issue 10 code)",
     "dropgeom/experiments/sweep.py:reproduce": "issue #8 acceptance: functions <= 80 lines (issue 13/12 code)",
     "dropgeom/streaming.py:fisher_streamed": "issue #8 acceptance: functions <= 80 lines (issue 12 code)",
 }
@@ -304,7 +301,7 @@ def test_the_parser_sees_module_level_function_local_and_reexported_imports():
     assert "dropgeom.manifold" in GRAPH["dropgeom.experiments.common"]
     assert PACKAGE not in GRAPH["dropgeom.experiments.common"]
     # importing a submodule of another package runs that package's __init__
-    assert "dropgeom.dropout" in GRAPH["dropgeom.experiments.c3_fisher_regularizer"]
+    assert "dropgeom.dropout" in GRAPH["dropgeom.experiments.c3_units"]
 
 
 def test_every_module_has_a_layer():

@@ -95,23 +95,46 @@ RULE = (
 
 
 def units(config: RunConfig) -> List[Dict[str, Any]]:
-    """One unit per (activation, width, depth, initial scale, seed)."""
-    return [
-        {
-            "key": f"{a}-w{w}-d{d}/s={k:g}/seed={s}",
-            "setting": f"{a}-w{w}-d{d}",
-            "activation": a,
-            "width": w,
-            "depth": d,
-            "init_scale": float(k),
-            "seed": s,
-        }
-        for a in config.c2_activations
-        for w in config.c2_widths
-        for d in config.c2_depths
-        for k in config.c2_init_scales
-        for s in range(config.seeds)
-    ]
+    """One unit per (data set, activation, width, depth, initial scale, seed); a data set other than
+    ``config.dataset`` is named in the setting (``fashion_mnist-tanh-w16-d2``) and in the unit."""
+    out = []
+    for ds in config.c2_datasets or (config.dataset,):
+        other = {} if ds == config.dataset else {"dataset": ds}
+        for a in config.c2_activations:
+            for w in config.c2_widths:
+                for d in config.c2_depths:
+                    setting = f"{a}-w{w}-d{d}" if ds == config.dataset else f"{ds}-{a}-w{w}-d{d}"
+                    out += [
+                        {"key": f"{setting}/s={k:g}/seed={s}", "setting": setting, "activation": a, "width": w, "depth": d,
+                         "init_scale": float(k), "seed": s, **other}
+                        for k in config.c2_init_scales
+                        for s in range(config.seeds)
+                    ]
+    return out
+
+
+def check_inputs(config: RunConfig) -> None:
+    """Fail at once (before any training) when a data set C2 needs is not installed.
+
+    Raises:
+        ConfigError: one line saying how to install the missing data set.
+    """
+    from .regularizers import require_datasets
+
+    require_datasets(config.c2_datasets or (config.dataset,))
+
+
+def c2_data(config: RunConfig, dataset: str, seed: int) -> Any:
+    """C2's data: ``dataset`` on ``input_dim`` principal components, ``max_train`` training inputs
+    (``c2_train_size`` on Fashion-MNIST), split by ``seed``.
+
+    Raises:
+        FileNotFoundError: Fashion-MNIST is not installed (one line saying how to install it).
+    """
+    if dataset == config.dataset and dataset != "fashion_mnist":
+        return prepare_data(config, seed)
+    size = config.c2_train_size if dataset == "fashion_mnist" and config.c2_train_size else config.max_train
+    return prepare_data(config.replace(dataset=dataset, max_train=size), seed)
 
 
 def dropout_terms(model: Any, data: Any, config: RunConfig) -> Dict[str, float]:
@@ -141,8 +164,10 @@ def run_unit(config: RunConfig, unit: Mapping[str, Any], workdir: Optional[Path]
     from ..dropout import gap
 
     seed = unit["seed"]
-    data = prepare_data(config, seed)
+    data = c2_data(config, unit.get("dataset", config.dataset), seed)
     rec: Dict[str, Any] = {k: unit[k] for k in ("setting", "activation", "width", "depth", "seed")}
+    if unit.get("dataset", config.dataset) != config.dataset:
+        rec["dataset"] = unit["dataset"]
     rec["init_scale"] = float(unit.get("init_scale", 1.0))
     rec["group"] = f"{unit['setting']}/seed={seed}"
     models, hist = {}, {}
@@ -197,10 +222,8 @@ def _outcome(r: Mapping[str, Any], key: str) -> float:
     return float(r["gain"])
 
 
-def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, Any]:
-    ok = _ok(records)
-    curv = _curvatures(ok)
-    groups = [r.get("group", f"{r['setting']}/seed={r['seed']}") for r in ok]
+def _analyses(ok: List[Mapping[str, Any]], curv: List[float], groups: List[str]) -> Dict[str, Dict[str, Any]]:
+    """Each outcome's within-setting analysis, Holm-adjusted over the outcomes, with its label."""
     analyses = {key: within_setting_analysis(curv, [_outcome(r, key) for r in ok], groups, EXPECTED_SIGN) for key, _ in OUTCOMES}
     adjusted = holm([a["p_value"] for a in analyses.values()])
     for (key, _), q in zip(OUTCOMES, adjusted):
@@ -212,6 +235,11 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
                 a["label"] = "predicted sign" if np.sign(est) == EXPECTED_SIGN else "opposite sign"
             else:
                 a["label"] = "no effect"
+    return analyses
+
+
+def _rows(ok: List[Mapping[str, Any]], curv: List[float]) -> List[Dict[str, str]]:
+    """The table: one row per (setting, initial scale)."""
     rows = []
     for s in sorted({(r["setting"], r["init_scale"]) for r in ok}):
         rs = [r for r, c in zip(ok, curv) if (r["setting"], r["init_scale"]) == s]
@@ -229,6 +257,39 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
                 "gain vs last-epoch plain": fmt_ci(*mean_ci([r.get("gain_last_epoch", float("nan")) for r in rs])),
             }
         )
+    return rows
+
+
+def _manipulation(ok: List[Mapping[str, Any]], curv: List[float], groups: List[str]) -> Any:
+    """``(test, moved)``: did the knob move the curvature within blocks (either direction is a manipulation:
+    the outcomes are analysed against the curvature, not against the knob)?"""
+    from .stats import within_group_permutation
+
+    if not ok:
+        return None, False
+    knob = within_group_permutation([r["init_scale"] for r in ok], [math.log(c) if c > 0 else float("nan") for c in curv], groups)
+    return knob, math.isfinite(knob.p_value) and knob.p_value < 0.05
+
+
+def _per_dataset(ok: List[Mapping[str, Any]], curv: List[float], groups: List[str], default: str) -> List[str]:
+    """With several data sets: the curvature share's within-setting test on each alone (description; the verdict
+    uses all blocks together)."""
+    names = sorted({r.get("dataset", default) for r in ok})
+    out = []
+    for ds in names if len(names) > 1 else []:
+        idx = [i for i, r in enumerate(ok) if r.get("dataset", default) == ds]
+        a = within_setting_analysis([curv[i] for i in idx], [_outcome(ok[i], "share") for i in idx], [groups[i] for i in idx], EXPECTED_SIGN)
+        out.append(f"{ds} alone: curvature share against log curvature, within-setting rank correlation "
+                   f"{fmt(a.get('within_spearman', float('nan')))} (permutation p-value {fmt(a['p_value'])}, {a['n']} runs, not adjusted)")
+    return out
+
+
+def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, Any]:
+    ok = _ok(records)
+    curv = _curvatures(ok)
+    groups = [r.get("group", f"{r['setting']}/seed={r['seed']}") for r in ok]
+    analyses = _analyses(ok, curv, groups)
+    rows = _rows(ok, curv)
     lines = []
     for key, label in OUTCOMES:
         a = analyses[key]
@@ -247,12 +308,8 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
     zeros = sum(1 for c in curv if c == 0.0)
     if zeros:
         lines.append(f"{zeros} run(s) have a {CURVATURE_NAME} at rounding level, reported as zero and left out of the log-curvature tests")
-    # manipulation check: did the knob move the curvature within blocks?
-    from .stats import within_group_permutation
-
-    knob = within_group_permutation([r["init_scale"] for r in ok], [math.log(c) if c > 0 else float("nan") for c in curv], groups) if ok else None
-    # either direction is a manipulation: the outcomes are analysed against the curvature, not against the knob
-    moved = knob is not None and math.isfinite(knob.p_value) and knob.p_value < 0.05
+    lines += _per_dataset(ok, curv, groups, config.dataset)
+    knob, moved = _manipulation(ok, curv, groups)
     if knob is not None:
         lines.insert(0,
             f"manipulation check: within-setting rank correlation of the initial scale with the log {CURVATURE_NAME} "
