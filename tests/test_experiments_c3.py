@@ -266,3 +266,14 @@ def test_c3a_verdict_names_what_held_and_the_missing_data_set():
     assert "not run: fashion_mnist" in s["verdict"].evidence and "in 3 of 3" in s["verdict"].evidence
     s = c3.summarize(RunConfig.from_preset("test"), _grad_records(0.6, 1.0, ("digits",)))
     assert s["verdict"].verdict == "not supported" and "cosine >= 0.9 in 0 of 3" in s["verdict"].evidence
+
+
+def test_c3b_table_has_a_block_per_setting():
+    cfg = RunConfig.from_preset("test", c3_regularizers=["l2", "fisher_quadratic"])
+    recs = [dict(r, tag=tag) for tag in ("digits-mlp-n300-adam", "fashion_mnist-mlp-n1000-adam") for r in _obj_records(0.01, 0.1)]
+    s = c3.summarize(cfg, recs)
+    assert s["columns_b"][0] == "setting" and {r["setting"] for r in s["rows_b"]} == {"digits-mlp-n300-adam", "fashion_mnist-mlp-n1000-adam"}
+    assert any(line.startswith("fashion_mnist-mlp-n1000-adam: best KL") for line in s["evidence"])
+    assert s["verdict_b"].verdict == "supported"
+    one = c3.summarize(cfg, _obj_records(0.01, 0.1))
+    assert "setting" not in one["columns_b"]  # one setting (the quick run): the table as before

@@ -216,9 +216,12 @@ def _summarize_wager(wag: List[Mapping[str, Any]]) -> Dict[str, Any]:
 def _summarize_objectives(config: RunConfig, objs: List[Mapping[str, Any]]) -> Dict[str, Any]:
     rows, lines = [], []
     names = sorted({n for r in objs for n in r["objectives"]}, key=lambda n: (("@" in n), n.split("@")[0], float(n.split("@")[1]) if "@" in n else 0.0))
-    for n in names:
-        es = [r["objectives"][n] for r in objs if n in r["objectives"] and "test" in r["objectives"][n]]
-        rows.append({"objective": n, "runs": str(len(es)),
+    tags = sorted({r.get("tag", "") for r in objs})
+    for tag, n in [(t, n) for t in tags for n in names]:  # one block of rows per setting (data set, architecture, size, optimizer)
+        es = [r["objectives"][n] for r in objs if r.get("tag", "") == tag and n in r["objectives"] and "test" in r["objectives"][n]]
+        if not es:
+            continue
+        rows.append({**({"setting": tag} if len(tags) > 1 else {}), "objective": n, "runs": str(len(es)),
                      "train NLL (clean)": fmt_ci(*mean_ci([e.get("train_nll") for e in es])),
                      "test NLL": fmt_ci(*mean_ci([e["test"].get("nll") for e in es])),
                      "KL(dropout||obj), test": fmt_ci(*geometric_mean_ci([e.get("kl_from_dropout") for e in es])),
@@ -245,7 +248,11 @@ def _summarize_objectives(config: RunConfig, objs: List[Mapping[str, Any]]) -> D
         for c in comps:
             lines.append(f"{c.name} vs L2, best KL to dropout: ratio {fmt(math.exp(c.estimate)) if math.isfinite(c.estimate) else 'nan'} "
                          f"(log-ratio {fmt(c.estimate)} [{fmt(c.lo)}, {fmt(c.hi)}], p-value {fmt(c.p_value)}, Holm {fmt(c.p_adjusted)}, "
-                         f"effect size d_z {fmt(c.effect_size)}, {c.n} seeds)")
+                         f"effect size d_z {fmt(c.effect_size)}, {c.n} (setting, seed) pairs)")
+        for tag in tags if len(tags) > 1 else []:  # per setting: a description, the verdict pools (setting, seed) pairs
+            rs = [r for r in objs if r.get("tag", "") == tag]
+            ratios = [f"{f} {fmt(geometric_mean_ci([best(r, f) / best(r, 'l2') for r in rs])[0])}" for f in fisher]
+            lines.append(f"{tag}: best KL to dropout, Fisher form / L2 (geometric mean over {len(rs)} seeds): {', '.join(ratios)}")
         closer = [c.name for c in comps if c.sign < 0]
         farther = [c.name for c in comps if c.sign > 0]
         if closer and not farther:
@@ -272,7 +279,7 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
                          "V/2 F / gap": fmt_ci(*mean_ci([x["quadratic_fisher"] / x["measured"] if x["measured"] else math.nan for x in rs]))})
     cols_a = ["setting", "stage", "seeds", "cos(grad Q, grad R)", "cos(grad Q, grad R), MC noise removed", "|grad Q|/|grad R|", "Q/R",
               "cos(grad D, grad R)", "|grad D|/|grad R|", "D/R", "MC rel. s.e. of grad R"]
-    cols_b = ["objective", "runs", "train NLL (clean)", "test NLL", "KL(dropout||obj), test", "agreement"]
+    cols_b = (["setting"] if len({r.get("tag", "") for r in _parts(records, "objectives")}) > 1 else []) + ["objective", "runs", "train NLL (clean)", "test NLL", "KL(dropout||obj), test", "agreement"]
     tables = []
     if w["rows"]:
         tables.append({"title": "Wager et al.'s regime: GLMs with input dropout", "columns": list(w["rows"][0]), "rows": w["rows"]})
