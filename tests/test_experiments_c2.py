@@ -105,3 +105,14 @@ def test_c2_missing_fashion_mnist_fails_at_once(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="apt-get install -y dataset-fashion-mnist"):
         reproduce(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "units").exists()
+
+
+def test_c2_data_on_fashion_mnist_in_the_full_preset():
+    import os
+
+    if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
+        pytest.skip("Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)")
+    cfg = RunConfig.from_preset("full")
+    data = c2.c2_data(cfg, "fashion_mnist", seed=0)
+    assert data.x_train.shape == (cfg.c2_train_size, cfg.input_dim)
+    assert data.x_curv.shape[0] * (data.num_outputs - 1) > 10 * 16 + 16 + 16 * 16 + 16  # n(K-1) > the parameters around the mask

@@ -60,6 +60,8 @@ import torch
 from ..config import RunConfig
 from .c2_analysis import rounding_zero, within_setting_analysis
 from .common import (
+    DTYPE,
+    ExperimentData,
     Verdict,
     _ckpt,
     build_mlp,
@@ -70,6 +72,7 @@ from .common import (
     fmt_ci,
     mean_ci,
     prepare_data,
+    project_pca,
     save_figure,
 )
 from .stats import geometric_mean_ci, holm
@@ -133,8 +136,15 @@ def c2_data(config: RunConfig, dataset: str, seed: int) -> Any:
     """
     if dataset == config.dataset and dataset != "fashion_mnist":
         return prepare_data(config, seed)
+    from ..data import load_dataset
+
     size = config.c2_train_size if dataset == "fashion_mnist" and config.c2_train_size else config.max_train
-    return prepare_data(config.replace(dataset=dataset, max_train=size), seed)
+    ds = load_dataset(dataset, seed=seed, dtype=DTYPE, max_train=size or None)
+    xtr, xte = ds.x_train.to(DTYPE), ds.x_test.to(DTYPE)
+    if config.input_dim and config.input_dim < xtr.shape[1]:
+        xtr, xte = project_pca(xtr, xte, config.input_dim)
+    nc = min(config.curvature_inputs, xte.shape[0])
+    return ExperimentData(xtr, ds.y_train, xte, ds.y_test, xte[:nc], ds.y_test[:nc], ds.family, int(ds.num_outputs))
 
 
 def dropout_terms(model: Any, data: Any, config: RunConfig) -> Dict[str, float]:
