@@ -132,7 +132,7 @@ def run_objectives(config: RunConfig, unit: Mapping[str, Any], workdir: Optional
     for o in config.c3_objectives:
         if o == "dropout":
             continue
-        opts = {"weight": config.l2} if o == "l2" else ({} if o == "none" else {"p": p})
+        opts: Dict[str, Any] = {"weight": config.l2} if o == "l2" else ({} if o == "none" else {"p": p})
         if o == "fisher_dropout" and _estimator(unit) == "unit":
             opts["estimator"] = "unit"
         plan.append((o, o, opts, seed))

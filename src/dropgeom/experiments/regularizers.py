@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -220,7 +220,7 @@ def c3_epochs(config: RunConfig, n_train: int) -> int:
 
 def c3_train(
     model: nn.Module, data: ExperimentData, objective: Any, config: RunConfig, seed: int, optimizer: str,
-    options: Dict[str, Any] = None, checkpoint_dir: Any = None, callback: Any = None,
+    options: Optional[Dict[str, Any]] = None, checkpoint_dir: Any = None, callback: Any = None,
 ) -> Tuple[bool, list]:
     """Train with :func:`dropgeom.train.train` (``optimizer`` adam at ``lr`` or sgd at ``c3_sgd_lr``) for
     :func:`c3_epochs` epochs, test metrics per epoch on the first :data:`MONITOR_INPUTS` test inputs;
