@@ -124,3 +124,13 @@ def test_curvature_command_matches_library(capsys):
     # quantities in words, no internal keys, no time in the table
     assert "gamma2_damped" not in out and "normal_dim" not in out and "curvature along the mask directions" in out
     assert not re.search(r"^seconds", out, flags=re.M)
+
+
+def test_reproduce_data_fashion_mnist_missing_is_one_line(tmp_path, monkeypatch, capsys):
+    import dropgeom.data as data_mod
+
+    monkeypatch.setattr(data_mod, "FASHION_MNIST_DIR", str(tmp_path / "absent"))
+    assert main(["reproduce", "--preset", "test", "--data", "fashion_mnist", "--only", "C1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "apt-get install -y dataset-fashion-mnist" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

@@ -85,3 +85,34 @@ def test_c2_units_vary_the_initial_scale_within_one_architecture():
     us = c2.units(cfg)
     assert {u["init_scale"] for u in us} == set(cfg.c2_init_scales)
     assert len({u["setting"] for u in us}) == 1
+
+
+def test_c2_on_a_second_data_set_names_it_in_the_setting():
+    cfg = RunConfig.from_preset("test", c2_datasets=["digits", "iris"])
+    us = c2.units(cfg)
+    assert {u["setting"] for u in us} == {"tanh-w6-d2", "iris-tanh-w6-d2"}  # the default data set keeps its keys
+    full = RunConfig.from_preset("full")
+    assert {u.get("dataset", full.dataset) for u in c2.units(full)} == {"digits", "fashion_mnist"}
+
+
+def test_c2_missing_fashion_mnist_fails_at_once(tmp_path, monkeypatch):
+    import dropgeom.data as data_mod
+    from dropgeom.config import ConfigError
+    from dropgeom.experiments import reproduce
+
+    monkeypatch.setattr(data_mod, "FASHION_MNIST_DIR", str(tmp_path / "absent"))
+    cfg = RunConfig.from_preset("test", experiments=["C2"], c2_datasets=["fashion_mnist"])
+    with pytest.raises(ConfigError, match="apt-get install -y dataset-fashion-mnist"):
+        reproduce(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "units").exists()
+
+
+def test_c2_data_on_fashion_mnist_in_the_full_preset():
+    import os
+
+    if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
+        pytest.skip("Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)")
+    cfg = RunConfig.from_preset("full")
+    data = c2.c2_data(cfg, "fashion_mnist", seed=0)
+    assert data.x_train.shape == (cfg.c2_train_size, cfg.input_dim)
+    assert data.x_curv.shape[0] * (data.num_outputs - 1) > 10 * 16 + 16 + 16 * 16 + 16  # n(K-1) > the parameters around the mask

@@ -226,3 +226,54 @@ def test_missing_fashion_mnist_fails_at_once(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="apt-get install -y dataset-fashion-mnist"):
         reproduce(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "units").exists()  # nothing was computed
+
+
+# --------------------------------------------------------------------------- the full preset's plan
+def test_full_preset_covers_every_architecture_size_and_optimizer_without_the_cross_product():
+    from dropgeom.experiments.regularizers import c3_epochs
+
+    cfg = RunConfig.from_preset("full")
+    us = c3.units(cfg)
+    grads = [u for u in us if u["part"] == "grad" and u["dataset"] == "fashion_mnist"]
+    assert {u["arch"] for u in grads} == {"mlp", "cnn"}
+    assert {u["size"] for u in grads} == {1000, 10000, 60000}
+    assert {u["optimizer"] for u in grads} == {"adam", "sgd"}
+    assert {u["size"] for u in grads if u["arch"] == "cnn"} == {1000, 10000, 60000}
+    sweeps = {u["tag"] for u in us if u["part"] == "objectives"}
+    assert sweeps == set(cfg.c3_sweep_settings) and len(sweeps) < len(cfg.c3_settings())
+    assert {u["dataset"] for u in us if u["part"] == "grad"} == set(c3.RULE_DATASETS)  # C3a's rule needs both
+    for part in ("grad", "objectives", "wager"):  # >= 10 seeds per setting
+        assert min(sum(1 for u in us if u["part"] == part and u.get("tag") == t) for t in {u.get("tag") for u in us if u["part"] == part}) >= 10
+    # the step budget: about as many optimizer steps at every size
+    steps = [c3_epochs(cfg, n) * math.ceil(n / cfg.batch_size) for n in (1000, 10000, 60000)]
+    assert max(steps) / min(steps) < 1.25
+
+
+def test_setting_filters_must_name_settings_of_the_config():
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_preset("test", c3_sweep_settings=["fashion_mnist-mlp-n1000-adam"], c3_grad_settings=["digits-cnn-n200-adam"],
+                              c3_max_steps=-1)
+    text = str(info.value)
+    assert "c3_sweep_settings: 'fashion_mnist-mlp-n1000-adam' is not a C3 setting" in text
+    assert "c3_grad_settings: 'digits-cnn-n200-adam'" in text and "c3_max_steps" in text
+    cfg = RunConfig.from_preset("test", c3_architectures=["mlp", "cnn"], c3_grad_settings=["digits-cnn-n200-adam"],
+                                c3_sweep_settings=["digits-mlp-n200-adam"])
+    assert {(u["part"], u["arch"]) for u in c3.units(cfg) if u["part"] != "wager"} == {("grad", "cnn"), ("objectives", "mlp")}
+
+
+def test_c3a_verdict_names_what_held_and_the_missing_data_set():
+    s = c3.summarize(RunConfig.from_preset("test"), _grad_records(0.95, 1.0, ("digits",)))
+    assert "not run: fashion_mnist" in s["verdict"].evidence and "in 3 of 3" in s["verdict"].evidence
+    s = c3.summarize(RunConfig.from_preset("test"), _grad_records(0.6, 1.0, ("digits",)))
+    assert s["verdict"].verdict == "not supported" and "cosine >= 0.9 in 0 of 3" in s["verdict"].evidence
+
+
+def test_c3b_table_has_a_block_per_setting():
+    cfg = RunConfig.from_preset("test", c3_regularizers=["l2", "fisher_quadratic"])
+    recs = [dict(r, tag=tag) for tag in ("digits-mlp-n300-adam", "fashion_mnist-mlp-n1000-adam") for r in _obj_records(0.01, 0.1)]
+    s = c3.summarize(cfg, recs)
+    assert s["columns_b"][0] == "setting" and {r["setting"] for r in s["rows_b"]} == {"digits-mlp-n300-adam", "fashion_mnist-mlp-n1000-adam"}
+    assert any(line.startswith("fashion_mnist-mlp-n1000-adam: best KL") for line in s["evidence"])
+    assert s["verdict_b"].verdict == "supported"
+    one = c3.summarize(cfg, _obj_records(0.01, 0.1))
+    assert "setting" not in one["columns_b"]  # one setting (the quick run): the table as before

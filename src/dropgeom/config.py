@@ -120,6 +120,11 @@ class RunConfig:
     #: C2's manipulation: the input layer's weights at initialisation are multiplied by each of
     #: these factors (one architecture, one knob moving curvature; > 0)
     c2_init_scales: Tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    #: C2 data sets (empty: ``dataset``); a data set other than ``dataset`` is named in its settings. C2's MLP sees
+    #: ``input_dim`` principal components on every data set, so n(K-1) on ``curvature_inputs`` exceeds its parameters
+    c2_datasets: Tuple[str, ...] = ()
+    #: C2 training-set size on Fashion-MNIST (0: ``max_train``); the bundled sets always use ``max_train``
+    c2_train_size: int = 0
     #: probe samples of C2's stochastic curvature (0: ``curvature_samples``); C2 compares curvatures that
     #: differ by factors, so a few probes suffice in the quick run
     c2_curvature_samples: int = 8
@@ -141,6 +146,17 @@ class RunConfig:
     c3_sgd_lr: float = 0.1
     #: C3 training-set sizes on Fashion-MNIST (0: ``max_train``); the bundled sets always use ``max_train``
     c3_train_sizes: Tuple[int, ...] = (0,)
+    #: C3 step budget (0: none): every C3 training runs ``min(epochs, max(2, round(c3_max_steps / steps per epoch)))``
+    #: epochs, so trainings at 10k and 60k inputs take about as many optimizer steps as at 1k
+    c3_max_steps: int = 0
+    #: C3a settings (``<data set>-<arch>-n<size>-<optimizer>``, as in the unit keys) with gradient units, and C3b
+    #: settings with the strength sweep (``objectives`` units); empty: every setting of :meth:`c3_settings`
+    c3_grad_settings: Tuple[str, ...] = ()
+    c3_sweep_settings: Tuple[str, ...] = ()
+    #: C3a: training inputs on which the gradients and the gaps are compared (0: ``curvature_inputs``)
+    c3_grad_inputs: int = 0
+    #: C3a: Monte Carlo masks of the measured gap at the solution (0: ``gap_samples``)
+    c3_gap_samples: int = 0
     #: C3 Wager regime: logistic (binary) and softmax regression with input dropout, gap vs 1/2 V theta^T diag(F) theta
     c3_wager_datasets: Tuple[str, ...] = ("breast_cancer", "digits")
     c3_wager_p_grid: Tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -224,6 +240,20 @@ class RunConfig:
         data.update(changes)
         return RunConfig.from_dict(data)
 
+    def c3_settings(self) -> List[str]:
+        """C3's settings ``<data set>-<arch>-n<size>-<optimizer>``: every data set x architecture x optimizer, with
+        each of ``c3_train_sizes`` on Fashion-MNIST and ``max_train`` on the bundled sets."""
+        try:
+            return [
+                f"{ds}-{arch}-n{size or self.max_train}-{opt}"
+                for ds in self.c3_datasets
+                for arch in self.c3_architectures
+                for size in (self.c3_train_sizes if ds == "fashion_mnist" else (0,))
+                for opt in self.c3_optimizers
+            ]
+        except TypeError:  # invalid fields: reported by problems()
+            return []
+
     # -- validation ---------------------------------------------------------
     def validate(self) -> "RunConfig":
         """Raise one :class:`ConfigError` listing every problem; return ``self`` when valid."""
@@ -234,7 +264,18 @@ class RunConfig:
 
     def problems(self) -> List[str]:
         """Every problem of this config, as readable sentences (empty when valid), in the order of :data:`CHECKS`."""
-        return [msg for name, check in CHECKS for msg in check(name, getattr(self, name))]
+        out = [msg for name, check in CHECKS for msg in check(name, getattr(self, name))]
+        return out + self._c3_setting_problems()
+
+    def _c3_setting_problems(self) -> List[str]:
+        """``c3_grad_settings`` and ``c3_sweep_settings`` must name settings of :meth:`c3_settings`."""
+        settings = self.c3_settings()
+        return [
+            f"{name}: {tag!r} is not a C3 setting of this config; choose from {settings}"
+            for name in ("c3_grad_settings", "c3_sweep_settings")
+            for tag in getattr(self, name)
+            if tag not in settings
+        ]
 
 
 # --------------------------------------------------------------------------- per-field checks
@@ -337,6 +378,12 @@ CHECKS: List[Tuple[str, Callable[[str, Any], List[str]]]] = [
     ("c3_objectives", _check(
         lambda v: "dropout" in v, "c3_objectives must include 'dropout' (the reference every other objective is compared with)"
     )),
+    ("c2_datasets", lambda name, v: _choices(name, v, DATASETS) if v else []),
+    ("c2_train_size", partial(_integer, lo=0)),
+    ("c3_max_steps", partial(_integer, lo=0)),
+    ("c3_grad_inputs", partial(_integer, lo=0)),
+    ("c3_gap_samples", partial(_integer, lo=0)),
+    ("c3_gap_samples", _check(lambda v: not (_number(v) and 0 < v < 10), "c3_gap_samples must be 0 (use gap_samples) or >= 10, got {v}")),
     ("gap_samples", partial(_integer, lo=10)),
     ("curvature_inputs", partial(_integer, lo=10)),
     ("curvature_method", partial(_choices, allowed=CURVATURE_METHODS)),
@@ -366,12 +413,31 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         c2_activations=("tanh", "softplus"),
         c2_init_scales=(0.25, 0.5, 1.0, 2.0, 4.0),
         c2_curvature_samples=0,
+        # C2 also on Fashion-MNIST (its MLP on input_dim principal components, 1,000 training images)
+        c2_datasets=("digits", "fashion_mnist"),
+        c2_train_size=1000,
         c3_strengths=(0.0625, 0.25, 1.0, 4.0, 16.0),
-        c3_grad_samples=1024,
+        c3_grad_samples=512,
+        c3_grad_inputs=200,
+        c3_gap_samples=1000,
         c3_datasets=("digits", "fashion_mnist"),
         c3_architectures=("mlp", "cnn"),
         c3_optimizers=("adam", "sgd"),
         c3_train_sizes=(1000, 10000, 60000),
+        # every training takes about 1,600 optimizer steps: 100 epochs at 1k, 10 at 10k, 2 at 60k
+        c3_max_steps=1600,
+        # C3a: the MLP at every size with both optimizers, the CNN at every size with Adam, and the digits settings;
+        # C3b (the strength sweeps, 26 trainings per unit) on the MLPs at 300 digits and 1k / 10k images
+        c3_grad_settings=(
+            "digits-mlp-n300-adam", "digits-mlp-n300-sgd", "digits-cnn-n300-adam",
+            "fashion_mnist-mlp-n1000-adam", "fashion_mnist-mlp-n1000-sgd", "fashion_mnist-mlp-n10000-adam",
+            "fashion_mnist-mlp-n10000-sgd", "fashion_mnist-mlp-n60000-adam", "fashion_mnist-mlp-n60000-sgd",
+            "fashion_mnist-cnn-n1000-adam", "fashion_mnist-cnn-n10000-adam", "fashion_mnist-cnn-n60000-adam",
+        ),
+        c3_sweep_settings=(
+            "digits-mlp-n300-adam", "digits-mlp-n300-sgd", "fashion_mnist-mlp-n1000-adam", "fashion_mnist-mlp-n1000-sgd",
+            "fashion_mnist-mlp-n10000-adam",
+        ),
         curvature_samples=64,
         gap_samples=5000,
     ),

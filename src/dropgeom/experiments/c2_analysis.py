@@ -127,8 +127,21 @@ def within_setting_analysis(
     perm = stats.within_group_permutation(logc, yy, gg, n_permutations=n_permutations, seed=seed)
     out["within_spearman"], out["within_spearman_p"] = perm.statistic, perm.p_value
     out.update(p_value=perm.p_value, method=perm.method)
-    nan_fit = dict(slope=nan, slope_lo=nan, slope_hi=nan, slope_p=nan)
-    try:  # the mixed model's slope: an effect size in outcome units per unit of log curvature
+    out.update(_within_slope(logc, yy, gg, usable))
+    estimate = perm.statistic
+    p = out["p_value"]
+    if math.isfinite(p) and p < alpha and estimate != 0:
+        out["label"] = "predicted sign" if np.sign(estimate) == expected_sign else "opposite sign"
+    else:
+        out["label"] = "no effect"
+    return out
+
+
+def _within_slope(logc: np.ndarray, yy: np.ndarray, gg: List[Any], usable: List[Any]) -> Dict[str, float]:
+    """The mixed model's within-setting slope (an effect size in outcome units per unit of log curvature),
+    its interval and Wald p-value; NaN on a singular design (the permutation test still decides)."""
+    nan = float("nan")
+    try:
         if np.allclose(yy, yy[0]) or np.allclose(logc, logc[0]):
             raise ValueError("constant data")
         # log curvature centred per setting: the slope is then the within-setting estimator only (a random
@@ -138,16 +151,9 @@ def within_setting_analysis(
         for k in range(len(usable)):
             centred[gidx == k] -= logc[gidx == k].mean()
         mixed = stats.mixed_slope(yy, centred, gg)
-        out.update(slope=mixed.statistic, slope_lo=mixed.lo, slope_hi=mixed.hi, slope_p=mixed.p_value)
-    except (ValueError, np.linalg.LinAlgError):  # singular design: no slope, the permutation test still decides
-        out.update(nan_fit)
-    estimate = perm.statistic
-    p = out["p_value"]
-    if math.isfinite(p) and p < alpha and estimate != 0:
-        out["label"] = "predicted sign" if np.sign(estimate) == expected_sign else "opposite sign"
-    else:
-        out["label"] = "no effect"
-    return out
+        return dict(slope=mixed.statistic, slope_lo=mixed.lo, slope_hi=mixed.hi, slope_p=mixed.p_value)
+    except (ValueError, np.linalg.LinAlgError):
+        return dict(slope=nan, slope_lo=nan, slope_hi=nan, slope_p=nan)
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> "tuple[float, float]":

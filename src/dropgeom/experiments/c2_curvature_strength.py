@@ -21,6 +21,8 @@ import torch
 from ..config import RunConfig
 from .c2_analysis import rounding_zero, within_setting_analysis
 from .common import (
+    DTYPE,
+    ExperimentData,
     Verdict,
     _ckpt,
     build_mlp,
@@ -31,6 +33,7 @@ from .common import (
     fmt_ci,
     mean_ci,
     prepare_data,
+    project_pca,
     save_figure,
 )
 from .stats import geometric_mean_ci, holm, within_group_permutation
@@ -92,23 +95,53 @@ RULE = (
 
 
 def units(config: RunConfig) -> List[Dict[str, Any]]:
-    """One unit per (activation, width, depth, initial scale, seed)."""
-    return [
-        {
-            "key": f"{a}-w{w}-d{d}/s={k:g}/seed={s}",
-            "setting": f"{a}-w{w}-d{d}",
-            "activation": a,
-            "width": w,
-            "depth": d,
-            "init_scale": float(k),
-            "seed": s,
-        }
-        for a in config.c2_activations
-        for w in config.c2_widths
-        for d in config.c2_depths
-        for k in config.c2_init_scales
-        for s in range(config.seeds)
-    ]
+    """One unit per (data set, activation, width, depth, initial scale, seed); a data set other than
+    ``config.dataset`` is named in the setting (``fashion_mnist-tanh-w16-d2``) and in the unit."""
+    out = []
+    for ds in config.c2_datasets or (config.dataset,):
+        other = {} if ds == config.dataset else {"dataset": ds}
+        for a in config.c2_activations:
+            for w in config.c2_widths:
+                for d in config.c2_depths:
+                    setting = f"{a}-w{w}-d{d}" if ds == config.dataset else f"{ds}-{a}-w{w}-d{d}"
+                    out += [
+                        {"key": f"{setting}/s={k:g}/seed={s}", "setting": setting, "activation": a, "width": w, "depth": d,
+                         "init_scale": float(k), "seed": s, **other}
+                        for k in config.c2_init_scales
+                        for s in range(config.seeds)
+                    ]
+    return out
+
+
+def check_inputs(config: RunConfig) -> None:
+    """Fail at once (before any training) when a data set C2 needs is not installed.
+
+    Raises:
+        ConfigError: one line saying how to install the missing data set.
+    """
+    from .regularizers import require_datasets
+
+    require_datasets(config.c2_datasets or (config.dataset,))
+
+
+def c2_data(config: RunConfig, dataset: str, seed: int) -> Any:
+    """C2's data: ``dataset`` on ``input_dim`` principal components, ``max_train`` training inputs
+    (``c2_train_size`` on Fashion-MNIST), split by ``seed``.
+
+    Raises:
+        FileNotFoundError: Fashion-MNIST is not installed (one line saying how to install it).
+    """
+    if dataset == config.dataset and dataset != "fashion_mnist":
+        return prepare_data(config, seed)
+    from ..data import load_dataset
+
+    size = config.c2_train_size if dataset == "fashion_mnist" and config.c2_train_size else config.max_train
+    ds = load_dataset(dataset, seed=seed, dtype=DTYPE, max_train=size or None)
+    xtr, xte = ds.x_train.to(DTYPE), ds.x_test.to(DTYPE)
+    if config.input_dim and config.input_dim < xtr.shape[1]:
+        xtr, xte = project_pca(xtr, xte, config.input_dim)
+    nc = min(config.curvature_inputs, xte.shape[0])
+    return ExperimentData(xtr, ds.y_train, xte, ds.y_test, xte[:nc], ds.y_test[:nc], ds.family, int(ds.num_outputs))
 
 
 def dropout_terms(model: Any, data: Any, config: RunConfig) -> Dict[str, float]:
@@ -138,8 +171,10 @@ def run_unit(config: RunConfig, unit: Mapping[str, Any], workdir: Optional[Path]
     from ..dropout import gap
 
     seed = unit["seed"]
-    data = prepare_data(config, seed)
+    data = c2_data(config, unit.get("dataset", config.dataset), seed)
     rec: Dict[str, Any] = {k: unit[k] for k in ("setting", "activation", "width", "depth", "seed")}
+    if unit.get("dataset", config.dataset) != config.dataset:
+        rec["dataset"] = unit["dataset"]
     rec["init_scale"] = float(unit.get("init_scale", 1.0))
     rec["group"] = f"{unit['setting']}/seed={seed}"
     models, hist = {}, {}
@@ -194,6 +229,19 @@ def _outcome(r: Mapping[str, Any], key: str) -> float:
     return float(r["gain"])
 
 
+def _per_dataset(ok: List[Mapping[str, Any]], curv: List[float], groups: List[str], default: str) -> List[str]:
+    """With several data sets: the curvature share's within-setting test on each alone (description; the verdict
+    uses all blocks together)."""
+    names = sorted({r.get("dataset", default) for r in ok})
+    out = []
+    for ds in names if len(names) > 1 else []:
+        idx = [i for i, r in enumerate(ok) if r.get("dataset", default) == ds]
+        a = within_setting_analysis([curv[i] for i in idx], [_outcome(ok[i], "share") for i in idx], [groups[i] for i in idx], EXPECTED_SIGN)
+        out.append(f"{ds} alone: curvature share against log curvature, within-setting rank correlation "
+                   f"{fmt(a.get('within_spearman', float('nan')))} (permutation p-value {fmt(a['p_value'])}, {a['n']} runs, not adjusted)")
+    return out
+
+
 def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, Any]:
     """The verdict by :data:`RULE`, the per-setting table, the evidence and the statistics behind them."""
     ok = _ok(records)
@@ -202,6 +250,7 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
     analyses = _analyses(ok, curv, groups)
     rows = _setting_rows(ok, curv)
     lines, gains, helped = _outcome_lines(analyses, ok, curv)
+    lines += _per_dataset(ok, curv, groups, config.dataset)
     knob, moved = _manipulation_check(lines, ok, curv, groups)
     share = analyses["share"]
     summary = (

@@ -11,17 +11,15 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
-import torch
 
 from ..config import RunConfig
-from ..train.registry import run_options
-from .common import Verdict, _ckpt, evaluate_model, fmt, fmt_ci, mean_ci, save_figure, set_dropout
+from .c3_units import STAGES
+from .common import Verdict, fmt, fmt_ci, mean_ci, save_figure
 from .stats import adjust, geometric_mean_ci, paired
 
 NAME = "C3"
@@ -29,43 +27,49 @@ TITLE = "C3: dropout corresponds to a Fisher-information regularizer"
 #: The claim's design and pre-stated rule in words, printed under its title in the report (``config.<name>``
 #: becomes the run's value); the report takes this text, never the module docstring.
 ABOUT = (
-    "Three parts (theory.md 4.1, 4.2, 4.4), on every data set x architecture x training size x optimizer of "
-    "`config.c3_*` (the quick run: the bundled digits, one MLP; the full run adds Fashion-MNIST with an MLP "
-    "784-256-256-10 and a small CNN at 1k/10k/60k training images, with Adam and SGD).\n"
-    "\n"
-    "C3a, gradients at the training rate (`grad/...` units). A network is trained with dropout at `p = "
+    "Three parts (theory.md 4.1, 4.2, 4.4), on the settings (data set x architecture x training size x "
+    "optimizer) of `config.c3_*` (the quick run: the bundled digits, one MLP; the full run adds Fashion-MNIST "
+    "with an MLP 784-256-256-10 and a small CNN at 1k/10k/60k training images, with Adam and SGD: gradients on "
+    "the MLP at every size with both optimizers and on the CNN with Adam, strength sweeps on the MLP at 1k and "
+    "10k; see `c3_grad_settings`, `c3_sweep_settings`). Under the step budget `c3_max_steps` every training "
+    "takes about the same number of optimizer steps at every size.\n\n"
+    "**C3a, gradients at the training rate** (`grad/...` units). A network is trained with dropout at `p = "
     "config.c3_p`; at initialisation, mid-training and the solution, over training inputs, `compare_gradients` "
     "gives the cosine and norm ratio of the Fisher quadratic form's gradient `grad 1/2 V sum_j F^mask_jj` and "
     "of the divergence form's `grad p sum_j K_j` against the Monte Carlo gradient of dropout's regularizer "
-    "`grad R` (with its standard error), and the value ratios `Q/R`, `D/R`. At the solution the measured gap is "
-    "also compared with both forms over `config.c3_p_grid`. Rule (fixed in advance): supported when, at the "
-    "training `p` and at every stage, the Fisher quadratic form's gradient cosine (mean over seeds) is at least "
-    "0.9 and its value ratio (geometric mean over seeds) lies in [0.8, 1.25], on at least two data sets; "
-    "otherwise the verdict names what held and what did not (`not supported` when a criterion fails, "
-    "`inconclusive` when everything holds but fewer than two data sets were run).\n"
-    "\n"
-    "Wager et al.'s regime (`wager/...` units): logistic (breast cancer) and softmax (digits) regression with "
-    "input dropout, trained with dropout at `c3_p`; the measured gap (exact enumeration of the input masks) "
-    "against `1/2 V theta^T diag(F) theta` for `p` in `config.c3_wager_p_grid` (`wager`): where theory is exact "
-    "to second order.\n"
-    "\n"
-    "C3b, a fair comparison of regularizers (`objectives/...` units). From one initialisation: dropout (the "
-    "reference), dropout again with another mask and batch seed (the dropout-vs-dropout noise floor), plain "
-    "training, and each regularizer of `config.c3_regularizers` at every strength multiplier in "
+    "`grad R` (with its standard error), and the value ratios `Q/R`, `D/R`. At the solution the measured gap "
+    "is also compared with both forms over `config.c3_p_grid`. Rule (fixed in advance): **supported** when, at "
+    "the training `p` and at every stage, the Fisher quadratic form's gradient cosine (mean over seeds) is at "
+    "least 0.9 and its value ratio (geometric mean over seeds) lies in [0.8, 1.25], in every setting of both "
+    "data sets (digits and Fashion-MNIST); otherwise the verdict names what held and what did not, per data "
+    "set (`not supported` when a criterion fails somewhere, `inconclusive` when everything holds but a data "
+    "set was not run: the quick run has digits only).\n\n"
+    "**Wager et al.'s regime** (`wager/...` units): logistic (breast cancer) and softmax (digits) regression "
+    "with input dropout, trained with dropout at `c3_p`; the measured gap (exact enumeration of the input "
+    "masks) against `1/2 V theta^T diag(F) theta` for `p` in `config.c3_wager_p_grid` (`wager`): where theory "
+    "is exact to second order.\n\n"
+    "**C3b, a fair comparison of regularizers** (`objectives/...` units). From one initialisation: dropout "
+    "(the reference), dropout again with another mask and batch seed (the dropout-vs-dropout noise floor), "
+    "plain training, and each regularizer of `config.c3_regularizers` at every strength multiplier in "
     "`config.c3_strengths` (a log grid around its nominal strength: `regularizers`). Recorded: the clean train "
     "NLL, test NLL, and `KL(p_dropout || p_obj)` on the test inputs, so each regularizer gives a curve of "
-    "KL-to-dropout against strength. Rule: the best (smallest over the grid) KL of each Fisher form is compared "
-    "with L2's best, paired log-ratios over seeds, Holm over the Fisher forms; `supported` when a Fisher form "
-    "is significantly closer to dropout than L2 and none is farther; `refuted` when a Fisher form is "
-    "significantly farther and none closer; `inconclusive` otherwise. The noise floor is shown beside it."
+    "KL-to-dropout against strength. Rule: the best (smallest over the grid) KL of each Fisher form is "
+    "compared with L2's best, paired log-ratios over seeds, Holm over the Fisher forms; `supported` when a "
+    "Fisher form is significantly closer to dropout than L2 and none is farther; `refuted` when a Fisher form "
+    "is significantly farther and none closer; `inconclusive` otherwise. The noise floor is shown beside it.\n\n"
+    "Example: >>> from dropgeom.config import RunConfig >>> [u[\"key\"] for u in "
+    "units(RunConfig.from_preset(\"test\"))][:3] ['grad/digits-mlp-n200-adam/seed=0', "
+    "'grad/digits-mlp-n200-adam/seed=1', 'objectives/digits-mlp-n200-adam/seed=0']"
 )
 COS_MIN = 0.9
 BAND = (0.8, 1.25)
-STAGES = ("init", "mid", "solution")
+#: C3a's rule needs both: the bundled digits and real images
+RULE_DATASETS = ("digits", "fashion_mnist")
 RULE_A = (
     f"supported when, at the training p and at every stage (initialisation, mid-training, solution), the Fisher quadratic "
     f"form's gradient cosine with dropout's regularizer is >= {COS_MIN} (mean over seeds) and its value ratio lies in "
-    f"[{BAND[0]}, {BAND[1]}] (geometric mean over seeds), on at least two data sets; otherwise the verdict names what held"
+    f"[{BAND[0]}, {BAND[1]}] (geometric mean over seeds), in every setting of both data sets (digits and Fashion-MNIST); "
+    "otherwise the verdict names what held and what did not"
 )
 RULE_B = (
     "the best KL(dropout || regularizer) over the strength grid of each Fisher form against L2's best, paired log-ratios over "
@@ -79,8 +83,11 @@ def _tag(config: RunConfig, ds: str, arch: str, size: int, opt: str) -> str:
 
 
 def units(config: RunConfig) -> List[Dict[str, Any]]:
-    """Gradient and objectives units per (data set, architecture, size, optimizer, seed); Wager units per (data set, seed)."""
+    """Gradient units per seed on each setting of ``c3_grad_settings``, objectives units per seed on each of
+    ``c3_sweep_settings`` (either empty: every setting, :meth:`RunConfig.c3_settings`); Wager units per (data set, seed)."""
     out: List[Dict[str, Any]] = []
+    grad = set(config.c3_grad_settings or config.c3_settings())
+    sweep = set(config.c3_sweep_settings or config.c3_settings())
     for ds in config.c3_datasets:
         for arch in config.c3_architectures:
             # training-set sizes apply to Fashion-MNIST; the small bundled sets use max_train
@@ -88,8 +95,10 @@ def units(config: RunConfig) -> List[Dict[str, Any]]:
                 for opt in config.c3_optimizers:
                     tag = _tag(config, ds, arch, size, opt)
                     base = {"dataset": ds, "arch": arch, "size": size, "optimizer": opt, "tag": tag}
-                    out += [{"key": f"grad/{tag}/seed={s}", "part": "grad", "seed": s, **base} for s in range(config.seeds)]
-                    out += [{"key": f"objectives/{tag}/seed={s}", "part": "objectives", "seed": s, **base} for s in range(config.seeds)]
+                    if tag in grad:
+                        out += [{"key": f"grad/{tag}/seed={s}", "part": "grad", "seed": s, **base} for s in range(config.seeds)]
+                    if tag in sweep:
+                        out += [{"key": f"objectives/{tag}/seed={s}", "part": "objectives", "seed": s, **base} for s in range(config.seeds)]
     out += [{"key": f"wager/{ds}/seed={s}", "part": "wager", "dataset": ds, "seed": s} for ds in config.c3_wager_datasets for s in range(config.seeds)]
     return out
 
@@ -100,148 +109,23 @@ def check_inputs(config: RunConfig) -> None:
     Raises:
         ConfigError: one problem line per missing data set, saying how to install it.
     """
-    import os
+    from .regularizers import require_datasets
 
-    from ..config import ConfigError
-    from ..data import FASHION_MNIST_DIR, FASHION_MNIST_HINT
-
-    needed = set(config.c3_datasets) | set(config.c3_wager_datasets)
-    if "fashion_mnist" in needed and not os.path.isdir(FASHION_MNIST_DIR):
-        raise ConfigError([FASHION_MNIST_HINT])
+    require_datasets(set(config.c3_datasets) | set(config.c3_wager_datasets))
 
 
 def run_unit(config: RunConfig, unit: Mapping[str, Any], workdir: Optional[Path] = None) -> Dict[str, Any]:
     """One gradient, objectives or Wager unit; ``workdir`` holds training checkpoints."""
+    from .c3_units import run_grad, run_objectives, run_wager
+
     part = unit.get("part")
     if part == "grad":
-        return _run_grad(config, unit)
+        return run_grad(config, unit)
     if part == "objectives":
-        return _run_objectives(config, unit, workdir)
+        return run_objectives(config, unit, workdir)
     if part == "wager":
-        return _run_wager(config, unit, workdir)
+        return run_wager(config, unit, workdir)
     raise ValueError(f"unknown C3 unit part {part!r}")
-
-
-def _grad_inputs(config: RunConfig, data: Any) -> Any:
-    n = min(config.curvature_inputs, data.x_train.shape[0])
-    return data.x_train[:n], data.y_train[:n]
-
-
-def _run_grad(config: RunConfig, unit: Mapping[str, Any]) -> Dict[str, Any]:
-    from ..dropout import gap
-    from .c2_curvature_strength import dropout_terms
-    from .c3_gradients import compare_gradients
-    from .regularizers import c3_data, c3_model, c3_train
-
-    seed, p = unit["seed"], config.c3_p
-    data = c3_data(config, unit["dataset"], unit["arch"], unit["size"], seed)
-    model = c3_model(config, data, unit["dataset"], unit["arch"], p, seed)
-    x, y = _grad_inputs(config, data)
-    rec: Dict[str, Any] = {k: unit[k] for k in ("part", "seed", "dataset", "arch", "size", "optimizer", "tag")}
-    stages: Dict[str, Any] = {}
-
-    def measure(stage: str) -> None:
-        gen = torch.Generator().manual_seed(31 * seed + STAGES.index(stage))
-        stages[stage] = compare_gradients(model, x, y, data.family, p, "mc", config.c3_grad_samples, 16, gen)
-
-    measure("init")
-    mid = max(1, config.epochs // 2)
-
-    def callback(record: Mapping[str, Any], _m: Any) -> None:
-        if int(record.get("epoch", -1)) == mid and "mid" not in stages:
-            measure("mid")
-
-    diverged, hist = c3_train(model, data, "dropout", config, seed, unit["optimizer"], {"p": p}, None, callback)
-    rec["epochs_run"] = len(hist)
-    if diverged:
-        rec["status"] = "diverged"
-        return rec
-    measure("solution")
-    rec["stages"] = stages
-    if unit["arch"] == "mlp":
-        t = dropout_terms(model, data, config)
-        rec["terms"] = t
-        rows = []
-        for i, q in enumerate(config.c3_p_grid):
-            g = gap(model, x, y, family=data.family, p=q, noise="bernoulli", method="mc", n_samples=config.gap_samples,
-                    generator=torch.Generator().manual_seed(1000 * seed + i))
-            rows.append({"p": float(q), "measured": float(g.value), "stderr": float(g.stderr), "fisher_term": q * t["divergence"],
-                         "bernoulli_law": q * (t["divergence"] + t["curvature_bernoulli"]), "quadratic_fisher": 0.5 * q / (1 - q) * t["fisher"]})
-        rec["gap"] = rows
-    return rec
-
-
-def _run_wager(config: RunConfig, unit: Mapping[str, Any], workdir: Optional[Path]) -> Dict[str, Any]:
-    from .regularizers import c3_data, c3_train
-    from .wager import glm_with_input_dropout, wager_curve
-
-    seed = unit["seed"]
-    data = c3_data(config, unit["dataset"], "mlp", 0, seed)
-    glm = glm_with_input_dropout(int(data.x_train.shape[1]), data.num_outputs, config.c3_p, seed)
-    diverged, hist = c3_train(glm, data, "dropout", config, seed, "adam", {"p": config.c3_p}, _ckpt(workdir, "glm"))
-    rec: Dict[str, Any] = {"part": "wager", "dataset": unit["dataset"], "seed": seed, "num_classes": data.num_outputs, "epochs_run": len(hist)}
-    if diverged:
-        rec["status"] = "diverged"
-        return rec
-    x, y = _grad_inputs(config, data)
-    rec["rows"] = wager_curve(glm, x, y, config.c3_wager_p_grid, torch.Generator().manual_seed(seed))
-    return rec
-
-
-def _probs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    from ..manifold import eval_mode
-
-    with torch.no_grad(), eval_mode(model):
-        return torch.softmax(model(x), dim=-1)
-
-
-def _kl(ref: torch.Tensor, q: torch.Tensor) -> float:
-    return float((ref * (ref.clamp_min(1e-300).log() - q.clamp_min(1e-300).log())).sum(-1).mean())
-
-
-def _run_objectives(config: RunConfig, unit: Mapping[str, Any], workdir: Optional[Path]) -> Dict[str, Any]:
-    from .regularizers import c3_data, c3_model, c3_train, make_regularizer
-
-    seed, p = unit["seed"], config.c3_p
-    data = c3_data(config, unit["dataset"], unit["arch"], unit["size"], seed)
-    init = c3_model(config, data, unit["dataset"], unit["arch"], p, seed)
-    rec: Dict[str, Any] = {k: unit[k] for k in ("part", "seed", "dataset", "arch", "size", "optimizer", "tag")}
-    rec["objectives"] = {}
-    plan: List[Any] = [("dropout", "dropout", {"p": p}, seed), ("dropout_floor", "dropout", {"p": p}, seed + 100_000)]
-    for o in config.c3_objectives:
-        if o == "dropout":
-            continue
-        opts = run_options(o, p=p, l2=config.l2)
-        if o == "fisher_dropout" and unit["arch"] == "cnn":
-            opts["estimator"] = "unit"
-        plan.append((o, o, opts, seed))
-    for reg in config.c3_regularizers:
-        for s in config.c3_strengths:
-            est = "unit" if unit["arch"] == "cnn" else "exact"  # the CNN's exact divergence form: one forward per unit
-            plan.append((f"{reg}@{s:g}", make_regularizer(reg, s, p, config.l2, est), {}, seed))
-    models = {}
-    for name, obj, opts, train_seed in plan:
-        model = copy.deepcopy(init)
-        set_dropout(model, p)
-        diverged, hist = c3_train(model, data, obj, config, train_seed, unit["optimizer"], opts, _ckpt(workdir, name.replace("@", "_")))
-        entry: Dict[str, Any] = {"epochs_run": len(hist), "diverged": diverged}
-        if "@" in name:
-            entry["regularizer"], entry["strength"] = name.split("@")[0], float(name.split("@")[1])
-        if not diverged:
-            entry["test"] = evaluate_model(model, data.x_test, data.y_test, data.family)
-            entry["train_nll"] = evaluate_model(model, data.x_train, data.y_train, data.family)["nll"]
-            models[name] = model
-        rec["objectives"][name] = entry
-    if "dropout" not in models:
-        rec["status"] = "diverged"
-        return rec
-    if data.family == "categorical":
-        ref = _probs(models["dropout"], data.x_test)
-        for name, model in models.items():
-            q = _probs(model, data.x_test)
-            rec["objectives"][name]["kl_from_dropout"] = _kl(ref, q)
-            rec["objectives"][name]["agreement"] = float((q.argmax(-1) == ref.argmax(-1)).double().mean())
-    return rec
 
 
 # --------------------------------------------------------------------------- summaries
@@ -251,19 +135,22 @@ def _parts(records: List[Mapping[str, Any]], part: str) -> List[Mapping[str, Any
 
 def _summarize_grad(config: RunConfig, grads: List[Mapping[str, Any]]) -> Dict[str, Any]:
     rows, lines = [], []
-    by_ds: Dict[str, Dict[str, bool]] = {}
+    by_ds: Dict[str, Dict[str, Any]] = {}
     for tag in sorted({r["tag"] for r in grads}):
         rs = [r for r in grads if r["tag"] == tag and "stages" in r]
         ds = rs[0]["dataset"] if rs else tag
-        checks = by_ds.setdefault(ds, {"cos": True, "ratio": True})
+        checks = by_ds.setdefault(ds, {"n": 0, "cos": 0, "ratio": 0, "failed": []})
         for stage in STAGES:
             vals = [r["stages"][stage] for r in rs if stage in r["stages"]]
             if not vals:
                 continue
             cos_q = mean_ci([v["cos_quadratic"] for v in vals])
             ratio_q = geometric_mean_ci([v["ratio_quadratic"] for v in vals])
-            checks["cos"] &= math.isfinite(cos_q[0]) and cos_q[0] >= COS_MIN
-            checks["ratio"] &= math.isfinite(ratio_q[0]) and BAND[0] <= ratio_q[0] <= BAND[1]
+            cos_ok = math.isfinite(cos_q[0]) and cos_q[0] >= COS_MIN
+            ratio_ok = math.isfinite(ratio_q[0]) and BAND[0] <= ratio_q[0] <= BAND[1]
+            checks["n"], checks["cos"], checks["ratio"] = checks["n"] + 1, checks["cos"] + cos_ok, checks["ratio"] + ratio_ok
+            if not (cos_ok and ratio_ok):
+                checks["failed"].append(f"{tag} {stage}")
             rows.append({
                 "setting": tag, "stage": stage, "seeds": str(len(vals)),
                 "cos(grad Q, grad R)": fmt_ci(*cos_q),
@@ -275,21 +162,20 @@ def _summarize_grad(config: RunConfig, grads: List[Mapping[str, Any]]) -> Dict[s
                 "MC rel. s.e. of grad R": fmt(float(np.mean([v["grad_rel_se"] for v in vals]))),
                 "cos(grad Q, grad R), MC noise removed": fmt_ci(*mean_ci([_debiased(v["cos_quadratic"], v["grad_rel_se"]) for v in vals])),
             })
-    held = [f"{ds}: cosine {'>=' if c['cos'] else '<'} {COS_MIN}, value ratio {'inside' if c['ratio'] else 'outside'} [{BAND[0]}, {BAND[1]}]"
+    held = [f"{ds}: cosine >= {COS_MIN} in {c['cos']} of {c['n']} (setting, stage) pairs, value ratio inside [{BAND[0]}, {BAND[1]}] "
+            f"in {c['ratio']} of {c['n']}" + (f" (cosine < {COS_MIN} or ratio outside the band at {', '.join(c['failed'])})" if c["failed"] else "")
             for ds, c in by_ds.items()]
+    missing = [ds for ds in RULE_DATASETS if ds not in by_ds]
     if not by_ds:
         verdict, summary = "inconclusive", "no finished gradient runs"
     else:
-        all_ok = all(c["cos"] and c["ratio"] for c in by_ds.values())
-        if not all_ok:
+        if any(c["failed"] for c in by_ds.values()):
             verdict = "not supported"
-        elif len(by_ds) >= 2:
-            verdict = "supported"
         else:
-            verdict = "inconclusive"
+            verdict = "inconclusive" if missing else "supported"
         summary = "Fisher quadratic form Q against dropout's regularizer R at p = " + f"{config.c3_p:g}: " + "; ".join(held)
-        if verdict == "inconclusive":
-            summary += " (the rule asks for two data sets)"
+        if missing:
+            summary += f"; not run: {', '.join(missing)} (the rule needs {' and '.join(RULE_DATASETS)}; the full run has both)"
     for r in rows:
         if r["stage"] == "solution":
             lines.append(f"{r['setting']} at the solution: cosine of the gradients of the Fisher quadratic form and of dropout's regularizer "
@@ -324,9 +210,12 @@ def _summarize_wager(wag: List[Mapping[str, Any]]) -> Dict[str, Any]:
 def _summarize_objectives(config: RunConfig, objs: List[Mapping[str, Any]]) -> Dict[str, Any]:
     rows, lines = [], []
     names = sorted({n for r in objs for n in r["objectives"]}, key=lambda n: (("@" in n), n.split("@")[0], float(n.split("@")[1]) if "@" in n else 0.0))
-    for n in names:
-        es = [r["objectives"][n] for r in objs if n in r["objectives"] and "test" in r["objectives"][n]]
-        rows.append({"objective": n, "runs": str(len(es)),
+    tags = sorted({r.get("tag", "") for r in objs})
+    for tag, n in [(t, n) for t in tags for n in names]:  # one block of rows per setting (data set, architecture, size, optimizer)
+        es = [r["objectives"][n] for r in objs if r.get("tag", "") == tag and n in r["objectives"] and "test" in r["objectives"][n]]
+        if not es:
+            continue
+        rows.append({**({"setting": tag} if len(tags) > 1 else {}), "objective": n, "runs": str(len(es)),
                      "train NLL (clean)": fmt_ci(*mean_ci([e.get("train_nll") for e in es])),
                      "test NLL": fmt_ci(*mean_ci([e["test"].get("nll") for e in es])),
                      "KL(dropout||obj), test": fmt_ci(*geometric_mean_ci([e.get("kl_from_dropout") for e in es])),
@@ -353,7 +242,11 @@ def _summarize_objectives(config: RunConfig, objs: List[Mapping[str, Any]]) -> D
         for c in comps:
             lines.append(f"{c.name} vs L2, best KL to dropout: ratio {fmt(math.exp(c.estimate)) if math.isfinite(c.estimate) else 'nan'} "
                          f"(log-ratio {fmt(c.estimate)} [{fmt(c.lo)}, {fmt(c.hi)}], p-value {fmt(c.p_value)}, Holm {fmt(c.p_adjusted)}, "
-                         f"effect size d_z {fmt(c.effect_size)}, {c.n} seeds)")
+                         f"effect size d_z {fmt(c.effect_size)}, {c.n} (setting, seed) pairs)")
+        for tag in tags if len(tags) > 1 else []:  # per setting: a description, the verdict pools (setting, seed) pairs
+            rs = [r for r in objs if r.get("tag", "") == tag]
+            ratios = [f"{f} {fmt(geometric_mean_ci([best(r, f) / best(r, 'l2') for r in rs])[0])}" for f in fisher]
+            lines.append(f"{tag}: best KL to dropout, Fisher form / L2 (geometric mean over {len(rs)} seeds): {', '.join(ratios)}")
         closer = [c.name for c in comps if c.sign < 0]
         farther = [c.name for c in comps if c.sign > 0]
         if closer and not farther:
@@ -380,7 +273,7 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
                          "V/2 F / gap": fmt_ci(*mean_ci([x["quadratic_fisher"] / x["measured"] if x["measured"] else math.nan for x in rs]))})
     cols_a = ["setting", "stage", "seeds", "cos(grad Q, grad R)", "cos(grad Q, grad R), MC noise removed", "|grad Q|/|grad R|", "Q/R",
               "cos(grad D, grad R)", "|grad D|/|grad R|", "D/R", "MC rel. s.e. of grad R"]
-    cols_b = ["objective", "runs", "train NLL (clean)", "test NLL", "KL(dropout||obj), test", "agreement"]
+    cols_b = (["setting"] if len({r.get("tag", "") for r in _parts(records, "objectives")}) > 1 else []) + ["objective", "runs", "train NLL (clean)", "test NLL", "KL(dropout||obj), test", "agreement"]
     tables = []
     if w["rows"]:
         tables.append({"title": "Wager et al.'s regime: GLMs with input dropout", "columns": list(w["rows"][0]), "rows": w["rows"]})

@@ -141,7 +141,6 @@ def mc_regularizer_gradient(
         raise ValueError(f"n_samples must be an int >= groups={groups}, got {n_samples!r}")
     fam = get_family(family)
     params = _params(model)
-    n = x.shape[0]
     per = [n_samples // groups + (1 if g < n_samples % groups else 0) for g in range(groups)]
     values, grads = [], []
     with torch.enable_grad():
@@ -208,6 +207,7 @@ def compare_gradients(
     groups: int = 16,
     generator: Optional[torch.Generator] = None,
     estimator: str = "exact",
+    divergence_estimator: Optional[str] = None,
 ) -> Dict[str, float]:
     r"""Cosines, norm ratios and value ratios of the Fisher forms against dropout's regularizer.
 
@@ -216,7 +216,9 @@ def compare_gradients(
     ``cos_divergence`` (cosine of the gradient with ``grad R``), ``norm_quadratic =
     |grad Q|/|grad R|``, ``norm_divergence``, ``grad_rel_se = |se(grad R)|/|grad R|`` and
     ``cos_quadratic_se``, ``cos_divergence_se`` (jackknife over the Monte Carlo groups; 0 for
-    ``method="exact"``).
+    ``method="exact"``). ``estimator`` is the forms' :func:`~dropgeom.dropout.penalty` estimator,
+    ``divergence_estimator`` the divergence form's when it differs (``"unit"`` on a CNN, whose exact
+    divergence form costs one forward pass per unit).
 
     Raises:
         ValueError: unknown ``method`` (``"mc"`` or ``"exact"``) or invalid ``p``.
@@ -236,7 +238,8 @@ def compare_gradients(
         rel_se = float(mc["grad_se"].norm() / g.norm()) if float(g.norm()) > 0 else float("nan")
     out["grad_rel_se"] = rel_se
     for form in ("quadratic", "divergence"):
-        val, gf = form_gradient(model, x, family, p, form, estimator)
+        est = divergence_estimator if form == "divergence" and divergence_estimator else estimator
+        val, gf = form_gradient(model, x, family, p, form, est)
         out[f"value_{form}"] = val
         out[f"ratio_{form}"] = val / out["value_R"] if out["value_R"] else float("nan")
         out[f"cos_{form}"] = _cos(gf, g)

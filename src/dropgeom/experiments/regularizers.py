@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..config import C3_REGULARIZERS, RunConfig
+from ..config import C3_REGULARIZERS, ConfigError, RunConfig
 from .common import ACT, DTYPE, ExperimentData, build_mlp, project_pca
 
-__all__ = ["make_regularizer", "REGULARIZERS", "build_cnn", "c3_data", "c3_model", "IMAGE_MLP_WIDTH"]
+__all__ = ["make_regularizer", "require_datasets", "MissingDatasetError", "REGULARIZERS", "build_cnn", "c3_data", "c3_model", "c3_epochs", "c3_train", "IMAGE_MLP_WIDTH", "MONITOR_INPUTS"]
 
 #: hidden width of the MLP on Fashion-MNIST (784-256-256-10)
 IMAGE_MLP_WIDTH = 256
@@ -117,6 +117,31 @@ def build_cnn(side: int, channels: int, out_dim: int, activation: str = "tanh", 
     return net
 
 
+class MissingDatasetError(ConfigError):
+    """A data set the run needs is not installed; its message is one line saying how to install it."""
+
+    def __init__(self, hint: str) -> None:
+        self.problems = [hint]
+        ValueError.__init__(self, hint)
+
+
+def require_datasets(names: Any) -> None:
+    """Fail at once when a data set of ``names`` is not installed (Fashion-MNIST: the Debian package).
+
+    Raises:
+        MissingDatasetError: (a :class:`~dropgeom.config.ConfigError`) one line saying how to install it.
+
+    Example:
+        >>> require_datasets(["digits", "iris"])  # bundled with scikit-learn: nothing to check
+    """
+    import os
+
+    from ..data import FASHION_MNIST_DIR, FASHION_MNIST_HINT
+
+    if "fashion_mnist" in set(names) and not os.path.isdir(FASHION_MNIST_DIR):
+        raise MissingDatasetError(FASHION_MNIST_HINT)
+
+
 @lru_cache(maxsize=4)
 def _load(name: str, seed: int, max_train: int) -> Any:
     from ..data import load_dataset
@@ -172,22 +197,46 @@ def c3_model(config: RunConfig, data: ExperimentData, dataset: str, arch: str, p
     return build_mlp(int(data.x_train.shape[1]), data.num_outputs, width, config.depth, config.activation, p, seed)
 
 
+#: test inputs on which a C3 training reports its per-epoch test metrics (only the final model is evaluated on
+#: the whole test set): Fashion-MNIST's 10,000 test images would cost more per epoch than the training itself
+MONITOR_INPUTS = 1000
+
+
+def c3_epochs(config: RunConfig, n_train: int) -> int:
+    """Epochs of a C3 training on ``n_train`` inputs: ``config.epochs``, or under the step budget ``c3_max_steps``
+    ``min(epochs, max(2, round(c3_max_steps / steps per epoch)))`` (two at least, so mid-training is an epoch).
+
+    Example:
+        >>> from dropgeom.config import RunConfig
+        >>> cfg = RunConfig.from_preset("quick").replace(c3_max_steps=1600)
+        >>> [c3_epochs(cfg, n) for n in (1000, 10000, 60000)]
+        [100, 10, 2]
+    """
+    if not config.c3_max_steps:
+        return config.epochs
+    per_epoch = math.ceil(n_train / config.batch_size)
+    return min(config.epochs, max(2, round(config.c3_max_steps / per_epoch)))
+
+
 def c3_train(
     model: nn.Module, data: ExperimentData, objective: Any, config: RunConfig, seed: int, optimizer: str,
-    options: Dict[str, Any] = None, checkpoint_dir: Any = None, callback: Any = None,
+    options: Optional[Dict[str, Any]] = None, checkpoint_dir: Any = None, callback: Any = None,
 ) -> Tuple[bool, list]:
-    """Train with :func:`dropgeom.train.train` (``optimizer`` adam at ``lr`` or sgd at ``c3_sgd_lr``); ``(diverged, history)``.
+    """Train with :func:`dropgeom.train.train` (``optimizer`` adam at ``lr`` or sgd at ``c3_sgd_lr``) for
+    :func:`c3_epochs` epochs, test metrics per epoch on the first :data:`MONITOR_INPUTS` test inputs;
+    ``(diverged, history)``.
 
     Raises:
         ValueError: from :func:`dropgeom.train.train` (an unknown objective or optimizer, bad options).
     """
     from ..train import train
 
+    epochs = c3_epochs(config, int(data.x_train.shape[0]))
     hist = train(
-        model, (data.x_train, data.y_train, data.x_test, data.y_test), objective, objective_options=options or {},
-        optimizer=optimizer, lr=config.lr if optimizer == "adam" else config.c3_sgd_lr, epochs=config.epochs,
-        batch_size=config.batch_size, seed=seed, family=data.family, checkpoint_dir=checkpoint_dir,
-        checkpoint_every=max(1, config.epochs // 4), progress=False, divergence_threshold=config.divergence_threshold,
+        model, (data.x_train, data.y_train, data.x_test[:MONITOR_INPUTS], data.y_test[:MONITOR_INPUTS]), objective,
+        objective_options=options or {}, optimizer=optimizer, lr=config.lr if optimizer == "adam" else config.c3_sgd_lr,
+        epochs=epochs, batch_size=config.batch_size, seed=seed, family=data.family, checkpoint_dir=checkpoint_dir,
+        checkpoint_every=max(1, epochs // 4), progress=False, divergence_threshold=config.divergence_threshold,
         callback=callback,
     )
     recs = [dict(r) for r in hist.records]
