@@ -98,7 +98,7 @@ def test_c2_on_a_second_data_set_names_it_in_the_setting():
 def test_c2_missing_fashion_mnist_fails_at_once(tmp_path, monkeypatch):
     import dropgeom.data as data_mod
     from dropgeom.config import ConfigError
-    from dropgeom.experiments import reproduce
+    from dropgeom.pipeline import reproduce
 
     monkeypatch.setattr(data_mod, "FASHION_MNIST_DIR", str(tmp_path / "absent"))
     cfg = RunConfig.from_preset("test", experiments=["C2"], c2_datasets=["fashion_mnist"])
