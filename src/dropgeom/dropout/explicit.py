@@ -31,9 +31,12 @@ Inputs = Union[Tensor, Tuple[Tensor, ...]]
 
 def _unit_mask_hook(mod: nn.Module, name: str, mask: Tensor):
     kind = module_kind(mod)
+    if kind is None:
+        raise ValueError(f"module {name!r} ({type(mod).__name__}) is not a dropout module; it cannot take a unit mask")
+    p = float(getattr(mod, "p"))
 
     def hook(module: nn.Module, args: Tuple[Tensor, ...], output: Tensor) -> Tensor:
-        return apply_mask(kind, args[0], mask, module.p, name)
+        return apply_mask(kind, args[0], mask, p, name)
 
     return hook
 
