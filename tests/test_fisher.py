@@ -180,7 +180,7 @@ def test_structures_agree_with_each_other(model_name, family, kind):
     ops = {s: c.op(kind, s) for s in EXACT_STRUCTURES}  # kfac approximates: checked on its own
     Fd = ops["dense"].dense()
     assert ref.is_psd(Fd)
-    for s, op in ops.items():
+    for op in ops.values():
         _close(op.diag(), Fd.diagonal())
         _close(op.trace(), Fd.trace())
         assert (op.diag() >= 0).all()

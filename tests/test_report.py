@@ -50,7 +50,7 @@ def test_verdict_table_rows(run):
     rows = re.findall(r"^\| (C\d\w*(?: \(\w+\))?) \| ([a-z ]+) \| (.+) \|$", text, flags=re.M)
     claims = [r[0] for r in rows]
     assert claims == ["C1", "C2", "C3a (gradients)", "C3b (training)"]
-    for claim, verdict, evidence in rows:
+    for _claim, verdict, evidence in rows:
         assert verdict in VERDICTS
         assert re.search(r"\d", evidence), "evidence must carry numbers"
     assert summary["C1"]["verdict"]["verdict"] == rows[0][1]

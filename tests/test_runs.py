@@ -276,7 +276,7 @@ def test_cli_errors_are_one_line(name, expected, tmp_path, capsys):
     assert "\n" not in err and "Traceback" not in err and expected in err, err
     assert err.startswith(f"dropgeom {argv[0]}: error: ")
     assert "allow_pickle" not in err and "resume=False" not in err
-    with pytest.raises(Exception):  # --debug shows the real exception (and its traceback)
+    with pytest.raises(Exception):  # noqa: B017  --debug shows the real exception (and its traceback)
         main(["--debug", *argv])
 
 

@@ -13,7 +13,7 @@ from .dispatch import StreamedManifold
 from .operators import CurvatureOperator
 from .data import Dataset, load_dataset
 from .train import EarlyStopping, History, Objective, make_objective  # the loop: dropgeom.train.train
-from . import dropout, streaming  # streaming registers the Fisher over batches
+from . import dropout, streaming  # noqa: F401  (streaming registers the Fisher over batches)
 from .curvature import (
     CurvatureResult,
     alpha_connection,

@@ -242,7 +242,7 @@ class LazyMasks(dict):
 _BYPASS = threading.local()
 _BYPASS_LOCK = threading.Lock()
 _BYPASS_USERS = [0]
-_HAS_TORCH_FUNCTION = getattr(F, "has_torch_function")
+_HAS_TORCH_FUNCTION = F.has_torch_function
 
 
 def _guarded_has_torch_function(*args) -> bool:
@@ -255,7 +255,7 @@ def _guarded_has_torch_function(*args) -> bool:
 def _bypass_override_check() -> Iterator[None]:
     with _BYPASS_LOCK:
         if _BYPASS_USERS[0] == 0:
-            setattr(F, "has_torch_function", _guarded_has_torch_function)
+            F.has_torch_function = _guarded_has_torch_function
         _BYPASS_USERS[0] += 1
     _BYPASS.depth = getattr(_BYPASS, "depth", 0) + 1
     try:
@@ -265,7 +265,7 @@ def _bypass_override_check() -> Iterator[None]:
         with _BYPASS_LOCK:
             _BYPASS_USERS[0] -= 1
             if _BYPASS_USERS[0] == 0:
-                setattr(F, "has_torch_function", _HAS_TORCH_FUNCTION)
+                F.has_torch_function = _HAS_TORCH_FUNCTION
 
 
 class DropoutInterceptor(torch.overrides.TorchFunctionMode):

@@ -453,7 +453,7 @@ class ModelManifold:
         try:
             return vmap(one, chunk_size=chunk_size)(inputs, factors)
         except (RuntimeError, NotImplementedError) as err:  # layer without a vmap rule
-            warnings.warn(f"vmap over samples failed ({err}); falling back to a loop over samples", RuntimeWarning)
+            warnings.warn(f"vmap over samples failed ({err}); falling back to a loop over samples", RuntimeWarning, stacklevel=2)
             return torch.stack([one(tuple(x[i] for x in inputs), factors[i]) for i in range(n)])
 
     def jacobian(self, memory_limit: Optional[int] = None) -> Tensor:

@@ -38,7 +38,7 @@ from .sharpness import (
     hessian_trace,
     sam_sharpness,
 )
-from . import streamed  # registers the curvature over batches (dropgeom.dispatch)
+from . import streamed  # noqa: F401  (registers the curvature over batches, dropgeom.dispatch)
 
 __all__ = [
     "statistical_curvature",

@@ -81,7 +81,7 @@ class DenseGeometry:
         check_dense_size(manifold, what)
         self.m = manifold
         self.eta, self.S, self.S_pinv = whitening(manifold)
-        n, K, P = manifold.n, manifold.num_outputs, manifold.num_params
+        P = manifold.num_params
         self.J = manifold.jacobian()  # [n, K, P]
         self.Jw = whiten(self.S, self.J.permute(2, 0, 1)).permute(1, 2, 0).reshape(-1, P)  # [nR, P]
         self.H = hessian_tensor(manifold)  # [n, K, P, P]

@@ -112,7 +112,7 @@ class CurvatureResult:
 
 def _dense(manifold: ModelManifold, alpha: float, damping: Optional[float]) -> CurvatureResult:
     geo = DenseGeometry(manifold, "embedding_curvature(method='dense')")
-    n, K, P = manifold.n, manifold.num_outputs, manifold.num_params
+    n = manifold.n
     Y = geo.whitened_second(alpha)  # [nR, P, P]
     U, s, V = geo.tangent_basis()
     r = s.numel()

@@ -2,7 +2,6 @@ r"""Normal curvature of the model manifold along one direction (theory.md sectio
 
 from __future__ import annotations
 
-import math
 from typing import Mapping, Optional, Union
 
 import torch

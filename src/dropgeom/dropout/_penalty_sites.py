@@ -130,7 +130,7 @@ def _module_masks(modules: Dict[str, nn.Module], store: Dict[str, Tuple[Tensor, 
             h = args[0]
             m = torch.ones(h.shape[0], *kind_unit_shape(kind, h), dtype=h.dtype, device=h.device, requires_grad=True)
             store[name] = (h, m)
-            return apply_mask(kind, h, m, float(getattr(module, "p")), name)
+            return apply_mask(kind, h, m, float(module.p), name)
 
         return hook
 
@@ -162,7 +162,7 @@ def _generic_forward(
     for k, m in modules.items():
         if k in store:
             kind = str(module_kind(m))
-            sites[k] = DropoutSite(k, kind, float(getattr(m, "p")), k, torch.Size(store[k][1].shape[1:]))
+            sites[k] = DropoutSite(k, kind, float(m.p), k, torch.Size(store[k][1].shape[1:]))
     sites.update(seen)
     if wanted is None:
         if not sites:

@@ -63,7 +63,7 @@ from torch.func import jvp, vjp, vmap
 from .._intercept import ALPHA, alpha_mode
 from ..families import ExponentialFamily
 from ..options import Noise, parse
-from ._common import Inputs, as_tuple, model_inputs, check_output, chunk_for, detached_params, family_of
+from ._common import Inputs, model_inputs, check_output, chunk_for, detached_params, family_of
 from ._legacy import legacy_signature
 from .chain import Chain, as_chain, run_chain, training_off
 from .explicit import forward_with_masks

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -33,7 +32,7 @@ def _unit_mask_hook(mod: nn.Module, name: str, mask: Tensor):
     kind = module_kind(mod)
     if kind is None:
         raise ValueError(f"module {name!r} ({type(mod).__name__}) is not a dropout module; it cannot take a unit mask")
-    p = float(getattr(mod, "p"))
+    p = float(mod.p)
 
     def hook(module: nn.Module, args: Tuple[Tensor, ...], output: Tensor) -> Tensor:
         return apply_mask(kind, args[0], mask, p, name)

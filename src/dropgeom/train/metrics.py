@@ -54,7 +54,6 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15) 
     correct = (pred == labels.long()).double()
     # bin index: ceil(conf * B) - 1, clamped, so that a bin is (lo, hi]
     idx = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).long()
-    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, torch.ones_like(conf))
     acc = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, correct)
     cs = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf)
     return float((acc - cs).abs().sum() / n)
