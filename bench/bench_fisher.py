@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import Tensor, nn
 
-from common import forward_backward, median_time, peak_memory, print_table
+from common import forward_backward, peak_memory, print_table
 
 from dropgeom import ModelManifold, fisher
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Tuple
+from typing import Callable
 
 import pytest
 import torch

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from dropgeom.config import ConfigError, RunConfig
-from dropgeom.experiments import c1_flatness, c2_curvature_strength, c3_fisher_regularizer
+from dropgeom.experiments import c1_flatness, c3_fisher_regularizer
 from dropgeom.pipeline import reproduce
 from dropgeom.experiments.common import build_mlp, mean_ci, spearman
 from dropgeom.rundir import RunDir, atomic_write_text

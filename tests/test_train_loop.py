@@ -1,7 +1,6 @@
 """The training loop: reproducibility, resume after a simulated kill (bitwise),
 early stopping, divergence detection, checkpoint atomicity, metrics."""
 
-import copy
 import os
 
 import numpy as np

@@ -11,7 +11,6 @@ Fisher information is a mean over inputs, ``F = (1/n) sum_i J_i^T Sigma_i J_i``.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from torch.autograd.functional import hessian, jacobian
+from torch.autograd.functional import hessian
 
 from . import curvature as ref
 
