@@ -94,7 +94,6 @@ KNOWN_LONG_FILES: Dict[str, str] = {
     "dropgeom/operators.py": "issue #8 acceptance: files <= 500 lines",
     "dropgeom/train/objectives.py": "issue #8 items 2 and 6: objective registry",
     # grown in the session that worked on issues 9-14 in parallel; split them next (issue #8 acceptance)
-    "dropgeom/curvature/invariant.py": "issue #8 acceptance: split measures from the SVD machinery (issue 9 code)",
     "dropgeom/dropout/masks.py": "issue #8 acceptance: dropout sites apart from mask sampling (issue 11 code)",
     "dropgeom/dropout/penalty.py": "issue #8 item 6: one module per penalty strategy (issue 14 code)",
     "dropgeom/experiments/c3_fisher_regularizer.py": "issue #8 acceptance: C3b sweep in its own module (issue 10 code)",
@@ -115,7 +114,6 @@ KNOWN_LONG_FUNCTIONS: Dict[str, str] = {
     "dropgeom/curvature/mixture_model.py:dropout_mixture_manifold": "issue #8 acceptance: functions <= 80 lines (issue 9 code)",
     "dropgeom/curvature/normal.py:normal_curvature": "issue #8 acceptance: functions <= 80 lines (issue 9 code)",
     "dropgeom/dropout/penalty.py:_generic_layers": "issue #8 item 6: penalty strategies (issue 14 code)",
-    "dropgeom/experiments/c1_flatness.py:summarize": "issue #8 item 5: typed summary; tables apart from the rule (issue 9 code)",
     "dropgeom/experiments/c2_analysis.py:within_setting_analysis": "issue #8 acceptance: functions <= 80 lines (issue 10 code)",
     "dropgeom/experiments/c2_curvature_strength.py:summarize": "issue #8 item 5: typed summary (issue 10 code)",
     "dropgeom/experiments/sweep.py:reproduce": "issue #8 acceptance: functions <= 80 lines (issue 13/12 code)",

@@ -92,8 +92,17 @@ class RunConfig:
     #: ``|log(NLL_control / NLL_dropout)| <= c1_match_tol``
     c1_match_every: int = 1
     c1_match_tol: float = 0.05
-    #: C1: weight of the L2 control (trained with L2 and stopped at the same train NLL)
+    #: C1 L2 control, tuned per p to the same clean train NLL: the first L2 weight tried; every run
+    #: trains for all ``epochs`` (the regulariser, not early stopping, sets the fit); the weight moves by
+    #: factors of 10 until the final train NLL brackets the dropout solution's, then by regula falsi in
+    #: (log weight, log NLL), within ``c1_l2_range``, at most ``c1_l2_fits`` runs; the run closest to the
+    #: target is kept (matched when within ``c1_match_tol``)
     c1_l2: float = 1e-2
+    c1_l2_range: Tuple[float, float] = (1e-5, 1.0)
+    c1_l2_fits: int = 5
+    #: C1: inputs (of each set) and parameters (the first Linear layer) of the undamped gamma^2 on the
+    #: exact range of J (0: not computed); the inputs must outnumber the layer's parameters / (K-1)
+    c1_gamma2_inputs: int = 30
     #: C1 noise floor: at the largest p, a second dropout run from the same initialisation with another
     #: training seed (masks and batch order)
     c1_noise_floor: bool = True
@@ -302,6 +311,13 @@ class RunConfig:
         positive("c1_sam_rho")
         integer("c1_sam_steps", 0)
         integer("c1_mixture_masks", 1)
+        integer("c1_l2_fits", 2)
+        integer("c1_gamma2_inputs", 0)
+        lo_hi = self.c1_l2_range
+        if (not isinstance(lo_hi, tuple) or len(lo_hi) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in lo_hi)
+                or not lo_hi[0] < self.c1_l2 < lo_hi[1]):
+            out.append(f"c1_l2_range must be two finite numbers 0 < lo < c1_l2 < hi, got {lo_hi!r}")
         choices("c2_activations", ACTIVATIONS)
         ints("c2_widths", 1)
         ints("c2_depths", 1)
