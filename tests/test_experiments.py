@@ -267,3 +267,14 @@ def test_c1_config_fields_are_validated():
     text = str(err.value)
     for name in ("c1_match_tol", "c1_sam_rho", "c1_l2", "c1_inputs"):
         assert name in text
+
+
+def test_c1_l2_weight_search_brackets_then_interpolates():
+    from dropgeom.experiments.c1_flatness import _next_weight
+
+    cfg = RunConfig.from_preset("test")
+    assert _next_weight([(1e-2, 0.5)], cfg) == pytest.approx(1e-3)  # final NLL above the target: weaker L2
+    assert _next_weight([(1e-2, -0.5)], cfg) == pytest.approx(1e-1)  # below: stronger L2
+    assert _next_weight([(1e-3, -1.0), (1e-2, 1.0)], cfg) == pytest.approx(10**-2.5)  # regula falsi in log weight
+    assert _next_weight([(1e-3, -1.0), (1e-2, 0.01)], cfg) == pytest.approx(10**-2.1)  # clamped away from one end
+    assert _next_weight([(1e-5, 0.5)], cfg) is None  # at the lower bound and still too strong: give up
