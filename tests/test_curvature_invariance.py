@@ -93,11 +93,12 @@ def plain(x: torch.Tensor = X):
     return ModelManifold(net, x), torch.eye(sum(p.numel() for p in net.parameters()), dtype=D64)
 
 
-def invariant_values(m: ModelManifold, A: torch.Tensor, V: torch.Tensor, ref: ModelManifold, few: ModelManifold) -> dict:
+def invariant_values(m: ModelManifold, A: torch.Tensor, V: torch.Tensor, ref: ModelManifold) -> dict:
     """Invariant measures in the coordinates of m; V are directions in the reference coordinates.
 
-    ``ref``: the same network in the same coordinates on other inputs (the function-space regulariser);
-    ``few``: on 5 inputs, where n (K-1) = 10 < P: g is singular and only the regularised direction is unique.
+    ``ref``: the same network in the same coordinates on other inputs (the function-space regulariser).
+    Dense solves only: a matrix-free (CG) solve is invariant only up to its convergence on a badly
+    conditioned system (tests/test_curvature_measures.py checks it against the brute force).
     """
     Vp = torch.linalg.solve(A, V.T).T  # tangent vectors in the new coordinates
     out = {}
@@ -106,21 +107,16 @@ def invariant_values(m: ModelManifold, A: torch.Tensor, V: torch.Tensor, ref: Mo
         out[f"range gamma2 alpha={alpha}"] = float(range_gamma2(m, alpha=alpha))
         out[f"mask kappa alpha={alpha}"] = normal_curvatures(m, Vp, alpha=alpha)
         out[f"natural-gradient kappa alpha={alpha}"] = float(natural_gradient_curvature(m, Y, alpha=alpha))
-        for method in ("dense", "cg"):
-            out[f"regularised natural-gradient kappa alpha={alpha} {method}"] = float(
-                natural_gradient_curvature(m, Y, alpha=alpha, reference=ref, method=method)
-            )
-        # on 5 inputs g is singular (P = 35 > 10): only the regularised direction is unique there
-        out[f"regularised natural-gradient kappa on 5 inputs alpha={alpha}"] = float(
-            natural_gradient_curvature(few, Y[:5], alpha=alpha, reference=ref)
+        out[f"regularised natural-gradient kappa alpha={alpha}"] = float(
+            natural_gradient_curvature(m, Y, alpha=alpha, reference=ref, method="dense")
         )
     return out
 
 
-def _three(build):
-    """The manifold on X, on the reference inputs X_REF, and on X[:5], in one coordinate system."""
-    (m, A), (r, _), (f, _) = build(X), build(X_REF), build(X[:5])
-    return m, A, r, f
+def _two(build):
+    """The manifold on X and on the reference inputs X_REF, in one coordinate system."""
+    (m, A), (r, _) = build(X), build(X_REF)
+    return m, A, r
 
 
 def dependent_values(m: ModelManifold) -> dict:
@@ -136,11 +132,11 @@ def dependent_values(m: ModelManifold) -> dict:
 
 @pytest.fixture(scope="module")
 def reference():
-    m, A, r, f = _three(plain)
+    m, A, r = _two(plain)
     assert m.num_params < m.n * (m.num_outputs - 1)
     V = torch.cat(dropout_tangent_directions(m))
     V = torch.cat([V, torch.randint(0, 2, (4, V.shape[0]), generator=torch.Generator().manual_seed(5)).to(D64).mul(2).sub(1) @ V])
-    return V, invariant_values(m, A, V, r, f), dependent_values(m)
+    return V, invariant_values(m, A, V, r), dependent_values(m)
 
 
 def _close(a, b, tol=1e-8):
@@ -151,8 +147,8 @@ def _close(a, b, tol=1e-8):
 @pytest.mark.parametrize("coords", ["c=0.1", "c=1", "c=10", "linear"])
 def test_invariant_measures_do_not_depend_on_coordinates(reference, coords):
     V, ref, _ = reference
-    m, A, r, f = _three(linear if coords == "linear" else (lambda x: rescaled(float(coords[2:]), x)))
-    got = invariant_values(m, A, V, r, f)
+    m, A, r = _two(linear if coords == "linear" else (lambda x: rescaled(float(coords[2:]), x)))
+    got = invariant_values(m, A, V, r)
     for k, v in ref.items():
         assert _close(got[k], v), (coords, k, got[k], v)
 

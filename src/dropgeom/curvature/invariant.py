@@ -25,7 +25,8 @@ measure                                 under ``theta = phi(theta')``
                                         volatile on a badly conditioned ``g``
 ``natural_gradient_curvature``         invariant when ``rank [J; J_ref] = P``
   (``reference=``, function-space       (the regulariser is the change of the
-  regulariser)                          function on other inputs, a tensor)
+  regulariser)                          function on other inputs, a tensor);
+                                        ``cg``: only up to its convergence
 :func:`noise_tangent_curvature`        invariant (the noise directions are defined
                                         by the network function: a unit's output
                                         scaled)
