@@ -78,7 +78,6 @@ KNOWN_LAYER_VIOLATIONS: Dict[Tuple[str, str], str] = {}
 #: Files over MAX_FILE_LINES today (paths relative to src/).
 KNOWN_LONG_FILES: Dict[str, str] = {
     # grown in the session that worked on issues 9-14 in parallel; split them next (issue #8 acceptance)
-    "dropgeom/curvature/invariant.py": "issue #8 acceptance: split measures from the SVD machinery (issue 9 code)",
 }
 
 #: Functions over MAX_FUNCTION_LINES today ("path:qualified name", paths relative to src/).

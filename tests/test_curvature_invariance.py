@@ -30,6 +30,7 @@ from dropgeom.curvature import (
     hessian_trace,
     natural_gradient_curvature,
     normal_curvatures,
+    range_gamma2,
     sam_sharpness,
 )
 
@@ -49,10 +50,11 @@ def _net(seed: int = 0) -> nn.Sequential:
 
 X = torch.randn(40, 3, generator=torch.Generator().manual_seed(1), dtype=D64)
 Y = torch.randint(0, 3, (40,), generator=torch.Generator().manual_seed(2))
+X_REF = torch.randn(30, 3, generator=torch.Generator().manual_seed(6), dtype=D64)
 B = torch.eye(4, dtype=D64) + 0.5 * torch.randn(4, 4, generator=torch.Generator().manual_seed(3), dtype=D64)
 
 
-def rescaled(c: float):
+def rescaled(c: float, x: torch.Tensor = X):
     """The first layer's weight stored as W / c; forward multiplies by c. Returns (manifold, A) with theta = A theta'."""
     net = _net()
     stored = copy.deepcopy(net).eval()  # the custom forward runs as called: eval mode (dropout off)
@@ -62,13 +64,13 @@ def rescaled(c: float):
     def forward(params, inputs):
         return functional_call(stored, {**params, "0.weight": c * params["0.weight"]}, inputs)
 
-    m = ModelManifold(stored, X, forward=forward)
+    m = ModelManifold(stored, x, forward=forward)
     scale = torch.ones(m.num_params, dtype=D64)
     scale[m.param_slices()["0.weight"]] = c
     return m, torch.diag(scale)
 
 
-def linear():
+def linear(x: torch.Tensor = X):
     """The second layer's weight stored as W' = W B^{-1}; forward uses W' B."""
     net = _net()
     stored = copy.deepcopy(net).eval()  # the custom forward runs as called: eval mode (dropout off)
@@ -78,7 +80,7 @@ def linear():
     def forward(params, inputs):
         return functional_call(stored, {**params, "3.weight": params["3.weight"] @ B}, inputs)
 
-    m = ModelManifold(stored, X, forward=forward)
+    m = ModelManifold(stored, x, forward=forward)
     P = m.num_params
     A = torch.eye(P, dtype=D64)
     sl = m.param_slices()["3.weight"]
@@ -86,20 +88,35 @@ def linear():
     return m, A
 
 
-def plain():
+def plain(x: torch.Tensor = X):
     net = _net()
-    return ModelManifold(net, X), torch.eye(sum(p.numel() for p in net.parameters()), dtype=D64)
+    return ModelManifold(net, x), torch.eye(sum(p.numel() for p in net.parameters()), dtype=D64)
 
 
-def invariant_values(m: ModelManifold, A: torch.Tensor, V: torch.Tensor) -> dict:
-    """Invariant measures in the coordinates of m; V are directions in the reference coordinates."""
+def invariant_values(m: ModelManifold, A: torch.Tensor, V: torch.Tensor, ref: ModelManifold) -> dict:
+    """Invariant measures in the coordinates of m; V are directions in the reference coordinates.
+
+    ``ref``: the same network in the same coordinates on other inputs (the function-space regulariser).
+    Dense solves only: a matrix-free (CG) solve is invariant only up to its convergence on a badly
+    conditioned system (tests/test_curvature_measures.py checks it against the brute force).
+    """
     Vp = torch.linalg.solve(A, V.T).T  # tangent vectors in the new coordinates
     out = {}
     for alpha in (1.0, -1.0):
         out[f"gamma2 alpha={alpha}"] = float(embedding_curvature(m, alpha=alpha).gamma2)
+        out[f"range gamma2 alpha={alpha}"] = float(range_gamma2(m, alpha=alpha))
         out[f"mask kappa alpha={alpha}"] = normal_curvatures(m, Vp, alpha=alpha)
         out[f"natural-gradient kappa alpha={alpha}"] = float(natural_gradient_curvature(m, Y, alpha=alpha))
+        out[f"regularised natural-gradient kappa alpha={alpha}"] = float(
+            natural_gradient_curvature(m, Y, alpha=alpha, reference=ref, method="dense")
+        )
     return out
+
+
+def _two(build):
+    """The manifold on X and on the reference inputs X_REF, in one coordinate system."""
+    (m, A), (r, _) = build(X), build(X_REF)
+    return m, A, r
 
 
 def dependent_values(m: ModelManifold) -> dict:
@@ -115,11 +132,11 @@ def dependent_values(m: ModelManifold) -> dict:
 
 @pytest.fixture(scope="module")
 def reference():
-    m, A = plain()
+    m, A, r = _two(plain)
     assert m.num_params < m.n * (m.num_outputs - 1)
     V = torch.cat(dropout_tangent_directions(m))
     V = torch.cat([V, torch.randint(0, 2, (4, V.shape[0]), generator=torch.Generator().manual_seed(5)).to(D64).mul(2).sub(1) @ V])
-    return V, invariant_values(m, A, V), dependent_values(m)
+    return V, invariant_values(m, A, V, r), dependent_values(m)
 
 
 def _close(a, b, tol=1e-8):
@@ -130,8 +147,8 @@ def _close(a, b, tol=1e-8):
 @pytest.mark.parametrize("coords", ["c=0.1", "c=1", "c=10", "linear"])
 def test_invariant_measures_do_not_depend_on_coordinates(reference, coords):
     V, ref, _ = reference
-    m, A = linear() if coords == "linear" else rescaled(float(coords[2:]))
-    got = invariant_values(m, A, V)
+    m, A, r = _two(linear if coords == "linear" else (lambda x: rescaled(float(coords[2:]), x)))
+    got = invariant_values(m, A, V, r)
     for k, v in ref.items():
         assert _close(got[k], v), (coords, k, got[k], v)
 
@@ -146,5 +163,5 @@ def test_coordinate_dependent_measures_are_flagged_and_do_change(reference, coor
     for name in ("embedding_curvature (damped)", "hessian_trace", "hessian_top_eigenvalue", "fisher_trace",
                  "fisher_top_eigenvalue", "sam_sharpness"):
         assert INVARIANCE[name] == "coordinate-dependent"
-    for name in ("embedding_curvature (undamped)", "normal_curvatures", "noise_tangent_curvature"):
+    for name in ("embedding_curvature (undamped)", "range_gamma2", "normal_curvatures", "noise_tangent_curvature"):
         assert INVARIANCE[name] == "invariant"

@@ -20,6 +20,7 @@ from dropgeom.curvature import (
     natural_gradient_direction,
     noise_tangent_curvature,
     normal_curvatures,
+    range_gamma2,
     sam_sharpness,
 )
 from reference import curvature as ref
@@ -80,6 +81,52 @@ def test_natural_gradient_against_reference(setting):
     # matrix-free direction agrees
     jc = m.jvp(natural_gradient_direction(m, y, method="cg"))
     assert float((jc - jv).abs().max() / jv.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["dense", "cg"])
+def test_regularised_natural_gradient_against_reference(setting, method):
+    net, x, y, eta_fn, unflat, m, R = setting
+    xr = torch.randn(20, 2, generator=torch.Generator().manual_seed(11), dtype=D64)
+    mr = ModelManifold(net, xr)
+
+    def ref_fn(th):
+        return functional_call(net, unflat(th), (xr,))
+
+    for w in (0.3, 1.0):
+        want = iref.regularised_natural_gradient_direction(eta_fn, ref_fn, m.theta, "categorical", y, w)
+        v = natural_gradient_direction(m, y, reference=mr, reference_weight=w, method=method)
+        # unique up to the softmax gauge (3 exact null directions of both Fishers, which move no probability)
+        jv, jw = m.jvp(v), m.jvp(want)
+        jv, jw = jv - jv.mean(-1, keepdim=True), jw - jw.mean(-1, keepdim=True)
+        assert float((jv - jw).abs().max() / jw.abs().max()) < (1e-5 if method == "cg" else 1e-7)
+        for alpha in (1.0, -1.0):
+            k = natural_gradient_curvature(m, y, alpha, reference=mr, reference_weight=w, method=method)
+            assert float(k) == pytest.approx(float(ref.normal_curvature(R, want / want.norm(), alpha)), rel=1e-6)
+    # better conditioned than the plain direction (the point of the regulariser)
+    plain = natural_gradient_direction(m, y)
+    assert float(natural_gradient_direction(m, y, reference=mr).norm()) < float(plain.norm())
+
+
+def test_range_gamma2_against_reference(setting):
+    *_, m, R = setting
+    for alpha in (1.0, -1.0, 0.5):
+        want = float(ref.gamma2(R, alpha))  # g^+ by eigh vs the SVD of S^T J: ~1e-8 apart on this badly conditioned g
+        got = float(range_gamma2(m, alpha))
+        assert got == pytest.approx(want, rel=1e-6)
+        assert got == pytest.approx(float(embedding_curvature(m, alpha=alpha).gamma2), rel=1e-9)  # same basis, no [P, P] tensor
+        assert float(range_gamma2(m, alpha, block_bytes=1)) == pytest.approx(got, rel=1e-10)  # one direction per block
+
+
+def test_range_gamma2_on_a_parameter_subset_and_the_circle():
+    net, x, *_ = mlp()
+    names = ["0.weight", "0.bias"]
+    sub = ModelManifold(net, x, param_names=names)
+    assert float(range_gamma2(sub)) == pytest.approx(float(embedding_curvature(sub).gamma2), rel=1e-8)
+    rho = 3.0  # closed form: a circle of radius rho has gamma^2 = 1 / rho^2
+    c = ModelManifold.from_function(lambda th: rho * torch.stack([th.cos(), th.sin()], -1), torch.tensor([0.4], dtype=D64), "gaussian")
+    assert float(range_gamma2(c)) == pytest.approx(1 / rho**2, rel=1e-12)
+    # the range of J fills the output space (n (K-1) <= P): no normal space, gamma^2 = 0
+    assert float(range_gamma2(ModelManifold(net, x[:3]))) < 1e-20
 
 
 def test_noise_tangent_is_the_mean_over_rademacher_combinations(setting):
@@ -201,3 +248,11 @@ def test_errors():
         hessian_trace(m, y, n_probes=1)
     with pytest.raises(TypeError):
         hessian_trace(object(), y)
+    with pytest.raises(TypeError, match="reference must be a ModelManifold"):
+        natural_gradient_direction(m, y, reference=x)
+    with pytest.raises(ValueError, match="reference_weight"):
+        natural_gradient_direction(m, y, reference=m, reference_weight=0.0)
+    with pytest.raises(ValueError, match="same model at the same parameters"):
+        natural_gradient_direction(m, y, reference=ModelManifold(mlp(seed=5)[0], x))
+    with pytest.raises(ValueError, match="rcond"):
+        range_gamma2(m, rcond=2.0)

@@ -168,7 +168,7 @@ def test_build_mlp_is_seeded():
 
 
 # --------------------------------------------------------------------------- verdicts on synthetic records
-_C1_KEYS = ("mask_e", "mask_m", "natural_gradient_e", "noise_e", "fisher_trace", "fisher_top", "hessian_trace", "hessian_top", "sam")
+_C1_KEYS = ("mask_e", "mask_m", "natural_gradient_fs_e", "noise_e", "gamma2", "natural_gradient_e", "fisher_trace", "fisher_top", "hessian_trace", "hessian_top", "sam")
 
 
 def _c1_measures(scale: float, s: int, flip: bool = False) -> dict:
@@ -190,7 +190,7 @@ def _c1_records(trend: float, seeds: int = 6, flip: bool = False):
             if p > 0:
                 r["matched"] = {"matched": True, "log_nll_gap": 0.01, "steps": 9, "train": {"nll": 0.1 + p},
                                 "measures": _c1_measures(1.0, s + 1)}
-                r["l2"] = {"matched": True, "log_nll_gap": 0.01, "steps": 9, "measures": _c1_measures(1.0, s + 2)}
+                r["l2"] = {"matched": True, "log_nll_gap": 0.01, "weight": 0.01, "fits": 3, "measures": _c1_measures(1.0, s + 2)}
                 r["mixture"] = _c1_measures(0.5 * math.exp(trend * p), s, flip)
                 if p == 0.6:
                     r["noise_floor"] = {"measures": _c1_measures(math.exp(trend * p), s + 3, flip)}
@@ -216,12 +216,12 @@ def test_c1_reading_b_and_descriptions():
     assert s["reading_b"]["label"] == "supported"  # the mixture is half as curved on every measure
     assert s["reading_b"]["tests"]["noise_e|train|p=0.3"]["estimate"] == pytest.approx(-math.log(2.0))
     # coordinate-dependent measures never decide, they are described
-    assert all(k.split("|")[0] in ("mask_e", "mask_m", "natural_gradient_e", "noise_e") for k in s["tests"])
-    assert "fisher_trace|test|p=0.6" in s["matched_tests"]
+    assert {k.split("|")[0] for k in s["tests"]} == {"mask_e", "mask_m", "natural_gradient_fs_e", "noise_e", "gamma2"}
+    assert "fisher_trace|test|p=0.6" in s["matched_tests"] and "natural_gradient_e|test|p=0.6" in s["matched_tests"]
     inv = {r["measure"]: r["decides the verdict"] for r in s["tables"][-1]["rows"]}
     assert inv["SAM sharpness"] == "no" and inv["e-curvature along the mask directions"] == "yes"
     text = "\n".join(s["evidence"])
-    assert "noise floor" in text and "matching:" in text
+    assert "noise floor" in text and "matching:" in text and "L2 control tuned per p and seed" in text
 
 
 def test_c1_unmatched_controls_are_left_out():
@@ -268,3 +268,14 @@ def test_c1_config_fields_are_validated():
     text = str(err.value)
     for name in ("c1_match_tol", "c1_sam_rho", "c1_l2", "c1_inputs"):
         assert name in text
+
+
+def test_c1_l2_weight_search_brackets_then_interpolates():
+    from dropgeom.experiments.c1_flatness import _next_weight
+
+    cfg = RunConfig.from_preset("test")
+    assert _next_weight([(1e-2, 0.5)], cfg) == pytest.approx(1e-3)  # final NLL above the target: weaker L2
+    assert _next_weight([(1e-2, -0.5)], cfg) == pytest.approx(1e-1)  # below: stronger L2
+    assert _next_weight([(1e-3, -1.0), (1e-2, 1.0)], cfg) == pytest.approx(10**-2.5)  # regula falsi in log weight
+    assert _next_weight([(1e-3, -1.0), (1e-2, 0.01)], cfg) == pytest.approx(10**-2.1)  # clamped away from one end
+    assert _next_weight([(1e-5, 0.5)], cfg) is None  # at the lower bound and still too strong: give up

@@ -101,8 +101,17 @@ class RunConfig:
     #: ``|log(NLL_control / NLL_dropout)| <= c1_match_tol``
     c1_match_every: int = 1
     c1_match_tol: float = 0.05
-    #: C1: weight of the L2 control (trained with L2 and stopped at the same train NLL)
+    #: C1 L2 control, tuned per p to the same clean train NLL: the first L2 weight tried; every run
+    #: trains for all ``epochs`` (the regulariser, not early stopping, sets the fit); the weight moves by
+    #: factors of 10 until the final train NLL brackets the dropout solution's, then by regula falsi in
+    #: (log weight, log NLL), within ``c1_l2_range``, at most ``c1_l2_fits`` runs; the run closest to the
+    #: target is kept (matched when within ``c1_match_tol``)
     c1_l2: float = 1e-2
+    c1_l2_range: Tuple[float, float] = (1e-5, 1.0)
+    c1_l2_fits: int = 5
+    #: C1: inputs (of each set) and parameters (the first Linear layer) of the undamped gamma^2 on the
+    #: exact range of J (0: not computed); the inputs must outnumber the layer's parameters / (K-1)
+    c1_gamma2_inputs: int = 30
     #: C1 noise floor: at the largest p, a second dropout run from the same initialisation with another
     #: training seed (masks and batch order)
     c1_noise_floor: bool = True
@@ -265,7 +274,19 @@ class RunConfig:
     def problems(self) -> List[str]:
         """Every problem of this config, as readable sentences (empty when valid), in the order of :data:`CHECKS`."""
         out = [msg for name, check in CHECKS for msg in check(name, getattr(self, name))]
-        return out + self._c3_setting_problems()
+        return out + self._c1_l2_range_problems() + self._c3_setting_problems()
+
+    def _c1_l2_range_problems(self) -> List[str]:
+        """``c1_l2_range``: two finite numbers ``0 < lo < c1_l2 < hi`` (it brackets the first L2 weight tried)."""
+        lo_hi = self.c1_l2_range
+        ok = (
+            isinstance(lo_hi, tuple)
+            and len(lo_hi) == 2
+            and all(_number(v) and v > 0 for v in lo_hi)
+            and _number(self.c1_l2)
+            and lo_hi[0] < self.c1_l2 < lo_hi[1]
+        )
+        return [] if ok else [f"c1_l2_range must be two finite numbers 0 < lo < c1_l2 < hi, got {lo_hi!r}"]
 
     def _c3_setting_problems(self) -> List[str]:
         """``c3_grad_settings`` and ``c3_sweep_settings`` must name settings of :meth:`c3_settings`."""
@@ -355,6 +376,8 @@ CHECKS: List[Tuple[str, Callable[[str, Any], List[str]]]] = [
     ("c1_sam_rho", _positive),
     ("c1_sam_steps", partial(_integer, lo=0)),
     ("c1_mixture_masks", partial(_integer, lo=1)),
+    ("c1_l2_fits", partial(_integer, lo=2)),
+    ("c1_gamma2_inputs", partial(_integer, lo=0)),
     ("c2_activations", partial(_choices, allowed=ACTIVATIONS)),
     ("c2_widths", partial(_ints, lo=1)),
     ("c2_depths", partial(_ints, lo=1)),

@@ -110,3 +110,14 @@ def glm_input_dropout_limit(w: Tensor, b: Tensor, x: Tensor) -> Tensor:
     N = Hc - torch.einsum("ij,jab->iab", PT, Hc)
     gi = torch.linalg.pinv(R.g, hermitian=True)
     return torch.einsum("ac,bd,iab,ij,jcd->", gi, gi, N, R.G, N)
+
+
+def regularised_natural_gradient_direction(
+    eta_fn: Callable[[Tensor], Tensor], ref_fn: Callable[[Tensor], Tensor], theta: Tensor, family: str, y: Tensor, weight: float
+) -> Tensor:
+    """``(g + weight g_ref)^+ J^T r`` with dense Fisher matrices of both input sets (pseudo-inverse)."""
+    R = ref.build(eta_fn, theta, family)
+    Rr = ref.build(ref_fn, theta, family)
+    eta = eta_fn(theta).detach().requires_grad_(True)
+    r = torch.autograd.grad(nll_sum(family, eta, y), eta)[0].reshape(-1)
+    return torch.linalg.pinv(R.g + weight * Rr.g, hermitian=True) @ (R.J.T @ r)

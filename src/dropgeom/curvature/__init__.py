@@ -4,8 +4,12 @@ r"""Curvature of the model manifold (theory.md section 3).
 * :func:`embedding_curvature`   -- scalar e/m/alpha-curvature ``gamma^2``, dense or stochastic.
 * :func:`normal_curvature`      -- curvature along one parameter direction.
 * :func:`alpha_connection`, :func:`skewness_tensor` -- dense coefficients for inspection.
-* :mod:`.invariant` -- coordinate-free measures (normal curvature along the natural-gradient
-  direction and along dropout-noise tangent directions) and the invariance table ``INVARIANCE``.
+* :func:`range_gamma2`          -- the undamped ``gamma^2`` on the exact range of ``J``, without
+  the ``[n, K, P, P]`` Hessian tensor (any ``P`` on a few inputs).
+* :mod:`.invariant` -- coordinate-free measures (normal curvature along the mask and
+  dropout-noise tangent directions) and the invariance table ``INVARIANCE``.
+* :mod:`.natural_gradient` -- normal curvature along the natural-gradient direction, plain
+  or with a function-space regulariser (invariant and stable on a badly conditioned ``g``).
 * :mod:`.sharpness` -- coordinate-dependent sharpness measures (Hessian trace / top eigenvalue,
   SAM sharpness, Fisher trace / top eigenvalue), reported beside the invariant ones.
 * :func:`dropout_mixture_manifold` -- the manifold of the dropout-averaged model (theory.md 4.3).
@@ -23,13 +27,13 @@ from .invariant import (
     INVARIANCE,
     curvature_profile,
     dropout_tangent_directions,
-    natural_gradient_curvature,
-    natural_gradient_direction,
     noise_tangent_curvature,
     normal_curvatures,
 )
 from .mixture_model import dropout_mixture_manifold
+from .natural_gradient import natural_gradient_curvature, natural_gradient_direction
 from .normal import normal_curvature
+from .range_gamma import range_gamma2
 from .sharpness import (
     TraceEstimate,
     fisher_top_eigenvalue,
@@ -43,6 +47,7 @@ from . import streamed  # noqa: F401  (registers the curvature over batches, dro
 __all__ = [
     "statistical_curvature",
     "embedding_curvature",
+    "range_gamma2",
     "CurvatureResult",
     "normal_curvature",
     "alpha_connection",

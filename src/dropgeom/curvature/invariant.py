@@ -16,10 +16,17 @@ measure                                 under ``theta = phi(theta')``
                                         parameter coordinates)
 ``normal_curvature(m, v)``             invariant, given the tangent vector ``J v``
 :func:`normal_curvatures`              invariant, given the tangent vectors
-:func:`natural_gradient_curvature`     invariant when ``rank J = P`` (for a
-                                        singular ``g`` the null-space part of the
+``range_gamma2``                       invariant (the same ``gamma^2``, on the
+                                        exact range of J without the Hessian tensor)
+``natural_gradient_curvature``         invariant when ``rank J = P`` (for a
+  (plain)                               singular ``g`` the null-space part of the
                                         minimum-norm direction depends on the
-                                        coordinates; ``J v`` itself never does)
+                                        coordinates; ``J v`` itself never does);
+                                        volatile on a badly conditioned ``g``
+``natural_gradient_curvature``         invariant when ``rank [J; J_ref] = P``
+  (``reference=``, function-space       (the regulariser is the change of the
+  regulariser)                          function on other inputs, a tensor);
+                                        ``cg``: only up to its convergence
 :func:`noise_tangent_curvature`        invariant (the noise directions are defined
                                         by the network function: a unit's output
                                         scaled)
@@ -49,12 +56,15 @@ result depends on the coordinates (rescaling a layer by ``c`` changes it by
 orders of magnitude). The measures here instead pick *meaningful* tangent
 directions -- the natural-gradient step, the dropout noise -- and report the
 normal curvature along them, which needs only the projection onto
-``range(J)`` (a least-squares problem), never ``g^{-1}`` itself.
+``range(J)`` (a least-squares problem), never ``g^{-1}`` itself. The
+natural-gradient direction itself solves ``g v = J^T r`` and inherits the
+conditioning of ``g``; its function-space regularised variant
+(:mod:`dropgeom.curvature.natural_gradient`) damps with the Fisher of other
+inputs, a tensor, instead of ``lambda I``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import List, Mapping, Optional, Union
 
 import torch
@@ -62,21 +72,14 @@ from torch import Tensor, nn
 
 from ..manifold import ModelManifold
 from ._common import (
-    LinearisedManifold,
     check_alpha,
     check_manifold,
-    default_max_iter,
-    default_tol,
-    skew_whitened,
-    whiten,
-    whitening,
 )
-from .dense import MAX_DENSE_PARAMS
+from ._projector import Projector, as_rows, check_method
+from .natural_gradient import solve_direction
 
 __all__ = [
     "normal_curvatures",
-    "natural_gradient_direction",
-    "natural_gradient_curvature",
     "dropout_tangent_directions",
     "noise_tangent_curvature",
     "INVARIANCE",
@@ -90,7 +93,9 @@ INVARIANCE = {
     "embedding_curvature (damped)": "coordinate-dependent",
     "normal_curvature": "invariant",
     "normal_curvatures": "invariant",
+    "range_gamma2": "invariant",
     "natural_gradient_curvature": "invariant (rank J = P)",
+    "natural_gradient_curvature (function-space regulariser)": "invariant (rank [J; J_ref] = P)",
     "noise_tangent_curvature": "invariant",
     "hessian_trace": "coordinate-dependent",
     "hessian_top_eigenvalue": "coordinate-dependent",
@@ -98,82 +103,6 @@ INVARIANCE = {
     "fisher_top_eigenvalue": "coordinate-dependent",
     "sam_sharpness": "coordinate-dependent",
 }
-
-
-def _check_method(method: str) -> str:
-    if method not in ("auto", "dense", "cg"):
-        raise ValueError(f"method must be 'auto', 'dense' or 'cg', got {method!r}")
-    return method
-
-
-def _resolve(manifold: ModelManifold, method: str) -> str:
-    n, K, P = manifold.n, manifold.num_outputs, manifold.num_params
-    if method == "auto":
-        return "dense" if P <= MAX_DENSE_PARAMS and n * K * P <= 2**24 else "cg"
-    return method
-
-
-def _as_rows(manifold: ModelManifold, V: Union[Tensor, List[Mapping[str, Tensor]]]) -> Tensor:
-    if isinstance(V, (list, tuple)):
-        V = torch.stack([manifold.flatten(manifold._as_params(v, "direction")) for v in V])
-    if not isinstance(V, Tensor) or V.dim() != 2 or V.shape[1] != manifold.num_params or V.shape[0] == 0:
-        shape = tuple(V.shape) if isinstance(V, Tensor) else type(V).__name__
-        raise ValueError(f"directions must be a non-empty [m, P={manifold.num_params}] tensor, got {shape}")
-    V = V.to(dtype=manifold.dtype, device=manifold.device)
-    if not torch.isfinite(V).all():
-        raise ValueError("directions contain non-finite values (NaN or inf)")
-    norms = V.norm(dim=1, keepdim=True)
-    if bool((norms == 0).any()):
-        raise ValueError("a direction is zero; the normal curvature needs non-zero directions")
-    return V / norms
-
-
-class _Projector:
-    """Whitened projection onto the normal space of the manifold, built once (dense SVD or CG)."""
-
-    def __init__(self, manifold: ModelManifold, method: str, cg_tol: Optional[float], cg_max_iter: Optional[int]):
-        self.m = manifold
-        self.eta, self.S, self.S_pinv = whitening(manifold)
-        self.lin = LinearisedManifold(manifold)
-        self.method = _resolve(manifold, method)
-        P = manifold.num_params
-        self.tol = default_tol(manifold.dtype) if cg_tol is None else cg_tol
-        self.max_iter = default_max_iter(P) if cg_max_iter is None else cg_max_iter
-        self.U: Optional[Tensor] = None
-        if self.method == "dense":
-            J = manifold.jacobian()
-            self.Jw = whiten(self.S, J.permute(2, 0, 1)).permute(1, 2, 0).reshape(-1, P)  # [nR, P]
-            U, s, Vh = torch.linalg.svd(self.Jw, full_matrices=False)
-            r = int((s > max(self.Jw.shape) * torch.finfo(self.Jw.dtype).eps * s[0]).sum()) if s[0] > 0 else 0
-            self.U, self.s, self.V = U[:, :r], s[:r], Vh[:r].T
-
-    def normal(self, Y: Tensor) -> Tensor:
-        """Whitened normal part of whitened vectors ``Y`` (``[m, n, R]``)."""
-        if self.U is not None:
-            y = Y.reshape(Y.shape[0], -1)
-            return (y - (y @ self.U) @ self.U.T).reshape(Y.shape)
-        return self.lin.project_out(self.S, Y, self.tol, self.max_iter)
-
-    def kappas(self, V: Tensor, alpha: float, batch: int = 16, null: str = "raise") -> Tensor:
-        out = []
-        for i in range(0, V.shape[0], batch):
-            v = V[i : i + batch]
-            jv = self.lin.jvp(v)  # [b, n, K]
-            speed2 = (whiten(self.S, jv) ** 2).sum((1, 2))
-            if null == "raise" and bool((speed2 <= 0).any()):
-                raise ValueError(
-                    "a direction lies in the null space of J in the G-metric (|J v|_G = 0): no curvature defined"
-                )
-            Y = whiten(self.S, self.lin.d2(v, v))
-            if alpha != 1.0:
-                Y = Y + 0.5 * (1.0 - alpha) * skew_whitened(self.m, self.eta, self.S_pinv, jv, jv)
-            N = self.normal(Y).reshape(Y.shape[0], -1)
-            nn_, ny = N.norm(dim=1), Y.reshape(Y.shape[0], -1).norm(dim=1)
-            # a normal part at rounding level of the second derivative (an e-flat direction) is zero
-            floor = 100 * torch.finfo(Y.dtype).eps * math.sqrt(N.shape[1]) * ny
-            k = torch.where(nn_ <= floor, torch.zeros_like(nn_), nn_) / speed2
-            out.append(torch.where(speed2 > 0, k, torch.full_like(k, float("nan"))))
-        return torch.cat(out)
 
 
 def normal_curvatures(
@@ -224,119 +153,9 @@ def normal_curvatures(
     """
     check_manifold(manifold, "normal_curvatures")
     alpha = check_alpha(alpha)
-    _check_method(method)
-    V = _as_rows(manifold, directions)
-    return _Projector(manifold, method, cg_tol, cg_max_iter).kappas(V, alpha)
-
-
-def _loss_gradient_eta(manifold: ModelManifold, targets: Tensor) -> Tensor:
-    """``d (sum_i l_i) / d eta`` (``[n, K]``; ``mu - y`` for an exponential family)."""
-    manifold.check_targets(targets)
-    eta = manifold.eta().detach().requires_grad_(True)
-    loss = manifold.family.nll(eta, targets).sum()
-    return torch.autograd.grad(loss, eta)[0].detach()
-
-
-def natural_gradient_direction(
-    manifold: ModelManifold,
-    targets: Tensor,
-    *,
-    method: str = "auto",
-    cg_tol: Optional[float] = None,
-    cg_max_iter: Optional[int] = None,
-) -> Tensor:
-    r"""The natural-gradient direction of the NLL, ``v = g^+ J^T r`` with ``r = d(sum_i l_i)/d eta``.
-
-    ``J v = P_T G^+ r`` is the G-orthogonal projection of the output-space
-    gradient onto the tangent space: a tangent vector that does not depend on the
-    coordinates. ``v`` is the minimum-norm solution of the least-squares problem
-    ``min_v |S^T J v - S^+ r|`` (dense: SVD of the whitened Jacobian; ``cg``:
-    conjugate gradients on ``g``), theory.md section 3.
-
-    Invariance: ``J v`` is invariant; ``v`` itself transforms as a tangent vector
-    when ``rank J = P`` (otherwise its null-space part is fixed by the
-    minimum Euclidean norm, a coordinate-dependent choice).
-
-    Args:
-        manifold: the model manifold.
-        targets: labels (as for ``ModelManifold.loss``).
-        method, cg_tol, cg_max_iter: as in :func:`normal_curvatures`.
-
-    Returns:
-        Tensor ``[P]`` (the descent direction is ``-v``).
-
-    Raises:
-        ValueError: bad targets, or the gradient has no tangent component (a stationary point).
-
-    Example:
-        >>> import torch
-        >>> from dropgeom import ModelManifold
-        >>> x = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
-        >>> m = ModelManifold.from_function(lambda th: x * th, torch.tensor([0.5], dtype=torch.float64), "gaussian")
-        >>> natural_gradient_direction(m, torch.tensor([[1.0], [1.0]], dtype=torch.float64))  # (x.x)^-1 x.(eta - y)
-        tensor([-0.1000], dtype=torch.float64)
-    """
-    check_manifold(manifold, "natural_gradient_direction")
-    _check_method(method)
-    r = _loss_gradient_eta(manifold, targets)
-    proj = _Projector(manifold, method, cg_tol, cg_max_iter)
-    z = torch.einsum("nrk,nk->nr", proj.S_pinv, r)  # whitened G^+ r
-    if proj.U is not None:
-        y = z.reshape(-1)
-        v = proj.V @ ((proj.U.T @ y) / proj.s)
-    else:
-        from ..operators import conjugate_gradient
-
-        b = proj.lin.vjp(torch.einsum("nkr,nr->nk", proj.S, z)[None]).T  # [P, 1]
-        v = conjugate_gradient(lambda M: proj.lin.metric_matmat(proj.S, M), b, tol=proj.tol, max_iter=proj.max_iter)[:, 0]
-    if not bool(torch.isfinite(v).all()) or float(v.norm()) == 0.0:
-        raise ValueError("the loss gradient has no tangent component at these parameters (a stationary point)")
-    return v
-
-
-def natural_gradient_curvature(
-    manifold: ModelManifold,
-    targets: Tensor,
-    alpha: float = 1.0,
-    *,
-    method: str = "auto",
-    cg_tol: Optional[float] = None,
-    cg_max_iter: Optional[int] = None,
-) -> Tensor:
-    r"""Normal curvature along the natural-gradient direction ``v = g^+ J^T r`` of the NLL.
-
-    .. math::  \kappa_{ng} = \frac{|N^\alpha(v, v)|_G}{|J v|_G^2}
-
-    How much the manifold bends away from the straight output-space path a
-    natural-gradient step would take (theory.md section 3). Needs no ``g^{-1}``
-    beyond the least-squares solve that defines ``v``.
-
-    Invariance: **invariant** when ``rank J = P`` (see :func:`natural_gradient_direction`).
-
-    Args:
-        manifold: the model manifold.
-        targets: labels on the manifold's inputs.
-        alpha: 1 (e, default), -1 (m) or any real.
-        method, cg_tol, cg_max_iter: as in :func:`normal_curvatures`.
-
-    Returns:
-        0-dim tensor.
-
-    Raises:
-        ValueError: as :func:`natural_gradient_direction` and :func:`normal_curvatures`.
-
-    Example:
-        >>> import torch
-        >>> from dropgeom import ModelManifold
-        >>> rho = 2.0
-        >>> m = ModelManifold.from_function(
-        ...     lambda th: rho * torch.stack([th.cos(), th.sin()], -1), torch.tensor([0.3], dtype=torch.float64), "gaussian")
-        >>> round(float(natural_gradient_curvature(m, torch.tensor([[0.0, 1.0]], dtype=torch.float64))), 6)
-        0.5
-    """
-    alpha = check_alpha(alpha)
-    v = natural_gradient_direction(manifold, targets, method=method, cg_tol=cg_tol, cg_max_iter=cg_max_iter)
-    return normal_curvatures(manifold, v[None], alpha, method=method, cg_tol=cg_tol, cg_max_iter=cg_max_iter)[0]
+    check_method(method)
+    V = as_rows(manifold, directions)
+    return Projector(manifold, method, cg_tol, cg_max_iter).kappas(V, alpha)
 
 
 def dropout_tangent_directions(manifold: ModelManifold) -> List[Tensor]:
@@ -460,24 +279,30 @@ def curvature_profile(
     alphas: Mapping[str, float],
     targets: Optional[Tensor] = None,
     *,
+    reference: Optional[ModelManifold] = None,
+    reference_weight: float = 1.0,
     method: str = "auto",
     cg_tol: Optional[float] = None,
     cg_max_iter: Optional[int] = None,
 ) -> dict:
-    r"""Mean normal curvature of several named direction sets (and the natural-gradient direction), one projection.
+    r"""Mean normal curvature of several named direction sets (and natural-gradient directions), one projection.
 
     For each name in ``directions`` (``[m, P]``) and each ``alpha`` in ``alphas``:
     ``mean_v kappa_alpha(v)`` (:func:`normal_curvatures`); with ``targets`` also
-    ``"natural_gradient"`` (:func:`natural_gradient_curvature`). The Jacobian
-    SVD (dense) is computed once for everything. theory.md section 3.
+    ``"natural_gradient"`` (plain, :func:`~dropgeom.curvature.natural_gradient_curvature`),
+    and with ``reference`` too ``"natural_gradient_fs"`` (its function-space
+    regularised variant). The Jacobian SVD (dense) is computed once for everything.
+    theory.md section 3.
 
-    Invariance: as :func:`normal_curvatures` and :func:`natural_gradient_curvature`.
+    Invariance: as :func:`normal_curvatures` and :func:`~dropgeom.curvature.natural_gradient_curvature`.
 
     Args:
         manifold: the model manifold.
         directions: ``{name: [m, P] tensor}``.
         alphas: ``{label: alpha}``, e.g. ``{"e": 1.0, "m": -1.0}``.
         targets: labels; adds the natural-gradient direction.
+        reference, reference_weight: the same model on other inputs and the weight
+            of the function-space regulariser (needs ``targets``).
         method, cg_tol, cg_max_iter: as in :func:`normal_curvatures`.
 
     Returns:
@@ -485,7 +310,7 @@ def curvature_profile(
         every mask of a mixture drops) are left out of the mean (NaN if all are).
 
     Raises:
-        ValueError: as :func:`normal_curvatures`.
+        ValueError: as :func:`normal_curvatures`; a ``reference`` without ``targets``.
 
     Example:
         >>> import torch
@@ -496,20 +321,16 @@ def curvature_profile(
         {'d_e': 0.5}
     """
     check_manifold(manifold, "curvature_profile")
-    _check_method(method)
-    proj = _Projector(manifold, method, cg_tol, cg_max_iter)
-    named = {k: _as_rows(manifold, V) for k, V in directions.items()}
+    check_method(method)
+    if reference is not None and targets is None:
+        raise ValueError("curvature_profile: a reference (function-space regulariser) needs targets")
+    proj = Projector(manifold, method, cg_tol, cg_max_iter)
+    named = {k: as_rows(manifold, V) for k, V in directions.items()}
     if targets is not None:
-        r = _loss_gradient_eta(manifold, targets)
-        z = torch.einsum("nrk,nk->nr", proj.S_pinv, r)
-        if proj.U is not None:
-            v = proj.V @ ((proj.U.T @ z.reshape(-1)) / proj.s)
-        else:
-            from ..operators import conjugate_gradient
-
-            b = proj.lin.vjp(torch.einsum("nkr,nr->nk", proj.S, z)[None]).T
-            v = conjugate_gradient(lambda M: proj.lin.metric_matmat(proj.S, M), b, tol=proj.tol, max_iter=proj.max_iter)[:, 0]
-        named["natural_gradient"] = _as_rows(manifold, v[None])
+        named["natural_gradient"] = as_rows(manifold, solve_direction(proj, manifold, targets, None, 1.0)[None])
+        if reference is not None:
+            v = solve_direction(proj, manifold, targets, reference, reference_weight)
+            named["natural_gradient_fs"] = as_rows(manifold, v[None])
     out = {}
     for k, V in named.items():
         for label, a in alphas.items():

@@ -46,8 +46,6 @@ __all__ = [
     "curvature_measures",
     "mask_directions",
     "curvature_params",
-    "flatness_measures",
-    "FLATNESS_MEASURES",
     "mean_ci",
     "spearman",
     "finite",
@@ -401,92 +399,6 @@ def curvature_measures(
         v[name][:, j] = W[:, j]
         vals.append(float(normal_curvature(m, v, alpha=1.0)))
     out["mask_normal_curvature"] = float(np.mean(vals)) if vals else float("nan")
-    return out
-
-
-#: C1's measures: (key, words, invariance status); the invariant ones decide the verdict
-FLATNESS_MEASURES: Tuple[Tuple[str, str, str], ...] = (
-    ("mask_e", "e-curvature along the mask directions", "invariant"),
-    ("mask_m", "m-curvature along the mask directions", "invariant"),
-    ("natural_gradient_e", "e-curvature along the natural-gradient direction", "invariant"),
-    ("noise_e", "e-curvature along dropout-noise tangent directions", "invariant"),
-    ("gamma2", "undamped scalar e-curvature gamma^2 (exact range of J)", "invariant"),
-    ("fisher_trace", "Fisher trace", "coordinate-dependent"),
-    ("fisher_top", "top Fisher eigenvalue", "coordinate-dependent"),
-    ("hessian_trace", "Hessian trace (Hutchinson)", "coordinate-dependent"),
-    ("hessian_top", "top Hessian eigenvalue", "coordinate-dependent"),
-    ("sam", "SAM sharpness", "coordinate-dependent"),
-)
-
-
-def flatness_measures(
-    model: nn.Sequential,
-    x: Tensor,
-    y: Tensor,
-    family: str,
-    config: RunConfig,
-    seed: int,
-    *,
-    mixture: bool = False,
-    sharpness: bool = True,
-) -> Dict[str, Any]:
-    """C1's measures of one model on the inputs ``x`` (labels ``y``), over **all** its parameters.
-
-    Invariant (theory.md 3; :mod:`dropgeom.curvature.invariant`): mean normal
-    e- and m-curvature along the mask directions of the first dropout layer
-    (``mask_e``, ``mask_m``), along the natural-gradient direction of the NLL
-    (``natural_gradient_e``) and along ``config.c1_noise_draws`` Rademacher
-    combinations of the mask directions of every dropout layer (``noise_e``);
-    the undamped ``gamma2`` only when the dense Hessian tensor is small
-    (:data:`DENSE_BYTES`). Coordinate-dependent (:mod:`dropgeom.curvature.sharpness`):
-    Fisher trace and top eigenvalue (mean over inputs), Hessian trace
-    (Hutchinson, ``config.c1_hutchinson_probes`` probes), top Hessian eigenvalue
-    (Lanczos, tolerance 1e-3), SAM sharpness (radius ``config.c1_sam_rho |theta|``,
-    ``config.c1_sam_steps`` ascent steps). With ``mixture=True`` the invariant
-    measures are taken on the manifold of the m-mixture of the dropout model
-    (``config.c1_mixture_masks`` common random masks; theory.md 4.3) instead.
-    Also ``param_norm`` (Euclidean norm of all parameters) and ``seconds``.
-    """
-    import time
-
-    from .. import ModelManifold
-    from ..curvature import (
-        curvature_profile,
-        dropout_mixture_manifold,
-        dropout_tangent_directions,
-        embedding_curvature,
-        fisher_top_eigenvalue,
-        fisher_trace,
-        hessian_top_eigenvalue,
-        hessian_trace,
-        sam_sharpness,
-    )
-
-    t0 = time.process_time()
-    gen = torch.Generator().manual_seed(20_000 + seed)
-    if mixture:
-        m = dropout_mixture_manifold(model, x, family, "m", masks=config.c1_mixture_masks, generator=gen)
-    else:
-        m = ModelManifold(model, x, family)
-    out: Dict[str, Any] = {"num_params": m.num_params, "n_inputs": m.n}
-    out["param_norm"] = float(m.theta.norm())
-    dirs = dropout_tangent_directions(m)
-    U = torch.cat(dirs)
-    xi = torch.randint(0, 2, (config.c1_noise_draws, U.shape[0]), generator=gen).to(U.dtype) * 2 - 1
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*vmap.*")
-        # one Jacobian SVD for every direction set (noise_m comes along for free and is dropped)
-        prof = curvature_profile(m, {"mask": dirs[0], "noise": xi @ U}, {"e": 1.0, "m": -1.0}, targets=y)
-    out.update({k: v for k, v in prof.items() if k in ("mask_e", "mask_m", "natural_gradient_e", "noise_e")})
-    if m.n * m.num_outputs * m.num_params**2 * 8 <= DENSE_BYTES and m.num_params <= 2000:
-        out["gamma2"] = float(embedding_curvature(m).gamma2)
-    if sharpness and not mixture:
-        out["fisher_trace"] = fisher_trace(m)
-        out["fisher_top"] = fisher_top_eigenvalue(m)
-        out["hessian_trace"] = hessian_trace(m, y, n_probes=config.c1_hutchinson_probes, generator=gen).value
-        out["hessian_top"] = hessian_top_eigenvalue(m, y, tol=1e-3)
-        out["sam"] = sam_sharpness(m, y, rho=config.c1_sam_rho, steps=config.c1_sam_steps)
-    out["seconds"] = time.process_time() - t0
     return out
 
 
