@@ -83,8 +83,6 @@ KNOWN_LONG_FILES: Dict[str, str] = {
 #: Functions over MAX_FUNCTION_LINES today ("path:qualified name", paths relative to src/).
 KNOWN_LONG_FUNCTIONS: Dict[str, str] = {
     # grown in the session that worked on issues 9-14 in parallel; split them next
-    "dropgeom/curvature/mixture_model.py:dropout_mixture_manifold": "issue #8 acceptance: functions <= 80 lines (issue 9 code)",
-    "dropgeom/curvature/normal.py:normal_curvature": "issue #8 acceptance: functions <= 80 lines (issue 9 code)",
 }
 
 

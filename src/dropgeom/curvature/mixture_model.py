@@ -24,7 +24,7 @@ inherits its invariance status.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -95,9 +95,6 @@ def dropout_mixture_manifold(
         >>> bool(torch.allclose(m.eta().exp().sum(-1), torch.ones(4, dtype=torch.float64)))
         True
     """
-    from ..dropout.explicit import forward_with_masks
-    from ..dropout.masks import enumerate_masks, find_dropout, resolve_p, sample_masks
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if kind not in MIXTURE_KINDS:
@@ -107,6 +104,43 @@ def dropout_mixture_manifold(
         raise ValueError(
             f"the m-mixture of {fam.name!r} distributions is not in the family; use kind='e', or a categorical/bernoulli model"
         )
+    mk, w = _mixture_masks(model, inputs, p, masks, generator, layers, max_masks)
+    return ModelManifold(model, inputs, fam, param_names=param_names, forward=_mixture_forward(model, mk, w, kind, fam))
+
+
+def _mixture_forward(model: nn.Module, mk: Dict[str, Tensor], w: Tensor, kind: str, fam: ExponentialFamily) -> Any:
+    """``forward(params, inputs) -> eta_mix``: the model under every mask at once (mask-major blocks of all ``n``
+    inputs), averaged as natural parameters (``e``) or as predictive distributions (``m``)."""
+    from ..dropout.explicit import forward_with_masks
+
+    M, logw, names = int(w.shape[0]), w.log(), list(mk)
+
+    def forward(params, ins):
+        n = ins[0].shape[0]
+        rep = tuple(t.repeat(M, *([1] * (t.dim() - 1))) for t in ins)  # mask-major: block m holds all n inputs
+        masks_rep = {k: mk[k].to(rep[0].dtype).repeat_interleave(n, 0) for k in names}
+        eta = forward_with_masks(model, rep, masks_rep, params=params).reshape(M, n, -1)
+        if kind == "e":
+            return torch.einsum("m,mnk->nk", w.to(eta.dtype), eta)
+        return fam.m_mixture_eta(eta, logw.to(eta.dtype))
+
+    return forward
+
+
+def _mixture_masks(
+    model: nn.Module,
+    inputs: Union[Tensor, tuple],
+    p: Optional[float],
+    masks: Union[str, int],
+    generator: Optional[torch.Generator],
+    layers: Optional[Sequence[str]],
+    max_masks: int,
+) -> Tuple[Dict[str, Tensor], Tensor]:
+    """The mixture's masks ``{layer: [M, *unit]}`` and their weights ``[M]``: every mask with its probability
+    (``masks="exact"``) or ``M`` common random masks with weight ``1/M``; ``ValueError`` for a model without
+    dropout, all ``p = 0``, or a bad ``masks``."""
+    from ..dropout.masks import enumerate_masks, find_dropout, resolve_p, sample_masks
+
     try:
         mods = find_dropout(model, layers)
     except ValueError as err:
@@ -119,25 +153,9 @@ def dropout_mixture_manifold(
     x = inputs if isinstance(inputs, Tensor) else inputs[0]
     if masks == "exact":
         en = enumerate_masks(model, x[:1], p, list(mods), max_masks=max_masks)
-        mk, w = en.masks, en.probs
-    elif isinstance(masks, int) and not isinstance(masks, bool) and masks >= 1:
+        return en.masks, en.probs
+    if isinstance(masks, int) and not isinstance(masks, bool) and masks >= 1:
         probe = x[:1].expand(masks, *x.shape[1:])
         mk = sample_masks(model, probe, "bernoulli", p, list(mods), generator)
-        w = torch.full((masks,), 1.0 / masks, dtype=next(iter(mk.values())).dtype)
-    else:
-        raise ValueError(f"masks must be 'exact' or a positive int (common random masks), got {masks!r}")
-    M = int(w.shape[0])
-    logw = w.log()
-    names = list(mk)
-
-    def forward(params, ins):
-        n = ins[0].shape[0]
-        rep = tuple(t.repeat(M, *([1] * (t.dim() - 1))) for t in ins)  # mask-major: block m holds all n inputs
-        masks_rep = {k: mk[k].to(rep[0].dtype).repeat_interleave(n, 0) for k in names}
-        eta = forward_with_masks(model, rep, masks_rep, params=params)
-        eta = eta.reshape(M, n, -1)
-        if kind == "e":
-            return torch.einsum("m,mnk->nk", w.to(eta.dtype), eta)
-        return fam.m_mixture_eta(eta, logw.to(eta.dtype))
-
-    return ModelManifold(model, inputs, fam, param_names=param_names, forward=forward)
+        return mk, torch.full((masks,), 1.0 / masks, dtype=next(iter(mk.values())).dtype)
+    raise ValueError(f"masks must be 'exact' or a positive int (common random masks), got {masks!r}")

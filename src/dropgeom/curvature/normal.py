@@ -74,6 +74,22 @@ def normal_curvature(
     alpha = check_alpha(alpha)
     if method not in ("auto", "dense", "cg"):
         raise ValueError(f"method must be 'auto', 'dense' or 'cg', got {method!r}")
+    v = _unit_direction(manifold, v)
+    eta, S, S_pinv = whitening(manifold)
+    lin = LinearisedManifold(manifold)
+    jv = lin.jvp(v[None])  # [1, n, K]
+    speed2 = (whiten(S, jv) ** 2).sum()
+    if speed2 <= 0:
+        raise ValueError("direction v lies in the null space of J in the G-metric (|J v|_G = 0): no curvature defined")
+    Y = whiten(S, lin.d2(v[None], v[None]))
+    if alpha != 1.0:
+        Y = Y + 0.5 * (1.0 - alpha) * skew_whitened(manifold, eta, S_pinv, jv, jv)
+    return _normal_part(manifold, lin, S, Y, method, cg_tol, cg_max_iter).norm() / speed2
+
+
+def _unit_direction(manifold: ModelManifold, v: Union[Tensor, Mapping[str, Tensor]]) -> Tensor:
+    """``v`` as a flat unit vector ``[P]`` on the manifold's dtype and device (``kappa`` is scale invariant; unit
+    norm keeps the numbers tame), or a ``ValueError`` naming what is wrong with it."""
     if isinstance(v, Mapping):
         v = manifold.flatten(manifold._as_params(v, "direction"))
     if not isinstance(v, Tensor) or v.dim() != 1 or v.numel() != manifold.num_params:
@@ -84,16 +100,15 @@ def normal_curvature(
         raise ValueError("direction v contains non-finite values (NaN or inf)")
     if not bool((v != 0).any()):
         raise ValueError("direction v is zero; the normal curvature needs a non-zero direction")
-    v = v / v.norm()  # kappa is scale invariant; unit norm keeps the numbers tame
-    eta, S, S_pinv = whitening(manifold)
-    lin = LinearisedManifold(manifold)
-    jv = lin.jvp(v[None])  # [1, n, K]
-    speed2 = (whiten(S, jv) ** 2).sum()
-    if speed2 <= 0:
-        raise ValueError("direction v lies in the null space of J in the G-metric (|J v|_G = 0): no curvature defined")
-    Y = whiten(S, lin.d2(v[None], v[None]))
-    if alpha != 1.0:
-        Y = Y + 0.5 * (1.0 - alpha) * skew_whitened(manifold, eta, S_pinv, jv, jv)
+    return v / v.norm()
+
+
+def _normal_part(
+    manifold: ModelManifold, lin: LinearisedManifold, S: Tensor, Y: Tensor, method: str,
+    cg_tol: Optional[float], cg_max_iter: Optional[int],
+) -> Tensor:
+    """``(I - P_T) Y`` in whitened coordinates, flat ``[nR]``: rank-revealing least squares on the dense whitened
+    Jacobian (``dense``) or conjugate gradients on ``g`` (``cg``); ``auto`` picks dense while it is small."""
     n, K, P = manifold.n, manifold.num_outputs, manifold.num_params
     if method == "auto":
         method = "dense" if P <= MAX_DENSE_PARAMS and n * K * P <= 2**24 else "cg"
@@ -103,8 +118,6 @@ def normal_curvature(
         U, s, _ = torch.linalg.svd(Jw, full_matrices=False)
         r = int((s > max(Jw.shape) * torch.finfo(Jw.dtype).eps * s[0]).sum()) if s[0] > 0 else 0
         y = Y.reshape(-1)
-        Nw = y - U[:, :r] @ (U[:, :r].T @ y)
-    else:
-        tol = default_tol(manifold.dtype) if cg_tol is None else cg_tol
-        Nw = lin.project_out(S, Y, tol, default_max_iter(P) if cg_max_iter is None else cg_max_iter)
-    return Nw.norm() / speed2
+        return y - U[:, :r] @ (U[:, :r].T @ y)
+    tol = default_tol(manifold.dtype) if cg_tol is None else cg_tol
+    return lin.project_out(S, Y, tol, default_max_iter(P) if cg_max_iter is None else cg_max_iter)
