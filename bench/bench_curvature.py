@@ -188,14 +188,25 @@ def _c1_measures(quick: bool) -> None:
     first = ModelManifold(net, x[:30], "categorical", param_names=["0.weight", "0.bias"])
     rep = 1 if quick else 3
     cases = [
-        ("mask e- and m-curvature + natural gradient (16 directions, 1 SVD)", lambda: curvature_profile(m, {"mask": dirs[0]}, {"e": 1.0, "m": -1.0}, targets=y)),
-        ("natural gradient, function-space regularised (reference: 100 other inputs)", lambda: curvature_profile(
-            m, {}, {"e": 1.0}, targets=y, reference=ModelManifold(net, x_ref, "categorical"))),
+        (
+            "mask e- and m-curvature + natural gradient (16 directions, 1 SVD)",
+            lambda: curvature_profile(m, {"mask": dirs[0]}, {"e": 1.0, "m": -1.0}, targets=y),
+        ),
+        (
+            "natural gradient, function-space regularised (reference: 100 other inputs)",
+            lambda: curvature_profile(m, {}, {"e": 1.0}, targets=y, reference=ModelManifold(net, x_ref, "categorical")),
+        ),
         ("undamped gamma^2 on range(J), first layer (176 params), 30 inputs", lambda: range_gamma2(first)),
         ("same, dense Hessian tensor (embedding_curvature)", lambda: embedding_curvature(first)),
         ("noise-tangent e-curvature (8 Rademacher directions)", lambda: curvature_profile(m, {"noise": xi @ U}, {"e": 1.0})),
-        ("same, on the m-mixture manifold (16 common masks)", lambda: curvature_profile(
-            dropout_mixture_manifold(net, x, masks=16, generator=torch.Generator().manual_seed(0)), {"noise": xi @ U}, {"e": 1.0})),
+        (
+            "same, on the m-mixture manifold (16 common masks)",
+            lambda: curvature_profile(
+                dropout_mixture_manifold(net, x, masks=16, generator=torch.Generator().manual_seed(0)),
+                {"noise": xi @ U},
+                {"e": 1.0},
+            ),
+        ),
         ("Fisher trace", lambda: fisher_trace(m)),
         ("Fisher top eigenvalue", lambda: fisher_top_eigenvalue(m)),
         ("Hessian trace (Hutchinson, 8 probes)", lambda: hessian_trace(m, y, n_probes=8, generator=g)),

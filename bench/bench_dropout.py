@@ -100,8 +100,14 @@ def _steps(net: nn.Sequential, x: torch.Tensor, y: torch.Tensor, quick: bool, bi
         return step
 
     fns = {f"{label}: plain step (eval)": plain, f"{label}: dropout step": dropout}
-    cases = [("quadratic", "mc", True), ("quadratic", "unit", True), ("quadratic", "exact", True), ("divergence", "mc", True),
-             ("divergence", "exact", True), ("quadratic", "mc", False)]
+    cases = [
+        ("quadratic", "mc", True),
+        ("quadratic", "unit", True),
+        ("quadratic", "exact", True),
+        ("divergence", "mc", True),
+        ("divergence", "exact", True),
+        ("quadratic", "mc", False),
+    ]
     slow = {}
     for form, est, shared in cases:
         what = f"{label}: clean + penalty({form}, {est})" + ("" if shared else ", separate forward")
@@ -139,7 +145,7 @@ def main(quick: bool) -> None:
     fb = _interleaved({"fb": fwd_bwd}, 3 if quick else 7)["fb"]
     trows = [{"what": "forward+backward (eval)", "seconds": fb, "x fwd+bwd": 1.0}]
     total = 0.0
-    for layer in (["5"] if quick else ["5", "2"]):
+    for layer in ["5"] if quick else ["5", "2"]:
         t0 = time.perf_counter()
         terms(net, xb, yb, layers=[layer])
         t = time.perf_counter() - t0
@@ -183,15 +189,28 @@ def architecture_terms(quick: bool) -> None:
     torch.manual_seed(0)
     xs, ys = _digits(256)
     cnn = nn.Sequential(
-        nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.2),
-        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.2), nn.Linear(128, 10),
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Dropout2d(0.2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.Linear(128, 10),
     ).eval()
     enc = _Encoder().eval()
     ids, yi = torch.randint(0, 50, (64, 8)), torch.randint(0, 10, (64,))
     cases = [
         ("CNN digits, batch 256", cnn, xs, ys, [("3", "Dropout2d, 8 channels"), ("8", "Dropout, 128 units")]),
-        ("Transformer encoder 32x4 heads, batch 64, length 8", enc, ids, yi,
-         [("layer.dropout1", "Dropout, 8x32 units"), ("layer.self_attn", "attention weights, 4x8x8 units")]),
+        (
+            "Transformer encoder 32x4 heads, batch 64, length 8",
+            enc,
+            ids,
+            yi,
+            [("layer.dropout1", "Dropout, 8x32 units"), ("layer.self_attn", "attention weights, 4x8x8 units")],
+        ),
     ]
     ce = nn.CrossEntropyLoss()
     for title, net, x, y, layers in cases[: 1 if quick else 2]:

@@ -64,8 +64,13 @@ def configurations(quick: bool) -> List[Tuple[str, nn.Module, Tensor, Tensor]]:
     xs = torch.randn(256, 784, generator=g)
     ys = torch.randint(0, 10, (256,), generator=g)
     cnn = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(256, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(256, 10),
     )
     return [
         ("digits CNN conv16-conv16-maxpool-linear, n=256", cnn, X[:256].reshape(256, 1, 8, 8), y[:256]),
@@ -118,6 +123,7 @@ def _backpack(model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, Callable[[], 
             if attr == "kflr":
                 return out
             return torch.cat([o.reshape(-1) for o in out]) * scale
+
         return go
 
     diag = run(DiagGGNExact(), "diag_ggn_exact", ce_mean)
@@ -153,8 +159,13 @@ def _curvlinops(model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, Callable[[]
 
     def kfac() -> object:
         op = KFACLinearOperator(
-            net, nn.CrossEntropyLoss(), params, [(x, y)], fisher_type="type-2",
-            separate_weight_and_bias=False, check_deterministic=False,
+            net,
+            nn.CrossEntropyLoss(),
+            params,
+            [(x, y)],
+            fisher_type="type-2",
+            separate_weight_and_bias=False,
+            check_deterministic=False,
         )
         op.compute_kronecker_factors()
         return op
@@ -244,8 +255,13 @@ def run_config(name: str, model: nn.Module, x: Tensor, y: Tensor, repeat: int, w
         peers = {k: v for k, v in t.items() if k in PEERS}
         fastest = min(peers, key=peers.get) if peers else None
         mem = peak_memory(libs["dropgeom"][q])
-        row = {"config": name, "quantity": q, "fwd+bwd ms": 1e3 * fb, "dropgeom": t["dropgeom"] / fb,
-               "+manifold": (t["dropgeom"] + t["manifold"]) / fb}
+        row = {
+            "config": name,
+            "quantity": q,
+            "fwd+bwd ms": 1e3 * fb,
+            "dropgeom": t["dropgeom"] / fb,
+            "+manifold": (t["dropgeom"] + t["manifold"]) / fb,
+        }
         for peer in PEERS:
             row[peer] = t[peer] / fb if peer in t else "-"
         row["vs peer"] = f"{t['dropgeom'] / peers[fastest]:.2f} ({fastest})" if fastest else "-"
@@ -263,8 +279,10 @@ def main(quick: bool = False) -> None:
     rows = []
     for name, model, x, y in configurations(quick):
         rows += run_config(name, model, x, y, repeat, window)
-        print_table(rows[-len(QUANTITIES):], title=name)
-    print_table(rows, title="Fisher engine: time as multiples of one forward+backward (medians); 'vs peer' = dropgeom / fastest peer")
+        print_table(rows[-len(QUANTITIES) :], title=name)
+    print_table(
+        rows, title="Fisher engine: time as multiples of one forward+backward (medians); 'vs peer' = dropgeom / fastest peer"
+    )
     print(
         "Goals: exact diag <= 0.8x the fastest peer; mc diag <= 1.0x the fastest peer; "
         "empirical diag <= 1.0x BackPACK. 'disagree' = max relative difference to dropgeom.\n"

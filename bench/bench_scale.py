@@ -61,9 +61,14 @@ def _mlp() -> nn.Module:
 def _cnn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 10),
     )
 
 
@@ -111,8 +116,13 @@ def _peers(model: nn.Module, loader: DataLoader) -> Dict[str, Dict[str, Callable
 
     def curvlinops_kfac() -> object:
         op = KFACLinearOperator(
-            cl, nn.CrossEntropyLoss(), list(cl.parameters()), loader, fisher_type="type-2",
-            separate_weight_and_bias=False, check_deterministic=False,
+            cl,
+            nn.CrossEntropyLoss(),
+            list(cl.parameters()),
+            loader,
+            fisher_type="type-2",
+            separate_weight_and_bias=False,
+            check_deterministic=False,
         )
         op.compute_kronecker_factors()
         return op
@@ -189,13 +199,33 @@ def _fd_epoch_worker(rank: int, world: int, port: int, n: int, out: str) -> None
         x = x.flatten(1)
         shard = slice(rank * n // world, (rank + 1) * n // world)
         torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 10))
+        net = nn.Sequential(
+            nn.Linear(784, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 10)
+        )
         ddp = nn.parallel.DistributedDataParallel(net)
         opts = {"p": 0.2, "estimator": "mc"}
-        train(ddp, (x[shard][:256], y[shard][:256]), "fisher_dropout", objective_options=opts, epochs=1, batch_size=256 // world, progress=False, seed=rank)
+        train(
+            ddp,
+            (x[shard][:256], y[shard][:256]),
+            "fisher_dropout",
+            objective_options=opts,
+            epochs=1,
+            batch_size=256 // world,
+            progress=False,
+            seed=rank,
+        )
         dist.barrier()
         t0 = time.perf_counter()
-        train(ddp, (x[shard], y[shard]), "fisher_dropout", objective_options=opts, epochs=1, batch_size=256 // world, progress=False, seed=rank)
+        train(
+            ddp,
+            (x[shard], y[shard]),
+            "fisher_dropout",
+            objective_options=opts,
+            epochs=1,
+            batch_size=256 // world,
+            progress=False,
+            seed=rank,
+        )
         dist.barrier()
         if rank == 0:
             pathlib.Path(out).write_text(str(time.perf_counter() - t0))

@@ -21,7 +21,6 @@ the exact divergence rows of the 784-1024-1024-10 MLP, seconds per step) and 5
 without, even on a loaded machine.
 """
 
-
 from __future__ import annotations
 
 import gc
@@ -74,9 +73,17 @@ def cnn(p: float = 0.5) -> nn.Sequential:
     """8x8 digits: conv(1->8) ReLU Dropout2d conv(8->16) ReLU pool Linear(256->64) ReLU Dropout Linear(64->10)."""
     return nn.Sequential(
         nn.Unflatten(1, (1, 8, 8)),
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(16 * 16, 64), nn.ReLU(), nn.Dropout(p), nn.Linear(64, 10),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Dropout2d(0.2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 16, 64),
+        nn.ReLU(),
+        nn.Dropout(p),
+        nn.Linear(64, 10),
     )
 
 

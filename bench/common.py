@@ -35,7 +35,9 @@ def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> f
     return statistics.median(times)
 
 
-def forward_backward(model: torch.nn.Module, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+def forward_backward(
+    model: torch.nn.Module, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]
+) -> Callable[[], None]:
     """A closure running one forward+backward pass (the unit all ratios use)."""
     params = [p for p in model.parameters() if p.requires_grad]
 

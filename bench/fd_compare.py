@@ -111,6 +111,7 @@ def main() -> None:
                 f"ece {res.get('ece', float('nan')):.4f}  ({res['seconds']:.1f} s)",
                 flush=True,
             )
+
     def paired(label: str, runs: List[Dict[str, float]], ref_label: str) -> str:
         ref = [r["nll"] for r in results.get(ref_label, [])]
         if not ref or label == ref_label:

@@ -48,7 +48,9 @@ STRUCTURES = ["dense", "diag", "layer", "kfac", "implicit"]
 def _models() -> List[Tuple[str, nn.Module, torch.Tensor, str]]:
     g = torch.Generator().manual_seed(0)
     mlp = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
-    cnn = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, stride=2), nn.Flatten(), nn.Linear(3 * 2 * 2, 4))
+    cnn = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, stride=2), nn.Flatten(), nn.Linear(3 * 2 * 2, 4)
+    )
     norm = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
     return [
         ("mlp/categorical", mlp, torch.randn(24, 6, generator=g), "categorical"),
@@ -94,15 +96,34 @@ def check_streamed(device: str = "cuda", dtype: str = "float32", quick: bool = F
     m_ref = ModelManifold(ref_net, x.double())
     curv = dict(method="stochastic", alpha=-1.0, n_samples=2, batch_size=2, damping=0.1, cg_tol=1e-6)
     cases = [
-        ("loader", "diag", lambda: fisher(StreamedManifold(dev_net, loader), "exact", "diag").diag(),
-         lambda: fisher(m_ref, "exact", "diag").diag()),
-        ("loader", "kfac", lambda: fisher(StreamedManifold(dev_net, loader), "exact", "kfac").dense(),
-         lambda: fisher(m_ref, "exact", "kfac").dense()),
-        ("curvature", "stochastic", lambda: embedding_curvature(
-            ModelManifold(dev_net, x.to(dev, dt)), generator=torch.Generator().manual_seed(0), **curv).gamma2,
-         lambda: embedding_curvature(m_ref, generator=torch.Generator().manual_seed(0), **curv).gamma2),
-        ("terms", "loader", lambda: torch.stack([dropout.terms(dev_net, loader).per_unit["2"][k] for k in ("fisher", "divergence")]),
-         lambda: torch.stack([dropout.terms(ref_net, x.double(), y).per_unit["2"][k] for k in ("fisher", "divergence")])),
+        (
+            "loader",
+            "diag",
+            lambda: fisher(StreamedManifold(dev_net, loader), "exact", "diag").diag(),
+            lambda: fisher(m_ref, "exact", "diag").diag(),
+        ),
+        (
+            "loader",
+            "kfac",
+            lambda: fisher(StreamedManifold(dev_net, loader), "exact", "kfac").dense(),
+            lambda: fisher(m_ref, "exact", "kfac").dense(),
+        ),
+        (
+            "curvature",
+            "stochastic",
+            lambda: (
+                embedding_curvature(
+                    ModelManifold(dev_net, x.to(dev, dt)), generator=torch.Generator().manual_seed(0), **curv
+                ).gamma2
+            ),
+            lambda: embedding_curvature(m_ref, generator=torch.Generator().manual_seed(0), **curv).gamma2,
+        ),
+        (
+            "terms",
+            "loader",
+            lambda: torch.stack([dropout.terms(dev_net, loader).per_unit["2"][k] for k in ("fisher", "divergence")]),
+            lambda: torch.stack([dropout.terms(ref_net, x.double(), y).per_unit["2"][k] for k in ("fisher", "divergence")]),
+        ),
     ]
     rows = []
     for kind, structure, run, reference in cases:
@@ -110,10 +131,19 @@ def check_streamed(device: str = "cuda", dtype: str = "float32", quick: bool = F
         ref = reference()
         err = float((got.double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
         on_device = got.device.type == dev.type and got.dtype == dt
-        rows.append({"model": "mlp+dropout/categorical", "kind": kind, "structure": structure, "max rel err": err,
-                     "on device": on_device, "ms": 1e3 * seconds, "x fwd+bwd": seconds / unit,
-                     # CG carries rounding differences to its tolerance: the curvature agrees to ~cg_tol
-                     "tol": 1e-5 if kind == "curvature" else None})
+        rows.append(
+            {
+                "model": "mlp+dropout/categorical",
+                "kind": kind,
+                "structure": structure,
+                "max rel err": err,
+                "on device": on_device,
+                "ms": 1e3 * seconds,
+                "x fwd+bwd": seconds / unit,
+                # CG carries rounding differences to its tolerance: the curvature agrees to ~cg_tol
+                "tol": 1e-5 if kind == "curvature" else None,
+            }
+        )
     return rows
 
 
@@ -186,7 +216,9 @@ def main(argv: List[str] | None = None) -> int:
     for r in rows:
         flag = "" if r["max rel err"] <= max(tol, r.get("tol") or 0.0) and r["on device"] else "  <-- FAIL"
         bad += bool(flag)
-        print(f"{r['model']:20s} {r['kind']:10s} {r['structure']:10s} {r['max rel err']:12.2e} {str(r['on device']):>9s} {r['ms']:9.2f} {r['x fwd+bwd']:9.1f}{flag}")
+        print(
+            f"{r['model']:20s} {r['kind']:10s} {r['structure']:10s} {r['max rel err']:12.2e} {str(r['on device']):>9s} {r['ms']:9.2f} {r['x fwd+bwd']:9.1f}{flag}"
+        )
     print("all checks passed" if not bad else f"{bad} checks FAILED")
     return 1 if bad else 0
 

@@ -32,13 +32,30 @@ FULL = RunConfig.from_preset("full")
 def _c3(part: str, tag: str) -> dict:
     ds, arch, n, opt = tag.split("-")
     size = int(n[1:]) if ds == "fashion_mnist" else 0
-    return {"key": f"{part}/{tag}/seed=0", "part": part, "seed": 0, "dataset": ds, "arch": arch, "size": size, "optimizer": opt, "tag": tag}
+    return {
+        "key": f"{part}/{tag}/seed=0",
+        "part": part,
+        "seed": 0,
+        "dataset": ds,
+        "arch": arch,
+        "size": size,
+        "optimizer": opt,
+        "tag": tag,
+    }
 
 
 def _c2(ds: str, act: str, depth: int) -> dict:
     setting = f"{act}-w16-d{depth}" if ds == FULL.dataset else f"{ds}-{act}-w16-d{depth}"
-    return {"key": f"{setting}/s=1/seed=0", "setting": setting, "dataset": ds, "activation": act, "width": 16, "depth": depth,
-            "init_scale": 1.0, "seed": 0}
+    return {
+        "key": f"{setting}/s=1/seed=0",
+        "setting": setting,
+        "dataset": ds,
+        "activation": act,
+        "width": 16,
+        "depth": depth,
+        "init_scale": 1.0,
+        "seed": 0,
+    }
 
 
 UNITS = {
@@ -62,6 +79,7 @@ def _timed(name, fn):
             return fn(*args, **kwargs)
         finally:
             PHASES[name] += time.process_time() - t
+
     return wrapper
 
 
@@ -70,10 +88,18 @@ def _timed_train(fn):
         t, inner = time.process_time(), sum(PHASES.values())
         out = fn(model, data, objective, config, *args, **kwargs)
         n = int(data.x_train.shape[0])
-        cpu = time.process_time() - t - (sum(PHASES.values()) - inner)  # less the measurements taken during training (C3a's mid stage)
-        TRAININGS.append({"cpu": cpu, "steps": len(out[1]) * math.ceil(n / config.batch_size),
-                          "full_steps": regularizers.c3_epochs(FULL, n) * math.ceil(n / config.batch_size)})
+        cpu = (
+            time.process_time() - t - (sum(PHASES.values()) - inner)
+        )  # less the measurements taken during training (C3a's mid stage)
+        TRAININGS.append(
+            {
+                "cpu": cpu,
+                "steps": len(out[1]) * math.ceil(n / config.batch_size),
+                "full_steps": regularizers.c3_epochs(FULL, n) * math.ceil(n / config.batch_size),
+            }
+        )
         return out
+
     return wrapper
 
 
@@ -85,6 +111,7 @@ def _timed_fit(fn):
         steps = out["epochs_run"] * math.ceil(n / config.batch_size)
         TRAININGS.append({"cpu": time.process_time() - t, "steps": steps, "full_steps": steps})  # C2 runs as configured
         return out
+
     return wrapper
 
 
@@ -108,10 +135,17 @@ def measure(kind: str, epochs: int) -> dict:
     assert rec.get("status", "ok") == "ok", rec.get("status")
     train = sum(t["cpu"] for t in TRAININGS)
     full_train = sum(t["cpu"] / max(t["steps"], 1) * t["full_steps"] for t in TRAININGS)
-    return {"kind": kind, "measured_cpu_s": round(cpu, 1), "measured_wall_s": round(wall, 1), "trainings": len(TRAININGS),
-            "steps_run": sum(t["steps"] for t in TRAININGS), "full_steps": sum(t["full_steps"] for t in TRAININGS),
-            "training_cpu_s": round(train, 1), "phases_cpu_s": {k: round(v, 1) for k, v in PHASES.items()},
-            "full_cpu_s": round(cpu - train + full_train, 1)}
+    return {
+        "kind": kind,
+        "measured_cpu_s": round(cpu, 1),
+        "measured_wall_s": round(wall, 1),
+        "trainings": len(TRAININGS),
+        "steps_run": sum(t["steps"] for t in TRAININGS),
+        "full_steps": sum(t["full_steps"] for t in TRAININGS),
+        "training_cpu_s": round(train, 1),
+        "phases_cpu_s": {k: round(v, 1) for k, v in PHASES.items()},
+        "full_cpu_s": round(cpu - train + full_train, 1),
+    }
 
 
 if __name__ == "__main__":

@@ -94,7 +94,9 @@ def test_fisher_table_trace_matches_dense_reference(capsys):
     ds = load_dataset("digits", seed=0, dtype=torch.float64)
     net = torch.nn.Sequential(torch.nn.Linear(64, 4), torch.nn.Tanh(), torch.nn.Linear(4, 10)).double()
     x = ds.x_train[:24]
-    J = torch.autograd.functional.jacobian(lambda *ps: torch.func.functional_call(net, dict(zip(dict(net.named_parameters()), ps)), (x,)), tuple(net.parameters()))
+    J = torch.autograd.functional.jacobian(
+        lambda *ps: torch.func.functional_call(net, dict(zip(dict(net.named_parameters()), ps)), (x,)), tuple(net.parameters())
+    )
     J = torch.cat([j.reshape(24, 10, -1) for j in J], dim=-1)
     p = torch.softmax(net(x), -1).detach()
     sigma = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]

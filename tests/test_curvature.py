@@ -326,9 +326,7 @@ def test_stochastic_matches_dense(alpha, damping):
     m, _ = mlp_setting("categorical", n=12, d=2, h=2)
     exact = embedding_curvature(m, alpha=alpha, damping=damping).gamma2.item()
     g = torch.Generator().manual_seed(1)
-    est = embedding_curvature(
-        m, alpha=alpha, method="stochastic", n_samples=600, generator=g, damping=damping, batch_size=300
-    )
+    est = embedding_curvature(m, alpha=alpha, method="stochastic", n_samples=600, generator=g, damping=damping, batch_size=300)
     assert est.stderr.item() > 0
     assert abs(est.gamma2.item() - exact) < 4 * est.stderr.item()
     assert est.stderr.item() < 0.3 * exact  # the estimate is informative

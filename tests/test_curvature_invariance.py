@@ -160,8 +160,14 @@ def test_coordinate_dependent_measures_are_flagged_and_do_change(reference, coor
     got = dependent_values(m)
     for k, v in ref.items():
         assert abs(got[k] - v) > 1e-3 * abs(v), (coords, k, got[k], v)  # far above rounding (1e-12)
-    for name in ("embedding_curvature (damped)", "hessian_trace", "hessian_top_eigenvalue", "fisher_trace",
-                 "fisher_top_eigenvalue", "sam_sharpness"):
+    for name in (
+        "embedding_curvature (damped)",
+        "hessian_trace",
+        "hessian_top_eigenvalue",
+        "fisher_trace",
+        "fisher_top_eigenvalue",
+        "sam_sharpness",
+    ):
         assert INVARIANCE[name] == "coordinate-dependent"
     for name in ("embedding_curvature (undamped)", "range_gamma2", "normal_curvatures", "noise_tangent_curvature"):
         assert INVARIANCE[name] == "invariant"

@@ -31,7 +31,9 @@ D64 = torch.float64
 
 def mlp(seed: int = 0, n: int = 16):
     g = torch.Generator().manual_seed(seed)
-    net = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Dropout(0.3), nn.Linear(2, 2), nn.Tanh(), nn.Dropout(0.3), nn.Linear(2, 3)).double()
+    net = nn.Sequential(
+        nn.Linear(2, 2), nn.Tanh(), nn.Dropout(0.3), nn.Linear(2, 2), nn.Tanh(), nn.Dropout(0.3), nn.Linear(2, 3)
+    ).double()
     # P = 21 < n (K - 1) = 32: a proper normal space
     with torch.no_grad():
         for p in net.parameters():
@@ -63,7 +65,12 @@ def setting():
 @pytest.mark.parametrize("method", ["dense", "cg"])
 def test_normal_curvatures_against_reference(setting, alpha, method):
     *_, m, R = setting
-    V = torch.cat([torch.cat(dropout_tangent_directions(m)), torch.randn(3, m.num_params, generator=torch.Generator().manual_seed(4), dtype=D64)])
+    V = torch.cat(
+        [
+            torch.cat(dropout_tangent_directions(m)),
+            torch.randn(3, m.num_params, generator=torch.Generator().manual_seed(4), dtype=D64),
+        ]
+    )
     got = normal_curvatures(m, V, alpha, method=method)
     want = torch.stack([ref.normal_curvature(R, v / v.norm(), alpha) for v in V])
     assert torch.allclose(got, want, rtol=1e-7, atol=1e-12)  # e-flat directions: rounding level vs 0
@@ -123,7 +130,9 @@ def test_range_gamma2_on_a_parameter_subset_and_the_circle():
     sub = ModelManifold(net, x, param_names=names)
     assert float(range_gamma2(sub)) == pytest.approx(float(embedding_curvature(sub).gamma2), rel=1e-8)
     rho = 3.0  # closed form: a circle of radius rho has gamma^2 = 1 / rho^2
-    c = ModelManifold.from_function(lambda th: rho * torch.stack([th.cos(), th.sin()], -1), torch.tensor([0.4], dtype=D64), "gaussian")
+    c = ModelManifold.from_function(
+        lambda th: rho * torch.stack([th.cos(), th.sin()], -1), torch.tensor([0.4], dtype=D64), "gaussian"
+    )
     assert float(range_gamma2(c)) == pytest.approx(1 / rho**2, rel=1e-12)
     # the range of J fills the output space (n (K-1) <= P): no normal space, gamma^2 = 0
     assert float(range_gamma2(ModelManifold(net, x[:3]))) < 1e-20

@@ -13,8 +13,10 @@ from dropgeom.data import load_dataset, read_idx, write_idx
 D = torch.float64
 
 
-@pytest.mark.parametrize("name,loader", [("digits", skd.load_digits), ("breast_cancer", skd.load_breast_cancer),
-                                         ("wine", skd.load_wine), ("iris", skd.load_iris)])
+@pytest.mark.parametrize(
+    "name,loader",
+    [("digits", skd.load_digits), ("breast_cancer", skd.load_breast_cancer), ("wine", skd.load_wine), ("iris", skd.load_iris)],
+)
 def test_bundled_sets_split_and_standardise(name, loader):
     raw = loader()
     ds = load_dataset(name, seed=3, dtype=D)
@@ -113,8 +115,12 @@ def test_broken_npz_files_give_one_clear_error(tmp_path):
     (tmp_path / "random.npz").write_bytes(rng.bytes(300))
     np.save(tmp_path / "single.npy", np.zeros(3))
     (tmp_path / "single.npz").write_bytes((tmp_path / "single.npy").read_bytes())
-    for name, match in [("truncated", "truncated or corrupt"), ("flipped", "truncated or corrupt"),
-                        ("random", "not an npz file"), ("single", "single .npy")]:
+    for name, match in [
+        ("truncated", "truncated or corrupt"),
+        ("flipped", "truncated or corrupt"),
+        ("random", "not an npz file"),
+        ("single", "single .npy"),
+    ]:
         with pytest.raises(ValueError, match=match) as info:
             load_dataset(tmp_path / f"{name}.npz")
         msg = str(info.value)
@@ -164,8 +170,14 @@ def test_idx_reader_on_hand_written_files(tmp_path):
     assert (tmp_path / "w-idx3-ubyte.gz").read_bytes()[:2] == b"\x1f\x8b"
     np.testing.assert_array_equal(read_idx(tmp_path / "w-idx3-ubyte.gz"), imgs)
 
-    ds = load_dataset("idx", path=tmp_path / "img-idx3-ubyte", labels=tmp_path / "lab-idx1-ubyte.gz",
-                      test_fraction=0.4, standardize=False, seed=0)
+    ds = load_dataset(
+        "idx",
+        path=tmp_path / "img-idx3-ubyte",
+        labels=tmp_path / "lab-idx1-ubyte.gz",
+        test_fraction=0.4,
+        standardize=False,
+        seed=0,
+    )
     assert ds.num_features == 6 and ds.n_train == 3 and ds.n_test == 2
     for row, lab in zip(torch.cat([ds.x_train, ds.x_test]), torch.cat([ds.y_train, ds.y_test])):
         i = int(row[0]) // 6

@@ -40,7 +40,17 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         for i, (name, opts) in enumerate(OBJECTIVES + RANDOM):
             net = _make()
             ddp = nn.parallel.DistributedDataParallel(net)
-            train(ddp, (x[shard], y[shard]), name, objective_options=opts, epochs=3, batch_size=20, progress=False, lr=0.01, seed=rank)
+            train(
+                ddp,
+                (x[shard], y[shard]),
+                name,
+                objective_options=opts,
+                epochs=3,
+                batch_size=20,
+                progress=False,
+                lr=0.01,
+                seed=rank,
+            )
             res[i] = _flat(net)
         torch.save(res, f"{out}.{rank}")
     finally:

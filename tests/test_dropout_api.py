@@ -48,13 +48,19 @@ def test_old_positional_orders_warn_and_agree():
     net, x, y = _setup()
     gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     pairs = [
-        (lambda: gap(net, x, y, "categorical", 0.1, "bernoulli", "mc", 50, gen()),
-         lambda: gap(net, x, y, family="categorical", p=0.1, noise="bernoulli", method="mc", n_samples=50, generator=gen())),
+        (
+            lambda: gap(net, x, y, "categorical", 0.1, "bernoulli", "mc", 50, gen()),
+            lambda: gap(net, x, y, family="categorical", p=0.1, noise="bernoulli", method="mc", n_samples=50, generator=gen()),
+        ),
         (lambda: terms(net, x, y, "categorical", ["2"]), lambda: terms(net, x, y, layers=["2"])),
-        (lambda: mixture(net, x, y, 0.3, 0.1, 20, gen()),
-         lambda: mixture(net, x, y, alpha=0.3, p=0.1, n_samples=20, generator=gen())),
-        (lambda: penalty(net, x, "categorical", 0.1, "divergence", y, True, None, "mc", gen()),
-         lambda: penalty(net, x, y, p=0.1, form="divergence", curvature=True, method="mc", generator=gen()).value),
+        (
+            lambda: mixture(net, x, y, 0.3, 0.1, 20, gen()),
+            lambda: mixture(net, x, y, alpha=0.3, p=0.1, n_samples=20, generator=gen()),
+        ),
+        (
+            lambda: penalty(net, x, "categorical", 0.1, "divergence", y, True, None, "mc", gen()),
+            lambda: penalty(net, x, y, p=0.1, form="divergence", curvature=True, method="mc", generator=gen()).value,
+        ),
     ]
     for old, new in pairs:
         with pytest.warns(DeprecationWarning, match="by position") as caught:
@@ -94,8 +100,13 @@ def test_return_output_and_tensor_use_of_the_penalty_warn():
     with pytest.warns(DeprecationWarning, match="return_output"):
         bare = penalty(net, x, return_output=False)
     assert isinstance(bare, torch.Tensor) and torch.equal(bare, new.value)
-    for use in (lambda r: r.item(), lambda r: float(r), lambda r: r + 1.0, lambda r: 2.0 * r,
-                lambda r: torch.as_tensor(1.0, dtype=D) + r):
+    for use in (
+        lambda r: r.item(),
+        lambda r: float(r),
+        lambda r: r + 1.0,
+        lambda r: 2.0 * r,
+        lambda r: torch.as_tensor(1.0, dtype=D) + r,
+    ):
         with pytest.warns(DeprecationWarning, match="as a tensor"):
             got = use(new)
         assert float(got) == float(use(new.value))

@@ -58,8 +58,9 @@ def test_gradient_matches_finite_differences(form, curv, estimator):
     seed = 5
 
     def value():
-        return penalty(net, x, form=form, curvature=curv, targets=y, method=estimator,
-                       generator=torch.Generator().manual_seed(seed)).value
+        return penalty(
+            net, x, form=form, curvature=curv, targets=y, method=estimator, generator=torch.Generator().manual_seed(seed)
+        ).value
 
     grads = torch.autograd.grad(value(), params)
     direction = [torch.randn_like(p) for p in params]
@@ -74,9 +75,10 @@ def test_mc_estimator_is_unbiased(form, curv):
     x, y = _data()
     exact = penalty(net, x, form=form, curvature=curv, targets=y).value.item()
     g = torch.Generator().manual_seed(0)
-    draws = torch.tensor([
-        penalty(net, x, form=form, curvature=curv, targets=y, method="mc", generator=g).value.item() for _ in range(120)
-    ], dtype=D)
+    draws = torch.tensor(
+        [penalty(net, x, form=form, curvature=curv, targets=y, method="mc", generator=g).value.item() for _ in range(120)],
+        dtype=D,
+    )
     se = draws.std().item() / 120**0.5
     assert abs(draws.mean().item() - exact) < 4 * se + 1e-15
 
@@ -145,8 +147,17 @@ def _chain_nets(act, bias):
 def _value_and_grad(net, x, fast, **kw):
     from dropgeom.dropout._penalty import _penalty
 
-    args = dict(family="categorical", p=None, form="quadratic", targets=None, curvature=False, layers=None,
-                estimator="exact", generator=None, chunk_size=None)
+    args = dict(
+        family="categorical",
+        p=None,
+        form="quadratic",
+        targets=None,
+        curvature=False,
+        layers=None,
+        estimator="exact",
+        generator=None,
+        chunk_size=None,
+    )
     args.update(kw)
     val, eta = _penalty(net, x, **args, fast=fast)
     params = list(net.parameters())
@@ -181,18 +192,26 @@ def test_chain_path_equals_generic_path_in_chunks(act, bias):
     for net in _chain_nets(act, bias):
         net = net.double()
         # a single layer, chunks not dividing the unit count
-        fv, fg, _ = _value_and_grad(net, x, True, form="divergence", layers=["2"] if "2" in net._modules and
-                                    isinstance(net[2], nn.Dropout) else None, chunk_size=2)
-        gv, gg, _ = _value_and_grad(net, x, False, form="divergence", layers=["2"] if "2" in net._modules and
-                                    isinstance(net[2], nn.Dropout) else None)
+        fv, fg, _ = _value_and_grad(
+            net,
+            x,
+            True,
+            form="divergence",
+            layers=["2"] if "2" in net._modules and isinstance(net[2], nn.Dropout) else None,
+            chunk_size=2,
+        )
+        gv, gg, _ = _value_and_grad(
+            net, x, False, form="divergence", layers=["2"] if "2" in net._modules and isinstance(net[2], nn.Dropout) else None
+        )
         assert abs(fv.item() - gv.item()) < 1e-13 and torch.allclose(fg, gg, rtol=1e-10, atol=1e-13)
 
 
 @pytest.mark.parametrize("family", ["gaussian", "bernoulli", "poisson"])
 def test_chain_path_other_families(family, form, estimator):
     torch.manual_seed(8)
-    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Dropout(0.2), nn.Linear(5, 4), nn.Softplus(), nn.Dropout(0.3),
-                        nn.Linear(4, 2)).double()
+    net = nn.Sequential(
+        nn.Linear(3, 5), nn.Tanh(), nn.Dropout(0.2), nn.Linear(5, 4), nn.Softplus(), nn.Dropout(0.3), nn.Linear(4, 2)
+    ).double()
     x, _ = _data(n=9)
     kw = dict(family=family, form=form, estimator=estimator)
     fv, fg, _ = _value_and_grad(net, x, True, generator=torch.Generator().manual_seed(1), **kw)
@@ -209,8 +228,9 @@ def test_the_result_carries_the_clean_forward():
     assert torch.equal(eta.detach(), net.eval()(x))
     loss = nn.functional.cross_entropy(eta, y) + pen
     grads = torch.autograd.grad(loss, list(net.parameters()))
-    ref = torch.autograd.grad(nn.functional.cross_entropy(net(x), y) + penalty(net, x, form="divergence").value,
-                              list(net.parameters()))
+    ref = torch.autograd.grad(
+        nn.functional.cross_entropy(net(x), y) + penalty(net, x, form="divergence").value, list(net.parameters())
+    )
     for a, b in zip(grads, ref):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-15)
 
@@ -233,8 +253,9 @@ def test_unit_estimator_is_unbiased_and_its_gradient_is_right(fast):
 
     net = _net(3)
     x, y = _data()
-    kw = dict(family="categorical", p=None, form="quadratic", targets=None, curvature=False, layers=None,
-              chunk_size=None, fast=fast)
+    kw = dict(
+        family="categorical", p=None, form="quadratic", targets=None, curvature=False, layers=None, chunk_size=None, fast=fast
+    )
     exact = _penalty(net, x, estimator="exact", generator=None, **kw)[0].item()
     g = torch.Generator().manual_seed(0)
     draws = torch.tensor([_penalty(net, x, estimator="unit", generator=g, **kw)[0].item() for _ in range(200)], dtype=D)
@@ -259,8 +280,15 @@ def _deep_net(seed=0):
     """Two activations below the first dropout layer: no closed form, second-order propagation."""
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Linear(3, 4), nn.Tanh(), nn.Dropout(0.2), nn.Linear(4, 4), nn.Softplus(), nn.Linear(4, 4), nn.Tanh(),
-        nn.Dropout(0.3), nn.Linear(4, 3),
+        nn.Linear(3, 4),
+        nn.Tanh(),
+        nn.Dropout(0.2),
+        nn.Linear(4, 4),
+        nn.Softplus(),
+        nn.Linear(4, 4),
+        nn.Tanh(),
+        nn.Dropout(0.3),
+        nn.Linear(4, 3),
     ).double()
 
 
@@ -285,8 +313,9 @@ def _pen(net, x, y, form, estimator, fast, seed=3):
     from dropgeom.dropout._penalty import _penalty
 
     with torch.enable_grad():  # the generic path differentiates w.r.t. the masks (also inside finite differences)
-        return _penalty(net, x, "categorical", None, form, y, True, None, estimator,
-                        torch.Generator().manual_seed(seed), None, fast=fast)[0]
+        return _penalty(
+            net, x, "categorical", None, form, y, True, None, estimator, torch.Generator().manual_seed(seed), None, fast=fast
+        )[0]
 
 
 @pytest.mark.parametrize("make", [_net, _deep_net])
@@ -352,8 +381,21 @@ def test_relu_low_rank_dropped_outputs_equal_explicit_drops_with_kink_crossings(
     from dropgeom.dropout.chain import as_chain, run_chain
 
     torch.manual_seed(9)
-    net = nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Dropout(0.3), nn.Linear(12, 10), nn.ReLU(), nn.Dropout(0.2),
-                        nn.Identity(), nn.Linear(10, 6), nn.Linear(6, 4)).double().eval()
+    net = (
+        nn.Sequential(
+            nn.Linear(3, 12),
+            nn.ReLU(),
+            nn.Dropout(0.3),
+            nn.Linear(12, 10),
+            nn.ReLU(),
+            nn.Dropout(0.2),
+            nn.Identity(),
+            nn.Linear(10, 6),
+            nn.Linear(6, 4),
+        )
+        .double()
+        .eval()
+    )
     x, _ = _data(n=9)
     chain = run_chain(net, as_chain(net, ["2", "5"]), x, ["2", "5"])
     low = chain.dropped_relu("2")  # [U, n, K]
@@ -423,8 +465,17 @@ def test_curvature_term_bad_inputs_name_the_problem():
 def _cnn(act, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1), act(), nn.Dropout2d(0.2), nn.Conv2d(3, 4, 3), act(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(4 * 2 * 2, 6), act(), nn.Dropout(0.3), nn.Linear(6, 3),
+        nn.Conv2d(1, 3, 3, padding=1),
+        act(),
+        nn.Dropout2d(0.2),
+        nn.Conv2d(3, 4, 3),
+        act(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, 6),
+        act(),
+        nn.Dropout(0.3),
+        nn.Linear(6, 3),
     ).double()
 
 
@@ -438,8 +489,7 @@ def test_generic_path_curvature_term_of_a_smooth_cnn_equals_terms():
     smooth = _cnn(nn.Tanh, 1)  # not piecewise linear: the forward-over-forward passes, equal to terms
     t = terms(smooth, x, y)
     with_c = penalty(smooth, x, targets=y, curvature=True, method="exact").value.item()
-    expect = sum(0.5 * q / (1 - q) * (t.per_layer[k]["fisher"] + t.per_layer[k]["curvature_gaussian"])
-                 for k, q in t.p.items())
+    expect = sum(0.5 * q / (1 - q) * (t.per_layer[k]["fisher"] + t.per_layer[k]["curvature_gaussian"]) for k, q in t.p.items())
     assert abs(with_c - expect) < 1e-12 * max(1.0, abs(expect))
     assert abs(t.curvature_gaussian) > 1e-6
 

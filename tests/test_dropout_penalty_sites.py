@@ -33,7 +33,15 @@ def _data(n, shape, k=2, seed=0):
 def _attention():
     net = AttnNet(p=0.3).double()
     x, y = _data(4, (2, 2))
-    return net, x, y, "attn", 4, 0.3, lambda m: net.head(torch.tanh(x + mha_self_attention(net.attn, x, m.reshape(1, 2, 2))).mean(1))
+    return (
+        net,
+        x,
+        y,
+        "attn",
+        4,
+        0.3,
+        lambda m: net.head(torch.tanh(x + mha_self_attention(net.attn, x, m.reshape(1, 2, 2))).mean(1)),
+    )
 
 
 def _functional():
@@ -65,8 +73,7 @@ def _alpha_net(feature: bool, p: float = 0.3):
     """SELU features, (feature) alpha dropout, a linear head; ``h`` the dropout's input."""
     drop = nn.FeatureAlphaDropout(p) if feature else nn.AlphaDropout(p)
     shape, width = ((3, 2), 6) if feature else ((3,), 3)
-    net = nn.Sequential(nn.Linear(2, width), nn.SELU(), nn.Unflatten(1, shape), drop, nn.Flatten(),
-                        nn.Linear(width, 2)).double()
+    net = nn.Sequential(nn.Linear(2, width), nn.SELU(), nn.Unflatten(1, shape), drop, nn.Flatten(), nn.Linear(width, 2)).double()
     x, y = _data(6, (2,))
     h = F.selu(net[0](x)).reshape(6, *shape).detach()
     return net, x, y, h
@@ -80,8 +87,12 @@ def _alpha(feature: bool):
 
 
 CASES = {
-    "attention": _attention, "functional": _functional, "sdpa": _sdpa, "stochastic_depth": _stochastic_depth,
-    "alpha": lambda: _alpha(False), "feature_alpha": lambda: _alpha(True),
+    "attention": _attention,
+    "functional": _functional,
+    "sdpa": _sdpa,
+    "stochastic_depth": _stochastic_depth,
+    "alpha": lambda: _alpha(False),
+    "feature_alpha": lambda: _alpha(True),
 }
 
 
@@ -137,10 +148,10 @@ def test_sampled_estimators_are_unbiased_on_every_site(name, estimator):
     net, x, y, _, _, ref = _reference(name, True)
     g = torch.Generator().manual_seed(1)
     for form in ("quadratic", "divergence"):
-        draws = torch.tensor([
-            penalty(net, x, form=form, curvature=True, targets=y, estimator=estimator, generator=g).item()
-            for _ in range(60)
-        ], dtype=D)
+        draws = torch.tensor(
+            [penalty(net, x, form=form, curvature=True, targets=y, estimator=estimator, generator=g).item() for _ in range(60)],
+            dtype=D,
+        )
         se = draws.std().item() / math.sqrt(60)
         assert abs(draws.mean().item() - ref[form]) < 4 * se + 1e-13, (form, draws.mean().item(), ref[form], se)
 

@@ -75,8 +75,17 @@ def test_gaussian_law_matches_mc_as_variance_to_0(act):
     t = terms(net, x, y)
     assert abs(t.curvature_gaussian) > 1e-3 * t.fisher
     for p in (0.02, 0.005):
-        mc = gap(net, x, y, p=p, noise="gaussian", method="mc", n_samples=3000, antithetic=True,
-                 generator=torch.Generator().manual_seed(11))
+        mc = gap(
+            net,
+            x,
+            y,
+            p=p,
+            noise="gaussian",
+            method="mc",
+            n_samples=3000,
+            antithetic=True,
+            generator=torch.Generator().manual_seed(11),
+        )
         pred = t.predicted_gap(p, "gaussian")
         assert abs(pred - mc.value) < 4 * mc.stderr, (p, pred, mc.value, mc.stderr)
         assert mc.stderr < 0.05 * abs(mc.value)  # the check has power
@@ -111,8 +120,17 @@ def test_glm_gaussian_family_gap_is_exactly_quadratic():
     wager = wager_quadratic(x, glm[1].weight.detach(), "gaussian", 0.3, glm[1].bias.detach())
     exact = gap(glm, x, y, family="gaussian")  # Bernoulli masks, enumerated
     assert abs(exact.value - wager) < 1e-12
-    mc = gap(glm, x, y, family="gaussian", noise="gaussian", method="mc", n_samples=2000,
-             generator=torch.Generator().manual_seed(0), antithetic=True)
+    mc = gap(
+        glm,
+        x,
+        y,
+        family="gaussian",
+        noise="gaussian",
+        method="mc",
+        n_samples=2000,
+        generator=torch.Generator().manual_seed(0),
+        antithetic=True,
+    )
     assert abs(mc.value - wager) < 4 * mc.stderr
 
 
@@ -218,8 +236,9 @@ def test_chain_path_equals_generic_path(act, bias):
 @pytest.mark.parametrize("family", ["gaussian", "poisson"])
 def test_chain_path_other_families(family):
     torch.manual_seed(6)
-    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Dropout(0.2), nn.Linear(5, 4), nn.Softplus(), nn.Dropout(0.3),
-                        nn.Linear(4, 2)).double()
+    net = nn.Sequential(
+        nn.Linear(3, 5), nn.Tanh(), nn.Dropout(0.2), nn.Linear(5, 4), nn.Softplus(), nn.Dropout(0.3), nn.Linear(4, 2)
+    ).double()
     x, _ = _data(n=9)
     y = torch.randn(9, 2, dtype=D) if family == "gaussian" else torch.poisson(torch.full((9, 2), 2.0, dtype=D))
     fast, slow = terms(net, x, y, family=family), terms(net, x, y, family=family, fast=False)

@@ -100,7 +100,9 @@ def test_cli_executor_errors_are_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)
     import importlib.util
 
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else importlib.machinery.PathFinder.find_spec(name))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ray" else importlib.machinery.PathFinder.find_spec(name)
+    )
     code = main(["reproduce", "--preset", "test", "--executor", "ray", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "pip install 'dropgeom[ray]'" in err
@@ -109,6 +111,8 @@ def test_cli_executor_errors_are_one_line(monkeypatch, capsys, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.undo()
-    code = main(["reproduce", "--preset", "test", "--executor", "ray", "--address", f"127.0.0.1:{port}", "--out", str(tmp_path / "r")])
+    code = main(
+        ["reproduce", "--preset", "test", "--executor", "ray", "--address", f"127.0.0.1:{port}", "--out", str(tmp_path / "r")]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "cannot reach a Ray head" in err

@@ -168,14 +168,28 @@ def test_build_mlp_is_seeded():
 
 
 # --------------------------------------------------------------------------- verdicts on synthetic records
-_C1_KEYS = ("mask_e", "mask_m", "natural_gradient_fs_e", "noise_e", "gamma2", "natural_gradient_e", "fisher_trace", "fisher_top", "hessian_trace", "hessian_top", "sam")
+_C1_KEYS = (
+    "mask_e",
+    "mask_m",
+    "natural_gradient_fs_e",
+    "noise_e",
+    "gamma2",
+    "natural_gradient_e",
+    "fisher_trace",
+    "fisher_top",
+    "hessian_trace",
+    "hessian_top",
+    "sam",
+)
 
 
 def _c1_measures(scale: float, s: int, flip: bool = False) -> dict:
     out = {}
     for st in ("train", "test"):
-        out[st] = {k: 0.1 * (1 + i) * scale ** (-1 if flip and k == "mask_m" else 1) * math.exp(0.02 * ((s * 7 + i) % 5))
-                   for i, k in enumerate(_C1_KEYS)}
+        out[st] = {
+            k: 0.1 * (1 + i) * scale ** (-1 if flip and k == "mask_m" else 1) * math.exp(0.02 * ((s * 7 + i) % 5))
+            for i, k in enumerate(_C1_KEYS)
+        }
         out[st].update(param_norm=5.0, num_params=100, seconds=0.1)
     return out
 
@@ -185,11 +199,22 @@ def _c1_records(trend: float, seeds: int = 6, flip: bool = False):
     recs = []
     for s in range(seeds):
         for p in (0.0, 0.3, 0.6):
-            r = {"status": "ok", "p": p, "seed": s, "train": {"nll": 0.1 + p}, "test": {"nll": 0.3},
-                 "measures": _c1_measures(math.exp(trend * p), s, flip)}
+            r = {
+                "status": "ok",
+                "p": p,
+                "seed": s,
+                "train": {"nll": 0.1 + p},
+                "test": {"nll": 0.3},
+                "measures": _c1_measures(math.exp(trend * p), s, flip),
+            }
             if p > 0:
-                r["matched"] = {"matched": True, "log_nll_gap": 0.01, "steps": 9, "train": {"nll": 0.1 + p},
-                                "measures": _c1_measures(1.0, s + 1)}
+                r["matched"] = {
+                    "matched": True,
+                    "log_nll_gap": 0.01,
+                    "steps": 9,
+                    "train": {"nll": 0.1 + p},
+                    "measures": _c1_measures(1.0, s + 1),
+                }
                 r["l2"] = {"matched": True, "log_nll_gap": 0.01, "weight": 0.01, "fits": 3, "measures": _c1_measures(1.0, s + 2)}
                 r["mixture"] = _c1_measures(0.5 * math.exp(trend * p), s, flip)
                 if p == 0.6:
@@ -198,8 +223,10 @@ def _c1_records(trend: float, seeds: int = 6, flip: bool = False):
     return recs
 
 
-@pytest.mark.parametrize("trend, flip, verdict", [(-2.0, False, "supported"), (2.0, False, "refuted"),
-                                                  (2.0, True, "measure-dependent"), (0.0, False, "inconclusive")])
+@pytest.mark.parametrize(
+    "trend, flip, verdict",
+    [(-2.0, False, "supported"), (2.0, False, "refuted"), (2.0, True, "measure-dependent"), (0.0, False, "inconclusive")],
+)
 def test_c1_verdicts(trend, flip, verdict):
     cfg = RunConfig.from_preset("test")
     s = c1_flatness.summarize(cfg, _c1_records(trend, flip=flip))
@@ -259,7 +286,9 @@ def test_fit_stops_at_the_step_closest_to_the_target_train_nll():
     # an epoch-granular stop (the old behaviour) overshoots further than the step-granular one
     net2 = build_mlp(data.num_features, data.num_outputs, cfg.width, cfg.depth, cfg.activation, 0.0, 0)
     fit(net2, data, "none", cfg, 0, 0.0, None, stop_at_train_nll=target)
-    assert abs(math.log(nll / target)) <= abs(math.log(evaluate_model(net2, data.x_train, data.y_train, data.family)["nll"] / target))
+    assert abs(math.log(nll / target)) <= abs(
+        math.log(evaluate_model(net2, data.x_train, data.y_train, data.family)["nll"] / target)
+    )
 
 
 def test_c1_config_fields_are_validated():

@@ -26,7 +26,9 @@ def test_between_setting_correlation_alone_is_no_effect():
     assert a["p_value"] > 0.05
 
 
-@pytest.mark.parametrize("within,expected,label", [(-1.0, -1, "predicted sign"), (-1.0, 1, "opposite sign"), (1.0, 1, "predicted sign")])
+@pytest.mark.parametrize(
+    "within,expected,label", [(-1.0, -1, "predicted sign"), (-1.0, 1, "opposite sign"), (1.0, 1, "predicted sign")]
+)
 def test_within_setting_effect_is_found_with_its_sign(within, expected, label):
     curv, y, g = _blocks(within=within, between=0.0)
     a = within_setting_analysis(curv, y, g, expected_sign=expected)
@@ -47,16 +49,28 @@ def test_rounding_level_curvature_is_zero_and_off_the_log_scale():
 def _records(within: float, between: float, knob_moves: bool = True):
     curv, y, g = _blocks(within=within, between=between, groups=6, per=4)
     # the knob: the rank of the curvature within its block (it moves the curvature), or unrelated to it
-    scales = [float(sum(curv[j] < curv[i] for j in range(len(g)) if g[j] == g[i]) + 1) if knob_moves else float((i * 3) % 4 + 1)
-              for i in range(len(g))]
+    scales = [
+        float(sum(curv[j] < curv[i] for j in range(len(g)) if g[j] == g[i]) + 1) if knob_moves else float((i * 3) % 4 + 1)
+        for i in range(len(g))
+    ]
     if not knob_moves:  # make the knob's order unrelated to curvature within every block
-        scales = [float(1 + (k + int(g[i])) % 4) if k % 2 else float(4 - (k + int(g[i])) % 4) for i, k in enumerate(range(len(g)))]
+        scales = [
+            float(1 + (k + int(g[i])) % 4) if k % 2 else float(4 - (k + int(g[i])) % 4) for i, k in enumerate(range(len(g)))
+        ]
     recs = []
     for i, (c, v, s) in enumerate(zip(curv, y, g)):
         recs.append(
             {
-                "status": "ok", "setting": "tanh-w6-d2", "activation": "tanh", "width": 6, "depth": 2, "seed": int(s),
-                "group": f"tanh-w6-d2/seed={int(s)}", "init_scale": scales[i], "gain": float(v), "gain_last_epoch": float(v),
+                "status": "ok",
+                "setting": "tanh-w6-d2",
+                "activation": "tanh",
+                "width": 6,
+                "depth": 2,
+                "seed": int(s),
+                "group": f"tanh-w6-d2/seed={int(s)}",
+                "init_scale": scales[i],
+                "gain": float(v),
+                "gain_last_epoch": float(v),
                 "gap": {"per_rate": float(v), "value": 0.1, "stderr": 0.0},
                 "terms": {"share_bernoulli": float(v), "ratio_bernoulli": 0.0},
                 "curvature": {"mask_normal_curvature": float(c)},
@@ -65,7 +79,9 @@ def _records(within: float, between: float, knob_moves: bool = True):
     return recs
 
 
-@pytest.mark.parametrize("within,between,verdict", [(0.0, -1.0, "not supported"), (-1.0, 0.0, "supported"), (1.0, 0.0, "refuted")])
+@pytest.mark.parametrize(
+    "within,between,verdict", [(0.0, -1.0, "not supported"), (-1.0, 0.0, "supported"), (1.0, 0.0, "refuted")]
+)
 def test_c2_verdict_rests_on_the_within_setting_test(within, between, verdict):
     s = c2.summarize(RunConfig.from_preset("test"), _records(within, between))
     assert s["verdict"].verdict == verdict

@@ -10,7 +10,12 @@ import torch
 from torch import nn
 
 from dropgeom.dropout import terms
-from dropgeom.experiments.c3_gradients import compare_gradients, exact_regularizer_gradient, form_gradient, mc_regularizer_gradient
+from dropgeom.experiments.c3_gradients import (
+    compare_gradients,
+    exact_regularizer_gradient,
+    form_gradient,
+    mc_regularizer_gradient,
+)
 from dropgeom.experiments.wager import glm_with_input_dropout, wager_curve, wager_gap, wager_quadratic
 from tests.reference.c3 import glm_gap, glm_quadratic, mlp_regularizer_and_grad
 
@@ -130,19 +135,31 @@ def _grad_records(cos: float, ratio: float, datasets=("digits", "fashion_mnist")
     recs = []
     for ds in datasets:
         for s in range(4):
-            st = {k: {"cos_quadratic": cos + 0.01 * s, "ratio_quadratic": ratio * (1 + 0.01 * s), "norm_quadratic": 1.0,
-                      "cos_divergence": 0.5, "ratio_divergence": 0.5, "norm_divergence": 0.5, "grad_rel_se": 0.01}
-                  for k in c3.STAGES}
+            st = {
+                k: {
+                    "cos_quadratic": cos + 0.01 * s,
+                    "ratio_quadratic": ratio * (1 + 0.01 * s),
+                    "norm_quadratic": 1.0,
+                    "cos_divergence": 0.5,
+                    "ratio_divergence": 0.5,
+                    "norm_divergence": 0.5,
+                    "grad_rel_se": 0.01,
+                }
+                for k in c3.STAGES
+            }
             recs.append({"status": "ok", "part": "grad", "seed": s, "dataset": ds, "tag": f"{ds}-mlp", "stages": st})
     return recs
 
 
-@pytest.mark.parametrize("cos,ratio,datasets,verdict", [
-    (0.95, 1.0, ("digits", "fashion_mnist"), "supported"),
-    (0.95, 1.0, ("digits",), "inconclusive"),
-    (0.6, 1.0, ("digits", "fashion_mnist"), "not supported"),
-    (0.95, 0.5, ("digits", "fashion_mnist"), "not supported"),
-])
+@pytest.mark.parametrize(
+    "cos,ratio,datasets,verdict",
+    [
+        (0.95, 1.0, ("digits", "fashion_mnist"), "supported"),
+        (0.95, 1.0, ("digits",), "inconclusive"),
+        (0.6, 1.0, ("digits", "fashion_mnist"), "not supported"),
+        (0.95, 0.5, ("digits", "fashion_mnist"), "not supported"),
+    ],
+)
 def test_c3a_rule(cos, ratio, datasets, verdict):
     s = c3.summarize(RunConfig.from_preset("test"), _grad_records(cos, ratio, datasets))
     assert s["verdict"].verdict == verdict
@@ -156,10 +173,18 @@ def _obj_records(fisher_kl: float, l2_kl: float):
     recs = []
     for s in range(6):
         noise = float(np.exp(rng.normal(scale=0.05)))
-        objs = {"dropout": {"test": {"nll": 1.0}, "kl_from_dropout": 0.0}, "dropout_floor": {"test": {"nll": 1.0}, "kl_from_dropout": 0.01 * (1 + 0.1 * s)}}
+        objs = {
+            "dropout": {"test": {"nll": 1.0}, "kl_from_dropout": 0.0},
+            "dropout_floor": {"test": {"nll": 1.0}, "kl_from_dropout": 0.01 * (1 + 0.1 * s)},
+        }
         for reg, kl in (("l2", l2_kl), ("fisher_quadratic", fisher_kl)):
             for k in (0.5, 2.0):
-                objs[f"{reg}@{k:g}"] = {"test": {"nll": 1.0}, "kl_from_dropout": kl * noise * (1 + abs(math.log(k))), "regularizer": reg, "strength": k}
+                objs[f"{reg}@{k:g}"] = {
+                    "test": {"nll": 1.0},
+                    "kl_from_dropout": kl * noise * (1 + abs(math.log(k))),
+                    "regularizer": reg,
+                    "strength": k,
+                }
         recs.append({"status": "ok", "part": "objectives", "seed": s, "objectives": objs})
     return recs
 
@@ -208,7 +233,9 @@ def test_cnn_has_dropout_between_blocks_and_its_fisher_form_has_a_gradient():
 
 
 def test_c3_units_run_with_the_cnn_on_image_data():
-    cfg = RunConfig.from_preset("test", c3_architectures=["cnn"], epochs=1, c3_regularizers=["fisher_divergence"], curvature_inputs=20)
+    cfg = RunConfig.from_preset(
+        "test", c3_architectures=["cnn"], epochs=1, c3_regularizers=["fisher_divergence"], curvature_inputs=20
+    )
     units = {u["part"]: u for u in c3.units(cfg) if u.get("arch") == "cnn"}
     g = c3.run_unit(cfg, units["grad"])
     assert set(g["stages"]) == set(c3.STAGES) and all(-1 <= v["cos_quadratic"] <= 1 for v in g["stages"].values())
@@ -243,7 +270,13 @@ def test_full_preset_covers_every_architecture_size_and_optimizer_without_the_cr
     assert sweeps == set(cfg.c3_sweep_settings) and len(sweeps) < len(cfg.c3_settings())
     assert {u["dataset"] for u in us if u["part"] == "grad"} == set(c3.RULE_DATASETS)  # C3a's rule needs both
     for part in ("grad", "objectives", "wager"):  # >= 10 seeds per setting
-        assert min(sum(1 for u in us if u["part"] == part and u.get("tag") == t) for t in {u.get("tag") for u in us if u["part"] == part}) >= 10
+        assert (
+            min(
+                sum(1 for u in us if u["part"] == part and u.get("tag") == t)
+                for t in {u.get("tag") for u in us if u["part"] == part}
+            )
+            >= 10
+        )
     # the step budget: about as many optimizer steps at every size
     steps = [c3_epochs(cfg, n) * math.ceil(n / cfg.batch_size) for n in (1000, 10000, 60000)]
     assert max(steps) / min(steps) < 1.25
@@ -251,13 +284,18 @@ def test_full_preset_covers_every_architecture_size_and_optimizer_without_the_cr
 
 def test_setting_filters_must_name_settings_of_the_config():
     with pytest.raises(ConfigError) as info:
-        RunConfig.from_preset("test", c3_sweep_settings=["fashion_mnist-mlp-n1000-adam"], c3_grad_settings=["digits-cnn-n200-adam"],
-                              c3_max_steps=-1)
+        RunConfig.from_preset(
+            "test", c3_sweep_settings=["fashion_mnist-mlp-n1000-adam"], c3_grad_settings=["digits-cnn-n200-adam"], c3_max_steps=-1
+        )
     text = str(info.value)
     assert "c3_sweep_settings: 'fashion_mnist-mlp-n1000-adam' is not a C3 setting" in text
     assert "c3_grad_settings: 'digits-cnn-n200-adam'" in text and "c3_max_steps" in text
-    cfg = RunConfig.from_preset("test", c3_architectures=["mlp", "cnn"], c3_grad_settings=["digits-cnn-n200-adam"],
-                                c3_sweep_settings=["digits-mlp-n200-adam"])
+    cfg = RunConfig.from_preset(
+        "test",
+        c3_architectures=["mlp", "cnn"],
+        c3_grad_settings=["digits-cnn-n200-adam"],
+        c3_sweep_settings=["digits-mlp-n200-adam"],
+    )
     assert {(u["part"], u["arch"]) for u in c3.units(cfg) if u["part"] != "wager"} == {("grad", "cnn"), ("objectives", "mlp")}
 
 
@@ -272,7 +310,10 @@ def test_c3b_table_has_a_block_per_setting():
     cfg = RunConfig.from_preset("test", c3_regularizers=["l2", "fisher_quadratic"])
     recs = [dict(r, tag=tag) for tag in ("digits-mlp-n300-adam", "fashion_mnist-mlp-n1000-adam") for r in _obj_records(0.01, 0.1)]
     s = c3.summarize(cfg, recs)
-    assert s["columns_b"][0] == "setting" and {r["setting"] for r in s["rows_b"]} == {"digits-mlp-n300-adam", "fashion_mnist-mlp-n1000-adam"}
+    assert s["columns_b"][0] == "setting" and {r["setting"] for r in s["rows_b"]} == {
+        "digits-mlp-n300-adam",
+        "fashion_mnist-mlp-n1000-adam",
+    }
     assert any(line.startswith("fashion_mnist-mlp-n1000-adam: best KL") for line in s["evidence"])
     assert s["verdict_b"].verdict == "supported"
     one = c3.summarize(cfg, _obj_records(0.01, 0.1))

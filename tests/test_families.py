@@ -139,9 +139,18 @@ def test_extreme_logits_are_finite(name, dtype):
     k = 3
     y = torch.tensor([1, 0, 2]) if name == "categorical" else torch.tensor([[0.0, 1.0, 1.0]] * 3, dtype=dtype)
     mu = fam.mean(eta)
-    for out in (fam.log_partition(eta), mu, fam.cov(eta), fam.cov_sqrt(eta), fam.nll(eta, y),
-                fam.cov_mv(eta, torch.ones_like(eta)), fam.third_cumulant(eta, torch.ones_like(eta), torch.ones_like(eta)),
-                fam.kl(eta, eta.flip(0)), fam.kl(eta, eta), fam.residual(eta, y)):
+    for out in (
+        fam.log_partition(eta),
+        mu,
+        fam.cov(eta),
+        fam.cov_sqrt(eta),
+        fam.nll(eta, y),
+        fam.cov_mv(eta, torch.ones_like(eta)),
+        fam.third_cumulant(eta, torch.ones_like(eta), torch.ones_like(eta)),
+        fam.kl(eta, eta.flip(0)),
+        fam.kl(eta, eta),
+        fam.residual(eta, y),
+    ):
         assert torch.isfinite(out).all(), out
     assert (mu >= 0).all() and (mu <= 1).all()
     assert (fam.nll(eta, y) >= 0).all()
@@ -164,7 +173,9 @@ def test_poisson_large_and_small_log_rates(dtype):
     y = torch.tensor([[3.0, 0.0], [0.0, 2.0]], dtype=dtype)
     for out in (fam.log_partition(eta), fam.mean(eta), fam.cov(eta), fam.cov_sqrt(eta), fam.nll(eta, y), fam.kl(eta, eta)):
         assert torch.isfinite(out).all()
-    torch.testing.assert_close(fam.nll(eta, y).to(D64), ref.torch_distribution_nll("poisson", eta.to(D64), y), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        fam.nll(eta, y).to(D64), ref.torch_distribution_nll("poisson", eta.to(D64), y), rtol=1e-5, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -174,14 +185,15 @@ def test_normal_near_boundary_is_finite(dtype, e2):
     fam = get_family("normal")
     eta = torch.tensor([[0.5 * abs(e2) ** 0.5, e2], [-0.3 * abs(e2) ** 0.5, e2]], dtype=dtype)
     y = torch.tensor([0.1, -2.0], dtype=dtype)
-    outs = [fam.log_partition(eta), fam.mean(eta), fam.cov_sqrt(eta), fam.nll(eta, y), fam.kl(eta, eta),
-            fam.residual(eta, y)]
+    outs = [fam.log_partition(eta), fam.mean(eta), fam.cov_sqrt(eta), fam.nll(eta, y), fam.kl(eta, eta), fam.residual(eta, y)]
     if e2 > -1e-5 and dtype == torch.float32:
         pass  # the covariance itself is ~1e12: representable, checked below in float64 terms
     outs.append(fam.cov(eta))
     for out in outs:
         assert torch.isfinite(out).all(), out
-    torch.testing.assert_close(fam.nll(eta, y).to(D64), ref.torch_distribution_nll("normal", eta.to(D64), y), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        fam.nll(eta, y).to(D64), ref.torch_distribution_nll("normal", eta.to(D64), y), rtol=1e-4, atol=1e-4
+    )
     S = fam.cov_sqrt(eta).to(D64)
     C = ref.closed_form_cov("normal", eta.to(D64))
     torch.testing.assert_close(S @ S.transpose(1, 2), C, rtol=1e-4, atol=0.0)

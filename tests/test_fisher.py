@@ -39,8 +39,10 @@ class Case:
         self.J = ref.dense_jacobian(f, theta0)
         self.eta = f(theta0).detach()
         self.y = _targets(family, self.eta)
-        self.F = {"exact": ref.exact_fisher(self.J, self.eta, family),
-                  "empirical": ref.empirical_fisher(self.J, self.eta, self.y, family)}
+        self.F = {
+            "exact": ref.exact_fisher(self.J, self.eta, family),
+            "empirical": ref.empirical_fisher(self.J, self.eta, self.y, family),
+        }
         params = dict(self.model.named_parameters())
         self.groups = {}
         i = 0
@@ -325,7 +327,9 @@ def test_float32_saturated_model_stays_finite(structure, deterministic_kind):
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     f, th, _ = ref.flat_model(net.double(), x.double())
     J, eta = ref.dense_jacobian(f, th), f(th).detach()
-    F = {"exact": ref.exact_fisher(J, eta, "categorical"), "empirical": ref.empirical_fisher(J, eta, y, "categorical")}[deterministic_kind]
+    F = {"exact": ref.exact_fisher(J, eta, "categorical"), "empirical": ref.empirical_fisher(J, eta, y, "categorical")}[
+        deterministic_kind
+    ]
     op = fisher(m, deterministic_kind, structure, targets=y)
     d = op.diag()
     assert d.dtype == torch.float32 and torch.isfinite(d).all() and (d >= 0).all()

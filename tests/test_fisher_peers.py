@@ -155,9 +155,7 @@ def test_mc_diag_statistics_agree_with_backpack_diag_ggn_mc():
 def test_empirical_diag_matches_backpack_sum_grad_squared_and_batch_grad(name):
     net, x, y, m = _setup(name)
     sgs = _flat(_backpack(net, x, y, SumGradSquared(), "sum_grad_squared", "sum")) / N
-    per_sample = torch.cat(
-        [g.reshape(N, -1) for g in _backpack(net, x, y, BatchGrad(), "grad_batch", "sum")], dim=1
-    )
+    per_sample = torch.cat([g.reshape(N, -1) for g in _backpack(net, x, y, BatchGrad(), "grad_batch", "sum")], dim=1)
     ours = fisher(m, "empirical", "diag", targets=y).diag()
     _close(ours, sgs)
     _close(ours, (per_sample**2).mean(0))
@@ -200,8 +198,14 @@ def test_implicit_matches_curvlinops_ggn_and_ef(name):
 
 def _curvlinops_kfac(net, x, y, fisher_type: str) -> KFACLinearOperator:
     return KFACLinearOperator(
-        net, nn.CrossEntropyLoss(), list(net.parameters()), [(x, y)], fisher_type=fisher_type,
-        kfac_approx="expand", separate_weight_and_bias=False, check_deterministic=False,
+        net,
+        nn.CrossEntropyLoss(),
+        list(net.parameters()),
+        [(x, y)],
+        fisher_type=fisher_type,
+        kfac_approx="expand",
+        separate_weight_and_bias=False,
+        check_deterministic=False,
     )
 
 
@@ -315,10 +319,16 @@ def test_conv_padding_variants_diag_and_kfac():
     """Conv1d/Conv2d with padding="same", "valid", dilation and stride use the unfold rule;
     "same" with an even kernel (uneven padding) takes the generic path. Exact diagonals
     against curvlinops' GGN, KFC against curvlinops' KFAC-expand (which has no uneven padding)."""
+
     def net_with(middle: nn.Module) -> nn.Module:
         return nn.Sequential(
-            nn.Conv2d(2, 3, 3, padding="same", dilation=2), nn.Tanh(), middle,
-            nn.ReLU(), nn.Conv2d(2, 2, 2, stride=2, padding="valid"), nn.Flatten(), nn.Linear(2 * 3 * 3, K),
+            nn.Conv2d(2, 3, 3, padding="same", dilation=2),
+            nn.Tanh(),
+            middle,
+            nn.ReLU(),
+            nn.Conv2d(2, 2, 2, stride=2, padding="valid"),
+            nn.Flatten(),
+            nn.Linear(2 * 3 * 3, K),
         ).to(DT)
 
     x, y = torch.randn(N, 2, 6, 6, dtype=DT), torch.randint(0, K, (N,))
@@ -333,7 +343,9 @@ def test_conv_padding_variants_diag_and_kfac():
     kfac = fisher(m, "exact", "kfac")
     assert not kfac.dense_blocks
     _close(kfac.dense(), _dense_of(_curvlinops_kfac(even, x, y, "type-2"), m.num_params))
-    conv1 = nn.Sequential(nn.Conv1d(2, 3, 3, padding="same", dilation=2), nn.Tanh(), nn.Conv1d(3, 2, 3, stride=2), nn.Flatten(), nn.Linear(6, K)).to(DT)
+    conv1 = nn.Sequential(
+        nn.Conv1d(2, 3, 3, padding="same", dilation=2), nn.Tanh(), nn.Conv1d(3, 2, 3, stride=2), nn.Flatten(), nn.Linear(6, K)
+    ).to(DT)
     x1 = torch.randn(N, 2, 8, dtype=DT)
     m = ModelManifold(conv1, x1, "categorical")
     ggn = GGNLinearOperator(conv1, nn.CrossEntropyLoss(), list(conv1.parameters()), [(x1, y)], check_deterministic=False)
@@ -346,8 +358,12 @@ def test_conv_padding_variants_diag_and_kfac():
             return h.unsqueeze(-2)
 
     conv2 = nn.Sequential(
-        Height1(), nn.Conv2d(2, 3, (1, 3), padding=(0, 2), dilation=(1, 2)), nn.Tanh(),
-        nn.Conv2d(3, 2, (1, 3), stride=(1, 2)), nn.Flatten(), nn.Linear(6, K),
+        Height1(),
+        nn.Conv2d(2, 3, (1, 3), padding=(0, 2), dilation=(1, 2)),
+        nn.Tanh(),
+        nn.Conv2d(3, 2, (1, 3), stride=(1, 2)),
+        nn.Flatten(),
+        nn.Linear(6, K),
     ).to(DT)
     with torch.no_grad():
         for p2, p1 in zip(conv2.parameters(), conv1.parameters()):

@@ -66,7 +66,9 @@ def test_second_directional_derivative(cases, name):
     # finite-difference sanity check of the reference itself
     h = 1e-4
     with torch.no_grad():
-        fd = (f(theta0 + h * u + h * v) - f(theta0 + h * u - h * v) - f(theta0 - h * u + h * v) + f(theta0 - h * u - h * v)) / (4 * h * h)
+        fd = (f(theta0 + h * u + h * v) - f(theta0 + h * u - h * v) - f(theta0 - h * u + h * v) + f(theta0 - h * u - h * v)) / (
+            4 * h * h
+        )
     if name not in ("mlp_relu", "cnn_maxpool", "cnn_avgpool"):  # kinks: finite differences may straddle one
         torch.testing.assert_close(expect, fd, rtol=1e-4, atol=1e-4 * (1 + expect.abs().max().item()))
 

@@ -77,7 +77,11 @@ def test_report_numbers_match_metrics_files(run):
 
     c2 = _jsonl(run / "metrics" / "C2.jsonl")
     for setting, scale in {(r["setting"], r["init_scale"]) for r in c2}:
-        gains = [r["test_none_early_stopped"] - r["test_dropout"]["nll"] for r in c2 if (r["setting"], r["init_scale"]) == (setting, scale)]
+        gains = [
+            r["test_none_early_stopped"] - r["test_dropout"]["nll"]
+            for r in c2
+            if (r["setting"], r["init_scale"]) == (setting, scale)
+        ]
         assert f"| {setting} | {scale:.3g} | {len(gains)} |" in text
         assert fmt_ci(*mean_ci(gains)) in text
     better = sum(1 for r in c2 if r["gain"] > 0)
@@ -116,8 +120,10 @@ def test_report_rerender(run):
 
 
 def test_markdown_to_html_subset(tmp_path):
-    md = ("# T <x>\n\npara `code` **b**, `$x$` stays code\n\n- one\n- two\n\n"
-          "| a | b |\n|---|---|\n| 1 \\| 2 | $\\gamma^2$ |\n\n```\n<raw>\n```\n\n$$\\frac{a}{b}$$\n\n![a caption](fig.png)\n")
+    md = (
+        "# T <x>\n\npara `code` **b**, `$x$` stays code\n\n- one\n- two\n\n"
+        "| a | b |\n|---|---|\n| 1 \\| 2 | $\\gamma^2$ |\n\n```\n<raw>\n```\n\n$$\\frac{a}{b}$$\n\n![a caption](fig.png)\n"
+    )
     (tmp_path / "fig.png").write_bytes(b"\x89PNG fake")
     html = markdown_to_html(md, base=tmp_path).replace("\n", "")
     assert "<h1>T &lt;x&gt;</h1>" in html
@@ -141,11 +147,19 @@ def test_optional_summary_keys_are_rendered(tmp_path):
     fig.parent.mkdir()
     fig.write_bytes(b"png")
     claim = ClaimSummary(
-        "C1", "C1 title",
-        verdicts=(VerdictEntry("verdict", Verdict("C1", "measure-dependent", "two of three measures fall"),
-                               rule="supported when every measure falls significantly"),),
-        tables=(Table(["p", "curvature"], [{"p": "0", "curvature": "1.0"}]),
-                Table(["arch"], [{"arch": "tanh-w16-d2"}], title="Per architecture")),
+        "C1",
+        "C1 title",
+        verdicts=(
+            VerdictEntry(
+                "verdict",
+                Verdict("C1", "measure-dependent", "two of three measures fall"),
+                rule="supported when every measure falls significantly",
+            ),
+        ),
+        tables=(
+            Table(["p", "curvature"], [{"p": "0", "curvature": "1.0"}]),
+            Table(["arch"], [{"arch": "tanh-w16-d2"}], title="Per architecture"),
+        ),
         symbols=(("$\\gamma^2$", "embedding curvature"),),
         evidence=("a line",),
         what_would_change="a significant rise of any measure",
@@ -154,11 +168,18 @@ def test_optional_summary_keys_are_rendered(tmp_path):
         units=(3, 4),
     )
     text = build_markdown(RunSummary(tmp_path, cfg, (claim,)))
-    for piece in ("**Verdict (C1): measure-dependent.** Rule: supported when every measure falls significantly",
-                  "**Per architecture**", "| tanh-w16-d2 |", "Symbols: $\\gamma^2$: embedding curvature.",
-                  "What would change the verdict: a significant rise of any measure", "- only tanh networks",
-                  "![Curvature against p; dots: seeds](figures/c1_x.png)", "This run is incomplete",
-                  "**Incomplete: 3 of 4 units finished.**", "1 unit(s) of C1 have not run yet"):
+    for piece in (
+        "**Verdict (C1): measure-dependent.** Rule: supported when every measure falls significantly",
+        "**Per architecture**",
+        "| tanh-w16-d2 |",
+        "Symbols: $\\gamma^2$: embedding curvature.",
+        "What would change the verdict: a significant rise of any measure",
+        "- only tanh networks",
+        "![Curvature against p; dots: seeds](figures/c1_x.png)",
+        "This run is incomplete",
+        "**Incomplete: 3 of 4 units finished.**",
+        "1 unit(s) of C1 have not run yet",
+    ):
         assert piece in text, piece
     html = markdown_to_html(text, base=tmp_path)
     assert "<math" in html and "<figcaption>Curvature against p; dots: seeds</figcaption>" in html

@@ -51,7 +51,19 @@ def _gone(pid: int) -> bool:
 
 def _start_sweep(out: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    argv = [sys.executable, "-m", "dropgeom", "reproduce", "--preset", "test", "--out", str(out), "--workers", "2", "--no-progress"]
+    argv = [
+        sys.executable,
+        "-m",
+        "dropgeom",
+        "reproduce",
+        "--preset",
+        "test",
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+        "--no-progress",
+    ]
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -301,7 +313,9 @@ def test_read_only_folders_are_one_line_errors(cmd, tmp_path, capsys):
     assert code == 2 and "\n" not in err and "Traceback" not in err, err
 
 
-@pytest.mark.parametrize("value, expected", [("-1", "argument --seed"), (str(2**70), "argument --seed"), ("x", "argument --seed")])
+@pytest.mark.parametrize(
+    "value, expected", [("-1", "argument --seed"), (str(2**70), "argument --seed"), ("x", "argument --seed")]
+)
 def test_seed_errors_name_the_argument(value, expected, capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", "--seed", value])
@@ -330,8 +344,9 @@ def test_killed_and_resumed_sweep_gives_the_same_records(tmp_path, monkeypatch, 
     sweep stores bitwise the record of an uninterrupted one."""
     import dropgeom.train.loop as loop
 
-    cfg = RunConfig.from_preset("test", experiments=["C1"], seeds=1, c1_p_grid=[0.5], width=4, input_dim=4,
-                                curvature_inputs=10, epochs=8, lr=0.05)
+    cfg = RunConfig.from_preset(
+        "test", experiments=["C1"], seeds=1, c1_p_grid=[0.5], width=4, input_dim=4, curvature_inputs=10, epochs=8, lr=0.05
+    )
     real_save, count = loop.save_checkpoint, [0]
 
     def counting_save(path, state):

@@ -67,7 +67,7 @@ def test_within_group_permutation_separates_within_from_between():
     # between-group correlation only: y follows the group's x level, not x within the group
     x = g + 0.3 * rng.normal(size=g.size)
     y = -2.0 * g + rng.normal(size=g.size)
-    assert abs(st.spearmanr(x, y).statistic) > 0.8           # pooled: strongly "significant"
+    assert abs(st.spearmanr(x, y).statistic) > 0.8  # pooled: strongly "significant"
     assert within_group_permutation(x, y, g, seed=1).p_value > 0.05
     # a real within-group dependence is found
     y2 = -3.0 * (x - g) + 0.3 * rng.normal(size=g.size) + 5 * g

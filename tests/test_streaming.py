@@ -32,7 +32,11 @@ def _cnn() -> nn.Module:
 
 def _data(model):
     torch.manual_seed(2)
-    x = torch.randn(N, 5, dtype=torch.float64) if isinstance(model[0], nn.Linear) else torch.randn(N, 1, 6, 6, dtype=torch.float64)
+    x = (
+        torch.randn(N, 5, dtype=torch.float64)
+        if isinstance(model[0], nn.Linear)
+        else torch.randn(N, 1, 6, 6, dtype=torch.float64)
+    )
     y = torch.randint(0, model[-1].out_features, (N,))
     return x, y
 
@@ -189,7 +193,9 @@ def test_dropout_terms_and_gap_streamed_equal_in_memory():
     # independent MC batch estimates: the standard errors add in quadrature
     gm = stream_mean(
         lambda inp, t: dropout.gap(net, inp[0], t, p=0.3, method="mc", n_samples=200, generator=torch.Generator().manual_seed(0)),
-        x, y, batch_size=10,
+        x,
+        y,
+        batch_size=10,
     )
     assert 0 < gm.stderr and abs(gm.value - g_ref.value) < 5 * gm.stderr
 

@@ -80,19 +80,29 @@ def test_same_seed_gives_bitwise_identical_parameters(data):
 
 @pytest.mark.parametrize(
     "name,options",
-    [("none", {}), ("l2", {"weight": 1e-2}), ("dropout", {"masks": "explicit"}), ("gaussian_dropout", {}),
-     ("fisher_dropout", {"form": "divergence"}), ("fisher_dropout", {"estimator": "mc"})],
+    [
+        ("none", {}),
+        ("l2", {"weight": 1e-2}),
+        ("dropout", {"masks": "explicit"}),
+        ("gaussian_dropout", {}),
+        ("fisher_dropout", {"form": "divergence"}),
+        ("fisher_dropout", {"estimator": "mc"}),
+    ],
 )
 def test_every_objective_trains_reproducibly(data, name, options):
     nets = [make_net() for _ in range(2)]
-    hs = [train(net, data, name, objective_options=options, epochs=1, batch_size=40, seed=5, progress=False)
-          for net in nets]
+    hs = [train(net, data, name, objective_options=options, epochs=1, batch_size=40, seed=5, progress=False) for net in nets]
     assert same_params(*nets) and strip_times(hs[0]) == strip_times(hs[1])
     assert not same_params(nets[0], make_net())  # it did move
     assert hs[0][-1]["objective_loss"] == pytest.approx(
-        sum(v for k, v in hs[0][-1].items() if k in ("objective_nll", "objective_l2", "objective_penalty",
-                                                    "objective_nll_dropout", "objective_nll_gaussian_dropout")),
-        rel=1e-12)
+        sum(
+            v
+            for k, v in hs[0][-1].items()
+            if k
+            in ("objective_nll", "objective_l2", "objective_penalty", "objective_nll_dropout", "objective_nll_gaussian_dropout")
+        ),
+        rel=1e-12,
+    )
 
 
 @pytest.mark.parametrize("kill_call", [11, 15])  # mid-epoch 3 (5 batches/epoch) and the first batch of epoch 3
@@ -170,8 +180,9 @@ def test_divergence_is_detected_not_raised(data, tmp_path):
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["history"]["diverged"]
     # exploding SGD is caught as well
     boom = make_net()
-    h = train(boom, data, "none", optimizer="sgd", lr=1e7, epochs=3, batch_size=24, seed=0, progress=False,
-              divergence_threshold=1e3)
+    h = train(
+        boom, data, "none", optimizer="sgd", lr=1e7, epochs=3, batch_size=24, seed=0, progress=False, divergence_threshold=1e3
+    )
     assert h.diverged and all(torch.isfinite(p).all() for p in boom.parameters())
 
 
@@ -179,8 +190,9 @@ def test_early_stopping_restores_best(data):
     small = load_dataset("mlp_teacher", n=60, num_features=5, num_classes=3, seed=2, label_noise=0.4, dtype=D)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 3)).to(D)
-    h = train(net, small, "none", lr=0.05, epochs=80, batch_size=16, seed=0, progress=False,
-              early_stopping=EarlyStopping(patience=3))
+    h = train(
+        net, small, "none", lr=0.05, epochs=80, batch_size=16, seed=0, progress=False, early_stopping=EarlyStopping(patience=3)
+    )
     assert h.stopped_early and len(h) < 80
     nll = h.metric("test_nll")
     assert h.best_epoch == int(np.argmin(nll)) + 1
@@ -195,8 +207,19 @@ def test_records_and_progress(data, capsys):
     net = make_net()
     h = train(net, data, make_objective("l2", weight=1e-3), epochs=2, batch_size=40, seed=0, progress=False)
     r = h[-1]
-    for k in ("objective_loss", "objective_nll", "objective_l2", "train_nll", "train_accuracy", "train_ece",
-              "test_nll", "test_accuracy", "test_ece", "lr", "seconds"):
+    for k in (
+        "objective_loss",
+        "objective_nll",
+        "objective_l2",
+        "train_nll",
+        "train_accuracy",
+        "train_ece",
+        "test_nll",
+        "test_accuracy",
+        "test_ece",
+        "lr",
+        "seconds",
+    ):
         assert k in r
     ref = evaluate(net, data.x_test, data.y_test)
     assert r["test_nll"] == ref["nll"] and r["test_accuracy"] == ref["accuracy"]
@@ -255,8 +278,17 @@ def test_regression_data_trains_with_the_gaussian_family():
     y = (x @ torch.tensor([[1.5], [-2.0]], dtype=D)) + 0.1 * torch.randn(80, 1, generator=g, dtype=D)
     torch.manual_seed(0)
     net = nn.Linear(2, 1).to(D)
-    h = train(net, (x[:60], y[:60], x[60:], y[60:]), "none", family="gaussian", lr=0.05, epochs=30,
-              batch_size=20, seed=0, progress=False)
+    h = train(
+        net,
+        (x[:60], y[:60], x[60:], y[60:]),
+        "none",
+        family="gaussian",
+        lr=0.05,
+        epochs=30,
+        batch_size=20,
+        seed=0,
+        progress=False,
+    )
     assert "test_accuracy" not in h[-1] and h[-1]["test_nll"] < h[0]["test_nll"]
     # the Gaussian NLL (sigma = 1) of the fitted line: 0.5 * mean squared error + 0.5 log(2 pi)
     with torch.no_grad():

@@ -231,6 +231,7 @@ def test_register_objective_is_the_one_place():
     """A registration is a name for make_objective, options from the factory's signature, shared
     settings and a description; bad registrations are refused."""
     try:
+
         @register_objective("test_l2_only", "L2 alone", settings={"l2": "weight"})
         def _l2_only(weight: float = 1e-4, biases: bool = True) -> Objective:
             return L2(weight, biases)
@@ -258,9 +259,7 @@ def test_register_objective_is_the_one_place():
 
 def two_dropout_net(act=nn.Tanh):
     torch.manual_seed(4)
-    return nn.Sequential(
-        nn.Linear(3, 5), act(), nn.Dropout(0.2), nn.Linear(5, 4), act(), nn.Dropout(0.3), nn.Linear(4, 3)
-    ).to(D)
+    return nn.Sequential(nn.Linear(3, 5), act(), nn.Dropout(0.2), nn.Linear(5, 4), act(), nn.Dropout(0.3), nn.Linear(4, 3)).to(D)
 
 
 @pytest.mark.parametrize("curvature", [False, True])

@@ -90,9 +90,7 @@ def _batch_stat_norm(x: Tensor, dims: Tuple[int, ...], weight, bias, eps: float)
     return out
 
 
-def _composite_batch_norm(
-    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
-):
+def _composite_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
     if not training or running_mean is not None or running_var is not None:
         return None  # running statistics used or updated: leave it to the fused kernel
     return _batch_stat_norm(input, (0,) + tuple(range(2, input.dim())), weight, bias, eps)

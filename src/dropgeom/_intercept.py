@@ -59,7 +59,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "DropoutSite", "DropoutInterceptor", "ALPHA", "alpha_affine", "alpha_mode", "LazyMasks", "MODULE_DROPOUT",
+    "DropoutSite",
+    "DropoutInterceptor",
+    "ALPHA",
+    "alpha_affine",
+    "alpha_mode",
+    "LazyMasks",
+    "MODULE_DROPOUT",
 ]
 
 #: SELU's ``-lambda * alpha``: the value a dropped unit of alpha dropout takes before the affine correction.
@@ -399,16 +405,28 @@ class DropoutInterceptor(torch.overrides.TorchFunctionMode):
         else:
             name = self._site("sdpa")
             mask = self._seen(
-                name, "attention", p, torch.Size([*q.shape[1:-1], k.shape[-2]]), "scaled_dot_product_attention dropout",
+                name,
+                "attention",
+                p,
+                torch.Size([*q.shape[1:-1], k.shape[-2]]),
+                "scaled_dot_product_attention dropout",
                 q,
             )
         if mask is None:
-            return func(*args, **{**kwargs, "dropout_p": 0.0}) if "dropout_p" in kwargs else func(
-                *args[:4], 0.0, *args[5:], **kwargs
+            return (
+                func(*args, **{**kwargs, "dropout_p": 0.0})
+                if "dropout_p" in kwargs
+                else func(*args[:4], 0.0, *args[5:], **kwargs)
             )
         return _attention(
-            q, k, b["value"], b.get("attn_mask"), bool(b.get("is_causal", False)), b.get("scale"),
-            bool(b.get("enable_gqa", False)), mask,
+            q,
+            k,
+            b["value"],
+            b.get("attn_mask"),
+            bool(b.get("is_causal", False)),
+            b.get("scale"),
+            bool(b.get("enable_gqa", False)),
+            mask,
         )
 
     def _mha(self, func, args, kwargs):

@@ -25,8 +25,16 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 __all__ = [
-    "Inputs", "as_tuple", "checked_inputs", "vmap_or_loop", "training_off", "check_finite", "memory_guard",
-    "DEFAULT_MEMORY_LIMIT", "DEFAULT_CHUNK_BYTES", "atomic_write_bytes",
+    "Inputs",
+    "as_tuple",
+    "checked_inputs",
+    "vmap_or_loop",
+    "training_off",
+    "check_finite",
+    "memory_guard",
+    "DEFAULT_MEMORY_LIMIT",
+    "DEFAULT_CHUNK_BYTES",
+    "atomic_write_bytes",
 ]
 
 Inputs = Union[Tensor, Tuple[Tensor, ...]]
@@ -112,9 +120,7 @@ def memory_guard(numel: int, dtype: torch.dtype, what: str, alternative: str, li
     limit = DEFAULT_MEMORY_LIMIT if limit is None else limit
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if nbytes > limit:
-        raise MemoryError(
-            f"{what} needs {nbytes / 1024**3:.2f} GiB (limit {limit / 1024**3:.2f} GiB); {alternative}"
-        )
+        raise MemoryError(f"{what} needs {nbytes / 1024**3:.2f} GiB (limit {limit / 1024**3:.2f} GiB); {alternative}")
 
 
 def _file_mode() -> int:

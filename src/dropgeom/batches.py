@@ -72,10 +72,14 @@ def _check_batch(inputs: Tuple[Tensor, ...], targets: Optional[Tensor], index: i
     n = inputs[0].shape[0] if inputs[0].dim() else 0
     for t in inputs:
         if t.dim() == 0 or t.shape[0] != n:
-            raise ValueError(f"batch {index}: the input tensors disagree in their sample axis: {[tuple(t.shape) for t in inputs]}")
+            raise ValueError(
+                f"batch {index}: the input tensors disagree in their sample axis: {[tuple(t.shape) for t in inputs]}"
+            )
     if targets is not None and (targets.dim() == 0 or targets.shape[0] != n):
         raise ValueError(f"batch {index}: {n} inputs but targets of shape {tuple(targets.shape)}")
-    sig = [(tuple(t.shape[1:]), t.dtype) for t in inputs] + [None if targets is None else (tuple(targets.shape[1:]), targets.dtype)]
+    sig = [(tuple(t.shape[1:]), t.dtype) for t in inputs] + [
+        None if targets is None else (tuple(targets.shape[1:]), targets.dtype)
+    ]
     if ref is not None and sig != ref:
         raise ValueError(
             f"batch {index} has shapes/dtypes {sig} but the first batch had {ref}: every batch must have the same "
@@ -255,7 +259,14 @@ def _rebuild_result(obj: Any, path: str, values: dict) -> Any:
     if hasattr(obj, "_fields"):
         return type(obj)(*(_rebuild_result(getattr(obj, k), f"{path}.{k}", values) for k in obj._fields))
     if hasattr(obj, "__dataclass_fields__"):
-        return dataclasses.replace(obj, **{k: _rebuild_result(getattr(obj, k), f"{path}.{k}", values) for k in obj.__dataclass_fields__ if obj.__dataclass_fields__[k].init})
+        return dataclasses.replace(
+            obj,
+            **{
+                k: _rebuild_result(getattr(obj, k), f"{path}.{k}", values)
+                for k in obj.__dataclass_fields__
+                if obj.__dataclass_fields__[k].init
+            },
+        )
     return obj
 
 

@@ -117,8 +117,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             raise CLIError(f"cannot read --config {args.config}: {getattr(err, 'strerror', None) or err}") from None
         if not isinstance(loaded, dict):
             raise CLIError(
-                f"--config {args.config} must hold a JSON object of options (like {{\"seeds\": 3}}), "
-                f"not {json.dumps(loaded)[:40]}"
+                f'--config {args.config} must hold a JSON object of options (like {{"seeds": 3}}), not {json.dumps(loaded)[:40]}'
             )
         overrides.update(loaded)
     if args.seeds is not None:
@@ -135,11 +134,19 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         report = reproduce(
-            config, out, progress=not args.no_progress, threads=args.threads, workers=args.workers,
-            executor=args.executor, address=args.address,
+            config,
+            out,
+            progress=not args.no_progress,
+            threads=args.threads,
+            workers=args.workers,
+            executor=args.executor,
+            address=args.address,
         )
     except KeyboardInterrupt:
-        print(f"\ndropgeom reproduce: interrupted; finished units are saved in {out}; run the same command again to resume", file=sys.stderr)
+        print(
+            f"\ndropgeom reproduce: interrupted; finished units are saved in {out}; run the same command again to resume",
+            file=sys.stderr,
+        )
         return 130
     print(f"\nreport: {report}  (and {report.with_suffix('.html')})  in {time.perf_counter() - t0:.1f} s")
     import json
@@ -173,10 +180,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     model = _mlp_for(args, ds.num_features, ds.num_outputs, p)
     options = run_options(args.objective, p=p, l2=args.weight)
     hist = train(
-        model, ds, args.objective, objective_options=options, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
-        seed=args.seed, checkpoint_dir=args.out, progress=not args.no_progress,
+        model,
+        ds,
+        args.objective,
+        objective_options=options,
+        lr=args.lr,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        checkpoint_dir=args.out,
+        progress=not args.no_progress,
     )
-    cols = [c for c in ("epoch", "objective_loss", "train_nll", "test_nll", "test_accuracy", "test_ece", "seconds") if hist.records and c in hist.records[0]]
+    cols = [
+        c
+        for c in ("epoch", "objective_loss", "train_nll", "test_nll", "test_accuracy", "test_ece", "seconds")
+        if hist.records and c in hist.records[0]
+    ]
     _print_table(hist.records, cols)
     if hist.diverged:
         print(f"training diverged: {hist.divergence}", file=sys.stderr)
@@ -200,7 +219,9 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
         layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
     net = torch.nn.Sequential(*layers[:-1]).to(x.dtype)
     m = ModelManifold(net, x, "categorical")
-    print(f"Fisher information of an MLP {'-'.join(map(str, dims))} (P={m.num_params}) on {m.n} digits inputs (mean over inputs)\n")
+    print(
+        f"Fisher information of an MLP {'-'.join(map(str, dims))} (P={m.num_params}) on {m.n} digits inputs (mean over inputs)\n"
+    )
     rows = []
     gen = torch.Generator().manual_seed(args.seed)
     for kind in args.kinds:
@@ -212,7 +233,9 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
             F = fisher(m, kind, structure, targets=ds.y_train[: args.n], n_samples=1, generator=gen)
             tr = float(F.trace())
             top = float(F.eig(1)[0].max())
-            rows.append({"kind": kind, "structure": structure, "trace": tr, "top eigenvalue": top, "seconds": time.perf_counter() - t0})
+            rows.append(
+                {"kind": kind, "structure": structure, "trace": tr, "top eigenvalue": top, "seconds": time.perf_counter() - t0}
+            )
     _print_table(rows, ["kind", "structure", "trace", "top eigenvalue", "seconds"])
     return 0
 
@@ -230,8 +253,15 @@ def _cmd_curvature(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     cfg = RunConfig.from_preset(
-        "quick", width=args.width, depth=max(args.depth, 2), activation=args.activation, epochs=max(args.epochs, 1),
-        curvature_inputs=args.inputs, curvature_method=args.method, curvature_params=args.params, damping=args.damping,
+        "quick",
+        width=args.width,
+        depth=max(args.depth, 2),
+        activation=args.activation,
+        epochs=max(args.epochs, 1),
+        curvature_inputs=args.inputs,
+        curvature_method=args.method,
+        curvature_params=args.params,
+        damping=args.damping,
         input_dim=args.input_dim,
     )
     data = prepare_data(cfg, args.seed)
@@ -239,7 +269,9 @@ def _cmd_curvature(args: argparse.Namespace) -> int:
     if args.epochs > 0:
         tr = fit(model, data, "dropout" if args.p > 0 else "none", cfg, args.seed, args.p)
         last = tr["history"][-1] if tr["history"] else {}
-        print(f"trained {args.epochs} epochs ({'dropout p=%g' % args.p if args.p > 0 else 'no dropout'}): test NLL {last.get('test_nll', float('nan')):.4g}")
+        print(
+            f"trained {args.epochs} epochs ({'dropout p=%g' % args.p if args.p > 0 else 'no dropout'}): test NLL {last.get('test_nll', float('nan')):.4g}"
+        )
     from .experiments.common import curvature_params, quantity_name
 
     if args.method == "auto":
@@ -285,22 +317,60 @@ def _add_reproduce(sub: Any) -> None:
         "verdict per claim. Interrupt it at any time; running the same command again resumes (finished runs are "
         "not recomputed).",
     )
-    p.add_argument("--quick", action="store_true", help="the quick preset: under 10 minutes on an idle 2-core CPU, bundled digits only (default: the full run, with Fashion-MNIST; its measured time is in the README)")
-    p.add_argument("--out", default=None, help="run directory (default runs/reproduce-<preset>): a new or empty folder, or an earlier run of the same config, which is resumed; one process at a time")
-    p.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds per setting (default: the preset's, 10 for full, 5 for quick, 2 for test)")
-    p.add_argument("--only", nargs="+", choices=EXPERIMENTS, default=None, help="run only these claims")
-    p.add_argument("--data", default=None, choices=list(DATASETS), help="data set of C1 and C2 (default digits; fashion_mnist needs `apt-get install -y dataset-fashion-mnist`)")
-    p.add_argument("--preset", choices=list(PRESETS), default=None, help="a named preset (overrides --quick); 'test' is a smoke run of well under a minute on an idle machine")
-    p.add_argument("--config", default=None, help="JSON file of config overrides (every option of dropgeom.config.RunConfig)")
-    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads per process (default 1: fastest for these tiny models)")
-    p.add_argument("--workers", type=_positive_int, default=min(2, os.cpu_count() or 1), help="processes running units in parallel (default: 2, or 1 on a 1-core machine)")
     p.add_argument(
-        "--executor", choices=choices(ExecutorKind), default=ExecutorKind.PROCESS.value,
+        "--quick",
+        action="store_true",
+        help="the quick preset: under 10 minutes on an idle 2-core CPU, bundled digits only (default: the full run, with Fashion-MNIST; its measured time is in the README)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="run directory (default runs/reproduce-<preset>): a new or empty folder, or an earlier run of the same config, which is resumed; one process at a time",
+    )
+    p.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=None,
+        help="number of seeds per setting (default: the preset's, 10 for full, 5 for quick, 2 for test)",
+    )
+    p.add_argument("--only", nargs="+", choices=EXPERIMENTS, default=None, help="run only these claims")
+    p.add_argument(
+        "--data",
+        default=None,
+        choices=list(DATASETS),
+        help="data set of C1 and C2 (default digits; fashion_mnist needs `apt-get install -y dataset-fashion-mnist`)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default=None,
+        help="a named preset (overrides --quick); 'test' is a smoke run of well under a minute on an idle machine",
+    )
+    p.add_argument("--config", default=None, help="JSON file of config overrides (every option of dropgeom.config.RunConfig)")
+    p.add_argument(
+        "--threads", type=_positive_int, default=1, help="torch threads per process (default 1: fastest for these tiny models)"
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=min(2, os.cpu_count() or 1),
+        help="processes running units in parallel (default: 2, or 1 on a 1-core machine)",
+    )
+    p.add_argument(
+        "--executor",
+        choices=choices(ExecutorKind),
+        default=ExecutorKind.PROCESS.value,
         help="where units run: 'process' (worker processes on this machine) or 'ray' (Ray tasks: a local Ray, or a "
         "cluster with --address; pip install 'dropgeom[ray]')",
     )
-    p.add_argument("--address", default=None, help="Ray head node HOST:PORT (or auto) for --executor ray; default: start a local Ray")
-    p.add_argument("--no-progress", action="store_true", help="no progress line (by default one line shows the claim, units done/total and an ETA)")
+    p.add_argument(
+        "--address", default=None, help="Ray head node HOST:PORT (or auto) for --executor ray; default: start a local Ray"
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress line (by default one line shows the claim, units done/total and an ETA)",
+    )
     p.set_defaults(fn=_cmd_reproduce)
 
 
@@ -316,7 +386,9 @@ def _add_train(sub: Any) -> None:
     named = ", ".join(BUNDLED + SYNTHETIC + INSTALLED)
     p.add_argument("--data", default="digits", help=f"data set name ({named}) or a file path")
     p.add_argument(
-        "--objective", default="dropout", choices=names,
+        "--objective",
+        default="dropout",
+        choices=names,
         help="training objective (default dropout): " + "; ".join(f"{n}: {objective_spec(n).description}" for n in names),
     )
     p.add_argument("--p", type=_probability, default=0.3, help="dropout probability (drop rate, default 0.3)")
@@ -324,7 +396,9 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--epochs", type=_positive_int, default=20, help="epochs (default 20)")
     p.add_argument("--lr", type=_positive_float, default=0.01, help="Adam learning rate (default 0.01)")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="mini-batch size (default 128)")
-    p.add_argument("--out", default=None, help="checkpoint folder: new, empty, or holding the checkpoint.pt of the same training (resumed)")
+    p.add_argument(
+        "--out", default=None, help="checkpoint folder: new, empty, or holding the checkpoint.pt of the same training (resumed)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_options(p, width=32)
     p.set_defaults(fn=_cmd_train)
@@ -358,13 +432,34 @@ def _add_curvature(sub: Any) -> None:
         "and raw with --method dense; the matrix-free estimate of the raw value is unreliable on a badly conditioned "
         "metric) and the normal curvature along the dropout mask directions (theory.md 3).",
     )
-    p.add_argument("--p", type=_probability, default=0.2, help="dropout probability during training, and of the mask whose directions are measured (default 0.2; 0 trains without dropout)")
-    p.add_argument("--epochs", type=_nonnegative_int, default=20, help="training epochs before measuring (0: at initialisation; default 20)")
-    p.add_argument("--inputs", type=_positive_int, default=100, help="held-out inputs the curvature is evaluated on (default 100)")
+    p.add_argument(
+        "--p",
+        type=_probability,
+        default=0.2,
+        help="dropout probability during training, and of the mask whose directions are measured (default 0.2; 0 trains without dropout)",
+    )
+    p.add_argument(
+        "--epochs", type=_nonnegative_int, default=20, help="training epochs before measuring (0: at initialisation; default 20)"
+    )
+    p.add_argument(
+        "--inputs", type=_positive_int, default=100, help="held-out inputs the curvature is evaluated on (default 100)"
+    )
     p.add_argument("--input-dim", type=_positive_int, default=10, help="principal components of the inputs kept (default 10)")
-    p.add_argument("--method", choices=CURVATURE_METHODS, default="auto", help="curvature method (default auto: dense, exact and with the raw gamma^2, while the Hessian tensor n x K x P x P stays under 32 MB, else the matrix-free stochastic estimate, whose memory grows like n K P)")
-    p.add_argument("--params", choices=CURVATURE_PARAMS, default="around_mask", help="parameters the manifold varies (default: the layers around the first mask)")
-    p.add_argument("--damping", type=_positive_float, default=1e-3, help="relative damping of the damped curvature (default 1e-3)")
+    p.add_argument(
+        "--method",
+        choices=CURVATURE_METHODS,
+        default="auto",
+        help="curvature method (default auto: dense, exact and with the raw gamma^2, while the Hessian tensor n x K x P x P stays under 32 MB, else the matrix-free stochastic estimate, whose memory grows like n K P)",
+    )
+    p.add_argument(
+        "--params",
+        choices=CURVATURE_PARAMS,
+        default="around_mask",
+        help="parameters the manifold varies (default: the layers around the first mask)",
+    )
+    p.add_argument(
+        "--damping", type=_positive_float, default=1e-3, help="relative damping of the damped curvature (default 1e-3)"
+    )
     _add_model_options(p)
     p.set_defaults(fn=_cmd_curvature)
 

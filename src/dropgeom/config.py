@@ -326,18 +326,26 @@ def _probs(name: str, v: Any, allow_zero: bool = True) -> List[str]:
 
 def _choices(name: str, v: Any, allowed: Tuple[str, ...]) -> List[str]:
     out = [f"{name} must not be empty"] if isinstance(v, tuple) and not v else []
-    out += [f"{name}: unknown value {x!r}; choose from {list(allowed)}" for x in (v if isinstance(v, tuple) else (v,)) if x not in allowed]
+    out += [
+        f"{name}: unknown value {x!r}; choose from {list(allowed)}"
+        for x in (v if isinstance(v, tuple) else (v,))
+        if x not in allowed
+    ]
     return out
 
 
 def _ints(name: str, v: Any, lo: int) -> List[str]:
     out = [] if v else [f"{name} must not be empty"]
-    return out + [f"{name}: {x!r} must be an integer >= {lo}" for x in v if isinstance(x, bool) or not isinstance(x, int) or x < lo]
+    return out + [
+        f"{name}: {x!r} must be an integer >= {lo}" for x in v if isinstance(x, bool) or not isinstance(x, int) or x < lo
+    ]
 
 
 def _strengths(name: str, v: Any) -> List[str]:
     out = [] if v else [f"{name} must not be empty"]
-    return out + [f"{name}: {x!r} is not a positive number (a log grid needs values > 0)" for x in v if not (_number(x) and x > 0)]
+    return out + [
+        f"{name}: {x!r} is not a positive number (a log grid needs values > 0)" for x in v if not (_number(x) and x > 0)
+    ]
 
 
 def _check(ok: Callable[[Any], bool], message: str) -> Callable[[str, Any], List[str]]:
@@ -398,25 +406,35 @@ CHECKS: List[Tuple[str, Callable[[str, Any], List[str]]]] = [
     ("c3_train_sizes", partial(_ints, lo=0)),
     ("c3_wager_datasets", partial(_choices, allowed=DATASETS)),
     ("c3_wager_p_grid", partial(_probs, allow_zero=False)),
-    ("c3_objectives", _check(
-        lambda v: "dropout" in v, "c3_objectives must include 'dropout' (the reference every other objective is compared with)"
-    )),
+    (
+        "c3_objectives",
+        _check(
+            lambda v: "dropout" in v,
+            "c3_objectives must include 'dropout' (the reference every other objective is compared with)",
+        ),
+    ),
     ("c2_datasets", lambda name, v: _choices(name, v, DATASETS) if v else []),
     ("c2_train_size", partial(_integer, lo=0)),
     ("c3_max_steps", partial(_integer, lo=0)),
     ("c3_grad_inputs", partial(_integer, lo=0)),
     ("c3_gap_samples", partial(_integer, lo=0)),
-    ("c3_gap_samples", _check(lambda v: not (_number(v) and 0 < v < 10), "c3_gap_samples must be 0 (use gap_samples) or >= 10, got {v}")),
+    (
+        "c3_gap_samples",
+        _check(lambda v: not (_number(v) and 0 < v < 10), "c3_gap_samples must be 0 (use gap_samples) or >= 10, got {v}"),
+    ),
     ("gap_samples", partial(_integer, lo=10)),
     ("curvature_inputs", partial(_integer, lo=10)),
     ("curvature_method", partial(_choices, allowed=CURVATURE_METHODS)),
     ("curvature_params", partial(_choices, allowed=CURVATURE_PARAMS)),
     ("curvature_samples", partial(_integer, lo=2)),
     ("curvature_cg_iter", partial(_integer, lo=0)),
-    ("damping", _check(
-        lambda v: not isinstance(v, bool) and isinstance(v, (int, float)) and 0 < v < 1,
-        "damping must be in (0, 1) (relative to the largest Fisher eigenvalue), got {v!r}",
-    )),
+    (
+        "damping",
+        _check(
+            lambda v: not isinstance(v, bool) and isinstance(v, (int, float)) and 0 < v < 1,
+            "damping must be in (0, 1) (relative to the largest Fisher eigenvalue), got {v!r}",
+        ),
+    ),
 ]
 
 
@@ -452,13 +470,24 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         # C3a: the MLP at every size with both optimizers, the CNN at every size with Adam, and the digits settings;
         # C3b (the strength sweeps, 26 trainings per unit) on the MLPs at 300 digits and 1k / 10k images
         c3_grad_settings=(
-            "digits-mlp-n300-adam", "digits-mlp-n300-sgd", "digits-cnn-n300-adam",
-            "fashion_mnist-mlp-n1000-adam", "fashion_mnist-mlp-n1000-sgd", "fashion_mnist-mlp-n10000-adam",
-            "fashion_mnist-mlp-n10000-sgd", "fashion_mnist-mlp-n60000-adam", "fashion_mnist-mlp-n60000-sgd",
-            "fashion_mnist-cnn-n1000-adam", "fashion_mnist-cnn-n10000-adam", "fashion_mnist-cnn-n60000-adam",
+            "digits-mlp-n300-adam",
+            "digits-mlp-n300-sgd",
+            "digits-cnn-n300-adam",
+            "fashion_mnist-mlp-n1000-adam",
+            "fashion_mnist-mlp-n1000-sgd",
+            "fashion_mnist-mlp-n10000-adam",
+            "fashion_mnist-mlp-n10000-sgd",
+            "fashion_mnist-mlp-n60000-adam",
+            "fashion_mnist-mlp-n60000-sgd",
+            "fashion_mnist-cnn-n1000-adam",
+            "fashion_mnist-cnn-n10000-adam",
+            "fashion_mnist-cnn-n60000-adam",
         ),
         c3_sweep_settings=(
-            "digits-mlp-n300-adam", "digits-mlp-n300-sgd", "fashion_mnist-mlp-n1000-adam", "fashion_mnist-mlp-n1000-sgd",
+            "digits-mlp-n300-adam",
+            "digits-mlp-n300-sgd",
+            "fashion_mnist-mlp-n1000-adam",
+            "fashion_mnist-mlp-n1000-sgd",
             "fashion_mnist-mlp-n10000-adam",
         ),
         curvature_samples=64,

@@ -150,8 +150,10 @@ def _bundled(name: str) -> Tuple[np.ndarray, np.ndarray, Optional[Tuple[str, ...
     }[name]
     bunch = loader()
     names = getattr(bunch, "feature_names", None)
-    return np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target), (
-        tuple(str(s) for s in names) if names is not None else None
+    return (
+        np.asarray(bunch.data, dtype=np.float64),
+        np.asarray(bunch.target),
+        (tuple(str(s) for s in names) if names is not None else None),
     )
 
 
@@ -421,8 +423,16 @@ def _split_indices(
 
 
 def _assemble(
-    src: _Source, x: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray, family: str, k: Optional[int],
-    info: Dict[str, object], standardize: bool, dtype: torch.dtype,
+    src: _Source,
+    x: np.ndarray,
+    y: np.ndarray,
+    tr: np.ndarray,
+    te: np.ndarray,
+    family: str,
+    k: Optional[int],
+    info: Dict[str, object],
+    standardize: bool,
+    dtype: torch.dtype,
 ) -> Dataset:
     """The :class:`Dataset` of the split indices, standardised with the training split's mean and deviation."""
     x_tr, x_te = x[tr], x[te]

@@ -125,7 +125,9 @@ class StreamedManifold:
                 "pass a list of batches or a DataLoader"
             )
         device = next(self.model.parameters()).device
-        for inputs, targets in iter_batches(self.data, self.targets, batch_size=self.batch_size if not is_batches(self.data) else None):
+        for inputs, targets in iter_batches(
+            self.data, self.targets, batch_size=self.batch_size if not is_batches(self.data) else None
+        ):
             yield tuple(t.to(device) for t in inputs), None if targets is None else targets.to(device)
 
     def manifolds(self) -> Iterator[Tuple[ModelManifold, Optional[Tensor]]]:
@@ -288,4 +290,3 @@ def mean_over_batches(
         return mean if finish is None else finish(mean)
 
     return wrapper  # type: ignore[return-value]
-

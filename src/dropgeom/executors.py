@@ -71,7 +71,9 @@ def _kind(kind: Union[str, ExecutorKind]) -> ExecutorKind:
         raise ValueError(f"unknown executor {kind!r}; choose one of {[k.value for k in ExecutorKind]}") from None
 
 
-def check_executor(kind: Union[str, ExecutorKind], address: Optional[str] = None, timeout: float = CONNECT_TIMEOUT) -> ExecutorKind:
+def check_executor(
+    kind: Union[str, ExecutorKind], address: Optional[str] = None, timeout: float = CONNECT_TIMEOUT
+) -> ExecutorKind:
     """Check up front, before anything is written, that ``kind`` can run: a known kind, Ray installed for ``ray``,
     ``address`` only with ``ray`` and reachable within ``timeout``.
 

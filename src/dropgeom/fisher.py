@@ -264,8 +264,12 @@ def _build(manifold: ModelManifold, S: Tensor, structure: Structure, scale: floa
 
     # implicit
     return ImplicitOperator(
-        _implicit_matmat(manifold, S, scale), P, manifold.dtype, manifold.device,
-        diag_fn=lambda: _diagonal(manifold, S, scale), **meta
+        _implicit_matmat(manifold, S, scale),
+        P,
+        manifold.dtype,
+        manifold.device,
+        diag_fn=lambda: _diagonal(manifold, S, scale),
+        **meta,
     )
 
 
@@ -317,9 +321,7 @@ def _diagonal(manifold: ModelManifold, S: Tensor, scale: float = 1.0) -> Tensor:
 
 def _sub_manifold(manifold: ModelManifold, names: List[str]) -> ModelManifold:
     """The same manifold with only ``names`` free (others fixed at their values)."""
-    return ModelManifold(
-        manifold.model, manifold.inputs, manifold.family, param_names=names, forward=manifold._forward
-    )
+    return ModelManifold(manifold.model, manifold.inputs, manifold.family, param_names=names, forward=manifold._forward)
 
 
 def _kfac(manifold: ModelManifold, S: Tensor, scale: float, meta: dict) -> KFACOperator:
@@ -364,13 +366,10 @@ def _kfac(manifold: ModelManifold, S: Tensor, scale: float, meta: dict) -> KFACO
     dense = []
     if rest:
         sub = manifold if not done else _sub_manifold(manifold, rest)
-        _, blocks, _ = _module_blocks(
-            sub, S, scale, "an exact block (no Kronecker rule)", "use structure='diag' or 'implicit'"
-        )
+        _, blocks, _ = _module_blocks(sub, S, scale, "an exact block (no Kronecker rule)", "use structure='diag' or 'implicit'")
         idx_full = [_flat_index(slices, names) for _, names in _parameter_groups(sub)]
         dense = [(blk, idx.to(manifold.device)) for blk, idx in zip(blocks, idx_full)]
     return KFACOperator(kron, dense, manifold.num_params, manifold.dtype, manifold.device, **meta)
-
 
 
 def _flat_index(slices: Dict[str, slice], names: List[str]) -> Tensor:
@@ -390,9 +389,7 @@ def _module_blocks(
     slices = manifold.param_slices()
     index = [_flat_index(slices, names) for _, names in groups]
     for (gname, _), idx in zip(groups, index):
-        memory_guard(
-            len(idx) ** 2, manifold.dtype, f"{what} [{len(idx)} x {len(idx)}] for module {gname!r}", alternative
-        )
+        memory_guard(len(idx) ** 2, manifold.dtype, f"{what} [{len(idx)} x {len(idx)}] for module {gname!r}", alternative)
     blocks = [torch.zeros(len(i), len(i), dtype=manifold.dtype, device=manifold.device) for i in index]
     for _, G in manifold.iter_per_sample_vjp(S):
         G = G.reshape(-1, manifold.num_params)

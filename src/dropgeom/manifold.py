@@ -52,13 +52,19 @@ from ._utils import DEFAULT_CHUNK_BYTES, DEFAULT_MEMORY_LIMIT, as_tuple, check_f
 from .families import ExponentialFamily, get_family
 
 __all__ = [
-    "ModelManifold", "eval_mode", "check_inputs_match", "autodiff_kernels", "memory_guard", "DEFAULT_MEMORY_LIMIT",
+    "ModelManifold",
+    "eval_mode",
+    "check_inputs_match",
+    "autodiff_kernels",
+    "memory_guard",
+    "DEFAULT_MEMORY_LIMIT",
     "DEFAULT_CHUNK_BYTES",
 ]
 
 Params = Dict[str, Tensor]
 Inputs = Union[Tensor, Tuple[Tensor, ...]]
 ForwardFn = Callable[[Params, Inputs], Tensor]
+
 
 class ModelManifold:
     """The model manifold ``theta -> (eta_1, ..., eta_n)`` of theory.md section 1.
@@ -242,8 +248,7 @@ class ModelManifold:
             bad = [k for k in self.param_names if tuple(v[k].shape) != tuple(self._shapes[k])]
             if bad:
                 raise ValueError(
-                    f"{name}: parameter {bad[0]!r} must have shape {tuple(self._shapes[bad[0]])}, "
-                    f"got {tuple(v[bad[0]].shape)}"
+                    f"{name}: parameter {bad[0]!r} must have shape {tuple(self._shapes[bad[0]])}, got {tuple(v[bad[0]].shape)}"
                 )
             return {k: v[k].to(self.dtype) for k in self.param_names}
         if not isinstance(v, Tensor) or v.dim() != 1 or v.numel() != self.num_params:
@@ -282,6 +287,7 @@ class ModelManifold:
         names = {id(m): k for k, m in self.model.named_modules()}
         stack: list = []
         handles = []
+
         def pre(mod: nn.Module, args) -> None:
             stack.append(names[id(mod)])
 
@@ -373,9 +379,7 @@ class ModelManifold:
         _, fn = vjp(self.forward, self._params)
         return self.flatten(fn(w.to(self.dtype))[0])
 
-    def d2(
-        self, u: Union[Tensor, Mapping[str, Tensor]], v: Optional[Union[Tensor, Mapping[str, Tensor]]] = None
-    ) -> Tensor:
+    def d2(self, u: Union[Tensor, Mapping[str, Tensor]], v: Optional[Union[Tensor, Mapping[str, Tensor]]] = None) -> Tensor:
         """Second directional derivative ``D2 eta[u, v]`` (``[n, K]``; ``v`` defaults to ``u``).
 
         Forward over forward mode: no ``P x P`` object is formed.
@@ -412,9 +416,7 @@ class ModelManifold:
             return torch.einsum("nkr,nkp->nrp", factors, jac)
         return self._per_sample_vjp_vmap(factors, chunk_size)
 
-    def iter_per_sample_vjp(
-        self, factors: Tensor, max_bytes: int = 256 * 1024**2
-    ) -> Iterator[Tuple[slice, Tensor]]:
+    def iter_per_sample_vjp(self, factors: Tensor, max_bytes: int = 256 * 1024**2) -> Iterator[Tuple[slice, Tensor]]:
         """Yield ``(samples, G_chunk)`` with ``G_chunk = per_sample_vjp(factors)[samples]``.
 
         Keeps at most about ``max_bytes`` of per-sample products alive, so

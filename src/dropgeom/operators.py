@@ -38,8 +38,16 @@ from ._utils import memory_guard
 from .solvers import _as_matrix, _check_damping, conjugate_gradient, lanczos_top_eigenpairs, top_eigenpairs
 
 __all__ = [
-    "CurvatureOperator", "DenseOperator", "DiagonalOperator", "BlockDiagonalOperator", "KroneckerBlock", "KFACOperator",
-    "ImplicitOperator", "conjugate_gradient", "operator_parts", "operator_from_parts",
+    "CurvatureOperator",
+    "DenseOperator",
+    "DiagonalOperator",
+    "BlockDiagonalOperator",
+    "KroneckerBlock",
+    "KFACOperator",
+    "ImplicitOperator",
+    "conjugate_gradient",
+    "operator_parts",
+    "operator_from_parts",
 ]
 
 
@@ -165,8 +173,10 @@ class DenseOperator(CurvatureOperator):
         _check_damping(damping)
         V, squeeze = _as_matrix(b.to(self.dtype), self.size)
         eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
-        x = torch.linalg.lstsq(self.matrix + damping * eye, V).solution if damping == 0 else torch.linalg.solve(
-            self.matrix + damping * eye, V
+        x = (
+            torch.linalg.lstsq(self.matrix + damping * eye, V).solution
+            if damping == 0
+            else torch.linalg.solve(self.matrix + damping * eye, V)
         )
         return x[:, 0] if squeeze else x
 
@@ -188,8 +198,11 @@ class DiagonalOperator(CurvatureOperator):
 
     def dense(self, memory_limit: Optional[int] = None) -> Tensor:
         memory_guard(
-            self.size * self.size, self.dtype, f"a dense [{self.size} x {self.size}] matrix",
-            "use mv/diag/eig/solve instead (structure 'diag', 'kfac' or 'implicit')", memory_limit,
+            self.size * self.size,
+            self.dtype,
+            f"a dense [{self.size} x {self.size}] matrix",
+            "use mv/diag/eig/solve instead (structure 'diag', 'kfac' or 'implicit')",
+            memory_limit,
         )
         return torch.diag(self.diagonal)
 
@@ -464,7 +477,9 @@ def operator_parts(op: CurvatureOperator, n: int) -> List[Tensor]:
     raise TypeError(f"an operator of type {type(op).__name__} has no additive parts")
 
 
-def operator_from_parts(template: CurvatureOperator, parts: Sequence[Tensor], count: int, scale: float, **meta) -> CurvatureOperator:
+def operator_from_parts(
+    template: CurvatureOperator, parts: Sequence[Tensor], count: int, scale: float, **meta
+) -> CurvatureOperator:
     """The operator of the same structure as ``template`` from summed :func:`operator_parts` over ``count`` inputs.
 
     ``scale`` multiplies the sums (``1/count`` for the mean, 1 for the sum); KFAC's input factors are divided by
@@ -486,7 +501,13 @@ def operator_from_parts(template: CurvatureOperator, parts: Sequence[Tensor], co
     if isinstance(template, KFACOperator):
         k = len(template.kron_blocks)
         kron = [
-            KroneckerBlock(A=parts[2 * j] / n, B=parts[2 * j + 1] * scale, weight_index=kb.weight_index, bias_index=kb.bias_index, name=kb.name)
+            KroneckerBlock(
+                A=parts[2 * j] / n,
+                B=parts[2 * j + 1] * scale,
+                weight_index=kb.weight_index,
+                bias_index=kb.bias_index,
+                name=kb.name,
+            )
             for j, kb in enumerate(template.kron_blocks)
         ]
         dense = [(b * scale, idx) for b, (_, idx) in zip(parts[2 * k :], template.dense_blocks)]

@@ -50,8 +50,14 @@ def reproduce(
         OSError: a file of the report cannot be written.
     """
     root = run_experiments(
-        config, out, progress=progress, on_compute=on_compute, threads=threads, workers=workers,
-        executor=executor, address=address,
+        config,
+        out,
+        progress=progress,
+        on_compute=on_compute,
+        threads=threads,
+        workers=workers,
+        executor=executor,
+        address=address,
     )
     return render_run(root) if render else root / "report.md"
 

@@ -122,9 +122,7 @@ class WorkerPool:
         else:
             self._procs[slot], self._conns[slot] = proc, parent
 
-    def imap_unordered(
-        self, items: Iterable[Any], on_start: Optional[Callable[[Any], None]] = None
-    ) -> Iterator[Tuple[Any, Any]]:
+    def imap_unordered(self, items: Iterable[Any], on_start: Optional[Callable[[Any], None]] = None) -> Iterator[Tuple[Any, Any]]:
         """Yield ``(item, fn(item))`` as results arrive; an exception in ``fn`` is yielded as the result.
 
         ``on_start(item)`` is called when an item is handed to a worker. A

@@ -53,7 +53,18 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 from ._utils import atomic_write_bytes
 from .config import ConfigError, RunConfig
 
-__all__ = ["RunDir", "RunDirError", "safe_name", "prepare_output_dir", "timed_call", "atomic_write_text", "atomic_write_bytes", "atomic_write_json", "FINISHED", "to_jsonable"]
+__all__ = [
+    "RunDir",
+    "RunDirError",
+    "safe_name",
+    "prepare_output_dir",
+    "timed_call",
+    "atomic_write_text",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "FINISHED",
+    "to_jsonable",
+]
 
 #: statuses of a finished unit (not recomputed on resume)
 FINISHED = ("ok", "diverged")
@@ -233,8 +244,10 @@ class RunDir:
             if old.to_dict() != config.to_dict():
                 diff = sorted(k for k, v in config.to_dict().items() if old.to_dict().get(k) != v)
                 raise ConfigError(
-                    [f"{self.root} already holds a run with a different config (differs in {diff}); "
-                     "choose another --out folder to start a new run, or rerun the same command to resume"]
+                    [
+                        f"{self.root} already holds a run with a different config (differs in {diff}); "
+                        "choose another --out folder to start a new run, or rerun the same command to resume"
+                    ]
                 )
             return old
         atomic_write_text(self.config_path, config.to_json() + "\n")
@@ -312,7 +325,9 @@ class RunDir:
         counts = {"computed": 0, "skipped": 0, "errors": 0}
         todo = [u for u in units if not self.is_done(experiment, u["key"])]
         counts["skipped"] = len(units) - len(todo)
-        reporter = progress if hasattr(progress, "done") else _TqdmReporter(experiment, len(todo), counts["skipped"], bool(progress))
+        reporter = (
+            progress if hasattr(progress, "done") else _TqdmReporter(experiment, len(todo), counts["skipped"], bool(progress))
+        )
 
         def start(unit: Mapping[str, Any]) -> None:
             if on_compute is not None:

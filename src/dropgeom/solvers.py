@@ -32,9 +32,7 @@ def _as_matrix(v: Tensor, p: int) -> Tuple[Tensor, bool]:
     raise ValueError(f"expected a vector [P={p}] or a matrix [P={p}, m], got {tuple(v.shape)}")
 
 
-def conjugate_gradient(
-    mv: Callable[[Tensor], Tensor], b: Tensor, tol: float = 1e-10, max_iter: Optional[int] = None
-) -> Tensor:
+def conjugate_gradient(mv: Callable[[Tensor], Tensor], b: Tensor, tol: float = 1e-10, max_iter: Optional[int] = None) -> Tensor:
     """Solve ``A x = b`` for symmetric positive definite ``A`` given as ``mv`` (Hestenes & Stiefel 1952).
 
     ``b`` may be ``[P]`` or ``[P, m]`` (columns solved together). Stops when

@@ -56,11 +56,17 @@ from .manifold import DEFAULT_CHUNK_BYTES
 from .operators import CurvatureOperator, ImplicitOperator, operator_from_parts, operator_parts
 
 __all__ = [
-    "DEFAULT_MEMORY_BUDGET", "Batch", "iter_batches", "fisher_streamed", "stream_mean", "check_same_parameters",
+    "DEFAULT_MEMORY_BUDGET",
+    "Batch",
+    "iter_batches",
+    "fisher_streamed",
+    "stream_mean",
+    "check_same_parameters",
 ]
 
 #: Default bytes the back-propagated factors of one chunk of inputs may use (1 GiB).
 DEFAULT_MEMORY_BUDGET = DEFAULT_CHUNK_BYTES
+
 
 # ----------------------------------------------------------------------------- the Fisher
 def fisher_streamed(
@@ -149,14 +155,22 @@ def _fisher_of(
     base_seed = _base_seed(seed, generator) if kind is FisherKind.MC else 0
     check_same_parameters(source.model)
 
-    def batch_operator(b: int, inputs: Tuple[Tensor, ...], tgt: Optional[Tensor], struct: Structure) -> Tuple[CurvatureOperator, int]:
+    def batch_operator(
+        b: int, inputs: Tuple[Tensor, ...], tgt: Optional[Tensor], struct: Structure
+    ) -> Tuple[CurvatureOperator, int]:
         gen = torch.Generator(device=device).manual_seed(base_seed + b) if kind is FisherKind.MC else None
         if kind is FisherKind.EMPIRICAL and tgt is None:
             raise ValueError("the empirical Fisher needs observed labels: batches of (inputs, targets), or targets= for tensors")
         m = source.manifold_of(b, inputs)
         op = fisher(
-            m, kind, struct, targets=tgt if kind is FisherKind.EMPIRICAL else None,
-            n_samples=n_samples, generator=gen, reduction="sum", chunk_bytes=budget,
+            m,
+            kind,
+            struct,
+            targets=tgt if kind is FisherKind.EMPIRICAL else None,
+            n_samples=n_samples,
+            generator=gen,
+            reduction="sum",
+            chunk_bytes=budget,
         )
         return op, m.n
 

@@ -106,8 +106,11 @@ class ClaimSummary:
         if self.caveats is not None:
             out["caveats"] = list(self.caveats)
         out.update(
-            evidence=list(self.evidence), tests=self.tests, runs=self.runs,
-            units_finished=self.units[0], units_expected=self.units[1],
+            evidence=list(self.evidence),
+            tests=self.tests,
+            runs=self.runs,
+            units_finished=self.units[0],
+            units_expected=self.units[1],
         )
         return out
 

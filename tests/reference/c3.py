@@ -38,7 +38,7 @@ def glm_gap(W: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray, p: float
     def loss(xm: np.ndarray) -> float:
         eta = xm @ W.T + b
         m = eta.max(1, keepdims=True)
-        lse = (m[:, 0] + np.log(np.exp(eta - m).sum(1)))
+        lse = m[:, 0] + np.log(np.exp(eta - m).sum(1))
         return float(np.mean(lse - eta[np.arange(n), y]))
 
     clean = loss(x)

@@ -18,8 +18,9 @@ RTOL64 = 1e-9
 ATOL64 = 1e-10
 
 
-def assert_close_to_scale(a: torch.Tensor, b: torch.Tensor, scale: Optional[float] = None,
-                          rtol: float = RTOL64, atol: float = ATOL64) -> None:
+def assert_close_to_scale(
+    a: torch.Tensor, b: torch.Tensor, scale: Optional[float] = None, rtol: float = RTOL64, atol: float = ATOL64
+) -> None:
     """``a`` equals the reference ``b``: ``|a - b| <= rtol |b| + atol * scale`` entrywise.
 
     ``scale`` defaults to ``max |b|`` (pass the size of the quantity ``b`` was computed from

@@ -48,9 +48,7 @@ def _means(family: str, eta: Tensor) -> Tensor:
 def _metric(family: str, eta: Tensor, create_graph: bool = False) -> Tensor:
     """``G = blockdiag(A''(eta_i))`` (``[nK, nK]``): the Hessian of ``sum_i A(eta_i)``."""
     n, K = eta.shape
-    return hessian(lambda e: log_partition(family, e), eta, create_graph=create_graph, vectorize=True).reshape(
-        n * K, n * K
-    )
+    return hessian(lambda e: log_partition(family, e), eta, create_graph=create_graph, vectorize=True).reshape(n * K, n * K)
 
 
 @dataclass

@@ -82,9 +82,7 @@ def closed_form_cov(family: str, eta: Tensor, sigma: float = 1.0) -> Tensor:
         s2 = -0.5 / eta[:, 1]
         mu = eta[:, 0] * s2
         c = 2 * mu * s2
-        return torch.stack(
-            [torch.stack([s2, c], -1), torch.stack([c, 4 * mu**2 * s2 + 2 * s2**2], -1)], -2
-        )
+        return torch.stack([torch.stack([s2, c], -1), torch.stack([c, 4 * mu**2 * s2 + 2 * s2**2], -1)], -2)
     raise ValueError(family)
 
 

@@ -128,9 +128,7 @@ def wager_quadratic(x: Tensor, theta: Tensor, family: str, p: float, bias: Tenso
     """``1/2 p/(1-p) sum_j theta_j^T [(1/n) sum_i x_ij^2 Sigma_i] theta_j`` for a GLM ``eta = x theta^T + b``."""
     eta = x @ theta.T + bias
     n = x.shape[0]
-    cov = torch.stack(
-        [torch.autograd.functional.jacobian(lambda e: mean_param_graph(family, e), eta[i]) for i in range(n)]
-    )
+    cov = torch.stack([torch.autograd.functional.jacobian(lambda e: mean_param_graph(family, e), eta[i]) for i in range(n)])
     diag_f = torch.einsum("nj,nab->jab", x**2, cov) / n  # the [K, K] block of feature j
     v = p / (1 - p)
     return 0.5 * v * torch.einsum("aj,jab,bj->", theta, diag_f, theta).item()

@@ -5,7 +5,9 @@ from typing import Callable, Sequence
 import torch
 
 
-def directional_fd(value: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], h: float = 1e-5) -> float:
+def directional_fd(
+    value: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], h: float = 1e-5
+) -> float:
     """``(f(theta + h d) - f(theta - h d)) / (2 h)`` with the parameters moved in place and restored."""
     with torch.no_grad():
         for p, d in zip(params, direction):

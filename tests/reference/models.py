@@ -80,9 +80,7 @@ def _bn_mlp(k: int) -> nn.Module:
 
 
 def _cnn(k: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 2, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, k)
-    )
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, k))
 
 
 def _cnn_avg(k: int) -> nn.Module:
@@ -106,7 +104,9 @@ SETTINGS: Dict[str, Setting] = {
         Setting("attention", lambda k: AttentionNet(4, 2, k), _x(4, 3, 4)),
         Setting(
             "instancenorm",
-            lambda k: nn.Sequential(nn.Conv2d(1, 2, 2), nn.InstanceNorm2d(2, affine=True), nn.Tanh(), nn.Flatten(), nn.Linear(16, k)),
+            lambda k: nn.Sequential(
+                nn.Conv2d(1, 2, 2), nn.InstanceNorm2d(2, affine=True), nn.Tanh(), nn.Flatten(), nn.Linear(16, k)
+            ),
             _x(4, 1, 3, 5),
         ),
     ]

@@ -94,7 +94,12 @@ ZOO: Dict[str, Row] = {
         ),
         Row("lstm", lambda: Pool(nn.LSTM(3, 4, batch_first=True), 4), _x(4, 3, 3), False),
         Row("gru", lambda: Pool(nn.GRU(3, 4, batch_first=True), 4), _x(4, 3, 3), False),
-        Row("lstm_2layer_bidir_proj", lambda: Pool(nn.LSTM(3, 4, 2, batch_first=True, bidirectional=True, proj_size=2), 4), _x(3, 3, 3), False),
+        Row(
+            "lstm_2layer_bidir_proj",
+            lambda: Pool(nn.LSTM(3, 4, 2, batch_first=True, bidirectional=True, proj_size=2), 4),
+            _x(3, 3, 3),
+            False,
+        ),
         Row("transformer_encoder", _enc, _ids(5, 3, 5), True),
         Row(
             "transformer_decoder",

@@ -90,9 +90,7 @@ class Projector:
             jv = self.lin.jvp(v)  # [b, n, K]
             speed2 = (whiten(self.S, jv) ** 2).sum((1, 2))
             if null == "raise" and bool((speed2 <= 0).any()):
-                raise ValueError(
-                    "a direction lies in the null space of J in the G-metric (|J v|_G = 0): no curvature defined"
-                )
+                raise ValueError("a direction lies in the null space of J in the G-metric (|J v|_G = 0): no curvature defined")
             Y = whiten(self.S, self.lin.d2(v, v))
             if alpha != 1.0:
                 Y = Y + 0.5 * (1.0 - alpha) * skew_whitened(self.m, self.eta, self.S_pinv, jv, jv)

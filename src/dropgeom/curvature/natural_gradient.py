@@ -61,9 +61,7 @@ def reference_projector(manifold: ModelManifold, reference: object, weight: obje
         raise TypeError(f"reference must be a ModelManifold (the same model on other inputs), got {type(reference).__name__}")
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
         raise ValueError(f"reference_weight must be a finite number > 0, got {weight!r}")
-    if reference.num_params != manifold.num_params or not torch.equal(
-        reference.theta.to(manifold.theta.dtype), manifold.theta
-    ):
+    if reference.num_params != manifold.num_params or not torch.equal(reference.theta.to(manifold.theta.dtype), manifold.theta):
         raise ValueError(
             "reference must be the same model at the same parameters (on other inputs): "
             f"got P={reference.num_params} vs P={manifold.num_params} or different parameter values"

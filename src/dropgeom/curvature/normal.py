@@ -104,8 +104,13 @@ def _unit_direction(manifold: ModelManifold, v: Union[Tensor, Mapping[str, Tenso
 
 
 def _normal_part(
-    manifold: ModelManifold, lin: LinearisedManifold, S: Tensor, Y: Tensor, method: str,
-    cg_tol: Optional[float], cg_max_iter: Optional[int],
+    manifold: ModelManifold,
+    lin: LinearisedManifold,
+    S: Tensor,
+    Y: Tensor,
+    method: str,
+    cg_tol: Optional[float],
+    cg_max_iter: Optional[int],
 ) -> Tensor:
     """``(I - P_T) Y`` in whitened coordinates, flat ``[nR]``: rank-revealing least squares on the dense whitened
     Jacobian (``dense``) or conjugate gradients on ``g`` (``cg``); ``auto`` picks dense while it is small."""

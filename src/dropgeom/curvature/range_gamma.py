@@ -49,7 +49,9 @@ def _basis_hessian(manifold: ModelManifold, E: Tensor, Ek: Tensor) -> Tensor:
         single = tuple(x.unsqueeze(0) for x in xs)
         return hess(lambda th: manifold.forward(manifold.unflatten(th), single)[0])
 
-    chunk = max(1, min(manifold.n, int(64 * 1024**2 // max(1, manifold.num_outputs * E.shape[1] * Ek.shape[1] * theta.element_size()))))
+    chunk = max(
+        1, min(manifold.n, int(64 * 1024**2 // max(1, manifold.num_outputs * E.shape[1] * Ek.shape[1] * theta.element_size())))
+    )
     try:
         out = vmap(one, chunk_size=chunk)(manifold.inputs)
     except (RuntimeError, NotImplementedError):
@@ -113,8 +115,12 @@ def range_gamma2(
     U, E = U[:, :r], Vh[:r].T / s[:r]
     # blocks of c basis directions at a time: [n, K, c, r] tensors within ``block_bytes``
     c = max(1, min(r, block_bytes // max(1, 4 * n * K * r * torch.finfo(manifold.dtype).bits // 8)))
-    memory_guard(4 * n * K * r * c, manifold.dtype, f"range_gamma2: about 4 copies of [n={n}, K={K}, {c}, r={r}]",
-                 "use fewer inputs (r <= n (K-1)) or a smaller block_bytes")
+    memory_guard(
+        4 * n * K * r * c,
+        manifold.dtype,
+        f"range_gamma2: about 4 copies of [n={n}, K={K}, {c}, r={r}]",
+        "use fewer inputs (r <= n (K-1)) or a smaller block_bytes",
+    )
     je = torch.einsum("nkp,pa->ank", J, E) if alpha != 1.0 else None  # [r, n, K]
     total = torch.zeros((), dtype=manifold.dtype)
     for k0 in range(0, r, c):

@@ -117,7 +117,9 @@ def hessian_trace(
     return TraceEstimate(float(vals.mean()), float(vals.std() / math.sqrt(n_probes)), n_probes)
 
 
-def hessian_top_eigenvalue(manifold: ModelManifold, targets: Tensor, *, tol: float = 1e-6, max_iter: Optional[int] = None) -> float:
+def hessian_top_eigenvalue(
+    manifold: ModelManifold, targets: Tensor, *, tol: float = 1e-6, max_iter: Optional[int] = None
+) -> float:
     r"""Largest (algebraic) eigenvalue of the loss Hessian ``d^2 L / d theta^2``.
 
     Lanczos (``scipy.sparse.linalg.eigsh(which="LA")``) on Hessian-vector
@@ -167,9 +169,7 @@ def hessian_top_eigenvalue(manifold: ModelManifold, targets: Tensor, *, tol: flo
     return float(vals[-1])
 
 
-def sam_sharpness(
-    manifold: ModelManifold, targets: Tensor, rho: float = 0.05, *, steps: int = 5, relative: bool = True
-) -> float:
+def sam_sharpness(manifold: ModelManifold, targets: Tensor, rho: float = 0.05, *, steps: int = 5, relative: bool = True) -> float:
     r"""SAM sharpness: the worst increase of the loss within a ball around ``theta``.
 
     .. math::  s_\rho = \max_{|\epsilon| \le r} L(\theta + \epsilon) - L(\theta),\qquad r = \rho\,|\theta| \text{ (relative) or } \rho

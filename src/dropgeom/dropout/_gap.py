@@ -126,8 +126,14 @@ def gap(
 
 
 def _gap_mc(
-    loss_at: LossAt, spec: MaskSpec, eta0: Tensor, clean: float, noise: str, n_samples: int,
-    generator: Optional[torch.Generator], antithetic: bool,
+    loss_at: LossAt,
+    spec: MaskSpec,
+    eta0: Tensor,
+    clean: float,
+    noise: str,
+    n_samples: int,
+    generator: Optional[torch.Generator],
+    antithetic: bool,
 ) -> GapResult:
     """The Monte Carlo gap: mean and standard error over ``n_samples`` per-sample mask draws."""
     if not isinstance(n_samples, int) or n_samples < 2:
@@ -163,8 +169,14 @@ def _exact(loss_at: LossAt, spec: MaskSpec, eta0: Tensor, n: int, max_masks: int
 
 
 def _sampled(
-    loss_at: LossAt, spec: MaskSpec, eta0: Tensor, n: int, n_samples: int, draw_noise: str,
-    generator: Optional[torch.Generator], antithetic: bool,
+    loss_at: LossAt,
+    spec: MaskSpec,
+    eta0: Tensor,
+    n: int,
+    n_samples: int,
+    draw_noise: str,
+    generator: Optional[torch.Generator],
+    antithetic: bool,
 ) -> Tensor:
     """The losses at ``n_samples`` per-sample mask draws (antithetic: the mean of each ``1 +/- eps`` pair)."""
     names, shapes, ps = list(spec.shapes), spec.shapes, spec.p
@@ -174,9 +186,7 @@ def _sampled(
     done = 0
     while done < n_samples:
         c = min(chunk, n_samples - done)
-        cols = [
-            _draw((c, n, splits[i]), ps[k], draw_noise, generator, eta0.dtype, eta0.device) for i, k in enumerate(names)
-        ]
+        cols = [_draw((c, n, splits[i]), ps[k], draw_noise, generator, eta0.dtype, eta0.device) for i, k in enumerate(names)]
         flat = torch.cat(cols, -1)
 
         def one(block: Tensor) -> Tensor:

@@ -167,8 +167,10 @@ class _Draws:
         while done < total:
             c = min(chunk, total - done)
             flat = torch.cat(
-                [_draw((c, n, splits[i]), self.spec.p[k], self.noise, self.generator, eta0.dtype, eta0.device)
-                 for i, k in enumerate(names)],
+                [
+                    _draw((c, n, splits[i]), self.spec.p[k], self.noise, self.generator, eta0.dtype, eta0.device)
+                    for i, k in enumerate(names)
+                ],
                 -1,
             )
             yield flat, torch.full((c,), -math.log(total), dtype=eta0.dtype, device=eta0.device), True
@@ -262,6 +264,9 @@ def _general(model, args, params, fam, eta0, targets, spec, draws) -> MixtureRes
         eta = {"e": acc_eta, "weight_scaling": eta0}
         nll = None
         if targets is not None:
-            nll = {"m": float(-acc_lp.mean()), "e": float(fam.nll(acc_eta, targets).mean()),
-                   "weight_scaling": float(fam.nll(eta0, targets).mean())}
+            nll = {
+                "m": float(-acc_lp.mean()),
+                "e": float(fam.nll(acc_eta, targets).mean()),
+                "weight_scaling": float(fam.nll(eta0, targets).mean()),
+            }
     return MixtureResult(None, nll, None, float("nan"), int(total), mean, eta, fam.name)

@@ -238,13 +238,20 @@ def _penalty(
         if chain is not None:
             total = total + _chain_layers(chain, fam, others, ps, form, estimator, draws, chunk_size, r, prob)
         else:
-            total = total + _generic_layers(model, args, fam, eta, others, rec.masks, ps, rec.kinds, form, estimator,
-                                            draws, chunk_size, r)
+            total = total + _generic_layers(
+                model, args, fam, eta, others, rec.masks, ps, rec.kinds, form, estimator, draws, chunk_size, r
+            )
     return total, eta
 
 
 def _closed_layer(
-    fam: ExponentialFamily, eta: Tensor, h: Tensor, w: Tensor, form: str, p: float, j: Optional[Tensor],
+    fam: ExponentialFamily,
+    eta: Tensor,
+    h: Tensor,
+    w: Tensor,
+    form: str,
+    p: float,
+    j: Optional[Tensor],
     prob: Optional[Tensor],
 ) -> Tensor:
     """A dropout layer right before the output Linear ``W``: ``d eta / d h~ = W``, so

@@ -115,4 +115,3 @@ def _chain_curvature(chain: Chain, k: str, r: Tensor, v: Optional[Tensor], chunk
         pos, _, t = chain.tangents(k, units)
         total = total + (chain.second(pos, t) * r).sum()
     return total
-

@@ -22,7 +22,6 @@ def _rademacher(shape: Tuple[int, ...], like: Tensor, generator: Optional[torch.
     return (2 * b - 1).to(like.dtype)
 
 
-
 @dataclass
 class _Draws:
     """Every random number of one penalty evaluation (see :func:`_draw`)."""
@@ -73,4 +72,3 @@ def _draw(
         for k in others:
             out.hutchinson[k] = _rademacher((n, *shapes[k]), like, generator)
     return out
-

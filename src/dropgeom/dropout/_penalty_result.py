@@ -69,7 +69,11 @@ class _TensorLike:
 
     @classmethod
     def __torch_function__(
-        cls, func: Callable[..., Any], types: Tuple[type, ...], args: Tuple[Any, ...] = (), kwargs: Optional[Dict[str, Any]] = None
+        cls,
+        func: Callable[..., Any],
+        types: Tuple[type, ...],
+        args: Tuple[Any, ...] = (),
+        kwargs: Optional[Dict[str, Any]] = None,
     ) -> Any:
         return func(*(_plain(a) for a in args), **{k: _plain(v) for k, v in (kwargs or {}).items()})
 

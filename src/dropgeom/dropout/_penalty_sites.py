@@ -105,7 +105,7 @@ def record(model: nn.Module, args: Tuple[Tensor, ...], layers: Optional[Sequence
         seen: Dict[str, DropoutSite] = {}
         watch = DropoutInterceptor(model, record=seen) if wanted is None and not _torch_only(model) else None
         try:
-            with training_off(model), (watch if watch is not None else contextlib.nullcontext()):
+            with training_off(model), watch if watch is not None else contextlib.nullcontext():
                 chain = run_chain(model, chain_mods, args[0], names)
         except RuntimeError as err:  # name the input whose dtype / device does not fit, if that is why
             check_inputs_match(model, args, err)

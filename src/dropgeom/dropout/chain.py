@@ -45,6 +45,7 @@ class Affine(NamedTuple):
     weight: Tensor
     bias: Optional[Tensor]
 
+
 @dataclass
 class Chain:
     """A top-level ``nn.Sequential`` seen as a list of modules, with one recorded forward.
@@ -129,7 +130,11 @@ class Chain:
         rows = torch.arange(h.shape[0], device=h.device)
         hj = h[rows, units].unsqueeze(-1)  # [n, 1]
         if lin is not None:
-            return pos, base, hj * torch.index_select(lin.weight, 1, units).t()  # [n, d]; index_select keeps the weight-gradient layout (a transposed gather made the backward add strided, ~5 ms at 1024x1024)
+            return (
+                pos,
+                base,
+                hj * torch.index_select(lin.weight, 1, units).t(),
+            )  # [n, d]; index_select keeps the weight-gradient layout (a transposed gather made the backward add strided, ~5 ms at 1024x1024)
         t = torch.zeros_like(h)
         t[rows, units] = h[rows, units]
         return pos, base, t

@@ -29,9 +29,13 @@ _CHANNEL_TYPES = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _UNSUPPORTED = (nn.AlphaDropout, nn.FeatureAlphaDropout)
 #: Dropout module types and their kind (first match wins; order matters for subclasses).
 MODULE_KINDS = (
-    (nn.Dropout1d, "channel"), (nn.Dropout2d, "channel"), (nn.Dropout3d, "channel"),
-    (nn.FeatureAlphaDropout, "feature_alpha"), (nn.AlphaDropout, "alpha"),
-    (DropPath, "sample"), (nn.Dropout, "dropout"),
+    (nn.Dropout1d, "channel"),
+    (nn.Dropout2d, "channel"),
+    (nn.Dropout3d, "channel"),
+    (nn.FeatureAlphaDropout, "feature_alpha"),
+    (nn.AlphaDropout, "alpha"),
+    (DropPath, "sample"),
+    (nn.Dropout, "dropout"),
 )
 ALPHA_KINDS = ("alpha", "feature_alpha")
 
@@ -71,9 +75,8 @@ def _rnn_dropout(model: nn.Module) -> Dict[str, str]:
         if isinstance(m, nn.RNNBase) and m.dropout > 0 and m.num_layers > 1
     }
 
-def find_dropout(
-    model: nn.Module, layers: Optional[Sequence[str]] = None, *, all_kinds: bool = False
-) -> Dict[str, nn.Module]:
+
+def find_dropout(model: nn.Module, layers: Optional[Sequence[str]] = None, *, all_kinds: bool = False) -> Dict[str, nn.Module]:
     """The dropout modules of ``model`` by qualified name (``model.named_modules()`` order).
 
     Args:

@@ -188,13 +188,9 @@ def sample_masks(
             raise ValueError("noise='dropconnect' needs p (no module holds a DropConnect probability)")
         ps = resolve_p(mods, p)
         n = inputs_or_n if isinstance(inputs_or_n, int) else _as_tuple(inputs_or_n)[0].shape[0]
-        return {
-            k: _draw((n, *mods[k].weight.shape), ps[k], "bernoulli", generator, dtype, device) for k in mods
-        }
+        return {k: _draw((n, *mods[k].weight.shape), ps[k], "bernoulli", generator, dtype, device) for k in mods}
     if isinstance(inputs_or_n, int):
-        raise ValueError(
-            f"noise={noise!r} needs the inputs (not an int) to find each dropout layer's unit shape"
-        )
+        raise ValueError(f"noise={noise!r} needs the inputs (not an int) to find each dropout layer's unit shape")
     sites = dropout_sites(model, inputs_or_n, layers)
     ps = site_p(sites, p, noise)
     n = _as_tuple(inputs_or_n)[0].shape[0]

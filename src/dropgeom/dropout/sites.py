@@ -29,9 +29,7 @@ from .kinds import _rnn_dropout, module_kind
 __all__ = ["dropout_sites", "unit_shapes"]
 
 
-def dropout_sites(
-    model: nn.Module, inputs: "Inputs", layers: Optional[Sequence[str]] = None
-) -> Dict[str, DropoutSite]:
+def dropout_sites(model: nn.Module, inputs: "Inputs", layers: Optional[Sequence[str]] = None) -> Dict[str, DropoutSite]:
     """Every dropout site of ``model`` on ``inputs``, found by one eval-mode forward pass.
 
     Sites: dropout modules of every kind (named as modules) in ``named_modules()``

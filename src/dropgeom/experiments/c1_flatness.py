@@ -88,11 +88,15 @@ def _inputs(data: Any, n: int) -> Dict[str, Tuple[Any, Any]]:
     return {"train": (data.x_train[:n], data.y_train[:n]), "test": (data.x_test[:n], data.y_test[:n])}
 
 
-def _measure(model: Any, sets: Mapping[str, Tuple[Any, Any]], data: Any, config: RunConfig, seed: int, **kw: Any) -> Dict[str, Any]:
+def _measure(
+    model: Any, sets: Mapping[str, Tuple[Any, Any]], data: Any, config: RunConfig, seed: int, **kw: Any
+) -> Dict[str, Any]:
     """Every measure on each input set; the other set is the natural gradient's function-space reference."""
     other = {"train": "test", "test": "train"}
-    return {s: flatness_measures(model, x, y, data.family, config, seed, reference=sets[other[s]][0], **kw)
-            for s, (x, y) in sets.items()}
+    return {
+        s: flatness_measures(model, x, y, data.family, config, seed, reference=sets[other[s]][0], **kw)
+        for s, (x, y) in sets.items()
+    }
 
 
 def _gap(nll: float, target: float) -> float:

@@ -24,8 +24,11 @@ FLATNESS_MEASURES: Tuple[Tuple[str, str, str], ...] = (
     ("natural_gradient_fs_e", "e-curvature along the natural-gradient direction, function-space regularised", "invariant"),
     ("noise_e", "e-curvature along dropout-noise tangent directions", "invariant"),
     ("gamma2", "undamped scalar e-curvature gamma^2 (exact range of J; first layer, first inputs)", "invariant"),
-    ("natural_gradient_e", "e-curvature along the plain natural-gradient direction (volatile on a badly conditioned g)",
-     "invariant (rank J = P)"),
+    (
+        "natural_gradient_e",
+        "e-curvature along the plain natural-gradient direction (volatile on a badly conditioned g)",
+        "invariant (rank J = P)",
+    ),
     ("fisher_trace", "Fisher trace", "coordinate-dependent"),
     ("fisher_top", "top Fisher eigenvalue", "coordinate-dependent"),
     ("hessian_trace", "Hessian trace (Hutchinson)", "coordinate-dependent"),
@@ -85,7 +88,9 @@ def flatness_measures(
     def manifold(inputs: Tensor, names: Optional[List[str]] = None, g: Optional[torch.Generator] = None) -> ModelManifold:
         if mixture:  # a generator with the same seed: the same common random masks on every input set
             g = torch.Generator().manual_seed(20_000 + seed) if g is None else g
-            return dropout_mixture_manifold(model, inputs, family, "m", masks=config.c1_mixture_masks, generator=g, param_names=names)
+            return dropout_mixture_manifold(
+                model, inputs, family, "m", masks=config.c1_mixture_masks, generator=g, param_names=names
+            )
         return ModelManifold(model, inputs, family, param_names=names)
 
     t0 = time.process_time()
@@ -99,13 +104,20 @@ def flatness_measures(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*vmap.*")
         # one Jacobian SVD for every direction set (noise_m comes along for free and is dropped)
-        prof = curvature_profile(m, {"mask": dirs[0], "noise": xi @ U}, {"e": 1.0, "m": -1.0}, targets=y,
-                                 reference=None if reference is None else manifold(reference))
+        prof = curvature_profile(
+            m,
+            {"mask": dirs[0], "noise": xi @ U},
+            {"e": 1.0, "m": -1.0},
+            targets=y,
+            reference=None if reference is None else manifold(reference),
+        )
         if gamma2 and config.c1_gamma2_inputs:
             first = next(k for k, mod in model.named_children() if isinstance(mod, nn.Linear))
             sub = manifold(x[: config.c1_gamma2_inputs], [f"{first}.weight", f"{first}.bias"])
             out["gamma2"] = float(embedding_curvature(sub).gamma2)
-    out.update({k: v for k, v in prof.items() if k in ("mask_e", "mask_m", "natural_gradient_e", "natural_gradient_fs_e", "noise_e")})
+    out.update(
+        {k: v for k, v in prof.items() if k in ("mask_e", "mask_m", "natural_gradient_e", "natural_gradient_fs_e", "noise_e")}
+    )
     if sharpness and not mixture:
         out["fisher_trace"] = fisher_trace(m)
         out["fisher_top"] = fisher_top_eigenvalue(m)

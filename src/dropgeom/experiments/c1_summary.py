@@ -136,10 +136,17 @@ def _ratio_cell(c: Optional[Comparison], adjusted: bool = True) -> str:
 
 #: short column labels in words for the per-p table (held-out inputs)
 _LABEL = {
-    "mask_e": "e-curv. mask dirs", "mask_m": "m-curv. mask dirs", "natural_gradient_fs_e": "e-curv. nat. gradient (fs-reg.)",
-    "noise_e": "e-curv. noise dirs", "gamma2": "undamped gamma^2", "natural_gradient_e": "e-curv. nat. gradient (plain)",
-    "fisher_trace": "Fisher trace", "fisher_top": "top Fisher eig.", "hessian_trace": "Hessian trace",
-    "hessian_top": "top Hessian eig.", "sam": "SAM sharpness",
+    "mask_e": "e-curv. mask dirs",
+    "mask_m": "m-curv. mask dirs",
+    "natural_gradient_fs_e": "e-curv. nat. gradient (fs-reg.)",
+    "noise_e": "e-curv. noise dirs",
+    "gamma2": "undamped gamma^2",
+    "natural_gradient_e": "e-curv. nat. gradient (plain)",
+    "fisher_trace": "Fisher trace",
+    "fisher_top": "top Fisher eig.",
+    "hessian_trace": "Hessian trace",
+    "hessian_top": "top Hessian eig.",
+    "sam": "SAM sharpness",
 }
 
 
@@ -158,12 +165,20 @@ def _per_p_rows(ok: Sequence[Mapping[str, Any]], present: Sequence[str]) -> List
     return rows
 
 
-_MAIN_COLUMNS = ["measure", "invariance", "inputs", "p", "dropout / plain at matched fit (Holm p)",
-                 "dropout / L2 at matched fit", "dropout(p) / plain p=0, unmatched"]
+_MAIN_COLUMNS = [
+    "measure",
+    "invariance",
+    "inputs",
+    "p",
+    "dropout / plain at matched fit (Holm p)",
+    "dropout / L2 at matched fit",
+    "dropout(p) / plain p=0, unmatched",
+]
 
 
 def _main_table(ok, grid, present, fam) -> Tuple[Dict[str, Any], Dict[Tuple[float, str, str], Comparison]]:
     """Table (a): every measure x input set x p, matched (the rule, or a description), L2 and unmatched."""
+
     def comps(other: str, ms: Sequence[str]) -> Dict[Tuple[float, str, str], Comparison]:
         return {(p, s, m): paired(*_pairs(ok, p, s, m, other), log=True) for p in grid for s in SETS for m in ms}
 
@@ -174,12 +189,19 @@ def _main_table(ok, grid, present, fam) -> Tuple[Dict[str, Any], Dict[Tuple[floa
         for s in SETS:
             for p in grid:
                 c = fam.get((p, s, m))
-                rows.append({
-                    "measure": WORDS[m], "invariance": STATUS[m], "inputs": SET_WORDS[s], "p": fmt(p),
-                    _MAIN_COLUMNS[4]: _ratio_cell(c) if c is not None else _ratio_cell(desc.get((p, s, m)), adjusted=False) + " (description)",
-                    _MAIN_COLUMNS[5]: _ratio_cell(l2.get((p, s, m)), adjusted=False),
-                    _MAIN_COLUMNS[6]: _ratio_cell(unmatched.get((p, s, m)), adjusted=False),
-                })
+                rows.append(
+                    {
+                        "measure": WORDS[m],
+                        "invariance": STATUS[m],
+                        "inputs": SET_WORDS[s],
+                        "p": fmt(p),
+                        _MAIN_COLUMNS[4]: _ratio_cell(c)
+                        if c is not None
+                        else _ratio_cell(desc.get((p, s, m)), adjusted=False) + " (description)",
+                        _MAIN_COLUMNS[5]: _ratio_cell(l2.get((p, s, m)), adjusted=False),
+                        _MAIN_COLUMNS[6]: _ratio_cell(unmatched.get((p, s, m)), adjusted=False),
+                    }
+                )
     title = "C1 (a): ratio of each measure, dropout over its control (geometric mean over seeds, 95% interval, paired t-test)"
     return {"title": title, "columns": list(_MAIN_COLUMNS), "rows": rows}, desc
 
@@ -194,8 +216,10 @@ def _reading_b(ok, grid, deciding) -> Tuple[Dict[Tuple[float, str, str], Compari
     table = {
         "title": "C1 (b): m-mixture of the dropout model / deterministic model at the same theta (Holm over p x measure x inputs)",
         "columns": ["measure", "inputs", "p", "mixture / deterministic"],
-        "rows": [{"measure": WORDS[m], "inputs": SET_WORDS[s], "p": fmt(p), "mixture / deterministic": _ratio_cell(c)}
-                 for (p, s, m), c in fam_b.items()],
+        "rows": [
+            {"measure": WORDS[m], "inputs": SET_WORDS[s], "p": fmt(p), "mixture / deterministic": _ratio_cell(c)}
+            for (p, s, m), c in fam_b.items()
+        ],
     }
     return fam_b, label, table
 
@@ -206,9 +230,11 @@ def _l2_words(ok: Sequence[Mapping[str, Any]], config: RunConfig) -> str:
     ws = [c["weight"] for c in ctrls if c.get("matched") and "weight" in c]
     fits = [c.get("fits", 1) for c in ctrls]
     lo, hi = config.c1_l2_range
-    text = (f"L2 control tuned per p and seed to the same final clean train NLL (weight from {config.c1_l2:g} by factors "
-            f"of 10, then regula falsi, within [{lo:g}, {hi:g}], at most {config.c1_l2_fits} full-length runs): matched in "
-            f"{n_ok} of {len(ctrls)}")
+    text = (
+        f"L2 control tuned per p and seed to the same final clean train NLL (weight from {config.c1_l2:g} by factors "
+        f"of 10, then regula falsi, within [{lo:g}, {hi:g}], at most {config.c1_l2_fits} full-length runs): matched in "
+        f"{n_ok} of {len(ctrls)}"
+    )
     if ws:
         text += f"; weights {fmt(min(ws))} to {fmt(max(ws))}"
     if fits:
@@ -242,7 +268,9 @@ def _evidence(config, ok, grid, fam, fam_b, directions, deciding) -> List[str]:
         for m in deciding:
             c = paired(*_pairs(ok, max(grid), s, m, "noise_floor"), log=True)
             if c.n:
-                lines.append(f"noise floor, {WORDS[m]}, {SET_WORDS[s]}: dropout / dropout with another seed = {_ratio_cell(c, adjusted=False)}")
+                lines.append(
+                    f"noise floor, {WORDS[m]}, {SET_WORDS[s]}: dropout / dropout with another seed = {_ratio_cell(c, adjusted=False)}"
+                )
     for (p, s, m), c in fam_b.items():
         lines.append(f"reading (b), {WORDS[m]}, {SET_WORDS[s]}, p={p:g}: mixture / deterministic = {_ratio_cell(c)}")
     return lines
@@ -256,11 +284,15 @@ def _caveats(config: RunConfig, ok: Sequence[Mapping[str, Any]], present: Sequen
         out.append(
             f"The confound the rule holds fixed: solutions trained at different p also differ in fit; the clean train "
             f"NLL went from {fit_nll[ps[0]]:.3g} at p={ps[0]:g} to {fit_nll[ps[-1]]:.3g} at p={ps[-1]:g}. The unmatched "
-            "trend over p is therefore a description only; the verdict compares at matched train NLL.")
-    g2 = ("computed on the first Linear layer's parameters and the first "
-          f"{config.c1_gamma2_inputs} inputs of each set (the same subset for every model; all parameters on 100+ inputs cost "
-          "minutes per model), for the dropout, matched-plain and mixture models, not the L2 and noise-floor runs"
-          if "gamma2" in present else "not computed (c1_gamma2_inputs = 0)")
+            "trend over p is therefore a description only; the verdict compares at matched train NLL."
+        )
+    g2 = (
+        "computed on the first Linear layer's parameters and the first "
+        f"{config.c1_gamma2_inputs} inputs of each set (the same subset for every model; all parameters on 100+ inputs cost "
+        "minutes per model), for the dropout, matched-plain and mixture models, not the L2 and noise-floor runs"
+        if "gamma2" in present
+        else "not computed (c1_gamma2_inputs = 0)"
+    )
     out += [
         "Coordinate-dependent measures (Fisher trace and top eigenvalue, Hessian trace and top eigenvalue, SAM sharpness) change "
         "when a layer is stored as W/c with the same function; they are shown beside the invariant ones and never decide.",
@@ -291,14 +323,23 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
     fam_b, label_b, table_b = _reading_b(ok, grid, deciding)
     tables = [
         main,
-        {"title": "C1 noise floor: dropout / dropout with another training seed, at the largest p (should include 1)",
-         "columns": ["measure", "inputs", "ratio"],
-         "rows": [{"measure": WORDS[m], "inputs": SET_WORDS[s], "ratio": _ratio_cell(c, adjusted=False)} for (s, m), c in noise.items()]},
+        {
+            "title": "C1 noise floor: dropout / dropout with another training seed, at the largest p (should include 1)",
+            "columns": ["measure", "inputs", "ratio"],
+            "rows": [
+                {"measure": WORDS[m], "inputs": SET_WORDS[s], "ratio": _ratio_cell(c, adjusted=False)}
+                for (s, m), c in noise.items()
+            ],
+        },
         table_b,
-        {"title": "Invariance status of every C1 measure (under theta = A theta': same function, new coordinates)",
-         "columns": ["measure", "invariance", "decides the verdict"],
-         "rows": [{"measure": WORDS[k], "invariance": st, "decides the verdict": "yes" if k in deciding else "no"}
-                  for k, _, st in FLATNESS_MEASURES]},
+        {
+            "title": "Invariance status of every C1 measure (under theta = A theta': same function, new coordinates)",
+            "columns": ["measure", "invariance", "decides the verdict"],
+            "rows": [
+                {"measure": WORDS[k], "invariance": st, "decides the verdict": "yes" if k in deciding else "no"}
+                for k, _, st in FLATNESS_MEASURES
+            ],
+        },
     ]
     low = [k for k, v in directions.items() if v == -1]
     high = [k for k, v in directions.items() if v == 1]
@@ -315,10 +356,13 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
         "is significant in opposite directions at different p keeps the label measure-dependent."
     )
     return {
-        "verdict": Verdict(NAME, verdict, summary), "rule": RULE, "what_would_change": what,
+        "verdict": Verdict(NAME, verdict, summary),
+        "rule": RULE,
+        "what_would_change": what,
         "caveats": _caveats(config, ok, present),
         "columns": ["p", "runs", *(_LABEL.get(m, m) for m in present), "train NLL", "test NLL", "|theta|"],
-        "rows": _per_p_rows(ok, present), "tables": tables,
+        "rows": _per_p_rows(ok, present),
+        "tables": tables,
         "evidence": _evidence(config, ok, grid, fam, fam_b, directions, deciding),
         "tests": {f"{m}|{s}|p={p:g}": c.as_dict() for (p, s, m), c in fam.items()},
         "reading_b": {"label": label_b, "tests": {f"{m}|{s}|p={p:g}": c.as_dict() for (p, s, m), c in fam_b.items()}},
@@ -340,10 +384,18 @@ def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -
         return []
     paths = []
     for name, other, title, ylabel in (
-        ("c1_curvature.png", "matched", "C1 (a): dropout solution / plain solution at the same train NLL",
-         "ratio dropout / plain (matched fit)"),
-        ("c1_mixture.png", "mixture", "C1 (b): dropout mixture / deterministic model, same parameters",
-         "ratio m-mixture / deterministic"),
+        (
+            "c1_curvature.png",
+            "matched",
+            "C1 (a): dropout solution / plain solution at the same train NLL",
+            "ratio dropout / plain (matched fit)",
+        ),
+        (
+            "c1_mixture.png",
+            "mixture",
+            "C1 (b): dropout mixture / deterministic model, same parameters",
+            "ratio m-mixture / deterministic",
+        ),
     ):
         fig, axes = plt.subplots(1, len(deciding), figsize=(3.6 * len(deciding), 3.4), squeeze=False)
         for ax, m in zip(axes[0], deciding):
@@ -358,9 +410,19 @@ def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -
                     los.append(lo if math.isfinite(lo) else g)
                     his.append(hi if math.isfinite(hi) else g)
                 means_a = np.array(means, dtype=float)
-                err = [np.clip(means_a - np.array(los, dtype=float), 0, None), np.clip(np.array(his, dtype=float) - means_a, 0, None)]
-                ax.errorbar(np.array(grid) + dx, means_a, yerr=err, marker="o", capsize=3, color=colour,
-                            label=f"{SET_WORDS[s]}: geometric mean, 95% CI (dots: seeds)")
+                err = [
+                    np.clip(means_a - np.array(los, dtype=float), 0, None),
+                    np.clip(np.array(his, dtype=float) - means_a, 0, None),
+                ]
+                ax.errorbar(
+                    np.array(grid) + dx,
+                    means_a,
+                    yerr=err,
+                    marker="o",
+                    capsize=3,
+                    color=colour,
+                    label=f"{SET_WORDS[s]}: geometric mean, 95% CI (dots: seeds)",
+                )
             ax.axhline(1.0, color="0.5", lw=0.8)
             ax.set_yscale("log")
             ax.set_xlabel("dropout rate p")

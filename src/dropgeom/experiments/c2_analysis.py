@@ -121,8 +121,16 @@ def within_setting_analysis(
     }
     nan = float("nan")
     if len(usable) < 2:
-        out.update(label="too little data", slope=nan, slope_lo=nan, slope_hi=nan, p_value=nan, method="none",
-                   within_spearman=nan, within_spearman_p=nan)
+        out.update(
+            label="too little data",
+            slope=nan,
+            slope_lo=nan,
+            slope_hi=nan,
+            p_value=nan,
+            method="none",
+            within_spearman=nan,
+            within_spearman_p=nan,
+        )
         return out
     perm = stats.within_group_permutation(logc, yy, gg, n_permutations=n_permutations, seed=seed)
     out["within_spearman"], out["within_spearman_p"] = perm.statistic, perm.p_value

@@ -105,8 +105,16 @@ def units(config: RunConfig) -> List[Dict[str, Any]]:
                 for d in config.c2_depths:
                     setting = f"{a}-w{w}-d{d}" if ds == config.dataset else f"{ds}-{a}-w{w}-d{d}"
                     out += [
-                        {"key": f"{setting}/s={k:g}/seed={s}", "setting": setting, "activation": a, "width": w, "depth": d,
-                         "init_scale": float(k), "seed": s, **other}
+                        {
+                            "key": f"{setting}/s={k:g}/seed={s}",
+                            "setting": setting,
+                            "activation": a,
+                            "width": w,
+                            "depth": d,
+                            "init_scale": float(k),
+                            "seed": s,
+                            **other,
+                        }
                         for k in config.c2_init_scales
                         for s in range(config.seeds)
                     ]
@@ -196,8 +204,16 @@ def run_unit(config: RunConfig, unit: Mapping[str, Any], workdir: Optional[Path]
     t = dropout_terms(models["dropout"], data, config)
     rec["terms"] = t
     n = min(config.curvature_inputs, data.x_train.shape[0])
-    g = gap(models["dropout"], data.x_train[:n], data.y_train[:n], family=data.family, p=config.c2_p, method="mc",
-            n_samples=config.gap_samples, generator=torch.Generator().manual_seed(7919 + seed))
+    g = gap(
+        models["dropout"],
+        data.x_train[:n],
+        data.y_train[:n],
+        family=data.family,
+        p=config.c2_p,
+        method="mc",
+        n_samples=config.gap_samples,
+        generator=torch.Generator().manual_seed(7919 + seed),
+    )
     rec["gap"] = {"value": float(g.value), "stderr": float(g.stderr), "per_rate": float(g.value) / config.c2_p}
     ccfg = config.replace(curvature_samples=config.c2_curvature_samples) if config.c2_curvature_samples else config
     rec["curvature"] = curvature_measures(models["dropout"], data, ccfg, seed, raw=False)
@@ -236,9 +252,13 @@ def _per_dataset(ok: List[Mapping[str, Any]], curv: List[float], groups: List[st
     out = []
     for ds in names if len(names) > 1 else []:
         idx = [i for i, r in enumerate(ok) if r.get("dataset", default) == ds]
-        a = within_setting_analysis([curv[i] for i in idx], [_outcome(ok[i], "share") for i in idx], [groups[i] for i in idx], EXPECTED_SIGN)
-        out.append(f"{ds} alone: curvature share against log curvature, within-setting rank correlation "
-                   f"{fmt(a.get('within_spearman', float('nan')))} (permutation p-value {fmt(a['p_value'])}, {a['n']} runs, not adjusted)")
+        a = within_setting_analysis(
+            [curv[i] for i in idx], [_outcome(ok[i], "share") for i in idx], [groups[i] for i in idx], EXPECTED_SIGN
+        )
+        out.append(
+            f"{ds} alone: curvature share against log curvature, within-setting rank correlation "
+            f"{fmt(a.get('within_spearman', float('nan')))} (permutation p-value {fmt(a['p_value'])}, {a['n']} runs, not adjusted)"
+        )
     return out
 
 
@@ -259,7 +279,16 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
         f"gain vs early-stopped plain: {analyses['gain']['label']}; pooled Spearman (description) {fmt(share['pooled_spearman'])}; "
         f"{len(ok)} runs; the knob {'moved' if moved else 'did not significantly move'} the curvature"
     )
-    cols = ["setting", "init scale", "runs", f"{CURVATURE_NAME} (geo. mean)", "R/p", "B/(K+B)", "gain vs early-stopped plain", "gain vs last-epoch plain"]
+    cols = [
+        "setting",
+        "init scale",
+        "runs",
+        f"{CURVATURE_NAME} (geo. mean)",
+        "R/p",
+        "B/(K+B)",
+        "gain vs early-stopped plain",
+        "gain vs last-epoch plain",
+    ]
     tests = {f"{key}_{k}": v for key, a in analyses.items() for k, v in a.items() if isinstance(v, (int, float, str))}
     tests["helped"] = helped
     if knob is not None:
@@ -325,7 +354,9 @@ def _setting_rows(ok: List[Mapping[str, Any]], curv: List[float]) -> List[Dict[s
     return rows
 
 
-def _outcome_lines(analyses: Mapping[str, Mapping[str, Any]], ok: List[Mapping[str, Any]], curv: List[float]) -> Tuple[List[str], List[float], int]:
+def _outcome_lines(
+    analyses: Mapping[str, Mapping[str, Any]], ok: List[Mapping[str, Any]], curv: List[float]
+) -> Tuple[List[str], List[float], int]:
     """``(evidence lines, gains, runs where dropout helped)``: one line per outcome, the gains, zero curvatures."""
     lines = []
     for key, label in OUTCOMES:
@@ -344,21 +375,32 @@ def _outcome_lines(analyses: Mapping[str, Mapping[str, Any]], ok: List[Mapping[s
     )
     zeros = sum(1 for c in curv if c == 0.0)
     if zeros:
-        lines.append(f"{zeros} run(s) have a {CURVATURE_NAME} at rounding level, reported as zero and left out of the log-curvature tests")
+        lines.append(
+            f"{zeros} run(s) have a {CURVATURE_NAME} at rounding level, reported as zero and left out of the log-curvature tests"
+        )
     return lines, gains, helped
 
 
 def _manipulation_check(lines: List[str], ok: List[Mapping[str, Any]], curv: List[float], groups: List[str]) -> Tuple[Any, bool]:
     """``(test, moved)``: did the knob move the curvature within blocks? Its evidence line goes first in ``lines``."""
-    knob = within_group_permutation([r["init_scale"] for r in ok], [math.log(c) if c > 0 else float("nan") for c in curv], groups) if ok else None
+    knob = (
+        within_group_permutation([r["init_scale"] for r in ok], [math.log(c) if c > 0 else float("nan") for c in curv], groups)
+        if ok
+        else None
+    )
     # either direction is a manipulation: the outcomes are analysed against the curvature, not against the knob
     moved = knob is not None and math.isfinite(knob.p_value) and knob.p_value < 0.05
     if knob is not None:
-        lines.insert(0,
+        lines.insert(
+            0,
             f"manipulation check: within-setting rank correlation of the initial scale with the log {CURVATURE_NAME} "
             f"{fmt(knob.statistic)} (permutation p-value {fmt(knob.p_value)}): the knob "
-            + ((f"moved the curvature ({'up' if knob.statistic > 0 else 'down'} with the scale)") if moved else "did NOT move the curvature significantly; the curvature still varies "
-               "within blocks, so the tests below are observational within blocks, not a manipulation")
+            + (
+                (f"moved the curvature ({'up' if knob.statistic > 0 else 'down'} with the scale)")
+                if moved
+                else "did NOT move the curvature significantly; the curvature still varies "
+                "within blocks, so the tests below are observational within blocks, not a manipulation"
+            ),
         )
     return knob, moved
 
@@ -389,7 +431,10 @@ def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -
     curv = _curvatures(ok)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     groups = sorted({r.get("group", "") for r in ok})
-    for ax, key, label in ((axes[0], "gain", "gain on test NLL vs early-stopped plain (nats)"), (axes[1], "share", "curvature share B/(K+B)")):
+    for ax, key, label in (
+        (axes[0], "gain", "gain on test NLL vs early-stopped plain (nats)"),
+        (axes[1], "share", "curvature share B/(K+B)"),
+    ):
         for gname in groups:
             pts = sorted((c, _outcome(r, key)) for r, c in zip(ok, curv) if r.get("group", "") == gname and c > 0)
             if pts:

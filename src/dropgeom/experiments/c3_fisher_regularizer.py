@@ -57,7 +57,7 @@ ABOUT = (
     "compared with L2's best, paired log-ratios over seeds, Holm over the Fisher forms; `supported` when a "
     "Fisher form is significantly closer to dropout than L2 and none is farther; `refuted` when a Fisher form "
     "is significantly farther and none closer; `inconclusive` otherwise. The noise floor is shown beside it.\n\n"
-    "Example: >>> from dropgeom.config import RunConfig >>> [u[\"key\"] for u in "
+    'Example: >>> from dropgeom.config import RunConfig >>> [u["key"] for u in '
     "units(RunConfig.from_preset(\"test\"))][:3] ['grad/digits-mlp-n200-adam/seed=0', "
     "'grad/digits-mlp-n200-adam/seed=1', 'objectives/digits-mlp-n200-adam/seed=0']"
 )
@@ -91,15 +91,22 @@ def units(config: RunConfig) -> List[Dict[str, Any]]:
     for ds in config.c3_datasets:
         for arch in config.c3_architectures:
             # training-set sizes apply to Fashion-MNIST; the small bundled sets use max_train
-            for size in (config.c3_train_sizes if ds == "fashion_mnist" else (0,)):
+            for size in config.c3_train_sizes if ds == "fashion_mnist" else (0,):
                 for opt in config.c3_optimizers:
                     tag = _tag(config, ds, arch, size, opt)
                     base = {"dataset": ds, "arch": arch, "size": size, "optimizer": opt, "tag": tag}
                     if tag in grad:
                         out += [{"key": f"grad/{tag}/seed={s}", "part": "grad", "seed": s, **base} for s in range(config.seeds)]
                     if tag in sweep:
-                        out += [{"key": f"objectives/{tag}/seed={s}", "part": "objectives", "seed": s, **base} for s in range(config.seeds)]
-    out += [{"key": f"wager/{ds}/seed={s}", "part": "wager", "dataset": ds, "seed": s} for ds in config.c3_wager_datasets for s in range(config.seeds)]
+                        out += [
+                            {"key": f"objectives/{tag}/seed={s}", "part": "objectives", "seed": s, **base}
+                            for s in range(config.seeds)
+                        ]
+    out += [
+        {"key": f"wager/{ds}/seed={s}", "part": "wager", "dataset": ds, "seed": s}
+        for ds in config.c3_wager_datasets
+        for s in range(config.seeds)
+    ]
     return out
 
 
@@ -151,20 +158,29 @@ def _summarize_grad(config: RunConfig, grads: List[Mapping[str, Any]]) -> Dict[s
             checks["n"], checks["cos"], checks["ratio"] = checks["n"] + 1, checks["cos"] + cos_ok, checks["ratio"] + ratio_ok
             if not (cos_ok and ratio_ok):
                 checks["failed"].append(f"{tag} {stage}")
-            rows.append({
-                "setting": tag, "stage": stage, "seeds": str(len(vals)),
-                "cos(grad Q, grad R)": fmt_ci(*cos_q),
-                "|grad Q|/|grad R|": fmt_ci(*geometric_mean_ci([v["norm_quadratic"] for v in vals])),
-                "Q/R": fmt_ci(*ratio_q),
-                "cos(grad D, grad R)": fmt_ci(*mean_ci([v["cos_divergence"] for v in vals])),
-                "|grad D|/|grad R|": fmt_ci(*geometric_mean_ci([v["norm_divergence"] for v in vals])),
-                "D/R": fmt_ci(*geometric_mean_ci([v["ratio_divergence"] for v in vals])),
-                "MC rel. s.e. of grad R": fmt(float(np.mean([v["grad_rel_se"] for v in vals]))),
-                "cos(grad Q, grad R), MC noise removed": fmt_ci(*mean_ci([_debiased(v["cos_quadratic"], v["grad_rel_se"]) for v in vals])),
-            })
-    held = [f"{ds}: cosine >= {COS_MIN} in {c['cos']} of {c['n']} (setting, stage) pairs, value ratio inside [{BAND[0]}, {BAND[1]}] "
-            f"in {c['ratio']} of {c['n']}" + (f" (cosine < {COS_MIN} or ratio outside the band at {', '.join(c['failed'])})" if c["failed"] else "")
-            for ds, c in by_ds.items()]
+            rows.append(
+                {
+                    "setting": tag,
+                    "stage": stage,
+                    "seeds": str(len(vals)),
+                    "cos(grad Q, grad R)": fmt_ci(*cos_q),
+                    "|grad Q|/|grad R|": fmt_ci(*geometric_mean_ci([v["norm_quadratic"] for v in vals])),
+                    "Q/R": fmt_ci(*ratio_q),
+                    "cos(grad D, grad R)": fmt_ci(*mean_ci([v["cos_divergence"] for v in vals])),
+                    "|grad D|/|grad R|": fmt_ci(*geometric_mean_ci([v["norm_divergence"] for v in vals])),
+                    "D/R": fmt_ci(*geometric_mean_ci([v["ratio_divergence"] for v in vals])),
+                    "MC rel. s.e. of grad R": fmt(float(np.mean([v["grad_rel_se"] for v in vals]))),
+                    "cos(grad Q, grad R), MC noise removed": fmt_ci(
+                        *mean_ci([_debiased(v["cos_quadratic"], v["grad_rel_se"]) for v in vals])
+                    ),
+                }
+            )
+    held = [
+        f"{ds}: cosine >= {COS_MIN} in {c['cos']} of {c['n']} (setting, stage) pairs, value ratio inside [{BAND[0]}, {BAND[1]}] "
+        f"in {c['ratio']} of {c['n']}"
+        + (f" (cosine < {COS_MIN} or ratio outside the band at {', '.join(c['failed'])})" if c["failed"] else "")
+        for ds, c in by_ds.items()
+    ]
     missing = [ds for ds in RULE_DATASETS if ds not in by_ds]
     if not by_ds:
         verdict, summary = "inconclusive", "no finished gradient runs"
@@ -178,9 +194,11 @@ def _summarize_grad(config: RunConfig, grads: List[Mapping[str, Any]]) -> Dict[s
             summary += f"; not run: {', '.join(missing)} (the rule needs {' and '.join(RULE_DATASETS)}; the full run has both)"
     for r in rows:
         if r["stage"] == "solution":
-            lines.append(f"{r['setting']} at the solution: cosine of the gradients of the Fisher quadratic form and of dropout's regularizer "
-                         f"{r['cos(grad Q, grad R)']}, norm ratio {r['|grad Q|/|grad R|']}, value ratio {r['Q/R']}; divergence form: cosine "
-                         f"{r['cos(grad D, grad R)']}, value ratio {r['D/R']}")
+            lines.append(
+                f"{r['setting']} at the solution: cosine of the gradients of the Fisher quadratic form and of dropout's regularizer "
+                f"{r['cos(grad Q, grad R)']}, norm ratio {r['|grad Q|/|grad R|']}, value ratio {r['Q/R']}; divergence form: cosine "
+                f"{r['cos(grad D, grad R)']}, value ratio {r['D/R']}"
+            )
     return {"verdict": Verdict("C3a (gradients)", verdict, summary), "rows": rows, "lines": lines}
 
 
@@ -198,28 +216,49 @@ def _summarize_wager(wag: List[Mapping[str, Any]]) -> Dict[str, Any]:
         for p in sorted({row["p"] for r in rs for row in r["rows"]}):
             vals = [row for r in rs for row in r["rows"] if row["p"] == p]
             ratio = geometric_mean_ci([v["ratio"] for v in vals])
-            rows.append({"data set": f"{ds} ({'logistic' if k == 2 else 'softmax'})", "p": fmt(p), "seeds": str(len(vals)),
-                         "measured gap": fmt_ci(*geometric_mean_ci([v["gap"] for v in vals])),
-                         "1/2 V theta^T diag(F) theta": fmt_ci(*geometric_mean_ci([v["quadratic"] for v in vals])),
-                         "ratio": fmt_ci(*ratio)})
-            lines.append(f"Wager regime, {ds} ({'logistic' if k == 2 else 'softmax'} regression, input dropout) at p={p:g}: "
-                         f"quadratic Fisher form / measured gap = {fmt_ci(*ratio)}")
+            rows.append(
+                {
+                    "data set": f"{ds} ({'logistic' if k == 2 else 'softmax'})",
+                    "p": fmt(p),
+                    "seeds": str(len(vals)),
+                    "measured gap": fmt_ci(*geometric_mean_ci([v["gap"] for v in vals])),
+                    "1/2 V theta^T diag(F) theta": fmt_ci(*geometric_mean_ci([v["quadratic"] for v in vals])),
+                    "ratio": fmt_ci(*ratio),
+                }
+            )
+            lines.append(
+                f"Wager regime, {ds} ({'logistic' if k == 2 else 'softmax'} regression, input dropout) at p={p:g}: "
+                f"quadratic Fisher form / measured gap = {fmt_ci(*ratio)}"
+            )
     return {"rows": rows, "lines": lines}
 
 
 def _summarize_objectives(config: RunConfig, objs: List[Mapping[str, Any]]) -> Dict[str, Any]:
     rows, lines = [], []
-    names = sorted({n for r in objs for n in r["objectives"]}, key=lambda n: (("@" in n), n.split("@")[0], float(n.split("@")[1]) if "@" in n else 0.0))
+    names = sorted(
+        {n for r in objs for n in r["objectives"]},
+        key=lambda n: (("@" in n), n.split("@")[0], float(n.split("@")[1]) if "@" in n else 0.0),
+    )
     tags = sorted({r.get("tag", "") for r in objs})
-    for tag, n in [(t, n) for t in tags for n in names]:  # one block of rows per setting (data set, architecture, size, optimizer)
-        es = [r["objectives"][n] for r in objs if r.get("tag", "") == tag and n in r["objectives"] and "test" in r["objectives"][n]]
+    for tag, n in [
+        (t, n) for t in tags for n in names
+    ]:  # one block of rows per setting (data set, architecture, size, optimizer)
+        es = [
+            r["objectives"][n] for r in objs if r.get("tag", "") == tag and n in r["objectives"] and "test" in r["objectives"][n]
+        ]
         if not es:
             continue
-        rows.append({**({"setting": tag} if len(tags) > 1 else {}), "objective": n, "runs": str(len(es)),
-                     "train NLL (clean)": fmt_ci(*mean_ci([e.get("train_nll") for e in es])),
-                     "test NLL": fmt_ci(*mean_ci([e["test"].get("nll") for e in es])),
-                     "KL(dropout||obj), test": fmt_ci(*geometric_mean_ci([e.get("kl_from_dropout") for e in es])),
-                     "agreement": fmt_ci(*mean_ci([e.get("agreement") for e in es]))})
+        rows.append(
+            {
+                **({"setting": tag} if len(tags) > 1 else {}),
+                "objective": n,
+                "runs": str(len(es)),
+                "train NLL (clean)": fmt_ci(*mean_ci([e.get("train_nll") for e in es])),
+                "test NLL": fmt_ci(*mean_ci([e["test"].get("nll") for e in es])),
+                "KL(dropout||obj), test": fmt_ci(*geometric_mean_ci([e.get("kl_from_dropout") for e in es])),
+                "agreement": fmt_ci(*mean_ci([e.get("agreement") for e in es])),
+            }
+        )
 
     def best(r: Mapping[str, Any], reg: str) -> float:
         ks = [e.get("kl_from_dropout", math.nan) for n, e in r["objectives"].items() if n.split("@")[0] == reg and "@" in n]
@@ -232,29 +271,37 @@ def _summarize_objectives(config: RunConfig, objs: List[Mapping[str, Any]]) -> D
     for reg in regs:
         b = [best(r, reg) for r in objs]
         c = paired(b, floor, log=True, name=reg)
-        lines.append(f"{reg}: best KL to dropout over the strength grid {fmt_ci(*geometric_mean_ci(b))}, "
-                     f"{fmt(math.exp(c.estimate)) if math.isfinite(c.estimate) else 'nan'} times the noise floor (geometric mean)")
+        lines.append(
+            f"{reg}: best KL to dropout over the strength grid {fmt_ci(*geometric_mean_ci(b))}, "
+            f"{fmt(math.exp(c.estimate)) if math.isfinite(c.estimate) else 'nan'} times the noise floor (geometric mean)"
+        )
     verdict, summary = "inconclusive", "L2 or no Fisher form in the comparison"
     fisher = [g for g in regs if g.startswith("fisher_")]
     if "l2" in regs and fisher and objs:
         l2b = [best(r, "l2") for r in objs]
         comps = adjust([paired([best(r, f) for r in objs], l2b, log=True, name=f) for f in fisher])
         for c in comps:
-            lines.append(f"{c.name} vs L2, best KL to dropout: ratio {fmt(math.exp(c.estimate)) if math.isfinite(c.estimate) else 'nan'} "
-                         f"(log-ratio {fmt(c.estimate)} [{fmt(c.lo)}, {fmt(c.hi)}], p-value {fmt(c.p_value)}, Holm {fmt(c.p_adjusted)}, "
-                         f"effect size d_z {fmt(c.effect_size)}, {c.n} (setting, seed) pairs)")
+            lines.append(
+                f"{c.name} vs L2, best KL to dropout: ratio {fmt(math.exp(c.estimate)) if math.isfinite(c.estimate) else 'nan'} "
+                f"(log-ratio {fmt(c.estimate)} [{fmt(c.lo)}, {fmt(c.hi)}], p-value {fmt(c.p_value)}, Holm {fmt(c.p_adjusted)}, "
+                f"effect size d_z {fmt(c.effect_size)}, {c.n} (setting, seed) pairs)"
+            )
         for tag in tags if len(tags) > 1 else []:  # per setting: a description, the verdict pools (setting, seed) pairs
             rs = [r for r in objs if r.get("tag", "") == tag]
             ratios = [f"{f} {fmt(geometric_mean_ci([best(r, f) / best(r, 'l2') for r in rs])[0])}" for f in fisher]
-            lines.append(f"{tag}: best KL to dropout, Fisher form / L2 (geometric mean over {len(rs)} seeds): {', '.join(ratios)}")
+            lines.append(
+                f"{tag}: best KL to dropout, Fisher form / L2 (geometric mean over {len(rs)} seeds): {', '.join(ratios)}"
+            )
         closer = [c.name for c in comps if c.sign < 0]
         farther = [c.name for c in comps if c.sign > 0]
         if closer and not farther:
             verdict = "supported"
         elif farther and not closer:
             verdict = "refuted"
-        summary = (f"best KL to dropout over the strength grid, Fisher forms vs L2: closer {closer or 'none'}, farther {farther or 'none'} "
-                   f"(Holm over {len(comps)}); noise floor {fmt(geometric_mean_ci(floor)[0])}")
+        summary = (
+            f"best KL to dropout over the strength grid, Fisher forms vs L2: closer {closer or 'none'}, farther {farther or 'none'} "
+            f"(Holm over {len(comps)}); noise floor {fmt(geometric_mean_ci(floor)[0])}"
+        )
     return {"verdict": Verdict("C3b (training)", verdict, summary), "rows": rows, "lines": lines}
 
 
@@ -266,19 +313,52 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
     grads = [r for r in _parts(records, "grad") if "gap" in r]
     for p in sorted({row["p"] for r in grads for row in r["gap"]}):
         rs = [row for r in grads for row in r["gap"] if row["p"] == p]
-        gap_rows.append({"p": fmt(p), "measured gap": fmt_ci(*mean_ci([x["measured"] for x in rs])),
-                         "quadratic V/2 F": fmt_ci(*mean_ci([x["quadratic_fisher"] for x in rs])),
-                         "divergence pK": fmt_ci(*mean_ci([x["fisher_term"] for x in rs])),
-                         "Bernoulli law p(K+B)": fmt_ci(*mean_ci([x["bernoulli_law"] for x in rs])),
-                         "V/2 F / gap": fmt_ci(*mean_ci([x["quadratic_fisher"] / x["measured"] if x["measured"] else math.nan for x in rs]))})
-    cols_a = ["setting", "stage", "seeds", "cos(grad Q, grad R)", "cos(grad Q, grad R), MC noise removed", "|grad Q|/|grad R|", "Q/R",
-              "cos(grad D, grad R)", "|grad D|/|grad R|", "D/R", "MC rel. s.e. of grad R"]
-    cols_b = (["setting"] if len({r.get("tag", "") for r in _parts(records, "objectives")}) > 1 else []) + ["objective", "runs", "train NLL (clean)", "test NLL", "KL(dropout||obj), test", "agreement"]
+        gap_rows.append(
+            {
+                "p": fmt(p),
+                "measured gap": fmt_ci(*mean_ci([x["measured"] for x in rs])),
+                "quadratic V/2 F": fmt_ci(*mean_ci([x["quadratic_fisher"] for x in rs])),
+                "divergence pK": fmt_ci(*mean_ci([x["fisher_term"] for x in rs])),
+                "Bernoulli law p(K+B)": fmt_ci(*mean_ci([x["bernoulli_law"] for x in rs])),
+                "V/2 F / gap": fmt_ci(
+                    *mean_ci([x["quadratic_fisher"] / x["measured"] if x["measured"] else math.nan for x in rs])
+                ),
+            }
+        )
+    cols_a = [
+        "setting",
+        "stage",
+        "seeds",
+        "cos(grad Q, grad R)",
+        "cos(grad Q, grad R), MC noise removed",
+        "|grad Q|/|grad R|",
+        "Q/R",
+        "cos(grad D, grad R)",
+        "|grad D|/|grad R|",
+        "D/R",
+        "MC rel. s.e. of grad R",
+    ]
+    cols_b = (["setting"] if len({r.get("tag", "") for r in _parts(records, "objectives")}) > 1 else []) + [
+        "objective",
+        "runs",
+        "train NLL (clean)",
+        "test NLL",
+        "KL(dropout||obj), test",
+        "agreement",
+    ]
     tables = []
     if w["rows"]:
-        tables.append({"title": "Wager et al.'s regime: GLMs with input dropout", "columns": list(w["rows"][0]), "rows": w["rows"]})
+        tables.append(
+            {"title": "Wager et al.'s regime: GLMs with input dropout", "columns": list(w["rows"][0]), "rows": w["rows"]}
+        )
     if gap_rows:
-        tables.append({"title": "Measured dropout gap at the solution against the Fisher forms", "columns": list(gap_rows[0]), "rows": gap_rows})
+        tables.append(
+            {
+                "title": "Measured dropout gap at the solution against the Fisher forms",
+                "columns": list(gap_rows[0]),
+                "rows": gap_rows,
+            }
+        )
     return {
         "verdict": a["verdict"],
         "verdict_b": b["verdict"],
@@ -374,7 +454,13 @@ def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -
         for name, style in (("dropout_floor", "k--"), ("none", "k:")):
             g = geometric_mean_ci([r["objectives"].get(name, {}).get("kl_from_dropout") for r in objs])[0]
             if math.isfinite(g):
-                ax.axhline(g, color="k", ls=style[1:], lw=1, label="noise floor (dropout, other seed)" if name == "dropout_floor" else "plain training")
+                ax.axhline(
+                    g,
+                    color="k",
+                    ls=style[1:],
+                    lw=1,
+                    label="noise floor (dropout, other seed)" if name == "dropout_floor" else "plain training",
+                )
         ax.set_xscale("log")
         ax.set_yscale("log")
         grid = sorted(config.c3_strengths)

@@ -56,8 +56,18 @@ def run_grad(config: RunConfig, unit: Mapping[str, Any]) -> Dict[str, Any]:
 
     def measure(stage: str) -> None:
         gen = torch.Generator().manual_seed(31 * seed + STAGES.index(stage))
-        stages[stage] = compare_gradients(model, x, y, data.family, p, "mc", config.c3_grad_samples, 16, gen,
-                                          divergence_estimator="unit" if unit["arch"] == "cnn" else None)
+        stages[stage] = compare_gradients(
+            model,
+            x,
+            y,
+            data.family,
+            p,
+            "mc",
+            config.c3_grad_samples,
+            16,
+            gen,
+            divergence_estimator="unit" if unit["arch"] == "cnn" else None,
+        )
 
     measure("init")
     mid = max(1, c3_epochs(config, int(data.x_train.shape[0])) // 2)
@@ -78,10 +88,27 @@ def run_grad(config: RunConfig, unit: Mapping[str, Any]) -> Dict[str, Any]:
         rec["terms"] = t
         rows = []
         for i, q in enumerate(config.c3_p_grid):
-            g = gap(model, x, y, family=data.family, p=q, noise="bernoulli", method="mc",
-                    n_samples=config.c3_gap_samples or config.gap_samples, generator=torch.Generator().manual_seed(1000 * seed + i))
-            rows.append({"p": float(q), "measured": float(g.value), "stderr": float(g.stderr), "fisher_term": q * t["divergence"],
-                         "bernoulli_law": q * (t["divergence"] + t["curvature_bernoulli"]), "quadratic_fisher": 0.5 * q / (1 - q) * t["fisher"]})
+            g = gap(
+                model,
+                x,
+                y,
+                family=data.family,
+                p=q,
+                noise="bernoulli",
+                method="mc",
+                n_samples=config.c3_gap_samples or config.gap_samples,
+                generator=torch.Generator().manual_seed(1000 * seed + i),
+            )
+            rows.append(
+                {
+                    "p": float(q),
+                    "measured": float(g.value),
+                    "stderr": float(g.stderr),
+                    "fisher_term": q * t["divergence"],
+                    "bernoulli_law": q * (t["divergence"] + t["curvature_bernoulli"]),
+                    "quadratic_fisher": 0.5 * q / (1 - q) * t["fisher"],
+                }
+            )
         rec["gap"] = rows
     return rec
 
@@ -94,7 +121,13 @@ def run_wager(config: RunConfig, unit: Mapping[str, Any], workdir: Optional[Path
     data = c3_data(config, unit["dataset"], "mlp", 0, seed)
     glm = glm_with_input_dropout(int(data.x_train.shape[1]), data.num_outputs, config.c3_p, seed)
     diverged, hist = c3_train(glm, data, "dropout", config, seed, "adam", {"p": config.c3_p}, _ckpt(workdir, "glm"))
-    rec: Dict[str, Any] = {"part": "wager", "dataset": unit["dataset"], "seed": seed, "num_classes": data.num_outputs, "epochs_run": len(hist)}
+    rec: Dict[str, Any] = {
+        "part": "wager",
+        "dataset": unit["dataset"],
+        "seed": seed,
+        "num_classes": data.num_outputs,
+        "epochs_run": len(hist),
+    }
     if diverged:
         rec["status"] = "diverged"
         return rec
@@ -144,7 +177,9 @@ def run_objectives(config: RunConfig, unit: Mapping[str, Any], workdir: Optional
     for name, obj, opts, train_seed in plan:
         model = copy.deepcopy(init)
         set_dropout(model, p)
-        diverged, hist = c3_train(model, data, obj, config, train_seed, unit["optimizer"], opts, _ckpt(workdir, name.replace("@", "_")))
+        diverged, hist = c3_train(
+            model, data, obj, config, train_seed, unit["optimizer"], opts, _ckpt(workdir, name.replace("@", "_"))
+        )
         entry: Dict[str, Any] = {"epochs_run": len(hist), "diverged": diverged}
         if "@" in name:
             entry["regularizer"], entry["strength"] = name.split("@")[0], float(name.split("@")[1])

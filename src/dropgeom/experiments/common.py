@@ -224,8 +224,11 @@ def fit(
         checkpoint_every=max(1, config.epochs // 4),
         progress=False,
         divergence_threshold=config.divergence_threshold,
-        callback=None if stop_at_train_nll is None else (
-            (lambda rec, _m: matcher.done) if matcher is not None
+        callback=None
+        if stop_at_train_nll is None
+        else (
+            (lambda rec, _m: matcher.done)
+            if matcher is not None
             else (lambda rec, _m: float(rec.get("train_nll", math.inf)) <= stop_at_train_nll)
         ),
     )

@@ -33,7 +33,19 @@ from torch import nn
 from ..config import C3_REGULARIZERS, ConfigError, RunConfig
 from .common import ACT, DTYPE, ExperimentData, build_mlp, project_pca
 
-__all__ = ["make_regularizer", "require_datasets", "MissingDatasetError", "REGULARIZERS", "build_cnn", "c3_data", "c3_model", "c3_epochs", "c3_train", "IMAGE_MLP_WIDTH", "MONITOR_INPUTS"]
+__all__ = [
+    "make_regularizer",
+    "require_datasets",
+    "MissingDatasetError",
+    "REGULARIZERS",
+    "build_cnn",
+    "c3_data",
+    "c3_model",
+    "c3_epochs",
+    "c3_train",
+    "IMAGE_MLP_WIDTH",
+    "MONITOR_INPUTS",
+]
 
 #: hidden width of the MLP on Fashion-MNIST (784-256-256-10)
 IMAGE_MLP_WIDTH = 256
@@ -110,9 +122,16 @@ def build_cnn(side: int, channels: int, out_dim: int, activation: str = "tanh", 
     with torch.random.fork_rng():  # default (Kaiming-uniform) initialisation, seeded, global RNG untouched
         torch.manual_seed(int(seed))
         net = nn.Sequential(
-            nn.Conv2d(channels, 8, 3, padding=1), ACT[activation](), nn.MaxPool2d(2), nn.Dropout(p),
-            nn.Conv2d(8, 16, 3, padding=1), ACT[activation](), nn.MaxPool2d(2), nn.Dropout(p),
-            nn.Flatten(), nn.Linear(16 * (side // 4) ** 2, out_dim),
+            nn.Conv2d(channels, 8, 3, padding=1),
+            ACT[activation](),
+            nn.MaxPool2d(2),
+            nn.Dropout(p),
+            nn.Conv2d(8, 16, 3, padding=1),
+            ACT[activation](),
+            nn.MaxPool2d(2),
+            nn.Dropout(p),
+            nn.Flatten(),
+            nn.Linear(16 * (side // 4) ** 2, out_dim),
         ).to(DTYPE)
     return net
 
@@ -219,8 +238,15 @@ def c3_epochs(config: RunConfig, n_train: int) -> int:
 
 
 def c3_train(
-    model: nn.Module, data: ExperimentData, objective: Any, config: RunConfig, seed: int, optimizer: str,
-    options: Optional[Dict[str, Any]] = None, checkpoint_dir: Any = None, callback: Any = None,
+    model: nn.Module,
+    data: ExperimentData,
+    objective: Any,
+    config: RunConfig,
+    seed: int,
+    optimizer: str,
+    options: Optional[Dict[str, Any]] = None,
+    checkpoint_dir: Any = None,
+    callback: Any = None,
 ) -> Tuple[bool, list]:
     """Train with :func:`dropgeom.train.train` (``optimizer`` adam at ``lr`` or sgd at ``c3_sgd_lr``) for
     :func:`c3_epochs` epochs, test metrics per epoch on the first :data:`MONITOR_INPUTS` test inputs;
@@ -233,10 +259,20 @@ def c3_train(
 
     epochs = c3_epochs(config, int(data.x_train.shape[0]))
     hist = train(
-        model, (data.x_train, data.y_train, data.x_test[:MONITOR_INPUTS], data.y_test[:MONITOR_INPUTS]), objective,
-        objective_options=options or {}, optimizer=optimizer, lr=config.lr if optimizer == "adam" else config.c3_sgd_lr,
-        epochs=epochs, batch_size=config.batch_size, seed=seed, family=data.family, checkpoint_dir=checkpoint_dir,
-        checkpoint_every=max(1, epochs // 4), progress=False, divergence_threshold=config.divergence_threshold,
+        model,
+        (data.x_train, data.y_train, data.x_test[:MONITOR_INPUTS], data.y_test[:MONITOR_INPUTS]),
+        objective,
+        objective_options=options or {},
+        optimizer=optimizer,
+        lr=config.lr if optimizer == "adam" else config.c3_sgd_lr,
+        epochs=epochs,
+        batch_size=config.batch_size,
+        seed=seed,
+        family=data.family,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=max(1, epochs // 4),
+        progress=False,
+        divergence_threshold=config.divergence_threshold,
         callback=callback,
     )
     recs = [dict(r) for r in hist.records]

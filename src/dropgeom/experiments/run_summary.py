@@ -84,7 +84,11 @@ def _curvature_caveat(config: Any, curv: Sequence[Mapping[str, Any]]) -> str:
         f"damping {config.damping} x the largest eigenvalue of g; method {', '.join(methods)}."
     )
     if "stochastic" in methods:
-        errs = [c["gamma2_damped_stderr"] / c["gamma2_damped"] for c in curv if c.get("method") == "stochastic" and c.get("gamma2_damped", 0) > 0 and "gamma2_damped_stderr" in c]
+        errs = [
+            c["gamma2_damped_stderr"] / c["gamma2_damped"]
+            for c in curv
+            if c.get("method") == "stochastic" and c.get("gamma2_damped", 0) > 0 and "gamma2_damped_stderr" in c
+        ]
         rel = f" (relative standard error {min(errs):.2g}-{max(errs):.2g})" if errs else ""
         line += (
             f" The stochastic damped gamma^2 averages {config.curvature_samples} sample pairs{rel}, with at most "
@@ -102,8 +106,12 @@ def _provisional(verdict: Verdict, done: int, expected: int) -> Verdict:
 def _runs(name: str, records: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     """The run counts of a claim: its failures (diverged or failed runs) and the compute seconds of each run."""
     failures = tuple(
-        {"experiment": name, "unit": r.get("key", ""), "status": r.get("status", ""),
-         "detail": r.get("error", r.get("diverged_objective", r.get("diverged", "")))}
+        {
+            "experiment": name,
+            "unit": r.get("key", ""),
+            "status": r.get("status", ""),
+            "detail": r.get("error", r.get("diverged_objective", r.get("diverged", ""))),
+        }
         for r in records
         if r.get("status") != "ok" or r.get("diverged")
     )
@@ -123,7 +131,9 @@ def _tables(s: Mapping[str, Any]) -> Tuple[Table, ...]:
 def claim_summary(name: str, mod: Any, config: Any, records: List[Dict[str, Any]], figures_dir: Path) -> ClaimSummary:
     """The :class:`~dropgeom.summary.ClaimSummary` of one claim's module from its records (figures written to ``figures_dir``)."""
     done, expected = completeness(mod.units(config), records)
-    head = dict(name=name, title=mod.TITLE, about=config_values(mod.ABOUT, config), units=(done, expected), **_runs(name, records))
+    head = dict(
+        name=name, title=mod.TITLE, about=config_values(mod.ABOUT, config), units=(done, expected), **_runs(name, records)
+    )
     if done == 0:
         why = "no unit of this claim has finished; run the same `dropgeom reproduce` command again to compute them"
         return ClaimSummary(**head, verdicts=(VerdictEntry("verdict", Verdict(name, f"no data (0 of {expected} units)", why)),))
@@ -160,7 +170,9 @@ def summarize_run(run_dir: Union[str, Path], experiments: Optional[Mapping[str, 
     experiments = EXPERIMENTS if experiments is None else experiments
     rd = RunDir(run_dir) if Path(run_dir).is_dir() else None
     if rd is None or not rd.config_path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json); run `dropgeom reproduce --out {run_dir}` first")
+        raise FileNotFoundError(
+            f"{run_dir} is not a run directory (no config.json); run `dropgeom reproduce --out {run_dir}` first"
+        )
     config = rd.load_config()
     rd.figures.mkdir(parents=True, exist_ok=True)
     records = {name: rd.records(name) for name in config.experiments}

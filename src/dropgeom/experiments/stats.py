@@ -96,9 +96,7 @@ class Comparison:
         return asdict(self)
 
 
-def paired(
-    a: Sequence[Any], b: Sequence[Any], *, log: bool = False, name: str = "", level: float = 0.95
-) -> Comparison:
+def paired(a: Sequence[Any], b: Sequence[Any], *, log: bool = False, name: str = "", level: float = 0.95) -> Comparison:
     r"""Paired comparison of ``a`` and ``b`` (same length, entry ``i`` of each from the same seed).
 
     With ``log=True`` the unit of analysis is :math:`d_i = \log(a_i / b_i)` (for positive quantities such as
@@ -327,7 +325,9 @@ def mixed_slope(y: Sequence[Any], x: Sequence[Any], groups: Sequence[Any], level
         fit = smf.mixedlm("y ~ x", df, groups=df["g"]).fit(reml=True)
     beta = float(fit.params["x"])
     lo, hi = (float(v) for v in fit.conf_int(alpha=1 - level).loc["x"])
-    return GroupedTest("mixed model, random intercept per group", beta, lo, hi, float(fit.pvalues["x"]), int(len(df)), int(df["g"].nunique()))
+    return GroupedTest(
+        "mixed model, random intercept per group", beta, lo, hi, float(fit.pvalues["x"]), int(len(df)), int(df["g"].nunique())
+    )
 
 
 # --------------------------------------------------------------------------- plain summaries

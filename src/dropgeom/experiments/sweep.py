@@ -110,8 +110,17 @@ def _check_before_writing(config: RunConfig, executor: str, address: Optional[st
 
 
 def _run_claim(
-    rd: RunDir, config: RunConfig, name: str, units: Sequence[Mapping[str, Any]], line: "ProgressLine", timings: "_Timings",
-    on_compute: Optional[Callable[[str], None]], threads: Optional[int], workers: int, executor: str, address: Optional[str],
+    rd: RunDir,
+    config: RunConfig,
+    name: str,
+    units: Sequence[Mapping[str, Any]],
+    line: "ProgressLine",
+    timings: "_Timings",
+    on_compute: Optional[Callable[[str], None]],
+    threads: Optional[int],
+    workers: int,
+    executor: str,
+    address: Optional[str],
 ) -> None:
     """The units of one claim that are not finished yet, then its metrics tables."""
     line.set_claim(name)
@@ -121,8 +130,15 @@ def _run_claim(
     else:
         fn = functools.partial(_run_unit, EXPERIMENTS[name], config, rd.checkpoints)
     counts = rd.run_units(
-        name, units, fn, line, on_compute, workers=workers, on_done=lambda k, r: timings.unit_done(name),
-        executor=executor, address=address,
+        name,
+        units,
+        fn,
+        line,
+        on_compute,
+        workers=workers,
+        on_done=lambda k, r: timings.unit_done(name),
+        executor=executor,
+        address=address,
     )
     rd.write_metrics(name)
     timings.experiment_done(name, counts, time.perf_counter() - t0)
@@ -189,7 +205,9 @@ class ProgressLine:
     since the last unit finished. A daemon thread refreshes the line every second.
     """
 
-    def __init__(self, rd: RunDir, plan: Sequence[Tuple[str, Sequence[Mapping[str, Any]]]], workers: int, enabled: bool = True) -> None:
+    def __init__(
+        self, rd: RunDir, plan: Sequence[Tuple[str, Sequence[Mapping[str, Any]]]], workers: int, enabled: bool = True
+    ) -> None:
         self.claims = [name for name, _ in plan]
         self.left = {name: sum(not rd.is_done(name, u["key"]) for u in units) for name, units in plan}
         self.total = sum(len(units) for _, units in plan)
@@ -221,7 +239,9 @@ class ProgressLine:
         if not every:
             return None
         fallback = sum(every) / len(every)
-        work = sum(n * (sum(self.seconds[c]) / len(self.seconds[c]) if self.seconds[c] else fallback) for c, n in self.left.items())
+        work = sum(
+            n * (sum(self.seconds[c]) / len(self.seconds[c]) if self.seconds[c] else fallback) for c, n in self.left.items()
+        )
         return max(0.0, work / self.workers - (time.perf_counter() - self.last_event))
 
     def text(self) -> str:
@@ -274,7 +294,9 @@ def _run_unit(mod: Any, config: RunConfig, checkpoints: Path, unit: Dict[str, An
     return mod.run_unit(config, unit, checkpoints / mod.NAME / safe_name(unit["key"]))
 
 
-def _run_unit_in_worker(name: str, config: Dict[str, Any], checkpoints: str, threads: Optional[int], unit: Dict[str, Any]) -> Dict[str, Any]:
+def _run_unit_in_worker(
+    name: str, config: Dict[str, Any], checkpoints: str, threads: Optional[int], unit: Dict[str, Any]
+) -> Dict[str, Any]:
     """One unit in a worker process (picklable: rebuilds the config from its dict)."""
     import torch
 

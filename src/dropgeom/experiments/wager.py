@@ -138,6 +138,14 @@ def wager_curve(
     for p in p_grid:
         g = wager_gap(model, x, y, float(p), generator=generator)
         q = wager_quadratic(model, x, float(p))
-        rows.append({"p": float(p), "gap": g["value"], "stderr": g["stderr"], "quadratic": q,
-                     "ratio": q / g["value"] if g["value"] else float("nan"), "method": g["method"]})
+        rows.append(
+            {
+                "p": float(p),
+                "gap": g["value"],
+                "stderr": g["stderr"],
+                "quadratic": q,
+                "ratio": q / g["value"] if g["value"] else float("nan"),
+                "method": g["method"],
+            }
+        )
     return rows

@@ -33,9 +33,7 @@ class ExponentialFamily(ABC):
 
     def check_eta(self, eta: Tensor) -> None:
         if eta.dim() != 2:
-            raise ValueError(
-                f"family {self.name!r}: natural parameters must have shape [n, K], got {tuple(eta.shape)}"
-            )
+            raise ValueError(f"family {self.name!r}: natural parameters must have shape [n, K], got {tuple(eta.shape)}")
         self.check_width(eta.shape[1])
 
     def rank(self, k: int) -> int:
@@ -90,9 +88,7 @@ class ExponentialFamily(ABC):
         if not isinstance(y, Tensor):
             raise TypeError(f"targets must be a torch.Tensor, got {type(y).__name__}")
         if tuple(y.shape) != (n, k):
-            raise ValueError(
-                f"family {self.name!r}: targets must be float with shape [n, K] = [{n}, {k}], got {tuple(y.shape)}"
-            )
+            raise ValueError(f"family {self.name!r}: targets must be float with shape [n, K] = [{n}, {k}], got {tuple(y.shape)}")
         if not torch.is_floating_point(y):
             raise ValueError(f"family {self.name!r}: targets must be a floating-point tensor, got {y.dtype}")
         if not torch.isfinite(y).all():

@@ -167,13 +167,10 @@ class Categorical(ExponentialFamily):
         if not isinstance(y, Tensor):
             raise TypeError(f"targets must be a torch.Tensor, got {type(y).__name__}")
         if tuple(y.shape) != (n,):
-            raise ValueError(
-                f"family 'categorical': targets must be class indices with shape [n] = [{n}], got {tuple(y.shape)}"
-            )
+            raise ValueError(f"family 'categorical': targets must be class indices with shape [n] = [{n}], got {tuple(y.shape)}")
         if torch.is_floating_point(y) or y.dtype == torch.bool:
             raise ValueError(f"family 'categorical': targets must be integer class indices, got {y.dtype}")
         if n and (int(y.min()) < 0 or int(y.max()) >= k):
             raise ValueError(
-                f"family 'categorical': class indices must lie in [0, {k - 1}], got range "
-                f"[{int(y.min())}, {int(y.max())}]"
+                f"family 'categorical': class indices must lie in [0, {k - 1}], got range [{int(y.min())}, {int(y.max())}]"
             )

@@ -28,9 +28,7 @@ class Normal(ExponentialFamily):
 
     def check_width(self, k: int) -> None:
         if k != 2:
-            raise ValueError(
-                f"family 'normal' needs exactly 2 natural parameters per sample (mu/s2, -1/(2 s2)), got K={k}"
-            )
+            raise ValueError(f"family 'normal' needs exactly 2 natural parameters per sample (mu/s2, -1/(2 s2)), got K={k}")
 
     def check_eta(self, eta: Tensor) -> None:
         super().check_eta(eta)
@@ -92,8 +90,7 @@ class Normal(ExponentialFamily):
             raise TypeError(f"targets must be a torch.Tensor, got {type(y).__name__}")
         if tuple(y.shape) not in ((n,), (n, 1)):
             raise ValueError(
-                f"family 'normal': targets must be scalar observations with shape [n] or [n, 1] (n={n}), "
-                f"got {tuple(y.shape)}"
+                f"family 'normal': targets must be scalar observations with shape [n] or [n, 1] (n={n}), got {tuple(y.shape)}"
             )
         if not torch.is_floating_point(y):
             raise ValueError(f"family 'normal': targets must be floating point, got {y.dtype}")

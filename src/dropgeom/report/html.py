@@ -59,7 +59,10 @@ def _renderer() -> Any:
 
     md = MarkdownIt("commonmark", {"html": False, "typographer": False}).enable("table")
     dollarmath_plugin(
-        md, allow_space=False, allow_digits=False, double_inline=True,
+        md,
+        allow_space=False,
+        allow_digits=False,
+        double_inline=True,
         renderer=lambda content, opts: latex_to_mathml(content, bool(opts.get("display_mode"))),
     )
     return md
@@ -93,7 +96,7 @@ def markdown_to_html(text: str, base: Optional[Path], title: str = "dropgeom rep
     # a paragraph holding only a figure: drop the <p> around it (a <figure> may not sit inside a <p>)
     body = body.replace("<p><figure>", "<figure>").replace("</figure></p>", "</figure>")
     return (
-        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>"
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>'
         + _html.escape(title)
         + "</title><style>"
         + _STYLE

@@ -89,7 +89,9 @@ def _verdicts(summary: RunSummary, missing: Mapping[str, Tuple[int, int]]) -> Li
 def _claim_section(c: ClaimSummary, root: Path) -> List[str]:
     parts = [f"## {c.title}\n"]
     if not c.complete:
-        parts.append(f"**Incomplete: {c.units[0]} of {c.units[1]} units finished.** The numbers below use the finished units only.\n")
+        parts.append(
+            f"**Incomplete: {c.units[0]} of {c.units[1]} units finished.** The numbers below use the finished units only.\n"
+        )
     if c.about:
         parts.append(c.about + "\n")
     for e in c.verdicts:

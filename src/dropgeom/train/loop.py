@@ -82,7 +82,9 @@ def _make_optimizer(spec: OptimizerSpec, model: nn.Module, lr: float) -> torch.o
         name = (spec or "adam").lower()
         table = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
         if name not in table:
-            raise ValueError(f"unknown optimizer {spec!r}; choose one of {sorted(table)}, or pass a torch.optim.Optimizer or a factory")
+            raise ValueError(
+                f"unknown optimizer {spec!r}; choose one of {sorted(table)}, or pass a torch.optim.Optimizer or a factory"
+            )
         return table[name](params, lr=lr)
     if isinstance(spec, torch.optim.Optimizer):
         own = {id(p) for p in model.parameters()}
@@ -101,7 +103,10 @@ def _make_optimizer(spec: OptimizerSpec, model: nn.Module, lr: float) -> torch.o
 def _fingerprint(
     model: nn.Module, objective: Objective, opt: torch.optim.Optimizer, seed: int, batch_size: int, n: int
 ) -> Dict[str, Any]:
-    groups = [{k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    groups = [
+        {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in g.items() if k != "params"}
+        for g in opt.param_groups
+    ]
     return {
         "objective": repr(objective),
         "optimizer": type(opt).__name__,
@@ -186,16 +191,36 @@ def train(
         >>> len(h), all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
         (3, True)
     """
-    early_stopping = _check_args(model, epochs=epochs, batch_size=batch_size, checkpoint_every=checkpoint_every, seed=seed, lr=lr,
-                                 checkpoint_seconds=checkpoint_seconds, divergence_threshold=divergence_threshold, early_stopping=early_stopping)
+    early_stopping = _check_args(
+        model,
+        epochs=epochs,
+        batch_size=batch_size,
+        checkpoint_every=checkpoint_every,
+        seed=seed,
+        lr=lr,
+        checkpoint_seconds=checkpoint_seconds,
+        divergence_threshold=divergence_threshold,
+        early_stopping=early_stopping,
+    )
     obj = make_objective(objective, **dict(objective_options or {}))
     split, fam, ref = _prepare_data(model, data, family, early_stopping)
     opt = _make_optimizer(optimizer, model, float(lr))
     ckpt_path = os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_NAME) if checkpoint_dir is not None else None
     fingerprint = _fingerprint(model, obj, opt, seed, batch_size, int(split[0].shape[0]))
     run = _Run(model, opt, torch.Generator(device="cpu").manual_seed(seed), History(), fingerprint, ckpt_path)
-    plan = _Plan(obj, fam, split, epochs, batch_size, checkpoint_every, checkpoint_seconds, divergence_threshold, eval_batch_size,
-                 early_stopping, callback)
+    plan = _Plan(
+        obj,
+        fam,
+        split,
+        epochs,
+        batch_size,
+        checkpoint_every,
+        checkpoint_seconds,
+        divergence_threshold,
+        eval_batch_size,
+        early_stopping,
+        callback,
+    )
     with torch.random.fork_rng(devices=[ref.device] if ref.device.type == "cuda" else []):
         torch.manual_seed(seed)
         if not (resume and run.resume(epochs)):
@@ -348,7 +373,9 @@ def _epochs(run: _Run, plan: _Plan, progress: bool) -> None:
     from tqdm.auto import tqdm
 
     run.last_save = time.perf_counter()
-    bar = tqdm(total=plan.epochs, initial=len(run.history), disable=not progress, desc=f"train {plan.objective.name}", leave=False)
+    bar = tqdm(
+        total=plan.epochs, initial=len(run.history), disable=not progress, desc=f"train {plan.objective.name}", leave=False
+    )
     try:
         _epoch_loop(run, plan, bar)
     finally:

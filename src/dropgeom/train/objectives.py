@@ -101,9 +101,7 @@ def dropout_modules(model: nn.Module, layers: Optional[Sequence[str]] = None) ->
     """
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
     if not found:
-        raise ValueError(
-            f"{type(model).__name__} has no dropout modules (torch.nn.Dropout); add one after each layer to drop"
-        )
+        raise ValueError(f"{type(model).__name__} has no dropout modules (torch.nn.Dropout); add one after each layer to drop")
     if layers is None:
         return found
     names = [n for n, _ in found]
@@ -321,9 +319,7 @@ class DropoutNLL(Objective):
 
     def compute(self, model, x, y, family, generator):  # type: ignore[no-untyped-def]
         if self.masks == "explicit":
-            masks = _dropout_api("sample_masks")(
-                model, x, noise="bernoulli", p=self.p, layers=self.layers, generator=generator
-            )
+            masks = _dropout_api("sample_masks")(model, x, noise="bernoulli", p=self.p, layers=self.layers, generator=generator)
             eta = _dropout_api("forward_with_masks")(model, x, masks)
         else:
             active = [m for _, m in dropout_modules(model, self.layers)]

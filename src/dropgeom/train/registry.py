@@ -116,7 +116,9 @@ def register_objective(
             if role not in SHARED_SETTINGS:
                 raise ValueError(f"objective {name!r}: unknown shared setting {role!r}; choose from {list(SHARED_SETTINGS)}")
             if option not in options:
-                raise ValueError(f"objective {name!r}: setting {role!r} goes to option {option!r}, which it does not take {options}")
+                raise ValueError(
+                    f"objective {name!r}: setting {role!r} goes to option {option!r}, which it does not take {options}"
+                )
         _REGISTRY[name] = ObjectiveSpec(name, description, factory, options, settings)
         return factory
 
@@ -205,9 +207,9 @@ def _l2(weight: float = 1e-4, biases: bool = True) -> Objective:
 
 register_objective("dropout", "Bernoulli dropout (one mask sample per step)", settings={"p": "p"})(DropoutNLL)
 register_objective("gaussian_dropout", "Gaussian dropout, masks N(1, p/(1-p))", settings={"p": "p"})(GaussianDropoutNLL)
-register_objective(
-    "fisher_dropout", "clean loss + Fisher (quadratic) or divergence dropout penalty", settings={"p": "p"}
-)(FisherDropout)
+register_objective("fisher_dropout", "clean loss + Fisher (quadratic) or divergence dropout penalty", settings={"p": "p"})(
+    FisherDropout
+)
 
 
 class _Named(str, Enum):

@@ -49,9 +49,16 @@ class WKMNoise(FisherDropout):
 
     name = "wkm_noise"
 
-    def __init__(self, p: Optional[float] = None, weight: float = 1.0, noise_scale: float = 1.0, estimator: str = "exact") -> None:
+    def __init__(
+        self, p: Optional[float] = None, weight: float = 1.0, noise_scale: float = 1.0, estimator: str = "exact"
+    ) -> None:
         super().__init__(p=p, form="quadratic", estimator=estimator, weight=weight)
-        if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) or not math.isfinite(noise_scale) or noise_scale < 0:
+        if (
+            isinstance(noise_scale, bool)
+            or not isinstance(noise_scale, (int, float))
+            or not math.isfinite(noise_scale)
+            or noise_scale < 0
+        ):
             raise ValueError(f"noise_scale must be a finite number >= 0, got {noise_scale!r}")
         self.noise_scale = float(noise_scale)
 
