@@ -41,14 +41,12 @@ def test_every_noise_has_unit_mean_and_the_dropout_variance(noise):
     for dropconnect): ``E m = 1``, ``Var m = p/(1-p)`` (5-sigma bands), reproducible from a seed."""
     net, p, n = _net(), 0.2, 20000
     layers = ["3"] if noise == "dropconnect" else ["2"]
-    draw = lambda seed: sample_masks(
-        net,
-        torch.zeros(n, 3, dtype=D),
-        noise=noise,
-        p=p,
-        layers=layers,  # noqa: E731
-        generator=torch.Generator().manual_seed(seed),
-    )[layers[0]]
+
+    def draw(seed):
+        return sample_masks(
+            net, torch.zeros(n, 3, dtype=D), noise=noise, p=p, layers=layers, generator=torch.Generator().manual_seed(seed)
+        )[layers[0]]
+
     m, v = draw(4), p / (1 - p)
     assert m.shape[0] == n
     assert abs(m.mean().item() - 1) < 5 * math.sqrt(v / m.numel())

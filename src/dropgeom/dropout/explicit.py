@@ -32,7 +32,7 @@ def _unit_mask_hook(mod: nn.Module, name: str, mask: Tensor):
     kind = module_kind(mod)
     if kind is None:
         raise ValueError(f"module {name!r} ({type(mod).__name__}) is not a dropout module; it cannot take a unit mask")
-    p = float(mod.p)
+    p = float(mod.p)  # type: ignore[arg-type]  # every dropout kind stores p as a float
 
     def hook(module: nn.Module, args: Tuple[Tensor, ...], output: Tensor) -> Tensor:
         return apply_mask(kind, args[0], mask, p, name)
