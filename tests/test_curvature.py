@@ -226,8 +226,7 @@ def test_embedding_curvature_reparametrisation_invariance(alpha):
 
 
 @pytest.mark.parametrize(
-    "family,act",
-    [("categorical", nn.Tanh), ("gaussian", nn.Softplus), ("poisson", nn.Tanh), ("normal", nn.Softplus)],
+    "family,act", [("categorical", nn.Tanh), ("gaussian", nn.Softplus), ("poisson", nn.Tanh), ("normal", nn.Softplus)]
 )
 def test_dense_against_reference(family, act):
     m, _, r = setting_and_ref(family, act)

@@ -17,16 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dropgeom import ModelManifold
-from dropgeom.dropout import (
-    StochasticDepth,
-    dropout_sites,
-    forward_with_masks,
-    gap,
-    mixture,
-    penalty,
-    sample_masks,
-    terms,
-)
+from dropgeom.dropout import StochasticDepth, dropout_sites, forward_with_masks, gap, mixture, penalty, sample_masks, terms
 from reference.dropout import alpha_dropout_at, exact_gap, mha_self_attention, mixture_exact, terms_dense
 
 D = torch.float64

@@ -215,8 +215,7 @@ def test_other_families_accept_their_widths(family):
 
 
 @pytest.mark.parametrize(
-    "family,k,msg",
-    [("categorical", 1, "at least 2"), ("normal", 3, "exactly 2"), ("normal", 1, "exactly 2")],
+    "family,k,msg", [("categorical", 1, "at least 2"), ("normal", 3, "exactly 2"), ("normal", 1, "exactly 2")]
 )
 def test_family_must_fit_output_width(family, k, msg):
     model, x = build("mlp_tanh", "categorical", k=k)

@@ -58,15 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = [
-    "DropoutSite",
-    "DropoutInterceptor",
-    "ALPHA",
-    "alpha_affine",
-    "alpha_mode",
-    "LazyMasks",
-    "MODULE_DROPOUT",
-]
+__all__ = ["DropoutSite", "DropoutInterceptor", "ALPHA", "alpha_affine", "alpha_mode", "LazyMasks", "MODULE_DROPOUT"]
 
 #: SELU's ``-lambda * alpha``: the value a dropped unit of alpha dropout takes before the affine correction.
 ALPHA = 1.7580993408473766
@@ -405,12 +397,7 @@ class DropoutInterceptor(torch.overrides.TorchFunctionMode):
         else:
             name = self._site("sdpa")
             mask = self._seen(
-                name,
-                "attention",
-                p,
-                torch.Size([*q.shape[1:-1], k.shape[-2]]),
-                "scaled_dot_product_attention dropout",
-                q,
+                name, "attention", p, torch.Size([*q.shape[1:-1], k.shape[-2]]), "scaled_dot_product_attention dropout", q
             )
         if mask is None:
             return (

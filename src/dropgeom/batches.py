@@ -88,12 +88,7 @@ def _check_batch(inputs: Tuple[Tensor, ...], targets: Optional[Tensor], index: i
     return sig
 
 
-def iter_batches(
-    data: Data,
-    targets: Optional[Tensor] = None,
-    *,
-    batch_size: Optional[int] = None,
-) -> Iterator[Batch]:
+def iter_batches(data: Data, targets: Optional[Tensor] = None, *, batch_size: Optional[int] = None) -> Iterator[Batch]:
     """Yield ``(inputs, targets)`` batches of ``data`` (see the module docstring for what a batch is).
 
     Args:

@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 from .data import BUNDLED, INSTALLED
 from .options import CurvatureMethod
 from .train.registry import objective_names
+from .config_checks import _check, _choices, _integer, _ints, _number, _positive, _probs, _strengths
 
 __all__ = ["RunConfig", "ConfigError", "PRESETS", "ACTIVATIONS", "OBJECTIVES", "EXPERIMENTS"]
 
@@ -299,60 +299,7 @@ class RunConfig:
         ]
 
 
-# --------------------------------------------------------------------------- per-field checks
-def _integer(name: str, v: Any, lo: int, hi: Optional[int] = None) -> List[str]:
-    if isinstance(v, bool) or not isinstance(v, int):
-        return [f"{name} must be an integer, got {v!r}"]
-    if v < lo or (hi is not None and v > hi):
-        return [f"{name} must be in [{lo}, {hi if hi is not None else 'inf'}], got {v}"]
-    return []
-
-
-def _number(v: Any) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def _positive(name: str, v: Any) -> List[str]:
-    return [] if _number(v) and v > 0 else [f"{name} must be a finite positive number, got {v!r}"]
-
-
-def _probs(name: str, v: Any, allow_zero: bool = True) -> List[str]:
-    out = [f"{name} must not be empty"] if isinstance(v, tuple) and not v else []
-    for p in v if isinstance(v, tuple) else (v,):
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= p < 1.0) or (p == 0 and not allow_zero):
-            out.append(f"{name}: dropout probability {p!r} is outside {'[0' if allow_zero else '(0'}, 1)")
-    return out
-
-
-def _choices(name: str, v: Any, allowed: Tuple[str, ...]) -> List[str]:
-    out = [f"{name} must not be empty"] if isinstance(v, tuple) and not v else []
-    out += [
-        f"{name}: unknown value {x!r}; choose from {list(allowed)}"
-        for x in (v if isinstance(v, tuple) else (v,))
-        if x not in allowed
-    ]
-    return out
-
-
-def _ints(name: str, v: Any, lo: int) -> List[str]:
-    out = [] if v else [f"{name} must not be empty"]
-    return out + [
-        f"{name}: {x!r} must be an integer >= {lo}" for x in v if isinstance(x, bool) or not isinstance(x, int) or x < lo
-    ]
-
-
-def _strengths(name: str, v: Any) -> List[str]:
-    out = [] if v else [f"{name} must not be empty"]
-    return out + [
-        f"{name}: {x!r} is not a positive number (a log grid needs values > 0)" for x in v if not (_number(x) and x > 0)
-    ]
-
-
-def _check(ok: Callable[[Any], bool], message: str) -> Callable[[str, Any], List[str]]:
-    """A one-off check: ``message`` (formatted with ``name`` and ``v``) unless ``ok(v)``."""
-    return lambda name, v: [] if ok(v) else [message.format(name=name, v=v)]
-
-
+# --------------------------------------------------------------------------- per-field checks (config_checks)
 def _preset(name: str, v: Any) -> List[str]:
     return [] if v in PRESETS else [f"preset: unknown value {v!r}; choose from {sorted(PRESETS)}"]
 

@@ -142,12 +142,9 @@ class Dataset:
 def _bundled(name: str) -> Tuple[np.ndarray, np.ndarray, Optional[Tuple[str, ...]]]:
     from sklearn import datasets as skd  # local import: scikit-learn is slow to import
 
-    loader = {
-        "digits": skd.load_digits,
-        "breast_cancer": skd.load_breast_cancer,
-        "wine": skd.load_wine,
-        "iris": skd.load_iris,
-    }[name]
+    loader = {"digits": skd.load_digits, "breast_cancer": skd.load_breast_cancer, "wine": skd.load_wine, "iris": skd.load_iris}[
+        name
+    ]
     bunch = loader()
     names = getattr(bunch, "feature_names", None)
     return (
@@ -158,15 +155,7 @@ def _bundled(name: str) -> Tuple[np.ndarray, np.ndarray, Optional[Tuple[str, ...
 
 
 def _teacher(
-    kind: str,
-    n: int,
-    num_features: int,
-    num_classes: int,
-    label_noise: float,
-    hidden: int,
-    depth: int,
-    scale: float,
-    seed: int,
+    kind: str, n: int, num_features: int, num_classes: int, label_noise: float, hidden: int, depth: int, scale: float, seed: int
 ) -> Tuple[np.ndarray, np.ndarray, Dict[str, object]]:
     if n < 2 or num_features < 1 or num_classes < 2:
         raise ValueError(

@@ -66,9 +66,8 @@ from torch.func import jvp, vjp, vmap
 from ._capture import capture, pname, rule_layers
 from .dispatch import streams
 from .manifold import DEFAULT_CHUNK_BYTES, ModelManifold, memory_guard
+from .operator_parts import operator_from_parts, operator_parts
 from .operators import (
-    operator_from_parts,
-    operator_parts,
     BlockDiagonalOperator,
     CurvatureOperator,
     DenseOperator,

@@ -139,10 +139,7 @@ class ModelManifold:
     # -- construction -------------------------------------------------------
     @classmethod
     def from_function(
-        cls,
-        eta_fn: Callable[[Tensor], Tensor],
-        theta: Tensor,
-        family: Union[str, ExponentialFamily] = "categorical",
+        cls, eta_fn: Callable[[Tensor], Tensor], theta: Tensor, family: Union[str, ExponentialFamily] = "categorical"
     ) -> "ModelManifold":
         """A manifold from a closed-form map ``eta_fn(theta) -> [n, K]``.
 

@@ -53,16 +53,10 @@ from .dispatch import StreamedManifold, register_streamed
 from .families import ExponentialFamily
 from .fisher import FisherKind, Reduction, Structure, _enum, fisher
 from .manifold import DEFAULT_CHUNK_BYTES
-from .operators import CurvatureOperator, ImplicitOperator, operator_from_parts, operator_parts
+from .operator_parts import operator_from_parts, operator_parts
+from .operators import CurvatureOperator, ImplicitOperator
 
-__all__ = [
-    "DEFAULT_MEMORY_BUDGET",
-    "Batch",
-    "iter_batches",
-    "fisher_streamed",
-    "stream_mean",
-    "check_same_parameters",
-]
+__all__ = ["DEFAULT_MEMORY_BUDGET", "Batch", "iter_batches", "fisher_streamed", "stream_mean", "check_same_parameters"]
 
 #: Default bytes the back-propagated factors of one chunk of inputs may use (1 GiB).
 DEFAULT_MEMORY_BUDGET = DEFAULT_CHUNK_BYTES

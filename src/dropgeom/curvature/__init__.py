@@ -23,25 +23,12 @@ written for dropgeom on top of :mod:`torch.func`.
 from .dense import MAX_DENSE_PARAMS, alpha_connection, skewness_tensor
 from .efron import statistical_curvature
 from .embedding import CurvatureResult, embedding_curvature
-from .invariant import (
-    INVARIANCE,
-    curvature_profile,
-    dropout_tangent_directions,
-    noise_tangent_curvature,
-    normal_curvatures,
-)
+from .invariant import INVARIANCE, curvature_profile, dropout_tangent_directions, noise_tangent_curvature, normal_curvatures
 from .mixture_model import dropout_mixture_manifold
 from .natural_gradient import natural_gradient_curvature, natural_gradient_direction
 from .normal import normal_curvature
 from .range_gamma import range_gamma2
-from .sharpness import (
-    TraceEstimate,
-    fisher_top_eigenvalue,
-    fisher_trace,
-    hessian_top_eigenvalue,
-    hessian_trace,
-    sam_sharpness,
-)
+from .sharpness import TraceEstimate, fisher_top_eigenvalue, fisher_trace, hessian_top_eigenvalue, hessian_trace, sam_sharpness
 from . import streamed  # noqa: F401  (registers the curvature over batches, dropgeom.dispatch)
 
 __all__ = [

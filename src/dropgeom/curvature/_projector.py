@@ -15,14 +15,7 @@ import torch
 from torch import Tensor
 
 from ..manifold import ModelManifold
-from ._common import (
-    LinearisedManifold,
-    default_max_iter,
-    default_tol,
-    skew_whitened,
-    whiten,
-    whitening,
-)
+from ._common import LinearisedManifold, default_max_iter, default_tol, skew_whitened, whiten, whitening
 from .dense import MAX_DENSE_PARAMS
 
 __all__: List[str] = []

@@ -71,20 +71,11 @@ import torch
 from torch import Tensor, nn
 
 from ..manifold import ModelManifold
-from ._common import (
-    check_alpha,
-    check_manifold,
-)
+from ._common import check_alpha, check_manifold
 from ._projector import Projector, as_rows, check_method
 from .natural_gradient import solve_direction
 
-__all__ = [
-    "normal_curvatures",
-    "dropout_tangent_directions",
-    "noise_tangent_curvature",
-    "INVARIANCE",
-    "curvature_profile",
-]
+__all__ = ["normal_curvatures", "dropout_tangent_directions", "noise_tangent_curvature", "INVARIANCE", "curvature_profile"]
 
 #: Invariance status of every curvature measure under a reparametrisation ``theta = phi(theta')``.
 INVARIANCE = {

@@ -29,14 +29,7 @@ from ..dispatch import streams
 from ..manifold import ModelManifold
 from ._common import check_manifold
 
-__all__ = [
-    "hessian_trace",
-    "hessian_top_eigenvalue",
-    "sam_sharpness",
-    "fisher_trace",
-    "fisher_top_eigenvalue",
-    "TraceEstimate",
-]
+__all__ = ["hessian_trace", "hessian_top_eigenvalue", "sam_sharpness", "fisher_trace", "fisher_top_eigenvalue", "TraceEstimate"]
 
 
 class TraceEstimate(NamedTuple):

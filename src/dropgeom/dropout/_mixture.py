@@ -210,11 +210,7 @@ def _simplex(model, args, params, fam, eta0, targets, spec, draws, alpha) -> Mix
         for flat, logw, per_sample in draws.blocks(eta0, chunk):
             absorb(chunked_vmap(lambda row: logp(row, per_sample), flat, chunk if not per_sample else flat.shape[0]), logw)
             total += flat.shape[0]
-        logs = {
-            "m": acc_m,
-            "e": fam.log_probs(acc_e),
-            "weight_scaling": fam.log_probs(eta0),
-        }
+        logs = {"m": acc_m, "e": fam.log_probs(acc_e), "weight_scaling": fam.log_probs(eta0)}
         logs["alpha"] = fam.log_probs(acc_a / a) if a != 0.0 else logs["e"]
         logs["m"] = logs["m"] - torch.logsumexp(logs["m"], -1, keepdim=True)  # exact weights sum to 1; guard rounding
         probs = {k: logs[k].exp() for k in KINDS}

@@ -245,14 +245,7 @@ def _penalty(
 
 
 def _closed_layer(
-    fam: ExponentialFamily,
-    eta: Tensor,
-    h: Tensor,
-    w: Tensor,
-    form: str,
-    p: float,
-    j: Optional[Tensor],
-    prob: Optional[Tensor],
+    fam: ExponentialFamily, eta: Tensor, h: Tensor, w: Tensor, form: str, p: float, j: Optional[Tensor], prob: Optional[Tensor]
 ) -> Tensor:
     """A dropout layer right before the output Linear ``W``: ``d eta / d h~ = W``, so
     ``d_j eta_i = h_ij W[:, j]`` and ``eta_i^(-j) = eta_i - h_ij W[:, j]``; both curvature

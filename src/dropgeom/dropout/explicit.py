@@ -102,10 +102,7 @@ def _hooks(model: nn.Module, masks: Mapping[str, Tensor], params: Optional[Mappi
 
 
 def forward_with_masks(
-    model: nn.Module,
-    inputs: Inputs,
-    masks: Mapping[str, Tensor],
-    params: Optional[Mapping[str, Tensor]] = None,
+    model: nn.Module, inputs: Inputs, masks: Mapping[str, Tensor], params: Optional[Mapping[str, Tensor]] = None
 ) -> Tensor:
     """The model's output with each named dropout layer replaced by multiplication with its mask.
 

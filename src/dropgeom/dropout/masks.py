@@ -255,11 +255,7 @@ class MaskEnumeration(NamedTuple):
 
 
 def enumerate_masks(
-    model: nn.Module,
-    inputs: Inputs,
-    p: PSpec = None,
-    layers: Optional[Sequence[str]] = None,
-    max_masks: int = 2**16,
+    model: nn.Module, inputs: Inputs, p: PSpec = None, layers: Optional[Sequence[str]] = None, max_masks: int = 2**16
 ) -> MaskEnumeration:
     """All ``2^U`` joint Bernoulli masks of the named dropout layers (``U`` units in total).
 
@@ -328,11 +324,7 @@ class MaskSpec(NamedTuple):
 
 
 def mask_spec(
-    model: nn.Module,
-    inputs: Inputs,
-    layers: Optional[Sequence[str]] = None,
-    p: PSpec = None,
-    noise: str = "bernoulli",
+    model: nn.Module, inputs: Inputs, layers: Optional[Sequence[str]] = None, p: PSpec = None, noise: str = "bernoulli"
 ) -> MaskSpec:
     """The layers a dropout quantity takes: every dropout site (:func:`dropout_sites`), or for
     ``noise='dropconnect'`` the ``nn.Linear`` layers (unit shape: the weight's, ``p`` required).

@@ -18,13 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from ..config import RunConfig
 from .c1_measures import flatness_measures
 from .c1_summary import DECIDING, NAME, RULE, SETS, TITLE, figures, measures_present, summarize
-from .common import (
-    _ckpt,
-    build_mlp,
-    evaluate_model,
-    fit,
-    prepare_data,
-)
+from .common import _ckpt, build_mlp, evaluate_model, fit, prepare_data
 
 #: The claim's design and pre-stated rule in words, printed under its title in the report (``config.<name>``
 #: becomes the run's value); the report takes this text, never the module docstring.

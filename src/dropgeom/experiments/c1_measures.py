@@ -73,17 +73,7 @@ def flatness_measures(
     import time
 
     from .. import ModelManifold
-    from ..curvature import (
-        curvature_profile,
-        dropout_mixture_manifold,
-        dropout_tangent_directions,
-        embedding_curvature,
-        fisher_top_eigenvalue,
-        fisher_trace,
-        hessian_top_eigenvalue,
-        hessian_trace,
-        sam_sharpness,
-    )
+    from ..curvature import curvature_profile, dropout_mixture_manifold, dropout_tangent_directions, embedding_curvature
 
     def manifold(inputs: Tensor, names: Optional[List[str]] = None, g: Optional[torch.Generator] = None) -> ModelManifold:
         if mixture:  # a generator with the same seed: the same common random masks on every input set
@@ -119,10 +109,19 @@ def flatness_measures(
         {k: v for k, v in prof.items() if k in ("mask_e", "mask_m", "natural_gradient_e", "natural_gradient_fs_e", "noise_e")}
     )
     if sharpness and not mixture:
-        out["fisher_trace"] = fisher_trace(m)
-        out["fisher_top"] = fisher_top_eigenvalue(m)
-        out["hessian_trace"] = hessian_trace(m, y, n_probes=config.c1_hutchinson_probes, generator=gen).value
-        out["hessian_top"] = hessian_top_eigenvalue(m, y, tol=1e-3)
-        out["sam"] = sam_sharpness(m, y, rho=config.c1_sam_rho, steps=config.c1_sam_steps)
+        out.update(_coordinate_measures(m, y, config, gen))
     out["seconds"] = time.process_time() - t0
     return out
+
+
+def _coordinate_measures(m: Any, y: Tensor, config: RunConfig, gen: torch.Generator) -> Dict[str, float]:
+    """The coordinate-dependent measures (:mod:`dropgeom.curvature.sharpness`): described, never deciding."""
+    from ..curvature import fisher_top_eigenvalue, fisher_trace, hessian_top_eigenvalue, hessian_trace, sam_sharpness
+
+    return {
+        "fisher_trace": fisher_trace(m),
+        "fisher_top": fisher_top_eigenvalue(m),
+        "hessian_trace": hessian_trace(m, y, n_probes=config.c1_hutchinson_probes, generator=gen).value,
+        "hessian_top": hessian_top_eigenvalue(m, y, tol=1e-3),
+        "sam": sam_sharpness(m, y, rho=config.c1_sam_rho, steps=config.c1_sam_steps),
+    }

@@ -453,14 +453,9 @@ def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -
             ax.errorbar(ss, mean, yerr=[lo, hi], fmt="o-", capsize=3, label=reg)
         for name, style in (("dropout_floor", "k--"), ("none", "k:")):
             g = geometric_mean_ci([r["objectives"].get(name, {}).get("kl_from_dropout") for r in objs])[0]
+            label = "noise floor (dropout, other seed)" if name == "dropout_floor" else "plain training"
             if math.isfinite(g):
-                ax.axhline(
-                    g,
-                    color="k",
-                    ls=style[1:],
-                    lw=1,
-                    label="noise floor (dropout, other seed)" if name == "dropout_floor" else "plain training",
-                )
+                ax.axhline(g, color="k", ls=style[1:], lw=1, label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
         grid = sorted(config.c3_strengths)

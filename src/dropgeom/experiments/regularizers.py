@@ -76,12 +76,7 @@ def _wkm(s: float, p: float, l2: float, estimator: str = "exact") -> Any:
 
 
 #: regularizer name -> builder(strength, p, l2)
-REGULARIZERS: Dict[str, Callable[..., Any]] = {
-    "l2": _l2,
-    "fisher_quadratic": _fq,
-    "fisher_divergence": _fd,
-    "wkm_noise": _wkm,
-}
+REGULARIZERS: Dict[str, Callable[..., Any]] = {"l2": _l2, "fisher_quadratic": _fq, "fisher_divergence": _fd, "wkm_noise": _wkm}
 assert tuple(REGULARIZERS) == C3_REGULARIZERS
 
 

@@ -231,12 +231,7 @@ def _group_ids(groups: Sequence[Any]) -> np.ndarray:
 
 
 def within_group_permutation(
-    x: Sequence[Any],
-    y: Sequence[Any],
-    groups: Sequence[Any],
-    *,
-    n_permutations: int = 2000,
-    seed: int = 0,
+    x: Sequence[Any], y: Sequence[Any], groups: Sequence[Any], *, n_permutations: int = 2000, seed: int = 0
 ) -> GroupedTest:
     r"""Permutation test of a monotone dependence of ``y`` on ``x`` *within* groups.
 

@@ -44,25 +44,10 @@ from .categorical import Categorical
 from .elementwise import Bernoulli, Gaussian, Poisson
 from .normal import Normal
 
-__all__ = [
-    "ExponentialFamily",
-    "Categorical",
-    "Bernoulli",
-    "Gaussian",
-    "Poisson",
-    "Normal",
-    "get_family",
-    "FAMILIES",
-]
+__all__ = ["ExponentialFamily", "Categorical", "Bernoulli", "Gaussian", "Poisson", "Normal", "get_family", "FAMILIES"]
 
 
-FAMILIES = {
-    "categorical": Categorical,
-    "bernoulli": Bernoulli,
-    "gaussian": Gaussian,
-    "poisson": Poisson,
-    "normal": Normal,
-}
+FAMILIES = {"categorical": Categorical, "bernoulli": Bernoulli, "gaussian": Gaussian, "poisson": Poisson, "normal": Normal}
 
 
 def get_family(family: Union[str, ExponentialFamily]) -> ExponentialFamily:

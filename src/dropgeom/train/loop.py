@@ -155,16 +155,14 @@ def train(
         data: a :class:`~dropgeom.data.Dataset` or ``(x_train, y_train[, x_test, y_test])``.
         objective: a name (``none``, ``l2``, ``dropout``, ``gaussian_dropout``,
             ``fisher_dropout``; options in ``objective_options``) or an Objective.
-        optimizer: ``None``/``"adam"``, ``"adamw"``, ``"sgd"`` (with ``lr``), an
-            optimizer over the model's parameters, or a factory ``params -> optimizer``.
+        optimizer: ``None``/``"adam"``, ``"adamw"``, ``"sgd"`` (with ``lr``), an optimizer, or ``params -> optimizer``.
         epochs: total number of epochs (a resumed run counts the finished ones).
         batch_size: mini-batch size (the last, smaller batch is kept).
         seed: seeds the shuffling, the masks and the global RNG inside the loop.
         family: output family; default the data set's (``categorical`` for tuples).
         early_stopping: an :class:`EarlyStopping`, or an int patience on ``test_nll``.
         checkpoint_dir: where ``checkpoint.pt`` is written (atomically); ``None``: no checkpoints.
-        resume: continue from an existing checkpoint in ``checkpoint_dir``
-            (``False``: start afresh and overwrite it).
+        resume: continue from an existing checkpoint in ``checkpoint_dir`` (``False``: start afresh, overwrite it).
         checkpoint_every: write a checkpoint every this many epochs (and at the end).
         checkpoint_seconds: also write one after any epoch that ends this many seconds after the last checkpoint
             (``None``: only ``checkpoint_every``), so that an interrupted long training loses little work.
@@ -191,17 +189,9 @@ def train(
         >>> len(h), all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
         (3, True)
     """
-    early_stopping = _check_args(
-        model,
-        epochs=epochs,
-        batch_size=batch_size,
-        checkpoint_every=checkpoint_every,
-        seed=seed,
-        lr=lr,
-        checkpoint_seconds=checkpoint_seconds,
-        divergence_threshold=divergence_threshold,
-        early_stopping=early_stopping,
-    )
+    sizes = dict(epochs=epochs, batch_size=batch_size, checkpoint_every=checkpoint_every)
+    limits = dict(checkpoint_seconds=checkpoint_seconds, divergence_threshold=divergence_threshold)
+    early_stopping = _check_args(model, seed=seed, lr=lr, early_stopping=early_stopping, **sizes, **limits)
     obj = make_objective(objective, **dict(objective_options or {}))
     split, fam, ref = _prepare_data(model, data, family, early_stopping)
     opt = _make_optimizer(optimizer, model, float(lr))
@@ -209,17 +199,7 @@ def train(
     fingerprint = _fingerprint(model, obj, opt, seed, batch_size, int(split[0].shape[0]))
     run = _Run(model, opt, torch.Generator(device="cpu").manual_seed(seed), History(), fingerprint, ckpt_path)
     plan = _Plan(
-        obj,
-        fam,
-        split,
-        epochs,
-        batch_size,
-        checkpoint_every,
-        checkpoint_seconds,
-        divergence_threshold,
-        eval_batch_size,
-        early_stopping,
-        callback,
+        obj, fam, split, eval_batch_size=eval_batch_size, early_stopping=early_stopping, callback=callback, **sizes, **limits
     )
     with torch.random.fork_rng(devices=[ref.device] if ref.device.type == "cuda" else []):
         torch.manual_seed(seed)

@@ -176,12 +176,7 @@ class Objective(ABC):
     name: str = "objective"
 
     def __call__(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        y: Tensor,
-        family: Family = "categorical",
-        generator: Optional[torch.Generator] = None,
+        self, model: nn.Module, x: Tensor, y: Tensor, family: Family = "categorical", generator: Optional[torch.Generator] = None
     ) -> ObjectiveOutput:
         _check_batch(model, x, y)
         out = self.compute(model, x, y, get_family(family), generator)
