@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dropgeom import ModelManifold, StreamedManifold, dropout, embedding_curvature
-from dropgeom.fisher import fisher
+from dropgeom._fisher import fisher
 
 KINDS = ["exact", "mc", "empirical"]
 STRUCTURES = ["dense", "diag", "layer", "kfac", "implicit"]

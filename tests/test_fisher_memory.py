@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dropgeom import ModelManifold
-from dropgeom.fisher import fisher
+from dropgeom._fisher import fisher
 
 
 @pytest.fixture

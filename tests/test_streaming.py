@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dropgeom import ModelManifold
-from dropgeom.fisher import fisher
+from dropgeom._fisher import fisher
 from dropgeom.options import Structure
 from dropgeom.streaming import fisher_streamed, iter_batches
 

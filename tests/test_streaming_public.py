@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from dropgeom import ModelManifold, StreamedManifold, dropout, embedding_curvature
 from dropgeom.curvature import fisher_top_eigenvalue, fisher_trace, natural_gradient_curvature
 from dropgeom.dispatch import streamed_functions
-from dropgeom.fisher import fisher
+from dropgeom._fisher import fisher
 
 N = 37
 
@@ -148,7 +148,7 @@ def test_what_cannot_be_streamed_says_so():
     with pytest.raises(ValueError, match="batch 0: the model cannot take"):
         fisher(StreamedManifold(net, [x[:, :3]]), "exact", "diag")
     listed = streamed_functions()
-    assert {"dropgeom.fisher.fisher", "dropgeom.curvature.embedding.embedding_curvature"} <= set(listed)
+    assert {"dropgeom._fisher.fisher", "dropgeom.curvature.embedding.embedding_curvature"} <= set(listed)
 
 
 # ------------------------------------------------------------------ two processes, gloo on 127.0.0.1

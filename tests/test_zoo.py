@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from dropgeom import ModelManifold
 from dropgeom.curvature import embedding_curvature
 from dropgeom.dropout import gap, penalty, terms
-from dropgeom.fisher import fisher
+from dropgeom._fisher import fisher
 from reference.zoo import ZOO, build
 
 DROPOUT_ROWS = [k for k, r in ZOO.items() if r.dropout]

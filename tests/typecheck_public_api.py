@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # nothing is imported at run time: a renamed API fails mypy, 
         sample_masks,
         terms,
     )
-    from dropgeom.fisher import fisher
+    from dropgeom._fisher import fisher
     from dropgeom.operators import conjugate_gradient
     from dropgeom.train import classification_metrics, evaluate, train
 

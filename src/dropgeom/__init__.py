@@ -7,7 +7,7 @@ See ``docs/guide.md`` and ``docs/theory.md`` for the notation.
 """
 
 from .families import ExponentialFamily, get_family
-from .fisher import FisherKind, Reduction, Structure, fisher
+from ._fisher import FisherKind, Reduction, Structure, fisher
 from .manifold import ModelManifold
 from .dispatch import StreamedManifold
 from .operators import CurvatureOperator

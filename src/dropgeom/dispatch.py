@@ -18,7 +18,7 @@ Example:
     >>> import torch
     >>> from torch.utils.data import DataLoader, TensorDataset
     >>> from dropgeom import ModelManifold, StreamedManifold
-    >>> from dropgeom.fisher import fisher
+    >>> from dropgeom._fisher import fisher
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
     >>> x, y = torch.randn(23, 4, dtype=torch.float64), torch.randint(0, 3, (23,))
     >>> data = StreamedManifold(net, DataLoader(TensorDataset(x, y), batch_size=10))
@@ -222,7 +222,7 @@ def streamed_functions() -> Dict[str, bool]:
 
     Example:
         >>> import dropgeom
-        >>> streamed_functions()["dropgeom.fisher.fisher"]
+        >>> streamed_functions()["dropgeom._fisher.fisher"]
         True
     """
     return {k: True for k in sorted(_STREAMED)}

@@ -13,11 +13,11 @@ all-in-memory factors exactly.
 
 **What a batch is** (a tensor split into chunks, or a ``DataLoader`` / list of ``(inputs, targets)``): see
 :mod:`dropgeom.batches`. ``fisher_streamed(model, data, ...)`` is the same computation as
-``fisher(StreamedManifold(model, data), ...)``: :func:`dropgeom.fisher.fisher` routes a
+``fisher(StreamedManifold(model, data), ...)``: :func:`dropgeom._fisher.fisher` routes a
 :class:`~dropgeom.dispatch.StreamedManifold` here (:mod:`dropgeom.dispatch`). ``iter_batches``, ``stream_mean`` and
 ``check_same_parameters`` are re-exported from :mod:`dropgeom.batches`.
 
-**Memory.** Peak memory is that of one batch, and within a batch :func:`~dropgeom.fisher.fisher` keeps the
+**Memory.** Peak memory is that of one batch, and within a batch :func:`~dropgeom._fisher.fisher` keeps the
 back-propagated factors of one chunk under ``memory_budget`` bytes (default :data:`DEFAULT_MEMORY_BUDGET`, 1 GiB;
 estimated from one forward pass over one input: activation sizes times the number of factor columns, a heuristic).
 
@@ -30,7 +30,7 @@ Example:
     >>> import torch
     >>> from torch.utils.data import DataLoader, TensorDataset
     >>> from dropgeom import ModelManifold
-    >>> from dropgeom.fisher import fisher
+    >>> from dropgeom._fisher import fisher
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from .batches import Batch, Data, all_reduce, rank, check_same_parameters, is_batches, iter_batches, stream_mean
 from .dispatch import StreamedManifold, register_streamed
 from .families import ExponentialFamily
-from .fisher import FisherKind, Reduction, Structure, _enum, fisher
+from ._fisher import FisherKind, Reduction, Structure, _enum, fisher
 from .manifold import DEFAULT_CHUNK_BYTES
 from .operator_parts import operator_from_parts, operator_parts
 from .operators import CurvatureOperator, ImplicitOperator
@@ -81,7 +81,7 @@ def fisher_streamed(
 ) -> CurvatureOperator:
     r"""The Fisher information :math:`F = \frac1N \sum_i J_i^\top S_i S_i^\top J_i` of ``model`` over ``data``, streamed.
 
-    Each batch goes through :func:`dropgeom.fisher.fisher` with ``reduction="sum"``; the sums are added (and, under
+    Each batch goes through :func:`dropgeom._fisher.fisher` with ``reduction="sum"``; the sums are added (and, under
     ``torch.distributed``, all-reduced over ranks) and divided by the global ``N`` (theory.md section 2). Equals
     ``fisher(ModelManifold(model, all_inputs, family), kind, structure)`` up to rounding for ``exact`` and
     ``empirical``; ``mc`` draws differ (module docstring).
@@ -89,7 +89,7 @@ def fisher_streamed(
     Args:
         model: the network (evaluated in eval mode, as :class:`~dropgeom.manifold.ModelManifold` does).
         data: a tensor of inputs (with ``targets=`` for the empirical kind) or an iterable of batches.
-        family, kind, structure, n_samples, reduction, param_names: as for :func:`~dropgeom.fisher.fisher`.
+        family, kind, structure, n_samples, reduction, param_names: as for :func:`~dropgeom._fisher.fisher`.
         batch_size: rows per batch for tensor ``data`` (default: one batch, chunked under ``memory_budget``).
         memory_budget: bytes the factors of one chunk may use; larger batches are processed in chunks.
         generator: random generator for ``mc``; or ``seed=`` (rank ``r`` of a process group uses ``seed + r``).
@@ -109,7 +109,7 @@ def fisher_streamed(
         >>> x = torch.randn(40, 3, dtype=torch.float64)
         >>> F = fisher_streamed(net, x, structure="dense", batch_size=7)
         >>> from dropgeom import ModelManifold
-        >>> from dropgeom.fisher import fisher
+        >>> from dropgeom._fisher import fisher
         >>> torch.allclose(F.dense(), fisher(ModelManifold(net, x), structure="dense").dense(), atol=1e-12)
         True
     """
@@ -136,7 +136,7 @@ def _fisher_of(
     chunk_bytes: Optional[int] = None,
     seed: Optional[int] = None,
 ) -> CurvatureOperator:
-    """:func:`dropgeom.fisher.fisher` of a :class:`~dropgeom.dispatch.StreamedManifold` (its streamed implementation)."""
+    """:func:`dropgeom._fisher.fisher` of a :class:`~dropgeom.dispatch.StreamedManifold` (its streamed implementation)."""
     kind = _enum(FisherKind, kind, "Fisher kind")
     structure = _enum(Structure, structure, "structure")
     reduction = _enum(Reduction, reduction, "reduction")

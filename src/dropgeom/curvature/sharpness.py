@@ -244,7 +244,7 @@ def fisher_trace(manifold: ModelManifold) -> float:
         >>> fisher_trace(m)   # mean x^2
         2.5
     """
-    from ..fisher import fisher
+    from .._fisher import fisher
 
     check_manifold(manifold, "fisher_trace")
     return float(fisher(manifold, "exact", "diag").trace())
@@ -269,7 +269,7 @@ def fisher_top_eigenvalue(manifold: ModelManifold) -> float:
         >>> round(fisher_top_eigenvalue(m), 6)   # diag(1, 4) / 2
         2.0
     """
-    from ..fisher import fisher
+    from .._fisher import fisher
 
     check_manifold(manifold, "fisher_top_eigenvalue")
     R = manifold.num_outputs

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..batches import all_reduce, check_same_parameters, shard
 from ..dispatch import StreamedManifold, register_streamed
-from ..fisher import fisher
+from .._fisher import fisher
 from ..manifold import ModelManifold
 from ._common import LinearisedManifold, check_alpha, check_damping
 from .embedding import CurvatureResult, Linearisation, _stochastic, check_stochastic_options, embedding_curvature

@@ -40,7 +40,7 @@ families; empirical Fisher caveats); Kunstner et al. (2019).
 Example:
     >>> import torch
     >>> from dropgeom import ModelManifold
-    >>> from dropgeom.fisher import fisher  # the function (pytest may bind dropgeom.fisher to the module)
+    >>> from dropgeom import fisher
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
@@ -179,7 +179,7 @@ def fisher(
     Example:
         >>> import torch
         >>> from dropgeom import ModelManifold
-        >>> from dropgeom.fisher import fisher
+        >>> from dropgeom._fisher import fisher
         >>> x = torch.randn(50, 3, dtype=torch.float64)
         >>> m = ModelManifold(torch.nn.Linear(3, 1).double(), x, "gaussian")
         >>> F = fisher(m, structure="dense", reduction="sum")
