@@ -1,5 +1,5 @@
 """Small helpers shared across the package (not public): inputs as a tuple, the batching fallback,
-the training-flags context and the memory guard.
+the training-flags context, the drop-probability check and the memory guard.
 
 One copy of each, imported by the modules that need them (issue #8, item 6). This module is in the
 base layer: it imports nothing from dropgeom.
@@ -15,6 +15,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import os
 import tempfile
 from pathlib import Path
@@ -109,6 +111,30 @@ def check_finite(name: str, t: Tensor) -> None:
     """
     if torch.is_floating_point(t) and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+
+
+def check_p(p: object, where: str, *, zero: bool = True) -> float:
+    """A drop probability as a float: in ``[0, 1)`` (``zero=False``: in ``(0, 1)``), the one validator of ``p``.
+
+    Raises:
+        TypeError: ``p`` is not a real number (a bool is a ``ValueError``: ``True`` is not a probability).
+        ValueError: ``p`` is a bool, not finite, or outside the interval.
+
+    Example:
+        >>> check_p(0.25, "the mask")
+        0.25
+    """
+    if isinstance(p, Tensor) and p.numel() == 1:
+        p = p.item()
+    interval = "[0, 1)" if zero else "(0, 1)"
+    if isinstance(p, bool):
+        raise ValueError(f"p for {where} must lie in {interval} (the drop probability), got {p!r}")
+    if not isinstance(p, numbers.Real):
+        raise TypeError(f"p for {where} must be a float, got {type(p).__name__}")
+    value = float(p)
+    if not math.isfinite(value) or not (0.0 <= value < 1.0) or (not zero and value == 0.0):
+        raise ValueError(f"p for {where} must lie in {interval} (the drop probability), got {p!r}")
+    return value
 
 
 def memory_guard(numel: int, dtype: torch.dtype, what: str, alternative: str, limit: Optional[int] = None) -> None:

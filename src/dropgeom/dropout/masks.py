@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import numbers
 from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -56,6 +55,7 @@ from torch import Tensor, nn
 
 from .._intercept import DropoutSite
 from .._utils import as_tuple as _as_tuple
+from .._utils import check_p
 from ..options import Noise, parse
 from .kinds import _CHANNEL_TYPES, ALPHA_KINDS, DROPOUT_TYPES, MODULE_KINDS, find_dropout, module_kind  # noqa: F401
 from .sites import dropout_sites, unit_shapes
@@ -76,17 +76,6 @@ PSpec = Union[None, float, Mapping[str, float]]
 Inputs = Union[Tensor, Tuple[Tensor, ...]]
 
 
-def _check_p(p: float, where: str) -> float:
-    if isinstance(p, Tensor):
-        p = float(p)
-    if not isinstance(p, numbers.Real) or isinstance(p, bool):
-        raise TypeError(f"p for {where} must be a float, got {type(p).__name__}")
-    p = float(p)
-    if not math.isfinite(p) or not (0.0 <= p < 1.0):
-        raise ValueError(f"p for {where} must lie in [0, 1) (the drop probability), got {p}")
-    return p
-
-
 def resolve_p(modules: Mapping[str, nn.Module], p: PSpec = None) -> Dict[str, float]:
     """The drop probability of each named layer: from the module, a float for all, or a dict per layer.
 
@@ -101,16 +90,16 @@ def resolve_p(modules: Mapping[str, nn.Module], p: PSpec = None) -> Dict[str, fl
             raise ValueError(f"p names unknown layers {unknown}; layers: {list(modules)}")
         out = {}
         for k, mod in modules.items():
-            out[k] = _check_p(p[k] if k in p else getattr(mod, "p", None), f"layer {k!r}")
+            out[k] = check_p(p[k] if k in p else getattr(mod, "p", None), f"layer {k!r}")
         return out
     out = {}
     for k, mod in modules.items():
         if p is None:
             if not hasattr(mod, "p"):
                 raise ValueError(f"layer {k!r} ({type(mod).__name__}) has no drop probability; pass p")
-            out[k] = _check_p(mod.p, f"layer {k!r}")
+            out[k] = check_p(mod.p, f"layer {k!r}")
         else:
-            out[k] = _check_p(p, f"layer {k!r}")
+            out[k] = check_p(p, f"layer {k!r}")
     return out
 
 
@@ -121,7 +110,7 @@ def mask_variance(p: float) -> float:
         >>> mask_variance(0.5)
         1.0
     """
-    p = _check_p(p, "the mask")
+    p = check_p(p, "the mask")
     return p / (1.0 - p)
 
 

@@ -42,6 +42,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .._utils import check_p
 from ..families import ExponentialFamily
 
 __all__ = ["exact_regularizer_gradient", "mc_regularizer_gradient", "form_gradient", "compare_gradients"]
@@ -55,12 +56,6 @@ def _params(model: nn.Module) -> List[Tensor]:
 
 def _flat(grads: Tuple[Optional[Tensor], ...], params: List[Tensor]) -> Tensor:
     return torch.cat([(g if g is not None else torch.zeros_like(q)).reshape(-1) for g, q in zip(grads, params)])
-
-
-def _check_p(p: float) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < float(p) < 1.0:
-        raise ValueError(f"p must be a drop probability in (0, 1), got {p!r}")
-    return float(p)
 
 
 def _clean_loss(model: nn.Module, x: Tensor, y: Tensor, fam: ExponentialFamily) -> Tensor:
@@ -91,7 +86,7 @@ def exact_regularizer_gradient(
     from ..dropout import enumerate_masks, forward_with_masks
     from ..families import get_family
 
-    p = _check_p(p)
+    p = check_p(p, "the regularizer", zero=False)
     fam = get_family(family)
     enum = enumerate_masks(model, x, p, max_masks=max_masks)
     params = _params(model)
@@ -134,7 +129,7 @@ def mc_regularizer_gradient(
     from ..dropout import forward_with_masks, sample_masks
     from ..families import get_family
 
-    p = _check_p(p)
+    p = check_p(p, "the regularizer", zero=False)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 2:
         raise ValueError(f"groups must be an int >= 2 (the standard error needs two), got {groups!r}")
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < groups:
@@ -183,7 +178,7 @@ def form_gradient(
     """
     from ..dropout import penalty
 
-    p = _check_p(p)
+    p = check_p(p, "the regularizer", zero=False)
     params = _params(model)
     with torch.enable_grad():
         val = penalty(model, x, family=family, p=p, form=form, method=estimator).value

@@ -36,6 +36,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._utils import check_p
+
 __all__ = ["glm_with_input_dropout", "wager_quadratic", "wager_gap", "wager_curve"]
 
 
@@ -79,8 +81,7 @@ def wager_quadratic(model: nn.Sequential, x: Tensor, p: float) -> float:
         0.0
     """
     lin = _check(model)
-    if not 0.0 < float(p) < 1.0:
-        raise ValueError(f"p must be in (0, 1), got {p!r}")
+    p = check_p(p, "the input dropout", zero=False)
     with torch.no_grad():
         eta = lin(x)
         pi = torch.softmax(eta, -1)  # [n, K]

@@ -57,6 +57,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .._utils import check_p
 from ..families import ExponentialFamily, get_family
 from ..options import Estimator, PenaltyForm, parse
 
@@ -128,11 +129,7 @@ def _dropout_state(model: nn.Module, active: Sequence[nn.Module], p: Optional[fl
 
 
 def _check_p(p: Optional[float]) -> Optional[float]:
-    if p is None:
-        return None
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability p must lie in [0, 1), got {p!r}")
-    return float(p)
+    return None if p is None else check_p(p, "the objective")
 
 
 def _check_batch(model: nn.Module, x: Tensor, y: Tensor) -> None:
