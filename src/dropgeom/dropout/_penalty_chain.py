@@ -45,7 +45,10 @@ def _chain_layers(
     n, kdim = eta.shape
     total = eta.new_zeros(())
     if form == "quadratic":
-        sq = fam.cov_sqrt_with_mean(eta, prob)  # [n, K, R]; categorical: from the shared softmax
+        if estimator == "exact":  # as few probes as Sigma's rank allows (categorical: K - 1 columns)
+            sq = fam.reduced_cov_sqrt(eta)  # [n, K, R]
+        else:  # the sampled probes keep the K-column root (the draws are [n, K])
+            sq = fam.cov_sqrt_with_mean(eta, prob)  # [n, K, K]; categorical: from the shared softmax
         if estimator == "unit":
             for k in others:
                 u = chain.h(k).shape[1]
@@ -54,7 +57,7 @@ def _chain_layers(
                 fis = u * torch.einsum("nkr,nk->nr", sq, d).pow(2).sum() / n
                 total = total + 0.5 * mask_variance(ps[k]) * fis
         else:
-            probes = sq.permute(2, 0, 1) if estimator == "exact" else torch.einsum("nkr,nr->nk", sq, draws.probe)
+            probes = sq.permute(2, 0, 1).contiguous() if estimator == "exact" else torch.einsum("nkr,nr->nk", sq, draws.probe)
             for k, w in chain.pull_back(probes, others).items():
                 total = total + 0.5 * mask_variance(ps[k]) * (chain.h(k) * w).pow(2).sum() / n
         if r is not None:

@@ -138,7 +138,8 @@ def _quadratic(
     n = eta.shape[0]
     total = eta.new_zeros(())
     ms = [masks[k] for k in others]
-    sq = fam.cov_sqrt(eta)  # [n, K, R]
+    # exact: as few columns as Sigma's rank allows (categorical: K - 1), one reverse product each
+    sq = fam.reduced_cov_sqrt(eta) if estimator == "exact" else fam.cov_sqrt(eta)  # [n, K, R]
     grads: Sequence[Tensor]
     if estimator == "exact":  # R reverse-mode products, batched over the columns
         cot = sq.permute(2, 0, 1)
