@@ -359,3 +359,27 @@ def test_fisher_dropout_bad_inputs():
     x, y = batch(n=4)
     with pytest.raises(ValueError, match="class indices"):  # the curvature term's residual needs valid labels
         make_objective("fisher_dropout", curvature=True)(net, x, y.double())
+
+
+@pytest.mark.parametrize("act", [nn.Tanh, nn.ReLU])
+@pytest.mark.parametrize("curvature", [False, True])
+def test_fisher_dropout_runs_one_forward_per_step(act, form, estimator, curvature):
+    """The clean loss reuses the penalty's forward pass (issue 14): on an ``nn.Sequential`` MLP
+    the model runs once per objective call, whatever the form, estimator and curvature term,
+    and the value equals NLL + penalty computed separately."""
+    net = two_dropout_net(act)
+    x, y = batch(n=6)
+    calls = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: calls.append(name)) for name, m in net.named_children()]
+    obj = make_objective("fisher_dropout", form=form, estimator=estimator, curvature=curvature)
+    out = obj(net, x, y, "categorical", torch.Generator().manual_seed(2))
+    out.loss.backward()
+    for h in hooks:
+        h.remove()
+    # a second forward would rerun the modules before the first dropout layer (those after it
+    # also push the dropped states of the divergence form through the rest of the chain)
+    assert calls.count("0") == 1 and calls.count("1") == 1, calls
+    ref = (NLL() + FisherPenalty(form=form, estimator=estimator, curvature=curvature))(
+        net, x, y, "categorical", torch.Generator().manual_seed(2)
+    )
+    assert abs(float(out.loss) - float(ref.loss)) < 1e-12
