@@ -59,7 +59,9 @@ def _chain_layers(
         else:
             probes = sq.permute(2, 0, 1).contiguous() if estimator == "exact" else torch.einsum("nkr,nr->nk", sq, draws.probe)
             for k, w in chain.pull_back(probes, others).items():
-                total = total + 0.5 * mask_variance(ps[k]) * (chain.h(k) * w).pow(2).sum() / n
+                # sum_ij h_ij^2 sum_r w_rij^2: the probes summed first (half the passes over [R, n, U])
+                sq_w = w.pow(2) if w.dim() == 2 else w.pow(2).sum(0)
+                total = total + 0.5 * mask_variance(ps[k]) * (sq_w * chain.h(k).pow(2)).sum() / n
         if r is not None:
             for k in others:
                 curv = _chain_curvature(chain, k, r, draws.hutchinson.get(k), chunk_size)
