@@ -103,11 +103,11 @@ def _mnist_mlp(quick: bool) -> None:
     v = torch.randn(P, 1)
     t_gv = median_time(lambda: lin.metric_matmat(S, v), repeat=2 if quick else 5)
     t_d2 = median_time(lambda: lin.d2(v.T, v.T), repeat=2 if quick else 5)
-    # one sample costs about (7 cg_iter + a few) Fisher products: --quick 1 sample of 2 iterations, full mode
-    # 2 samples of 4 (the time per sample grows linearly with the iterations: extrapolate from these)
+    # one sample costs about (7 cg_iter + a few) Fisher products: 2 samples (the estimator's least) of 2 CG
+    # iterations with --quick, of 4 in full mode (the time per sample grows linearly with the iterations)
     cg_iter = 2 if quick else 4
     print("(timing on a shared CPU: ratios against forward+backward, measured in the same run, are the numbers to read)")
-    n_samples = 1 if quick else 2
+    n_samples = 2
     gen = torch.Generator().manual_seed(0)
 
     def estimate(n_samples: int = n_samples, cg_iter: int = cg_iter) -> None:
@@ -117,7 +117,7 @@ def _mnist_mlp(quick: bool) -> None:
 
     with warnings.catch_warnings():  # CG stops early on purpose (cg_max_iter): its warning is expected here
         warnings.simplefilter("ignore", RuntimeWarning)
-        estimate(1, 1)  # warm-up (first vmap traces), at a fraction of a timed sample
+        estimate(2, 1)  # warm-up (first vmap traces), at a fraction of a timed sample
         _timed_estimate = _time_and_peak(estimate)
     t_est, mem = _timed_estimate[0] / n_samples, _timed_estimate[1]
     p_mib = P * 4 / 2**20
