@@ -224,13 +224,13 @@ def _interleaved(
     runs a closure ``k`` times back to back (``k`` calibrated from ``first``, the time of
     its warm-up call, so it lasts about ``window`` seconds), which smooths scheduler
     jitter on millisecond calls. At most ``repeat`` rounds; after 3, stop once ``budget``
-    seconds are spent (the big MLP's slow quantities get 3 rounds). Returns the medians
+    seconds are spent (the big MLP's slow quantities get 3 rounds; ``--quick`` takes 2). Returns the medians
     and the number of rounds."""
     reps = {k: max(1, min(50, int(window / max(first.get(k, window), 1e-6)))) for k in fns}
     times: Dict[str, List[float]] = {k: [] for k in fns}
     t_start = time.perf_counter()
     rounds = 0
-    while rounds < repeat and (rounds < 3 or time.perf_counter() - t_start < budget):
+    while rounds < repeat and (rounds < min(3, repeat) or time.perf_counter() - t_start < budget):
         for k, fn in fns.items():
             t0 = time.perf_counter()
             for _ in range(reps[k]):
@@ -287,13 +287,13 @@ def run_config(
 
 
 def main(quick: bool = False) -> None:
-    """``quick``: at most 3 rounds, 10 ms windows, 1 s per quantity (after 3 rounds), no ``trace`` rows (the
+    """``quick``: 2 rounds, 10 ms windows, no ``trace`` rows (the
     exact diagonal summed: same cost) and no 1,797-input configuration; else at most 9 rounds, 30 ms windows,
     4 s per quantity. Over rounds the spread of the medians is a few per cent."""
     warnings.filterwarnings("ignore")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: far less noise on a shared 2-core machine
-    repeat, window, budget = (3, 0.01, 1.0) if quick else (9, 0.03, 4.0)
+    repeat, window, budget = (2, 0.01, 1.0) if quick else (9, 0.03, 4.0)
     quantities = [q for q in QUANTITIES if not (quick and q == "trace")]
     rows = []
     for name, model, x, y in configurations(quick):
