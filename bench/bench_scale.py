@@ -1,6 +1,6 @@
 """Scale: the Fisher streamed over a data loader, against the peers given the same loader, and over 2 gloo processes.
 
-Rows (float32, one torch thread per process, batches of ``BATCH`` inputs):
+Rows (float32, one torch thread per process, batches of ``BATCH`` = 1,000 inputs; 500 with ``--quick``):
 
   exact diag  dropgeom ``fisher_streamed(structure="diag")`` | nngeometry ``FIM(PMatDiag)`` | BackPACK
               ``DiagGGNExact`` accumulated over the loader (sum of batch sums / N)
@@ -21,7 +21,8 @@ images of the same shape (the timings do not depend on the pixel values). Comman
                                                        # (the CNN's peers take most of an hour on one core)
   python bench/bench_scale.py                          # MLP over 10,000 images, CNN over 2,000, and the
                                                        # 2-process part (what ``bench/run.py`` runs)
-  python bench/bench_scale.py --quick                  # 2,000 images, the MLP only (``bench/run.py --quick``)
+  python bench/bench_scale.py --quick                  # 1,000 images in batches of 500, the MLP only
+                                                       # (``bench/run.py --quick``)
 """
 
 from __future__ import annotations
@@ -270,13 +271,13 @@ def _warm_up(model: nn.Module, x: Tensor, y: Tensor) -> None:
                 pass
 
 
-def compare(name: str, model: nn.Module, x: Tensor, y: Tensor) -> None:
+def compare(name: str, model: nn.Module, x: Tensor, y: Tensor, batch: int = BATCH) -> None:
     """Time and peak memory of dropgeom and each peer over one loader; one row printed as soon as measured."""
-    loader = DataLoader(TensorDataset(x, y), batch_size=BATCH)
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch)
     t0 = time.perf_counter()
     _warm_up(model, x, y)
     unit = _timed(_fwd_bwd(model, loader))
-    print(f"\n== {name}, {len(x)} inputs, batch {BATCH} (fwd+bwd over the loader: {unit:.2f} s) ==", flush=True)
+    print(f"\n== {name}, {len(x)} inputs, batch {batch} (fwd+bwd over the loader: {unit:.2f} s) ==", flush=True)
     print("'dropgeom / this' = dropgeom's time over this library's (below 1: dropgeom is faster)", flush=True)
     out = RowPrinter({"quantity": 10, "library": 10, "seconds": 9, "x fwd+bwd": 9, "dropgeom / this": 15, "peak MiB": 8})
     for quantity, impls in _peers(model, loader).items():
@@ -329,19 +330,20 @@ def parallel(n: int, quick: bool) -> None:
 
 #: inputs per model when ``n`` is not given: the CNN's six runs cost about 18 CPU-seconds per 1,000 images,
 #: several times the MLP's (measured 2026-12-04), so full mode streams 10,000 images through the MLP and 2,000 through the CNN
-DEFAULT_N = {True: {"mlp": 2000}, False: {"mlp": 10000, "cnn": 2000}}
+DEFAULT_N = {True: {"mlp": 1000}, False: {"mlp": 10000, "cnn": 2000}}
 
 
 def main(quick: bool = False, n: Optional[int] = None, models: Optional[List[str]] = None, scaling: bool = True) -> None:
-    """``quick``: 2,000 inputs, the MLP only. Else the MLP over 10,000 inputs and the CNN over 2,000, or every
+    """``quick``: 1,000 inputs in batches of 500, the MLP only. Else the MLP over 10,000 inputs and the CNN over 2,000, or every
     model over ``n`` (the measurement of issue 12 is ``n=60000``); ``scaling=False`` leaves out the
     multi-process part."""
     sizes = {k: n or DEFAULT_N[quick].get(k, DEFAULT_N[False][k]) for k in (models or DEFAULT_N[quick])}
     x, y, source = _data(max(sizes.values()))
-    print(f"{source}, batches of {BATCH}, float32, one thread, every library on its own model copy", flush=True)
+    batch = BATCH // 2 if quick else BATCH
+    print(f"{source}, batches of {batch}, float32, one thread, every library on its own model copy", flush=True)
     for key, m in sizes.items():
         name, make = MODELS[key]
-        compare(name, make(), x[:m], y[:m])
+        compare(name, make(), x[:m], y[:m], batch)
     if scaling:
         parallel(2048 if quick else 8192, quick)
 
@@ -350,7 +352,7 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2,000 inputs, the MLP only")
+    parser.add_argument("--quick", action="store_true", help="1,000 inputs in batches of 500, the MLP only")
     parser.add_argument(
         "--n", type=int, default=None, help="inputs streamed through every model (default: MLP 10,000, CNN 2,000; 60000 = all)"
     )
