@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -94,21 +95,26 @@ def _mnist_mlp(quick: bool) -> None:
     v = torch.randn(P, 1)
     t_gv = median_time(lambda: lin.metric_matmat(S, v), repeat=2 if quick else 5)
     t_d2 = median_time(lambda: lin.d2(v.T, v.T), repeat=2 if quick else 5)
-    cg_iter = 2 if quick else 10
+    # one sample costs about (7 cg_iter + a few) Fisher products: 2 samples (the estimator's least) of 2 CG
+    # iterations with --quick, of 4 in full mode (the time per sample grows linearly with the iterations)
+    cg_iter = 2 if quick else 4
     print("(timing on a shared CPU: ratios against forward+backward, measured in the same run, are the numbers to read)")
-    n_samples = 2 if quick else 4
+    n_samples = 2
     gen = torch.Generator().manual_seed(0)
 
-    def estimate() -> None:
+    def estimate(n_samples: int = n_samples, cg_iter: int = cg_iter) -> None:
         embedding_curvature(
             m, method="stochastic", n_samples=n_samples, generator=gen, batch_size=1, cg_max_iter=cg_iter, cg_tol=1e-5
         )
 
-    estimate()  # warm-up (first vmap traces)
-    t0 = time.perf_counter()
-    estimate()
-    t_est = (time.perf_counter() - t0) / n_samples
-    mem = _sampled_peak(estimate)
+    with warnings.catch_warnings():  # CG stops early on purpose (cg_max_iter): its warning is expected here
+        warnings.simplefilter("ignore", RuntimeWarning)
+        estimate(2, 1)  # warm-up (first vmap traces), at a fraction of a timed sample
+        # the peak does not grow with the CG iterations (each reuses the same few P-vectors): measured on 1
+        mem = _sampled_peak(lambda: estimate(2, 1))
+        t0 = time.perf_counter()
+        estimate()
+        t_est = (time.perf_counter() - t0) / n_samples
     p_mib = P * 4 / 2**20
     print_table(
         [
@@ -125,7 +131,11 @@ def _mnist_mlp(quick: bool) -> None:
     )
     print_table(
         [
-            {"run": f"estimator, {n_samples} samples", "peak MiB": mem, "x |theta| (P floats)": mem / p_mib},
+            {
+                "run": "estimator, 2 samples (1 CG iteration: the peak does not grow with them)",
+                "peak MiB": mem,
+                "x |theta| (P floats)": mem / p_mib,
+            },
             {"run": "P x P matrix (never formed)", "peak MiB": P * P * 4 / 2**20, "x |theta| (P floats)": float(P)},
         ],
         title=f"peak resident-memory growth (P floats = {p_mib:.1f} MiB, nK = {n * 10}; a CG column holds ~5 P-vectors)",
@@ -140,7 +150,8 @@ def _crossover(quick: bool) -> None:
     for h in widths:
         net = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, K)).double()
         m = ModelManifold(net, torch.randn(n, d, dtype=torch.float64), "categorical")
-        t_dense = median_time(lambda: embedding_curvature(m), repeat=1 if quick else 3)
+        # the widest runs take seconds: one call each after the narrow ones warmed up the same code
+        t_dense = median_time(lambda: embedding_curvature(m), repeat=1 if quick or h >= 16 else 3, warmup=int(h < 16))
         gen = torch.Generator().manual_seed(0)
         t_sto = median_time(
             lambda: embedding_curvature(m, method="stochastic", n_samples=32, generator=gen, batch_size=32, damping=1e-2),
@@ -186,7 +197,10 @@ def _c1_measures(quick: bool) -> None:
     g = torch.Generator().manual_seed(0)
     x_ref = torch.randn(100, 10, dtype=D)
     first = ModelManifold(net, x[:30], "categorical", param_names=["0.weight", "0.bias"])
+    # every case runs its own torch.func transforms: after one shared warm-up (imports, first traces) the
+    # first call is representative; --quick times each case once, full mode takes the median of 3
     rep = 1 if quick else 3
+    curvature_profile(m, {"noise": xi @ U}, {"e": 1.0})
     cases = [
         (
             "mask e- and m-curvature + natural gradient (16 directions, 1 SVD)",
@@ -215,7 +229,7 @@ def _c1_measures(quick: bool) -> None:
     ]
     rows = [{"measure": "forward+backward", "seconds": fb, "x fwd+bwd": 1.0}]
     for name, fn in cases:
-        t = median_time(fn, repeat=rep)
+        t = median_time(fn, repeat=rep, warmup=0)
         rows.append({"measure": name, "seconds": t, "x fwd+bwd": t / fb})
     print_table(rows, title=f"C1 measures, tanh MLP 10-16-16-10 with dropout, P={m.num_params}, n=100, float64 (one thread)")
 

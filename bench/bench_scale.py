@@ -1,20 +1,28 @@
 """Scale: the Fisher streamed over a data loader, against the peers given the same loader, and over 2 gloo processes.
 
-Rows (float32, one torch thread per process, batches of ``BATCH`` inputs):
+Rows (float32, one torch thread per process, batches of ``BATCH`` = 1,000 inputs; 500 with ``--quick``):
 
   exact diag  dropgeom ``fisher_streamed(structure="diag")`` | nngeometry ``FIM(PMatDiag)`` | BackPACK
               ``DiagGGNExact`` accumulated over the loader (sum of batch sums / N)
   kfac        dropgeom ``fisher_streamed(structure="kfac")`` | curvlinops ``KFACLinearOperator`` (type-2, expand,
               factors computed) | nngeometry ``FIM(PMatKFAC)``
 
-Each row gives seconds, the ratio to the fastest peer, the ratio to one forward+backward pass over the whole loader
-(the unit of every benchmark here), and the peak extra memory (MiB). ``strong scaling``: the streamed exact diagonal
-over the same data on 1 and 2 gloo processes (127.0.0.1), efficiency ``T1 / (2 T2)``; on a 2-core machine with other
-load this is an upper bound on what a cluster gives.
+Each row gives seconds, the ratio to one forward+backward pass over the whole loader (the unit of every benchmark
+here), ``dropgeom / this`` (dropgeom's time over this library's: the ratio to each peer), and the peak extra memory
+(MiB). Every library runs once on its own copy of the model (hooks left on a shared model would slow the others),
+after an untimed warm-up on 64 inputs; rows are printed as they are measured. ``strong scaling``: the streamed exact
+diagonal over the same data on 1 and 2 gloo processes (127.0.0.1), efficiency ``T1 / (2 T2)``; on a 2-core machine
+with other load this is an upper bound on what a cluster gives.
 
-Data: Fashion-MNIST's 60,000 training images when the Debian package ``dataset-fashion-mnist`` is installed, else
-synthetic images of the same shape (the timings do not depend on the pixel values). ``--quick`` uses 2,000 inputs
-and the MLP only (the CNN over 60,000 images takes most of an hour on one core).
+Data: Fashion-MNIST's training images when the Debian package ``dataset-fashion-mnist`` is installed, else synthetic
+images of the same shape (the timings do not depend on the pixel values). Commands:
+
+  python bench/bench_scale.py --n 60000 --no-scaling   # issue 12's measurement: all 60,000 images, MLP and CNN
+                                                       # (the CNN's peers take most of an hour on one core)
+  python bench/bench_scale.py                          # MLP over 10,000 images, CNN over 2,000, and the
+                                                       # 2-process part (what ``bench/run.py`` runs)
+  python bench/bench_scale.py --quick                  # 1,000 images in batches of 500, the MLP only
+                                                       # (``bench/run.py --quick``)
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 import torch.multiprocessing as mp
-from common import peak_memory, print_table
+from common import RowPrinter, peak_memory
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -153,84 +161,76 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _scaling_worker(rank: int, world: int, port: int, n: int, out: str, make: str) -> None:
+def _streamed_diag(rank: int, world: int, n: int, make: str) -> float:
+    """Seconds for this rank's share of the streamed exact diagonal (all-reduced), between barriers."""
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        x, y, _ = _data(n)
-        model = _mlp() if make == "mlp" else _cnn()
-        shard = slice(rank * n // world, (rank + 1) * n // world)
-        loader = DataLoader(TensorDataset(x[shard], y[shard]), batch_size=BATCH)
-        fisher_streamed(model, [next(iter(loader))], structure="diag")  # warm-up
-        dist.barrier()
-        t0 = time.perf_counter()
-        fisher_streamed(model, loader, structure="diag")
-        dist.barrier()
-        if rank == 0:
-            pathlib.Path(out).write_text(str(time.perf_counter() - t0))
-    finally:
-        dist.destroy_process_group()
+    x, y, _ = _data(n)
+    model = _mlp() if make == "mlp" else _cnn()
+    shard = slice(rank * n // world, (rank + 1) * n // world)
+    loader = DataLoader(TensorDataset(x[shard], y[shard]), batch_size=BATCH)
+    fisher_streamed(model, [(x[shard][:64], y[shard][:64])], structure="diag")  # warm-up
+    dist.barrier()
+    t0 = time.perf_counter()
+    fisher_streamed(model, loader, structure="diag")
+    dist.barrier()
+    return time.perf_counter() - t0
 
 
-def _scaling(n: int, make: str) -> Dict[int, float]:
-    import tempfile
-
-    out: Dict[int, float] = {}
-    for world in (1, 2):
-        f = os.path.join(tempfile.mkdtemp(), "t")
-        mp.spawn(_scaling_worker, args=(world, _free_port(), n, f, make), nprocs=world, join=True)
-        out[world] = float(pathlib.Path(f).read_text())
-    return out
-
-
-def _fd_epoch_worker(rank: int, world: int, port: int, n: int, out: str) -> None:
+def _fd_epoch(rank: int, world: int, n: int) -> float:
+    """Seconds for one Fisher-dropout epoch (mc estimator) under DDP, between barriers."""
     import torch.distributed as dist
 
     from dropgeom.train import train
 
+    x, y, _ = _data(n)
+    x = x.flatten(1)
+    shard = slice(rank * n // world, (rank + 1) * n // world)
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(784, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 10)
+    )
+    ddp = nn.parallel.DistributedDataParallel(net)
+    opts = {"p": 0.2, "estimator": "mc"}
+    times = []
+    for data in ((x[shard][:256], y[shard][:256]), (x[shard], y[shard])):  # warm-up, then the timed epoch
+        dist.barrier()
+        t0 = time.perf_counter()
+        train(ddp, data, "fisher_dropout", objective_options=opts, epochs=1, batch_size=256 // world, progress=False, seed=rank)
+        dist.barrier()
+        times.append(time.perf_counter() - t0)
+    return times[-1]
+
+
+def _parallel_worker(rank: int, world: int, port: int, jobs: List[Tuple[str, int]], out: str) -> None:
+    """One process group per world size runs every job (process start-up is paid once): ("fd", n) is a
+    Fisher-dropout epoch, ("mlp" | "cnn", n) the streamed exact diagonal. Rank 0 writes the seconds."""
+    import json
+
+    import torch.distributed as dist
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        x, y, _ = _data(n)
-        x = x.flatten(1)
-        shard = slice(rank * n // world, (rank + 1) * n // world)
-        torch.manual_seed(0)
-        net = nn.Sequential(
-            nn.Linear(784, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 10)
-        )
-        ddp = nn.parallel.DistributedDataParallel(net)
-        opts = {"p": 0.2, "estimator": "mc"}
-        train(
-            ddp,
-            (x[shard][:256], y[shard][:256]),
-            "fisher_dropout",
-            objective_options=opts,
-            epochs=1,
-            batch_size=256 // world,
-            progress=False,
-            seed=rank,
-        )
-        dist.barrier()
-        t0 = time.perf_counter()
-        train(
-            ddp,
-            (x[shard], y[shard]),
-            "fisher_dropout",
-            objective_options=opts,
-            epochs=1,
-            batch_size=256 // world,
-            progress=False,
-            seed=rank,
-        )
-        dist.barrier()
+        took = [_fd_epoch(rank, world, n) if job == "fd" else _streamed_diag(rank, world, n, job) for job, n in jobs]
         if rank == 0:
-            pathlib.Path(out).write_text(str(time.perf_counter() - t0))
+            pathlib.Path(out).write_text(json.dumps(took))
     finally:
         dist.destroy_process_group()
+
+
+def _parallel_times(jobs: List[Tuple[str, int]]) -> Dict[int, List[float]]:
+    """world size (1, 2) -> seconds of each job."""
+    import json
+    import tempfile
+
+    out: Dict[int, List[float]] = {}
+    for world in (1, 2):
+        f = os.path.join(tempfile.mkdtemp(), "t")
+        mp.spawn(_parallel_worker, args=(world, _free_port(), jobs, f), nprocs=world, join=True)
+        out[world] = json.loads(pathlib.Path(f).read_text())
+    return out
 
 
 def _tiny_unit(i: int) -> float:
@@ -256,78 +256,109 @@ def _executor_overhead(units: int = 20) -> Dict[str, Tuple[float, float]]:
     return out
 
 
-def main(quick: bool = False) -> None:
-    torch.set_num_threads(1)
-    n = 2000 if quick else 60000
-    x, y, source = _data(n)
-    loader = DataLoader(TensorDataset(x, y), batch_size=BATCH)
-    print(f"{source}: {n} inputs, batches of {BATCH}, float32, one thread", flush=True)
-    models = [("MLP 784-1024-1024-10", _mlp)] + ([] if quick else [("CNN conv16-pool-conv32-pool-linear", _cnn)])
-    for name, make in models:
-        model = make()
-        unit = _timed(_fwd_bwd(model, loader))
-        warm = DataLoader(TensorDataset(x[:BATCH], y[:BATCH]), batch_size=BATCH)
-        for impls in _peers(model, warm).values():  # first calls pay one-time costs (torch.func / dynamo imports, hooks)
-            for fn in impls.values():
-                try:
-                    fn()
-                except Exception:  # noqa: BLE001 - reported in the timed run below
-                    pass
-        rows: List[Dict[str, object]] = []
-        for quantity, impls in _peers(model, loader).items():
-            times: Dict[str, float] = {}
-            mems: Dict[str, float] = {}
-            for lib, fn in impls.items():
-                try:
-                    fn_result: List[Optional[float]] = [None]
+PEER_NAMES = ("nngeometry", "backpack", "curvlinops")
+MODELS = {"mlp": ("MLP 784-1024-1024-10", _mlp), "cnn": ("CNN conv16-pool-conv32-pool-linear", _cnn)}
 
-                    def timed(fn: Callable[[], object] = fn) -> None:
-                        fn_result[0] = _timed(fn)
 
-                    mems[lib] = peak_memory(timed)
-                    times[lib] = float(fn_result[0] or float("nan"))
-                except Exception as err:  # a peer that cannot do this model is reported, not fatal
-                    print(f"  {lib} {quantity}: {type(err).__name__}: {str(err)[:120]}", flush=True)
-            peers = [t for k, t in times.items() if k != "dropgeom"]
-            best = min(peers) if peers else float("nan")
-            for lib, t in times.items():
-                rows.append(
-                    {
-                        "quantity": quantity,
-                        "library": lib,
-                        "seconds": t,
-                        "x fastest peer": t / best,
-                        "x fwd+bwd": t / unit,
-                        "peak MiB": mems[lib],
-                    }
-                )
-        print_table(rows, title=f"{name}, {n} inputs (fwd+bwd over the loader: {unit:.2f} s)")
-    import tempfile
+def _warm_up(model: nn.Module, x: Tensor, y: Tensor) -> None:
+    """First calls pay one-time costs (torch.func / dynamo imports, hooks): one call of each on 64 inputs, untimed."""
+    warm = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=64)
+    for impls in _peers(model, warm).values():
+        for fn in impls.values():
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - reported in the timed run
+                pass
 
-    m = 4096 if quick else 16384
-    t_fd: Dict[int, float] = {}
-    for world in (1, 2):
-        f = os.path.join(tempfile.mkdtemp(), "t")
-        mp.spawn(_fd_epoch_worker, args=(world, _free_port(), m, f), nprocs=world, join=True)
-        t_fd[world] = float(pathlib.Path(f).read_text())
-    print(
-        f"\nstrong scaling, one Fisher-dropout epoch (mc estimator, MLP 784-256-256-10, {m} inputs, global batch 256, DDP): "
-        f"1 process {t_fd[1]:.2f} s, 2 gloo processes {t_fd[2]:.2f} s, efficiency {t_fd[1] / (2 * t_fd[2]):.2f}",
-        flush=True,
-    )
-    for kind, (start, per_unit) in _executor_overhead().items():
-        print(f"executor {kind}: start {start:.2f} s, {1000 * per_unit:.1f} ms per tiny unit (20 units, 2 workers)", flush=True)
-    for make in ("mlp",) if quick else ("mlp", "cnn"):
-        t = _scaling(n // 2 if quick else n // 4, make)
+
+def compare(name: str, model: nn.Module, x: Tensor, y: Tensor, batch: int = BATCH) -> None:
+    """Time and peak memory of dropgeom and each peer over one loader; one row printed as soon as measured."""
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch)
+    t0 = time.perf_counter()
+    _warm_up(model, x, y)
+    unit = _timed(_fwd_bwd(model, loader))
+    print(f"\n== {name}, {len(x)} inputs, batch {batch} (fwd+bwd over the loader: {unit:.2f} s) ==", flush=True)
+    print("'dropgeom / this' = dropgeom's time over this library's (below 1: dropgeom is faster)", flush=True)
+    out = RowPrinter({"quantity": 10, "library": 10, "seconds": 9, "x fwd+bwd": 9, "dropgeom / this": 15, "peak MiB": 8})
+    for quantity, impls in _peers(model, loader).items():
+        ours = float("nan")
+        for lib, fn in impls.items():
+            took: List[float] = [float("nan")]
+
+            def timed(fn: Callable[[], object] = fn) -> None:
+                took[0] = _timed(fn)
+
+            try:
+                mem = peak_memory(timed)
+            except Exception as err:  # a peer that cannot do this model is reported, not fatal
+                print(f"  {lib} {quantity}: {type(err).__name__}: {str(err)[:120]}", flush=True)
+                continue
+            if lib == "dropgeom":
+                ours = took[0]
+            out.row(
+                {
+                    "quantity": quantity,
+                    "library": lib,
+                    "seconds": took[0],
+                    "x fwd+bwd": took[0] / unit,
+                    "dropgeom / this": ours / took[0],
+                    "peak MiB": mem,
+                }
+            )
+    print(f"({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def parallel(n: int, quick: bool) -> None:
+    """Strong scaling over 2 gloo processes (one DDP Fisher-dropout epoch over ``n`` inputs, the streamed
+    diagonal over ``n // 2`` (MLP) and ``n // 8`` (CNN, full mode only)) and the executors' overheads."""
+    jobs = [("fd", n), ("mlp", n // 2)] + ([] if quick else [("cnn", n // 8)])
+    t = _parallel_times(jobs)
+    for i, (job, m) in enumerate(jobs):
+        what = (
+            f"one Fisher-dropout epoch (mc estimator, MLP 784-256-256-10, {m} inputs, global batch 256, DDP)"
+            if job == "fd"
+            else f"streamed exact diag ({job}, {m} inputs, batch {BATCH})"
+        )
         print(
-            f"\nstrong scaling, streamed exact diag ({make}, {n // 2 if quick else n // 4} inputs): 1 process {t[1]:.2f} s, "
-            f"2 gloo processes {t[2]:.2f} s, efficiency {t[1] / (2 * t[2]):.2f}",
+            f"strong scaling, {what}: 1 process {t[1][i]:.2f} s, 2 gloo processes {t[2][i]:.2f} s, "
+            f"efficiency {t[1][i] / (2 * t[2][i]):.2f}",
             flush=True,
         )
+    for kind, (start, per_unit) in _executor_overhead().items():
+        print(f"executor {kind}: start {start:.2f} s, {1000 * per_unit:.1f} ms per tiny unit (20 units, 2 workers)", flush=True)
+
+
+#: inputs per model when ``n`` is not given: the CNN's six runs cost about 18 CPU-seconds per 1,000 images,
+#: several times the MLP's (measured 2026-12-04), so full mode streams 10,000 images through the MLP and 2,000 through the CNN
+DEFAULT_N = {True: {"mlp": 1000}, False: {"mlp": 10000, "cnn": 2000}}
+
+
+def main(quick: bool = False, n: Optional[int] = None, models: Optional[List[str]] = None, scaling: bool = True) -> None:
+    """``quick``: 1,000 inputs in batches of 500, the MLP only. Else the MLP over 10,000 inputs and the CNN over 2,000, or every
+    model over ``n`` (the measurement of issue 12 is ``n=60000``); ``scaling=False`` leaves out the
+    multi-process part."""
+    sizes = {k: n or DEFAULT_N[quick].get(k, DEFAULT_N[False][k]) for k in (models or DEFAULT_N[quick])}
+    x, y, source = _data(max(sizes.values()))
+    batch = BATCH // 2 if quick else BATCH
+    print(f"{source}, batches of {batch}, float32, one thread, every library on its own model copy", flush=True)
+    for key, m in sizes.items():
+        name, make = MODELS[key]
+        compare(name, make(), x[:m], y[:m], batch)
+    if scaling:
+        parallel(2048 if quick else 8192, quick)
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-    main(quick="--quick" in sys.argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1,000 inputs in batches of 500, the MLP only")
+    parser.add_argument(
+        "--n", type=int, default=None, help="inputs streamed through every model (default: MLP 10,000, CNN 2,000; 60000 = all)"
+    )
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None, help="default: mlp cnn")
+    parser.add_argument("--no-scaling", action="store_true", help="leave out the 2-process and executor part")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    main(quick=args.quick, n=args.n, models=args.models, scaling=not args.no_scaling)

@@ -7,32 +7,49 @@ different machines are comparable.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import resource
 import statistics
+import sys
 import threading
 import time
 import tracemalloc
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
 
 def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
-    """Median wall time (seconds) of ``fn()`` over ``repeat`` runs after ``warmup`` runs."""
+    """Median wall time (seconds) of ``fn()`` over ``repeat`` runs after ``warmup`` runs, with the
+    garbage collector paused (as ``timeit`` does; one full ``gc.collect()`` before, not one per run:
+    with torch and its compiler stack imported a collection takes 0.1-0.5 s)."""
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(repeat):
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    with gc_paused():
+        for _ in range(repeat):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """One ``gc.collect()``, then no automatic collection inside the block (restored after)."""
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def forward_backward(
@@ -114,7 +131,7 @@ def peak_memory(fn: Callable[[], object]) -> float:
 
 
 def print_table(rows: List[Dict[str, object]], columns: Optional[List[str]] = None, title: str = "") -> None:
-    """Print rows of dicts as an aligned text table."""
+    """Print rows of dicts as an aligned text table, flushed at once (so a long run shows each table as it is measured)."""
     if not rows:
         return
     columns = columns or list(rows[0])
@@ -126,9 +143,26 @@ def print_table(rows: List[Dict[str, object]], columns: Optional[List[str]] = No
     print("  ".join("-" * w for w in widths))
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    sys.stdout.flush()
 
 
 def _fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
     return str(v)
+
+
+class RowPrinter:
+    """Print a table one row at a time, flushed (for measurements that take minutes per row):
+    ``RowPrinter({"column": width, ...}).row({...})``; the header comes with the first row."""
+
+    def __init__(self, widths: Dict[str, int]) -> None:
+        self.widths = widths
+        self.started = False
+
+    def row(self, values: Dict[str, object]) -> None:
+        if not self.started:
+            self.started = True
+            print("  ".join(c.ljust(w) for c, w in self.widths.items()))
+            print("  ".join("-" * max(w, len(c)) for c, w in self.widths.items()))
+        print("  ".join(_fmt(values.get(c, "")).ljust(max(w, len(c))) for c, w in self.widths.items()), flush=True)

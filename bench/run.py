@@ -1,19 +1,38 @@
 """Run every benchmark: ``python bench/run.py [--quick] [--only NAME ...]``.
 
 Each ``bench/bench_<topic>.py`` exposes ``main(quick: bool) -> None`` and
-prints its own table of ratios (against peers and against one forward+backward
-pass of the same model, measured in the same run).
+prints its own tables of ratios (against peers and against one forward+backward
+pass of the same model, measured in the same run) as it measures them, then its
+elapsed time; this script prints the total against the goals: ``--quick``
+under 2 minutes and full mode under 10 on an idle 2-core machine with one
+torch thread. The 60,000-image streamed Fisher (issue 12) is a separate,
+longer command: ``python bench/bench_scale.py --n 60000 --no-scaling``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pathlib
+import resource
 import sys
 import time
+import traceback
+from typing import List
 
 HERE = pathlib.Path(__file__).resolve().parent
+
+
+GOAL_S = {True: 120.0, False: 600.0}  # --quick, full mode
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (the 2-process runs): with one torch
+    thread, near the wall time an idle machine would take, so a run on a loaded machine still
+    says whether the goal would be met."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def main() -> None:
@@ -31,7 +50,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} intra-op thread(s)", flush=True)
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"torch {torch.__version__}, {args.threads} intra-op thread(s), load average {load}", flush=True)
     sys.path.insert(0, str(HERE))
     topics = sorted(p.stem[len("bench_") :] for p in HERE.glob("bench_*.py"))
     if args.only:
@@ -39,11 +59,35 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown topics {sorted(unknown)}; available: {topics}")
         topics = [t for t in topics if t in args.only]
+    t_all = time.perf_counter()
+    took = {}
+    cpu_all = _cpu_seconds()
+    failed: List[str] = []
     for topic in topics:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         print(f"\n#### bench_{topic} ####", flush=True)
-        importlib.import_module(f"bench_{topic}").main(quick=args.quick)
-        print(f"(bench_{topic}: {time.perf_counter() - t0:.1f} s)", flush=True)
+        try:
+            importlib.import_module(f"bench_{topic}").main(quick=args.quick)
+        except Exception:  # noqa: BLE001 - one broken topic must not lose the others' tables
+            traceback.print_exc()
+            failed.append(topic)
+        took[topic] = time.perf_counter() - t0
+        print(f"(bench_{topic}: {took[topic]:.1f} s wall, {_cpu_seconds() - c0:.1f} s CPU)", flush=True)
+    total, cpu = time.perf_counter() - t_all, _cpu_seconds() - cpu_all
+    goal = GOAL_S[args.quick]
+    per_topic = ", ".join(f"{k} {v:.0f} s" for k, v in took.items())
+    print(f"\ntotal {total:.0f} s ({per_topic}); load average now {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    scope = "" if args.only is None else " (a subset of topics)"
+    if failed:
+        print(f"FAILED topics: {failed}")
+    print(
+        f"goal: {'--quick' if args.quick else 'full mode'} under {goal / 60:.0f} min on an idle 2-core machine{scope}: "
+        f"{'met' if total <= goal else 'not met'} by the wall time ({total:.0f} s); "
+        f"{'met' if cpu <= goal else 'not met'} by the CPU time ({cpu:.0f} s, the closer guess on a shared machine)",
+        flush=True,
+    )
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""The benchmark scripts' plumbing, checked cheaply: the command lines parse and every topic
+module exposes ``main(quick)``. Nothing here is timed (speed is measured by ``bench/run.py``,
+never in tests)."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench"
+TOPICS = sorted(p.stem for p in BENCH.glob("bench_*.py"))
+
+
+def _help(script: str) -> str:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(BENCH.parent / "src"), os.environ.get("PYTHONPATH")])))
+    out = subprocess.run(
+        [sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, env=env, timeout=120, check=True
+    )
+    return out.stdout
+
+
+def test_run_help_lists_the_modes() -> None:
+    text = _help("run.py")
+    for flag in ("--quick", "--only", "--threads"):
+        assert flag in text
+    assert "bench_scale.py --n 60000" in text  # the separate issue-12 command is documented where users look
+
+
+def test_scale_help_offers_the_60000_image_run() -> None:
+    text = _help("bench_scale.py")
+    for flag in ("--n", "--models", "--no-scaling", "--quick"):
+        assert flag in text
+
+
+@pytest.mark.parametrize("topic", TOPICS)
+def test_every_topic_exposes_main_quick(topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+    module = importlib.import_module(topic)
+    params = inspect.signature(module.main).parameters
+    assert list(params)[0] == "quick", f"{topic}.main must take quick first (bench/run.py calls main(quick=...))"
+    assert all(p.default is not inspect.Parameter.empty for name, p in params.items() if name != "quick")
+
+
+def test_topics_are_the_expected_ones() -> None:
+    assert {"bench_curvature", "bench_dropout", "bench_fisher", "bench_scale", "bench_train"} <= set(TOPICS)
