@@ -13,7 +13,13 @@ both built by C3's code (:func:`dropgeom.experiments.regularizers.c3_data`,
   784 standardized pixels, 1,000 training images (C3's ``n1000`` setting),
   tested on the 10,000 test images. Needs the Debian package
   ``dataset-fashion-mnist``; without it the script stops at once with the
-  loader's one-line install hint.
+  loader's one-line install hint. Without regularization this MLP overfits:
+  its test NLL climbs from about 0.8 in the first ten epochs to 1.3-1.4 at
+  epoch 100 while its train NLL falls to about 0.13.
+
+tanh as in C3: with a smooth activation the curvature terms are not zero (a
+ReLU MLP's Gaussian curvature term vanishes in closed form, so "+ curvature"
+would change nothing in the quadratic form).
 
 Objectives:
 
