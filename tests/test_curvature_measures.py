@@ -225,6 +225,20 @@ def test_common_random_masks_converge_to_exact():
     assert torch.allclose(ex, mc, atol=0.05)
 
 
+@pytest.mark.parametrize("other,kind", [(nn.AlphaDropout(0.2), "alpha"), (nn.FeatureAlphaDropout(0.2), "feature_alpha")])
+def test_mixture_manifold_refuses_dropout_it_cannot_average(other, kind):
+    """Alpha dropout (an affine mask law, theory.md 4.5) is not a multiplicative mask: the mixture manifold must
+    not silently evaluate it in eval mode; naming the nn.Dropout layers takes the mixture over those alone."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Dropout(0.3), other, nn.Linear(3, 2)).double()
+    x = torch.randn(4, 2, dtype=D64)
+    with pytest.raises(ValueError, match=rf"'3' \({kind}\).*layers=\[\.\.\.\]"):
+        dropout_mixture_manifold(net, x)
+    only = dropout_mixture_manifold(net, x, kind="e", layers=["2"])
+    net.eval()  # the e-mixture over the linear-fed nn.Dropout alone is weight scaling; alpha dropout acts as in eval mode
+    assert torch.allclose(only.eta(), net(x))
+
+
 def test_errors():
     net, x, y, *_ = mlp()
     m = ModelManifold(net, x)

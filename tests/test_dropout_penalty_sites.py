@@ -19,7 +19,7 @@ from torch import nn
 
 from dropgeom.dropout import StochasticDepth, penalty, terms
 from reference.dropout import alpha_dropout_at, mean_param, mha_self_attention, nll, terms_dense
-from test_dropout_sites import AttnNet, FuncDrop, SdpaNet
+from reference.site_models import AttnNet, FuncDrop, SdpaNet
 
 D = torch.float64
 A = 1.0507009873554804934193349852946 * 1.6732632423543772848170429916717  # SELU's lambda * alpha

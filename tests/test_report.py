@@ -39,7 +39,8 @@ def test_run_directory_layout(run):
         assert len(recs) == len(rows) > 0
         assert {r["key"] for r in recs} == {r["key"] for r in rows}
         assert all(r["status"] == "ok" for r in recs), [r.get("error") for r in recs]
-    for fig in ("c1_curvature", "c1_mixture", "c2_gain_vs_curvature", "c2_term_ratio", "c3_gap", "c3_objectives"):
+    c3_tag = "digits-mlp-n200-adam"  # the test preset's one C3 setting; C2's is tanh-w6-d2: one figure per setting
+    for fig in ("c1_curvature", "c1_mixture", "c2_tanh-w6-d2", f"c3_gradients_{c3_tag}", f"c3_objectives_{c3_tag}", "c3_wager"):
         assert (run / "figures" / f"{fig}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(run.rglob("*.tmp"))  # no half-written file left
 
@@ -103,7 +104,7 @@ def test_report_numbers_match_metrics_files(run):
 
 def test_report_html_is_self_contained(run):
     html = (run / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 6  # C1 draws one figure per reading
+    assert html.count("data:image/png;base64,") == 6  # C1: one per reading; C2, C3a, C3b: one per setting; Wager
     assert not re.search(r'src="(?!data:)', html)  # no external file referenced
     assert "<table>" in html and "C3b (training)" in html
 

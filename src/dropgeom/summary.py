@@ -98,9 +98,9 @@ class ClaimSummary:
     def to_json(self) -> Dict[str, Any]:
         """The claim's entry of ``summary.json``: its verdicts and their numbers."""
         out: Dict[str, Any] = {e.key: e.verdict.as_dict() for e in self.verdicts}
-        rule = next((e.rule for e in self.verdicts if e.key == "verdict"), None)
-        if rule is not None:
-            out["rule"] = rule
+        for e in self.verdicts:  # ``verdict`` -> ``rule``, ``verdict_b`` -> ``rule_b``
+            if e.rule is not None:
+                out["rule" + e.key[len("verdict") :]] = e.rule
         if self.what_would_change is not None:
             out["what_would_change"] = self.what_would_change
         if self.caveats is not None:

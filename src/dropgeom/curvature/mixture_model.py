@@ -78,7 +78,9 @@ def dropout_mixture_manifold(
         A :class:`~dropgeom.ModelManifold` (its ``forward`` averages over the masks).
 
     Raises:
-        ValueError: the model has no dropout layer, every drop probability is 0
+        ValueError: the model has no dropout layer, has dropout other than multiplicative ``nn.Dropout``
+            modules (alpha dropout, stochastic depth, attention-weight or functional dropout) and ``layers`` is
+            not given, every drop probability is 0
             (the mixture would be the deterministic model), an unknown ``kind`` or
             ``masks``, ``kind="m"`` with a family other than categorical/bernoulli,
             or too many masks for exact enumeration.
@@ -141,6 +143,9 @@ def _mixture_masks(
     dropout, all ``p = 0``, or a bad ``masks``."""
     from ..dropout.masks import enumerate_masks, find_dropout, resolve_p, sample_masks
 
+    x = inputs if isinstance(inputs, Tensor) else inputs[0]
+    if layers is None:
+        _refuse_other_dropout(model, x[:1] if isinstance(inputs, Tensor) else tuple(t[:1] for t in inputs))
     try:
         mods = find_dropout(model, layers)
     except ValueError as err:
@@ -150,7 +155,6 @@ def _mixture_masks(
     ps = resolve_p(mods, p)
     if all(q == 0 for q in ps.values()):
         raise ValueError("every dropout layer has p = 0: the mixture is the deterministic model; set p > 0")
-    x = inputs if isinstance(inputs, Tensor) else inputs[0]
     if masks == "exact":
         en = enumerate_masks(model, x[:1], p, list(mods), max_masks=max_masks)
         return en.masks, en.probs
@@ -159,3 +163,25 @@ def _mixture_masks(
         mk = sample_masks(model, probe, "bernoulli", p, list(mods), generator)
         return mk, torch.full((masks,), 1.0 / masks, dtype=next(iter(mk.values())).dtype)
     raise ValueError(f"masks must be 'exact' or a positive int (common random masks), got {masks!r}")
+
+
+def _refuse_other_dropout(model: nn.Module, probe: Union[Tensor, tuple]) -> None:
+    """``ValueError`` when ``model`` has dropout the mixture cannot average over: anything but multiplicative
+    ``nn.Dropout``/``Dropout1d/2d/3d`` modules (alpha dropout's affine law, stochastic depth, attention-weight or
+    functional dropout). Silently evaluating those in eval mode would give the mixture of another model."""
+    from ..dropout.kinds import DROPOUT_TYPES
+    from ..dropout.sites import dropout_sites
+
+    modules = dict(model.named_modules())
+    try:
+        sites = dropout_sites(model, probe)
+    except ValueError:  # no dropout at all: find_dropout says so in the caller's words
+        return
+    other = {k: s.kind for k, s in sites.items() if not isinstance(modules.get(k), DROPOUT_TYPES)}
+    if other:
+        raise ValueError(
+            "dropout_mixture_manifold averages over multiplicative nn.Dropout/Dropout1d/2d/3d masks only; this model also has "
+            + ", ".join(f"{k!r} ({kind})" for k, kind in other.items())
+            + ". Pass layers=[...] naming its nn.Dropout layers to take the mixture over those alone (the others then act "
+            "as in eval mode), or use dropgeom.dropout.mixture for the mixture's predictions with every kind of dropout"
+        )

@@ -307,6 +307,26 @@ def _caveats(config: RunConfig, ok: Sequence[Mapping[str, Any]], present: Sequen
     return out
 
 
+def setting_name(config: RunConfig) -> str:
+    """C1's one setting (data set and architecture), as C2 and C3 name theirs: ``digits-tanh-w16-d2``."""
+    return f"{config.dataset}-{config.activation}-w{config.width}-d{config.depth}"
+
+
+def _captions(config: RunConfig, ok: Sequence[Mapping[str, Any]]) -> Dict[str, str]:
+    seeds = len({r.get("seed") for r in ok})
+    where = (
+        f"on C1's one setting {setting_name(config)} ({config.dataset}, a {config.activation} MLP of width {config.width} and "
+        f"depth {config.depth}; {seeds} seeds)"
+    )
+    dots = "dots: seeds; geometric means with 95% intervals; below 1: flatter under dropout"
+    return {
+        "c1_curvature": f"C1 (a), {where}: each deciding measure, dropout solution / plain training stopped at the same "
+        f"clean train NLL, against p, on training and held-out inputs ({dots})",
+        "c1_mixture": f"C1 (b), {where}: each deciding measure, m-mixture of the dropout model / deterministic model at the "
+        f"same parameters, against p ({dots})",
+    }
+
+
 def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, Any]:
     """Tables, the verdict for reading (a) with reading (b)'s label in its evidence (see :mod:`.c1_flatness`)."""
     ok = _ok(records)
@@ -364,6 +384,7 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
         "rows": _per_p_rows(ok, present),
         "tables": tables,
         "evidence": _evidence(config, ok, grid, fam, fam_b, directions, deciding),
+        "figure_captions": _captions(config, ok),
         "tests": {f"{m}|{s}|p={p:g}": c.as_dict() for (p, s, m), c in fam.items()},
         "reading_b": {"label": label_b, "tests": {f"{m}|{s}|p={p:g}": c.as_dict() for (p, s, m), c in fam_b.items()}},
         "matched_tests": {f"{m}|{s}|p={p:g}": c.as_dict() for (p, s, m), c in desc.items()},
@@ -430,7 +451,7 @@ def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -
             ax.set_title(WORDS[m], fontsize=8)
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
-        fig.suptitle(title + " (below 1: flatter)", fontsize=9)
+        fig.suptitle(f"{title}; {setting_name(config)} (below 1: flatter)", fontsize=9)
         fig.tight_layout(rect=(0, 0.08, 1, 1))
         path = folder / name
         save_figure(fig, path)

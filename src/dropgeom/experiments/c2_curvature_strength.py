@@ -20,6 +20,7 @@ import torch
 
 from ..config import RunConfig
 from .c2_analysis import rounding_zero, within_setting_analysis
+from .c2_figures import draw_figures, figure_captions
 from .common import (
     DTYPE,
     ExperimentData,
@@ -34,7 +35,6 @@ from .common import (
     mean_ci,
     prepare_data,
     project_pca,
-    save_figure,
 )
 from .stats import geometric_mean_ci, holm, within_group_permutation
 
@@ -312,6 +312,7 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
         "columns": cols,
         "rows": rows,
         "evidence": lines,
+        "figure_captions": figure_captions(ok, CURVATURE_NAME, config.c2_p),
         "tests": tests,
     }
 
@@ -418,61 +419,7 @@ def _verdict(analyses: Mapping[str, Mapping[str, Any]], runs: int, moved: bool) 
 
 
 def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -> List[Path]:
-    """``c2_gain_vs_curvature.png`` (gain against the curvature along the mask directions, one line per setting and seed) and
-    ``c2_term_ratio.png`` (curvature share and R/p against the initial scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """One figure per setting, ``c2_<setting>.png``: the manipulation check and each outcome against the curvature along
+    the mask directions, one line per seed (:mod:`.c2_figures`)."""
     ok = _ok(records)
-    if not ok:
-        return []
-    curv = _curvatures(ok)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    groups = sorted({r.get("group", "") for r in ok})
-    for ax, key, label in (
-        (axes[0], "gain", "gain on test NLL vs early-stopped plain (nats)"),
-        (axes[1], "share", "curvature share B/(K+B)"),
-    ):
-        for gname in groups:
-            pts = sorted((c, _outcome(r, key)) for r, c in zip(ok, curv) if r.get("group", "") == gname and c > 0)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", alpha=0.6, ms=4, label=gname)
-        ax.set_xscale("log")
-        ax.axhline(0, color="0.5", lw=0.8)
-        ax.set_xlabel("curvature along the mask directions at the dropout solution (invariant)")
-        ax.set_ylabel(label)
-        if len(groups) <= 12:
-            ax.legend(fontsize=6, title="setting/seed (dots: initial scales)", title_fontsize=6)
-    axes[0].set_title("each line: one setting and seed, initial scale varied")
-    axes[1].set_title("expected sign: negative (theory.md 4.2)")
-    fig.suptitle("C2: within-setting dependence on curvature (rounding-level curvature left out)")
-    fig.tight_layout()
-    p1 = folder / "c2_gain_vs_curvature.png"
-    save_figure(fig, p1)
-
-    scales = sorted({r["init_scale"] for r in ok})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((axes[0], "share", "curvature share B/(K+B)"), (axes[1], "strength", "R/p (nats)")):
-        for setting in sorted({r["setting"] for r in ok}):
-            st = [mean_ci([_outcome(r, key) for r in ok if r["setting"] == setting and r["init_scale"] == k]) for k in scales]
-            mean = np.array([t[0] for t in st])
-            err = np.array([(t[2] - t[0]) if math.isfinite(t[2]) else 0.0 for t in st])
-            ax.errorbar(scales, mean, yerr=err, fmt="o-", capsize=3, label=f"{setting} (mean, 95% CI)")
-            for k in scales:
-                ys = [_outcome(r, key) for r in ok if r["setting"] == setting and r["init_scale"] == k]
-                ax.plot([k] * len(ys), ys, ".", color="0.6", ms=3)
-        ax.set_xscale("log")
-        ax.axhline(0, color="0.5", lw=0.8)
-        ax.set_xticks(scales)
-        ax.set_xticklabels([f"{k:g}" for k in scales])
-        ax.minorticks_off()
-        ax.set_xlabel("initial scale of the input layer (factor)")
-        ax.set_ylabel(label)
-        ax.legend(fontsize=7)
-    fig.suptitle("C2: strength of the dropout regularizer against the curvature knob (dots: seeds)")
-    fig.tight_layout()
-    p2 = folder / "c2_term_ratio.png"
-    save_figure(fig, p2)
-    return [p1, p2]
+    return draw_figures(ok, _curvatures(ok), _outcome, folder, CURVATURE_NAME) if ok else []

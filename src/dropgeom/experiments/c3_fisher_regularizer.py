@@ -18,8 +18,9 @@ from typing import Any, Dict, List, Mapping, Optional
 import numpy as np
 
 from ..config import RunConfig
+from .c3_figures import draw_figures, figure_captions
 from .c3_units import STAGES
-from .common import Verdict, fmt, fmt_ci, mean_ci, save_figure
+from .common import Verdict, fmt, fmt_ci, mean_ci
 from .stats import adjust, geometric_mean_ci, paired
 
 NAME = "C3"
@@ -56,10 +57,7 @@ ABOUT = (
     "KL-to-dropout against strength. Rule: the best (smallest over the grid) KL of each Fisher form is "
     "compared with L2's best, paired log-ratios over seeds, Holm over the Fisher forms; `supported` when a "
     "Fisher form is significantly closer to dropout than L2 and none is farther; `refuted` when a Fisher form "
-    "is significantly farther and none closer; `inconclusive` otherwise. The noise floor is shown beside it.\n\n"
-    'Example: >>> from dropgeom.config import RunConfig >>> [u["key"] for u in '
-    "units(RunConfig.from_preset(\"test\"))][:3] ['grad/digits-mlp-n200-adam/seed=0', "
-    "'grad/digits-mlp-n200-adam/seed=1', 'objectives/digits-mlp-n200-adam/seed=0']"
+    "is significantly farther and none closer; `inconclusive` otherwise. The noise floor is shown beside it."
 )
 COS_MIN = 0.9
 BAND = (0.8, 1.25)
@@ -305,26 +303,35 @@ def _summarize_objectives(config: RunConfig, objs: List[Mapping[str, Any]]) -> D
     return {"verdict": Verdict("C3b (training)", verdict, summary), "rows": rows, "lines": lines}
 
 
+def _gap_rows(grads: List[Mapping[str, Any]]) -> List[Dict[str, str]]:
+    """The measured gap at the solution against the Fisher forms, per setting and p (means over seeds)."""
+    grads = [r for r in grads if "gap" in r]
+    tags = sorted({str(r.get("tag", "")) for r in grads})
+    out = []
+    for tag in tags:
+        for p in sorted({row["p"] for r in grads if r.get("tag", "") == tag for row in r["gap"]}):
+            rs = [row for r in grads if r.get("tag", "") == tag for row in r["gap"] if row["p"] == p]
+            out.append(
+                {
+                    **({"setting": tag} if len(tags) > 1 else {}),
+                    "p": fmt(p),
+                    "measured gap": fmt_ci(*mean_ci([x["measured"] for x in rs])),
+                    "quadratic V/2 F": fmt_ci(*mean_ci([x["quadratic_fisher"] for x in rs])),
+                    "divergence pK": fmt_ci(*mean_ci([x["fisher_term"] for x in rs])),
+                    "Bernoulli law p(K+B)": fmt_ci(*mean_ci([x["bernoulli_law"] for x in rs])),
+                    "V/2 F / gap": fmt_ci(
+                        *mean_ci([x["quadratic_fisher"] / x["measured"] if x["measured"] else math.nan for x in rs])
+                    ),
+                }
+            )
+    return out
+
+
 def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, Any]:
     a = _summarize_grad(config, _parts(records, "grad"))
     w = _summarize_wager(_parts(records, "wager"))
     b = _summarize_objectives(config, _parts(records, "objectives"))
-    gap_rows = []
-    grads = [r for r in _parts(records, "grad") if "gap" in r]
-    for p in sorted({row["p"] for r in grads for row in r["gap"]}):
-        rs = [row for r in grads for row in r["gap"] if row["p"] == p]
-        gap_rows.append(
-            {
-                "p": fmt(p),
-                "measured gap": fmt_ci(*mean_ci([x["measured"] for x in rs])),
-                "quadratic V/2 F": fmt_ci(*mean_ci([x["quadratic_fisher"] for x in rs])),
-                "divergence pK": fmt_ci(*mean_ci([x["fisher_term"] for x in rs])),
-                "Bernoulli law p(K+B)": fmt_ci(*mean_ci([x["bernoulli_law"] for x in rs])),
-                "V/2 F / gap": fmt_ci(
-                    *mean_ci([x["quadratic_fisher"] / x["measured"] if x["measured"] else math.nan for x in rs])
-                ),
-            }
-        )
+    gap_rows = _gap_rows(_parts(records, "grad"))
     cols_a = [
         "setting",
         "stage",
@@ -354,7 +361,8 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
     if gap_rows:
         tables.append(
             {
-                "title": "Measured dropout gap at the solution against the Fisher forms",
+                "title": "Measured dropout gap at the solution against the Fisher forms"
+                + (" (per setting)" if "setting" in gap_rows[0] else ""),
                 "columns": list(gap_rows[0]),
                 "rows": gap_rows,
             }
@@ -362,11 +370,14 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
     return {
         "verdict": a["verdict"],
         "verdict_b": b["verdict"],
-        "rule": f"C3a: {RULE_A}. C3b: {RULE_B}.",
+        "rule": RULE_A,
+        "rule_b": RULE_B,
         "what_would_change": (
-            "C3a: gradient cosines of the Fisher quadratic form >= 0.9 with value ratios in [0.8, 1.25] at every stage on two data "
-            "sets (Fashion-MNIST is in the full run only); C3b: a Fisher form whose best KL to dropout is significantly below L2's"
+            f"C3a: gradient cosines of the Fisher quadratic form >= {COS_MIN} with value ratios in [{BAND[0]}, {BAND[1]}] at every "
+            "stage in every setting of both data sets (Fashion-MNIST is in the full run only); C3b: a Fisher form whose best KL "
+            "to dropout is significantly below L2's (supported) or significantly above it with none below (refuted)"
         ),
+        "figure_captions": figure_captions(records, config.c3_p, COS_MIN, BAND),
         "caveats": [
             "the Fisher forms are evaluated at the training rate p on training inputs; Q/R and the cosines are not Taylor-limit "
             "checks at tiny p (at p -> 0 the divergence form matches R by construction, theory.md 4.2)",
@@ -386,88 +397,7 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
     }
 
 
-def _log_bars(st: List[Any]) -> Any:
-    """Error bars of geometric-mean intervals; none where the interval is unbounded (a single seed)."""
-    ok = [math.isfinite(t[1]) and math.isfinite(t[2]) and t[1] > 0 for t in st]
-    lo = np.array([t[0] - t[1] if k else 0.0 for t, k in zip(st, ok)])
-    hi = np.array([t[2] - t[0] if k else 0.0 for t, k in zip(st, ok)])
-    return lo, hi
-
-
 def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -> List[Path]:
-    """``c3_gap.png`` (gradient cosines per stage, and the Wager-regime ratio against p) and
-    ``c3_objectives.png`` (KL to dropout against strength per regularizer, with the noise floor)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = []
-    grads = [r for r in _parts(records, "grad") if "stages" in r]
-    wag = _parts(records, "wager")
-    if grads or wag:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        ax = axes[0]
-        for key, label, mk in (("cos_quadratic", "quadratic form Q", "o-"), ("cos_divergence", "divergence form D", "s--")):
-            for tag in sorted({r["tag"] for r in grads}):
-                st = [mean_ci([r["stages"][s][key] for r in grads if r["tag"] == tag and s in r["stages"]]) for s in STAGES]
-                mean = np.array([t[0] for t in st])
-                err = np.array([(t[2] - t[0]) if math.isfinite(t[2]) else 0.0 for t in st])
-                ax.errorbar(range(len(STAGES)), mean, yerr=err, fmt=mk, capsize=3, label=f"{label}, {tag} (mean, 95% CI)")
-                for i, s in enumerate(STAGES):
-                    ys = [r["stages"][s][key] for r in grads if r["tag"] == tag and s in r["stages"]]
-                    ax.plot([i] * len(ys), ys, ".", color="0.6", ms=3)
-        ax.axhline(COS_MIN, color="r", lw=0.8, ls=":", label=f"rule: cosine {COS_MIN}")
-        ax.set_xticks(range(len(STAGES)))
-        ax.set_xticklabels(STAGES)
-        ax.set_xlabel("training stage")
-        ax.set_ylabel("cosine with grad R (dropout's regularizer)")
-        ax.set_title(f"C3a: gradients at p = {config.c3_p:g}")
-        ax.legend(fontsize=6)
-        ax = axes[1]
-        for ds in sorted({r["dataset"] for r in wag}):
-            rs = [r for r in wag if r["dataset"] == ds]
-            ps = sorted({row["p"] for r in rs for row in r["rows"]})
-            st = [geometric_mean_ci([row["ratio"] for r in rs for row in r["rows"] if row["p"] == p]) for p in ps]
-            mean = np.array([t[0] for t in st])
-            lo, hi = _log_bars(st)
-            ax.errorbar(ps, mean, yerr=[lo, hi], fmt="o-", capsize=3, label=f"{ds} (geometric mean, 95% CI)")
-        ax.axhline(1.0, color="0.5", lw=0.8)
-        ax.axhspan(BAND[0], BAND[1], color="0.9")
-        ax.set_xlabel("input dropout rate p")
-        ax.set_ylabel("1/2 V theta^T diag(F) theta / measured gap")
-        ax.set_title("Wager regime (GLM, input dropout); grey: [0.8, 1.25]", fontsize=9)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = folder / "c3_gap.png"
-        save_figure(fig, path)
-        out.append(path)
-    objs = _parts(records, "objectives")
-    if objs:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for reg in config.c3_regularizers:
-            ss = sorted({e["strength"] for r in objs for n, e in r["objectives"].items() if e.get("regularizer") == reg})
-            st = [geometric_mean_ci([r["objectives"].get(f"{reg}@{s:g}", {}).get("kl_from_dropout") for r in objs]) for s in ss]
-            mean = np.array([t[0] for t in st])
-            lo, hi = _log_bars(st)
-            ax.errorbar(ss, mean, yerr=[lo, hi], fmt="o-", capsize=3, label=reg)
-        for name, style in (("dropout_floor", "k--"), ("none", "k:")):
-            g = geometric_mean_ci([r["objectives"].get(name, {}).get("kl_from_dropout") for r in objs])[0]
-            label = "noise floor (dropout, other seed)" if name == "dropout_floor" else "plain training"
-            if math.isfinite(g):
-                ax.axhline(g, color="k", ls=style[1:], lw=1, label=label)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        grid = sorted(config.c3_strengths)
-        ax.set_xticks(grid)
-        ax.set_xticklabels([f"{k:g}" for k in grid])
-        ax.minorticks_off()
-        ax.set_xlabel("strength (multiple of the nominal strength)")
-        ax.set_ylabel("KL(p_dropout || p_regularizer) on test inputs (nats)")
-        ax.set_title("C3b: distance to dropout (geometric means, 95% CI)", fontsize=9)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = folder / "c3_objectives.png"
-        save_figure(fig, path)
-        out.append(path)
-    return out
+    """One figure per setting: ``c3_gradients_<setting>.png`` (C3a) and ``c3_objectives_<setting>.png`` (C3b, with the
+    noise floor), and ``c3_wager.png`` (:mod:`.c3_figures`)."""
+    return draw_figures(records, folder, config.c3_p, COS_MIN, BAND)

@@ -11,9 +11,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
+
 from .stats import finite
 
-__all__ = ["FIGURE_DPI", "QUANTITY_NAMES", "quantity_name", "log_scale_ok", "style_axes", "seed_legend_handles", "save_figure"]
+__all__ = [
+    "FIGURE_DPI",
+    "QUANTITY_NAMES",
+    "quantity_name",
+    "log_scale_ok",
+    "style_axes",
+    "log_ticks",
+    "seed_legend_handles",
+    "save_figure",
+]
 
 FIGURE_DPI = 150
 
@@ -87,6 +98,43 @@ def style_axes(ax: Any, xlabel: str, ylabel: str, title: Optional[str] = None, l
     if legend and ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small", frameon=False)
     ax.grid(True, alpha=0.3)
+
+
+def log_ticks(ax: Any, which: str, values: Sequence[Any], count: int = 5) -> None:
+    """Put a log ``which`` axis (``"x"`` or ``"y"``) on a few readable ticks spanning the positive finite ``values``.
+
+    Matplotlib labels a log axis at powers of ten only, so data within one decade gets no label or
+    overlapping minor labels; this sets ``count`` geometrically spaced ticks (two significant figures)
+    and turns the minor labels off. Nothing changes when no value is positive and finite.
+
+    Raises:
+        ValueError: ``which`` is not ``"x"`` or ``"y"``.
+
+    Example:
+        >>> import matplotlib
+        >>> matplotlib.use("Agg")
+        >>> import matplotlib.pyplot as plt
+        >>> fig, ax = plt.subplots()
+        >>> _ = ax.plot([0.011, 0.024], [1, 2])
+        >>> ax.set_xscale("log")
+        >>> log_ticks(ax, "x", [0.011, 0.024], count=3)
+        >>> [t.get_text() for t in ax.get_xticklabels()]
+        ['0.011', '0.016', '0.024']
+        >>> plt.close(fig)
+    """
+    if which not in ("x", "y"):
+        raise ValueError(f"which must be 'x' or 'y', got {which!r}")
+    from matplotlib.ticker import NullFormatter
+
+    xs = [x for x in finite(values) if x > 0]
+    if not xs:
+        return
+    lo, hi = min(xs), max(xs)
+    ticks = sorted({float(f"{t:.2g}") for t in (np.geomspace(lo, hi, count) if hi > lo else [lo])})
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    (ax.set_xticks if which == "x" else ax.set_yticks)(ticks)
+    (ax.set_xticklabels if which == "x" else ax.set_yticklabels)([f"{t:g}" for t in ticks])
+    axis.set_minor_formatter(NullFormatter())
 
 
 def seed_legend_handles(interval: str = "95% interval of the geometric mean") -> List[Any]:
