@@ -273,3 +273,23 @@ def test_registration_errors_name_the_problem():
     with pytest.raises(TypeError, match="must be a LayerRule"):
         register_layer_rule(Pointwise)(object())
     assert Pointwise not in LAYER_RULES
+
+
+@pytest.mark.parametrize("layout", ["rows", "channel_first", "sample_major_columns"])
+def test_outer_sum_matches_the_sum_of_outer_products_in_every_layout(layout):
+    """``outer_sum`` (the Kronecker factors' kernel) against an explicit float64 sum of ``x x^T`` over all rows."""
+    from dropgeom.linalg import outer_sum
+
+    torch.manual_seed(3)
+    R, n, T, d = 3, 4, 5, 6
+    if layout == "rows":  # Linear inputs / columns: [.., T, d] row-major
+        X = torch.randn(R, n, T, d, dtype=DT)
+    elif layout == "channel_first":  # unfolded patches / conv output columns: a view of [.., d, T]
+        X = torch.randn(R, n, d, T, dtype=DT).transpose(-1, -2)
+    else:  # capture's buffers: [n, R, d, T] in memory, seen as [R, n, T, d]
+        X = torch.randn(n, R, d, T, dtype=DT).permute(1, 0, 3, 2)
+    rows = X.reshape(-1, d)
+    expected = sum(torch.outer(x, x) for x in rows)
+    got = outer_sum(X, max_bytes=2 * d * d * 8)  # two rows of partial products at a time: several chunks
+    _close(got, expected)
+    assert torch.equal(got, got.T)

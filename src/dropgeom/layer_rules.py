@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._registry import lookup, register
-from .linalg import gram
+from .linalg import outer_sum
 
 __all__ = [
     "LayerRule",
@@ -105,16 +105,20 @@ def layer_diagonal(
 
 
 def kronecker_factors(a: Tensor, g: Tensor, has_bias: bool, n: int, scale: float) -> Tuple[Tensor, Tensor]:
-    """``A = (1/(n T)) sum_{i,t} a~_it a~_it^T`` (``a~ = [a; 1]`` with a bias) and ``B = scale * sum_{i,r,t} g_irt g_irt^T``
-    (both by :func:`~dropgeom.linalg.gram`, which forms only the upper triangle)."""
-    T = a.shape[1]
-    af = a.reshape(-1, a.shape[2])
+    """``A = (1/(n T)) sum_{i,t} a~_it a~_it^T`` (``a~ = [a; 1]`` with a bias) and ``B = scale * sum_{i,r,t} g_irt g_irt^T``.
+
+    Both by :func:`~dropgeom.linalg.outer_sum` (no transposed copy of channel-first patches or columns); the bias
+    row of ``A`` is the sum of the inputs and its corner ``n T``, so no column of ones is appended."""
+    T, d = a.shape[1], a.shape[2]
+    Aw = outer_sum(a)
     if has_bias:
-        af = torch.cat([af, torch.ones(af.shape[0], 1, dtype=af.dtype, device=af.device)], dim=1)
-    A = gram(af) / (n * T)
-    gf = g.reshape(-1, g.shape[-1])
-    B = gram(gf) * scale
-    return A, B
+        A = Aw.new_empty(d + 1, d + 1)
+        A[:d, :d] = Aw
+        A[d, :d] = A[:d, d] = a.sum((0, 1))
+        A[d, d] = a.shape[0] * T
+    else:
+        A = Aw
+    return A / (n * T), outer_sum(g) * scale
 
 
 class LayerRule:
