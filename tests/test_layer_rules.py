@@ -68,9 +68,9 @@ class PointwiseRule(LayerRule):
         PointwiseRule.calls.append("diagonal")
         return super().diagonal(a, g, has_bias, scale)
 
-    def kronecker(self, a, g, has_bias, n, scale):
-        PointwiseRule.calls.append("kronecker")
-        return super().kronecker(a, g, has_bias, n, scale)
+    def input_factor(self, a, has_bias, n):
+        PointwiseRule.calls.append("input_factor")
+        return super().input_factor(a, has_bias, n)
 
 
 class SpyConv3d(Conv3dRule):
@@ -80,9 +80,9 @@ class SpyConv3d(Conv3dRule):
         SpyConv3d.calls.append("diagonal")
         return super().diagonal(a, g, has_bias, scale)
 
-    def kronecker(self, a, g, has_bias, n, scale):
-        SpyConv3d.calls.append("kronecker")
-        return super().kronecker(a, g, has_bias, n, scale)
+    def input_factor(self, a, has_bias, n):
+        SpyConv3d.calls.append("input_factor")
+        return super().input_factor(a, has_bias, n)
 
 
 @pytest.fixture
@@ -182,7 +182,7 @@ def test_conv3d_fast_paths_match_brute_force(spy_conv3d):
     net, x = _conv3d_net()
     assert sorted(rule_layers(ModelManifold(net, x, "categorical"))) == ["0", "2", "4", "6"]
     _check_against_brute_force(net, x, ["0", "2", "4", "6"])
-    assert spy_conv3d.count("diagonal") == 6 and spy_conv3d.count("kronecker") == 3  # diag, implicit: 3 convs each
+    assert spy_conv3d.count("diagonal") == 6 and spy_conv3d.count("input_factor") == 3  # diag, implicit: 3 convs each
 
 
 def test_conv3d_diag_matches_backpack_diag_ggn_exact():
@@ -216,7 +216,7 @@ def test_a_registered_user_layer_takes_the_fast_path(pointwise_rule):
     net, x = _pointwise_net()
     assert sorted(rule_layers(ModelManifold(net, x, "categorical"))) == ["0", "2", "4"]
     _check_against_brute_force(net, x, ["0", "2", "4"])
-    assert PointwiseRule.calls.count("diagonal") == 4 and PointwiseRule.calls.count("kronecker") == 2
+    assert PointwiseRule.calls.count("diagonal") == 4 and PointwiseRule.calls.count("input_factor") == 2
 
 
 def test_an_unregistered_user_layer_takes_the_generic_path():

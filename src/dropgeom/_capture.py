@@ -23,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .layer_rules import LayerRule, layer_rule
 from .manifold import ModelManifold
 
-__all__ = ["RuleLayer", "rule_layers", "capture", "pname"]
+__all__ = ["RuleLayer", "rule_layers", "capture", "capture_columns", "pname"]
 
 Records = Dict[str, Optional[Tuple[Tensor, Tensor]]]  # layer -> (input, output), None where not recorded
 
@@ -116,32 +116,46 @@ def _record(manifold: ModelManifold, layers: Dict[str, RuleLayer], copy: bool) -
     return eta, records, stale
 
 
-def _backpropagate(eta: Tensor, outputs: Dict[str, Tensor], S: Tensor) -> Dict[str, Optional[Tensor]]:
-    """The columns of ``S`` back-propagated to each output (``[R, n, *output dims]``; ``None`` if unused).
+def _column_grads(eta: Tensor, outputs: Dict[str, Tensor], S: Tensor) -> Iterator[Dict[str, Optional[Tensor]]]:
+    """Column ``r`` of ``S`` back-propagated to each output (``[n, *output dims]``; ``None`` if unused), for each ``r``.
 
-    One backward per column, gradients with respect to the layer outputs only (no weight gradients); the
-    columns are written into one buffer per output, sample-major (``[n, R, ...]`` in memory, returned as its
-    ``[R, n, ...]`` view), so a sample's columns are contiguous. One backward per column is faster than a
-    batched one (``is_grads_batched``, whose vmap loops over pooling and activation backwards; 2x on a CNN).
-    An output that is ``eta`` itself needs no backward: its columns are ``S``."""
+    One backward per column, gradients with respect to the layer outputs only (no weight gradients); faster than
+    one batched backward (``is_grads_batched``, whose vmap loops over pooling and activation backwards: 2x on a
+    CNN). An output that is ``eta`` itself needs no backward: its columns are those of ``S``."""
     R = S.shape[2]
-    cols = S.permute(2, 0, 1)  # [R, n, K]
-    last = {k for k, out in outputs.items() if out is eta}
-    back = [k for k in outputs if k not in last]
-    grads: Dict[str, Optional[Tensor]] = {k: cols for k in last}
-    if not back:
-        return grads
+    back = [k for k, out in outputs.items() if out is not eta]
     outs = [outputs[k] for k in back]
-    bufs: list = [None] * len(outs)
     for r in range(R):
-        gs = torch.autograd.grad(eta, outs, grad_outputs=cols[r], retain_graph=r < R - 1, allow_unused=True)
-        for j, g in enumerate(gs):
+        grads: Dict[str, Optional[Tensor]] = {k: S[:, :, r] for k, out in outputs.items() if out is eta}
+        if outs:
+            gs = torch.autograd.grad(eta, outs, grad_outputs=S[:, :, r], retain_graph=r < R - 1, allow_unused=True)
+            grads.update(zip(back, gs))
+        yield grads
+
+
+def _backpropagate(eta: Tensor, outputs: Dict[str, Tensor], S: Tensor) -> Dict[str, Optional[Tensor]]:
+    """All columns of ``S`` back-propagated to each output (``[R, n, *output dims]``; ``None`` if unused).
+
+    The columns are written into one buffer per output, sample-major (``[n, R, ...]`` in memory, returned as its
+    ``[R, n, ...]`` view), so that a sample's columns are contiguous for the per-sample products of the diagonal."""
+    R = S.shape[2]
+    bufs: Dict[str, Optional[Tensor]] = {k: None for k in outputs}
+    for r, grads in enumerate(_column_grads(eta, outputs, S)):
+        for k, g in grads.items():
             if g is not None:
-                if bufs[j] is None:
-                    bufs[j] = g.new_empty((g.shape[0], R, *g.shape[1:]))
-                bufs[j][:, r] = g
-    grads.update((k, None if buf is None else buf.transpose(0, 1)) for k, buf in zip(back, bufs))
-    return grads
+                buf = bufs[k]
+                if buf is None:
+                    buf = bufs[k] = g.new_empty((g.shape[0], R, *g.shape[1:]))
+                buf[:, r] = g
+    return {k: None if buf is None else buf.transpose(0, 1) for k, buf in bufs.items()}
+
+
+def _recorded(manifold: ModelManifold, layers: Dict[str, RuleLayer]) -> Tuple[Tensor, Dict[str, Tuple[Tensor, Tensor]]]:
+    """``eta`` and the recorded ``(input, output)`` of each layer called once with an accepted input."""
+    eta, records, stale = _record(manifold, layers, copy=False)
+    if stale:
+        eta, records, _ = _record(manifold, layers, copy=True)
+    return eta, {k: v for k, v in records.items() if v is not None}
 
 
 def capture(manifold: ModelManifold, layers: Dict[str, RuleLayer], S: Tensor) -> Dict[str, Tuple[Tensor, Tensor]]:
@@ -150,10 +164,7 @@ def capture(manifold: ModelManifold, layers: Dict[str, RuleLayer], S: Tensor) ->
     of ``S`` at its outputs. Layers called more than once per forward (weight tying)
     are left out (the generic per-sample path takes them).
     """
-    eta, records, stale = _record(manifold, layers, copy=False)
-    if stale:
-        eta, records, _ = _record(manifold, layers, copy=True)
-    good = {k: v for k, v in records.items() if v is not None}
+    eta, good = _recorded(manifold, layers)
     grads = _backpropagate(eta, {k: out for k, (_, out) in good.items()}, S)
     R = S.shape[2]
     result = {}
@@ -165,3 +176,28 @@ def capture(manifold: ModelManifold, layers: Dict[str, RuleLayer], S: Tensor) ->
             g = torch.zeros((R, *out.shape), dtype=out.dtype, device=out.device)
         result[name] = (a, rule.columns(mod, g.detach()))
     return result
+
+
+def capture_columns(
+    manifold: ModelManifold, layers: Dict[str, RuleLayer], S: Tensor
+) -> Tuple[Dict[str, Tensor], Iterator[Dict[str, Tensor]]]:
+    """:func:`capture` one column at a time: the unfolded inputs ``a`` of each rule layer, and an iterator over the
+    columns ``r`` of ``S`` giving each layer's ``g`` for that column alone (``[1, n, T, d_out]``).
+
+    For quantities that are sums over the columns (the gradient factor ``B`` of KFAC): only one column's
+    back-propagated outputs are alive at a time, and none is copied into a stack.
+    """
+    eta, good = _recorded(manifold, layers)
+    inputs = {name: layers[name].rule.unfold(layers[name].module, x) for name, (x, _) in good.items()}
+    outputs = {k: out for k, (_, out) in good.items()}
+
+    def columns() -> Iterator[Dict[str, Tensor]]:
+        for grads in _column_grads(eta, outputs, S):
+            out = {}
+            for name, g in grads.items():
+                mod, rule = layers[name]
+                g = torch.zeros_like(outputs[name]) if g is None else g.detach()
+                out[name] = rule.columns(mod, g.unsqueeze(0))
+            yield out
+
+    return inputs, columns()

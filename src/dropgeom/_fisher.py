@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
-from ._capture import capture, pname, rule_layers
+from ._capture import capture, capture_columns, pname, rule_layers
 from .dispatch import streams
 from .manifold import DEFAULT_CHUNK_BYTES, ModelManifold, memory_guard
 from .operator_parts import operator_from_parts, operator_parts
@@ -343,18 +343,26 @@ def _kfac(manifold: ModelManifold, S: Tensor, scale: float, meta: dict) -> KFACO
     n = manifold.n
     slices = manifold.param_slices()
     layers = rule_layers(manifold)
-    captured = capture(manifold, layers, S) if layers else {}
+    inputs, columns = capture_columns(manifold, layers, S) if layers else ({}, iter(()))
+    A = {
+        name: layers[name].rule.input_factor(a, layers[name].rule.has_bias(layers[name].module), n) for name, a in inputs.items()
+    }
+    del inputs
+    B: Dict[str, Tensor] = {}
+    for column in columns:  # B is a sum over the columns of S: one column's back-propagated outputs at a time
+        for name, g in column.items():
+            Br = layers[name].rule.gradient_factor(g, scale)
+            B[name] = B[name].add_(Br) if name in B else Br
     kron, done = [], set()
-    for name, (a, g) in captured.items():
+    for name in A:
         mod, rule = layers[name]
         has_bias = rule.has_bias(mod)
-        A, B = rule.kronecker(a, g, has_bias, n, scale)
         w = slices[pname(name, "weight")]
         b = slices[pname(name, "bias")] if has_bias else None
         kron.append(
             KroneckerBlock(
-                A=A,
-                B=B,
+                A=A[name],
+                B=B[name],
                 weight_index=torch.arange(w.start, w.stop, device=manifold.device),
                 bias_index=None if b is None else torch.arange(b.start, b.stop, device=manifold.device),
                 name=name,
