@@ -2,8 +2,8 @@ r"""What the layer rules consume: layer inputs and back-propagated factor column
 
 :func:`rule_layers` picks the modules a :class:`~dropgeom.layer_rules.LayerRule`
 covers; :func:`capture` records their inputs ``a`` and the columns ``g`` of the
-factor ``S`` back-propagated to their outputs, from one forward and one batched
-backward pass (Dangel et al. 2020's recipe; forward hooks, because no
+factor ``S`` back-propagated to their outputs, from one forward and one backward
+pass per column (:func:`capture_columns`: one column at a time; Dangel et al. 2020's recipe; forward hooks, because no
 ``torch.func`` primitive exposes layer outputs). With
 ``F = (1/n) sum_i J_i^T S_i S_i^T J_i``, the layer's part of ``J_i^T S_i`` is
 then ``sum_t g_irt a_it^T`` per column ``r``.

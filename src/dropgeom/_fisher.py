@@ -24,8 +24,8 @@ Fast paths: for layers with a rule in :data:`dropgeom.layer_rules.LAYER_RULES`
 (Linear, Conv1d/Conv2d/Conv3d, and any type registered with
 :func:`~dropgeom.layer_rules.register_layer_rule`) the diagonal and the Kronecker
 factors come from the layer inputs and the columns of ``S`` back-propagated to
-the layer outputs (:mod:`dropgeom._capture`: one forward, one batched backward,
-never per-sample gradients for plain Linear layers; the last layer needs no
+the layer outputs (:mod:`dropgeom._capture`: one forward, one backward per column of ``S`` to the
+layer outputs only, never per-sample gradients for plain Linear layers; the last layer needs no
 backward). Every other layer (norms, embeddings, attention, ...) goes through
 per-sample ``torch.func`` products. For the categorical family the exact Fisher uses a
 ``K-1``-column square root of ``Sigma``.
