@@ -23,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -133,21 +133,27 @@ def _column_grads(eta: Tensor, outputs: Dict[str, Tensor], S: Tensor) -> Iterato
         yield grads
 
 
-def _backpropagate(eta: Tensor, outputs: Dict[str, Tensor], S: Tensor) -> Dict[str, Optional[Tensor]]:
-    """All columns of ``S`` back-propagated to each output (``[R, n, *output dims]``; ``None`` if unused).
+def _backpropagate(
+    eta: Tensor, outputs: Dict[str, Tensor], S: Tensor, stacked: Dict[str, Optional[Tensor]]
+) -> Iterator[Dict[str, Optional[Tensor]]]:
+    """Column by column, the outputs not named in ``stacked``; once the columns are exhausted, ``stacked`` holds
+    all columns of each output named there (``[R, n, *output dims]``; ``None`` if unused).
 
-    The columns are written into one buffer per output, sample-major (``[n, R, ...]`` in memory, returned as its
-    ``[R, n, ...]`` view), so that a sample's columns are contiguous for the per-sample products of the diagonal."""
+    Stacked columns are written into one buffer per output, sample-major (``[n, R, ...]`` in memory, returned as
+    its ``[R, n, ...]`` view), so that a sample's columns are contiguous; an output that is ``eta`` itself is
+    ``S`` (as ``[R, n, K]``)."""
     R = S.shape[2]
-    bufs: Dict[str, Optional[Tensor]] = {k: None for k in outputs}
+    bufs: Dict[str, Optional[Tensor]] = {k: None for k in stacked if outputs[k] is not eta}
     for r, grads in enumerate(_column_grads(eta, outputs, S)):
         for k, g in grads.items():
-            if g is not None:
+            if k in bufs and g is not None:
                 buf = bufs[k]
                 if buf is None:
                     buf = bufs[k] = g.new_empty((g.shape[0], R, *g.shape[1:]))
                 buf[:, r] = g
-    return {k: None if buf is None else buf.transpose(0, 1) for k, buf in bufs.items()}
+        yield {k: g for k, g in grads.items() if k not in stacked}
+    stacked.update({k: S.permute(2, 0, 1) for k in stacked if outputs[k] is eta})
+    stacked.update({k: None if buf is None else buf.transpose(0, 1) for k, buf in bufs.items()})
 
 
 def _recorded(manifold: ModelManifold, layers: Dict[str, RuleLayer]) -> Tuple[Tensor, Dict[str, Tuple[Tensor, Tensor]]]:
@@ -165,7 +171,9 @@ def capture(manifold: ModelManifold, layers: Dict[str, RuleLayer], S: Tensor) ->
     are left out (the generic per-sample path takes them).
     """
     eta, good = _recorded(manifold, layers)
-    grads = _backpropagate(eta, {k: out for k, (_, out) in good.items()}, S)
+    grads: Dict[str, Optional[Tensor]] = {k: None for k in good}
+    for _ in _backpropagate(eta, {k: out for k, (_, out) in good.items()}, S, grads):
+        pass
     R = S.shape[2]
     result = {}
     for name, (x, out) in good.items():
@@ -179,25 +187,30 @@ def capture(manifold: ModelManifold, layers: Dict[str, RuleLayer], S: Tensor) ->
 
 
 def capture_columns(
-    manifold: ModelManifold, layers: Dict[str, RuleLayer], S: Tensor
-) -> Tuple[Dict[str, Tensor], Iterator[Dict[str, Tensor]]]:
-    """:func:`capture` one column at a time: the unfolded inputs ``a`` of each rule layer, and an iterator over the
-    columns ``r`` of ``S`` giving each layer's ``g`` for that column alone (``[1, n, T, d_out]``).
+    manifold: ModelManifold, layers: Dict[str, RuleLayer], S: Tensor, stack: Callable[[Tensor], bool] = lambda a: False
+) -> Tuple[Dict[str, Tensor], Iterator[Dict[str, Tensor]], Dict[str, Tensor]]:
+    """:func:`capture` one column at a time: the unfolded inputs ``a`` of each rule layer; an iterator over the
+    columns ``r`` of ``S`` giving each layer's ``g`` for that column alone (``[1, n, T, d_out]``); and, filled once
+    the iterator is exhausted, all columns (``[R, n, T, d_out]``, as :func:`capture`) of the layers whose input
+    ``stack(a)`` selects (left out of the iterator).
 
-    For quantities that are sums over the columns (the gradient factor ``B`` of KFAC): only one column's
-    back-propagated outputs are alive at a time, and none is copied into a stack.
+    For quantities that are sums over the columns (the gradient factor ``B`` of KFAC, per-sample gradients): only
+    one column's back-propagated outputs are alive at a time, and none is copied into a stack.
     """
     eta, good = _recorded(manifold, layers)
     inputs = {name: layers[name].rule.unfold(layers[name].module, x) for name, (x, _) in good.items()}
     outputs = {k: out for k, (_, out) in good.items()}
+    stacked: Dict[str, Optional[Tensor]] = {k: None for k, a in inputs.items() if stack(a)}
+    result: Dict[str, Tensor] = {}
+
+    def g_of(name: str, g: Optional[Tensor], R: int) -> Tensor:
+        mod, rule = layers[name]
+        g = torch.zeros((R, *outputs[name].shape), dtype=S.dtype, device=S.device) if g is None else g.detach()
+        return rule.columns(mod, g)
 
     def columns() -> Iterator[Dict[str, Tensor]]:
-        for grads in _column_grads(eta, outputs, S):
-            out = {}
-            for name, g in grads.items():
-                mod, rule = layers[name]
-                g = torch.zeros_like(outputs[name]) if g is None else g.detach()
-                out[name] = rule.columns(mod, g.unsqueeze(0))
-            yield out
+        for grads in _backpropagate(eta, outputs, S, stacked):
+            yield {name: g_of(name, None if g is None else g.unsqueeze(0), 1) for name, g in grads.items()}
+        result.update({name: g_of(name, g, S.shape[2]) for name, g in stacked.items()})
 
-    return inputs, columns()
+    return inputs, columns(), result

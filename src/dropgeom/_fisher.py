@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
-from ._capture import capture, capture_columns, pname, rule_layers
+from ._capture import RuleLayer, capture_columns, pname, rule_layers
 from .dispatch import streams
 from .manifold import DEFAULT_CHUNK_BYTES, ModelManifold, memory_guard
 from .operator_parts import operator_from_parts, operator_parts
@@ -296,14 +296,10 @@ def _diagonal(manifold: ModelManifold, S: Tensor, scale: float = 1.0) -> Tensor:
     """
     P = manifold.num_params
     layers = rule_layers(manifold)
-    captured = capture(manifold, layers, S) if layers else {}
     pieces: Dict[str, Tensor] = {}
-    for name, (a, g) in captured.items():
-        mod, rule = layers[name]
-        has_bias = rule.has_bias(mod)
-        dw, db = rule.diagonal(a, g, has_bias, scale)
+    for name, (dw, db) in (_rule_diagonals(manifold, layers, S, scale) if layers else {}).items():
         pieces[pname(name, "weight")] = dw.reshape(-1)
-        if has_bias:
+        if db is not None:
             pieces[pname(name, "bias")] = db
     rest = [k for k in manifold.param_names if k not in pieces]
     if rest:
@@ -316,6 +312,31 @@ def _diagonal(manifold: ModelManifold, S: Tensor, scale: float = 1.0) -> Tensor:
         for k in rest:
             pieces[k] = acc[sub_slices[k]]
     return torch.cat([pieces[k].to(manifold.dtype) for k in manifold.param_names])
+
+
+def _rule_diagonals(
+    manifold: ModelManifold, layers: Dict[str, RuleLayer], S: Tensor, scale: float
+) -> Dict[str, Tuple[Tensor, Optional[Tensor]]]:
+    """Each rule layer's :meth:`~dropgeom.layer_rules.LayerRule.diagonal` ``(weight part, bias part or None)``.
+
+    Layers with ``T > 1`` positions (convolutions) form per-sample gradients, a sum over the columns of ``S``: they
+    take one column at a time (no stack of back-propagated outputs). ``T = 1`` layers sum the squared columns before
+    one product, so their (small) columns are stacked first."""
+    # T = 1: the squared columns are summed before one product, so those layers take all columns at once
+    inputs, columns, stacked = capture_columns(manifold, layers, S, stack=lambda a: a.shape[1] == 1)
+    out: Dict[str, Tuple[Tensor, Optional[Tensor]]] = {}
+    for column in columns:
+        for name, g in column.items():
+            mod, rule = layers[name]
+            dw, db = rule.diagonal(inputs[name], g, rule.has_bias(mod), scale)
+            if name in out:
+                dw0, db0 = out[name]
+                dw, db = dw0.add_(dw), (None if db is None or db0 is None else db0.add_(db))
+            out[name] = (dw, db)
+    for name, g in stacked.items():
+        mod, rule = layers[name]
+        out[name] = rule.diagonal(inputs[name], g, rule.has_bias(mod), scale)
+    return {name: out[name] for name in inputs}  # layer order
 
 
 def _sub_manifold(manifold: ModelManifold, names: List[str]) -> ModelManifold:
@@ -343,7 +364,7 @@ def _kfac(manifold: ModelManifold, S: Tensor, scale: float, meta: dict) -> KFACO
     n = manifold.n
     slices = manifold.param_slices()
     layers = rule_layers(manifold)
-    inputs, columns = capture_columns(manifold, layers, S) if layers else ({}, iter(()))
+    inputs, columns, _ = capture_columns(manifold, layers, S) if layers else ({}, iter(()), {})
     A = {
         name: layers[name].rule.input_factor(a, layers[name].rule.has_bias(layers[name].module), n) for name, a in inputs.items()
     }
