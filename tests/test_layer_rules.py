@@ -68,9 +68,9 @@ class PointwiseRule(LayerRule):
         PointwiseRule.calls.append("diagonal")
         return super().diagonal(a, g, has_bias, scale)
 
-    def kronecker(self, a, g, has_bias, n, scale):
-        PointwiseRule.calls.append("kronecker")
-        return super().kronecker(a, g, has_bias, n, scale)
+    def input_factor(self, a, has_bias, n):
+        PointwiseRule.calls.append("input_factor")
+        return super().input_factor(a, has_bias, n)
 
 
 class SpyConv3d(Conv3dRule):
@@ -80,9 +80,9 @@ class SpyConv3d(Conv3dRule):
         SpyConv3d.calls.append("diagonal")
         return super().diagonal(a, g, has_bias, scale)
 
-    def kronecker(self, a, g, has_bias, n, scale):
-        SpyConv3d.calls.append("kronecker")
-        return super().kronecker(a, g, has_bias, n, scale)
+    def input_factor(self, a, has_bias, n):
+        SpyConv3d.calls.append("input_factor")
+        return super().input_factor(a, has_bias, n)
 
 
 @pytest.fixture
@@ -182,7 +182,8 @@ def test_conv3d_fast_paths_match_brute_force(spy_conv3d):
     net, x = _conv3d_net()
     assert sorted(rule_layers(ModelManifold(net, x, "categorical"))) == ["0", "2", "4", "6"]
     _check_against_brute_force(net, x, ["0", "2", "4", "6"])
-    assert spy_conv3d.count("diagonal") == 6 and spy_conv3d.count("kronecker") == 3  # diag, implicit: 3 convs each
+    # diag and implicit's diag: 3 convs each, once per column of S (K - 1 for the exact categorical Fisher); kfac: once
+    assert spy_conv3d.count("diagonal") == 6 * (K - 1) and spy_conv3d.count("input_factor") == 3
 
 
 def test_conv3d_diag_matches_backpack_diag_ggn_exact():
@@ -216,7 +217,7 @@ def test_a_registered_user_layer_takes_the_fast_path(pointwise_rule):
     net, x = _pointwise_net()
     assert sorted(rule_layers(ModelManifold(net, x, "categorical"))) == ["0", "2", "4"]
     _check_against_brute_force(net, x, ["0", "2", "4"])
-    assert PointwiseRule.calls.count("diagonal") == 4 and PointwiseRule.calls.count("kronecker") == 2
+    assert PointwiseRule.calls.count("diagonal") == 4 * (K - 1) and PointwiseRule.calls.count("input_factor") == 2
 
 
 def test_an_unregistered_user_layer_takes_the_generic_path():
@@ -273,3 +274,23 @@ def test_registration_errors_name_the_problem():
     with pytest.raises(TypeError, match="must be a LayerRule"):
         register_layer_rule(Pointwise)(object())
     assert Pointwise not in LAYER_RULES
+
+
+@pytest.mark.parametrize("layout", ["rows", "channel_first", "sample_major_columns"])
+def test_outer_sum_matches_the_sum_of_outer_products_in_every_layout(layout):
+    """``outer_sum`` (the Kronecker factors' kernel) against an explicit float64 sum of ``x x^T`` over all rows."""
+    from dropgeom.linalg import outer_sum
+
+    torch.manual_seed(3)
+    R, n, T, d = 3, 4, 5, 6
+    if layout == "rows":  # Linear inputs / columns: [.., T, d] row-major
+        X = torch.randn(R, n, T, d, dtype=DT)
+    elif layout == "channel_first":  # unfolded patches / conv output columns: a view of [.., d, T]
+        X = torch.randn(R, n, d, T, dtype=DT).transpose(-1, -2)
+    else:  # capture's buffers: [n, R, d, T] in memory, seen as [R, n, T, d]
+        X = torch.randn(n, R, d, T, dtype=DT).permute(1, 0, 3, 2)
+    rows = X.reshape(-1, d)
+    expected = sum(torch.outer(x, x) for x in rows)
+    got = outer_sum(X, max_bytes=2 * d * d * 8)  # two rows of partial products at a time: several chunks
+    _close(got, expected)
+    assert torch.equal(got, got.T)

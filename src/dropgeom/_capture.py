@@ -2,8 +2,8 @@ r"""What the layer rules consume: layer inputs and back-propagated factor column
 
 :func:`rule_layers` picks the modules a :class:`~dropgeom.layer_rules.LayerRule`
 covers; :func:`capture` records their inputs ``a`` and the columns ``g`` of the
-factor ``S`` back-propagated to their outputs, from one forward and one batched
-backward pass (Dangel et al. 2020's recipe; forward hooks, because no
+factor ``S`` back-propagated to their outputs, from one forward and one backward
+pass per column (:func:`capture_columns`: one column at a time; Dangel et al. 2020's recipe; forward hooks, because no
 ``torch.func`` primitive exposes layer outputs). With
 ``F = (1/n) sum_i J_i^T S_i S_i^T J_i``, the layer's part of ``J_i^T S_i`` is
 then ``sum_t g_irt a_it^T`` per column ``r``.
@@ -23,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .layer_rules import LayerRule, layer_rule
 from .manifold import ModelManifold
 
-__all__ = ["RuleLayer", "rule_layers", "capture", "pname"]
+__all__ = ["RuleLayer", "rule_layers", "capture", "capture_columns", "pname"]
 
 Records = Dict[str, Optional[Tuple[Tensor, Tensor]]]  # layer -> (input, output), None where not recorded
 
@@ -116,24 +116,52 @@ def _record(manifold: ModelManifold, layers: Dict[str, RuleLayer], copy: bool) -
     return eta, records, stale
 
 
-def _backpropagate(eta: Tensor, outputs: Dict[str, Tensor], S: Tensor) -> Dict[str, Optional[Tensor]]:
-    """The columns of ``S`` back-propagated to each output (``[R, n, *output dims]``; ``None`` if unused).
+def _column_grads(eta: Tensor, outputs: Dict[str, Tensor], S: Tensor) -> Iterator[Dict[str, Optional[Tensor]]]:
+    """Column ``r`` of ``S`` back-propagated to each output (``[n, *output dims]``; ``None`` if unused), for each ``r``.
 
-    An output that is ``eta`` itself needs no backward: its columns are ``S``."""
+    One backward per column, gradients with respect to the layer outputs only (no weight gradients); faster than
+    one batched backward (``is_grads_batched``, whose vmap loops over pooling and activation backwards: 2x on a
+    CNN). An output that is ``eta`` itself needs no backward: its columns are those of ``S``."""
     R = S.shape[2]
-    cols = S.permute(2, 0, 1)  # [R, n, K]
-    last = {k for k, out in outputs.items() if out is eta}
-    back = [k for k in outputs if k not in last]
-    grads: Dict[str, Optional[Tensor]] = {k: cols for k in last}
-    if back:
-        outs = [outputs[k] for k in back]
-        if R == 1:
-            gs = torch.autograd.grad(eta, outs, grad_outputs=cols[0], allow_unused=True)
-            gs = tuple(None if g is None else g.unsqueeze(0) for g in gs)
-        else:
-            gs = torch.autograd.grad(eta, outs, grad_outputs=cols.contiguous(), is_grads_batched=True, allow_unused=True)
-        grads.update(zip(back, gs))
-    return grads
+    back = [k for k, out in outputs.items() if out is not eta]
+    outs = [outputs[k] for k in back]
+    for r in range(R):
+        grads: Dict[str, Optional[Tensor]] = {k: S[:, :, r] for k, out in outputs.items() if out is eta}
+        if outs:
+            gs = torch.autograd.grad(eta, outs, grad_outputs=S[:, :, r], retain_graph=r < R - 1, allow_unused=True)
+            grads.update(zip(back, gs))
+        yield grads
+
+
+def _backpropagate(
+    eta: Tensor, outputs: Dict[str, Tensor], S: Tensor, stacked: Dict[str, Optional[Tensor]]
+) -> Iterator[Dict[str, Optional[Tensor]]]:
+    """Column by column, the outputs not named in ``stacked``; once the columns are exhausted, ``stacked`` holds
+    all columns of each output named there (``[R, n, *output dims]``; ``None`` if unused).
+
+    Stacked columns are written into one buffer per output, sample-major (``[n, R, ...]`` in memory, returned as
+    its ``[R, n, ...]`` view), so that a sample's columns are contiguous; an output that is ``eta`` itself is
+    ``S`` (as ``[R, n, K]``)."""
+    R = S.shape[2]
+    bufs: Dict[str, Optional[Tensor]] = {k: None for k in stacked if outputs[k] is not eta}
+    for r, grads in enumerate(_column_grads(eta, outputs, S)):
+        for k, g in grads.items():
+            if k in bufs and g is not None:
+                buf = bufs[k]
+                if buf is None:
+                    buf = bufs[k] = g.new_empty((g.shape[0], R, *g.shape[1:]))
+                buf[:, r] = g
+        yield {k: g for k, g in grads.items() if k not in stacked}
+    stacked.update({k: S.permute(2, 0, 1) for k in stacked if outputs[k] is eta})
+    stacked.update({k: None if buf is None else buf.transpose(0, 1) for k, buf in bufs.items()})
+
+
+def _recorded(manifold: ModelManifold, layers: Dict[str, RuleLayer]) -> Tuple[Tensor, Dict[str, Tuple[Tensor, Tensor]]]:
+    """``eta`` and the recorded ``(input, output)`` of each layer called once with an accepted input."""
+    eta, records, stale = _record(manifold, layers, copy=False)
+    if stale:
+        eta, records, _ = _record(manifold, layers, copy=True)
+    return eta, {k: v for k, v in records.items() if v is not None}
 
 
 def capture(manifold: ModelManifold, layers: Dict[str, RuleLayer], S: Tensor) -> Dict[str, Tuple[Tensor, Tensor]]:
@@ -142,11 +170,10 @@ def capture(manifold: ModelManifold, layers: Dict[str, RuleLayer], S: Tensor) ->
     of ``S`` at its outputs. Layers called more than once per forward (weight tying)
     are left out (the generic per-sample path takes them).
     """
-    eta, records, stale = _record(manifold, layers, copy=False)
-    if stale:
-        eta, records, _ = _record(manifold, layers, copy=True)
-    good = {k: v for k, v in records.items() if v is not None}
-    grads = _backpropagate(eta, {k: out for k, (_, out) in good.items()}, S)
+    eta, good = _recorded(manifold, layers)
+    grads: Dict[str, Optional[Tensor]] = {k: None for k in good}
+    for _ in _backpropagate(eta, {k: out for k, (_, out) in good.items()}, S, grads):
+        pass
     R = S.shape[2]
     result = {}
     for name, (x, out) in good.items():
@@ -157,3 +184,33 @@ def capture(manifold: ModelManifold, layers: Dict[str, RuleLayer], S: Tensor) ->
             g = torch.zeros((R, *out.shape), dtype=out.dtype, device=out.device)
         result[name] = (a, rule.columns(mod, g.detach()))
     return result
+
+
+def capture_columns(
+    manifold: ModelManifold, layers: Dict[str, RuleLayer], S: Tensor, stack: Callable[[Tensor], bool] = lambda a: False
+) -> Tuple[Dict[str, Tensor], Iterator[Dict[str, Tensor]], Dict[str, Tensor]]:
+    """:func:`capture` one column at a time: the unfolded inputs ``a`` of each rule layer; an iterator over the
+    columns ``r`` of ``S`` giving each layer's ``g`` for that column alone (``[1, n, T, d_out]``); and, filled once
+    the iterator is exhausted, all columns (``[R, n, T, d_out]``, as :func:`capture`) of the layers whose input
+    ``stack(a)`` selects (left out of the iterator).
+
+    For quantities that are sums over the columns (the gradient factor ``B`` of KFAC, per-sample gradients): only
+    one column's back-propagated outputs are alive at a time, and none is copied into a stack.
+    """
+    eta, good = _recorded(manifold, layers)
+    inputs = {name: layers[name].rule.unfold(layers[name].module, x) for name, (x, _) in good.items()}
+    outputs = {k: out for k, (_, out) in good.items()}
+    stacked: Dict[str, Optional[Tensor]] = {k: None for k, a in inputs.items() if stack(a)}
+    result: Dict[str, Tensor] = {}
+
+    def g_of(name: str, g: Optional[Tensor], R: int) -> Tensor:
+        mod, rule = layers[name]
+        g = torch.zeros((R, *outputs[name].shape), dtype=S.dtype, device=S.device) if g is None else g.detach()
+        return rule.columns(mod, g)
+
+    def columns() -> Iterator[Dict[str, Tensor]]:
+        for grads in _backpropagate(eta, outputs, S, stacked):
+            yield {name: g_of(name, None if g is None else g.unsqueeze(0), 1) for name, g in grads.items()}
+        result.update({name: g_of(name, g, S.shape[2]) for name, g in stacked.items()})
+
+    return inputs, columns(), result

@@ -24,8 +24,8 @@ Fast paths: for layers with a rule in :data:`dropgeom.layer_rules.LAYER_RULES`
 (Linear, Conv1d/Conv2d/Conv3d, and any type registered with
 :func:`~dropgeom.layer_rules.register_layer_rule`) the diagonal and the Kronecker
 factors come from the layer inputs and the columns of ``S`` back-propagated to
-the layer outputs (:mod:`dropgeom._capture`: one forward, one batched backward,
-never per-sample gradients for plain Linear layers; the last layer needs no
+the layer outputs (:mod:`dropgeom._capture`: one forward, one backward per column of ``S`` to the
+layer outputs only, never per-sample gradients for plain Linear layers; the last layer needs no
 backward). Every other layer (norms, embeddings, attention, ...) goes through
 per-sample ``torch.func`` products. For the categorical family the exact Fisher uses a
 ``K-1``-column square root of ``Sigma``.
@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
-from ._capture import capture, pname, rule_layers
+from ._capture import RuleLayer, capture_columns, pname, rule_layers
 from .dispatch import streams
 from .manifold import DEFAULT_CHUNK_BYTES, ModelManifold, memory_guard
 from .operator_parts import operator_from_parts, operator_parts
@@ -296,14 +296,10 @@ def _diagonal(manifold: ModelManifold, S: Tensor, scale: float = 1.0) -> Tensor:
     """
     P = manifold.num_params
     layers = rule_layers(manifold)
-    captured = capture(manifold, layers, S) if layers else {}
     pieces: Dict[str, Tensor] = {}
-    for name, (a, g) in captured.items():
-        mod, rule = layers[name]
-        has_bias = rule.has_bias(mod)
-        dw, db = rule.diagonal(a, g, has_bias, scale)
+    for name, (dw, db) in (_rule_diagonals(manifold, layers, S, scale) if layers else {}).items():
         pieces[pname(name, "weight")] = dw.reshape(-1)
-        if has_bias:
+        if db is not None:
             pieces[pname(name, "bias")] = db
     rest = [k for k in manifold.param_names if k not in pieces]
     if rest:
@@ -316,6 +312,31 @@ def _diagonal(manifold: ModelManifold, S: Tensor, scale: float = 1.0) -> Tensor:
         for k in rest:
             pieces[k] = acc[sub_slices[k]]
     return torch.cat([pieces[k].to(manifold.dtype) for k in manifold.param_names])
+
+
+def _rule_diagonals(
+    manifold: ModelManifold, layers: Dict[str, RuleLayer], S: Tensor, scale: float
+) -> Dict[str, Tuple[Tensor, Optional[Tensor]]]:
+    """Each rule layer's :meth:`~dropgeom.layer_rules.LayerRule.diagonal` ``(weight part, bias part or None)``.
+
+    Layers with ``T > 1`` positions (convolutions) form per-sample gradients, a sum over the columns of ``S``: they
+    take one column at a time (no stack of back-propagated outputs). ``T = 1`` layers sum the squared columns before
+    one product, so their (small) columns are stacked first."""
+    # T = 1: the squared columns are summed before one product, so those layers take all columns at once
+    inputs, columns, stacked = capture_columns(manifold, layers, S, stack=lambda a: a.shape[1] == 1)
+    out: Dict[str, Tuple[Tensor, Optional[Tensor]]] = {}
+    for column in columns:
+        for name, g in column.items():
+            mod, rule = layers[name]
+            dw, db = rule.diagonal(inputs[name], g, rule.has_bias(mod), scale)
+            if name in out:
+                dw0, db0 = out[name]
+                dw, db = dw0.add_(dw), (None if db is None or db0 is None else db0.add_(db))
+            out[name] = (dw, db)
+    for name, g in stacked.items():
+        mod, rule = layers[name]
+        out[name] = rule.diagonal(inputs[name], g, rule.has_bias(mod), scale)
+    return {name: out[name] for name in inputs}  # layer order
 
 
 def _sub_manifold(manifold: ModelManifold, names: List[str]) -> ModelManifold:
@@ -343,18 +364,26 @@ def _kfac(manifold: ModelManifold, S: Tensor, scale: float, meta: dict) -> KFACO
     n = manifold.n
     slices = manifold.param_slices()
     layers = rule_layers(manifold)
-    captured = capture(manifold, layers, S) if layers else {}
+    inputs, columns, _ = capture_columns(manifold, layers, S) if layers else ({}, iter(()), {})
+    A = {
+        name: layers[name].rule.input_factor(a, layers[name].rule.has_bias(layers[name].module), n) for name, a in inputs.items()
+    }
+    del inputs
+    B: Dict[str, Tensor] = {}
+    for column in columns:  # B is a sum over the columns of S: one column's back-propagated outputs at a time
+        for name, g in column.items():
+            Br = layers[name].rule.gradient_factor(g, scale)
+            B[name] = B[name].add_(Br) if name in B else Br
     kron, done = [], set()
-    for name, (a, g) in captured.items():
+    for name in A:
         mod, rule = layers[name]
         has_bias = rule.has_bias(mod)
-        A, B = rule.kronecker(a, g, has_bias, n, scale)
         w = slices[pname(name, "weight")]
         b = slices[pname(name, "bias")] if has_bias else None
         kron.append(
             KroneckerBlock(
-                A=A,
-                B=B,
+                A=A[name],
+                B=B[name],
                 weight_index=torch.arange(w.start, w.stop, device=manifold.device),
                 bias_index=None if b is None else torch.arange(b.start, b.stop, device=manifold.device),
                 name=name,

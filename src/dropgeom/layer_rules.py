@@ -16,7 +16,8 @@ columns of the factor ``S`` back-propagated to the outputs, ``g``
 * the diagonal is ``sum_{i,r} G_ir ** 2`` (:meth:`LayerRule.diagonal`);
 * the Kronecker factors are ``A = (1/(nT)) sum_{i,t} a~_it a~_it^T`` and
   ``B = c sum_{i,r,t} g_irt g_irt^T`` (:meth:`LayerRule.kronecker`; KFAC, and KFC
-  "expand" for convolutions).
+  "expand" for convolutions); the engine calls :meth:`LayerRule.input_factor` once
+  and :meth:`LayerRule.gradient_factor` once per column ``r``.
 
 A rule supplies the unfolding and the layout of the output columns; the
 arithmetic is shared. :data:`LAYER_RULES` maps module types to rules
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._registry import lookup, register
-from .linalg import gram
+from .linalg import outer_sum
 
 __all__ = [
     "LayerRule",
@@ -63,6 +64,8 @@ __all__ = [
     "register_layer_rule",
     "layer_diagonal",
     "kronecker_factors",
+    "input_factor",
+    "gradient_factor",
 ]
 
 
@@ -104,17 +107,30 @@ def layer_diagonal(
     return dw, db
 
 
+def input_factor(a: Tensor, has_bias: bool, n: int) -> Tensor:
+    """``A = (1/(n T)) sum_{i,t} a~_it a~_it^T`` (``a~ = [a; 1]`` with a bias) by :func:`~dropgeom.linalg.outer_sum`
+    (no transposed copy of channel-first patches); the bias row is the sum of the inputs and its corner ``n T``, so no
+    column of ones is appended."""
+    T, d = a.shape[1], a.shape[2]
+    Aw = outer_sum(a)
+    if not has_bias:
+        return Aw / (n * T)
+    A = Aw.new_empty(d + 1, d + 1)
+    A[:d, :d] = Aw
+    A[d, :d] = A[:d, d] = a.sum((0, 1))
+    A[d, d] = a.shape[0] * T
+    return A / (n * T)
+
+
+def gradient_factor(g: Tensor, scale: float) -> Tensor:
+    """``B = scale * sum_{i,r,t} g_irt g_irt^T`` by :func:`~dropgeom.linalg.outer_sum` (a sum over the columns ``r``,
+    so it may be accumulated one column at a time)."""
+    return outer_sum(g) * scale
+
+
 def kronecker_factors(a: Tensor, g: Tensor, has_bias: bool, n: int, scale: float) -> Tuple[Tensor, Tensor]:
-    """``A = (1/(n T)) sum_{i,t} a~_it a~_it^T`` (``a~ = [a; 1]`` with a bias) and ``B = scale * sum_{i,r,t} g_irt g_irt^T``
-    (both by :func:`~dropgeom.linalg.gram`, which forms only the upper triangle)."""
-    T = a.shape[1]
-    af = a.reshape(-1, a.shape[2])
-    if has_bias:
-        af = torch.cat([af, torch.ones(af.shape[0], 1, dtype=af.dtype, device=af.device)], dim=1)
-    A = gram(af) / (n * T)
-    gf = g.reshape(-1, g.shape[-1])
-    B = gram(gf) * scale
-    return A, B
+    """``(A, B)``: :func:`input_factor` and :func:`gradient_factor`."""
+    return input_factor(a, has_bias, n), gradient_factor(g, scale)
 
 
 class LayerRule:
@@ -155,7 +171,16 @@ class LayerRule:
 
     def kronecker(self, a: Tensor, g: Tensor, has_bias: bool, n: int, scale: float) -> Tuple[Tensor, Tensor]:
         """The Kronecker factors ``(A, B)`` of the layer's block ``B (x) A`` on ``vec([W | b])``."""
-        return kronecker_factors(a, g, has_bias, n, scale)
+        return self.input_factor(a, has_bias, n), self.gradient_factor(g, scale)
+
+    def input_factor(self, a: Tensor, has_bias: bool, n: int) -> Tensor:
+        """The input factor ``A`` of :meth:`kronecker` (what the Fisher engine calls, once per layer)."""
+        return input_factor(a, has_bias, n)
+
+    def gradient_factor(self, g: Tensor, scale: float) -> Tensor:
+        """The gradient factor ``B`` of :meth:`kronecker`, additive over the columns ``r`` (the Fisher engine calls it
+        once per column, ``g`` of shape ``[1, n, T, d_out]``, and adds the results)."""
+        return gradient_factor(g, scale)
 
 
 class LinearRule(LayerRule):
