@@ -280,19 +280,20 @@ def compare(name: str, model: nn.Module, x: Tensor, y: Tensor, batch: int = BATC
     print(f"\n== {name}, {len(x)} inputs, batch {batch} (fwd+bwd over the loader: {unit:.2f} s) ==", flush=True)
     print("'dropgeom / this' = dropgeom's time over this library's (below 1: dropgeom is faster)", flush=True)
     out = RowPrinter({"quantity": 10, "library": 10, "seconds": 9, "x fwd+bwd": 9, "dropgeom / this": 15, "peak MiB": 8})
+    # memory on the first two batches, in a forked child (common.peak_memory): streamed, the peak does not grow
+    # with the number of batches, and the measurement leaves this process's allocator and timings as they are
+    short = DataLoader(TensorDataset(x[: 2 * batch], y[: 2 * batch]), batch_size=batch)
+    short_impls = _peers(model, short)
     for quantity, impls in _peers(model, loader).items():
         ours = float("nan")
         for lib, fn in impls.items():
             took: List[float] = [float("nan")]
-
-            def timed(fn: Callable[[], object] = fn) -> None:
-                took[0] = _timed(fn)
-
             try:
-                mem = peak_memory(timed)
+                took[0] = _timed(fn)
             except Exception as err:  # a peer that cannot do this model is reported, not fatal
                 print(f"  {lib} {quantity}: {type(err).__name__}: {str(err)[:120]}", flush=True)
                 continue
+            mem = peak_memory(short_impls[quantity][lib])
             if lib == "dropgeom":
                 ours = took[0]
             out.row(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import resource
 import statistics
 import sys
@@ -94,11 +95,8 @@ def _static_mmap_threshold() -> None:
         pass
 
 
-def peak_memory(fn: Callable[[], object]) -> float:
-    """Peak extra memory (MiB) while running ``fn``: CUDA allocator peak on GPU;
-    on CPU the peak resident set size above its value at the start, sampled
-    every ~0.2 ms by a background thread (plus Python-tracked allocations, which
-    catch short-lived peaks the sampler might miss only for Python objects)."""
+def _peak_here(fn: Callable[[], object]) -> float:
+    """:func:`peak_memory` in this process (it changes the allocator for good: see there)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -128,6 +126,55 @@ def peak_memory(fn: Callable[[], object]) -> float:
         tracemalloc.stop()
     peak[0] = max(peak[0], _rss_bytes())
     return max((peak[0] - base) / 2**20, py_peak / 2**20)
+
+
+def in_child(fn: Callable[[], float]) -> float:
+    """``fn()`` run in a forked child process; its float result comes back through a pipe (``nan`` on error).
+
+    Memory measurements change the process for good (a static glibc mmap threshold makes every large tensor
+    an mmap with fresh page faults; ``tracemalloc`` and a sampler thread slow Python), which slowed every
+    later timing in the same process by up to 2x (measured 2026-12-05: bench_train's CNN rows read 8x or 17x
+    a dropout step depending on which topic ran before). In a child, the timings of the parent are untouched.
+    Falls back to running in this process where ``os.fork`` does not exist.
+    """
+    if not hasattr(os, "fork"):
+        return fn()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: measure, report, exit without running the parent's cleanup
+        try:
+            os.close(r)
+            value = float(fn())
+        except BaseException:  # noqa: BLE001 - any failure reads as nan in the parent
+            value = float("nan")
+        os.write(w, repr(value).encode())
+        os._exit(0)
+    os.close(w)
+    data = b""
+    while True:
+        chunk = os.read(r, 4096)
+        if not chunk:
+            break
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    try:
+        return float(data.decode() or "nan")
+    except ValueError:
+        return float("nan")
+
+
+def peak_memory(fn: Callable[[], object]) -> float:
+    """Peak extra memory (MiB) while running ``fn``: CUDA allocator peak on GPU;
+    on CPU the peak resident set size above its value at the start, sampled
+    every ~0.2 ms by a background thread (plus Python-tracked allocations, which
+    catch short-lived peaks the sampler might miss only for Python objects),
+    measured in a forked child (:func:`in_child`) so that this process's later
+    timings are not slowed by the measurement. ``fn`` runs once more for it:
+    time it separately."""
+    if torch.cuda.is_available():
+        return _peak_here(fn)
+    return in_child(lambda: _peak_here(fn))
 
 
 def print_table(rows: List[Dict[str, object]], columns: Optional[List[str]] = None, title: str = "") -> None:
