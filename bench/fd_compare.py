@@ -77,6 +77,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--p", type=float, default=None, help="drop probability (default: the preset's c3_p, 0.2)")
     parser.add_argument("--epochs", type=int, default=None, help="default: the preset's (100)")
+    parser.add_argument("--lr", type=float, default=None, help="Adam's step size (default: the preset's, 0.01)")
     parser.add_argument("--train-size", type=int, default=None, help="training inputs (default: 300 digits, 1000 images)")
     parser.add_argument("--estimator", choices=ESTIMATORS, default="exact", help="of the Fisher rows")
     parser.add_argument("--divergence-estimator", choices=ESTIMATORS, default=None, help="default: --estimator")
@@ -161,7 +162,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[Dict[str, float
 
 
 def _run(args: argparse.Namespace) -> Dict[str, List[Dict[str, float]]]:
-    config = RunConfig.from_preset("quick", **({} if args.epochs is None else {"epochs": args.epochs}))
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None}
+    config = RunConfig.from_preset("quick", **overrides)
     p = config.c3_p if args.p is None else args.p
     size = args.train_size or DATA[args.data] or config.max_train
     items = [o for o in OBJECTIVES if args.only is None or o[0] in args.only]

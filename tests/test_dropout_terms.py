@@ -245,3 +245,27 @@ def test_chain_path_other_families(family):
     for k in slow.per_unit:
         for key in TERMS:
             assert torch.allclose(fast.per_unit[k][key], slow.per_unit[k][key], rtol=1e-10, atol=1e-15), (k, key)
+
+
+def test_divergence_law_with_curvature_is_drop_one_losses():
+    """theory.md 4.4: l + p sum_j (K_j + B_j) = (1 - pU) l + p sum_j l(eta^(-j)) + p <r, sum_j d_j eta>,
+    checked on the penalty the objective trains with, against drop-one losses and the mask derivative
+    computed by brute force (autograd of the hand-written forward along the all-ones mask)."""
+    from dropgeom.dropout import penalty
+    from reference.dropout import nll
+
+    p, units = 0.3, 5
+    net = _two_hidden(nn.Tanh, units=units, p=p, seed=3)
+    x, y = _data(n=17, seed=4)
+    one = torch.ones(units, dtype=D)
+    eta = sequential_eta(net, x, {2: one})
+    clean = nll("categorical", eta, y).mean()
+    dropped = sum(
+        nll("categorical", sequential_eta(net, x, {2: one - torch.eye(units, dtype=D)[j]}), y).mean() for j in range(units)
+    )
+    r = torch.softmax(eta, -1) - nn.functional.one_hot(y, 3).to(D)
+    along = torch.func.jvp(lambda m: sequential_eta(net, x, {2: m}), (one,), (one,))[1]  # sum_j d_j eta
+    expected = (1 - p * units) * clean + p * dropped + p * (r * along).sum(-1).mean()
+    for chunk in (None, 2):
+        got = penalty(net, x, y, form="divergence", curvature=True, method="exact", chunk_size=chunk).value
+        assert torch.allclose(clean + got, expected, rtol=1e-10, atol=1e-13), chunk
