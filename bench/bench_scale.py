@@ -216,6 +216,7 @@ def _parallel_worker(rank: int, world: int, port: int, jobs: List[Tuple[str, int
         took = [_fd_epoch(rank, world, n) if job == "fd" else _streamed_diag(rank, world, n, job) for job, n in jobs]
         if rank == 0:
             pathlib.Path(out).write_text(json.dumps(took))
+        dist.barrier()  # both ranks done communicating before either tears gloo down
     finally:
         dist.destroy_process_group()
 

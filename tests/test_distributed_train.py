@@ -53,6 +53,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             )
             res[i] = _flat(net)
         torch.save(res, f"{out}.{rank}")
+        dist.barrier()  # both ranks done communicating before either tears gloo down
     finally:
         dist.destroy_process_group()
 

@@ -152,6 +152,7 @@ def _worker(rank: int, world: int, port: int, out: str, perturb: bool) -> None:
         except RuntimeError as err:
             res["error"] = str(err)
         torch.save(res, f"{out}.{rank}")
+        dist.barrier()  # both ranks done communicating before either tears gloo down
     finally:
         dist.destroy_process_group()
 

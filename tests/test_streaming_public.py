@@ -173,6 +173,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         g = dropout.gap(net, loader, p=0.3, method="exact")
         pen = dropout.penalty(net, loader, p=0.3).value
         torch.save(dict(gamma2=curv.gamma2, stderr=curv.stderr, terms=t, gap=g.value, penalty=pen), f"{out}.{rank}")
+        dist.barrier()  # both ranks done communicating before either tears gloo down
     finally:
         dist.destroy_process_group()
 
