@@ -203,3 +203,22 @@ def test_report_text_comes_from_the_summary_builders_not_docstrings(tmp_path):
     assert claim.about == f"Widths {{{', '.join(str(w) for w in cfg.c2_widths)}}}, explicit text."
     assert claim.verdicts[0].rule == f"seeds {cfg.seeds}" and claim.units == (1, 1) and claim.seconds == (1.5,)
     assert "DOCSTRING" not in claim.about
+
+
+def test_scope_names_each_claims_models_and_data():
+    """The scope section describes every claim of the run from its config (the full preset's C3 on Fashion-MNIST
+    MLPs and CNNs is not called "MLPs of width 16 on digits"), and the curvature set-up per claim."""
+    from dropgeom.config import RunConfig
+    from dropgeom.experiments.run_summary import scope_caveats
+
+    full = RunConfig.from_preset("full")
+    lines = scope_caveats(full, {})
+    assert [ln.split(":")[0] for ln in lines[:3]] == ["C1", "C2", "C3"]
+    assert "fashion_mnist" in lines[1] and "784-256-256-10" in lines[2] and "fashion_mnist-cnn-n60000-adam" in lines[2]
+    assert "SGD" in lines[2] and f"{full.seeds} seed(s)" in lines[3]
+    only_c1 = scope_caveats(full.replace(experiments=["C1"]), {})
+    assert len(only_c1) == 2 and only_c1[0].startswith("C1:")
+    curv = {"n_inputs": 30, "num_params": 10, "num_outputs": 4, "method": "stochastic"}
+    with_curv = scope_caveats(full, {"C2": [{"curvature": curv}], "C1": [{"curvature": {"n_inputs": 5, "num_params": 7}}]})
+    assert any(ln.startswith("Curvature (C2): over 30 inputs, on 10 parameters; n(K-1)/P 9.0") for ln in with_curv)
+    assert any(ln.startswith("Curvature (C1): over 5 inputs") and "method" not in ln for ln in with_curv)

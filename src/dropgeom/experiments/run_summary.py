@@ -57,31 +57,75 @@ def completeness(units: Sequence[Mapping[str, Any]], records: Sequence[Mapping[s
     return len(done), len(keys)
 
 
-def scope_caveats(config: Any, records: Sequence[Mapping[str, Any]]) -> List[str]:
-    """What every verdict rests on, computed from the records: model sizes and the curvature set-up (claim-specific
-    caveats come with each claim's summary)."""
+def _models_caveat(config: Any) -> List[str]:
+    """One line per claim of the run: the models, data and training each claim's verdict rests on."""
+    from .regularizers import IMAGE_MLP_WIDTH
+
     train = f"the first {config.max_train} training samples" if config.max_train else "all training samples"
-    out = [
-        f"Models: float64 MLPs of width {config.width} (C1, C3) and widths {list(config.c2_widths)} x depths "
-        f"{list(config.c2_depths)} (C2) on `{config.dataset}` ({train}) projected on {config.input_dim or 'all'} principal "
-        f"components, {config.epochs} epochs of Adam (lr {config.lr}, batch {config.batch_size}); {config.seeds} seed(s). "
-        "The verdicts hold for this regime, not for every network."
-    ]
-    curv = [r["curvature"] for r in records if isinstance(r.get("curvature"), Mapping) and "num_params" in r["curvature"]]
-    if curv:
-        out.append(_curvature_caveat(config, curv))
+    pcs = f"{config.input_dim} principal components" if config.input_dim else "all features"
+    opt = f"{config.epochs} epochs of Adam (lr {config.lr}, batch {config.batch_size})"
+    lines = {
+        "C1": f"C1: float64 MLPs of width {config.width} and depth {config.depth} on `{config.dataset}` ({train}, {pcs}), {opt}.",
+        "C2": f"C2: float64 MLPs of widths {list(config.c2_widths)} x depths {list(config.c2_depths)} x activations "
+        f"{', '.join(config.c2_activations)} on {', '.join(f'`{d}`' for d in (config.c2_datasets or (config.dataset,)))} "
+        f"({pcs}; {config.max_train or 'all'} training samples"
+        + (f", {config.c2_train_size} on Fashion-MNIST" if config.c2_train_size else "")
+        + f"), {opt}, dropout at p = {config.c2_p}.",
+        "C3": "C3: settings (data set-architecture-training size-optimizer) "
+        f"{', '.join(config.c3_grad_settings or ())} (gradients) and {', '.join(config.c3_sweep_settings or ())} (strength "
+        f"sweeps): float64 MLPs of width {config.width} on the bundled sets' {pcs}, an MLP 784-{IMAGE_MLP_WIDTH}-"
+        f"{IMAGE_MLP_WIDTH}-10 on Fashion-MNIST's pixels and a two-block CNN on the images (settings `cnn`); Adam (lr {config.lr}) or SGD (lr "
+        f"{config.c3_sgd_lr}), batch {config.batch_size}"
+        + (
+            f", at most {config.epochs} epochs and about {config.c3_max_steps} optimizer steps"
+            if config.c3_max_steps
+            else f", {config.epochs} epochs"
+        )
+        + f"; Wager's regime: logistic / softmax regression on {', '.join(config.c3_wager_datasets or ())}.",
+    }
+    out = [lines[name] for name in config.experiments if name in lines]
+    return out + [f"{config.seeds} seed(s). The verdicts hold for these regimes, not for every network."]
+
+
+def scope_caveats(
+    config: Any, records: Union[Mapping[str, Sequence[Mapping[str, Any]]], Sequence[Mapping[str, Any]]]
+) -> List[str]:
+    """What every verdict rests on, computed from the config and the records: each claim's models and data, and the
+    curvature set-up (claim-specific caveats come with each claim's summary).
+
+    ``records`` maps claim names to their records (a plain sequence of records is taken as one unnamed claim).
+
+    Example:
+        >>> from dropgeom.config import RunConfig
+        >>> scope_caveats(RunConfig.from_preset("quick"), {})[0][:33]
+        'C1: float64 MLPs of width 16 and '
+    """
+    by_claim = dict(records) if isinstance(records, Mapping) else {"": list(records)}
+    out = _models_caveat(config)
+    for name, recs in by_claim.items():
+        curv = [r["curvature"] for r in recs if isinstance(r.get("curvature"), Mapping) and "num_params" in r["curvature"]]
+        if curv:
+            out.append(_curvature_caveat(config, curv, name))
     return out
 
 
-def _curvature_caveat(config: Any, curv: Sequence[Mapping[str, Any]]) -> str:
+def _curvature_caveat(config: Any, curv: Sequence[Mapping[str, Any]], claim: str = "") -> str:
     ratios = [c["n_inputs"] * max(c["num_outputs"] - 1, 1) / c["num_params"] for c in curv if "num_outputs" in c]
-    ratio = f"; n(K-1)/P between {min(ratios):.1f} and {max(ratios):.1f}" if ratios else ""
-    methods = sorted({str(c.get("method", "?")) for c in curv})
+    lo, hi = min(ratios, default=0.0), max(ratios, default=0.0)
+    ratio = (
+        (f"; n(K-1)/P {lo:.1f}" if f"{lo:.1f}" == f"{hi:.1f}" else f"; n(K-1)/P between {lo:.1f} and {hi:.1f}") if ratios else ""
+    )
+    methods = sorted({str(c["method"]) for c in curv if "method" in c})
+    span = lambda key: (  # noqa: E731
+        f"{min(c[key] for c in curv)}"
+        if min(c[key] for c in curv) == max(c[key] for c in curv)
+        else f"{min(c[key] for c in curv)}-{max(c[key] for c in curv)}"
+    )
     line = (
-        f"Curvature: over {min(c['n_inputs'] for c in curv)}-{max(c['n_inputs'] for c in curv)} inputs, "
-        f"on {min(c['num_params'] for c in curv)}-{max(c['num_params'] for c in curv)} parameters{ratio} (each claim's "
-        "section says which inputs and parameters), "
-        f"damping {config.damping} x the largest eigenvalue of g; method {', '.join(methods)}."
+        f"Curvature{f' ({claim})' if claim else ''}: over {span('n_inputs')} inputs, on {span('num_params')} "
+        f"parameters{ratio} (the claim's section says which inputs and parameters), "
+        f"damping {config.damping} x the largest eigenvalue of g"
+        + (f"; method {', '.join(methods)}." if methods else "; the measures of the claim's section.")
     )
     if "stochastic" in methods:
         errs = [
@@ -179,5 +223,4 @@ def summarize_run(run_dir: Union[str, Path], experiments: Optional[Mapping[str, 
     claims = tuple(claim_summary(name, experiments[name], config, records[name], rd.figures) for name in config.experiments)
     tpath = rd.root / "timings.json"
     sessions = json.loads(tpath.read_text()).get("sessions", []) if tpath.exists() else []
-    every = [r for rs in records.values() for r in rs]
-    return RunSummary(rd.root, config, claims, tuple(scope_caveats(config, every)), tuple(sessions))
+    return RunSummary(rd.root, config, claims, tuple(scope_caveats(config, records)), tuple(sessions))
