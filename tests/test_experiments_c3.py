@@ -318,3 +318,16 @@ def test_c3b_table_has_a_block_per_setting():
     assert s["verdict_b"].verdict == "supported"
     one = c3.summarize(cfg, _obj_records(0.01, 0.1))
     assert "setting" not in one["columns_b"]  # one setting (the quick run): the table as before
+
+
+def test_c3b_names_settings_that_disagree_with_the_pooled_comparison():
+    """One setting where the Fisher form is 10x closer to dropout than L2 and one where it is 10x farther: the pooled
+    rule cannot decide, and the verdict's evidence counts the settings on each side (a description)."""
+    cfg = RunConfig.from_preset("test", c3_regularizers=["l2", "fisher_quadratic"])
+    recs = [dict(r, tag="a-mlp-n1-adam") for r in _obj_records(0.01, 0.1)]
+    recs += [dict(r, tag="b-mlp-n1-adam") for r in _obj_records(0.1, 0.01)]
+    s = c3.summarize(cfg, recs)
+    assert s["verdict_b"].verdict == "inconclusive"
+    assert "closer than L2 in 1, farther in 1, neither in 0 of 2" in s["verdict_b"].evidence
+    line = next(x for x in s["evidence"] if x.startswith("b-mlp-n1-adam: best KL"))
+    assert "fisher_quadratic 10 [" in line
