@@ -413,3 +413,24 @@ def test_progress_line_names_the_claim_units_and_eta(tmp_path):
     line.done("b", {"status": "ok", "seconds": 30.0})  # C1 now averages 20 s a unit
     line.set_claim("C3")
     assert line.text().startswith("C3 (claim 2 of 2) | 2/5 units") and "ETA 30 s" in line.text()  # 3 units x 20 s / 2
+
+
+def test_progress_eta_times_each_unit_kind_apart(tmp_path):
+    """C3's cheap and dear units: the ETA uses the mean of the unit's own kind (its key without ``seed=N``) and says
+    for how many units of kinds not timed yet it guessed."""
+    from dropgeom.experiments.sweep import ProgressLine
+
+    assert ProgressLine.kind("grad/digits-mlp-n300-adam/seed=3") == "grad/digits-mlp-n300-adam"
+    assert ProgressLine.kind("p=0.1/seed=12") == "p=0.1" and ProgressLine.kind("seed=1") == ""
+    rd = RunDir.claim(tmp_path)
+    rd.save_unit("C3", "cheap/seed=0", {"status": "ok", "seconds": 2.0, "key": "cheap/seed=0"})
+    rd.save_unit("C3", "dear/seed=0", {"status": "ok", "seconds": 200.0, "key": "dear/seed=0"})
+    plan = [("C3", [{"key": f"{k}/seed={s}"} for k in ("cheap", "dear") for s in range(3)])]
+    line = ProgressLine(rd, plan, workers=1, enabled=False)
+    assert line.eta() == pytest.approx(2 * 2.0 + 2 * 200.0, abs=1.0)  # not 4 x the claim's mean of 101 s
+    assert "guessed" not in line.text()
+    plan.append(("C3", [{"key": "new/seed=0"}]))
+    line = ProgressLine(rd, [("C3", plan[0][1] + plan[1][1])], workers=1, enabled=False)
+    assert line.eta() == pytest.approx(404.0 + 101.0, abs=1.0) and "(1 units of kinds not timed yet guessed)" in line.text()
+    line.done("dear/seed=1", {"status": "ok", "seconds": 100.0})
+    assert line.eta() == pytest.approx(2.0 + 150.0 + 2.0 + (2.0 + 150.0) / 2, abs=1.0)

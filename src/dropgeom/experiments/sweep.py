@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -199,23 +200,25 @@ def _duration(seconds: float) -> str:
 class ProgressLine:
     """One overall progress line: the claim (k of n), units done/total, elapsed time, ETA, the running unit.
 
-    The ETA sums, over the claims, the units left times that claim's mean
-    seconds per unit (from the finished records; the mean over all claims while
-    a claim has none yet), divided by the number of workers, less the time
-    since the last unit finished. A daemon thread refreshes the line every second.
+    The ETA sums, over the units left, the mean seconds of finished units of the same kind (the unit key
+    without its ``seed=N`` part: C3's units range from seconds to many minutes by kind), or, for a kind not
+    timed yet, the mean over the claim's timed kinds (over every claim's while the claim has none), divided
+    by the number of workers, less the time since the last unit finished; the line says for how many units
+    it had to guess. A daemon thread refreshes the line every second.
     """
 
     def __init__(
         self, rd: RunDir, plan: Sequence[Tuple[str, Sequence[Mapping[str, Any]]]], workers: int, enabled: bool = True
     ) -> None:
         self.claims = [name for name, _ in plan]
-        self.left = {name: sum(not rd.is_done(name, u["key"]) for u in units) for name, units in plan}
+        self.pending = {name: [u["key"] for u in units if not rd.is_done(name, u["key"])] for name, units in plan}
         self.total = sum(len(units) for _, units in plan)
-        self.n_done = self.total - sum(self.left.values())
-        self.seconds: Dict[str, List[float]] = {}
+        self.n_done = self.total - sum(len(keys) for keys in self.pending.values())
+        self.seconds: Dict[str, Dict[str, List[float]]] = {name: {} for name, _ in plan}
         for name, _ in plan:
-            secs = [float(r.get("seconds", 0.0)) for r in rd.records(name) if r.get("status") in FINISHED]
-            self.seconds[name] = [x for x in secs if math.isfinite(x)]
+            for r in rd.records(name):
+                if r.get("status") in FINISHED:
+                    self._add(name, str(r.get("key", "")), r)
         self.workers = max(1, workers)
         self.running: List[str] = []
         self.current = self.claims[0] if self.claims else ""
@@ -234,24 +237,50 @@ class ProgressLine:
         while not self._stop.wait(1.0):  # elapsed time and ETA move between events too
             self.refresh()
 
-    def eta(self) -> Optional[float]:
-        every = [x for xs in self.seconds.values() for x in xs]
+    @staticmethod
+    def kind(key: str) -> str:
+        """The unit's kind: its key without the ``seed=N`` part (``grad/digits-mlp-n300-adam/seed=3`` ->
+        ``grad/digits-mlp-n300-adam``)."""
+        return re.sub(r"(^|/)seed=\d+(?=/|$)", "", key)
+
+    def _add(self, claim: str, key: str, record: Mapping[str, Any]) -> None:
+        secs = float(record.get("seconds", float("nan")))
+        if math.isfinite(secs):
+            self.seconds[claim].setdefault(self.kind(key), []).append(secs)
+
+    def _estimate(self) -> Tuple[Optional[float], int]:
+        """(seconds of work left, summed over the units; units whose kind had no timing), or (None, 0)."""
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        kind_means = {c: {k: mean(xs) for k, xs in ks.items() if xs} for c, ks in self.seconds.items()}
+        every = [m for ms in kind_means.values() for m in ms.values()]
         if not every:
+            return None, 0
+        work, guessed = 0.0, 0
+        for claim, keys in self.pending.items():
+            means = kind_means.get(claim, {})
+            fallback = mean(list(means.values())) if means else mean(every)
+            for key in keys:
+                m = means.get(self.kind(key))
+                guessed += m is None
+                work += fallback if m is None else m
+        return work, guessed
+
+    def eta(self) -> Optional[float]:
+        work, _ = self._estimate()
+        if work is None:
             return None
-        fallback = sum(every) / len(every)
-        work = sum(
-            n * (sum(self.seconds[c]) / len(self.seconds[c]) if self.seconds[c] else fallback) for c, n in self.left.items()
-        )
         return max(0.0, work / self.workers - (time.perf_counter() - self.last_event))
 
     def text(self) -> str:
         k = self.claims.index(self.current) + 1 if self.current in self.claims else 0
         eta = self.eta()
+        guessed = self._estimate()[1] if eta is not None else 0
         parts = [
             f"{self.current} (claim {k} of {len(self.claims)})",
             f"{self.n_done}/{self.total} units",
             f"elapsed {_duration(time.perf_counter() - self.t0)}",
-            f"ETA {_duration(eta) if eta is not None else 'after the first unit'}",
+            f"ETA {_duration(eta) if eta is not None else 'after the first unit'}"
+            + (f" ({guessed} units of kinds not timed yet guessed)" if guessed else ""),
         ]
         if self.running:
             more = f" (+{len(self.running) - 1})" if len(self.running) > 1 else ""
@@ -274,11 +303,11 @@ class ProgressLine:
         if key in self.running:
             self.running.remove(key)
         self.n_done += 1
-        self.left[self.current] = max(0, self.left[self.current] - 1)
+        claim = next((c for c, keys in self.pending.items() if key in keys), self.current)
+        if key in self.pending.get(claim, []):
+            self.pending[claim].remove(key)
         self.last_event = time.perf_counter()
-        secs = float(record.get("seconds", float("nan")))
-        if math.isfinite(secs):
-            self.seconds[self.current].append(secs)
+        self._add(claim, key, record)
         if self.bar is not None:
             self.bar.update(1)
         self.refresh()
