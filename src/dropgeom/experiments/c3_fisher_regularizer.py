@@ -284,24 +284,7 @@ def _summarize_objectives(config: RunConfig, objs: List[Mapping[str, Any]]) -> D
                 f"(log-ratio {fmt(c.estimate)} [{fmt(c.lo)}, {fmt(c.hi)}], p-value {fmt(c.p_value)}, Holm {fmt(c.p_adjusted)}, "
                 f"effect size d_z {fmt(c.effect_size)}, {c.n} (setting, seed) pairs)"
             )
-        sides = {"closer": 0, "farther": 0, "neither": 0}
-        for tag in tags if len(tags) > 1 else []:  # per setting: a description, the verdict pools (setting, seed) pairs
-            rs = [r for r in objs if r.get("tag", "") == tag]
-            ratios = []
-            for f in fisher:
-                gm = geometric_mean_ci([best(r, f) / best(r, "l2") for r in rs])
-                sides["closer" if gm[2] < 1 else "farther" if gm[1] > 1 else "neither"] += 1
-                ratios.append(f"{f} {fmt_ci(*gm)}")
-            lines.append(
-                f"{tag}: best KL to dropout, Fisher form / L2 (geometric mean over {len(rs)} seeds, uncorrected 95% "
-                f"interval): {', '.join(ratios)}"
-            )
-        per_setting = (
-            f"; per setting (a description, uncorrected): closer than L2 in {sides['closer']}, farther in "
-            f"{sides['farther']}, neither in {sides['neither']} of {sum(sides.values())} (setting, Fisher form) pairs"
-            if sum(sides.values())
-            else ""
-        )
+        per_setting = _per_setting(objs, tags, fisher, best, lines)
         closer = [c.name for c in comps if c.sign < 0]
         farther = [c.name for c in comps if c.sign > 0]
         if closer and not farther:
@@ -313,6 +296,30 @@ def _summarize_objectives(config: RunConfig, objs: List[Mapping[str, Any]]) -> D
             f"(Holm over {len(comps)}){per_setting}; noise floor {fmt(geometric_mean_ci(floor)[0])}"
         )
     return {"verdict": Verdict("C3b (training)", verdict, summary), "rows": rows, "lines": lines}
+
+
+def _per_setting(objs: List[Mapping[str, Any]], tags: List[str], fisher: List[str], best: Any, lines: List[str]) -> str:
+    """Per setting (a description; the verdict pools (setting, seed) pairs): each Fisher form's best KL to dropout
+    over L2's, with its uncorrected interval, appended to ``lines``; returns the count of pairs on each side."""
+    sides = {"closer": 0, "farther": 0, "neither": 0}
+    for tag in tags if len(tags) > 1 else []:  # per setting: a description, the verdict pools (setting, seed) pairs
+        rs = [r for r in objs if r.get("tag", "") == tag]
+        ratios = []
+        for f in fisher:
+            gm = geometric_mean_ci([best(r, f) / best(r, "l2") for r in rs])
+            sides["closer" if gm[2] < 1 else "farther" if gm[1] > 1 else "neither"] += 1
+            ratios.append(f"{f} {fmt_ci(*gm)}")
+        lines.append(
+            f"{tag}: best KL to dropout, Fisher form / L2 (geometric mean over {len(rs)} seeds, uncorrected 95% "
+            f"interval): {', '.join(ratios)}"
+        )
+    per_setting = (
+        f"; per setting (a description, uncorrected): closer than L2 in {sides['closer']}, farther in "
+        f"{sides['farther']}, neither in {sides['neither']} of {sum(sides.values())} (setting, Fisher form) pairs"
+        if sum(sides.values())
+        else ""
+    )
+    return per_setting
 
 
 def _gap_rows(grads: List[Mapping[str, Any]]) -> List[Dict[str, str]]:
