@@ -304,6 +304,8 @@ def test_c3a_verdict_names_what_held_and_the_missing_data_set():
     assert "not run: fashion_mnist" in s["verdict"].evidence and "in 3 of 3" in s["verdict"].evidence
     s = c3.summarize(RunConfig.from_preset("test"), _grad_records(0.6, 1.0, ("digits",)))
     assert s["verdict"].verdict == "not supported" and "cosine >= 0.9 in 0 of 3" in s["verdict"].evidence
+    tag = s["rows"][0]["setting"]  # the failed (setting, stage) pairs, grouped by setting
+    assert f"outside the band at {tag} (init, mid, solution)" in s["verdict"].evidence
 
 
 def test_c3b_table_has_a_block_per_setting():

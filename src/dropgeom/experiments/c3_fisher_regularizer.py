@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -138,6 +138,19 @@ def _parts(records: List[Mapping[str, Any]], part: str) -> List[Mapping[str, Any
     return [r for r in records if r.get("part") == part and r.get("status") == "ok"]
 
 
+def _by_setting(pairs: List[Tuple[str, str]]) -> str:
+    """``[(tag, stage), ...]`` as ``tag (stage, stage), tag (stage)``, in order of first appearance.
+
+    Example:
+        >>> _by_setting([("a", "init"), ("a", "mid"), ("b", "solution")])
+        'a (init, mid), b (solution)'
+    """
+    grouped: Dict[str, List[str]] = {}
+    for tag, stage in pairs:
+        grouped.setdefault(tag, []).append(stage)
+    return ", ".join(f"{tag} ({', '.join(stages)})" for tag, stages in grouped.items())
+
+
 def _summarize_grad(config: RunConfig, grads: List[Mapping[str, Any]]) -> Dict[str, Any]:
     rows, lines = [], []
     by_ds: Dict[str, Dict[str, Any]] = {}
@@ -155,7 +168,7 @@ def _summarize_grad(config: RunConfig, grads: List[Mapping[str, Any]]) -> Dict[s
             ratio_ok = math.isfinite(ratio_q[0]) and BAND[0] <= ratio_q[0] <= BAND[1]
             checks["n"], checks["cos"], checks["ratio"] = checks["n"] + 1, checks["cos"] + cos_ok, checks["ratio"] + ratio_ok
             if not (cos_ok and ratio_ok):
-                checks["failed"].append(f"{tag} {stage}")
+                checks["failed"].append((tag, stage))
             rows.append(
                 {
                     "setting": tag,
@@ -176,7 +189,7 @@ def _summarize_grad(config: RunConfig, grads: List[Mapping[str, Any]]) -> Dict[s
     held = [
         f"{ds}: cosine >= {COS_MIN} in {c['cos']} of {c['n']} (setting, stage) pairs, value ratio inside [{BAND[0]}, {BAND[1]}] "
         f"in {c['ratio']} of {c['n']}"
-        + (f" (cosine < {COS_MIN} or ratio outside the band at {', '.join(c['failed'])})" if c["failed"] else "")
+        + (f" (cosine < {COS_MIN} or ratio outside the band at {_by_setting(c['failed'])})" if c["failed"] else "")
         for ds, c in by_ds.items()
     ]
     missing = [ds for ds in RULE_DATASETS if ds not in by_ds]
