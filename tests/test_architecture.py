@@ -59,6 +59,7 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
             "dropgeom.summary",
             "dropgeom._registry",
             "dropgeom.linalg",
+            "dropgeom.allocator",
         ),
     ),
     ("manifold", ("dropgeom.manifold", "dropgeom.batches", "dropgeom.dispatch")),

@@ -97,9 +97,11 @@ def run_experiments(
 
 
 def _check_before_writing(config: RunConfig, executor: str, address: Optional[str], threads: Optional[int]) -> None:
-    """Fail before anything is written: an invalid config, Ray missing or unreachable, missing inputs; set the threads."""
+    """Fail before anything is written: an invalid config, Ray missing or unreachable, missing inputs; set the threads
+    and the allocator (``dropgeom.allocator``: with ``DROPGEOM_MALLOC=heap`` freed memory is kept in the heap)."""
     import torch
 
+    from ..allocator import keep_freed_memory
     from ..executors import check_executor
 
     config.validate()
@@ -108,6 +110,7 @@ def _check_before_writing(config: RunConfig, executor: str, address: Optional[st
         getattr(EXPERIMENTS[name], "check_inputs", lambda _c: None)(config)
     if threads is not None:
         torch.set_num_threads(int(threads))
+    keep_freed_memory()  # forked workers inherit it; spawned and Ray workers apply it in _run_unit_in_worker
 
 
 def _run_claim(
@@ -329,6 +332,9 @@ def _run_unit_in_worker(
     """One unit in a worker process (picklable: rebuilds the config from its dict)."""
     import torch
 
+    from ..allocator import keep_freed_memory
+
+    keep_freed_memory()
     if threads is not None:
         torch.set_num_threads(int(threads))
     return _run_unit(EXPERIMENTS[name], RunConfig.from_dict(config), Path(checkpoints), unit)
