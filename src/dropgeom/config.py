@@ -414,12 +414,13 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         c3_train_sizes=(1000, 10000, 60000),
         # every training takes about 1,600 optimizer steps: 100 epochs at 1k, 10 at 10k, 2 at 60k
         c3_max_steps=1600,
-        # C3a: the MLP at every size with both optimizers, the CNN at every size with Adam, and the digits settings;
+        # C3a: the MLP and the CNN at every size with both optimizers, and the digits settings;
         # C3b (the strength sweeps, 26 trainings per unit) on the MLPs at 300 digits and 1k / 10k images
         c3_grad_settings=(
             "digits-mlp-n300-adam",
             "digits-mlp-n300-sgd",
             "digits-cnn-n300-adam",
+            "digits-cnn-n300-sgd",
             "fashion_mnist-mlp-n1000-adam",
             "fashion_mnist-mlp-n1000-sgd",
             "fashion_mnist-mlp-n10000-adam",
@@ -429,6 +430,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
             "fashion_mnist-cnn-n1000-adam",
             "fashion_mnist-cnn-n10000-adam",
             "fashion_mnist-cnn-n60000-adam",
+            "fashion_mnist-cnn-n1000-sgd",
+            "fashion_mnist-cnn-n10000-sgd",
+            "fashion_mnist-cnn-n60000-sgd",
         ),
         c3_sweep_settings=(
             "digits-mlp-n300-adam",
