@@ -31,7 +31,7 @@ ABOUT = (
     "Three parts (theory.md 4.1, 4.2, 4.4), on the settings (data set x architecture x training size x "
     "optimizer) of `config.c3_*` (the quick run: the bundled digits, one MLP; the full run adds Fashion-MNIST "
     "with an MLP 784-256-256-10 and a small CNN at 1k/10k/60k training images, with Adam and SGD: gradients on "
-    "the MLP at every size with both optimizers and on the CNN with Adam, strength sweeps on the MLP at 1k and "
+    "the MLP and the CNN at every size with both optimizers, strength sweeps on the MLP at 1k and "
     "10k; see `c3_grad_settings`, `c3_sweep_settings`). Under the step budget `c3_max_steps` every training "
     "takes about the same number of optimizer steps at every size.\n\n"
     "**C3a, gradients at the training rate** (`grad/...` units). A network is trained with dropout at `p = "
