@@ -7,7 +7,7 @@ touch: in the full ``reproduce`` run the Fashion-MNIST CNN units spent about hal
 (1.3 billion minor page faults in 45 minutes). With mmap off (``M_MMAP_MAX = 0``) and trimming raised
 (``M_TRIM_THRESHOLD``) the blocks stay in the heap and are reused: a CNN forward and backward on 1,000 images
 drops from 9.3 to 5.4 CPU-seconds per 20 steps, the system time from 4.2 to 0.3 s (docs/benchmarks.md,
-"Allocator"). Values are unchanged: only where the memory comes from differs.
+"The allocator"). Values are unchanged: only where the memory comes from differs.
 
 The price is memory: freed blocks stay in the heap, fragmented, and the process's resident size grows to
 several times glibc's. One Fashion-MNIST CNN gradient unit of the full ``reproduce`` preset, alone on the idle
@@ -32,11 +32,12 @@ import os
 import platform
 from typing import Optional
 
+from .options import MallocMode, parse
+
 __all__ = ["keep_freed_memory", "is_glibc", "ENV_VAR"]
 
 #: ``DROPGEOM_MALLOC=heap`` keeps freed memory in the heap; ``system`` (the default) keeps glibc's defaults
 ENV_VAR = "DROPGEOM_MALLOC"
-_CHOICES = ("heap", "system")
 
 # glibc's <malloc.h> parameter numbers
 _M_TRIM_THRESHOLD = -1
@@ -51,10 +52,8 @@ def _wanted(enable: Optional[bool]) -> bool:
         if not isinstance(enable, bool):
             raise TypeError(f"enable must be True, False or None, got {enable!r}")
         return enable
-    choice = os.environ.get(ENV_VAR, "system").strip().lower() or "system"
-    if choice not in _CHOICES:
-        raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r} is not one of {list(_CHOICES)}")
-    return choice == "heap"
+    raw = os.environ.get(ENV_VAR, "").strip() or MallocMode.SYSTEM
+    return parse(MallocMode, raw, where=f"{ENV_VAR}={os.environ.get(ENV_VAR)!r}") is MallocMode.HEAP
 
 
 def is_glibc() -> bool:

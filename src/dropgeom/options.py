@@ -33,6 +33,7 @@ __all__ = [
     "Method",
     "CurvatureMethod",
     "ExecutorKind",
+    "MallocMode",
     "VerdictLabel",
     "parse",
     "choices",
@@ -139,6 +140,15 @@ class ExecutorKind(_Choice):
     """Spawned worker processes on this machine (default)."""
     RAY = "ray"
     """Ray tasks, on a local Ray or on a cluster (``--address``)."""
+
+
+class MallocMode(_Choice):
+    """How glibc's ``malloc`` treats large freed blocks in ``reproduce`` (``DROPGEOM_MALLOC``; dropgeom.allocator)."""
+
+    HEAP = "heap"
+    """Freed blocks stay in the heap and are reused: faster for large tensors, at several times the memory."""
+    SYSTEM = "system"
+    """glibc's defaults: blocks above the mmap threshold are mapped afresh and unmapped when freed (default)."""
 
 
 class VerdictLabel(_Choice):
