@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .._utils import training_off  # noqa: F401 (one copy, in dropgeom._utils; penalty and terms import it from here)
+from ._kinks import kink_correction, kink_crossings
 from .chain_rules import AffineRule, ChainRule, ElementwiseRule, IdentityRule, ReLURule, chain_rule
 from .masks import _CHANNEL_TYPES, DROPOUT_TYPES
 
@@ -227,9 +228,9 @@ class Chain:
         ``c_j = relu(z - delta_j) - relu(z) + D delta_j``,
 
         and ``c_j`` is zero except where ``z - delta_j`` and ``z`` lie on different
-        sides of the kink, which needs ``|z_a| <= max_j |h_j W[a, j]|``: only those
-        coordinates are examined (bounded by ``max_j |h_j| max_j |W[a, j]|``), and only
-        the actual crossings enter the graph. Exact (no Taylor step); differentiable."""
+        sides of the kink (:mod:`dropgeom.dropout._kinks`: the crossings are found one
+        sample at a time among the coordinates with ``|z_a| <= max_j |h_j| max_j |W[a, j]|``,
+        and only they enter the graph). Exact (no Taylor step); differentiable."""
         pos, z, lin = self._start(name)
         if lin is None or pos >= len(self.modules) or not isinstance(self.rules[pos], ReLURule):
             return None
@@ -239,31 +240,16 @@ class Chain:
         h, w = self.h(name), lin.weight  # [n, U], [d, U]
         n, u = h.shape
         eta = self.eta
-        d = (z > 0).to(z.dtype)
-        jac = (d.unsqueeze(1) * mat.unsqueeze(0)).reshape(n * mat.shape[0], -1) @ w  # [n*K, U]
-        dropped = eta.unsqueeze(-1) - h.unsqueeze(1) * jac.reshape(n, -1, u)  # [n, K, U]
-        with torch.no_grad():
-            hd, wd, zd = h.detach(), w.detach(), z.detach()
-            bound = hd.abs().amax(1, keepdim=True) * wd.abs().amax(1).unsqueeze(0)  # [n, d]
-            ii, aa = torch.nonzero(zd.abs() <= bound, as_tuple=True)
-            found = []
-            step = max(1, 2**22 // max(1, u))  # candidate rows per chunk: a bounded [step, U] scan
-            for s in range(0, ii.shape[0], step):
-                ic, ac = ii[s : s + step], aa[s : s + step]
-                zc = zd[ic, ac].unsqueeze(1)
-                shifted = torch.addcmul(zc, hd[ic], wd[ac], value=-1.0)  # [c, U]
-                c_idx, jj = torch.nonzero((shifted > 0) != (zc > 0), as_tuple=True)
-                found.append((ic[c_idx], ac[c_idx], jj))
-        if not found or not sum(f[0].numel() for f in found):
-            return dropped.permute(2, 0, 1)
-        i_f, a_f, jj = (torch.cat(t) for t in zip(*found))
-        zf, delta = z[i_f, a_f], h[i_f, jj] * w[a_f, jj]
-        val = torch.relu(zf - delta) - torch.relu(zf) + d[i_f, a_f] * delta  # [F], the crossings only
-        # sum_a c_ija L[:, a] for every (i, j): scattered rows (index_add's backward is a gather;
-        # a sparse matmul's backward cost ~20x more here)
-        corr = torch.zeros(n * u, mat.shape[0], dtype=eta.dtype, device=eta.device)
-        corr = corr.index_add(0, i_f * u + jj, val.unsqueeze(1) * mat.t()[a_f]).reshape(n, u, -1)  # [n, U, K]
-        return (dropped + corr.transpose(1, 2)).permute(2, 0, 1)
+        # laid out [K, n, U]: the kink correction then scatters into one contiguous [n, U] slice
+        # per output coordinate, sample by sample (cache-friendly)
+        kdim = mat.shape[0]
+        dl = mat.unsqueeze(1) * (z > 0).to(z.dtype).unsqueeze(0)  # [K, n, d]: L D
+        jac = (dl.reshape(kdim * n, -1) @ w).view(kdim, n, u)  # J per sample
+        dropped = eta.t().unsqueeze(-1) - h.unsqueeze(0) * jac
+        crossings = kink_crossings(h, w, z)
+        if crossings is not None:
+            dropped = dropped + kink_correction(z, h, w, mat, crossings)
+        return dropped.permute(2, 1, 0).contiguous()  # [U, n, K]: a copy here is cheaper than strided KL ops
 
     def push(self, pos: int, v: Tensor) -> Tensor:
         """Run states ``v`` (``[..., n, d]``, input of module ``pos``) through the rest of the chain."""

@@ -1,0 +1,116 @@
+"""The exact divergence form through one ReLU: kink crossings (dropgeom.dropout._kinks) against brute force."""
+
+import pytest
+import torch
+from torch import nn
+
+from dropgeom.dropout import penalty
+from dropgeom.dropout._kinks import kink_correction, kink_crossings
+from dropgeom.dropout.chain import as_chain, run_chain
+from reference.dropout import sequential_eta, terms_dense
+from reference.finite_diff import directional_fd
+
+D = torch.float64
+
+
+def _relu_net(seed: int, dropout_on_input: bool = False) -> nn.Sequential:
+    torch.manual_seed(seed)
+    first = [nn.Dropout(0.3)] if dropout_on_input else [nn.Linear(3, 7), nn.ReLU(), nn.Dropout(0.3)]
+    width = 3 if dropout_on_input else 7
+    return nn.Sequential(*first, nn.Linear(width, 9), nn.ReLU(), nn.Dropout(0.2), nn.Linear(9, 4)).to(D)
+
+
+def _data(n: int = 11):
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(n, 3, generator=g, dtype=D) * 2.0, torch.randint(0, 4, (n,), generator=g)
+
+
+def _drops(net: nn.Sequential, x: torch.Tensor, i: int, units: int) -> torch.Tensor:
+    """eta with each unit of dropout module ``i`` dropped (hand-written forward): ``[U, n, K]``."""
+    out = []
+    for j in range(units):
+        m = torch.ones(units, dtype=D)
+        m[j] = 0.0
+        out.append(sequential_eta(net, x, {i: m}))
+    return torch.stack(out)
+
+
+def test_signed_inputs_and_a_zero_preactivation_match_explicit_drops():
+    net = _relu_net(0, dropout_on_input=True).eval()
+    x, _ = _data()
+    x[0] = torch.tensor([1.0, -1.0, 2.0], dtype=D)  # signed dropout inputs (no ReLU before the layer)
+    with torch.no_grad():
+        net[1].weight[0] = torch.tensor([1.0, 1.0, 0.0], dtype=D)
+        net[1].bias[0] = 0.0  # z[0, 0] = 1 - 1 + 0 = 0 exactly: dropping unit 1 (delta = -1) crosses
+    chain = run_chain(net, as_chain(net, ["0", "3"]), x, ["0", "3"])
+    z = chain.states[2]
+    assert z[0, 0].item() == 0.0
+    found = kink_crossings(chain.h("0"), net[1].weight, z)
+    assert found is not None and found[0].numel() > 5
+    crossing = set(zip(*(t.tolist() for t in found)))
+    assert (0, 0, 1) in crossing and (0, 0, 0) not in crossing  # delta = 1 moves z = 0 down: no crossing
+    low = chain.dropped_relu("0")
+    ref = _drops(net, x, 0, 3)
+    assert torch.allclose(low, ref, rtol=1e-13, atol=1e-14)
+
+
+def test_kink_correction_gradient_by_gradcheck():
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(4, 5, generator=g, dtype=D)
+    w = torch.randn(6, 5, generator=g, dtype=D)
+    z = torch.randn(4, 6, generator=g, dtype=D) * 0.5
+    lmat = torch.randn(3, 6, generator=g, dtype=D)
+    found = kink_crossings(h, w, z)
+    assert found is not None and found[0].numel() > 10
+    # with the crossings held fixed the correction is polynomial in (z, h, W, L): central differences are exact
+    args = [t.clone().requires_grad_() for t in (z, h, w, lmat)]
+    assert torch.autograd.gradcheck(lambda *a: kink_correction(*a, found), args)
+    out = kink_correction(*args, found)
+    grads = torch.autograd.grad(out.pow(2).sum(), args, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        sum(g.sum() for g in grads).backward()  # differentiable once, and it says so
+
+
+def test_kink_correction_rejects_shapes_that_do_not_fit():
+    h, w, z = torch.ones(2, 3), torch.ones(4, 3), torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        kink_correction(z, h, w, torch.ones(2, 5), (torch.zeros(1, dtype=torch.long),) * 3)
+
+
+def test_nothing_crosses_returns_none():
+    h = torch.ones(2, 3)
+    assert kink_crossings(h, torch.full((4, 3), 1e-3), torch.full((2, 4), 5.0)) is None
+
+
+@pytest.mark.parametrize("curv", [False, True], ids=["fisher", "curvature"])
+def test_exact_divergence_on_a_relu_mlp_matches_bruteforce_generic_path_and_finite_differences(curv):
+    from dropgeom.dropout._penalty import _penalty
+
+    net = _relu_net(4)
+    x, y = _data()
+    params = list(net.parameters())
+
+    def value(fast: bool):
+        with torch.enable_grad():
+            return _penalty(net, x, "categorical", None, "divergence", y, curv, None, "exact", None, None, fast=fast)[0]
+
+    ref = 0.0
+    for i in (2, 5):  # brute force: every unit dropped by the hand-written forward (theory.md 4.2)
+        units = net[i - 2].out_features
+        t = terms_dense(lambda m, i=i: sequential_eta(net, x, {i: m}), units, "categorical", y)
+        ref += net[i].p * (t["divergence"].sum() + (t["curvature_bernoulli"].sum() if curv else 0.0)).item()
+    chain = run_chain(net, as_chain(net, ["2", "5"]), x, ["2", "5"])
+    found = kink_crossings(chain.h("2"), net[3].weight, chain.states[4])
+    assert found is not None and found[0].numel() > 20  # the case tested: many kink crossings
+    fast = value(True)
+    assert abs(fast.item() - ref) < 1e-12 * max(1.0, abs(ref))
+    g_fast = torch.autograd.grad(fast, params)
+    g_generic = torch.autograd.grad(value(False), params)
+    for a, b in zip(g_fast, g_generic):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    direction = [torch.randn_like(q) for q in params]
+    analytic = sum((a * d).sum() for a, d in zip(g_fast, direction)).item()
+    numeric = directional_fd(lambda: value(True), params, direction, h=1e-7)
+    assert abs(analytic - numeric) < 1e-6 * max(1.0, abs(numeric)), (analytic, numeric)
+    # and through the public entry point
+    assert abs(penalty(net, x, form="divergence", curvature=curv, targets=y).value.item() - ref) < 1e-12 * max(1.0, abs(ref))
