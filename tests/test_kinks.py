@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from dropgeom.dropout import penalty
-from dropgeom.dropout._kinks import kink_correction, kink_crossings
+from dropgeom.dropout._kinks import kink_correction
 from dropgeom.dropout.chain import as_chain, run_chain
 from reference.dropout import sequential_eta, terms_dense
 from reference.finite_diff import directional_fd
@@ -35,6 +35,12 @@ def _drops(net: nn.Sequential, x: torch.Tensor, i: int, units: int) -> torch.Ten
     return torch.stack(out)
 
 
+def _crossings(h, w, z):
+    """Brute force: every (i, a, j) where dropping unit j moves z[i, a] across the kink."""
+    shifted = z.unsqueeze(-1) - h.unsqueeze(1) * w.unsqueeze(0)  # [n, d, U]
+    return (shifted > 0) != (z > 0).unsqueeze(-1)
+
+
 def test_signed_inputs_and_a_zero_preactivation_match_explicit_drops():
     net = _relu_net(0, dropout_on_input=True).eval()
     x, _ = _data()
@@ -45,41 +51,67 @@ def test_signed_inputs_and_a_zero_preactivation_match_explicit_drops():
     chain = run_chain(net, as_chain(net, ["0", "3"]), x, ["0", "3"])
     z = chain.states[2]
     assert z[0, 0].item() == 0.0
-    found = kink_crossings(chain.h("0"), net[1].weight, z)
-    assert found is not None and found[0].numel() > 5
-    crossing = set(zip(*(t.tolist() for t in found)))
-    assert (0, 0, 1) in crossing and (0, 0, 0) not in crossing  # delta = 1 moves z = 0 down: no crossing
+    cross = _crossings(chain.h("0"), net[1].weight, z)
+    assert cross.sum() > 5 and cross[0, 0, 1] and not cross[0, 0, 0]  # delta = 1 moves z = 0 down: no crossing
     low = chain.dropped_relu("0")
     ref = _drops(net, x, 0, 3)
     assert torch.allclose(low, ref, rtol=1e-13, atol=1e-14)
 
 
-def test_kink_correction_gradient_by_gradcheck():
+def test_kink_correction_value_and_gradient():
     g = torch.Generator().manual_seed(3)
     h = torch.randn(4, 5, generator=g, dtype=D)
     w = torch.randn(6, 5, generator=g, dtype=D)
     z = torch.randn(4, 6, generator=g, dtype=D) * 0.5
     lmat = torch.randn(3, 6, generator=g, dtype=D)
-    found = kink_crossings(h, w, z)
-    assert found is not None and found[0].numel() > 10
-    # with the crossings held fixed the correction is polynomial in (z, h, W, L): central differences are exact
+    cross = _crossings(h, w, z)
+    assert cross.sum() > 10
+    # brute force: c_ija = relu(z - delta) - relu(z) + 1[z > 0] delta, summed against L's columns
+    delta = h.unsqueeze(1) * w.unsqueeze(0)  # [n, d, U]
+    zz = z.unsqueeze(-1)
+    c = torch.relu(zz - delta) - torch.relu(zz) + (zz > 0).to(D) * delta
+    assert torch.equal(c.abs() > 1e-12, cross)  # zero off the crossings, up to rounding
+    assert torch.allclose(kink_correction(z, h, w, lmat), torch.einsum("ka,nau->nku", lmat, c), rtol=1e-13, atol=1e-15)
+    # away from the kinks the correction is polynomial in (z, h, W, L): central differences are accurate
     args = [t.clone().requires_grad_() for t in (z, h, w, lmat)]
-    assert torch.autograd.gradcheck(lambda *a: kink_correction(*a, found), args)
-    out = kink_correction(*args, found)
+    assert torch.autograd.gradcheck(kink_correction, args)
+    out = kink_correction(*args)
     grads = torch.autograd.grad(out.pow(2).sum(), args, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         sum(g.sum() for g in grads).backward()  # differentiable once, and it says so
 
 
+def test_kink_correction_blocks_of_several_samples_and_padding(monkeypatch):
+    from dropgeom.dropout import _kinks
+
+    g = torch.Generator().manual_seed(4)
+    h, w = torch.randn(7, 5, generator=g, dtype=D), torch.randn(6, 5, generator=g, dtype=D)
+    z = torch.randn(7, 6, generator=g, dtype=D)
+    z[2] = 100.0  # a sample without candidates
+    lmat = torch.randn(3, 6, generator=g, dtype=D)
+    args = [t.clone().requires_grad_() for t in (z, h, w, lmat)]
+    out = kink_correction(*args)
+    ref_grads = torch.autograd.grad((out * out.detach()).sum(), args)
+    monkeypatch.setattr(_kinks, "_BLOCK", 10**6)  # every sample in one padded block
+    assert len(_kinks._blocks(h, w, z)) == 1
+    out2 = kink_correction(*args)
+    assert torch.allclose(out, out2, rtol=1e-14, atol=1e-15)
+    for a, b in zip(ref_grads, torch.autograd.grad((out2 * out2.detach()).sum(), args)):
+        assert torch.allclose(a, b, rtol=1e-13, atol=1e-14)
+    assert out[2].abs().max() == 0
+
+
 def test_kink_correction_rejects_shapes_that_do_not_fit():
     h, w, z = torch.ones(2, 3), torch.ones(4, 3), torch.zeros(2, 4)
     with pytest.raises(ValueError, match="shapes do not fit"):
-        kink_correction(z, h, w, torch.ones(2, 5), (torch.zeros(1, dtype=torch.long),) * 3)
+        kink_correction(z, h, w, torch.ones(2, 5))
+    with pytest.raises(ValueError, match="matrices"):
+        kink_correction(z, h.unsqueeze(0), w, torch.ones(2, 4))
 
 
-def test_nothing_crosses_returns_none():
+def test_nothing_crosses_gives_zero():
     h = torch.ones(2, 3)
-    assert kink_crossings(h, torch.full((4, 3), 1e-3), torch.full((2, 4), 5.0)) is None
+    assert kink_correction(torch.full((2, 4), 5.0), h, torch.full((4, 3), 1e-3), torch.ones(2, 4)).abs().max() == 0
 
 
 @pytest.mark.parametrize("curv", [False, True], ids=["fisher", "curvature"])
@@ -100,8 +132,7 @@ def test_exact_divergence_on_a_relu_mlp_matches_bruteforce_generic_path_and_fini
         t = terms_dense(lambda m, i=i: sequential_eta(net, x, {i: m}), units, "categorical", y)
         ref += net[i].p * (t["divergence"].sum() + (t["curvature_bernoulli"].sum() if curv else 0.0)).item()
     chain = run_chain(net, as_chain(net, ["2", "5"]), x, ["2", "5"])
-    found = kink_crossings(chain.h("2"), net[3].weight, chain.states[4])
-    assert found is not None and found[0].numel() > 20  # the case tested: many kink crossings
+    assert _crossings(chain.h("2"), net[3].weight, chain.states[4]).sum() > 20  # the case tested: many kink crossings
     fast = value(True)
     assert abs(fast.item() - ref) < 1e-12 * max(1.0, abs(ref))
     g_fast = torch.autograd.grad(fast, params)

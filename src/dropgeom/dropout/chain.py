@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .._utils import training_off  # noqa: F401 (one copy, in dropgeom._utils; penalty and terms import it from here)
-from ._kinks import kink_correction, kink_crossings
+from ._kinks import kink_correction
 from .chain_rules import AffineRule, ChainRule, ElementwiseRule, IdentityRule, ReLURule, chain_rule
 from .masks import _CHANNEL_TYPES, DROPOUT_TYPES
 
@@ -228,9 +228,9 @@ class Chain:
         ``c_j = relu(z - delta_j) - relu(z) + D delta_j``,
 
         and ``c_j`` is zero except where ``z - delta_j`` and ``z`` lie on different
-        sides of the kink (:mod:`dropgeom.dropout._kinks`: the crossings are found one
-        sample at a time among the coordinates with ``|z_a| <= max_j |h_j| max_j |W[a, j]|``,
-        and only they enter the graph). Exact (no Taylor step); differentiable."""
+        sides of the kink (:mod:`dropgeom.dropout._kinks`: only the coordinates with
+        ``|z_a| <= max_j |h_j| max_j |W[a, j]|`` are examined, in cache-sized blocks of
+        samples). Exact (no Taylor step); differentiable."""
         pos, z, lin = self._start(name)
         if lin is None or pos >= len(self.modules) or not isinstance(self.rules[pos], ReLURule):
             return None
@@ -240,16 +240,11 @@ class Chain:
         h, w = self.h(name), lin.weight  # [n, U], [d, U]
         n, u = h.shape
         eta = self.eta
-        # laid out [K, n, U]: the kink correction then scatters into one contiguous [n, U] slice
-        # per output coordinate, sample by sample (cache-friendly)
-        kdim = mat.shape[0]
-        dl = mat.unsqueeze(1) * (z > 0).to(z.dtype).unsqueeze(0)  # [K, n, d]: L D
-        jac = (dl.reshape(kdim * n, -1) @ w).view(kdim, n, u)  # J per sample
-        dropped = eta.t().unsqueeze(-1) - h.unsqueeze(0) * jac
-        crossings = kink_crossings(h, w, z)
-        if crossings is not None:
-            dropped = dropped + kink_correction(z, h, w, mat, crossings)
-        return dropped.permute(2, 1, 0).contiguous()  # [U, n, K]: a copy here is cheaper than strided KL ops
+        # laid out [n, K, U]: one [n K, d] x [d, U] matmul, and the kink correction's blocks of samples
+        dl = (z > 0).to(z.dtype).unsqueeze(1) * mat.unsqueeze(0)  # [n, K, d]: D L
+        jac = (dl.reshape(-1, dl.shape[-1]) @ w).view(n, -1, u)  # J per sample
+        dropped = eta.unsqueeze(-1) - h.unsqueeze(1) * jac + kink_correction(z, h, w, mat)
+        return dropped.permute(2, 0, 1).contiguous()  # [U, n, K]: a copy here is cheaper than strided KL ops
 
     def push(self, pos: int, v: Tensor) -> Tensor:
         """Run states ``v`` (``[..., n, d]``, input of module ``pos``) through the rest of the chain."""
