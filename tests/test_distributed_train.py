@@ -1,13 +1,11 @@
 """Training under DistributedDataParallel (2 gloo processes) equals one process on the full batch (float64)."""
 
-import os
-import socket
-
 import torch
 import torch.multiprocessing as mp
 from torch import nn
 
 from dropgeom.train import train
+from reference.gloo import free_port, gloo_rank
 
 OBJECTIVES = [("none", {}), ("l2", {}), ("fisher_dropout", {"p": 0.3}), ("fisher_dropout", {"p": 0.3, "form": "divergence"})]
 RANDOM = [("dropout", {"p": 0.3}), ("fisher_dropout", {"p": 0.3, "estimator": "mc"})]
@@ -28,12 +26,7 @@ def _flat(net: nn.Module) -> torch.Tensor:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    def body() -> None:
         x, y = _data()
         shard = slice(rank * 20, (rank + 1) * 20)  # equal shards: DDP averages the ranks' mean gradients
         res = {}
@@ -53,20 +46,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             )
             res[i] = _flat(net)
         torch.save(res, f"{out}.{rank}")
-        dist.barrier()  # both ranks done communicating before either tears gloo down
-    finally:
-        dist.destroy_process_group()
-    # Skip interpreter finalization on success: gloo's threads can abort a process at exit ("terminate called
-    # without an active exception", seen once under load; pytorch/pytorch#190489), after the results are saved.
-    os._exit(0)
+
+    gloo_rank(rank, world, port, body)
 
 
 def test_ddp_two_processes_equal_one_full_batch(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / "params")
-    mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
     r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
     x, y = _data()
     for i, (name, opts) in enumerate(OBJECTIVES):

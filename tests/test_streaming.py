@@ -1,8 +1,5 @@
 """Streamed (batched, distributed) Fisher against the all-in-memory Fisher, float64, batch sizes that do not divide n."""
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -13,6 +10,7 @@ from dropgeom import ModelManifold
 from dropgeom._fisher import fisher
 from dropgeom.options import Structure
 from dropgeom.streaming import fisher_streamed, iter_batches
+from reference.gloo import free_port, gloo_rank
 
 #: the structures compared as matrices (the implicit operator is compared through its products);
 #: plain values, as the gloo workers' results are saved and loaded with weights_only
@@ -123,19 +121,8 @@ def test_bad_input_is_named():
 
 
 # ------------------------------------------------------------------ two processes, gloo on 127.0.0.1
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, out: str, perturb: bool) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    def body() -> None:
         net = _mlp()
         if perturb and rank == 1:
             with torch.no_grad():
@@ -152,18 +139,14 @@ def _worker(rank: int, world: int, port: int, out: str, perturb: bool) -> None:
         except RuntimeError as err:
             res["error"] = str(err)
         torch.save(res, f"{out}.{rank}")
-        dist.barrier()  # both ranks done communicating before either tears gloo down
-    finally:
-        dist.destroy_process_group()
-    # Skip interpreter finalization on success: gloo's threads can abort a process at exit ("terminate called
-    # without an active exception", seen once under load; pytorch/pytorch#190489), after the results are saved.
-    os._exit(0)
+
+    gloo_rank(rank, world, port, body)
 
 
 @pytest.mark.parametrize("perturb", [False, True], ids=["same", "different-parameters"])
 def test_two_gloo_processes_equal_one(tmp_path, perturb):
     out = str(tmp_path / "res")
-    mp.spawn(_worker, args=(2, _free_port(), out, perturb), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), out, perturb), nprocs=2, join=True)
     r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
     if perturb:
         assert "ranks [1] hold different model parameters" in r0["error"] and "error" in r1

@@ -5,9 +5,6 @@ inputs (itself tested against brute force and the peer libraries elsewhere). Two
 for the curvature estimator sums and the dropout terms.
 """
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -18,6 +15,7 @@ from dropgeom import ModelManifold, StreamedManifold, dropout, embedding_curvatu
 from dropgeom.curvature import fisher_top_eigenvalue, fisher_trace, natural_gradient_curvature
 from dropgeom.dispatch import streamed_functions
 from dropgeom._fisher import fisher
+from reference.gloo import free_port, gloo_rank
 
 N = 37
 
@@ -152,19 +150,8 @@ def test_what_cannot_be_streamed_says_so():
 
 
 # ------------------------------------------------------------------ two processes, gloo on 127.0.0.1
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    def body() -> None:
         net, (x, y) = _net(), _data()
         shard = slice(0, 15) if rank == 0 else slice(15, N)  # uneven shards
         loader = _loader(x[shard], y[shard], 6)
@@ -173,17 +160,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         g = dropout.gap(net, loader, p=0.3, method="exact")
         pen = dropout.penalty(net, loader, p=0.3).value
         torch.save(dict(gamma2=curv.gamma2, stderr=curv.stderr, terms=t, gap=g.value, penalty=pen), f"{out}.{rank}")
-        dist.barrier()  # both ranks done communicating before either tears gloo down
-    finally:
-        dist.destroy_process_group()
-    # Skip interpreter finalization on success: gloo's threads can abort a process at exit ("terminate called
-    # without an active exception", seen once under load; pytorch/pytorch#190489), after the results are saved.
-    os._exit(0)
+
+    gloo_rank(rank, world, port, body)
 
 
 def test_two_gloo_processes_curvature_and_dropout_terms(tmp_path):
     out = str(tmp_path / "res")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
     r0, r1 = torch.load(f"{out}.0", weights_only=False), torch.load(f"{out}.1", weights_only=False)
     net, (x, y) = _net(), _data()
     ref = embedding_curvature(ModelManifold(net, x), alpha=-1.0, generator=torch.Generator().manual_seed(0), **CURV)
