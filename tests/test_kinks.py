@@ -90,6 +90,8 @@ def test_kink_correction_blocks_of_several_samples_and_padding(monkeypatch):
     z[2] = 100.0  # a sample without candidates
     lmat = torch.randn(3, 6, generator=g, dtype=D)
     args = [t.clone().requires_grad_() for t in (z, h, w, lmat)]
+    monkeypatch.setattr(_kinks, "_BLOCK", 1)  # one sample per block, no padding
+    assert len(_kinks._blocks(h, w, z)) == 6  # sample 2 has no candidate: no block
     out = kink_correction(*args)
     ref_grads = torch.autograd.grad((out * out.detach()).sum(), args)
     monkeypatch.setattr(_kinks, "_BLOCK", 10**6)  # every sample in one padded block
