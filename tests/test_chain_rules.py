@@ -98,3 +98,20 @@ def test_registration_errors_name_the_problem():
         register_chain_rule(Cube)(object())
     assert Cube not in CHAIN_RULES
     assert isinstance(chain_rule(nn.Linear(2, 2)), ChainRule)
+
+
+BUILT_IN = [t for t, rule in CHAIN_RULES.items() if isinstance(rule, ElementwiseRule)]
+
+
+@pytest.mark.parametrize("make", BUILT_IN + [lambda: nn.LeakyReLU(0.1)], ids=lambda t: getattr(t, "__name__", "LeakyReLU(0.1)"))
+def test_every_built_in_activation_rule_matches_autograd(make):
+    mod = make()
+    rule = chain_rule(mod)
+    v = torch.linspace(-3.0, 3.0, 61, dtype=DT) + 0.0123  # no point on a kink
+    d1 = torch.func.vmap(torch.func.grad(lambda s: mod(s)))(v)
+    d2 = torch.func.vmap(torch.func.grad(torch.func.grad(lambda s: mod(s))))(v)
+    torch.testing.assert_close(rule.d1(mod, v, mod(v)), d1, atol=1e-14, rtol=1e-14)
+    torch.testing.assert_close(rule.d2(mod, v), d2, atol=1e-13, rtol=1e-13)
+    slope = rule.kink_slope(mod)
+    if slope is not None:  # one kink at 0: a(v) = v above it, slope * v below
+        torch.testing.assert_close(mod(v), torch.where(v > 0, v, slope * v), atol=0, rtol=0)

@@ -13,11 +13,15 @@ from reference.finite_diff import directional_fd
 D = torch.float64
 
 
-def _relu_net(seed: int, dropout_on_input: bool = False) -> nn.Sequential:
+ACTIVATIONS = pytest.mark.parametrize("act", [nn.ReLU, lambda: nn.LeakyReLU(0.1)], ids=["relu", "leaky"])
+
+
+def _relu_net(seed: int, dropout_on_input: bool = False, act=nn.ReLU) -> nn.Sequential:
+    """Dropout layers each followed by a Linear, a (leaky) ReLU and an affine rest: the low-rank path."""
     torch.manual_seed(seed)
-    first = [nn.Dropout(0.3)] if dropout_on_input else [nn.Linear(3, 7), nn.ReLU(), nn.Dropout(0.3)]
+    first = [nn.Dropout(0.3)] if dropout_on_input else [nn.Linear(3, 7), act(), nn.Dropout(0.3)]
     width = 3 if dropout_on_input else 7
-    return nn.Sequential(*first, nn.Linear(width, 9), nn.ReLU(), nn.Dropout(0.2), nn.Linear(9, 4)).to(D)
+    return nn.Sequential(*first, nn.Linear(width, 9), act(), nn.Dropout(0.2), nn.Linear(9, 4)).to(D)
 
 
 def _data(n: int = 11):
@@ -41,8 +45,9 @@ def _crossings(h, w, z):
     return (shifted > 0) != (z > 0).unsqueeze(-1)
 
 
-def test_signed_inputs_and_a_zero_preactivation_match_explicit_drops():
-    net = _relu_net(0, dropout_on_input=True).eval()
+@ACTIVATIONS
+def test_signed_inputs_and_a_zero_preactivation_match_explicit_drops(act):
+    net = _relu_net(0, dropout_on_input=True, act=act).eval()
     x, _ = _data()
     x[0] = torch.tensor([1.0, -1.0, 2.0], dtype=D)  # signed dropout inputs (no ReLU before the layer)
     with torch.no_grad():
@@ -54,6 +59,7 @@ def test_signed_inputs_and_a_zero_preactivation_match_explicit_drops():
     cross = _crossings(chain.h("0"), net[1].weight, z)
     assert cross.sum() > 5 and cross[0, 0, 1] and not cross[0, 0, 0]  # delta = 1 moves z = 0 down: no crossing
     low = chain.dropped_relu("0")
+    assert low is not None  # the low-rank path, not the per-unit pushes
     ref = _drops(net, x, 0, 3)
     assert torch.allclose(low, ref, rtol=1e-13, atol=1e-14)
 
@@ -116,11 +122,12 @@ def test_nothing_crosses_gives_zero():
     assert kink_correction(torch.full((2, 4), 5.0), h, torch.full((4, 3), 1e-3), torch.ones(2, 4)).abs().max() == 0
 
 
+@ACTIVATIONS
 @pytest.mark.parametrize("curv", [False, True], ids=["fisher", "curvature"])
-def test_exact_divergence_on_a_relu_mlp_matches_bruteforce_generic_path_and_finite_differences(curv):
+def test_exact_divergence_on_a_relu_mlp_matches_bruteforce_generic_path_and_finite_differences(curv, act):
     from dropgeom.dropout._penalty import _penalty
 
-    net = _relu_net(4)
+    net = _relu_net(4, act=act)
     x, y = _data()
     params = list(net.parameters())
 
@@ -134,6 +141,7 @@ def test_exact_divergence_on_a_relu_mlp_matches_bruteforce_generic_path_and_fini
         t = terms_dense(lambda m, i=i: sequential_eta(net, x, {i: m}), units, "categorical", y)
         ref += net[i].p * (t["divergence"].sum() + (t["curvature_bernoulli"].sum() if curv else 0.0)).item()
     chain = run_chain(net, as_chain(net, ["2", "5"]), x, ["2", "5"])
+    assert chain.dropped_relu("2") is not None  # the low-rank path, not the per-unit pushes
     assert _crossings(chain.h("2"), net[3].weight, chain.states[4]).sum() > 20  # the case tested: many kink crossings
     fast = value(True)
     assert abs(fast.item() - ref) < 1e-12 * max(1.0, abs(ref))

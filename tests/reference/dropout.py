@@ -31,6 +31,8 @@ def sequential_eta(net: nn.Sequential, x: Tensor, masks: Dict[int, Tensor]) -> T
             h = torch.log1p(torch.exp(h))
         elif isinstance(mod, nn.ReLU):
             h = torch.where(h > 0, h, torch.zeros_like(h))
+        elif isinstance(mod, nn.LeakyReLU):
+            h = torch.where(h > 0, h, mod.negative_slope * h)
         elif isinstance(mod, nn.Dropout):
             if i in masks:
                 h = h * masks[i]

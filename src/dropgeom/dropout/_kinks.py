@@ -10,7 +10,8 @@ ReLU, then an affine rest ``L`` (``[K, d]``). Dropping unit ``j`` of sample ``i`
            = \mathrm{relu}\big(s_{ia} (\delta_{ija} - z_{ia})\big),
 
 ``s = +1`` where ``z > 0`` and ``-1`` elsewhere: zero unless the shift crosses the kink
-(``delta >= z > 0`` or ``delta < z <= 0``). It enters ``eta^(-j)`` as ``L[:, a] c_ija``.
+(``delta >= z > 0`` or ``delta < z <= 0``). It enters ``eta^(-j)`` as ``L[:, a] c_ija``. A LeakyReLU
+with slope ``alpha`` below the kink gives ``(1 - alpha)`` times the same ``c`` (the caller scales ``L``).
 
 Only coordinates with ``|z_ia| <= max_j |h_ij| max_j |W_aj|`` can cross; for those
 (padded per sample, a few samples at a time so that each block stays in cache)

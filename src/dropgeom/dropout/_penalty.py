@@ -33,7 +33,7 @@ How each layer is computed (``U`` units, ``R`` = rank of ``Sigma``):
   penalty on a two-hidden-layer MLP), ``exact`` ``R`` of them. Divergence: the
   dropped outputs are rank-1 changes ``z - h_j W[:, j]`` of the first downstream
   Linear's output pushed through the rest of the chain; ``mc``: one ``[n, width]``
-  pass, ``exact``: ``U`` of them (chunked) -- except when a single ReLU and an affine
+  pass, ``exact``: ``U`` of them (chunked) -- except when a single ReLU (or LeakyReLU) and an affine
   rest follow that Linear (``Chain.dropped_relu``): then every ``eta^(-j)`` is
   ``eta - h_j J[:, j]`` (the Jacobian ``J = L D W`` from one matmul) corrected at the
   few coordinates where the drop crosses the ReLU's kink; exact, no per-unit pass.

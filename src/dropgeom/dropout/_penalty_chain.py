@@ -5,7 +5,7 @@ Quadratic form: the probes ``Sigma^{1/2}`` (``exact``) or ``Sigma^{1/2} xi`` (``
 pulled back by explicit matmuls (``w -> w @ W``, ``w -> w * a'(z)``); ``unit`` pushes the
 rank-1 tangent ``h_j W[:, j]`` of one unit per sample forward. Divergence form: the
 dropped outputs are rank-1 changes of the first downstream Linear's output pushed through
-the rest (or, with one ReLU and an affine rest, one matmul plus the kink crossings).
+the rest (or, with one ReLU or LeakyReLU and an affine rest, one matmul plus the kink crossings).
 Curvature terms: ``B_j`` from the dropped outputs and one forward tangent along the
 all-ones mask; ``C_jj`` in closed form where it applies, else second-order forward
 propagation (exact, chunked) or Hutchinson (sampled). See :mod:`dropgeom.dropout.chain`.

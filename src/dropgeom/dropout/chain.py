@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .._utils import training_off  # noqa: F401 (one copy, in dropgeom._utils; penalty and terms import it from here)
 from ._kinks import kink_correction
-from .chain_rules import AffineRule, ChainRule, ElementwiseRule, IdentityRule, ReLURule, chain_rule
+from .chain_rules import AffineRule, ChainRule, ElementwiseRule, IdentityRule, chain_rule
 from .masks import _CHANNEL_TYPES, DROPOUT_TYPES
 
 __all__ = ["Chain", "as_chain"]
@@ -220,8 +220,9 @@ class Chain:
     def dropped_relu(self, name: str) -> Optional[Tensor]:
         """Every ``eta^(-j)`` (``[U, n, K]``) by a low-rank update, or ``None`` if it does not apply.
 
-        Applies when the mask enters a Linear ``W`` followed by one ReLU and an affine
-        rest ``L``: with ``z`` the Linear's output, ``D = 1[z > 0]`` and
+        Applies when the mask enters a Linear ``W`` followed by one ReLU (or LeakyReLU,
+        slope ``alpha`` below the kink: every ``c_j`` below is scaled by ``1 - alpha``) and an
+        affine rest ``L``: with ``z`` the Linear's output, ``D = a'(z)`` (``1[z > 0]``) and
         ``delta_j = h_j W[:, j]``,
 
         ``eta^(-j) = eta - h_j J[:, j] + L c_j``,  ``J = L D W`` (``[n, K, U]``, one matmul),
@@ -232,7 +233,11 @@ class Chain:
         ``|z_a| <= max_j |h_j| max_j |W[a, j]|`` are examined, in cache-sized blocks of
         samples). Exact (no Taylor step); differentiable."""
         pos, z, lin = self._start(name)
-        if lin is None or pos >= len(self.modules) or not isinstance(self.rules[pos], ReLURule):
+        if lin is None or pos >= len(self.modules):
+            return None
+        act = self.rules[pos]
+        slope = act.kink_slope(self.modules[pos])
+        if slope is None or not isinstance(act, ElementwiseRule):
             return None
         mat = self._linear_rest(pos + 1)
         if mat is None:
@@ -240,10 +245,13 @@ class Chain:
         h, w = self.h(name), lin.weight  # [n, U], [d, U]
         n, u = h.shape
         eta = self.eta
+        d = act.d1(self.modules[pos], z)  # 1 above the kink, the slope below
         # laid out [n, K, U]: one [n K, d] x [d, U] matmul, and the kink correction's blocks of samples
-        dl = (z > 0).to(z.dtype).unsqueeze(1) * mat.unsqueeze(0)  # [n, K, d]: D L
+        dl = d.unsqueeze(1) * mat.unsqueeze(0)  # [n, K, d]: D L
         jac = (dl.reshape(-1, dl.shape[-1]) @ w).view(n, -1, u)  # J per sample
-        dropped = eta.unsqueeze(-1) - h.unsqueeze(1) * jac + kink_correction(z, h, w, mat)
+        # a crossing changes the slope by 1 - alpha: c = (1 - alpha) relu(s (delta - z))
+        kinks = kink_correction(z, h, w, mat if slope == 0.0 else (1.0 - slope) * mat)
+        dropped = eta.unsqueeze(-1) - h.unsqueeze(1) * jac + kinks
         return dropped.permute(2, 0, 1).contiguous()  # [U, n, K]: a copy here is cheaper than strided KL ops
 
     def push(self, pos: int, v: Tensor) -> Tensor:

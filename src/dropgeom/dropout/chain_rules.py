@@ -40,7 +40,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple, Type, TypeVar, Union
+from typing import Callable, Dict, Optional, Tuple, Type, TypeVar, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,7 @@ __all__ = [
     "ElementwiseRule",
     "PiecewiseLinearRule",
     "ReLURule",
+    "LeakyReLURule",
     "TanhRule",
     "SigmoidRule",
     "CHAIN_RULES",
@@ -88,6 +89,12 @@ class ChainRule:
 
     def second(self, mod: nn.Module, t: Tensor, s: Optional[Tensor], v: Tensor, out: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         raise NotImplementedError
+
+    def kink_slope(self, mod: nn.Module) -> Optional[float]:
+        """``alpha`` if the module is ``a(v) = v`` for ``v > 0`` and ``alpha v`` otherwise (one kink, at 0:
+        ReLU, LeakyReLU), else ``None``. The exact divergence form's low-rank path needs it
+        (:meth:`~dropgeom.dropout.chain.Chain.dropped_relu`)."""
+        return None
 
 
 class IdentityRule(ChainRule):
@@ -178,16 +185,29 @@ class ElementwiseRule(ChainRule):
 
 
 class PiecewiseLinearRule(ElementwiseRule):
-    """LeakyReLU, ReLU6, Hardtanh: ``a''`` is zero almost everywhere."""
+    """ReLU6, Hardtanh (and ReLU, LeakyReLU below): ``a''`` is zero almost everywhere."""
 
     piecewise_linear = True
 
 
 class ReLURule(PiecewiseLinearRule):
-    """``a'(v) = 1[v > 0]``."""
+    """``a'(v) = 1[v > 0]``; one kink at 0 with slope 0 below it."""
 
     def d1(self, mod: nn.Module, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
         return (v > 0).to(v.dtype)
+
+    def kink_slope(self, mod: nn.Module) -> Optional[float]:
+        return 0.0
+
+
+class LeakyReLURule(PiecewiseLinearRule):
+    """``a'(v) = 1`` for ``v > 0``, else ``negative_slope``; one kink at 0."""
+
+    def d1(self, mod: nn.Module, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        return torch.where(v > 0, v.new_ones(()), v.new_full((), self.kink_slope(mod)))  # in v's dtype
+
+    def kink_slope(self, mod: nn.Module) -> float:
+        return float(cast(nn.LeakyReLU, mod).negative_slope)
 
 
 class TanhRule(ElementwiseRule):
@@ -269,7 +289,8 @@ register_chain_rule(nn.Linear)(AffineRule)
 register_chain_rule(nn.ReLU)(ReLURule)
 register_chain_rule(nn.Tanh)(TanhRule)
 register_chain_rule(nn.Sigmoid)(SigmoidRule)
-register_chain_rule(nn.LeakyReLU, nn.Hardtanh, nn.ReLU6)(PiecewiseLinearRule)
+register_chain_rule(nn.LeakyReLU)(LeakyReLURule)
+register_chain_rule(nn.Hardtanh, nn.ReLU6)(PiecewiseLinearRule)
 register_chain_rule(nn.Softplus, nn.GELU, nn.SiLU, nn.ELU, nn.CELU, nn.SELU, nn.Mish, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid)(
     ElementwiseRule
 )
