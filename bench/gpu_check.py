@@ -84,6 +84,13 @@ def _fwd_bwd(model: nn.Module, x: torch.Tensor, device: torch.device, reps: int)
     return _timed(run, device, reps)[1]
 
 
+def _penalty_and_grad(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The exact divergence penalty and its gradient with respect to the parameters, in one vector."""
+    value = dropout.penalty(net, x, form="divergence").value
+    grads = torch.autograd.grad(value, list(net.parameters()))
+    return torch.cat([value.reshape(1)] + [g.reshape(-1) for g in grads])
+
+
 def check_streamed(device: str = "cuda", dtype: str = "float32", quick: bool = False) -> List[Dict[str, object]]:
     """The Fisher over a loader, the stochastic embedding curvature and the dropout terms: one row each."""
     dev, dt, reps = torch.device(device), getattr(torch, dtype), 1 if quick else 3
@@ -91,6 +98,8 @@ def check_streamed(device: str = "cuda", dtype: str = "float32", quick: bool = F
     net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 4))  # P = 92 < n (K - 1) = 180
     x, y = torch.randn(60, 6, generator=g), torch.randint(0, 4, (60,), generator=g)
     ref_net, dev_net = copy.deepcopy(net).double(), copy.deepcopy(net).to(dev, dt)
+    relu = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 4))
+    relu_ref, relu_dev = copy.deepcopy(relu).double(), copy.deepcopy(relu).to(dev, dt)
     unit = _fwd_bwd(dev_net, x.to(dev, dt), dev, reps)
     loader = DataLoader(TensorDataset(x.to(dt), y), batch_size=8)  # CPU batches, 8 does not divide 60
     m_ref = ModelManifold(ref_net, x.double())
@@ -123,6 +132,12 @@ def check_streamed(device: str = "cuda", dtype: str = "float32", quick: bool = F
             "loader",
             lambda: torch.stack([dropout.terms(dev_net, loader).per_unit["2"][k] for k in ("fisher", "divergence")]),
             lambda: torch.stack([dropout.terms(ref_net, x.double(), y).per_unit["2"][k] for k in ("fisher", "divergence")]),
+        ),
+        (  # a ReLU between the dropout layer and the output: the kink blocks (dropout/_kinks.py)
+            "penalty",
+            "divergence+grad",
+            lambda: _penalty_and_grad(relu_dev, x.to(dev, dt)),
+            lambda: _penalty_and_grad(relu_ref, x.double()),
         ),
     ]
     rows = []

@@ -23,7 +23,7 @@ def test_gpu_check_logic_on_cpu(capsys):
     assert gpu_check.main(["--device", "cpu", "--dtype", "float64", "--quick"]) == 0
     out = capsys.readouterr().out
     assert "all checks passed" in out and "FAIL" not in out
-    assert out.count("True") == 2 * len(gpu_check.KINDS) * len(gpu_check.STRUCTURES) + 4  # every row on the device
+    assert out.count("True") == 2 * len(gpu_check.KINDS) * len(gpu_check.STRUCTURES) + 5  # every row on the device
 
 
 def test_gpu_check_refuses_missing_cuda(capsys):

@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -153,9 +153,18 @@ def _dense(manifold: ModelManifold, alpha: float, damping: Optional[float]) -> C
     )
 
 
+def _normal(
+    shape: Tuple[int, ...], dtype: torch.dtype, generator: Optional[torch.Generator], device: Optional[torch.device] = None
+) -> Tensor:
+    """Standard normal draws made on the CPU in float64, then cast: the same numbers on every device and in every
+    dtype (torch draws float32 and float64 from one seed differently), so a float32 run on a GPU estimates what a
+    float64 run on the CPU does, up to rounding."""
+    return torch.randn(shape, dtype=torch.float64, generator=generator).to(device=device, dtype=dtype)
+
+
 def _largest_metric_eigenvalue(lin: LinearisedManifold, S: Tensor, P: int, dtype, generator, iters: int = 100) -> float:
     """``lambda_max(g)`` by power iteration on Fisher products (stops at relative change 1e-6)."""
-    v = torch.randn(P, 1, dtype=dtype, generator=generator).to(S.device)  # drawn on the CPU: the same on every device
+    v = _normal((P, 1), dtype, generator, S.device)
     v = v / v.norm()
     lam = 0.0
     for _ in range(iters):
@@ -225,10 +234,10 @@ def _stochastic(
     warned = False
     while done < n_samples:
         m = min(batch_size, n_samples - done)
-        z = torch.randn(2 * m, n, R, dtype=dtype, generator=generator)[:, setup.rows].to(S.device)  # this rank's rows
+        z = _normal((2 * m, n, R), dtype, generator)[:, setup.rows].to(S.device)  # this rank's rows
         b = lin.vjp(unwhiten(S, z)).T  # [P, 2m] = J^T S z
         if damping is not None:
-            b = b + math.sqrt(lam) * torch.randn(P, 2 * m, dtype=dtype, generator=generator).to(S.device)
+            b = b + math.sqrt(lam) * _normal((P, 2 * m), dtype, generator, S.device)
         uv = solve(b, lam)  # [P, 2m]
         resid = lin.metric_matmat(S, uv) + lam * uv - b
         worst = float((resid.norm(dim=0) / b.norm(dim=0).clamp_min(torch.finfo(dtype).tiny)).max())
@@ -321,8 +330,9 @@ def embedding_curvature(
             tensor ``[n, K, P, P]``) or ``"stochastic"`` (matrix-free unbiased
             estimate ``mean |N(u, v)|_G^2`` over ``n_samples`` pairs ``u, v ~ N(0, g^+)``).
         n_samples: pairs for the stochastic method.
-        generator: random generator for the stochastic method, on the CPU (draws are made there and moved to the
-            model's device, so a CPU and a GPU run with the same seed see the same draws).
+        generator: random generator for the stochastic method, on the CPU (draws are made there in float64 and
+            moved to the model's device and dtype, so a CPU and a GPU run, float32 or float64, with the same seed
+            see the same draws).
         damping: if given, replace ``g^+`` by ``(g + lambda I)^{-1}`` with
             ``lambda = damping * lambda_max(g)`` (theory.md practical note); the
             projection onto ``range(J)`` stays exact.
