@@ -52,7 +52,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from dropgeom.config import RunConfig
+from dropgeom.config import ACTIVATIONS, RunConfig
 from dropgeom.experiments.common import evaluate_model, mean_ci
 from dropgeom.experiments.regularizers import MissingDatasetError, c3_data, c3_model, c3_train, require_datasets
 
@@ -78,6 +78,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--p", type=float, default=None, help="drop probability (default: the preset's c3_p, 0.2)")
     parser.add_argument("--epochs", type=int, default=None, help="default: the preset's (100)")
     parser.add_argument("--lr", type=float, default=None, help="Adam's step size (default: the preset's, 0.01)")
+    parser.add_argument(
+        "--activation", choices=ACTIVATIONS, default=None, help="of the hidden layers (default: the preset's, tanh)"
+    )
     parser.add_argument("--train-size", type=int, default=None, help="training inputs (default: 300 digits, 1000 images)")
     parser.add_argument("--estimator", choices=ESTIMATORS, default="exact", help="of the Fisher rows")
     parser.add_argument("--divergence-estimator", choices=ESTIMATORS, default=None, help="default: --estimator")
@@ -162,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[Dict[str, float
 
 
 def _run(args: argparse.Namespace) -> Dict[str, List[Dict[str, float]]]:
-    overrides = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None}
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("activation", args.activation)) if v is not None}
     config = RunConfig.from_preset("quick", **overrides)
     p = config.c3_p if args.p is None else args.p
     size = args.train_size or DATA[args.data] or config.max_train

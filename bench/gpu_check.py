@@ -98,7 +98,9 @@ def check_streamed(device: str = "cuda", dtype: str = "float32", quick: bool = F
     net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 4))  # P = 92 < n (K - 1) = 180
     x, y = torch.randn(60, 6, generator=g), torch.randint(0, 4, (60,), generator=g)
     ref_net, dev_net = copy.deepcopy(net).double(), copy.deepcopy(net).to(dev, dt)
-    relu = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 4))
+    relu = nn.Sequential(
+        nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 4)
+    )
     relu_ref, relu_dev = copy.deepcopy(relu).double(), copy.deepcopy(relu).to(dev, dt)
     unit = _fwd_bwd(dev_net, x.to(dev, dt), dev, reps)
     loader = DataLoader(TensorDataset(x.to(dt), y), batch_size=8)  # CPU batches, 8 does not divide 60

@@ -186,6 +186,24 @@ def test_divergence_is_detected_not_raised(data, tmp_path):
     assert h.diverged and all(torch.isfinite(p).all() for p in boom.parameters())
 
 
+def test_non_finite_outputs_inside_an_objective_end_the_run_as_diverged(data):
+    """Fisher-dropout checks the model's outputs and raises NonFiniteOutputError (a ValueError) when a step sent
+    them to overflow: the loop ends the run as diverged (last good parameters back) instead of crashing."""
+    from dropgeom import NonFiniteOutputError
+    from dropgeom.dropout import penalty
+
+    net = nn.Sequential(nn.Linear(data.x_train.shape[1], 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
+    x, y = data.x_train.float(), data.y_train
+    before = [p.detach().clone() for p in net.parameters()]
+    h = train(net, (x, y), "fisher_dropout", optimizer="sgd", lr=1e38, epochs=3, batch_size=24, seed=0, progress=False)
+    assert h.diverged and "non-finite model outputs at epoch 1, batch 1" in h.divergence and len(h) == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # the state before epoch 1
+    with torch.no_grad():
+        net[0].weight.fill_(float("inf"))
+    with pytest.raises(NonFiniteOutputError, match="non-finite"):
+        penalty(net, x)  # the public function still raises (a ValueError)
+
+
 def test_early_stopping_restores_best(data):
     small = load_dataset("mlp_teacher", n=60, num_features=5, num_classes=3, seed=2, label_noise=0.4, dtype=D)
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ regularizer plus a term driven by the curvature of the model manifold.
 See ``docs/guide.md`` and ``docs/theory.md`` for the notation.
 """
 
+from ._utils import NonFiniteOutputError
 from .families import ExponentialFamily, get_family
 from ._fisher import FisherKind, Reduction, Structure, fisher
 from .manifold import ModelManifold
@@ -47,4 +48,5 @@ __all__ = [
     "normal_curvature",
     "alpha_connection",
     "skewness_tensor",
+    "NonFiniteOutputError",
 ]

@@ -33,6 +33,8 @@ __all__ = [
     "vmap_or_loop",
     "training_off",
     "check_finite",
+    "NonFiniteOutputError",
+    "check_outputs_finite",
     "memory_guard",
     "DEFAULT_MEMORY_LIMIT",
     "DEFAULT_CHUNK_BYTES",
@@ -98,6 +100,35 @@ def training_off(model: nn.Module) -> Iterator[None]:
     finally:
         for m, t in flags:
             m.training = t
+
+
+class NonFiniteOutputError(ValueError):
+    """The model's outputs (natural parameters) are non-finite at the current parameters (``dropgeom.NonFiniteOutputError``).
+
+    A ``ValueError`` for callers of the public functions; the training loop catches it and ends the run as
+    diverged (a step that sent the parameters to overflow), keeping the last good epoch.
+
+    Example:
+        >>> issubclass(NonFiniteOutputError, ValueError)
+        True
+    """
+
+
+def check_outputs_finite(eta: Tensor) -> None:
+    """Raise :class:`NonFiniteOutputError` unless every entry of ``eta`` is finite.
+
+    Raises:
+        NonFiniteOutputError: an entry is ``nan`` or ``inf``.
+
+    Example:
+        >>> check_outputs_finite(torch.zeros(2, 3))
+        >>> check_outputs_finite(torch.tensor([[float("inf")]]))
+        Traceback (most recent call last):
+            ...
+        dropgeom._utils.NonFiniteOutputError: the model's outputs are non-finite at these parameters
+    """
+    if not bool(torch.isfinite(eta).all()):
+        raise NonFiniteOutputError("the model's outputs are non-finite at these parameters")
 
 
 def check_finite(name: str, t: Tensor) -> None:

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from ._evaluation import autodiff_kernels, check_inputs_match, eval_mode, output_numel
-from ._utils import DEFAULT_CHUNK_BYTES, DEFAULT_MEMORY_LIMIT, as_tuple, check_finite, memory_guard
+from ._utils import DEFAULT_CHUNK_BYTES, DEFAULT_MEMORY_LIMIT, as_tuple, check_finite, check_outputs_finite, memory_guard
 from .families import ExponentialFamily, get_family
 
 __all__ = [
@@ -185,8 +185,7 @@ class ModelManifold:
         if self.inputs and eta.shape[0] != self.inputs[0].shape[0]:
             raise ValueError(f"the model returned {eta.shape[0]} rows for {self.inputs[0].shape[0]} inputs")
         self.family.check_eta(eta)
-        if not torch.isfinite(eta).all():
-            raise ValueError("the model's outputs are non-finite at these parameters")
+        check_outputs_finite(eta)
         self._eta0 = eta
         self.n, self.num_outputs = int(eta.shape[0]), int(eta.shape[1])
         self.num_params = sum(self._numels.values())

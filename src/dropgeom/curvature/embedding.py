@@ -330,9 +330,8 @@ def embedding_curvature(
             tensor ``[n, K, P, P]``) or ``"stochastic"`` (matrix-free unbiased
             estimate ``mean |N(u, v)|_G^2`` over ``n_samples`` pairs ``u, v ~ N(0, g^+)``).
         n_samples: pairs for the stochastic method.
-        generator: random generator for the stochastic method, on the CPU (draws are made there in float64 and
-            moved to the model's device and dtype, so a CPU and a GPU run, float32 or float64, with the same seed
-            see the same draws).
+        generator: random generator for the stochastic method, on the CPU (draws made there in float64, then
+            moved to the model's device and dtype: any device and dtype see the same draws for one seed).
         damping: if given, replace ``g^+`` by ``(g + lambda I)^{-1}`` with
             ``lambda = damping * lambda_max(g)`` (theory.md practical note); the
             projection onto ``range(J)`` stays exact.

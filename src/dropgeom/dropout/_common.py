@@ -7,7 +7,7 @@ from typing import Callable, Dict, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .._utils import Inputs, checked_inputs as as_tuple, vmap_or_loop  # noqa: F401 (as_tuple: re-exported)
+from .._utils import Inputs, check_outputs_finite, checked_inputs as as_tuple, vmap_or_loop  # noqa: F401 (as_tuple: re-exported)
 from ..families import ExponentialFamily, get_family
 
 
@@ -27,8 +27,7 @@ def check_output(family: ExponentialFamily, eta: Tensor, n: int) -> None:
         shape = tuple(eta.shape) if isinstance(eta, Tensor) else type(eta).__name__
         raise ValueError(f"the model must return natural parameters of shape [n={n}, K]; got {shape}")
     family.check_eta(eta)
-    if not torch.isfinite(eta).all():
-        raise ValueError("the model's outputs are non-finite at these parameters")
+    check_outputs_finite(eta)
 
 
 def family_of(family: Union[str, ExponentialFamily]) -> ExponentialFamily:

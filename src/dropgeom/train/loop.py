@@ -21,7 +21,7 @@ not recomputed. A checkpoint from a different configuration (objective, seed,
 batch size, optimizer, parameter shapes, data size) is refused with an error.
 
 Divergence: a non-finite or exploding batch loss (above
-``divergence_threshold``) or non-finite parameters stop the run without
+``divergence_threshold``), non-finite model outputs or non-finite parameters stop the run without
 raising; the history is marked ``diverged`` with the reason and the
 parameters are reset to those of the last completed epoch.
 
@@ -48,6 +48,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Unio
 import torch
 from torch import Tensor, nn
 
+from .._utils import NonFiniteOutputError
 from ..data import Dataset
 from ..families import ExponentialFamily, get_family
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -404,7 +405,10 @@ def _train_epoch(run: _Run, plan: _Plan, epoch: int) -> Tuple[Dict[str, float], 
     for start in range(0, n, batch_size):
         idx = perm[start : start + batch_size]
         run.opt.zero_grad(set_to_none=True)
-        out = plan.objective(run.model, x_tr[idx], y_tr[idx], plan.family, run.gen)
+        try:
+            out = plan.objective(run.model, x_tr[idx], y_tr[idx], plan.family, run.gen)
+        except NonFiniteOutputError:  # a step sent the outputs to overflow (objectives that check them, e.g. Fisher-dropout)
+            return sums, f"non-finite model outputs at epoch {epoch}, batch {start // batch_size}"
         value = out.metrics["loss"]
         if not math.isfinite(value):
             return sums, f"non-finite loss ({value}) at epoch {epoch}, batch {start // batch_size}"
