@@ -41,6 +41,8 @@ def test_one_epoch_on_a_slice_of_digits(capsys, tmp_path):
     again = fd.main(["--seeds", "1", "--epochs", "1", "--train-size", "40", "--only", "none"])
     assert again["none"][0]["nll"] == res["none"][0]["nll"]
     assert fd.main(["--merge", saved]) == res  # the table of saved runs
+    relu = fd.main(["--seeds", "1", "--epochs", "1", "--train-size", "40", "--only", "none", "--activation", "relu"])
+    assert "C3's MLP (relu)" in capsys.readouterr().out and relu["none"][0]["nll"] != res["none"][0]["nll"]
 
 
 def test_unknown_data_and_objective_are_refused(capsys):
