@@ -155,3 +155,28 @@ def test_exact_divergence_on_a_relu_mlp_matches_bruteforce_generic_path_and_fini
     assert abs(analytic - numeric) < 1e-6 * max(1.0, abs(numeric)), (analytic, numeric)
     # and through the public entry point
     assert abs(penalty(net, x, form="divergence", curvature=curv, targets=y).value.item() - ref) < 1e-12 * max(1.0, abs(ref))
+
+
+@ACTIVATIONS
+@pytest.mark.parametrize("block", [None, 7 * 4 * 4], ids=["one-chunk", "chunks-of-4-samples"])
+def test_terms_on_a_relu_mlp_use_the_low_rank_drops_and_match_bruteforce(act, block, monkeypatch):
+    from dropgeom.dropout import _terms, terms
+    from dropgeom.dropout.chain import Chain
+
+    if block is not None:
+        monkeypatch.setattr(_terms, "_DROP_BLOCK", block)  # [U=7, 4 samples, K=4] blocks: 11 samples in 3 chunks
+    net = _relu_net(5, act=act)
+    x, y = _data()
+    ref = {}
+    for i in (2, 5):
+        units = net[i - 2].out_features
+        ref[str(i)] = terms_dense(lambda m, i=i: sequential_eta(net, x, {i: m}), units, "categorical", y)
+
+    pushed = []
+    push = Chain.push
+    monkeypatch.setattr(Chain, "push", lambda self, pos, v: pushed.append(pos) or push(self, pos, v))
+    got = terms(net, x, y)
+    assert 4 not in pushed  # layer "2": no per-unit push through its ReLU (module 4), the low-rank drops instead
+    for layer, dense in ref.items():
+        for key in ("divergence", "curvature_bernoulli", "fisher", "curvature_gaussian"):
+            torch.testing.assert_close(got.per_unit[layer][key], dense[key], rtol=1e-11, atol=1e-13, msg=f"{layer} {key}")

@@ -330,6 +330,33 @@ def _alpha_drift(f: Callable[[Dict[str, Tensor]], Tensor], ones: Dict[str, Tenso
         return pull(r)[0]
 
 
+#: entries of one ``[U, samples, K]`` block of dropped outputs on the low-rank path (:func:`_relu_drops`)
+_DROP_BLOCK = 2**22
+
+
+def _relu_drops(chain: Chain, fam: ExponentialFamily, k: str, r: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """``(K_j, <r, eta^(-j) - eta>)`` means over samples (``[U]`` each) from :meth:`Chain.dropped_relu`, in chunks of
+    samples (``[U, rows, K]`` blocks of about ``_DROP_BLOCK`` entries), or ``None`` where that low-rank path does
+    not apply."""
+    eta0 = chain.eta
+    n, kdim = eta0.shape
+    u = chain.h(k).shape[1]
+    step = max(1, _DROP_BLOCK // (u * kdim))
+    kl = bern = None
+    for s in range(0, n, step):
+        rows = slice(s, min(n, s + step))
+        dropped = chain.dropped_relu(k, rows)  # [U, rows, K]
+        if dropped is None:
+            return None
+        part_kl = fam.kl_to_each(eta0[rows], dropped).sum(1)
+        part_bern = ((dropped - eta0[rows]) * r[rows]).sum(-1).sum(1)
+        kl = part_kl if kl is None else kl + part_kl
+        bern = part_bern if bern is None else bern + part_bern
+    if kl is None or bern is None:
+        return None
+    return kl / n, bern / n
+
+
 def _terms_chain(
     chain: Chain, fam: ExponentialFamily, names: Sequence[str], targets: Tensor, chunk_size: Optional[int]
 ) -> Dict[str, Dict[str, Tensor]]:
@@ -348,10 +375,13 @@ def _terms_chain(
         rd = (h * g_res[k]).mean(0)
         curv_closed = chain.curvature_rank1(k, r)
         pos, base, _ = chain._start(k)
-        chunk = chunk_size or chunk_for(n, max(base.shape[1], kdim), 2**24)
         kl = torch.empty(u, dtype=eta0.dtype, device=eta0.device)
         bern, curv = torch.empty_like(kl), torch.empty_like(kl)
-        for s in range(0, u, chunk):
+        low_rank = _relu_drops(chain, fam, k, r) if curv_closed is not None else None
+        if low_rank is not None:  # one (leaky) ReLU then an affine rest: every drop by one matmul + the kinks
+            kl, bern = low_rank
+        chunk = chunk_size or chunk_for(n, max(base.shape[1], kdim), 2**24)
+        for s in range(0, u if low_rank is None else 0, chunk):
             units = torch.arange(s, min(u, s + chunk), device=eta0.device)
             c = units.shape[0]
             pos, states = chain.dropped(k, units)

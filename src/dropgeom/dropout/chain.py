@@ -217,8 +217,9 @@ class Chain:
                 mat = aff.weight if mat is None else mat @ aff.weight
         return mat
 
-    def dropped_relu(self, name: str) -> Optional[Tensor]:
-        """Every ``eta^(-j)`` (``[U, n, K]``) by a low-rank update, or ``None`` if it does not apply.
+    def dropped_relu(self, name: str, rows: Optional[slice] = None) -> Optional[Tensor]:
+        """Every ``eta^(-j)`` (``[U, n, K]``; of the samples ``rows`` only, if given) by a low-rank update, or
+        ``None`` if it does not apply.
 
         Applies when the mask enters a Linear ``W`` followed by one ReLU (or LeakyReLU,
         slope ``alpha`` below the kink: every ``c_j`` below is scaled by ``1 - alpha``) and an
@@ -242,9 +243,10 @@ class Chain:
         mat = self._linear_rest(pos + 1)
         if mat is None:
             return None
-        h, w = self.h(name), lin.weight  # [n, U], [d, U]
+        h, w, eta = self.h(name), lin.weight, self.eta  # [n, U], [d, U], [n, K]
+        if rows is not None:
+            h, z, eta = h[rows], z[rows], eta[rows]
         n, u = h.shape
-        eta = self.eta
         d = act.d1(self.modules[pos], z)  # 1 above the kink, the slope below
         # laid out [n, K, U]: one [n K, d] x [d, U] matmul, and the kink correction's blocks of samples
         dl = d.unsqueeze(1) * mat.unsqueeze(0)  # [n, K, d]: D L
