@@ -380,19 +380,20 @@ def _terms_chain(
         low_rank = _relu_drops(chain, fam, k, r) if curv_closed is not None else None
         if low_rank is not None:  # one (leaky) ReLU then an affine rest: every drop by one matmul + the kinks
             kl, bern = low_rank
-        chunk = chunk_size or chunk_for(n, max(base.shape[1], kdim), 2**24)
-        for s in range(0, u if low_rank is None else 0, chunk):
-            units = torch.arange(s, min(u, s + chunk), device=eta0.device)
-            c = units.shape[0]
-            pos, states = chain.dropped(k, units)
-            dropped = chain.push(pos, states)  # [c, n, K]
-            del states
-            kl[s : s + c] = fam.kl_to_each(eta0, dropped).mean(1)
-            bern[s : s + c] = ((dropped - eta0) * r).sum(-1).mean(1)
-            del dropped
-            if curv_closed is None:
-                _, _, t = chain.tangents(k, units)
-                curv[s : s + c] = (chain.second(pos, t) * r).sum(-1).mean(1)
+        else:  # one push through the rest of the chain per unit, in chunks of units
+            chunk = chunk_size or chunk_for(n, max(base.shape[1], kdim), 2**24)
+            for s in range(0, u, chunk):
+                units = torch.arange(s, min(u, s + chunk), device=eta0.device)
+                c = units.shape[0]
+                pos, states = chain.dropped(k, units)
+                dropped = chain.push(pos, states)  # [c, n, K]
+                del states
+                kl[s : s + c] = fam.kl_to_each(eta0, dropped).mean(1)
+                bern[s : s + c] = ((dropped - eta0) * r).sum(-1).mean(1)
+                del dropped
+                if curv_closed is None:
+                    _, _, t = chain.tangents(k, units)
+                    curv[s : s + c] = (chain.second(pos, t) * r).sum(-1).mean(1)
         if curv_closed is not None:
             curv = curv_closed.mean(0)
         shape = h.shape[1:]
