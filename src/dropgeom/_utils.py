@@ -127,20 +127,23 @@ def check_outputs_finite(eta: Tensor) -> None:
             ...
         dropgeom._utils.NonFiniteOutputError: the model's outputs are non-finite at these parameters
     """
-    if not bool(torch.isfinite(eta).all()):
+    if not _all_finite(eta):
         raise NonFiniteOutputError("the model's outputs are non-finite at these parameters")
 
 
-def check_finite(name: str, t: Tensor) -> None:
-    """Raise ``ValueError`` if the floating tensor ``t`` holds a NaN or an infinity.
+def _all_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite. A finite sum implies it (NaN/inf propagate); only a non-finite sum
+    (which may be an overflow) needs the elementwise check: one reduction instead of three ``[numel]`` temporaries."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
-    A finite sum implies every entry is finite (NaN/inf propagate); only a non-finite sum (which may be an
-    overflow) needs the elementwise check: one reduction instead of three ``[numel]`` temporaries per call.
+
+def check_finite(name: str, t: Tensor) -> None:
+    """Raise ``ValueError`` if the floating tensor ``t`` holds a NaN or an infinity (``_all_finite``).
 
     Raises:
         ValueError: ``t`` contains non-finite values.
     """
-    if torch.is_floating_point(t) and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+    if torch.is_floating_point(t) and not _all_finite(t):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
 
 
