@@ -1,4 +1,4 @@
-"""Fisher engine speed and memory against BackPACK, nngeometry and curvlinops.
+"""Fisher engine speed and memory against BackPACK, nngeometry, curvlinops and ASDL.
 
 Configurations (issue 2): a small CNN on the 8x8 digits, (a) MLP 64-256-256-10 on sklearn digits
 (standardised) at batch 256 and (full mode only) at all 1,797 samples, (b) MLP 784-1024-1024-10
@@ -16,11 +16,14 @@ estimates draw different labels and are not compared). Peak memory: the
 largest extra resident memory while dropgeom computes the quantity.
 
 What each peer computes, in our convention (mean over inputs):
-  exact diag   BackPACK DiagGGNExact (CrossEntropyLoss mean), nngeometry FIM(PMatDiag)
-  mc diag      BackPACK DiagGGNMC (1 sample), nngeometry FIM_MonteCarlo(PMatDiag, trials=1)
-  empirical    BackPACK SumGradSquared with CrossEntropyLoss(reduction="sum"), divided by n
+  exact diag   BackPACK DiagGGNExact (CrossEntropyLoss mean), nngeometry FIM(PMatDiag),
+               ASDL FisherMaker(FISHER_EXACT, SHAPE_DIAG)
+  mc diag      BackPACK DiagGGNMC (1 sample), nngeometry FIM_MonteCarlo(PMatDiag, trials=1),
+               ASDL FISHER_MC (1 sample)
+  empirical    BackPACK SumGradSquared with CrossEntropyLoss(reduction="sum"), divided by n; ASDL FISHER_EMP
   trace        sum of the peers' exact diagonals (nngeometry: PMatDiag.trace())
-  kfac         BackPACK KFLR, nngeometry FIM(PMatKFAC), curvlinops KFACLinearOperator(type-2)
+  kfac         BackPACK KFLR, nngeometry FIM(PMatKFAC), curvlinops KFACLinearOperator(type-2),
+               ASDL SHAPE_KRON (FISHER_EXACT)
   implicit mv  exact Fisher times 16 columns (operator built in the call): curvlinops GGNLinearOperator
 """
 
@@ -177,6 +180,39 @@ def _curvlinops(model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, Callable[[]
     return {"kfac": kfac, "implicit mv x16": ggn_mv}
 
 
+def _asdl(model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, Callable[[], object]]:
+    """ASDL (PyPI ``asdfghjkl``): a ``FisherMaker`` per quantity, built once, each on its own model copy
+    (ASDL stores the result on the modules); the timed call is ``forward_and_backward`` plus collecting it."""
+    import asdl
+
+    def maker(fisher_type: str, shape: str) -> Callable[[], object]:
+        net = copy.deepcopy(model)
+        cfg = asdl.FisherConfig(
+            fisher_type=fisher_type, fisher_shapes=[shape], loss_type=asdl.LOSS_CROSS_ENTROPY, data_size=x.shape[0]
+        )
+        fm = asdl.get_fisher_maker(net, cfg)
+        out = fm.setup_model_call(net, x)
+        fm.setup_loss_call(nn.functional.cross_entropy, out, y)
+        mods = [m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+        def go() -> object:
+            fm.forward_and_backward()
+            if shape == asdl.SHAPE_KRON:
+                return [(m.fisher.kron.B, m.fisher.kron.A) for m in mods]
+            return torch.cat([torch.cat([m.fisher.diag.weight.reshape(-1), m.fisher.diag.bias.reshape(-1)]) for m in mods])
+
+        return go
+
+    diag = maker(asdl.FISHER_EXACT, asdl.SHAPE_DIAG)
+    return {
+        "exact diag": diag,
+        "mc diag": maker(asdl.FISHER_MC, asdl.SHAPE_DIAG),
+        "empirical diag": maker(asdl.FISHER_EMP, asdl.SHAPE_DIAG),
+        "trace": lambda: diag().sum(),
+        "kfac": maker(asdl.FISHER_EXACT, asdl.SHAPE_KRON),
+    }
+
+
 # ---------------------------------------------------------------------------
 # comparisons
 # ---------------------------------------------------------------------------
@@ -209,11 +245,14 @@ def _disagreement(quantity: str, results: Dict[str, object], model: nn.Module) -
             # Linear layers: BackPACK's weight block is B (x) A_xx, ours B (x) A[:-1, :-1].
             for kb, (B, A) in zip(ours.kron_blocks, results["backpack"][0::2]):
                 worst = max(worst, _rel(B, kb.B), _rel(A, kb.A[:-1, :-1]))
+        if results.get("asdl") is not None:  # ASDL's weight factors: (B, A[:-1, :-1]) of ours, Conv2d too
+            for kb, (B, A) in zip(ours.kron_blocks, results["asdl"]):
+                worst = max(worst, _rel(B, kb.B), _rel(A, kb.A[:-1, :-1]))
     return worst
 
 
 QUANTITIES = ["exact diag", "mc diag", "empirical diag", "trace", "kfac", "implicit mv x16"]
-PEERS = {"backpack": _backpack, "nngeometry": _nngeometry, "curvlinops": _curvlinops}
+PEERS = {"backpack": _backpack, "nngeometry": _nngeometry, "curvlinops": _curvlinops, "asdl": _asdl}
 
 
 def _interleaved(

@@ -1,7 +1,7 @@
 """Peer libraries as oracles for the Fisher engine (float64).
 
-BackPACK, nngeometry and curvlinops are test dependencies: if one fails to
-import, this module errors (no skip). Models: logistic regression, a small MLP,
+BackPACK, nngeometry, curvlinops and ASDL (PyPI ``asdfghjkl``, imported as
+``asdl``) are test dependencies: if one fails to import, this module errors (no skip). Models: logistic regression, a small MLP,
 a small CNN (Conv2d), a Linear layer on inputs with an extra axis; family
 ``categorical`` with ``CrossEntropyLoss``.
 
@@ -16,6 +16,12 @@ Scaling conventions, ours = mean over inputs ``(1/n) sum_i``:
 * curvlinops GGN/EF/KFAC with ``reduction="mean"`` return the mean; its KFAC
   ``kfac_approx="expand"`` with ``separate_weight_and_bias=False`` is exactly our
   KFAC/KFC convention.
+* ASDL's ``FisherMaker`` with ``data_size=n`` (its loss summed, then scaled by
+  ``1/n``) returns the mean. ``SHAPE_KRON`` keeps weight and bias apart: its
+  weight factors are ``(B, A[:-1, :-1])`` of ours for Linear and Conv2d alike.
+  With ``n_mc_samples=M`` its MC Fisher comes out ``M`` times too small (each
+  sampled loss is divided by ``M`` before the squared gradients are summed), so
+  the MC comparison multiplies by ``M``.
 * BackPACK KFLR keeps weight and bias blocks apart: for Linear layers its
   weight factors are ``(B, A[:-1, :-1])`` of ours and its bias block is our
   ``B``; for convolutions its input factor is ``T`` (output positions) times ours
@@ -28,6 +34,8 @@ import copy
 
 import pytest
 import torch
+import asdl
+import torch.nn.functional as tF
 from backpack import backpack, extend
 from backpack.extensions import KFLR, BatchGrad, DiagGGNExact, DiagGGNMC, SumGradSquared
 from curvlinops import EFLinearOperator, GGNLinearOperator, KFACLinearOperator
@@ -41,6 +49,7 @@ from dropgeom import ModelManifold, fisher
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
     pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths"),
+    pytest.mark.filterwarnings("ignore:Using a non-full backward hook"),  # ASDL's module hooks
 ]
 
 DT = torch.float64
@@ -369,3 +378,72 @@ def test_conv_padding_variants_diag_and_kfac():
         for p2, p1 in zip(conv2.parameters(), conv1.parameters()):
             p2.copy_(p1.reshape(p2.shape))
     _close(fisher(m, "exact", "kfac").dense(), _dense_of(_curvlinops_kfac(conv2, x1, y, "type-2"), m.num_params))
+
+
+# ---------------------------------------------------------------------------
+# ASDL (kazukiosawa/asdl): diagonal, full and Kronecker-factored Fisher
+# ---------------------------------------------------------------------------
+
+
+def _asdl(net: nn.Module, x, y, fisher_type: str, shape: str, **config) -> nn.Module:
+    """A deep copy of ``net`` after one ASDL ``forward_and_backward``: the Fisher sits on its modules
+    (``module.fisher``), or on the copy itself for ``SHAPE_FULL``."""
+    copy_ = copy.deepcopy(net)
+    cfg = asdl.FisherConfig(
+        fisher_type=fisher_type, fisher_shapes=[shape], loss_type=asdl.LOSS_CROSS_ENTROPY, data_size=x.shape[0], **config
+    )
+    maker = asdl.get_fisher_maker(copy_, cfg)
+    out = maker.setup_model_call(copy_, x)
+    maker.setup_loss_call(tF.cross_entropy, out, y)
+    maker.forward_and_backward()
+    return copy_
+
+
+def _asdl_diag(net: nn.Module) -> torch.Tensor:
+    """ASDL's diagonal in parameter order (every module here has a weight and a bias)."""
+    mods = [m for m in net.modules() if hasattr(m, "fisher")]
+    return torch.cat([torch.cat([m.fisher.diag.weight.reshape(-1), m.fisher.diag.bias.reshape(-1)]) for m in mods])
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_exact_and_empirical_diag_match_asdl(name):
+    net, x, y, m = _setup(name)
+    _close(fisher(m, "exact", "diag").diag(), _asdl_diag(_asdl(net, x, y, asdl.FISHER_EXACT, asdl.SHAPE_DIAG)))
+    emp = _asdl_diag(_asdl(net, x, y, asdl.FISHER_EMP, asdl.SHAPE_DIAG))
+    _close(fisher(m, "empirical", "diag", targets=y).diag(), emp)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_dense_matches_asdl_full(name):
+    net, x, y, m = _setup(name)
+    _close(fisher(m, "exact", "dense").dense(), _asdl(net, x, y, asdl.FISHER_EXACT, asdl.SHAPE_FULL).fisher.data)
+    emp = _asdl(net, x, y, asdl.FISHER_EMP, asdl.SHAPE_FULL).fisher.data
+    _close(fisher(m, "empirical", "dense", targets=y).dense(), emp)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_kfac_weight_factors_match_asdl_kron(name):
+    """Linear and Conv2d: ASDL's Kronecker factors of the weight are our ``B`` and ``A`` without the bias row."""
+    net, x, y, m = _setup(name)
+    ours = {kb.name: kb for kb in fisher(m, "exact", "kfac").kron_blocks}
+    theirs = {
+        k: mod.fisher.kron
+        for k, mod in _asdl(net, x, y, asdl.FISHER_EXACT, asdl.SHAPE_KRON).named_modules()
+        if hasattr(mod, "fisher")
+    }
+    assert sorted(theirs) == sorted(ours)
+    for k, kron in theirs.items():
+        _close(kron.B, ours[k].B)
+        _close(kron.A, ours[k].A[:-1, :-1])
+
+
+def test_mc_diag_statistics_agree_with_asdl():
+    """Both MC estimators converge to the same exact diagonal (ASDL's rescaled by its sample count)."""
+    net, x, y, m = _setup("mlp")
+    exact = fisher(m, "exact", "diag").diag()
+    M = 1000
+    theirs = M * _asdl_diag(_asdl(net, x, y, asdl.FISHER_MC, asdl.SHAPE_DIAG, n_mc_samples=M, seed=1))
+    ours = fisher(m, "mc", "diag", n_samples=M, generator=torch.Generator().manual_seed(2)).diag()
+    for est in (ours, theirs):
+        assert abs(float(est.sum() / exact.sum()) - 1) < 0.03
+        _close(est, exact, rtol=0.1)
