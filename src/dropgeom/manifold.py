@@ -350,7 +350,8 @@ class ModelManifold:
         """Elements of every module output for one input (one forward pass on the first input).
 
         Used to size chunks: back-propagating ``R`` factor columns through a chunk of ``b`` inputs holds about
-        ``b * activation_numel() * (R + 2)`` elements. 0 for a closed-form manifold.
+        ``b * activation_numel() * (R + 2)`` elements. 0 for a closed-form manifold. Measured on the first call
+        and kept (it depends on the model's structure and the input shapes only).
 
         Example:
             >>> import torch
@@ -360,7 +361,13 @@ class ModelManifold:
         """
         if self._is_function or self.model is None:
             return 0
-        return output_numel(self.model, lambda: self.forward(self._params, tuple(x[:1] for x in self.inputs)))
+        # shapes only (the same at other parameters and for a subset of the inputs, which share this cache):
+        # measured once, not by a forward pass at every fisher() call
+        cached = self.__dict__.get("_activation_numel")
+        if cached is None:
+            cached = output_numel(self.model, lambda: self.forward(self._params, tuple(x[:1] for x in self.inputs)))
+            self._activation_numel = cached
+        return cached
 
     # -- first and second derivatives --------------------------------------
     def jvp(self, v: Union[Tensor, Mapping[str, Tensor]]) -> Tensor:
