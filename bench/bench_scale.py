@@ -3,9 +3,10 @@
 Rows (float32, one torch thread per process, batches of ``BATCH`` = 1,000 inputs; 500 with ``--quick``):
 
   exact diag  dropgeom ``fisher_streamed(structure="diag")`` | nngeometry ``FIM(PMatDiag)`` | BackPACK
-              ``DiagGGNExact`` accumulated over the loader (sum of batch sums / N)
+              ``DiagGGNExact`` accumulated over the loader (sum of batch sums / N) | ASDL ``FisherMaker``
+              (``FISHER_EXACT``, ``SHAPE_DIAG``, ``accumulate=True`` over the batches)
   kfac        dropgeom ``fisher_streamed(structure="kfac")`` | curvlinops ``KFACLinearOperator`` (type-2, expand,
-              factors computed) | nngeometry ``FIM(PMatKFAC)``
+              factors computed) | nngeometry ``FIM(PMatKFAC)`` | ASDL ``SHAPE_KRON``, accumulated alike
 
 Each row gives seconds, the ratio to one forward+backward pass over the whole loader (the unit of every benchmark
 here), ``dropgeom / this`` (dropgeom's time over this library's: the ratio to each peer), and the peak extra memory
@@ -113,6 +114,25 @@ def _backpack_diag(model: nn.Module, loader: DataLoader) -> Callable[[], object]
     return run
 
 
+def _asdl(model: nn.Module, loader: DataLoader, shape: str) -> Callable[[], object]:
+    """ASDL's exact Fisher of one shape, accumulated over the loader's batches (``data_size`` = all inputs: the mean)."""
+    import asdl
+
+    net = copy.deepcopy(model)
+    cfg = asdl.FisherConfig(
+        fisher_type=asdl.FISHER_EXACT, fisher_shapes=[shape], loss_type=asdl.LOSS_CROSS_ENTROPY, data_size=len(loader.dataset)
+    )
+    maker = asdl.get_fisher_maker(net, cfg)
+
+    def run() -> object:
+        for i, (x, y) in enumerate(loader):
+            maker.setup_loss_call(nn.functional.cross_entropy, maker.setup_model_call(net, x), y)
+            maker.forward_and_backward(accumulate=i > 0)
+        return [m.fisher for m in net.modules() if hasattr(m, "fisher")]
+
+    return run
+
+
 def _peers(model: nn.Module, loader: DataLoader) -> Dict[str, Dict[str, Callable[[], object]]]:
     from curvlinops import KFACLinearOperator
     from nngeometry.metrics import FIM
@@ -140,11 +160,13 @@ def _peers(model: nn.Module, loader: DataLoader) -> Dict[str, Dict[str, Callable
             "dropgeom": lambda: fisher_streamed(ours, loader, structure="diag"),
             "nngeometry": lambda: FIM(ng, loader, PMatDiag, variant="classif_logits").get_diag(),
             "backpack": _backpack_diag(model, loader),
+            "asdl": _asdl(model, loader, "diag"),
         },
         "kfac": {
             "dropgeom": lambda: fisher_streamed(ours, loader, structure="kfac"),
             "curvlinops": curvlinops_kfac,
             "nngeometry": lambda: FIM(ng, loader, PMatKFAC, variant="classif_logits"),
+            "asdl": _asdl(model, loader, "kron"),
         },
     }
 
@@ -257,7 +279,7 @@ def _executor_overhead(units: int = 20) -> Dict[str, Tuple[float, float]]:
     return out
 
 
-PEER_NAMES = ("nngeometry", "backpack", "curvlinops")
+PEER_NAMES = ("nngeometry", "backpack", "curvlinops", "asdl")
 MODELS = {"mlp": ("MLP 784-1024-1024-10", _mlp), "cnn": ("CNN conv16-pool-conv32-pool-linear", _cnn)}
 
 
