@@ -474,3 +474,23 @@ def test_streamed_diag_and_kfac_match_asdl_accumulated_over_the_loader(name):
             if hasattr(mod, "fisher"):
                 _close(mod.fisher.kron.B, kfac[k].B)
                 _close(mod.fisher.kron.A, kfac[k].A[:-1, :-1])
+
+
+def _half_mse(out: torch.Tensor, target: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """``(1/2) |out - target|^2``: the Gaussian negative log-likelihood (unit variance) up to a constant."""
+    return 0.5 * tF.mse_loss(out, target, reduction=reduction)
+
+
+def test_gaussian_family_matches_asdl_mse():
+    """Family ``gaussian``: the exact Fisher ``J^T J`` is ASDL's ``LOSS_MSE`` Fisher; the empirical one is ASDL's
+    empirical Fisher of the half squared error (a family the other peers here cover for the exact kind only)."""
+    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(DT)
+    x, y = torch.randn(N, 5, dtype=DT), torch.randn(N, 3, dtype=DT)
+    m = ModelManifold(net, x, "gaussian")
+    for fisher_type, kind, kw in ((asdl.FISHER_EXACT, "exact", {}), (asdl.FISHER_EMP, "empirical", {"targets": y})):
+        copy_ = copy.deepcopy(net)
+        cfg = asdl.FisherConfig(fisher_type=fisher_type, fisher_shapes=[asdl.SHAPE_FULL], loss_type=asdl.LOSS_MSE, data_size=N)
+        maker = asdl.get_fisher_maker(copy_, cfg)
+        maker.setup_loss_call(_half_mse, maker.setup_model_call(copy_, x), y)
+        maker.forward_and_backward()
+        _close(fisher(m, kind, "dense", **kw).dense(), copy_.fisher.data)
