@@ -5,20 +5,24 @@ prints its own tables of ratios (against peers and against one forward+backward
 pass of the same model, measured in the same run) as it measures them, then its
 elapsed time; this script prints the total against the goals: ``--quick``
 under 2 minutes and full mode under 10 on an idle 2-core machine with one
-torch thread. The 60,000-image streamed Fisher (issue 12) is a separate,
+torch thread. Each topic runs in a fresh Python process, so that no topic
+inherits another's allocator state (glibc's mmap threshold moves with the
+blocks a process has freed, which changed the exact Fisher-dropout steps'
+ratios by up to 25% between ``--only train`` and a full run) or its
+leftover gloo and Ray processes. ``DROPGEOM_MALLOC=heap`` applies
+:func:`dropgeom.allocator.keep_freed_memory` in every topic's process. The 60,000-image streamed Fisher (issue 12) is a separate,
 longer command: ``python bench/bench_scale.py --n 60000 --no-scaling``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import pathlib
 import resource
+import subprocess
 import sys
 import time
-import traceback
 from typing import List
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -35,6 +39,19 @@ def _cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+#: what each topic's process runs: its threads and allocator set, then ``bench_<topic>.main(quick)``
+_CHILD = """
+import sys
+here, topic, threads, quick = sys.argv[1:5]
+sys.path.insert(0, here)
+import torch
+torch.set_num_threads(int(threads))
+from dropgeom.allocator import keep_freed_memory
+keep_freed_memory()
+__import__("bench_" + topic).main(quick=quick == "True")
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller configurations")
@@ -49,10 +66,13 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    torch.set_num_threads(args.threads)
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    print(f"torch {torch.__version__}, {args.threads} intra-op thread(s), load average {load}", flush=True)
-    sys.path.insert(0, str(HERE))
+    malloc = os.environ.get("DROPGEOM_MALLOC", "system")
+    print(
+        f"torch {torch.__version__}, {args.threads} intra-op thread(s), allocator {malloc} (DROPGEOM_MALLOC), "
+        f"one process per topic, load average {load}",
+        flush=True,
+    )
     # scale last: its gloo process groups and Ray workers take seconds to wind down after it returns, and a
     # topic timed right after it (train, measured on 2026-12-05) read up to 2x slow
     topics = sorted((p.stem[len("bench_") :] for p in HERE.glob("bench_*.py")), key=lambda t: (t == "scale", t))
@@ -68,10 +88,8 @@ def main() -> None:
     for topic in topics:
         t0, c0 = time.perf_counter(), _cpu_seconds()
         print(f"\n#### bench_{topic} ####", flush=True)
-        try:
-            importlib.import_module(f"bench_{topic}").main(quick=args.quick)
-        except Exception:  # noqa: BLE001 - one broken topic must not lose the others' tables
-            traceback.print_exc()
+        # a fresh process per topic; a broken topic (traceback on stderr) must not lose the others' tables
+        if subprocess.run([sys.executable, "-c", _CHILD, str(HERE), topic, str(args.threads), str(args.quick)]).returncode:
             failed.append(topic)
         took[topic] = time.perf_counter() - t0
         print(f"(bench_{topic}: {took[topic]:.1f} s wall, {_cpu_seconds() - c0:.1f} s CPU)", flush=True)

@@ -136,3 +136,16 @@ def test_reproduce_data_fashion_mnist_missing_is_one_line(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert "apt-get install -y dataset-fashion-mnist" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_every_command_applies_the_allocator_setting(monkeypatch, capsys):
+    """``DROPGEOM_MALLOC`` is read by every command (not only ``reproduce``): a bad value is one line, exit 2,
+    before the command runs; ``system`` runs it."""
+    monkeypatch.setenv("DROPGEOM_MALLOC", "jemalloc")
+    assert main(["report", "/nonexistent-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "DROPGEOM_MALLOC='jemalloc'" in err, err
+    monkeypatch.setenv("DROPGEOM_MALLOC", "system")
+    assert main(["report", "/nonexistent-run"]) == 2  # now the command itself runs and names the missing folder
+    err = capsys.readouterr().err
+    assert "DROPGEOM_MALLOC" not in err and "nonexistent-run" in err, err

@@ -470,6 +470,9 @@ def _dispatch(args: argparse.Namespace, debug: bool) -> int:
     from .rundir import RunDirError
 
     try:
+        from .allocator import keep_freed_memory
+
+        keep_freed_memory()  # DROPGEOM_MALLOC=heap: every command keeps freed memory in the heap (a bad value: an error)
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:  # a second press exits at once (interrupt_once_then_exit)
         if debug:
