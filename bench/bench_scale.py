@@ -260,12 +260,12 @@ def _tiny_unit(i: int) -> float:
     return float(torch.randn(64, 64).matmul(torch.randn(64, 64)).sum()) + i
 
 
-def _executor_overhead(units: int = 20) -> Dict[str, Tuple[float, float]]:
+def _executor_overhead(kinds: Tuple[str, ...], units: int = 20) -> Dict[str, Tuple[float, float]]:
     """Seconds to start each executor, and seconds per tiny unit once started (2 workers)."""
     from dropgeom.executors import make_pool
 
     out: Dict[str, Tuple[float, float]] = {}
-    for kind in ("process", "ray"):
+    for kind in kinds:
         try:
             t0 = time.perf_counter()
             with make_pool(_tiny_unit, workers=2, kind=kind) as pool:
@@ -334,7 +334,8 @@ def compare(name: str, model: nn.Module, x: Tensor, y: Tensor, batch: int = BATC
 
 def parallel(n: int, quick: bool) -> None:
     """Strong scaling over 2 gloo processes (one DDP Fisher-dropout epoch over ``n`` inputs, the streamed
-    diagonal over ``n // 2`` (MLP) and ``n // 8`` (CNN, full mode only)) and the executors' overheads."""
+    diagonal over ``n // 2`` (MLP) and ``n // 8`` (CNN, full mode only)) and the executors' overheads (Ray's, whose
+    start and shutdown take about 8 s, in full mode only)."""
     jobs = [("fd", n), ("mlp", n // 2)] + ([] if quick else [("cnn", n // 8)])
     t = _parallel_times(jobs)
     for i, (job, m) in enumerate(jobs):
@@ -348,7 +349,7 @@ def parallel(n: int, quick: bool) -> None:
             f"efficiency {t[1][i] / (2 * t[2][i]):.2f}",
             flush=True,
         )
-    for kind, (start, per_unit) in _executor_overhead().items():
+    for kind, (start, per_unit) in _executor_overhead(("process",) if quick else ("process", "ray")).items():
         print(f"executor {kind}: start {start:.2f} s, {1000 * per_unit:.1f} ms per tiny unit (20 units, 2 workers)", flush=True)
 
 
