@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="dropgeom: the information geometry of dropout training (Fisher information, curvature of the "
         "model manifold, dropout terms) for PyTorch models.",
         epilog="Run `dropgeom COMMAND --help` for the options of a command. Errors are one line; add --debug "
-        "(anywhere) for the traceback.",
+        "(anywhere) for the traceback. Environment: DROPGEOM_MALLOC=heap keeps freed memory in the heap (faster "
+        "steps with large tensors, several times the memory; glibc only; default: system).",
     )
     parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback instead of one line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
