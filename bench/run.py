@@ -10,8 +10,9 @@ inherits another's allocator state (glibc's mmap threshold moves with the
 blocks a process has freed, which changed the exact Fisher-dropout steps'
 ratios by up to 25% between ``--only train`` and a full run) or its
 leftover gloo and Ray processes. ``DROPGEOM_MALLOC=heap`` applies
-:func:`dropgeom.allocator.keep_freed_memory` in every topic's process. The 60,000-image streamed Fisher (issue 12) is a separate,
-longer command: ``python bench/bench_scale.py --n 60000 --no-scaling``.
+:func:`dropgeom.allocator.keep_freed_memory` in every topic's process.
+The 60,000-image streamed Fisher (issue 12) is a separate, longer command:
+``python bench/bench_scale.py --n 60000 --no-scaling``.
 """
 
 from __future__ import annotations
