@@ -187,12 +187,16 @@ def capture(manifold: ModelManifold, layers: Dict[str, RuleLayer], S: Tensor) ->
 
 
 def capture_columns(
-    manifold: ModelManifold, layers: Dict[str, RuleLayer], S: Tensor, stack: Callable[[Tensor], bool] = lambda a: False
+    manifold: ModelManifold,
+    layers: Dict[str, RuleLayer],
+    S: Tensor,
+    stack: Callable[[str, Tensor, bool], bool] = lambda name, a, is_eta: False,
 ) -> Tuple[Dict[str, Tensor], Iterator[Dict[str, Tensor]], Dict[str, Tensor]]:
     """:func:`capture` one column at a time: the unfolded inputs ``a`` of each rule layer; an iterator over the
     columns ``r`` of ``S`` giving each layer's ``g`` for that column alone (``[1, n, T, d_out]``); and, filled once
-    the iterator is exhausted, all columns (``[R, n, T, d_out]``, as :func:`capture`) of the layers whose input
-    ``stack(a)`` selects (left out of the iterator).
+    the iterator is exhausted, all columns (``[R, n, T, d_out]``, as :func:`capture`) of the layers that
+    ``stack(name, a, is_eta)`` selects by name, unfolded input and whether the layer's output is the model's output
+    (whose columns are those of ``S``: stacked at no cost) (left out of the iterator).
 
     For quantities that are sums over the columns (the gradient factor ``B`` of KFAC, per-sample gradients): only
     one column's back-propagated outputs are alive at a time, and none is copied into a stack.
@@ -200,7 +204,7 @@ def capture_columns(
     eta, good = _recorded(manifold, layers)
     inputs = {name: layers[name].rule.unfold(layers[name].module, x) for name, (x, _) in good.items()}
     outputs = {k: out for k, (_, out) in good.items()}
-    stacked: Dict[str, Optional[Tensor]] = {k: None for k, a in inputs.items() if stack(a)}
+    stacked: Dict[str, Optional[Tensor]] = {k: None for k, a in inputs.items() if stack(k, a, outputs[k] is eta)}
     result: Dict[str, Tensor] = {}
 
     def g_of(name: str, g: Optional[Tensor], R: int) -> Tensor:

@@ -63,6 +63,7 @@ __all__ = [
     "layer_rule",
     "register_layer_rule",
     "layer_diagonal",
+    "diagonal_from_squares",
     "kronecker_factors",
     "input_factor",
     "gradient_factor",
@@ -82,11 +83,7 @@ def layer_diagonal(
     R, n, T, d_out = g.shape
     if T == 1:
         g0 = g[:, :, 0]
-        g2 = (g0 * g0).sum(0) if g0.shape[0] > 1 else g0[0] * g0[0]  # [n, out]
-        if scale != 1.0:
-            g2 = g2 * scale
-        a0 = a[:, 0]
-        return g2.T @ (a0 * a0), (g2.sum(0) if has_bias else None)
+        return diagonal_from_squares(a, (g0 * g0).sum(0) if g0.shape[0] > 1 else g0[0] * g0[0], has_bias, scale)
     d_in = a.shape[2]
     step = max(1, int(max_bytes // max(1, R * d_out * d_in * a.element_size())))
     dw = torch.zeros(d_out, d_in, dtype=a.dtype, device=a.device)
@@ -105,6 +102,19 @@ def layer_diagonal(
         if db is not None:
             db *= scale
     return dw, db
+
+
+def diagonal_from_squares(a: Tensor, g2: Tensor, has_bias: bool, scale: float = 1.0) -> Tuple[Tensor, Optional[Tensor]]:
+    """:func:`layer_diagonal` of a ``T = 1`` layer from its columns' summed squares ``g2 = sum_r g_r^2`` (``[n, d_out]``).
+
+    ``scale * sum_i g2_i a_i^2`` (weight part) and ``scale * sum_i g2_i`` (bias part): with one position the
+    per-sample gradient ``g_ir a_i^T`` is rank one, so the diagonal needs the columns only through ``g2``, which
+    the Fisher engine accumulates one column at a time (no ``[R, n, d_out]`` stack).
+    """
+    if scale != 1.0:
+        g2 = g2 * scale
+    a0 = a[:, 0]
+    return g2.T @ (a0 * a0), (g2.sum(0) if has_bias else None)
 
 
 def input_factor(a: Tensor, has_bias: bool, n: int) -> Tensor:
