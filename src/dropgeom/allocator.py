@@ -13,7 +13,7 @@ The price is memory: freed blocks stay in the heap, fragmented, and the process'
 several times glibc's. One Fashion-MNIST CNN gradient unit of the full ``reproduce`` preset, alone on the idle
 2-core VM (2026-12-05, ``bench/unit_costs.py``): 418 CPU-seconds and a 2.1 GB peak with glibc's defaults,
 212 CPU-seconds and a 7.9 GB peak with this (6.2-8.7 GB with trimming left on). Hence it is off unless asked
-for: ``DROPGEOM_MALLOC=heap`` applies it in ``reproduce`` and its workers (``system``, the default, keeps
+for: ``DROPGEOM_MALLOC=heap`` applies it in every ``dropgeom`` command and ``reproduce``'s workers (``system``, the default, keeps
 glibc's defaults). Elsewhere than glibc (musl, macOS, Windows) it does nothing. Written by hand: ``mallopt``
 through ``ctypes``, the settings glibc's ``MALLOC_MMAP_MAX_`` and ``MALLOC_TRIM_THRESHOLD_`` environment
 variables would give, which only take effect at process start.

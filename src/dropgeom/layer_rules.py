@@ -109,8 +109,20 @@ def diagonal_from_squares(a: Tensor, g2: Tensor, has_bias: bool, scale: float = 
 
     ``scale * sum_i g2_i a_i^2`` (weight part) and ``scale * sum_i g2_i`` (bias part): with one position the
     per-sample gradient ``g_ir a_i^T`` is rank one, so the diagonal needs the columns only through ``g2``, which
-    the Fisher engine accumulates one column at a time (no ``[R, n, d_out]`` stack).
+    the Fisher engine accumulates one column at a time (no ``[R, n, d_out]`` stack; theory.md section 2).
+
+    Raises:
+        ValueError: ``a`` is not ``[n, 1, d_in]`` or ``g2`` not ``[n, d_out]``.
+
+    Example:
+        >>> a, g = torch.randn(5, 1, 3), torch.randn(4, 5, 1, 2)  # 4 columns, 5 inputs, 3 -> 2
+        >>> dw, db = diagonal_from_squares(a, g[:, :, 0].pow(2).sum(0), True)
+        >>> ref_w, ref_b = layer_diagonal(a, g, True)
+        >>> torch.allclose(dw, ref_w) and torch.allclose(db, ref_b)
+        True
     """
+    if a.dim() != 3 or a.shape[1] != 1 or g2.dim() != 2 or g2.shape[0] != a.shape[0]:
+        raise ValueError(f"diagonal_from_squares takes a [n, 1, d_in] and g2 [n, d_out]; got {tuple(a.shape)}, {tuple(g2.shape)}")
     if scale != 1.0:
         g2 = g2 * scale
     a0 = a[:, 0]

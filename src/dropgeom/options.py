@@ -143,7 +143,8 @@ class ExecutorKind(_Choice):
 
 
 class MallocMode(_Choice):
-    """How glibc's ``malloc`` treats large freed blocks in ``reproduce`` (``DROPGEOM_MALLOC``; dropgeom.allocator)."""
+    """How glibc's ``malloc`` treats large freed blocks in every ``dropgeom`` command and ``reproduce``'s workers
+    (``DROPGEOM_MALLOC``; dropgeom.allocator)."""
 
     HEAP = "heap"
     """Freed blocks stay in the heap and are reused: faster for large tensors, at several times the memory."""
