@@ -385,17 +385,22 @@ def test_conv_padding_variants_diag_and_kfac():
 # ---------------------------------------------------------------------------
 
 
-def _asdl(net: nn.Module, x, y, fisher_type: str, shape: str, **config) -> nn.Module:
-    """A deep copy of ``net`` after one ASDL ``forward_and_backward``: the Fisher sits on its modules
-    (``module.fisher``), or on the copy itself for ``SHAPE_FULL``."""
+def _asdl(net: nn.Module, batches, fisher_type: str, shape: str, loss_fn=None, loss_type=None, **config) -> nn.Module:
+    """A deep copy of ``net`` after ASDL's ``forward_and_backward`` over ``batches`` (``[(x, y), ...]``, accumulated;
+    ``data_size`` = all inputs: the mean): the Fisher sits on its modules (``module.fisher``), or on the copy itself
+    for ``SHAPE_FULL``. Cross-entropy unless ``loss_fn`` / ``loss_type`` say otherwise."""
     copy_ = copy.deepcopy(net)
     cfg = asdl.FisherConfig(
-        fisher_type=fisher_type, fisher_shapes=[shape], loss_type=asdl.LOSS_CROSS_ENTROPY, data_size=x.shape[0], **config
+        fisher_type=fisher_type,
+        fisher_shapes=[shape],
+        loss_type=loss_type or asdl.LOSS_CROSS_ENTROPY,
+        data_size=sum(x.shape[0] for x, _ in batches),
+        **config,
     )
     maker = asdl.get_fisher_maker(copy_, cfg)
-    out = maker.setup_model_call(copy_, x)
-    maker.setup_loss_call(tF.cross_entropy, out, y)
-    maker.forward_and_backward()
+    for i, (x, y) in enumerate(batches):
+        maker.setup_loss_call(loss_fn or tF.cross_entropy, maker.setup_model_call(copy_, x), y)
+        maker.forward_and_backward(accumulate=i > 0)
     return copy_
 
 
@@ -408,16 +413,16 @@ def _asdl_diag(net: nn.Module) -> torch.Tensor:
 @pytest.mark.parametrize("name", list(MODELS))
 def test_exact_and_empirical_diag_match_asdl(name):
     net, x, y, m = _setup(name)
-    _close(fisher(m, "exact", "diag").diag(), _asdl_diag(_asdl(net, x, y, asdl.FISHER_EXACT, asdl.SHAPE_DIAG)))
-    emp = _asdl_diag(_asdl(net, x, y, asdl.FISHER_EMP, asdl.SHAPE_DIAG))
+    _close(fisher(m, "exact", "diag").diag(), _asdl_diag(_asdl(net, [(x, y)], asdl.FISHER_EXACT, asdl.SHAPE_DIAG)))
+    emp = _asdl_diag(_asdl(net, [(x, y)], asdl.FISHER_EMP, asdl.SHAPE_DIAG))
     _close(fisher(m, "empirical", "diag", targets=y).diag(), emp)
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_dense_matches_asdl_full(name):
     net, x, y, m = _setup(name)
-    _close(fisher(m, "exact", "dense").dense(), _asdl(net, x, y, asdl.FISHER_EXACT, asdl.SHAPE_FULL).fisher.data)
-    emp = _asdl(net, x, y, asdl.FISHER_EMP, asdl.SHAPE_FULL).fisher.data
+    _close(fisher(m, "exact", "dense").dense(), _asdl(net, [(x, y)], asdl.FISHER_EXACT, asdl.SHAPE_FULL).fisher.data)
+    emp = _asdl(net, [(x, y)], asdl.FISHER_EMP, asdl.SHAPE_FULL).fisher.data
     _close(fisher(m, "empirical", "dense", targets=y).dense(), emp)
 
 
@@ -428,7 +433,7 @@ def test_kfac_weight_factors_match_asdl_kron(name):
     ours = {kb.name: kb for kb in fisher(m, "exact", "kfac").kron_blocks}
     theirs = {
         k: mod.fisher.kron
-        for k, mod in _asdl(net, x, y, asdl.FISHER_EXACT, asdl.SHAPE_KRON).named_modules()
+        for k, mod in _asdl(net, [(x, y)], asdl.FISHER_EXACT, asdl.SHAPE_KRON).named_modules()
         if hasattr(mod, "fisher")
     }
     assert sorted(theirs) == sorted(ours)
@@ -442,7 +447,7 @@ def test_mc_diag_statistics_agree_with_asdl():
     net, x, y, m = _setup("mlp")
     exact = fisher(m, "exact", "diag").diag()
     M = 1000
-    theirs = M * _asdl_diag(_asdl(net, x, y, asdl.FISHER_MC, asdl.SHAPE_DIAG, n_mc_samples=M, seed=1))
+    theirs = M * _asdl_diag(_asdl(net, [(x, y)], asdl.FISHER_MC, asdl.SHAPE_DIAG, n_mc_samples=M, seed=1))
     ours = fisher(m, "mc", "diag", n_samples=M, generator=torch.Generator().manual_seed(2)).diag()
     for est in (ours, theirs):
         assert abs(float(est.sum() / exact.sum()) - 1) < 0.03
@@ -459,14 +464,7 @@ def test_streamed_diag_and_kfac_match_asdl_accumulated_over_the_loader(name):
     diag = fisher_streamed(net, loader, structure="diag").diag()
     kfac = {kb.name: kb for kb in fisher_streamed(net, loader, structure="kfac").kron_blocks}
     for shape in (asdl.SHAPE_DIAG, asdl.SHAPE_KRON):
-        copy_ = copy.deepcopy(net)
-        cfg = asdl.FisherConfig(
-            fisher_type=asdl.FISHER_EXACT, fisher_shapes=[shape], loss_type=asdl.LOSS_CROSS_ENTROPY, data_size=N
-        )
-        maker = asdl.get_fisher_maker(copy_, cfg)
-        for i, (xb, yb) in enumerate(loader):
-            maker.setup_loss_call(tF.cross_entropy, maker.setup_model_call(copy_, xb), yb)
-            maker.forward_and_backward(accumulate=i > 0)
+        copy_ = _asdl(net, list(loader), asdl.FISHER_EXACT, shape)
         if shape == asdl.SHAPE_DIAG:
             _close(diag, _asdl_diag(copy_))
             continue
@@ -488,9 +486,5 @@ def test_gaussian_family_matches_asdl_mse():
     x, y = torch.randn(N, 5, dtype=DT), torch.randn(N, 3, dtype=DT)
     m = ModelManifold(net, x, "gaussian")
     for fisher_type, kind, kw in ((asdl.FISHER_EXACT, "exact", {}), (asdl.FISHER_EMP, "empirical", {"targets": y})):
-        copy_ = copy.deepcopy(net)
-        cfg = asdl.FisherConfig(fisher_type=fisher_type, fisher_shapes=[asdl.SHAPE_FULL], loss_type=asdl.LOSS_MSE, data_size=N)
-        maker = asdl.get_fisher_maker(copy_, cfg)
-        maker.setup_loss_call(_half_mse, maker.setup_model_call(copy_, x), y)
-        maker.forward_and_backward()
+        copy_ = _asdl(net, [(x, y)], fisher_type, asdl.SHAPE_FULL, loss_fn=_half_mse, loss_type=asdl.LOSS_MSE)
         _close(fisher(m, kind, "dense", **kw).dense(), copy_.fisher.data)
