@@ -38,7 +38,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import Tensor, nn
 
-from common import forward_backward, peak_memory, print_table
+from common import asdl_fisher, forward_backward, peak_memory, print_table
 
 from dropgeom import ModelManifold, fisher
 
@@ -182,21 +182,14 @@ def _curvlinops(model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, Callable[[]
 
 def _asdl(model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, Callable[[], object]]:
     """ASDL (PyPI ``asdfghjkl``): a ``FisherMaker`` per quantity, built once, each on its own model copy
-    (ASDL stores the result on the modules); the timed call is ``forward_and_backward`` plus collecting it."""
+    (:func:`common.asdl_fisher`); the timed call is ``forward_and_backward`` plus collecting the result."""
     import asdl
 
     def maker(fisher_type: str, shape: str) -> Callable[[], object]:
-        net = copy.deepcopy(model)
-        cfg = asdl.FisherConfig(
-            fisher_type=fisher_type, fisher_shapes=[shape], loss_type=asdl.LOSS_CROSS_ENTROPY, data_size=x.shape[0]
-        )
-        fm = asdl.get_fisher_maker(net, cfg)
-        out = fm.setup_model_call(net, x)
-        fm.setup_loss_call(nn.functional.cross_entropy, out, y)
-        mods = [m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        run = asdl_fisher(model, [(x, y)], fisher_type, shape, x.shape[0])
 
         def go() -> object:
-            fm.forward_and_backward()
+            mods = run()
             if shape == asdl.SHAPE_KRON:
                 return [(m.fisher.kron.B, m.fisher.kron.A) for m in mods]
             return torch.cat([torch.cat([m.fisher.diag.weight.reshape(-1), m.fisher.diag.bias.reshape(-1)]) for m in mods])

@@ -38,7 +38,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 import torch.multiprocessing as mp
-from common import RowPrinter, peak_memory
+from common import RowPrinter, asdl_fisher, peak_memory
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -114,26 +114,8 @@ def _backpack_diag(model: nn.Module, loader: DataLoader) -> Callable[[], object]
     return run
 
 
-def _asdl(model: nn.Module, loader: DataLoader, shape: str) -> Callable[[], object]:
-    """ASDL's exact Fisher of one shape, accumulated over the loader's batches (``data_size`` = all inputs: the mean)."""
-    import asdl
-
-    net = copy.deepcopy(model)
-    cfg = asdl.FisherConfig(
-        fisher_type=asdl.FISHER_EXACT, fisher_shapes=[shape], loss_type=asdl.LOSS_CROSS_ENTROPY, data_size=len(loader.dataset)
-    )
-    maker = asdl.get_fisher_maker(net, cfg)
-
-    def run() -> object:
-        for i, (x, y) in enumerate(loader):
-            maker.setup_loss_call(nn.functional.cross_entropy, maker.setup_model_call(net, x), y)
-            maker.forward_and_backward(accumulate=i > 0)
-        return [m.fisher for m in net.modules() if hasattr(m, "fisher")]
-
-    return run
-
-
 def _peers(model: nn.Module, loader: DataLoader) -> Dict[str, Dict[str, Callable[[], object]]]:
+    import asdl
     from curvlinops import KFACLinearOperator
     from nngeometry.metrics import FIM
     from nngeometry.object import PMatDiag, PMatKFAC
@@ -160,13 +142,13 @@ def _peers(model: nn.Module, loader: DataLoader) -> Dict[str, Dict[str, Callable
             "dropgeom": lambda: fisher_streamed(ours, loader, structure="diag"),
             "nngeometry": lambda: FIM(ng, loader, PMatDiag, variant="classif_logits").get_diag(),
             "backpack": _backpack_diag(model, loader),
-            "asdl": _asdl(model, loader, "diag"),
+            "asdl": asdl_fisher(model, loader, asdl.FISHER_EXACT, asdl.SHAPE_DIAG, len(loader.dataset)),
         },
         "kfac": {
             "dropgeom": lambda: fisher_streamed(ours, loader, structure="kfac"),
             "curvlinops": curvlinops_kfac,
             "nngeometry": lambda: FIM(ng, loader, PMatKFAC, variant="classif_logits"),
-            "asdl": _asdl(model, loader, "kron"),
+            "asdl": asdl_fisher(model, loader, asdl.FISHER_EXACT, asdl.SHAPE_KRON, len(loader.dataset)),
         },
     }
 

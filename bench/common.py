@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import tracemalloc
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -226,3 +226,26 @@ class RowPrinter:
             print("  ".join(c.ljust(w) for c, w in self.widths.items()))
             print("  ".join("-" * max(w, len(c)) for c, w in self.widths.items()))
         print("  ".join(_fmt(values.get(c, "")).ljust(max(w, len(c))) for c, w in self.widths.items()), flush=True)
+
+
+def asdl_fisher(
+    model: torch.nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], fisher_type: str, shape: str, n: int
+) -> Callable[[], List[Any]]:
+    """ASDL's (PyPI ``asdfghjkl``) cross-entropy Fisher of one type and shape on its own copy of ``model``: a call runs
+    its ``FisherMaker`` over ``batches`` (accumulated; ``data_size = n``, the mean) and returns the modules holding
+    the result (``module.fisher``), in module order. The maker is built once, outside the timed call."""
+    import copy
+
+    import asdl
+
+    net = copy.deepcopy(model)
+    cfg = asdl.FisherConfig(fisher_type=fisher_type, fisher_shapes=[shape], loss_type=asdl.LOSS_CROSS_ENTROPY, data_size=n)
+    maker = asdl.get_fisher_maker(net, cfg)
+
+    def run() -> List[Any]:
+        for i, (x, y) in enumerate(batches):
+            maker.setup_loss_call(torch.nn.functional.cross_entropy, maker.setup_model_call(net, x), y)
+            maker.forward_and_backward(accumulate=i > 0)
+        return [m for m in net.modules() if hasattr(m, "fisher")]
+
+    return run
