@@ -445,3 +445,23 @@ def test_from_function_errors():
         ModelManifold.from_function(lambda t: t[:, None], th, "categorical")
     with pytest.raises(ValueError, match="unknown family"):
         ModelManifold.from_function(lambda t: t[None], th, "gamma")
+
+
+def test_activation_numel_is_measured_once_and_shared():
+    """The element count is measured by one forward pass on the first call and kept (shapes only): later calls,
+    ``at()`` and ``subset()`` run the model no more, and give the count of an independent forward with hooks."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    m = ModelManifold(net, torch.randn(6, 3, dtype=torch.float64))
+    calls = []
+    handle = net.register_forward_hook(lambda mod, inp, out: calls.append(out.numel()))
+    try:
+        first = m.activation_numel()
+        assert len(calls) == 1
+        theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()]) + 0.1
+        moved, part = m.at(theta), m.subset(slice(0, 3))  # at() runs the model once for its eta
+        calls.clear()
+        assert m.activation_numel() == moved.activation_numel() == part.activation_numel() == first
+        assert not calls
+    finally:
+        handle.remove()
+    assert first == 4 + 4 + 2  # the outputs of Linear, Tanh and Linear for one input
