@@ -128,7 +128,10 @@ def _column_grads(eta: Tensor, outputs: Dict[str, Tensor], S: Tensor) -> Iterato
     for r in range(R):
         grads: Dict[str, Optional[Tensor]] = {k: S[:, :, r] for k, out in outputs.items() if out is eta}
         if outs:
-            gs = torch.autograd.grad(eta, outs, grad_outputs=S[:, :, r], retain_graph=r < R - 1, allow_unused=True)
+            # the scalar <eta, S_r> rather than grad_outputs=S_r: same gradients, but PyTorch checks a grad_outputs
+            # tensor's shape with torch.fx's symbolic shapes, whose first use imports sympy (~0.3 s, ~50 MiB
+            # resident, once per process); a library call should not cost that (docs/benchmarks.md, "Memory")
+            gs = torch.autograd.grad((eta * S[:, :, r]).sum(), outs, retain_graph=r < R - 1, allow_unused=True)
             grads.update(zip(back, gs))
         yield grads
 
