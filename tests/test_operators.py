@@ -53,18 +53,20 @@ def _block_case() -> Tuple[CurvatureOperator, torch.Tensor]:
     return BlockDiagonalOperator(blocks, index, 10, names=["a", "b", "c"]), M
 
 
-def _kfac_case() -> Tuple[CurvatureOperator, torch.Tensor]:
-    """Two Kronecker layers (one with bias, one without) and one dense block, scattered over P = 25."""
+def _kfac_case(slices: bool = False) -> Tuple[CurvatureOperator, torch.Tensor]:
+    """Two Kronecker layers (one with bias, one without) and one dense block, scattered over P = 25; with
+    ``slices``, the layers occupy contiguous ranges given as slices (as the Fisher engine builds them)."""
     P = 25
-    perm = torch.randperm(P)
+    perm = torch.arange(P) if slices else torch.randperm(P)
     out1, in1 = 3, 2  # with bias: 6 weight + 3 bias entries, A is 3 x 3
     out2, in2 = 2, 4  # no bias: 8 weight entries
     w1, b1, w2, rest = perm[:6], perm[6:9], perm[9:17], perm[17:]
     A1, B1, A2, B2 = _spd(in1 + 1), _spd(out1), _spd(in2), _spd(out2)
     C = _spd(len(rest))
+    idx = (slice(0, 6), slice(6, 9), slice(9, 17)) if slices else (w1, b1, w2)
     blocks = [
-        KroneckerBlock(A=A1, B=B1, weight_index=w1, bias_index=b1, name="l1"),
-        KroneckerBlock(A=A2, B=B2, weight_index=w2, bias_index=None, name="l2"),
+        KroneckerBlock(A=A1, B=B1, weight_index=idx[0], bias_index=idx[1], name="l1"),
+        KroneckerBlock(A=A2, B=B2, weight_index=idx[2], bias_index=None, name="l2"),
     ]
     M = torch.zeros(P, P, dtype=DT)
     # vec of [W | b] (row-major, [out, in(+1)]) -> flat indices
@@ -89,6 +91,7 @@ CASES = {
     "diag": _diag_case,
     "block": _block_case,
     "kfac": _kfac_case,
+    "kfac-slices": lambda: _kfac_case(slices=True),
     "implicit": _implicit_case(False),
     "implicit+diag": _implicit_case(True),
 }
@@ -226,3 +229,42 @@ def test_diagonal_dense_is_size_checked():
     with pytest.raises(MemoryError, match="diag"):
         op.dense(memory_limit=1000)
     _close(op.dense(), torch.eye(100, dtype=DT))
+
+
+def test_kronecker_block_rejects_other_indices():
+    A, B = _spd(2), _spd(2)
+    with pytest.raises(TypeError, match="weight_index must be a slice or a 1-D long tensor"):
+        KroneckerBlock(A=A, B=B, weight_index=[0, 1, 2, 3], bias_index=None)
+    with pytest.raises(TypeError, match="bias_index must be a slice or a 1-D long tensor"):
+        KroneckerBlock(A=A, B=B, weight_index=slice(0, 4), bias_index=torch.tensor([4.0, 5.0]))
+
+
+@pytest.mark.parametrize("case", ["dense", "diag", "block", "kfac", "kfac-slices"])
+def test_layout_and_parts_rebuild_the_sum_of_two_operators(case):
+    """Summing parts in place (``sum_parts``) and rebuilding from a layout (no matrices kept) gives the operator of
+    the union: for the mean over 3 + 5 inputs, ``(3 F_a + 5 F_b) / 8`` for dense, diagonal and block operators
+    (their parts are sums), and for KFAC the count-weighted mean of the input factors."""
+    from dropgeom.operator_parts import operator_from_parts, operator_layout, sum_parts
+
+    torch.manual_seed(0)
+    op_a, M_a = CASES[case]()
+    M_a = M_a.clone()  # a dense operator holds M_a itself, and its matrix becomes the running total
+    torch.manual_seed(0 if case in ("block", "kfac") else 1)  # random index layouts must agree for a sum
+    op_b, M_b = CASES[case]()
+    if case.startswith("kfac"):
+        kb_a, kb_b = op_a.kron_blocks, op_b.kron_blocks
+        expect_A = [(3 * a.A + 5 * b.A) / 8 for a, b in zip(kb_a, kb_b)]
+        expect_B = [(a.B + b.B) / 8 for a, b in zip(kb_a, kb_b)]
+    layout = operator_layout(op_a)
+    B_before = [kb.B.clone() for kb in op_b.kron_blocks] if case.startswith("kfac") else None
+    total = sum_parts(None, op_a, 3)
+    total = sum_parts(total, op_b, 5)
+    out = operator_from_parts(layout, total, count=8, scale=1 / 8, reduction="mean")
+    assert type(out) is type(op_a) and out.meta.n == 8 and out.reduction == "mean"
+    if case.startswith("kfac"):
+        for kb, A, B in zip(out.kron_blocks, expect_A, expect_B):
+            _close(kb.A, A)
+            _close(kb.B, B)
+        assert all(torch.equal(kb.B, b0) for kb, b0 in zip(op_b.kron_blocks, B_before))  # only the first is reused
+    else:
+        _close(out.dense(), (M_a + M_b) / 8)

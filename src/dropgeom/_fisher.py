@@ -67,7 +67,7 @@ from ._capture import RuleLayer, capture_columns, pname, rule_layers
 from .dispatch import streams
 from .layer_rules import LayerRule, diagonal_from_squares
 from .manifold import DEFAULT_CHUNK_BYTES, ModelManifold, memory_guard
-from .operator_parts import operator_from_parts, operator_parts
+from .operator_parts import OperatorLayout, operator_from_parts, operator_layout, sum_parts
 from .operators import (
     BlockDiagonalOperator,
     CurvatureOperator,
@@ -229,15 +229,15 @@ def _chunked(manifold: ModelManifold, S: Tensor, structure: Structure, step: int
 
         return ImplicitOperator(matmat, manifold.num_params, manifold.dtype, manifold.device, diag_fn=diag, **meta)
     total: Optional[List[Tensor]] = None
-    template: Optional[CurvatureOperator] = None
-    for sl in slices:
+    layout: Optional[OperatorLayout] = None
+    for sl in slices:  # the running totals and a layout are kept, not the first chunk's operator
         sub = manifold.subset(sl)
         op = _build(sub, S[sl], structure, 1.0, dict(meta, n=sub.n))
-        parts = operator_parts(op, sub.n)
-        total = parts if total is None else [a.add_(b) for a, b in zip(total, parts)]
-        template = template or op
-    assert total is not None and template is not None
-    return operator_from_parts(template, total, manifold.n, scale, **meta)
+        layout = layout or operator_layout(op)
+        total = sum_parts(total, op, sub.n)
+        del op
+    assert total is not None and layout is not None
+    return operator_from_parts(layout, total, manifold.n, scale, **meta)
 
 
 def _build(manifold: ModelManifold, S: Tensor, structure: Structure, scale: float, meta: dict) -> CurvatureOperator:
@@ -394,15 +394,7 @@ def _kfac(manifold: ModelManifold, S: Tensor, scale: float, meta: dict) -> KFACO
         has_bias = rule.has_bias(mod)
         w = slices[pname(name, "weight")]
         b = slices[pname(name, "bias")] if has_bias else None
-        kron.append(
-            KroneckerBlock(
-                A=A[name],
-                B=B[name],
-                weight_index=torch.arange(w.start, w.stop, device=manifold.device),
-                bias_index=None if b is None else torch.arange(b.start, b.stop, device=manifold.device),
-                name=name,
-            )
-        )
+        kron.append(KroneckerBlock(A=A[name], B=B[name], weight_index=w, bias_index=b, name=name))
         done.update({pname(name, "weight")} | ({pname(name, "bias")} if has_bias else set()))
     rest = [k for k in manifold.param_names if k not in done]
     dense = []

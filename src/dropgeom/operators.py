@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -291,13 +291,29 @@ class KroneckerBlock:
     are stacked as ``[W | b]`` (``[out, in + 1]``); ``A`` (``[in(+1), in(+1)]``)
     is the input (activation) factor and ``B`` (``[out, out]``) the output
     gradient factor, so ``F_l vec([W|b]) = vec(B [W|b] A)``.
+
+    ``weight_index`` and ``bias_index`` locate ``W`` and ``b`` in the flat
+    parameter vector: a ``slice`` (a contiguous range, as the Fisher engine
+    gives: no index tensor is stored and the blocks read views) or a 1-D long
+    tensor of positions.
+
+    Raises:
+        TypeError: an index that is neither a slice nor a long tensor.
     """
 
     A: Tensor
     B: Tensor
-    weight_index: Tensor
-    bias_index: Optional[Tensor]
+    weight_index: Union[Tensor, slice]
+    bias_index: Optional[Union[Tensor, slice]]
     name: str = ""
+
+    def __post_init__(self) -> None:
+        for field, idx in (("weight_index", self.weight_index), ("bias_index", self.bias_index)):
+            if idx is None and field == "bias_index":
+                continue
+            ok = isinstance(idx, slice) or (isinstance(idx, Tensor) and idx.dtype == torch.long and idx.dim() == 1)
+            if not ok:
+                raise TypeError(f"KroneckerBlock {field} must be a slice or a 1-D long tensor, got {idx!r:.80}")
 
     @property
     def out_features(self) -> int:

@@ -53,7 +53,7 @@ from .dispatch import StreamedManifold, register_streamed
 from .families import ExponentialFamily
 from ._fisher import FisherKind, Reduction, Structure, _enum, fisher
 from .manifold import DEFAULT_CHUNK_BYTES
-from .operator_parts import operator_from_parts, operator_parts
+from .operator_parts import OperatorLayout, operator_from_parts, operator_layout, sum_parts
 from .operators import CurvatureOperator, ImplicitOperator
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "Batch", "iter_batches", "fisher_streamed", "stream_mean", "check_same_parameters"]
@@ -171,11 +171,11 @@ def _fisher_of(
     if structure is Structure.IMPLICIT:
         return _implicit(source.batches, batch_operator, reduction)
 
-    template, total, n_local = _sum_batches(source.batches(), lambda b, inp, tgt: batch_operator(b, inp, tgt, structure))
+    layout, total, n_local = _sum_batches(source.batches(), lambda b, inp, tgt: batch_operator(b, inp, tgt, structure))
     N = int(all_reduce(torch.tensor([n_local], dtype=torch.float64)).item())
     total = [all_reduce(t) for t in total]
     scale = 1.0 if reduction is Reduction.SUM else 1.0 / N
-    return operator_from_parts(template, total, N, scale, reduction=reduction.value)
+    return operator_from_parts(layout, total, N, scale, reduction=reduction.value)
 
 
 def _base_seed(seed: Optional[int], generator: Optional[torch.Generator]) -> int:
@@ -186,19 +186,19 @@ def _base_seed(seed: Optional[int], generator: Optional[torch.Generator]) -> int
 
 def _sum_batches(
     batches: Iterator[Batch], operator: Callable[[int, Tuple[Tensor, ...], Optional[Tensor]], Tuple[CurvatureOperator, int]]
-) -> Tuple[CurvatureOperator, List[Tensor], int]:
-    """The first batch's operator (a template), the summed additive parts of all batches, and the input count."""
+) -> Tuple[OperatorLayout, List[Tensor], int]:
+    """The operators' layout, the summed additive parts of all batches, and the input count."""
     total: Optional[List[Tensor]] = None
-    template: Optional[CurvatureOperator] = None
+    layout: Optional[OperatorLayout] = None
     count = 0
-    for index, (inputs, tgt) in enumerate(batches):
+    for index, (inputs, tgt) in enumerate(batches):  # running totals and a layout, not the first batch's operator
         op, n_b = operator(index, inputs, tgt)
-        parts = operator_parts(op, n_b)
-        total = parts if total is None else [acc.add_(part) for acc, part in zip(total, parts)]
-        template = template or op
+        layout = layout or operator_layout(op)
+        total = sum_parts(total, op, n_b)
+        del op
         count += n_b
-    assert total is not None and template is not None  # iter_batches raises on an empty data set
-    return template, total, count
+    assert total is not None and layout is not None  # iter_batches raises on an empty data set
+    return layout, total, count
 
 
 def _implicit(
