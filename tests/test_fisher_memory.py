@@ -86,3 +86,38 @@ def test_diag_and_kfac_do_not_import_sympy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_layer_outputs_are_not_kept_while_columns_are_back_propagated(conv):
+    """The engine back-propagates to the layer outputs' gradient edges, not to the output tensors: a hidden layer's
+    output that the graph does not save (ReLU saves its result, not its input) is freed once the forward is done,
+    and the columns are still those of ``capture`` (which stacks them all). Fails if the records keep the outputs."""
+    import gc
+    import weakref
+
+    from dropgeom._capture import capture, capture_columns, rule_layers
+
+    torch.manual_seed(0)
+    if conv:
+        net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4)).double()
+        x = torch.randn(6, 1, 4, 4, dtype=torch.float64)
+    else:
+        net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 4)).double()
+        x = torch.randn(6, 5, dtype=torch.float64)
+    m = ModelManifold(net, x)
+    layers = rule_layers(m)
+    S = torch.randn(6, 4, 3, dtype=torch.float64)
+    refs = []
+    handle = net[0].register_forward_hook(lambda mod, inp, out: refs.append(weakref.ref(out)))
+    try:
+        _, columns, _ = capture_columns(m, layers, S)
+        gc.collect()
+        assert refs and refs[-1]() is None, "the first layer's output is still alive during the backward passes"
+        got = [c["0"] for c in columns]
+    finally:
+        handle.remove()
+    _, g_all = capture(m, layers, S)["0"]
+    assert len(got) == 3
+    for r, g in enumerate(got):
+        torch.testing.assert_close(g[0], g_all[r], rtol=0, atol=0)

@@ -27,6 +27,7 @@ from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from .layer_rules import LayerRule, layer_rule
 from .manifold import ModelManifold
@@ -34,6 +35,28 @@ from .manifold import ModelManifold
 __all__ = ["RuleLayer", "rule_layers", "capture", "capture_columns", "pname"]
 
 Records = Dict[str, Optional[Tuple[Tensor, Tensor]]]  # layer -> (input, output), None where not recorded
+
+
+class Output(NamedTuple):
+    """A layer's recorded output without its values: where its gradient enters the graph (``None`` for the model's
+    output, whose columns are those of ``S``), its shape, dtype and device.
+
+    Back-propagating to a :class:`~torch.autograd.graph.GradientEdge` instead of the output tensor lets the tensor
+    go once the forward is done (unless the graph saves it): a convolution's output is as large as its activation
+    (50 MiB for 16 channels of 28x28 over 1,000 images), and a Linear layer's is one more ``[n, d_out]``."""
+
+    edge: Optional[GradientEdge]
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def is_eta(self) -> bool:
+        return self.edge is None
+
+
+def _output(out: Tensor, eta: Tensor) -> Output:
+    return Output(None if out is eta else get_gradient_edge(out), out.shape, out.dtype, out.device)
 
 
 class RuleLayer(NamedTuple):
@@ -116,17 +139,17 @@ def _record(manifold: ModelManifold, layers: Dict[str, RuleLayer], copy: bool) -
     return eta, records, stale
 
 
-def _column_grads(eta: Tensor, outputs: Dict[str, Tensor], S: Tensor) -> Iterator[Dict[str, Optional[Tensor]]]:
+def _column_grads(eta: Tensor, outputs: Dict[str, Output], S: Tensor) -> Iterator[Dict[str, Optional[Tensor]]]:
     """Column ``r`` of ``S`` back-propagated to each output (``[n, *output dims]``; ``None`` if unused), for each ``r``.
 
     One backward per column, gradients with respect to the layer outputs only (no weight gradients); faster than
     one batched backward (``is_grads_batched``, whose vmap loops over pooling and activation backwards: 2x on a
     CNN). An output that is ``eta`` itself needs no backward: its columns are those of ``S``."""
     R = S.shape[2]
-    back = [k for k, out in outputs.items() if out is not eta]
-    outs = [outputs[k] for k in back]
+    back = [k for k, out in outputs.items() if not out.is_eta]
+    outs = [outputs[k].edge for k in back]
     for r in range(R):
-        grads: Dict[str, Optional[Tensor]] = {k: S[:, :, r] for k, out in outputs.items() if out is eta}
+        grads: Dict[str, Optional[Tensor]] = {k: S[:, :, r] for k, out in outputs.items() if out.is_eta}
         if outs:
             # the scalar <eta, S_r> rather than grad_outputs=S_r: same gradients, but PyTorch checks a grad_outputs
             # tensor's shape with torch.fx's symbolic shapes, whose first use imports sympy (~0.3 s, ~50 MiB
@@ -137,7 +160,7 @@ def _column_grads(eta: Tensor, outputs: Dict[str, Tensor], S: Tensor) -> Iterato
 
 
 def _backpropagate(
-    eta: Tensor, outputs: Dict[str, Tensor], S: Tensor, stacked: Dict[str, Optional[Tensor]]
+    eta: Tensor, outputs: Dict[str, Output], S: Tensor, stacked: Dict[str, Optional[Tensor]]
 ) -> Iterator[Dict[str, Optional[Tensor]]]:
     """Column by column, the outputs not named in ``stacked``; once the columns are exhausted, ``stacked`` holds
     all columns of each output named there (``[R, n, *output dims]``; ``None`` if unused).
@@ -146,7 +169,7 @@ def _backpropagate(
     its ``[R, n, ...]`` view), so that a sample's columns are contiguous; an output that is ``eta`` itself is
     ``S`` (as ``[R, n, K]``)."""
     R = S.shape[2]
-    bufs: Dict[str, Optional[Tensor]] = {k: None for k in stacked if outputs[k] is not eta}
+    bufs: Dict[str, Optional[Tensor]] = {k: None for k in stacked if not outputs[k].is_eta}
     for r, grads in enumerate(_column_grads(eta, outputs, S)):
         for k, g in grads.items():
             if k in bufs and g is not None:
@@ -155,16 +178,18 @@ def _backpropagate(
                     buf = bufs[k] = g.new_empty((g.shape[0], R, *g.shape[1:]))
                 buf[:, r] = g
         yield {k: g for k, g in grads.items() if k not in stacked}
-    stacked.update({k: S.permute(2, 0, 1) for k in stacked if outputs[k] is eta})
+    stacked.update({k: S.permute(2, 0, 1) for k in stacked if outputs[k].is_eta})
     stacked.update({k: None if buf is None else buf.transpose(0, 1) for k, buf in bufs.items()})
 
 
-def _recorded(manifold: ModelManifold, layers: Dict[str, RuleLayer]) -> Tuple[Tensor, Dict[str, Tuple[Tensor, Tensor]]]:
-    """``eta`` and the recorded ``(input, output)`` of each layer called once with an accepted input."""
+def _recorded(manifold: ModelManifold, layers: Dict[str, RuleLayer]) -> Tuple[Tensor, Dict[str, Tuple[Tensor, Output]]]:
+    """``eta`` and the recorded ``(input, output)`` of each layer called once with an accepted input (the output as
+    an :class:`Output`: the output tensors themselves are not kept)."""
     eta, records, stale = _record(manifold, layers, copy=False)
     if stale:
+        del records
         eta, records, _ = _record(manifold, layers, copy=True)
-    return eta, {k: v for k, v in records.items() if v is not None}
+    return eta, {k: (v[0], _output(v[1], eta)) for k, v in records.items() if v is not None}
 
 
 def capture(manifold: ModelManifold, layers: Dict[str, RuleLayer], S: Tensor) -> Dict[str, Tuple[Tensor, Tensor]]:
@@ -207,7 +232,7 @@ def capture_columns(
     eta, good = _recorded(manifold, layers)
     inputs = {name: layers[name].rule.unfold(layers[name].module, x) for name, (x, _) in good.items()}
     outputs = {k: out for k, (_, out) in good.items()}
-    stacked: Dict[str, Optional[Tensor]] = {k: None for k, a in inputs.items() if stack(k, a, outputs[k] is eta)}
+    stacked: Dict[str, Optional[Tensor]] = {k: None for k, a in inputs.items() if stack(k, a, outputs[k].is_eta)}
     result: Dict[str, Tensor] = {}
 
     def g_of(name: str, g: Optional[Tensor], R: int) -> Tensor:
