@@ -146,8 +146,8 @@ def _column_grads(eta: Tensor, outputs: Dict[str, Output], S: Tensor) -> Iterato
     one batched backward (``is_grads_batched``, whose vmap loops over pooling and activation backwards: 2x on a
     CNN). An output that is ``eta`` itself needs no backward: its columns are those of ``S``."""
     R = S.shape[2]
-    back = [k for k, out in outputs.items() if not out.is_eta]
-    outs = [outputs[k].edge for k in back]
+    back = [k for k, out in outputs.items() if out.edge is not None]
+    outs = [out.edge for out in outputs.values() if out.edge is not None]
     for r in range(R):
         grads: Dict[str, Optional[Tensor]] = {k: S[:, :, r] for k, out in outputs.items() if out.is_eta}
         if outs:
