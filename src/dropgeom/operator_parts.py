@@ -81,8 +81,8 @@ def operator_parts(op: CurvatureOperator, n: int, copy: bool = True) -> List[Ten
     of disjoint chunks (or all-reducing them across processes) and passing the totals to
     :func:`operator_from_parts` gives the operator of all inputs.
 
-    ``copy=False`` returns the operator's own matrices where it can (no copy): for a caller that drops ``op`` and
-    may then add into the parts in place.
+    ``copy=False`` returns the operator's own matrices (KFAC's input factors scaled in place): for a caller that
+    drops ``op`` and may then add into the parts in place.
 
     Raises:
         TypeError: for an implicit operator (it has no stored pieces; sum its products instead).
@@ -102,7 +102,9 @@ def operator_parts(op: CurvatureOperator, n: int, copy: bool = True) -> List[Ten
     if isinstance(op, BlockDiagonalOperator):
         return [own(b) for b in op.blocks]
     if isinstance(op, KFACOperator):
-        return [t for kb in op.kron_blocks for t in (kb.A * n, own(kb.B))] + [own(b) for b, _ in op.dense_blocks]
+        return [t for kb in op.kron_blocks for t in (kb.A * n if copy else kb.A.mul_(n), own(kb.B))] + [
+            own(b) for b, _ in op.dense_blocks
+        ]
     raise TypeError(f"an operator of type {type(op).__name__} has no additive parts")
 
 
