@@ -121,3 +121,38 @@ def test_layer_outputs_are_not_kept_while_columns_are_back_propagated(conv):
     assert len(got) == 3
     for r, g in enumerate(got):
         torch.testing.assert_close(g[0], g_all[r], rtol=0, atol=0)
+
+
+def test_one_back_propagated_column_is_alive_at_a_time(monkeypatch):
+    """The column generators drop their references before the next backward: once the consumer lets go of column
+    ``r``, the gradients autograd returned for it are gone while column ``r + 1`` is computed (each column of a
+    hidden layer is as large as its activation). Fails if a generator's locals keep the previous column."""
+    import gc
+    import weakref
+
+    from dropgeom._capture import capture_columns, rule_layers
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 7), nn.ReLU(), nn.Linear(7, 4)).double()
+    m = ModelManifold(net, torch.randn(6, 5, dtype=torch.float64))
+    S = torch.randn(6, 4, 3, dtype=torch.float64)
+    calls = []
+    grad = torch.autograd.grad
+
+    alive_at_start = []
+
+    def recording_grad(*args, **kwargs):
+        gc.collect()
+        alive_at_start.append(sum(ref() is not None for refs in calls for ref in refs))
+        out = grad(*args, **kwargs)
+        calls.append([weakref.ref(t) for t in out if t is not None])
+        return out
+
+    monkeypatch.setattr(torch.autograd, "grad", recording_grad)
+    _, columns, _ = capture_columns(m, rule_layers(m), S)
+    column = next(columns)
+    del column
+    second = next(columns)
+    assert sorted(second) == ["0", "2", "4"] and len(calls) == 2 and len(calls[0]) == 2
+    assert alive_at_start == [0, 0], "column 0's gradients were alive during column 1's backward"
+    assert all(ref() is not None for ref in calls[1])  # the probe sees live columns

@@ -154,9 +154,11 @@ def _column_grads(eta: Tensor, outputs: Dict[str, Output], S: Tensor) -> Iterato
             # the scalar <eta, S_r> rather than grad_outputs=S_r: same gradients, but PyTorch checks a grad_outputs
             # tensor's shape with torch.fx's symbolic shapes, whose first use imports sympy (~0.3 s, ~50 MiB
             # resident, once per process); a library call should not cost that (docs/benchmarks.md, "Memory")
-            gs = torch.autograd.grad((eta * S[:, :, r]).sum(), outs, retain_graph=r < R - 1, allow_unused=True)
-            grads.update(zip(back, gs))
+            grads.update(
+                zip(back, torch.autograd.grad((eta * S[:, :, r]).sum(), outs, retain_graph=r < R - 1, allow_unused=True))
+            )
         yield grads
+        del grads  # one column alive at a time: a generator's locals otherwise hold it through the next backward
 
 
 def _backpropagate(
@@ -170,14 +172,20 @@ def _backpropagate(
     ``S`` (as ``[R, n, K]``)."""
     R = S.shape[2]
     bufs: Dict[str, Optional[Tensor]] = {k: None for k in stacked if not outputs[k].is_eta}
-    for r, grads in enumerate(_column_grads(eta, outputs, S)):
+    r = -1
+    for grads in _column_grads(eta, outputs, S):  # not enumerate(): its cached (r, grads) tuple keeps the last column
+        r += 1
         for k, g in grads.items():
             if k in bufs and g is not None:
                 buf = bufs[k]
                 if buf is None:
                     buf = bufs[k] = g.new_empty((g.shape[0], R, *g.shape[1:]))
                 buf[:, r] = g
-        yield {k: g for k, g in grads.items() if k not in stacked}
+        column = {k: g for k, g in grads.items() if k not in stacked}
+        del grads  # (as in _column_grads: no reference to this column survives the next backward)
+        g = None
+        yield column
+        del column
     stacked.update({k: S.permute(2, 0, 1) for k in stacked if outputs[k].is_eta})
     stacked.update({k: None if buf is None else buf.transpose(0, 1) for k, buf in bufs.items()})
 
@@ -242,7 +250,10 @@ def capture_columns(
 
     def columns() -> Iterator[Dict[str, Tensor]]:
         for grads in _backpropagate(eta, outputs, S, stacked):
-            yield {name: g_of(name, None if g is None else g.unsqueeze(0), 1) for name, g in grads.items()}
+            column = {name: g_of(name, None if g is None else g.unsqueeze(0), 1) for name, g in grads.items()}
+            del grads  # one column alive at a time (consumers drop theirs too: see _fisher)
+            yield column
+            del column
         result.update({name: g_of(name, g, S.shape[2]) for name, g in stacked.items()})
 
     return inputs, columns(), result

@@ -345,6 +345,7 @@ def _rule_diagonals(
                 dw0, db0 = out[name]
                 dw, db = dw0.add_(dw), (None if db is None or db0 is None else db0.add_(db))
             out[name] = (dw, db)
+        column = g = g0 = None  # drop this column before the next one is back-propagated (one alive at a time)
     for name, g2 in squares.items():
         out[name] = diagonal_from_squares(inputs[name], g2, layers[name].rule.has_bias(layers[name].module), scale)
     for name, g in stacked.items():
@@ -388,6 +389,7 @@ def _kfac(manifold: ModelManifold, S: Tensor, scale: float, meta: dict) -> KFACO
         for name, g in column.items():
             Br = layers[name].rule.gradient_factor(g, scale)
             B[name] = B[name].add_(Br) if name in B else Br
+        column = g = Br = None  # dropped before the next column is back-propagated
     kron, done = [], set()
     for name in A:
         mod, rule = layers[name]
