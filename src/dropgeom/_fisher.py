@@ -452,7 +452,8 @@ def _implicit_matmat(manifold: ModelManifold, S: Tensor, scale: float):
             if not pullback:
                 pullback.append(vjp(manifold.forward, params)[1])
             out = vmap(pullback[0])(W)[0]
-            return torch.cat([out[k].reshape(V.shape[1], -1) for k in names], dim=1).T * scale
+            # scaled in place and returned as the transposed view: one [m, P] buffer fewer than `cat(...).T * scale`
+            return torch.cat([out[k].reshape(V.shape[1], -1) for k in names], dim=1).mul_(scale).T
         except (RuntimeError, NotImplementedError):  # a layer without a vmap rule
             cols = []
             for j in range(V.shape[1]):
