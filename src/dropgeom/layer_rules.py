@@ -134,20 +134,20 @@ def input_factor(a: Tensor, has_bias: bool, n: int) -> Tensor:
     (no transposed copy of channel-first patches); the bias row is the sum of the inputs and its corner ``n T``, so no
     column of ones is appended."""
     T, d = a.shape[1], a.shape[2]
-    Aw = outer_sum(a)
+    Aw = outer_sum(a)  # a fresh matrix: scaled in place (no second [d, d])
     if not has_bias:
-        return Aw / (n * T)
+        return Aw.div_(n * T)
     A = Aw.new_empty(d + 1, d + 1)
     A[:d, :d] = Aw
     A[d, :d] = A[:d, d] = a.sum((0, 1))
     A[d, d] = a.shape[0] * T
-    return A / (n * T)
+    return A.div_(n * T)
 
 
 def gradient_factor(g: Tensor, scale: float) -> Tensor:
     """``B = scale * sum_{i,r,t} g_irt g_irt^T`` by :func:`~dropgeom.linalg.outer_sum` (a sum over the columns ``r``,
     so it may be accumulated one column at a time)."""
-    return outer_sum(g) * scale
+    return outer_sum(g).mul_(scale)  # a fresh matrix: scaled in place
 
 
 def kronecker_factors(a: Tensor, g: Tensor, has_bias: bool, n: int, scale: float) -> Tuple[Tensor, Tensor]:
