@@ -49,3 +49,22 @@ def test_every_topic_exposes_main_quick(topic: str, monkeypatch: pytest.MonkeyPa
 
 def test_topics_are_the_expected_ones() -> None:
     assert {"bench_curvature", "bench_dropout", "bench_fisher", "bench_scale", "bench_train"} <= set(TOPICS)
+
+
+def test_memory_probe_rows_measure_their_own_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each row of ``bench/memory_probe.py`` calls its own model's Fisher (the closures bind their manifold and
+    peer model when built: a late-bound loop variable once made the MLP rows compute the CNN's diagonal)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    probe = importlib.import_module("memory_probe")
+    rows = probe.cases()
+    assert list(rows) == [
+        "MLP diag, one call on 1,000",
+        "MLP diag, streamed 2 x 1,000",
+        "MLP kfac, one call on 1,000",
+        "MLP kfac, streamed 2 x 1,000",
+        "CNN diag, streamed 2 x 1,000",
+        "CNN kfac, streamed 2 x 1,000",
+    ]
+    mlp_params = 784 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 10 + 10
+    assert rows["MLP diag, one call on 1,000"][0]().size == mlp_params
+    assert "--profile" in _help("memory_probe.py")
