@@ -67,6 +67,7 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
         "core",
         (
             "dropgeom._fisher",
+            "dropgeom._fisher_structures",
             "dropgeom.layer_rules",
             "dropgeom._capture",
             "dropgeom.curvature",

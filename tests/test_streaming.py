@@ -202,3 +202,37 @@ def test_fisher_chunks_large_tensor_inputs_internally(structure, kind):
         torch.testing.assert_close(chunked.diag(), one.diag(), atol=1e-10, rtol=1e-10)
     with pytest.raises(ValueError, match="chunk_bytes"):
         fisher(m, kind, structure, chunk_bytes=0, **kw)
+
+
+@pytest.mark.parametrize("structure", ["diag", "kfac"])
+def test_later_batches_are_added_into_the_totals(structure):
+    """From the second batch on, the diagonal and KFAC are added into the running totals in place
+    (``_fisher.add_sum_into``): with a layer that has no Kronecker rule (LayerNorm: an exact dense block), the
+    exact kind equals the in-memory Fisher, and the Monte Carlo kind equals the sum of each batch's own
+    ``fisher(..., reduction="sum")`` drawn with that batch's seed (``seed + b``), divided by N."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.LayerNorm(6), nn.Linear(6, 3)).double()
+    x = torch.randn(N, 5, dtype=torch.float64)
+    batches = [x[i : i + 10] for i in range(0, N, 10)]  # 10, 10, 10, 7
+    ref = fisher(ModelManifold(net, x), "exact", structure)
+    got = fisher_streamed(net, batches, structure=structure)
+    torch.testing.assert_close(_dense(got), _dense(ref), atol=1e-10, rtol=1e-10)
+    mc = fisher_streamed(net, batches, kind="mc", structure=structure, seed=11)
+    if structure == "diag":
+        parts = [
+            fisher(ModelManifold(net, b), "mc", "diag", generator=torch.Generator().manual_seed(11 + i), reduction="sum").diag()
+            for i, b in enumerate(batches)
+        ]
+        torch.testing.assert_close(mc.diag(), sum(parts) / N, atol=1e-12, rtol=1e-10)
+    else:
+        ops = [
+            fisher(ModelManifold(net, b), "mc", "kfac", generator=torch.Generator().manual_seed(11 + i), reduction="sum")
+            for i, b in enumerate(batches)
+        ]
+        for j, kb in enumerate(mc.kron_blocks):
+            A = sum(op.kron_blocks[j].A * b.shape[0] for op, b in zip(ops, batches)) / N
+            B = sum(op.kron_blocks[j].B for op in ops) / N
+            torch.testing.assert_close(kb.A, A, atol=1e-12, rtol=1e-10)
+            torch.testing.assert_close(kb.B, B, atol=1e-12, rtol=1e-10)
+        dense = sum(op.dense_blocks[0][0] for op in ops) / N
+        torch.testing.assert_close(mc.dense_blocks[0][0], dense, atol=1e-12, rtol=1e-10)

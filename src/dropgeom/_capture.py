@@ -251,7 +251,7 @@ def capture_columns(
     def columns() -> Iterator[Dict[str, Tensor]]:
         for grads in _backpropagate(eta, outputs, S, stacked):
             column = {name: g_of(name, None if g is None else g.unsqueeze(0), 1) for name, g in grads.items()}
-            del grads  # one column alive at a time (consumers drop theirs too: see _fisher)
+            del grads  # one column alive at a time (consumers drop theirs too: see _fisher_structures)
             yield column
             del column
         result.update({name: g_of(name, g, S.shape[2]) for name, g in stacked.items()})

@@ -55,28 +55,18 @@ Example:
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple, Union
+from typing import List, Optional, Union
 
 from .options import FisherKind, Reduction, Structure, parse
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vjp, vmap
 
-from ._capture import RuleLayer, capture_columns, pname, rule_layers
+from ._fisher_structures import fisher_diagonal, implicit_matmat, fisher_kfac, build
 from .dispatch import streams
-from .layer_rules import LayerRule, diagonal_from_squares
-from .manifold import DEFAULT_CHUNK_BYTES, ModelManifold, memory_guard
+from .manifold import DEFAULT_CHUNK_BYTES, ModelManifold
 from .operator_parts import OperatorLayout, operator_from_parts, operator_layout, sum_parts
-from .operators import (
-    BlockDiagonalOperator,
-    CurvatureOperator,
-    DenseOperator,
-    DiagonalOperator,
-    ImplicitOperator,
-    KFACOperator,
-    KroneckerBlock,
-)
+from .operators import CurvatureOperator, ImplicitOperator
 
 __all__ = ["FisherKind", "Structure", "Reduction", "fisher", "fisher_factors"]
 
@@ -193,16 +183,53 @@ def fisher(
     reduction = _enum(Reduction, reduction, "reduction")
     if not isinstance(manifold, ModelManifold):
         raise TypeError(f"fisher() needs a ModelManifold, got {type(manifold).__name__}")
-    if kind is FisherKind.EXACT:
-        S = manifold.family.reduced_cov_sqrt(manifold.eta())  # categorical: K-1 columns instead of K
-    else:
-        S = fisher_factors(manifold, kind, targets=targets, n_samples=n_samples, generator=generator)
+    S = _factors(manifold, kind, targets, n_samples, generator)
     scale = 1.0 if reduction is Reduction.SUM else 1.0 / manifold.n
     meta = dict(kind=kind.value, structure=structure.value, reduction=reduction.value, n=manifold.n)
     step = _chunk_rows(manifold, S.shape[-1], DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
     if step < manifold.n:
         return _chunked(manifold, S, structure, step, scale, meta)
-    return _build(manifold, S, structure, scale, meta)
+    return build(manifold, S, structure, scale, meta)
+
+
+def _factors(
+    manifold: ModelManifold, kind: FisherKind, targets: Optional[Tensor], n_samples: int, generator: Optional[torch.Generator]
+) -> Tensor:
+    """The factors ``S`` of ``kind`` (exact: the covariance root with as few columns as its rank; categorical K-1)."""
+    if kind is FisherKind.EXACT:
+        return manifold.family.reduced_cov_sqrt(manifold.eta())
+    return fisher_factors(manifold, kind, targets=targets, n_samples=n_samples, generator=generator)
+
+
+def add_sum_into(
+    total: List[Tensor],
+    manifold: ModelManifold,
+    kind: FisherKind,
+    structure: Structure,
+    *,
+    targets: Optional[Tensor] = None,
+    n_samples: int = 1,
+    generator: Optional[torch.Generator] = None,
+    chunk_bytes: Optional[int] = None,
+) -> bool:
+    """Add the sum-reduced Fisher of ``manifold`` to ``total`` (its :func:`~dropgeom.operator_parts.operator_parts`,
+    in place), building no operator of its own: the diagonal adds each layer's piece into its slice, KFAC each
+    layer's input factor (times ``n``) and each column's gradient factor into the totals. So a sum over batches
+    (:mod:`dropgeom.streaming`) holds the totals and one batch's activations, not a second set of factors.
+
+    Returns False, touching nothing, where it does not apply (other structures, inputs that ``chunk_bytes`` splits
+    into chunks): the caller then adds the parts of ``fisher(..., reduction="sum")``.
+    """
+    if structure not in (Structure.DIAG, Structure.KFAC):
+        return False
+    S = _factors(manifold, kind, targets, n_samples, generator)
+    if _chunk_rows(manifold, S.shape[-1], DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) < manifold.n:
+        return False
+    if structure is Structure.DIAG:
+        fisher_diagonal(manifold, S, 1.0, into=total[0])
+    else:
+        fisher_kfac(manifold, S, 1.0, {}, into=total)
+    return True
 
 
 def _chunk_rows(manifold: ModelManifold, columns: int, chunk_bytes: int) -> int:
@@ -222,243 +249,19 @@ def _chunked(manifold: ModelManifold, S: Tensor, structure: Structure, step: int
     if structure is Structure.IMPLICIT:
 
         def matmat(V: Tensor) -> Tensor:  # products rebuilt per chunk: no chunk's activations are kept
-            return sum(_implicit_matmat(manifold.subset(sl), S[sl], 1.0)(V) for sl in slices) * scale
+            return sum(implicit_matmat(manifold.subset(sl), S[sl], 1.0)(V) for sl in slices) * scale
 
         def diag() -> Tensor:
-            return sum(_diagonal(manifold.subset(sl), S[sl], 1.0) for sl in slices) * scale
+            return sum(fisher_diagonal(manifold.subset(sl), S[sl], 1.0) for sl in slices) * scale
 
         return ImplicitOperator(matmat, manifold.num_params, manifold.dtype, manifold.device, diag_fn=diag, **meta)
     total: Optional[List[Tensor]] = None
     layout: Optional[OperatorLayout] = None
     for sl in slices:  # the running totals and a layout are kept, not the first chunk's operator
         sub = manifold.subset(sl)
-        op = _build(sub, S[sl], structure, 1.0, dict(meta, n=sub.n))
+        op = build(sub, S[sl], structure, 1.0, dict(meta, n=sub.n))
         layout = layout or operator_layout(op)
         total = sum_parts(total, op, sub.n)
         del op
     assert total is not None and layout is not None
     return operator_from_parts(layout, total, manifold.n, scale, **meta)
-
-
-def _build(manifold: ModelManifold, S: Tensor, structure: Structure, scale: float, meta: dict) -> CurvatureOperator:
-    """The Fisher ``scale * sum_i J_i^T S_i S_i^T J_i`` of ``manifold`` in ``structure``."""
-    P = manifold.num_params
-
-    if structure is Structure.DENSE:
-        memory_guard(P * P, manifold.dtype, f"a dense Fisher [{P} x {P}]", "use structure='diag', 'kfac' or 'implicit'")
-        F = torch.zeros(P, P, dtype=manifold.dtype, device=manifold.device)
-        for _, G in manifold.iter_per_sample_vjp(S):
-            G = G.reshape(-1, P)
-            F.addmm_(G.T, G)
-        return DenseOperator(F * scale, **meta)
-
-    if structure is Structure.DIAG:
-        return DiagonalOperator(_diagonal(manifold, S, scale), **meta)
-
-    if structure is Structure.LAYER:
-        names, blocks, index = _module_blocks(manifold, S, scale, "a layer block", "use structure='kfac', 'diag' or 'implicit'")
-        return BlockDiagonalOperator(blocks, index, P, names=names, **meta)
-
-    if structure is Structure.KFAC:
-        return _kfac(manifold, S, scale, meta)
-
-    # implicit
-    return ImplicitOperator(
-        _implicit_matmat(manifold, S, scale),
-        P,
-        manifold.dtype,
-        manifold.device,
-        diag_fn=lambda: _diagonal(manifold, S, scale),
-        **meta,
-    )
-
-
-# --------------------------------------------------------------------------
-# structure back-ends
-# --------------------------------------------------------------------------
-
-
-def _parameter_groups(manifold: ModelManifold) -> List[Tuple[str, List[str]]]:
-    """Group parameter names by owning module (``"0.weight"``, ``"0.bias"`` -> ``"0"``; ``"weight"`` -> ``""``)."""
-    groups: Dict[str, List[str]] = {}
-    for k in manifold.param_names:
-        mod = k.rsplit(".", 1)[0] if "." in k else ""
-        groups.setdefault(mod, []).append(k)
-    return list(groups.items())
-
-
-def _diagonal(manifold: ModelManifold, S: Tensor, scale: float = 1.0) -> Tensor:
-    """Exact ``scale * sum_i diag(J_i^T S_i S_i^T J_i)``.
-
-    Rule layers (Linear, Conv1d/2d/3d, registered types) from layer inputs and
-    back-propagated factor columns (:meth:`~dropgeom.layer_rules.LayerRule.diagonal`); every other parameter through per-sample
-    products on a sub-manifold. The pieces are concatenated in parameter order
-    (no ``[P]`` scratch buffer).
-    """
-    P = manifold.num_params
-    layers = rule_layers(manifold)
-    pieces: Dict[str, Tensor] = {}
-    for name, (dw, db) in (_rule_diagonals(manifold, layers, S, scale) if layers else {}).items():
-        pieces[pname(name, "weight")] = dw.reshape(-1)
-        if db is not None:
-            pieces[pname(name, "bias")] = db
-    rest = [k for k in manifold.param_names if k not in pieces]
-    if rest:
-        sub = manifold if len(rest) == P or not pieces else _sub_manifold(manifold, rest)
-        sub_slices = sub.param_slices()
-        acc = torch.zeros(sub.num_params, dtype=manifold.dtype, device=manifold.device)
-        for _, G in sub.iter_per_sample_vjp(S):
-            acc += (G * G).sum((0, 1))
-        acc *= scale
-        for k in rest:
-            pieces[k] = acc[sub_slices[k]]
-    return torch.cat([pieces[k].to(manifold.dtype) for k in manifold.param_names])
-
-
-def _rule_diagonals(
-    manifold: ModelManifold, layers: Dict[str, RuleLayer], S: Tensor, scale: float
-) -> Dict[str, Tuple[Tensor, Optional[Tensor]]]:
-    """Each rule layer's :meth:`~dropgeom.layer_rules.LayerRule.diagonal` ``(weight part, bias part or None)``.
-
-    Layers with ``T > 1`` positions (convolutions) form per-sample gradients, a sum over the columns of ``S``: they
-    take one column at a time. ``T = 1`` layers need the columns only through their summed squares
-    (:func:`~dropgeom.layer_rules.diagonal_from_squares`), accumulated one column at a time: no ``[R, n, d_out]``
-    stack (on 784-1024-1024-10 with 1,000 inputs that stack and its square took 80 of the 200 MiB, and the
-    strided stack made the digits MLP's diagonal 20% slower). A layer whose output is the model's output takes
-    its columns from ``S`` at once (no backward, no copy), and so does a ``T = 1`` layer whose rule has its own
-    :meth:`~dropgeom.layer_rules.LayerRule.diagonal`."""
-    own = {k for k, layer in layers.items() if type(layer.rule).diagonal is not LayerRule.diagonal}
-    inputs, columns, stacked = capture_columns(
-        manifold, layers, S, stack=lambda k, a, is_eta: a.shape[1] == 1 and (k in own or is_eta)
-    )
-    squares: Dict[str, Tensor] = {}
-    out: Dict[str, Tuple[Tensor, Optional[Tensor]]] = {}
-    for column in columns:
-        for name, g in column.items():
-            mod, rule = layers[name]
-            if inputs[name].shape[1] == 1:  # built-in diagonal, one position: add this column's squares
-                g0 = g[0, :, 0]
-                squares[name] = squares[name].addcmul_(g0, g0) if name in squares else g0 * g0
-                continue
-            dw, db = rule.diagonal(inputs[name], g, rule.has_bias(mod), scale)
-            if name in out:
-                dw0, db0 = out[name]
-                dw, db = dw0.add_(dw), (None if db is None or db0 is None else db0.add_(db))
-            out[name] = (dw, db)
-        column = g = g0 = None  # drop this column before the next one is back-propagated (one alive at a time)
-    for name, g2 in squares.items():
-        out[name] = diagonal_from_squares(inputs[name], g2, layers[name].rule.has_bias(layers[name].module), scale)
-    for name, g in stacked.items():
-        mod, rule = layers[name]
-        out[name] = rule.diagonal(inputs[name], g, rule.has_bias(mod), scale)
-    return {name: out[name] for name in inputs}  # layer order
-
-
-def _sub_manifold(manifold: ModelManifold, names: List[str]) -> ModelManifold:
-    """The same manifold with only ``names`` free (others fixed at their values)."""
-    return ModelManifold(manifold.model, manifold.inputs, manifold.family, param_names=names, forward=manifold._forward)
-
-
-def _kfac(manifold: ModelManifold, S: Tensor, scale: float, meta: dict) -> KFACOperator:
-    r"""KFAC (Martens & Grosse 2015) for Linear layers and KFC (Grosse & Martens 2016,
-    the "expand" variant of Eschenhagen et al. 2023) for convolutions and Linear
-    layers on inputs with extra dims. With ``a~ = [a; 1]`` when there is a bias,
-    ``T`` output positions per sample (1 for plain Linear):
-
-    ``A = (1/(n T)) sum_{i,t} a~_it a~_it^T``,  ``B = scale * sum_{i,r,t} g_irt g_irt^T``,
-
-    block ``B (x) A`` on ``vec([W | b])`` (``scale = 1/n`` for the mean). This is
-    curvlinops' ``KFACLinearOperator(kfac_approx="expand",
-    separate_weight_and_bias=False)``. BackPACK (KFLR exact / KFAC mc) keeps
-    separate weight and bias blocks; for Linear its weight block equals ours and
-    its bias block equals our ``B``; for convolutions its input factor is ``T``
-    times ours and its gradient factor is ``sum_i (sum_t g_it)(sum_t g_it)^T``
-    (the exact bias block) instead of ours.
-    Other parameters get exact dense blocks per module.
-    """
-    n = manifold.n
-    slices = manifold.param_slices()
-    layers = rule_layers(manifold)
-    inputs, columns, _ = capture_columns(manifold, layers, S) if layers else ({}, iter(()), {})
-    A = {
-        name: layers[name].rule.input_factor(a, layers[name].rule.has_bias(layers[name].module), n) for name, a in inputs.items()
-    }
-    del inputs
-    B: Dict[str, Tensor] = {}
-    for column in columns:  # B is a sum over the columns of S: one column's back-propagated outputs at a time
-        for name, g in column.items():
-            Br = layers[name].rule.gradient_factor(g, scale)
-            B[name] = B[name].add_(Br) if name in B else Br
-        column = g = Br = None  # dropped before the next column is back-propagated
-    kron, done = [], set()
-    for name in A:
-        mod, rule = layers[name]
-        has_bias = rule.has_bias(mod)
-        w = slices[pname(name, "weight")]
-        b = slices[pname(name, "bias")] if has_bias else None
-        kron.append(KroneckerBlock(A=A[name], B=B[name], weight_index=w, bias_index=b, name=name))
-        done.update({pname(name, "weight")} | ({pname(name, "bias")} if has_bias else set()))
-    rest = [k for k in manifold.param_names if k not in done]
-    dense = []
-    if rest:
-        sub = manifold if not done else _sub_manifold(manifold, rest)
-        _, blocks, _ = _module_blocks(sub, S, scale, "an exact block (no Kronecker rule)", "use structure='diag' or 'implicit'")
-        idx_full = [_flat_index(slices, names) for _, names in _parameter_groups(sub)]
-        dense = [(blk, idx.to(manifold.device)) for blk, idx in zip(blocks, idx_full)]
-    return KFACOperator(kron, dense, manifold.num_params, manifold.dtype, manifold.device, **meta)
-
-
-def _flat_index(slices: Dict[str, slice], names: List[str]) -> Tensor:
-    """Flat-vector indices of the named parameters, in order."""
-    return torch.cat([torch.arange(slices[k].start, slices[k].stop) for k in names])
-
-
-def _module_blocks(
-    manifold: ModelManifold, S: Tensor, scale: float, what: str, alternative: str
-) -> Tuple[List[str], List[Tensor], List[Tensor]]:
-    """Exact per-module blocks ``scale * sum_i G_i[:, idx]^T G_i[:, idx]`` of ``manifold``.
-
-    Returns module names, blocks and their index sets in ``manifold``'s flat vector;
-    per-sample products are accumulated in chunks, never held for all samples.
-    """
-    groups = _parameter_groups(manifold)
-    slices = manifold.param_slices()
-    index = [_flat_index(slices, names) for _, names in groups]
-    for (gname, _), idx in zip(groups, index):
-        memory_guard(len(idx) ** 2, manifold.dtype, f"{what} [{len(idx)} x {len(idx)}] for module {gname!r}", alternative)
-    blocks = [torch.zeros(len(i), len(i), dtype=manifold.dtype, device=manifold.device) for i in index]
-    for _, G in manifold.iter_per_sample_vjp(S):
-        G = G.reshape(-1, manifold.num_params)
-        for blk, idx in zip(blocks, index):
-            g = G[:, idx.to(G.device)]
-            blk.addmm_(g.T, g)
-    return [g for g, _ in groups], [b * scale for b in blocks], index
-
-
-def _implicit_matmat(manifold: ModelManifold, S: Tensor, scale: float):
-    """``V -> scale * J^T S S^T J V`` for ``V`` of shape ``[P, m]``, vectorised over the
-    ``m`` columns (``vmap`` over ``jvp`` and over one reusable ``vjp``); a loop over
-    columns only where a layer has no ``vmap`` rule."""
-    params = manifold.params
-    names = manifold.param_names
-    pullback: list = []  # the vjp closure, built once on first use (one forward)
-
-    def mm(V: Tensor) -> Tensor:
-        V = V.to(manifold.dtype)
-        tangents = manifold.unflatten(V.T)  # dict of [m, *shape]
-        try:
-            JV = vmap(lambda t: jvp(manifold.forward, (params,), (t,))[1])(tangents)  # [m, n, K]
-            W = torch.einsum("nkr,nlr,mnl->mnk", S, S, JV)
-            if not pullback:
-                pullback.append(vjp(manifold.forward, params)[1])
-            out = vmap(pullback[0])(W)[0]
-            # scaled in place and returned as the transposed view: one [m, P] buffer fewer than `cat(...).T * scale`
-            return torch.cat([out[k].reshape(V.shape[1], -1) for k in names], dim=1).mul_(scale).T
-        except (RuntimeError, NotImplementedError):  # a layer without a vmap rule
-            cols = []
-            for j in range(V.shape[1]):
-                jv = manifold.jvp(V[:, j])
-                cols.append(manifold.vjp(torch.einsum("nkr,nlr,nl->nk", S, S, jv)) * scale)
-            return torch.stack(cols, dim=1)
-
-    return mm

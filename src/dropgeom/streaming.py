@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from .batches import Batch, Data, all_reduce, rank, check_same_parameters, is_batches, iter_batches, stream_mean
 from .dispatch import StreamedManifold, register_streamed
 from .families import ExponentialFamily
-from ._fisher import FisherKind, Reduction, Structure, _enum, fisher
+from ._fisher import add_sum_into, FisherKind, Reduction, Structure, _enum, fisher
 from .manifold import DEFAULT_CHUNK_BYTES
 from .operator_parts import OperatorLayout, operator_from_parts, operator_layout, sum_parts
 from .operators import CurvatureOperator, ImplicitOperator
@@ -171,7 +171,28 @@ def _fisher_of(
     if structure is Structure.IMPLICIT:
         return _implicit(source.batches, batch_operator, reduction)
 
-    layout, total, n_local = _sum_batches(source.batches(), lambda b, inp, tgt: batch_operator(b, inp, tgt, structure))
+    def add_batch(b: int, inputs: Tuple[Tensor, ...], tgt: Optional[Tensor], total: List[Tensor]) -> int:
+        """Batch ``b`` added into ``total`` in place where the engine can (diag, KFAC), else through its operator."""
+        gen = torch.Generator(device=device).manual_seed(base_seed + b) if kind is FisherKind.MC else None
+        if kind is FisherKind.EMPIRICAL and tgt is None:
+            raise ValueError("the empirical Fisher needs observed labels: batches of (inputs, targets), or targets= for tensors")
+        m = source.manifold_of(b, inputs)
+        ok = add_sum_into(
+            total,
+            m,
+            kind,
+            structure,
+            targets=tgt if kind is FisherKind.EMPIRICAL else None,
+            n_samples=n_samples,
+            generator=gen,
+            chunk_bytes=budget,
+        )
+        if not ok:
+            op, _ = batch_operator(b, inputs, tgt, structure)
+            sum_parts(total, op, m.n)
+        return m.n
+
+    layout, total, n_local = _sum_batches(source.batches(), lambda b, inp, tgt: batch_operator(b, inp, tgt, structure), add_batch)
     N = int(all_reduce(torch.tensor([n_local], dtype=torch.float64)).item())
     total = [all_reduce(t) for t in total]
     scale = 1.0 if reduction is Reduction.SUM else 1.0 / N
@@ -185,17 +206,24 @@ def _base_seed(seed: Optional[int], generator: Optional[torch.Generator]) -> int
 
 
 def _sum_batches(
-    batches: Iterator[Batch], operator: Callable[[int, Tuple[Tensor, ...], Optional[Tensor]], Tuple[CurvatureOperator, int]]
+    batches: Iterator[Batch],
+    operator: Callable[[int, Tuple[Tensor, ...], Optional[Tensor]], Tuple[CurvatureOperator, int]],
+    add: Callable[[int, Tuple[Tensor, ...], Optional[Tensor], List[Tensor]], int],
 ) -> Tuple[OperatorLayout, List[Tensor], int]:
-    """The operators' layout, the summed additive parts of all batches, and the input count."""
+    """The operators' layout, the summed additive parts of all batches, and the input count: the first batch's
+    operator gives the layout and (its own matrices) the running totals, and ``add`` adds every later batch into
+    them (only the totals and one batch's work are alive at a time)."""
     total: Optional[List[Tensor]] = None
     layout: Optional[OperatorLayout] = None
     count = 0
-    for index, (inputs, tgt) in enumerate(batches):  # running totals and a layout, not the first batch's operator
-        op, n_b = operator(index, inputs, tgt)
-        layout = layout or operator_layout(op)
-        total = sum_parts(total, op, n_b)
-        del op
+    for index, (inputs, tgt) in enumerate(batches):
+        if total is None:
+            op, n_b = operator(index, inputs, tgt)
+            layout = operator_layout(op)
+            total = sum_parts(None, op, n_b)
+            del op
+        else:
+            n_b = add(index, inputs, tgt, total)
         count += n_b
     assert total is not None and layout is not None  # iter_batches raises on an empty data set
     return layout, total, count
