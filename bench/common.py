@@ -253,6 +253,11 @@ def asdl_fisher(
     maker = asdl.get_fisher_maker(net, cfg)
 
     def run() -> List[Any]:
+        # drop the previous call's result first: it lives on the modules, and a warm memory measurement
+        # (peak_memory) would otherwise count ASDL's factors in the baseline rather than in the call
+        for m in net.modules():
+            if hasattr(m, "fisher"):
+                delattr(m, "fisher")
         for i, (x, y) in enumerate(batches):
             maker.setup_loss_call(torch.nn.functional.cross_entropy, maker.setup_model_call(net, x), y)
             maker.forward_and_backward(accumulate=i > 0)
