@@ -217,13 +217,18 @@ def add_sum_into(
     layer's input factor (times ``n``) and each column's gradient factor into the totals. So a sum over batches
     (:mod:`dropgeom.streaming`) holds the totals and one batch's activations, not a second set of factors.
 
-    Returns False, touching nothing, where it does not apply (other structures, inputs that ``chunk_bytes`` splits
-    into chunks): the caller then adds the parts of ``fisher(..., reduction="sum")``.
+    Returns False, touching nothing and drawing nothing from ``generator``, where it does not apply (other
+    structures, inputs that ``chunk_bytes`` splits into chunks): the caller then adds the parts of
+    ``fisher(..., reduction="sum")``.
     """
     if structure not in (Structure.DIAG, Structure.KFAC):
         return False
+    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    drawn = {FisherKind.MC: n_samples, FisherKind.EMPIRICAL: 1}.get(kind)  # columns of S known before any draw
+    if drawn is not None and _chunk_rows(manifold, drawn, budget) < manifold.n:
+        return False
     S = _factors(manifold, kind, targets, n_samples, generator)
-    if _chunk_rows(manifold, S.shape[-1], DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) < manifold.n:
+    if _chunk_rows(manifold, S.shape[-1], budget) < manifold.n:  # exact: S is deterministic, nothing was drawn
         return False
     if structure is Structure.DIAG:
         fisher_diagonal(manifold, S, 1.0, into=total[0])

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from .batches import Batch, Data, all_reduce, rank, check_same_parameters, is_batches, iter_batches, stream_mean
 from .dispatch import StreamedManifold, register_streamed
 from .families import ExponentialFamily
-from ._fisher import add_sum_into, FisherKind, Reduction, Structure, _enum, fisher
+from ._fisher import FisherKind, Reduction, Structure, _enum, add_sum_into, fisher
 from .manifold import DEFAULT_CHUNK_BYTES
 from .operator_parts import OperatorLayout, operator_from_parts, operator_layout, sum_parts
 from .operators import CurvatureOperator, ImplicitOperator
@@ -149,23 +149,18 @@ def _fisher_of(
     base_seed = _base_seed(seed, generator) if kind is FisherKind.MC else 0
     check_same_parameters(source.model)
 
-    def batch_operator(
-        b: int, inputs: Tuple[Tensor, ...], tgt: Optional[Tensor], struct: Structure
-    ) -> Tuple[CurvatureOperator, int]:
+    def prepare(b: int, inputs: Tuple[Tensor, ...], tgt: Optional[Tensor]):
+        """Batch ``b``'s manifold, Monte Carlo generator (seeded ``base_seed + b``) and targets (empirical kind)."""
         gen = torch.Generator(device=device).manual_seed(base_seed + b) if kind is FisherKind.MC else None
         if kind is FisherKind.EMPIRICAL and tgt is None:
             raise ValueError("the empirical Fisher needs observed labels: batches of (inputs, targets), or targets= for tensors")
-        m = source.manifold_of(b, inputs)
-        op = fisher(
-            m,
-            kind,
-            struct,
-            targets=tgt if kind is FisherKind.EMPIRICAL else None,
-            n_samples=n_samples,
-            generator=gen,
-            reduction="sum",
-            chunk_bytes=budget,
-        )
+        return source.manifold_of(b, inputs), gen, tgt if kind is FisherKind.EMPIRICAL else None
+
+    def batch_operator(
+        b: int, inputs: Tuple[Tensor, ...], tgt: Optional[Tensor], struct: Structure
+    ) -> Tuple[CurvatureOperator, int]:
+        m, gen, t = prepare(b, inputs, tgt)
+        op = fisher(m, kind, struct, targets=t, n_samples=n_samples, generator=gen, reduction="sum", chunk_bytes=budget)
         return op, m.n
 
     if structure is Structure.IMPLICIT:
@@ -173,24 +168,12 @@ def _fisher_of(
 
     def add_batch(b: int, inputs: Tuple[Tensor, ...], tgt: Optional[Tensor], total: List[Tensor]) -> int:
         """Batch ``b`` added into ``total`` in place where the engine can (diag, KFAC), else through its operator."""
-        gen = torch.Generator(device=device).manual_seed(base_seed + b) if kind is FisherKind.MC else None
-        if kind is FisherKind.EMPIRICAL and tgt is None:
-            raise ValueError("the empirical Fisher needs observed labels: batches of (inputs, targets), or targets= for tensors")
-        m = source.manifold_of(b, inputs)
-        ok = add_sum_into(
-            total,
-            m,
-            kind,
-            structure,
-            targets=tgt if kind is FisherKind.EMPIRICAL else None,
-            n_samples=n_samples,
-            generator=gen,
-            chunk_bytes=budget,
-        )
-        if not ok:
-            op, _ = batch_operator(b, inputs, tgt, structure)
-            sum_parts(total, op, m.n)
-        return m.n
+        m, gen, t = prepare(b, inputs, tgt)
+        if add_sum_into(total, m, kind, structure, targets=t, n_samples=n_samples, generator=gen, chunk_bytes=budget):
+            return m.n
+        op, n_b = batch_operator(b, inputs, tgt, structure)  # add_sum_into drew nothing: same draws as one pass
+        sum_parts(total, op, n_b)
+        return n_b
 
     layout, total, n_local = _sum_batches(source.batches(), lambda b, inp, tgt: batch_operator(b, inp, tgt, structure), add_batch)
     N = int(all_reduce(torch.tensor([n_local], dtype=torch.float64)).item())
