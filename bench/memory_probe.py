@@ -20,32 +20,13 @@ import warnings
 from typing import Callable, Dict, Tuple
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from bench_scale import MODELS  # the same two models as the streamed benchmark
 from common import in_child, peak_memory
 
 from dropgeom import ModelManifold, fisher
 from dropgeom.streaming import fisher_streamed
-
-
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
-
-
-def _cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 7 * 7, 10),
-    )
 
 
 def cases() -> Dict[str, Tuple[Callable[[], object], Callable[[], object]]]:
@@ -59,7 +40,7 @@ def cases() -> Dict[str, Tuple[Callable[[], object], Callable[[], object]]]:
     one = DataLoader(TensorDataset(x[:1000], y[:1000]), batch_size=1000)
     two = DataLoader(TensorDataset(x, y), batch_size=1000)
     out: Dict[str, Tuple[Callable[[], object], Callable[[], object]]] = {}
-    for model_name, make in (("MLP", _mlp), ("CNN", _cnn)):
+    for model_name, (_, make) in (("MLP", MODELS["mlp"]), ("CNN", MODELS["cnn"])):
         ours, ng = make(), make()
         m = ModelManifold(ours, x[:1000])
         for structure, rep in (("diag", PMatDiag), ("kfac", PMatKFAC)):
