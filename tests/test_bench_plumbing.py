@@ -68,3 +68,21 @@ def test_memory_probe_rows_measure_their_own_model(monkeypatch: pytest.MonkeyPat
     mlp_params = 784 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 10 + 10
     assert rows["MLP diag, one call on 1,000"][0]().size == mlp_params
     assert "--profile" in _help("memory_probe.py")
+
+
+def test_asdl_runner_clears_the_result_it_keeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ASDL keeps its Fisher on the modules between calls; the runner's ``clear()`` (called by ``peak_memory``
+    between its warm and measured calls) must drop it, or the old factors sit in the memory baseline."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    common = importlib.import_module("common")
+    import asdl
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    batches = [(torch.randn(5, 4), torch.randint(0, 3, (5,)))]
+    run = common.asdl_fisher(net, batches, asdl.FISHER_EXACT, asdl.SHAPE_KRON, 5)
+    held = run()
+    assert held and all(hasattr(m, "fisher") for m in held)
+    run.clear()
+    assert not any(hasattr(m, "fisher") for m in held)
