@@ -62,7 +62,7 @@ from .options import FisherKind, Reduction, Structure, parse
 import torch
 from torch import Tensor
 
-from ._fisher_structures import fisher_diagonal, implicit_matmat, fisher_kfac, build
+from ._fisher_structures import IN_PLACE, add_into, build, fisher_diagonal, implicit_matmat
 from .dispatch import streams
 from .manifold import DEFAULT_CHUNK_BYTES, ModelManifold
 from .operator_parts import OperatorLayout, operator_from_parts, operator_layout, sum_parts
@@ -212,16 +212,14 @@ def add_sum_into(
     generator: Optional[torch.Generator] = None,
     chunk_bytes: Optional[int] = None,
 ) -> bool:
-    """Add the sum-reduced Fisher of ``manifold`` to ``total`` (its :func:`~dropgeom.operator_parts.operator_parts`,
-    in place), building no operator of its own: the diagonal adds each layer's piece into its slice, KFAC each
-    layer's input factor (times ``n``) and each column's gradient factor into the totals. So a sum over batches
-    (:mod:`dropgeom.streaming`) holds the totals and one batch's activations, not a second set of factors.
+    """:func:`~dropgeom._fisher_structures.add_into` for a whole batch: its factors ``S`` of ``kind``, then the
+    sum-reduced Fisher added to ``total`` in place (:mod:`dropgeom.streaming` adds every batch after the first so).
 
-    Returns False, touching nothing and drawing nothing from ``generator``, where it does not apply (other
-    structures, inputs that ``chunk_bytes`` splits into chunks): the caller then adds the parts of
+    Returns False, touching nothing and drawing nothing from ``generator``, where it does not apply (structures
+    without an in-place path, inputs that ``chunk_bytes`` splits into chunks): the caller then adds the parts of
     ``fisher(..., reduction="sum")``.
     """
-    if structure not in (Structure.DIAG, Structure.KFAC):
+    if structure not in IN_PLACE:
         return False
     budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     drawn = {FisherKind.MC: n_samples, FisherKind.EMPIRICAL: 1}.get(kind)  # columns of S known before any draw
@@ -230,11 +228,7 @@ def add_sum_into(
     S = _factors(manifold, kind, targets, n_samples, generator)
     if _chunk_rows(manifold, S.shape[-1], budget) < manifold.n:  # exact: S is deterministic, nothing was drawn
         return False
-    if structure is Structure.DIAG:
-        fisher_diagonal(manifold, S, 1.0, into=total[0])
-    else:
-        fisher_kfac(manifold, S, 1.0, {}, into=total)
-    return True
+    return add_into(total, manifold, S, structure)
 
 
 def _chunk_rows(manifold: ModelManifold, columns: int, chunk_bytes: int) -> int:
@@ -264,6 +258,8 @@ def _chunked(manifold: ModelManifold, S: Tensor, structure: Structure, step: int
     layout: Optional[OperatorLayout] = None
     for sl in slices:  # the running totals and a layout are kept, not the first chunk's operator
         sub = manifold.subset(sl)
+        if total is not None and add_into(total, sub, S[sl], structure):
+            continue
         op = build(sub, S[sl], structure, 1.0, dict(meta, n=sub.n))
         layout = layout or operator_layout(op)
         total = sum_parts(total, op, sub.n)

@@ -29,7 +29,7 @@ from .operators import (
 )
 from .options import Structure
 
-__all__ = ["build", "fisher_diagonal", "fisher_kfac", "implicit_matmat"]
+__all__ = ["IN_PLACE", "add_into", "build", "fisher_diagonal", "fisher_kfac", "implicit_matmat"]
 
 
 def build(manifold: ModelManifold, S: Tensor, structure: Structure, scale: float, meta: dict) -> CurvatureOperator:
@@ -65,6 +65,25 @@ def build(manifold: ModelManifold, S: Tensor, structure: Structure, scale: float
         diag_fn=lambda: fisher_diagonal(manifold, S, scale),
         **meta,
     )
+
+
+#: Structures :func:`add_into` adds in place
+IN_PLACE = frozenset({Structure.DIAG, Structure.KFAC})
+
+
+def add_into(total: List[Tensor], manifold: ModelManifold, S: Tensor, structure: Structure) -> bool:
+    """Add the sum-reduced Fisher of ``manifold`` with factors ``S`` to ``total`` (the
+    :func:`~dropgeom.operator_parts.operator_parts` of an operator of the same layout), in place, where the structure
+    can (diagonal: each piece into its slice; KFAC: ``n A`` per layer and each column's ``B`` into the totals), and
+    say whether it did: False for the other structures, whose caller adds the parts of :func:`build` instead. Sums
+    over chunks and batches use it, so they hold the totals and one chunk's work, not a second set of matrices."""
+    if structure is Structure.DIAG:
+        fisher_diagonal(manifold, S, 1.0, into=total[0])
+        return True
+    if structure is Structure.KFAC:
+        fisher_kfac(manifold, S, 1.0, {}, into=total)
+        return True
+    return False
 
 
 # --------------------------------------------------------------------------
