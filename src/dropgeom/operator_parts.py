@@ -26,14 +26,14 @@ from torch import Tensor
 
 from .operators import BlockDiagonalOperator, CurvatureOperator, DenseOperator, DiagonalOperator, KFACOperator, KroneckerBlock
 
-__all__ = ["OperatorLayout", "operator_layout", "operator_parts", "operator_from_parts"]
+__all__ = ["OperatorLayout", "operator_layout", "operator_parts", "operator_from_parts", "sum_parts"]
 
 
 @dataclass(frozen=True)
 class OperatorLayout:
     """An operator without its matrices: what :func:`operator_from_parts` needs besides the summed parts.
 
-    ``kind`` is the operator's class; ``info`` its metadata (``kind``, ``structure``, ``reduction``, ``n``);
+    ``cls`` is the operator's class; ``info`` its metadata (``kind``, ``structure``, ``reduction``, ``n``);
     ``size``, ``dtype``, ``device`` its shape and placement; ``kron`` each Kronecker block's
     ``(weight_index, bias_index, name)``; ``index`` the index sets of block-diagonal blocks or of KFAC's dense
     blocks; ``names`` the block names.
@@ -110,7 +110,17 @@ def operator_parts(op: CurvatureOperator, n: int, copy: bool = True) -> List[Ten
 
 def sum_parts(total: Optional[List[Tensor]], op: CurvatureOperator, n: int) -> List[Tensor]:
     """``total`` plus the parts of ``op`` (over ``n`` inputs), added in place; the parts of ``op`` when ``total`` is
-    None. ``op`` must not be used afterwards: its matrices may become the totals (no copy is made)."""
+    None. ``op`` must not be used afterwards: its matrices may become the totals (no copy is made).
+
+    Raises:
+        TypeError: for an implicit operator (as :func:`operator_parts`).
+
+    Example:
+        >>> import torch
+        >>> total = sum_parts(None, DiagonalOperator(torch.ones(2)), 3)
+        >>> sum_parts(total, DiagonalOperator(torch.tensor([1.0, 2.0])), 5)
+        [tensor([2., 3.])]
+    """
     parts = operator_parts(op, n, copy=False)
     if total is None:
         return parts
