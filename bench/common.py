@@ -197,7 +197,7 @@ def peak_memory(fn: Callable[[], object], warm: bool = True) -> float:
     the call: PyTorch's first ``autograd.grad`` with a ``grad_outputs`` tensor
     imports sympy (``torch.fx.experimental.symbolic_shapes``, ~50 MiB resident),
     and a library whose first call takes that path would otherwise read 50 MiB
-    heavier than one that does not (measured 2026-12-06)."""
+    heavier than one that does not (measured 2026-12-05)."""
     if torch.cuda.is_available():
         return _peak_here(fn, warm)
     return in_child(lambda: _peak_here(fn, warm))

@@ -153,7 +153,7 @@ def _column_grads(eta: Tensor, outputs: Dict[str, Output], S: Tensor) -> Iterato
         if outs:
             # the scalar <eta, S_r> rather than grad_outputs=S_r: same gradients, but PyTorch checks a grad_outputs
             # tensor's shape with torch.fx's symbolic shapes, whose first use imports sympy (~0.3 s, ~50 MiB
-            # resident, once per process); a library call should not cost that (docs/benchmarks.md, "Memory")
+            # resident, once per process); a library call should not cost that (docs/benchmarks.md, "Peak memory, measured again")
             grads.update(
                 zip(back, torch.autograd.grad((eta * S[:, :, r]).sum(), outs, retain_graph=r < R - 1, allow_unused=True))
             )
