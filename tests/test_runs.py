@@ -434,3 +434,36 @@ def test_progress_eta_times_each_unit_kind_apart(tmp_path):
     assert line.eta() == pytest.approx(404.0 + 101.0, abs=1.0) and "(1 units of kinds not timed yet guessed)" in line.text()
     line.done("dear/seed=1", {"status": "ok", "seconds": 100.0})
     assert line.eta() == pytest.approx(2.0 + 150.0 + 2.0 + (2.0 + 150.0) / 2, abs=1.0)
+
+
+def test_progress_writes_plain_lines_when_not_a_terminal(tmp_path):
+    """A log file or a cluster job's output gets one line per claim and per finished unit, no carriage returns;
+    a terminal gets the refreshed single line (tqdm)."""
+    import io
+
+    from dropgeom.experiments.sweep import ProgressLine
+
+    rd = RunDir.claim(tmp_path)
+    plan = [("C1", [{"key": "a"}, {"key": "b"}]), ("C2", [{"key": "c"}])]
+    out = io.StringIO()
+    line = ProgressLine(rd, plan, workers=1, stream=out)
+    line.start("a")
+    line.done("a", {"status": "ok", "seconds": 4.0})
+    line.set_claim("C2")
+    line.set_claim("C2")  # no change: no new line
+    line.close()
+    text = out.getvalue()
+    lines = text.splitlines()
+    assert "\r" not in text and len(lines) == 3, text
+    assert lines[0].startswith("C1 (claim 1 of 2) | 0/3 units")
+    assert lines[1].startswith("C1 (claim 1 of 2) | 1/3 units") and lines[1].endswith("| finished a (ok)")
+    assert lines[2].startswith("C2 (claim 2 of 2) | 1/3 units") and "ETA 8 s" in lines[2]
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    bar = ProgressLine(rd, plan, workers=1, stream=term)
+    assert bar.bar is not None and bar.log is None
+    bar.close()

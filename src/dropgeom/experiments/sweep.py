@@ -19,10 +19,11 @@ import json
 import math
 import os
 import re
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple, Union
 
 from ..config import RunConfig
 from ..rundir import FINISHED, RunDir, atomic_write_json, safe_name
@@ -207,11 +208,18 @@ class ProgressLine:
     without its ``seed=N`` part: C3's units range from seconds to many minutes by kind), or, for a kind not
     timed yet, the mean over the claim's timed kinds (over every claim's while the claim has none), divided
     by the number of workers, less the time since the last unit finished; the line says for how many units
-    it had to guess. A daemon thread refreshes the line every second.
+    it had to guess. On a terminal a daemon thread refreshes the line every second; when ``stream`` (by
+    default standard error) is not a terminal (a log file, a cluster job's output) it writes one plain
+    line per finished unit and per claim instead, with no carriage returns.
     """
 
     def __init__(
-        self, rd: RunDir, plan: Sequence[Tuple[str, Sequence[Mapping[str, Any]]]], workers: int, enabled: bool = True
+        self,
+        rd: RunDir,
+        plan: Sequence[Tuple[str, Sequence[Mapping[str, Any]]]],
+        workers: int,
+        enabled: bool = True,
+        stream: Optional[TextIO] = None,
     ) -> None:
         self.claims = [name for name, _ in plan]
         self.pending = {name: [u["key"] for u in units if not rd.is_done(name, u["key"])] for name, units in plan}
@@ -227,10 +235,17 @@ class ProgressLine:
         self.current = self.claims[0] if self.claims else ""
         self.t0 = self.last_event = time.perf_counter()
         self.bar = None
-        if enabled:
+        self.log: Optional[TextIO] = None  # set when the stream is not a terminal: a line per event
+        out = stream if stream is not None else sys.stderr
+        if enabled and not _is_terminal(out):
+            self.log = out
+            self._write(self.text(running=False))
+        elif enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.total, initial=self.n_done, bar_format="{desc}", leave=False, mininterval=0.5)
+            self.bar = tqdm(
+                total=self.total, initial=self.n_done, bar_format="{desc}", leave=False, mininterval=0.5, file=out
+            )
             self.refresh()
             self._stop = threading.Event()
             self._ticker = threading.Thread(target=self._tick, name="dropgeom-progress", daemon=True)
@@ -274,7 +289,8 @@ class ProgressLine:
             return None
         return max(0.0, work / self.workers - (time.perf_counter() - self.last_event))
 
-    def text(self) -> str:
+    def text(self, running: bool = True) -> str:
+        """The line; ``running=False`` leaves out the units running now (a log line says which unit finished)."""
         k = self.claims.index(self.current) + 1 if self.current in self.claims else 0
         eta = self.eta()
         guessed = self._estimate()[1] if eta is not None else 0
@@ -285,7 +301,7 @@ class ProgressLine:
             f"ETA {_duration(eta) if eta is not None else 'after the first unit'}"
             + (f" ({guessed} units of kinds not timed yet guessed)" if guessed else ""),
         ]
-        if self.running:
+        if running and self.running:
             more = f" (+{len(self.running) - 1})" if len(self.running) > 1 else ""
             parts.append(f"running {self.running[0]}{more}")
         return " | ".join(parts)
@@ -294,9 +310,17 @@ class ProgressLine:
         if self.bar is not None:
             self.bar.set_description_str(self.text(), refresh=True)
 
+    def _write(self, line: str) -> None:
+        if self.log is not None:
+            self.log.write(line + "\n")
+            self.log.flush()
+
     def set_claim(self, name: str) -> None:
+        changed = name != self.current
         self.current = name
         self.refresh()
+        if changed:
+            self._write(self.text(running=False))
 
     def start(self, key: str) -> None:
         self.running.append(key)
@@ -314,12 +338,20 @@ class ProgressLine:
         if self.bar is not None:
             self.bar.update(1)
         self.refresh()
+        self._write(f"{self.text(running=False)} | finished {key} ({record.get('status', '?')})")
 
     def close(self) -> None:
         if self.bar is not None:
             self._stop.set()
             self._ticker.join(2.0)
             self.bar.close()
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def _run_unit(mod: Any, config: RunConfig, checkpoints: Path, unit: Dict[str, Any]) -> Dict[str, Any]:
