@@ -252,6 +252,8 @@ def test_train_validates_its_arguments(data):
         train(net, data, epochs=-1, progress=False)
     with pytest.raises(ValueError, match="batch_size"):
         train(net, data, batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="eval_batch_size"):  # refused before training, not after the first epoch
+        train(net, data, eval_batch_size=0, progress=False)
     with pytest.raises(ValueError, match="unknown optimizer"):
         train(net, data, optimizer="lbfgs-ish", progress=False)
     with pytest.raises(TypeError, match="Dataset"):
@@ -288,6 +290,17 @@ def test_metrics_against_brute_force():
     mb = classification_metrics(eta[:, :1], (y[:, None] % 2).to(D), "bernoulli")
     s = torch.sigmoid(eta[:, 0])
     assert mb["accuracy"] == pytest.approx(float(((s > 0.5).long() == y % 2).double().mean()))
+
+
+def test_evaluate_validates_its_arguments():
+    net = nn.Linear(3, 2)
+    x, y = torch.randn(10, 3), torch.randint(0, 2, (10,))
+    for bad in (0, -4):  # range(0, n, 0) and an empty torch.cat before
+        with pytest.raises(ValueError, match="batch_size must be None or a positive int"):
+            evaluate(net, x, y, batch_size=bad)
+    with pytest.raises(TypeError, match="x and y must be tensors"):
+        evaluate(net, x, [0, 1] * 5)
+    assert evaluate(net, x, y, batch_size=3) == pytest.approx(evaluate(net, x, y, batch_size=None))
 
 
 def test_regression_data_trains_with_the_gaussian_family():

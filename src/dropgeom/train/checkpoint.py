@@ -29,7 +29,22 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:
-    """Serialise ``state`` (tensors, numbers, strings, lists, dicts) with ``torch.save``, atomically."""
+    """Serialise ``state`` (tensors, numbers, strings, lists, dicts) with ``torch.save``, atomically.
+
+    Raises:
+        TypeError: ``state`` is not a dict.
+        OSError: the folder cannot be created or written (the temporary file is removed; an
+            existing checkpoint is left as it was).
+        Exception: whatever ``torch.save`` raises for an object it cannot pickle (e.g. a lambda);
+            nothing is written then.
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")
+        >>> save_checkpoint(path, {"epoch": 1, "w": torch.zeros(2)})
+        >>> sorted(load_checkpoint(path))
+        ['epoch', 'w']
+    """
     if not isinstance(state, dict):
         raise TypeError(f"a checkpoint state must be a dict, got {type(state).__name__}")
     import io
@@ -47,6 +62,18 @@ def load_checkpoint(path: PathLike) -> Optional[Dict[str, Any]]:
     Raises:
         ValueError: the file is truncated, corrupt or not a checkpoint (a
             one-line message naming it; the loader's own text is chained).
+
+    Example:
+        >>> import tempfile, os
+        >>> d = tempfile.mkdtemp()
+        >>> load_checkpoint(os.path.join(d, "missing.pt")) is None
+        True
+        >>> with open(os.path.join(d, "bad.pt"), "wb") as fh:
+        ...     _ = fh.write(b"not a checkpoint")
+        >>> load_checkpoint(os.path.join(d, "bad.pt"))
+        Traceback (most recent call last):
+        ...
+        ValueError: checkpoint .../bad.pt is unreadable (truncated or corrupt: ...); delete it to start that training afresh
     """
     path = os.fspath(path)
     if not os.path.isfile(path):

@@ -178,6 +178,13 @@ def train(
         The :class:`History`; ``history.diverged`` is set (no exception) when
         the loss or parameters became non-finite or exploded.
 
+    Raises:
+        ValueError: ``epochs`` < 0; ``batch_size``, ``eval_batch_size``, ``checkpoint_every``, ``lr``, ``checkpoint_seconds`` or
+            ``divergence_threshold`` not positive, ``seed`` not an int; an unknown objective, objective option, family or
+            optimizer name; an optimizer holding other parameters; no trainable parameters; unequal or empty training inputs and
+            labels; early stopping on a metric the data lacks; a checkpoint that is unreadable or of another training.
+        TypeError: ``model``, ``data``, ``early_stopping`` or ``optimizer`` of an unsupported type.
+
     Example (the same seed gives the same parameters):
         >>> import torch
         >>> x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
@@ -190,23 +197,45 @@ def train(
         >>> len(h), all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
         (3, True)
     """
-    sizes = dict(epochs=epochs, batch_size=batch_size, checkpoint_every=checkpoint_every)
-    limits = dict(checkpoint_seconds=checkpoint_seconds, divergence_threshold=divergence_threshold)
-    early_stopping = _check_args(model, seed=seed, lr=lr, early_stopping=early_stopping, **sizes, **limits)
-    obj = make_objective(objective, **dict(objective_options or {}))
-    split, fam, ref = _prepare_data(model, data, family, early_stopping)
-    opt = _make_optimizer(optimizer, model, float(lr))
-    ckpt_path = os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_NAME) if checkpoint_dir is not None else None
-    fingerprint = _fingerprint(model, obj, opt, seed, batch_size, int(split[0].shape[0]))
-    run = _Run(model, opt, torch.Generator(device="cpu").manual_seed(seed), History(), fingerprint, ckpt_path)
-    plan = _Plan(
-        obj, fam, split, eval_batch_size=eval_batch_size, early_stopping=early_stopping, callback=callback, **sizes, **limits
+    sizes = dict(epochs=epochs, batch_size=batch_size, checkpoint_every=checkpoint_every, eval_batch_size=eval_batch_size)
+    settings: Dict[str, Any] = dict(sizes, checkpoint_seconds=checkpoint_seconds, divergence_threshold=divergence_threshold)
+    run, plan, ref = _setup(
+        model, data, objective, objective_options, optimizer, family, checkpoint_dir, callback, seed, lr, early_stopping, settings
     )
     with torch.random.fork_rng(devices=[ref.device] if ref.device.type == "cuda" else []):
         torch.manual_seed(seed)
         if not (resume and run.resume(epochs)):
             _epochs(run, plan, progress)
     return run.history
+
+
+def _setup(
+    model: nn.Module,
+    data: DataSpec,
+    objective: Union[str, Objective],
+    objective_options: Optional[Mapping[str, Any]],
+    optimizer: OptimizerSpec,
+    family: Optional[Union[str, ExponentialFamily]],
+    checkpoint_dir: Optional[Union[str, "os.PathLike[str]"]],
+    callback: Optional[Callable[[Dict[str, float], nn.Module], Optional[bool]]],
+    seed: int,
+    lr: float,
+    early_stopping: Optional[Union[EarlyStopping, int]],
+    sizes: Dict[str, Any],
+) -> Tuple[_Run, _Plan, Tensor]:
+    """:func:`train`'s arguments checked, and its run (the state) and plan built; also a parameter (device, dtype).
+
+    ``sizes``: ``epochs``, ``batch_size``, ``checkpoint_every``, ``eval_batch_size``, ``checkpoint_seconds``,
+    ``divergence_threshold``.
+    """
+    es = _check_args(model, seed=seed, lr=lr, early_stopping=early_stopping, **sizes)
+    obj = make_objective(objective, **dict(objective_options or {}))
+    split, fam, ref = _prepare_data(model, data, family, es)
+    opt = _make_optimizer(optimizer, model, float(lr))
+    ckpt_path = os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_NAME) if checkpoint_dir is not None else None
+    fingerprint = _fingerprint(model, obj, opt, seed, sizes["batch_size"], int(split[0].shape[0]))
+    run = _Run(model, opt, torch.Generator(device="cpu").manual_seed(seed), History(), fingerprint, ckpt_path)
+    return run, _Plan(obj, fam, split, early_stopping=es, callback=callback, **sizes), ref
 
 
 def _check_args(model: nn.Module, *, early_stopping: Optional[Union[EarlyStopping, int]], **kw: Any) -> Optional[EarlyStopping]:
@@ -217,6 +246,9 @@ def _check_args(model: nn.Module, *, early_stopping: Optional[Union[EarlyStoppin
         val = kw[name]
         if isinstance(val, bool) or not isinstance(val, int) or val < (0 if name == "epochs" else 1):
             raise ValueError(f"{name} must be a {'non-negative' if name == 'epochs' else 'positive'} int, got {val!r}")
+    size = kw["eval_batch_size"]
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"eval_batch_size must be None or a positive int, got {size!r}")
     seed, lr, seconds, threshold = kw["seed"], kw["lr"], kw["checkpoint_seconds"], kw["divergence_threshold"]
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")

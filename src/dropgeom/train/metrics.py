@@ -38,6 +38,10 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15) 
     confidence bins (Guo et al. 2017); a confidence on a bin edge goes to the
     lower bin, as in ``(lo, hi]``.
 
+    Raises:
+        ValueError: ``probs`` is not ``[n, C]`` or ``labels`` not ``[n]``; ``n_bins`` is not a
+            positive int; ``n = 0``.
+
     Example:
         >>> expected_calibration_error(torch.tensor([[0.9, 0.1], [0.9, 0.1]]), torch.tensor([0, 1]))
         0.4
@@ -62,7 +66,22 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15) 
 def classification_metrics(
     eta: Tensor, y: Tensor, family: Union[str, ExponentialFamily] = "categorical", n_bins: int = 15
 ) -> Dict[str, float]:
-    """``nll`` (mean), and for classification families ``accuracy`` and ``ece``, from outputs ``eta`` ``[n, K]``."""
+    """``nll`` (mean), and for classification families ``accuracy`` and ``ece``, from outputs ``eta`` ``[n, K]``.
+
+    ``nll = (1/n) sum_i -log p(y_i | eta_i)`` (theory.md section 1); ``ece`` as in
+    :func:`expected_calibration_error`.
+
+    Raises:
+        ValueError: an unknown ``family``; ``eta`` not ``[n, K]`` (or not valid for the family);
+            targets of the wrong shape, dtype or range for the family; ``n_bins`` not a positive int
+            or ``n = 0`` (classification families).
+        TypeError: ``y`` is not a tensor.
+
+    Example:
+        >>> m = classification_metrics(torch.tensor([[0.0, 0.0]]), torch.tensor([0]))
+        >>> round(m["nll"], 4), m["accuracy"], m["ece"]
+        (0.6931, 1.0, 0.5)
+    """
     fam = get_family(family)
     fam.check_eta(eta)
     eta = eta.detach()
@@ -87,16 +106,27 @@ def evaluate(
 ) -> Dict[str, float]:
     """Metrics of ``model`` in eval mode (dropout off: weight scaling) on ``(x, y)``.
 
-    Returns ``nll`` and, for classification, ``accuracy`` and ``ece``. The
-    model's training flags are restored afterwards.
+    Returns ``nll`` and, for classification, ``accuracy`` and ``ece`` (see
+    :func:`classification_metrics`); only ``{"nll": nan}`` when an output is not finite.
+    The model's training flags are restored afterwards.
+
+    Raises:
+        ValueError: ``x`` and ``y`` differ in number of samples; ``batch_size`` is not ``None`` or
+            a positive int; and what :func:`classification_metrics` raises (an unknown ``family``,
+            outputs or targets of the wrong shape).
+        TypeError: ``x`` or ``y`` is not a tensor.
 
     Example:
         >>> net = torch.nn.Linear(3, 2)
         >>> sorted(evaluate(net, torch.randn(10, 3), torch.randint(0, 2, (10,))))
         ['accuracy', 'ece', 'nll']
     """
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise TypeError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"{x.shape[0]} inputs but {y.shape[0]} labels")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be None or a positive int, got {batch_size!r}")
     with training_off(model):
         if batch_size is None or x.shape[0] <= batch_size:
             eta = model(x)

@@ -128,6 +128,9 @@ def register_objective(
 def objective_names() -> Tuple[str, ...]:
     """The names of the registered objectives, in registration order (built-in ones first).
 
+    Raises:
+        Nothing of its own: it only reads the registry.
+
     Example:
         >>> objective_names()[:3]
         ('none', 'l2', 'dropout')
