@@ -378,6 +378,11 @@ def test_errors():
     bad[0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         normal_curvature(m, bad)
+    v = torch.ones(m.num_params, dtype=D64)
+    with pytest.raises(ValueError, match=r"cg_tol must lie in \(0, 1\)"):  # accepted and used before
+        normal_curvature(m, v, method="cg", cg_tol=2.0)
+    with pytest.raises(ValueError, match="cg_max_iter must be a positive integer"):  # projected nothing out before
+        normal_curvature(m, v, method="cg", cg_max_iter=0)
     with pytest.raises(ValueError, match="alpha"):
         embedding_curvature(m, alpha=float("inf"))
     with pytest.raises(ValueError, match="method"):

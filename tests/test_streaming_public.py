@@ -84,6 +84,14 @@ def test_batched_linearisation_products_equal_in_memory():
     torch.testing.assert_close(parts.d2(V, V.flip(0)), whole.d2(V, V.flip(0)), atol=1e-12, rtol=1e-10)
 
 
+def test_linearisation_needs_a_streamed_manifold():
+    from dropgeom.curvature.streamed import linearisation
+
+    net, (x, _) = _net(), _data()
+    with pytest.raises(TypeError, match=r"linearisation\(\) needs a StreamedManifold, got ModelManifold"):
+        linearisation(ModelManifold(net, x))  # an AttributeError (no .model) before
+
+
 @pytest.mark.parametrize("alpha", [1.0, -1.0])
 def test_stochastic_embedding_curvature_of_a_loader_equals_in_memory(alpha):
     net, (x, y) = _net(), _data()

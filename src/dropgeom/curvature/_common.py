@@ -44,6 +44,14 @@ def check_alpha(alpha: object) -> float:
     return float(alpha)
 
 
+def check_cg_options(cg_tol: object, cg_max_iter: object) -> None:
+    """Validate user conjugate-gradient settings (``None``: the default): ``cg_tol`` in ``(0, 1)``, ``cg_max_iter >= 1``."""
+    if cg_tol is not None and (isinstance(cg_tol, bool) or not isinstance(cg_tol, (int, float)) or not 0 < cg_tol < 1):
+        raise ValueError(f"cg_tol must lie in (0, 1), got {cg_tol!r}")
+    if cg_max_iter is not None and (isinstance(cg_max_iter, bool) or not isinstance(cg_max_iter, int) or cg_max_iter < 1):
+        raise ValueError(f"cg_max_iter must be a positive integer, got {cg_max_iter!r}")
+
+
 def check_damping(damping: object) -> Optional[float]:
     if damping is None:
         return None

@@ -125,7 +125,7 @@ def skewness_tensor(manifold: ModelManifold) -> Tensor:
 
     .. math::  T_{abc} = \sum_i A'''(\eta_i)[\partial_a \eta_i, \partial_b \eta_i, \partial_c \eta_i]
 
-    (sum convention over the ``n`` inputs; Amari 1985, eq. 2.30: the third
+    (sum convention over the ``n`` inputs; theory.md section 3; Amari 1985, eq. 2.30: the third
     cumulant of the score). Zero for the ``gaussian`` family. It is the
     difference of the m- and e-connections:
     ``T = Gamma^(-1) - Gamma^(1)``.
@@ -135,6 +135,11 @@ def skewness_tensor(manifold: ModelManifold) -> Tensor:
 
     Returns:
         Tensor ``[P, P, P]``, symmetric in all three indices.
+
+    Raises:
+        TypeError: ``manifold`` is not a :class:`~dropgeom.ModelManifold` (a ``StreamedManifold`` included).
+        ValueError: the manifold has more than :data:`MAX_DENSE_PARAMS` parameters.
+        MemoryError: the dense Hessian tensor ``[n, K, P, P]`` would exceed the memory limit.
 
     Example:
         >>> import torch
@@ -156,7 +161,7 @@ def alpha_connection(manifold: ModelManifold, alpha: float = 1.0) -> Tensor:
         \Gamma^{(\alpha)}_{ab,c} = \langle \partial_a \partial_b \eta, \partial_c \eta \rangle_G
             + \frac{1-\alpha}{2} T_{abc}
 
-    (sum convention ``G = blockdiag(Sigma_i)``; Amari 1985, section 2.3 and
+    (sum convention ``G = blockdiag(Sigma_i)``; theory.md section 3; Amari 1985, section 2.3 and
     section 4 for curved exponential families). ``alpha = 1`` is the
     e-connection, ``alpha = -1`` the m-connection
     ``<d_a d_b M, d_c eta>`` (expectation coordinates ``M``). The duality
@@ -168,6 +173,12 @@ def alpha_connection(manifold: ModelManifold, alpha: float = 1.0) -> Tensor:
 
     Returns:
         Tensor ``[P, P, P]`` indexed ``[a, b, c]`` (symmetric in ``a, b``).
+
+    Raises:
+        TypeError: ``manifold`` is not a :class:`~dropgeom.ModelManifold` (a ``StreamedManifold`` included).
+        ValueError: ``alpha`` is not a finite real number; the manifold has more than
+            :data:`MAX_DENSE_PARAMS` parameters.
+        MemoryError: the dense Hessian tensor ``[n, K, P, P]`` would exceed the memory limit.
 
     Example:
         >>> import torch

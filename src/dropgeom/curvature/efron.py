@@ -24,7 +24,7 @@ def statistical_curvature(manifold: ModelManifold) -> Tensor:
         \nu_{02} = \langle \eta'', \eta'' \rangle_G,\qquad
         \gamma^2 = \frac{\nu_{20}\nu_{02} - \nu_{11}^2}{\nu_{20}^3}
 
-    (Efron 1975, "Defining the curvature of a statistical problem", eq. 3.5).
+    (theory.md section 3; Efron 1975, "Defining the curvature of a statistical problem", eq. 3.5).
     Invariant under reparametrisation of theta; zero iff the curve is e-flat.
     For ``n`` i.i.d. inputs of one model ``gamma_n^2 = gamma_1^2 / n``.
 
@@ -33,6 +33,11 @@ def statistical_curvature(manifold: ModelManifold) -> Tensor:
 
     Returns:
         0-dim tensor ``gamma^2``.
+
+    Raises:
+        TypeError: ``manifold`` is not a :class:`~dropgeom.ModelManifold` (a ``StreamedManifold`` included).
+        ValueError: the manifold has ``P != 1`` parameters; the Fisher information ``nu_20`` is not
+            positive and finite (the parameter does not move the distribution at this point).
 
     Example:
         >>> import torch

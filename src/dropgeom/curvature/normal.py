@@ -11,6 +11,7 @@ from ..manifold import ModelManifold
 from ._common import (
     LinearisedManifold,
     check_alpha,
+    check_cg_options,
     check_manifold,
     default_max_iter,
     default_tol,
@@ -61,6 +62,12 @@ def normal_curvature(
     Returns:
         0-dim tensor ``kappa``.
 
+    Raises:
+        TypeError: ``manifold`` is not a :class:`~dropgeom.ModelManifold` (a ``StreamedManifold`` included).
+        ValueError: ``alpha`` is not a finite real number; an unknown ``method``; ``cg_tol`` outside
+            ``(0, 1)`` or ``cg_max_iter`` not a positive int; ``v`` of the wrong shape (or a dict
+            missing a parameter), non-finite, zero, or in the null space of ``J`` (``|J v|_G = 0``).
+
     Example:
         >>> import torch
         >>> from dropgeom import ModelManifold
@@ -74,6 +81,7 @@ def normal_curvature(
     alpha = check_alpha(alpha)
     if method not in ("auto", "dense", "cg"):
         raise ValueError(f"method must be 'auto', 'dense' or 'cg', got {method!r}")
+    check_cg_options(cg_tol, cg_max_iter)
     v = _unit_direction(manifold, v)
     eta, S, S_pinv = whitening(manifold)
     lin = LinearisedManifold(manifold)

@@ -73,7 +73,29 @@ class BatchedLinearisation(LinearisedManifold):
 
 
 def linearisation(source: StreamedManifold) -> Linearisation:
-    """The :class:`~dropgeom.curvature.embedding.Linearisation` of a streamed manifold (this rank's batches)."""
+    r"""The :class:`~dropgeom.curvature.embedding.Linearisation` of a streamed manifold (this rank's batches).
+
+    ``J v`` and ``D^2 eta[u, v]`` are the batches' rows concatenated, ``J^T w = sum_b J_b^T w_b`` summed over
+    batches and all-reduced over ranks; ``S`` with ``S S^T = Sigma_i`` whitens this rank's rows, the slice ``rows``
+    of the ``n`` inputs of all ranks (theory.md sections 2-3).
+
+    Raises:
+        TypeError: ``source`` is not a :class:`~dropgeom.dispatch.StreamedManifold`; a batch is neither a tensor
+            nor an ``(inputs, targets)`` pair.
+        ValueError: an empty data set, batches that disagree in shape, or a batch the model cannot take.
+        RuntimeError: under ``torch.distributed``, ranks hold different parameters.
+
+    Example:
+        >>> import torch
+        >>> from dropgeom import StreamedManifold
+        >>> net = torch.nn.Linear(3, 2).double()
+        >>> x = torch.randn(7, 3, dtype=torch.float64)
+        >>> setup = linearisation(StreamedManifold(net, [x[:4], x[4:]]))
+        >>> setup.n, tuple(setup.eta.shape), setup.rows
+        (7, (7, 2), slice(0, 7, None))
+    """
+    if not isinstance(source, StreamedManifold):
+        raise TypeError(f"linearisation() needs a StreamedManifold, got {type(source).__name__}")
     check_same_parameters(source.model)
     parts = [m for m, _ in source.manifolds()]
     lin = BatchedLinearisation(parts)
