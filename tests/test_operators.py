@@ -23,6 +23,7 @@ from dropgeom.operators import (
     KFACOperator,
     KroneckerBlock,
     conjugate_gradient,
+    top_eigenpairs,
 )
 
 DT = torch.float64
@@ -169,6 +170,19 @@ def test_conjugate_gradient_solves_spd_systems():
     _close(conjugate_gradient(lambda V: M @ V, b, tol=1e-12), torch.linalg.solve(M, b), 1e-8)
 
 
+def test_solver_argument_errors():
+    M = _spd(3)
+    with pytest.raises(ValueError, match="max_iter must be None or an int >= 0"):  # returned zeros before
+        conjugate_gradient(lambda V: M @ V, torch.ones(3, dtype=DT), max_iter=-1)
+    with pytest.raises(ValueError, match=r"b must be a vector \[P\] or a matrix \[P, m\]"):  # an IndexError before
+        conjugate_gradient(lambda V: M @ V, torch.tensor(1.0, dtype=DT))
+    for k in (0, -1, 4):  # k = -1 gave two eigenpairs, k = 4 three
+        with pytest.raises(ValueError, match=r"k must be an int in \[1, m=3\]"):
+            top_eigenpairs(M, k)
+    with pytest.raises(ValueError, match="square"):
+        top_eigenpairs(M[:, :2], 1)
+
+
 def test_diagonal_solve_pseudo_inverse_on_zero_entries():
     op = DiagonalOperator(torch.tensor([2.0, 0.0], dtype=DT))
     _close(op.solve(torch.tensor([4.0, 1.0], dtype=DT)), torch.tensor([2.0, 0.0], dtype=DT))
@@ -268,3 +282,18 @@ def test_layout_and_parts_rebuild_the_sum_of_two_operators(case):
         assert all(torch.equal(kb.B, b0) for kb, b0 in zip(op_b.kron_blocks, B_before))  # only the first is reused
     else:
         _close(out.dense(), (M_a + M_b) / 8)
+
+
+@pytest.mark.parametrize("case", ["block", "kfac"])
+def test_operator_from_parts_refuses_a_wrong_count_or_number_of_parts(case):
+    from dropgeom.operator_parts import operator_from_parts, operator_layout, operator_parts
+
+    torch.manual_seed(0)
+    op, _ = CASES[case]()
+    parts = operator_parts(op, 3)
+    with pytest.raises(ValueError, match=f"a {type(op).__name__} layout takes {len(parts)} parts, got {len(parts) - 1}"):
+        operator_from_parts(op, parts[:-1], count=3, scale=1.0)  # KFAC silently left a block out before
+    with pytest.raises(ValueError, match="count .* must be a positive int, got 0"):  # inf input factors before
+        operator_from_parts(operator_layout(op), parts, count=0, scale=1.0)
+    with pytest.raises(TypeError, match="template must be a curvature operator or an OperatorLayout"):
+        operator_from_parts(parts[0], parts, count=3, scale=1.0)  # an AttributeError before

@@ -129,19 +129,44 @@ def sum_parts(total: Optional[List[Tensor]], op: CurvatureOperator, n: int) -> L
     return total
 
 
+def _part_count(layout: OperatorLayout) -> int:
+    """How many tensors :func:`operator_parts` lists for an operator of this layout."""
+    if layout.cls in (DenseOperator, DiagonalOperator):
+        return 1
+    return 2 * len(layout.kron) + len(layout.index)  # KFAC: (n A, B) per Kronecker block, then the dense blocks
+
+
 def operator_from_parts(
     template: Union[CurvatureOperator, OperatorLayout], parts: Sequence[Tensor], count: int, scale: float, **meta
 ) -> CurvatureOperator:
-    """The operator of ``template``'s structure (an operator or its :func:`operator_layout`) from summed
+    r"""The operator of ``template``'s structure (an operator or its :func:`operator_layout`) from summed
     :func:`operator_parts` over ``count`` inputs.
 
     ``scale`` multiplies the sums (``1/count`` for the mean, 1 for the sum); KFAC's input factors are divided by
     ``count``. ``meta`` overrides the template's metadata (``kind``, ``structure``, ``reduction``, ``n``).
 
+    .. math::  F = \mathrm{scale} \sum_b F_b, \qquad A = \frac{1}{\mathrm{count}} \sum_b n_b A_b \ \ (\text{KFAC})
+
+    (theory.md section 2: the Fisher is a sum over inputs, KFAC's input factor a mean.)
+
     Raises:
-        TypeError: for an implicit template.
+        TypeError: for an implicit template, or one that is neither an operator nor an :class:`OperatorLayout`.
+        ValueError: ``count`` is not a positive int; ``parts`` does not hold the number of tensors the layout has.
+
+    Example:
+        >>> import torch
+        >>> layout = operator_layout(DiagonalOperator(torch.ones(2)))
+        >>> operator_from_parts(layout, [torch.tensor([2.0, 4.0])], count=2, scale=0.5).diag()
+        tensor([1., 2.])
     """
+    if not isinstance(template, (CurvatureOperator, OperatorLayout)):
+        raise TypeError(f"template must be a curvature operator or an OperatorLayout, got {type(template).__name__}")
     layout = template if isinstance(template, OperatorLayout) else operator_layout(template)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count (the number of inputs summed) must be a positive int, got {count!r}")
+    expected = _part_count(layout)
+    if len(parts) != expected:
+        raise ValueError(f"a {layout.cls.__name__} layout takes {expected} parts, got {len(parts)}")
     n = count
     info = dict(layout.info, n=count)
     info.update(meta)

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Optional, Tuple
 
 import numpy as np
@@ -33,10 +34,18 @@ def _as_matrix(v: Tensor, p: int) -> Tuple[Tensor, bool]:
 
 
 def conjugate_gradient(mv: Callable[[Tensor], Tensor], b: Tensor, tol: float = 1e-10, max_iter: Optional[int] = None) -> Tensor:
-    """Solve ``A x = b`` for symmetric positive definite ``A`` given as ``mv`` (Hestenes & Stiefel 1952).
+    r"""Solve ``A x = b`` for symmetric positive definite ``A`` given as ``mv`` (Hestenes & Stiefel 1952).
 
     ``b`` may be ``[P]`` or ``[P, m]`` (columns solved together). Stops when
     ``|r| <= tol |b|`` for every column or after ``max_iter`` (default ``2 P``) steps.
+
+    .. math::  \alpha_k = \frac{r_k^T r_k}{p_k^T A p_k},\quad x_{k+1} = x_k + \alpha_k p_k,\quad
+               r_{k+1} = r_k - \alpha_k A p_k,\quad p_{k+1} = r_{k+1} + \frac{r_{k+1}^T r_{k+1}}{r_k^T r_k} p_k
+
+    Raises:
+        TypeError: ``b`` is not a tensor.
+        ValueError: ``b`` is neither ``[P]`` nor ``[P, m]``; ``max_iter`` is neither ``None`` nor an
+            int ``>= 0``. What ``mv`` raises passes through.
 
     Example:
         >>> import torch
@@ -45,6 +54,12 @@ def conjugate_gradient(mv: Callable[[Tensor], Tensor], b: Tensor, tol: float = 1
         >>> torch.allclose(A @ x, torch.tensor([1.0, 2.0], dtype=torch.float64))
         True
     """
+    if not isinstance(b, Tensor):
+        raise TypeError(f"b must be a tensor [P] or [P, m], got {type(b).__name__}")
+    if b.dim() not in (1, 2):
+        raise ValueError(f"b must be a vector [P] or a matrix [P, m], got shape {tuple(b.shape)}")
+    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 0):
+        raise ValueError(f"max_iter must be None or an int >= 0, got {max_iter!r}")
     squeeze = b.dim() == 1
     B = b[:, None] if squeeze else b
     x = torch.zeros_like(B)
@@ -76,12 +91,20 @@ def top_eigenpairs(matrix: Tensor, k: int, tol: float = 1e-8) -> Tuple[Tensor, T
     needs only products and is far faster, so it is used when ``m > 256`` and
     ``k <= m / 4``.
 
+    Raises:
+        ValueError: ``matrix`` is not a square ``[m, m]`` matrix; ``k`` is not an int in ``[1, m]``.
+
     Example:
         >>> import torch
         >>> top_eigenpairs(torch.diag(torch.tensor([1.0, 5.0, 3.0])), 2)[0]
         tensor([5., 3.])
     """
+    if not isinstance(matrix, Tensor) or matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+        shape = tuple(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
+        raise ValueError(f"matrix must be a square [m, m] tensor, got {shape}")
     m = matrix.shape[0]
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= m:
+        raise ValueError(f"k must be an int in [1, m={m}], got {k!r}")
     if m <= 256 or 4 * k > m:
         evals, evecs = torch.linalg.eigh(matrix)
         return evals.flip(0)[:k], evecs.flip(1)[:, :k]
