@@ -98,6 +98,8 @@ def test_registration_errors_name_the_problem():
         register_chain_rule(Cube)(object())
     assert Cube not in CHAIN_RULES
     assert isinstance(chain_rule(nn.Linear(2, 2)), ChainRule)
+    with pytest.raises(TypeError, match="the class Tanh; pass an instance"):  # None before: "no rule for Tanh"
+        chain_rule(nn.Tanh)
 
 
 BUILT_IN = [t for t, rule in CHAIN_RULES.items() if isinstance(rule, ElementwiseRule)]

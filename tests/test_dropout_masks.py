@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from dropgeom.dropout import enumerate_masks, find_dropout, forward_with_masks, sample_masks, unit_shapes
+from dropgeom.dropout import enumerate_masks, find_dropout, forward_with_masks, resolve_p, sample_masks, unit_shapes
+from dropgeom.dropout.kinds import module_kind
 from reference.dropout import sequential_eta
 
 D = torch.float64
@@ -34,6 +35,21 @@ def test_find_dropout_and_errors():
 def test_p_outside_range(p):
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         sample_masks(_net(), torch.zeros(2, 3, dtype=D), p=p)
+
+
+def test_bad_arguments_name_the_problem():
+    net, x = _net(), torch.zeros(2, 3, dtype=D)
+    with pytest.raises(ValueError, match="n must be >= 0, got -2"):  # a torch RuntimeError (negative dimension) before
+        sample_masks(net, -2, noise="dropconnect", p=0.1)
+    with pytest.raises(TypeError, match="inputs_or_n must be the inputs"):  # an AttributeError on a list before
+        sample_masks(net, [x], noise="dropconnect", p=0.1)
+    with pytest.raises(TypeError, match="inputs_or_n must be the inputs"):  # a TypeError from torch.full before
+        sample_masks(net, True, noise="dropconnect", p=0.1)
+    with pytest.raises(TypeError, match="modules must be a mapping"):  # an AttributeError before
+        resolve_p([nn.Dropout(0.3)])
+    with pytest.raises(TypeError, match="the class Dropout; pass an instance"):  # None ("not dropout") before
+        module_kind(nn.Dropout)
+    assert module_kind(nn.Dropout(0.1)) == "dropout" and module_kind(nn.Linear(2, 2)) is None
 
 
 def test_every_noise_has_unit_mean_and_the_dropout_variance(noise):

@@ -272,6 +272,9 @@ def register_chain_rule(*module_types: type) -> Callable[[T_rule], T_rule]:
 def chain_rule(mod: nn.Module) -> Optional[ChainRule]:
     """The rule covering ``mod`` (its type's, or an ancestor's with the same ``forward``), or ``None``.
 
+    Raises:
+        TypeError: ``mod`` is not an ``nn.Module`` instance (e.g. the class ``nn.Tanh`` itself, which found no rule).
+
     Example:
         >>> from torch import nn
         >>> type(chain_rule(nn.Tanh())).__name__, chain_rule(nn.LayerNorm(3))
@@ -279,6 +282,9 @@ def chain_rule(mod: nn.Module) -> Optional[ChainRule]:
         >>> chain_rule(nn.Flatten(0)) is None  # flattens the batch axis: not covered
         True
     """
+    if not isinstance(mod, nn.Module):
+        what = f"the class {mod.__name__}; pass an instance" if isinstance(mod, type) else type(mod).__name__
+        raise TypeError(f"chain_rule() needs an nn.Module instance, got {what}")
     rule = lookup(CHAIN_RULES, mod)
     return rule if rule is not None and rule.supports(mod) else None
 

@@ -126,6 +126,13 @@ def forward_with_masks(
     Returns:
         The model's output (``[n, K]`` for the models dropgeom analyses).
 
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``; ``masks`` is not a mapping or holds a non-tensor.
+        ValueError: a mask named for an unknown layer or for a module that takes none; a mask of the wrong shape
+            (or with neither 1 nor ``n`` rows); DropConnect on inputs other than ``[n, in]``; an attention /
+            functional dropout site the forward pass never runs; inputs whose dtype or device differ from the
+            parameters'. What the model itself raises passes through.
+
     Example:
         >>> import torch
         >>> from torch import nn

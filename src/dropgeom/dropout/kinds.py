@@ -43,11 +43,20 @@ ALPHA_KINDS = ("alpha", "feature_alpha")
 def module_kind(mod: nn.Module) -> Optional[str]:
     """The dropout kind of a module (``None`` if it is no dropout module).
 
+    Kinds: ``dropout`` (elementwise), ``channel`` (``nn.Dropout1d/2d/3d``), ``sample`` (:class:`DropPath`),
+    ``alpha`` and ``feature_alpha`` (the affine mask law of theory.md section 4.5).
+
+    Raises:
+        TypeError: ``mod`` is not an ``nn.Module`` instance (e.g. the class ``nn.Dropout`` itself).
+
     Example:
         >>> from torch import nn
         >>> module_kind(nn.Dropout2d(0.1)), module_kind(nn.Linear(2, 2))
         ('channel', None)
     """
+    if not isinstance(mod, nn.Module):
+        what = f"the class {mod.__name__}; pass an instance" if isinstance(mod, type) else type(mod).__name__
+        raise TypeError(f"module_kind() needs an nn.Module instance, got {what}")
     for cls, kind in MODULE_KINDS:
         if isinstance(mod, cls):
             return kind

@@ -79,11 +79,21 @@ Inputs = Union[Tensor, Tuple[Tensor, ...]]
 def resolve_p(modules: Mapping[str, nn.Module], p: PSpec = None) -> Dict[str, float]:
     """The drop probability of each named layer: from the module, a float for all, or a dict per layer.
 
+    Each ``p_l`` lies in ``[0, 1)`` (theory.md section 4: the mask variance ``p_l / (1 - p_l)`` is finite).
+
+    Raises:
+        TypeError: ``modules`` is not a mapping; a ``p`` is not a real number (or, with a dict ``p``, a layer
+            it leaves out has no ``p`` of its own).
+        ValueError: a ``p`` outside ``[0, 1)``, a bool or not finite; a dict ``p`` naming unknown layers;
+            ``p=None`` and a layer without a drop probability.
+
     Example:
         >>> from torch import nn
         >>> resolve_p({"a": nn.Dropout(0.3), "b": nn.Dropout(0.1)}, {"b": 0.2})
         {'a': 0.3, 'b': 0.2}
     """
+    if not isinstance(modules, Mapping):
+        raise TypeError(f"modules must be a mapping {{layer name: module}}, got {type(modules).__name__}")
     if isinstance(p, Mapping):
         unknown = [k for k in p if k not in modules]
         if unknown:
@@ -104,7 +114,11 @@ def resolve_p(modules: Mapping[str, nn.Module], p: PSpec = None) -> Dict[str, fl
 
 
 def mask_variance(p: float) -> float:
-    """``V = p / (1 - p)``: the variance of an inverted dropout mask (Bernoulli or Gaussian).
+    """``V = p / (1 - p)``: the variance of an inverted dropout mask (Bernoulli or Gaussian; theory.md section 4).
+
+    Raises:
+        TypeError: ``p`` is not a real number.
+        ValueError: ``p`` outside ``[0, 1)``, a bool or not finite.
 
     Example:
         >>> mask_variance(0.5)
@@ -158,6 +172,13 @@ def sample_masks(
     Returns:
         ``{layer name: mask [n, *unit_shape]}`` in the dtype of the model's parameters.
 
+    Raises:
+        ValueError: an unknown ``noise``; ``p`` outside ``[0, 1)`` (or, per layer, naming unknown layers);
+            ``noise="dropconnect"`` without ``p``, with an unknown or non-``nn.Linear`` layer, on a model without
+            ``nn.Linear``, or with a negative ``n``; an int ``n`` with another noise; a model without dropout,
+            an unknown layer name, or ``p`` / Gaussian noise imposed on alpha dropout.
+        TypeError: ``inputs_or_n`` is neither an int nor a tensor (or tuple of tensors); ``p`` is not a real number.
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -168,6 +189,10 @@ def sample_masks(
         (1.0, 0.25)
     """
     noise = _check_noise(noise)
+    if isinstance(inputs_or_n, bool) or not isinstance(inputs_or_n, (int, Tensor, tuple)):
+        raise TypeError(
+            f"inputs_or_n must be the inputs (a tensor or a tuple of tensors) or an int n, got {type(inputs_or_n).__name__}"
+        )
     ref = next(iter(model.parameters()), None)
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.get_default_dtype()
     device = ref.device if ref is not None else None
@@ -176,6 +201,8 @@ def sample_masks(
         if p is None:
             raise ValueError("noise='dropconnect' needs p (no module holds a DropConnect probability)")
         ps = resolve_p(mods, p)
+        if isinstance(inputs_or_n, int) and inputs_or_n < 0:
+            raise ValueError(f"the number of samples n must be >= 0, got {inputs_or_n}")
         n = inputs_or_n if isinstance(inputs_or_n, int) else _as_tuple(inputs_or_n)[0].shape[0]
         return {k: _draw((n, *mods[k].weight.shape), ps[k], "bernoulli", generator, dtype, device) for k in mods}
     if isinstance(inputs_or_n, int):

@@ -105,6 +105,11 @@ def unit_shapes(model: nn.Module, inputs: Inputs, layers: Optional[Sequence[str]
     ``nn.Dropout``: the shape of the layer's input without the batch axis;
     ``nn.Dropout1d/2d/3d``: ``(channels,)``; ``DropPath``: ``()``; attention: ``(heads, L, S)``.
 
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: as :func:`dropout_sites`: no dropout at all, an unknown name in ``layers``, or a named
+            dropout module the forward pass never runs. What the forward pass raises on unfit inputs passes through.
+
     Example:
         >>> import torch
         >>> from torch import nn
