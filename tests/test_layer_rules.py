@@ -26,7 +26,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from dropgeom import ModelManifold, fisher
 from dropgeom._capture import rule_layers
-from dropgeom.layer_rules import LAYER_RULES, Conv3dRule, LayerRule, layer_rule, register_layer_rule
+from dropgeom.layer_rules import LAYER_RULES, Conv3dRule, LayerRule, input_factor, layer_diagonal, layer_rule, register_layer_rule
 from reference import dense as ref
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -274,6 +274,21 @@ def test_registration_errors_name_the_problem():
     with pytest.raises(TypeError, match="must be a LayerRule"):
         register_layer_rule(Pointwise)(object())
     assert Pointwise not in LAYER_RULES
+    with pytest.raises(TypeError, match="the class Linear; pass an instance"):  # None ("no rule") before
+        layer_rule(nn.Linear)
+
+
+def test_layer_function_shape_errors_name_the_problem():
+    a, g = torch.randn(2, 3, 4), torch.randn(1, 2, 3, 5)
+    with pytest.raises(ValueError, match=r"layer_diagonal takes a \[n, T, d_in\] and g \[R, n, T, d_out\]"):
+        layer_diagonal(a, g[0], True)  # "not enough values to unpack" before
+    with pytest.raises(ValueError, match="the same n and T"):
+        layer_diagonal(a[:, :2], g, True)  # a bmm shape error before
+    with pytest.raises(ValueError, match=r"input_factor takes a \[n, T, d_in\]"):
+        input_factor(a[:, 0], True, 2)  # an IndexError before
+    for n in (0, -2):  # inf / a negated factor before
+        with pytest.raises(ValueError, match="n .* must be a positive int"):
+            input_factor(a, True, n)
 
 
 @pytest.mark.parametrize("layout", ["rows", "channel_first", "sample_major_columns"])

@@ -43,6 +43,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Type, TypeVar, Union
 
 import torch
@@ -78,8 +79,23 @@ def layer_diagonal(
 
     ``T = 1``: ``(sum_r g_ir^2)^T a_i^2`` without per-sample gradients. ``T > 1``
     (convolutions, Linear on ``[n, T, d]``): per-sample gradients in chunks of
-    samples (``<= max_bytes`` alive).
+    samples (``<= max_bytes`` alive). The diagonal of the Fisher block of theory.md section 2.
+
+    Raises:
+        ValueError: ``a`` is not ``[n, T, d_in]``, or ``g`` not ``[R, n, T, d_out]`` with the same ``n`` and ``T``.
+
+    Example:
+        >>> a, g = torch.randn(2, 3, 4), torch.randn(1, 2, 3, 5)  # n = 2 inputs, T = 3 positions, 4 -> 5, R = 1
+        >>> dw, db = layer_diagonal(a, g, True)
+        >>> G = torch.einsum("rnto,nti->rnoi", g, a)  # per-sample gradients G_ir = sum_t g_irt a_it^T
+        >>> torch.allclose(dw, G.square().sum((0, 1))), torch.allclose(db, g.sum(2).square().sum((0, 1)))
+        (True, True)
     """
+    if a.dim() != 3 or g.dim() != 4 or tuple(g.shape[1:3]) != tuple(a.shape[:2]):
+        raise ValueError(
+            f"layer_diagonal takes a [n, T, d_in] and g [R, n, T, d_out] (the same n and T); "
+            f"got {tuple(a.shape)}, {tuple(g.shape)}"
+        )
     R, n, T, d_out = g.shape
     if T == 1:
         g0 = g[:, :, 0]
@@ -132,7 +148,21 @@ def diagonal_from_squares(a: Tensor, g2: Tensor, has_bias: bool, scale: float = 
 def input_factor(a: Tensor, has_bias: bool, n: int) -> Tensor:
     """``A = (1/(n T)) sum_{i,t} a~_it a~_it^T`` (``a~ = [a; 1]`` with a bias) by :func:`~dropgeom.linalg.outer_sum`
     (no transposed copy of channel-first patches); the bias row is the sum of the inputs and its corner ``n T``, so no
-    column of ones is appended."""
+    column of ones is appended. The input factor of the KFAC block of theory.md section 2.
+
+    Raises:
+        ValueError: ``a`` is not ``[n, T, d_in]``; ``n`` is not a positive int.
+
+    Example:
+        >>> a = torch.randn(2, 3, 4)  # n = 2 inputs, T = 3 positions, d_in = 4
+        >>> at = torch.cat([a, torch.ones(2, 3, 1)], -1)  # a~ = [a; 1]
+        >>> torch.allclose(input_factor(a, True, 2), torch.einsum("nti,ntj->ij", at, at) / 6)
+        True
+    """
+    if a.dim() != 3:
+        raise ValueError(f"input_factor takes a [n, T, d_in], got {tuple(a.shape)}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"n (the number of inputs the factor averages over) must be a positive int, got {n!r}")
     T, d = a.shape[1], a.shape[2]
     Aw = outer_sum(a)  # a fresh matrix: scaled in place (no second [d, d])
     if not has_bias:
@@ -146,12 +176,31 @@ def input_factor(a: Tensor, has_bias: bool, n: int) -> Tensor:
 
 def gradient_factor(g: Tensor, scale: float) -> Tensor:
     """``B = scale * sum_{i,r,t} g_irt g_irt^T`` by :func:`~dropgeom.linalg.outer_sum` (a sum over the columns ``r``,
-    so it may be accumulated one column at a time)."""
+    so it may be accumulated one column at a time). The gradient factor of the KFAC block of theory.md section 2.
+
+    Raises:
+        ValueError: ``g`` has fewer than 2 dims (from :func:`~dropgeom.linalg.outer_sum`).
+
+    Example:
+        >>> g = torch.randn(1, 2, 3, 5)  # R = 1 column, n = 2, T = 3, d_out = 5
+        >>> torch.allclose(gradient_factor(g, 0.5), 0.5 * torch.einsum("rnti,rntj->ij", g, g))
+        True
+    """
     return outer_sum(g).mul_(scale)  # a fresh matrix: scaled in place
 
 
 def kronecker_factors(a: Tensor, g: Tensor, has_bias: bool, n: int, scale: float) -> Tuple[Tensor, Tensor]:
-    """``(A, B)``: :func:`input_factor` and :func:`gradient_factor`."""
+    """``(A, B)``: :func:`input_factor` and :func:`gradient_factor`, the KFAC block ``B (x) A`` on ``vec([W | b])``
+    (theory.md section 2).
+
+    Raises:
+        ValueError: as :func:`input_factor` and :func:`gradient_factor`.
+
+    Example:
+        >>> A, B = kronecker_factors(torch.randn(2, 1, 4), torch.randn(3, 2, 1, 5), True, 2, 0.5)
+        >>> A.shape, B.shape  # the bias adds a row and column to A
+        (torch.Size([5, 5]), torch.Size([5, 5]))
+    """
     return input_factor(a, has_bias, n), gradient_factor(g, scale)
 
 
@@ -346,6 +395,9 @@ def register_layer_rule(module_type: type) -> Callable[[T_rule], T_rule]:
 def layer_rule(mod: nn.Module) -> Optional[LayerRule]:
     """The rule covering ``mod`` (its type's, or an ancestor's with the same ``forward``), or ``None``.
 
+    Raises:
+        TypeError: ``mod`` is not an ``nn.Module`` instance (e.g. the class ``nn.Linear`` itself, which found no rule).
+
     Example:
         >>> from torch import nn
         >>> type(layer_rule(nn.Linear(2, 3))).__name__, layer_rule(nn.LayerNorm(3))
@@ -353,6 +405,9 @@ def layer_rule(mod: nn.Module) -> Optional[LayerRule]:
         >>> layer_rule(nn.Conv2d(2, 3, 3, groups=1, padding_mode="circular")) is None  # configuration not covered
         True
     """
+    if not isinstance(mod, nn.Module):
+        what = f"the class {mod.__name__}; pass an instance" if isinstance(mod, type) else type(mod).__name__
+        raise TypeError(f"layer_rule() needs an nn.Module instance, got {what}")
     rule = lookup(LAYER_RULES, mod)
     return rule if rule is not None and rule.supports(mod) else None
 
