@@ -325,6 +325,66 @@ def test_kl_to_each_matches_pairwise_kl(name, family, sigma, k, scale):
     torch.testing.assert_close(fam.kl_to_each(eta, others, fam.mean(eta)), got, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_categorical_kl_to_shifted_survives_shifts_whose_exp_overflows(dtype):
+    """Dropping a unit can move the logits by hundreds (large weights, large activations): the closed form for the
+    layer before the output then takes the log-softmax form instead of ``exp`` of the shift (which gave inf)."""
+    fam = get_family("categorical")
+    g = torch.Generator().manual_seed(2)
+    eta = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    w = 2000.0 * torch.randn(4, 5, generator=g, dtype=torch.float64)  # |x| in the thousands: exp overflows in float64 too
+    h = torch.rand(3, 5, generator=g, dtype=torch.float64)
+    kl = torch.stack([fam.kl(eta, eta - h[:, j : j + 1] * w[:, j]) for j in range(5)], 1)
+    got = fam.kl_to_shifted(eta.to(dtype), w.to(dtype), h.to(dtype))
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), kl, rtol=1e-4 if dtype == torch.float32 else 1e-9, atol=1e-3)
+
+
+@pytest.mark.parametrize("name,family,sigma,k", FAMILY_TABLE, ids=IDS)
+@pytest.mark.parametrize("scale", [0.3, 30.0], ids=["small", "overflow"])
+def test_kl_shift_matches_pairwise_kl_value_and_gradient(name, family, sigma, k, scale):
+    """``kl_shift`` (the exact divergence form's ``[n, K, U]`` shifts) against ``kl`` of each shifted parameter,
+    value and gradient (in ``eta`` and the shifts), in float64; large shifts take the overflow fallback."""
+    fam = get_family(family)
+    n, u = 4, 3
+    eta = _eta(name, n, k).requires_grad_()
+    g = torch.Generator().manual_seed(3)
+    shift = 0.2 * torch.randn(n, k, u, generator=g, dtype=D64)
+    if _base(name) == "normal":
+        shift[:, 1] = -shift[:, 1].abs()  # eta_2 + shift stays negative
+    elif _base(name) == "categorical":
+        shift = scale * shift
+    shift.requires_grad_()
+    ref_kl = torch.stack([fam.kl(eta, eta + shift[:, :, j]) for j in range(u)], 1)
+    got = fam.kl_shift(eta, shift)
+    assert got.shape == (n, u)
+    torch.testing.assert_close(got, ref_kl, rtol=1e-9, atol=1e-13)
+    weights = torch.rand(n, u, generator=g, dtype=D64)
+    want = torch.autograd.grad((ref_kl * weights).sum(), (eta, shift))
+    have = torch.autograd.grad((got * weights).sum(), (eta, shift))
+    for a, b in zip(have, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(fam.kl_shift(eta, shift, fam.mean(eta)), got, rtol=0, atol=0)
+
+
+def test_categorical_kl_shift_backward_is_exact_and_repeatable():
+    """The hand-written backward of the categorical ``kl_shift`` is the exact derivative of its expression
+    (``gradcheck``, with ``p`` also off the simplex) and a second backward of the same graph gives the same."""
+    fam = get_family("categorical")
+    g = torch.Generator().manual_seed(5)
+    eta = torch.randn(5, 4, generator=g, dtype=D64)
+    shift = torch.randn(5, 4, 7, generator=g, dtype=D64, requires_grad=True)
+    prob = torch.softmax(eta, -1)
+    off = (prob * (1 + 0.1 * torch.rand(5, 4, generator=g, dtype=D64))).requires_grad_()  # sums to 1.0x
+    for p in (prob.clone().requires_grad_(), off):
+        assert torch.autograd.gradcheck(lambda s, q: fam.kl_shift(eta, s, q), (shift, p))
+    out = fam.kl_shift(eta, shift, off).sum()
+    first = torch.autograd.grad(out, (shift, off), retain_graph=True)
+    second = torch.autograd.grad(out, (shift, off))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 @pytest.mark.parametrize("name,family,sigma,k", FAMILY_TABLE, ids=IDS)
 def test_log_probs_mixtures_and_class_probs(name, family, sigma, k):
     fam = get_family(family)

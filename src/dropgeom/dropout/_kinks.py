@@ -1,6 +1,6 @@
 r"""Kink crossings of dropped units through one ReLU (the exact divergence form's fast path).
 
-Setting (theory.md 4.2, :meth:`~dropgeom.dropout.chain.Chain.dropped_relu`): a dropout
+Setting (theory.md 4.2, :meth:`~dropgeom.dropout.chain.Chain.relu_shift`): a dropout
 layer with input ``h`` (``[n, U]``) feeds a Linear ``W`` (``[d, U]``, output ``z``), then a
 ReLU, then an affine rest ``L`` (``[K, d]``). Dropping unit ``j`` of sample ``i`` shifts
 ``z_i`` by ``-delta_ij = -h_ij W[:, j]``; the ReLU output then changes by
@@ -88,13 +88,17 @@ class _KinkCorrection(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, z: Tensor, h: Tensor, w: Tensor, lmat: Tensor) -> Tensor:
         n, u = h.shape
-        corr = torch.zeros(n, lmat.shape[0], u, dtype=z.dtype, device=z.device)
+        corr = torch.empty(n, lmat.shape[0], u, dtype=z.dtype, device=z.device)
         blocks = _blocks(h, w, z)
         lt = lmat.t()
+        done = 0  # samples before it are written; the blocks' bmm writes its samples whole, the gaps get zeros
         for blk in blocks:
+            corr[done : blk.start].zero_()
             _, c = _pre(blk, z, h, w)
             la = lt[blk.idx].transpose(1, 2)  # [g, K, m]
             torch.bmm(la, c, out=corr[blk.start : blk.stop])
+            done = blk.stop
+        corr[done:].zero_()
         ctx.blocks = blocks
         ctx.save_for_backward(z, h, w, lmat)
         return corr

@@ -34,7 +34,7 @@ How each layer is computed (``U`` units, ``R`` = rank of ``Sigma``):
   dropped outputs are rank-1 changes ``z - h_j W[:, j]`` of the first downstream
   Linear's output pushed through the rest of the chain; ``mc``: one ``[n, width]``
   pass, ``exact``: ``U`` of them (chunked) -- except when a single ReLU (or LeakyReLU) and an affine
-  rest follow that Linear (``Chain.dropped_relu``): then every ``eta^(-j)`` is
+  rest follow that Linear (``Chain.relu_shift``): then every ``eta^(-j)`` is
   ``eta - h_j J[:, j]`` (the Jacobian ``J = L D W`` from one matmul) corrected at the
   few coordinates where the drop crosses the ReLU's kink; exact, no per-unit pass.
   Curvature terms: ``B_j`` reuses the dropped outputs plus one forward tangent

@@ -76,11 +76,11 @@ def _chain_layers(
             if r is not None:  # B_j: <r, eta^(-j) - eta> here, <r, d_j eta> below
                 total = total + ps[k] * u * ((dropped - eta) * r).sum() / n
             continue
-        low_rank = chain.dropped_relu(k)
-        if low_rank is not None:  # every eta^(-j) by one matmul and the kink crossings
-            total = total + ps[k] * fam.kl_to_each(eta, low_rank, prob).sum() / n
+        shift = chain.relu_shift(k)
+        if shift is not None:  # every eta^(-j) - eta by one matmul and the kink crossings, [n, K, U]
+            total = total + ps[k] * fam.kl_shift(eta, shift, prob).sum() / n
             if r is not None:
-                total = total + ps[k] * ((low_rank - eta) * r).sum() / n
+                total = total + ps[k] * torch.bmm(r.unsqueeze(1), shift).sum() / n
             continue
         pos, base, _ = chain._start(k)
         chunk = chunk_size or chunk_for(n, max(base.shape[1], kdim), 2**22)

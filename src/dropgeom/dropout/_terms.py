@@ -330,13 +330,13 @@ def _alpha_drift(f: Callable[[Dict[str, Tensor]], Tensor], ones: Dict[str, Tenso
         return pull(r)[0]
 
 
-#: entries of one ``[U, samples, K]`` block of dropped outputs on the low-rank path (:func:`_relu_drops`)
+#: entries of one ``[samples, K, U]`` block of dropped outputs' shifts on the low-rank path (:func:`_relu_drops`)
 _DROP_BLOCK = 2**22
 
 
 def _relu_drops(chain: Chain, fam: ExponentialFamily, k: str, r: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
-    """``(K_j, <r, eta^(-j) - eta>)`` means over samples (``[U]`` each) from :meth:`Chain.dropped_relu`, in chunks of
-    samples (``[U, rows, K]`` blocks of about ``_DROP_BLOCK`` entries), or ``None`` where that low-rank path does
+    """``(K_j, <r, eta^(-j) - eta>)`` means over samples (``[U]`` each) from :meth:`Chain.relu_shift`, in chunks of
+    samples (``[rows, K, U]`` blocks of about ``_DROP_BLOCK`` entries), or ``None`` where that low-rank path does
     not apply."""
     eta0 = chain.eta
     n, kdim = eta0.shape
@@ -345,11 +345,11 @@ def _relu_drops(chain: Chain, fam: ExponentialFamily, k: str, r: Tensor) -> Opti
     kl = bern = None
     for s in range(0, n, step):
         rows = slice(s, min(n, s + step))
-        dropped = chain.dropped_relu(k, rows)  # [U, rows, K]
-        if dropped is None:
+        shift = chain.relu_shift(k, rows)  # [rows, K, U]
+        if shift is None:
             return None
-        part_kl = fam.kl_to_each(eta0[rows], dropped).sum(1)
-        part_bern = ((dropped - eta0[rows]) * r[rows]).sum(-1).sum(1)
+        part_kl = fam.kl_shift(eta0[rows], shift).sum(0)
+        part_bern = torch.bmm(r[rows].unsqueeze(1), shift).sum((0, 1))
         kl = part_kl if kl is None else kl + part_kl
         bern = part_bern if bern is None else bern + part_bern
     if kl is None or bern is None:

@@ -216,22 +216,24 @@ class Chain:
                 mat = aff.weight if mat is None else mat @ aff.weight
         return mat
 
-    def dropped_relu(self, name: str, rows: Optional[slice] = None) -> Optional[Tensor]:
-        """Every ``eta^(-j)`` (``[U, n, K]``; of the samples ``rows`` only, if given) by a low-rank update, or
-        ``None`` if it does not apply.
+    def relu_shift(self, name: str, rows: Optional[slice] = None) -> Optional[Tensor]:
+        """Every ``eta^(-j) - eta`` (``[n, K, U]``: the shift of sample ``i`` when unit ``j`` drops is
+        ``[i, :, j]``; of the samples ``rows`` only, if given) by a low-rank update, or ``None`` if it does not
+        apply.
 
         Applies when the mask enters a Linear ``W`` followed by one ReLU (or LeakyReLU,
         slope ``alpha`` below the kink: every ``c_j`` below is scaled by ``1 - alpha``) and an
         affine rest ``L``: with ``z`` the Linear's output, ``D = a'(z)`` (``1[z > 0]``) and
         ``delta_j = h_j W[:, j]``,
 
-        ``eta^(-j) = eta - h_j J[:, j] + L c_j``,  ``J = L D W`` (``[n, K, U]``, one matmul),
+        ``eta^(-j) - eta = -h_j J[:, j] + L c_j``,  ``J = L D W`` (``[n, K, U]``, one matmul),
         ``c_j = relu(z - delta_j) - relu(z) + D delta_j``,
 
         and ``c_j`` is zero except where ``z - delta_j`` and ``z`` lie on different
         sides of the kink (:mod:`dropgeom.dropout._kinks`: only the coordinates with
         ``|z_a| <= max_j |h_j| max_j |W[a, j]|`` are examined, in cache-sized blocks of
-        samples). Exact (no Taylor step); differentiable."""
+        samples). Exact (no Taylor step); differentiable. The layout is the one the matmul and the kink
+        blocks produce, and the one :meth:`~dropgeom.families.ExponentialFamily.kl_shift` takes."""
         pos, z, lin = self._start(name)
         if lin is None or pos >= len(self.modules):
             return None
@@ -242,18 +244,27 @@ class Chain:
         mat = self._linear_rest(pos + 1)
         if mat is None:
             return None
-        h, w, eta = self.h(name), lin.weight, self.eta  # [n, U], [d, U], [n, K]
+        h, w = self.h(name), lin.weight  # [n, U], [d, U]
         if rows is not None:
-            h, z, eta = h[rows], z[rows], eta[rows]
+            h, z = h[rows], z[rows]
         n, u = h.shape
         d = act.d1(self.modules[pos], z)  # 1 above the kink, the slope below
         # laid out [n, K, U]: one [n K, d] x [d, U] matmul, and the kink correction's blocks of samples
-        dl = d.unsqueeze(1) * mat.unsqueeze(0)  # [n, K, d]: D L
-        jac = (dl.reshape(-1, dl.shape[-1]) @ w).view(n, -1, u)  # J per sample
+        # -J: the sign on the small [K, d] factor, so that neither pass over [n, K, U] nor its backward negates
+        dl = d.unsqueeze(1) * mat.neg().unsqueeze(0)  # [n, K, d]: -D L
+        neg_jac = (dl.reshape(-1, dl.shape[-1]) @ w).view(n, -1, u)  # -J per sample
         # a crossing changes the slope by 1 - alpha: c = (1 - alpha) relu(s (delta - z))
         kinks = kink_correction(z, h, w, mat if slope == 0.0 else (1.0 - slope) * mat)
-        dropped = eta.unsqueeze(-1) - h.unsqueeze(1) * jac + kinks
-        return dropped.permute(2, 0, 1).contiguous()  # [U, n, K]: a copy here is cheaper than strided KL ops
+        return torch.addcmul(kinks, h.unsqueeze(1), neg_jac)
+
+    def dropped_relu(self, name: str, rows: Optional[slice] = None) -> Optional[Tensor]:
+        """Every ``eta^(-j)`` (``[U, n, K]``; of the samples ``rows`` only, if given): ``eta +``
+        :meth:`relu_shift` laid out unit-major, or ``None`` where that does not apply."""
+        shift = self.relu_shift(name, rows)
+        if shift is None:
+            return None
+        eta = self.eta if rows is None else self.eta[rows]
+        return (eta.unsqueeze(-1) + shift).permute(2, 0, 1).contiguous()
 
     def push(self, pos: int, v: Tensor) -> Tensor:
         """Run states ``v`` (``[..., n, d]``, input of module ``pos``) through the rest of the chain."""

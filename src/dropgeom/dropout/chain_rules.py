@@ -93,7 +93,7 @@ class ChainRule:
     def kink_slope(self, mod: nn.Module) -> Optional[float]:
         """``alpha`` if the module is ``a(v) = v`` for ``v > 0`` and ``alpha v`` otherwise (one kink, at 0:
         ReLU, LeakyReLU), else ``None``. The exact divergence form's low-rank path needs it
-        (:meth:`~dropgeom.dropout.chain.Chain.dropped_relu`)."""
+        (:meth:`~dropgeom.dropout.chain.Chain.relu_shift`)."""
         return None
 
 

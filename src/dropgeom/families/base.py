@@ -162,6 +162,19 @@ class ExponentialFamily(ABC):
         dropped = eta.unsqueeze(1) - h.unsqueeze(-1) * w.t().unsqueeze(0)  # [n, U, K]
         return self.kl(eta.unsqueeze(1).expand(n, u, kdim).reshape(-1, kdim), dropped.reshape(-1, kdim)).reshape(n, u)
 
+    def kl_shift(self, eta: Tensor, shift: Tensor, mean: Optional[Tensor] = None) -> Tensor:
+        r"""``KL(p(.|eta_i) || p(.|eta_i + shift[i, :, u]))`` for ``eta`` ``[n, K]`` and ``shift`` ``[n, K, U]``: ``[n, U]``.
+
+        .. math::  K_{iu} = \mathrm{KL}\big(p_{\eta_i} \,\|\, p_{\eta_i + \delta_{iu}}\big)
+
+        The divergence terms of ``U`` perturbed models given by their shifts ``delta`` (the ``K`` axis second,
+        the layout in which the exact divergence form builds them: theory.md section 4.2), without forming the
+        shifted parameters when the family need not (``categorical``). Default: :meth:`kl_to_each` on
+        ``eta + shift``; ``mean``: ``mu(eta)`` if at hand.
+        """
+        others = (eta.unsqueeze(-1) + shift).permute(2, 0, 1)  # [U, n, K]
+        return self.kl_to_each(eta, others, mean).t()
+
     def kl_to_each(self, eta: Tensor, others: Tensor, mean: Optional[Tensor] = None) -> Tensor:
         r"""``KL(p(.|eta_i) || p(.|others[..., i, :]))`` for ``eta`` ``[n, K]`` and ``others`` ``[..., n, K]``.
 
