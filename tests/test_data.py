@@ -169,6 +169,9 @@ def test_idx_reader_on_hand_written_files(tmp_path):
     write_idx(tmp_path / "w-idx3-ubyte.gz", imgs, compress=True)
     assert (tmp_path / "w-idx3-ubyte.gz").read_bytes()[:2] == b"\x1f\x8b"
     np.testing.assert_array_equal(read_idx(tmp_path / "w-idx3-ubyte.gz"), imgs)
+    with pytest.raises(ValueError, match="IDX stores arrays of 1 to 255 dimensions, got a 0-d array"):
+        write_idx(tmp_path / "s-idx0-ubyte", np.uint8(7))  # wrote a file read_idx refuses before
+    assert not (tmp_path / "s-idx0-ubyte").exists()
 
     ds = load_dataset(
         "idx",

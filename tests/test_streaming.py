@@ -118,6 +118,12 @@ def test_bad_input_is_named():
         fisher_streamed(net, [(x[:5, :3], y[:5])], structure="diag")
     with pytest.raises(ValueError, match="unknown structure"):
         fisher_streamed(net, x, structure="triangular")
+    from dropgeom.batches import all_reduce, shard
+
+    with pytest.raises(TypeError, match="all_reduce sums a tensor in place, got float"):  # returned 3.0 before
+        all_reduce(3.0)
+    with pytest.raises(ValueError, match=r"n_local .* must be an int >= 0, got -1"):  # gave N = -1 before
+        shard(-1)
 
 
 # ------------------------------------------------------------------ two processes, gloo on 127.0.0.1

@@ -59,6 +59,9 @@ def _wanted(enable: Optional[bool]) -> bool:
 def is_glibc() -> bool:
     """Whether this process runs on Linux with glibc, the one C library whose ``mallopt`` this module sets.
 
+    Raises:
+        Nothing: on any other system (or a C library :func:`platform.libc_ver` cannot name) it is False.
+
     Example:
         >>> is_glibc() in (True, False)
         True

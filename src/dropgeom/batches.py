@@ -143,6 +143,9 @@ def _dist() -> Optional[Any]:
 def rank() -> int:
     """This process's rank in the process group (0 without one).
 
+    Raises:
+        Nothing of its own; what ``torch.distributed.get_rank`` raises passes through.
+
     Example:
         >>> rank()
         0
@@ -154,10 +157,18 @@ def rank() -> int:
 def all_reduce(t: Tensor) -> Tensor:
     """``t`` summed over the ranks of the process group, in place (``t`` itself without one).
 
+    The step that turns per-rank sums into the global sums of a mean over inputs (module docstring).
+
+    Raises:
+        TypeError: ``t`` is not a tensor (refused with and without a process group, so a single-process run
+            fails where a distributed one would). What ``torch.distributed.all_reduce`` raises passes through.
+
     Example:
         >>> all_reduce(torch.ones(2))
         tensor([1., 1.])
     """
+    if not isinstance(t, Tensor):
+        raise TypeError(f"all_reduce sums a tensor in place, got {type(t).__name__}")
     dist = _dist()
     if dist is not None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -198,6 +209,11 @@ def check_same_parameters(model: nn.Module) -> None:
 def is_batches(data: Any) -> bool:
     """True when ``data`` is an iterable of batches rather than a tensor (or tuple of tensors) of inputs.
 
+    A ``str``, ``bytes`` or ``dict`` is never batches. Nothing is iterated (a generator is left as it was).
+
+    Raises:
+        Nothing: any object gets an answer.
+
     Example:
         >>> import torch
         >>> x = torch.zeros(4, 2)
@@ -212,10 +228,17 @@ def is_batches(data: Any) -> bool:
 def shard(n_local: int) -> Tuple[int, int]:
     """``(N, start)``: the global number of inputs and where this rank's rows start (rank order; ``(n, 0)`` alone).
 
+    ``N = sum_r n_r`` and ``start = sum_{r' < r} n_r'`` over the ranks' local counts ``n_r``.
+
+    Raises:
+        ValueError: ``n_local`` is not an int ``>= 0``. What ``torch.distributed.all_gather`` raises passes through.
+
     Example:
         >>> shard(7)
         (7, 0)
     """
+    if isinstance(n_local, bool) or not isinstance(n_local, int) or n_local < 0:
+        raise ValueError(f"n_local (this rank's number of inputs) must be an int >= 0, got {n_local!r}")
     dist = _dist()
     if dist is None:
         return n_local, 0

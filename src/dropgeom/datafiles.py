@@ -63,6 +63,12 @@ def read_idx(path: PathLike) -> np.ndarray:
     a byte with the number of dimensions ``d``, then ``d`` big-endian uint32
     sizes, then the data in C order.
 
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ValueError: a corrupt gzip stream; not an IDX file (too short, a wrong magic number, an unknown type code,
+            0 dimensions, a truncated header) or a data size that disagrees with the header's shape.
+        OSError: the file cannot be read.
+
     Example:
         >>> import tempfile, os
         >>> f = os.path.join(tempfile.mkdtemp(), "a-idx1-ubyte")
@@ -98,6 +104,12 @@ def read_idx(path: PathLike) -> np.ndarray:
 def write_idx(path: PathLike, array: np.ndarray, compress: bool = False) -> None:
     """Write ``array`` as an IDX file (gzip-compressed if ``compress``); the inverse of :func:`read_idx`.
 
+    Raises:
+        ValueError: a dtype IDX cannot store (it stores uint8, int8, int16, int32, float32, float64); a 0-d
+            array or one of more than 255 dimensions (the header has one byte for the count; :func:`read_idx`
+            refuses 0).
+        OSError: the file cannot be written.
+
     Example:
         >>> import tempfile, os
         >>> f = os.path.join(tempfile.mkdtemp(), "b-idx3-ubyte.gz")
@@ -111,6 +123,8 @@ def write_idx(path: PathLike, array: np.ndarray, compress: bool = False) -> None
     if dt not in codes:
         raise ValueError(f"IDX cannot store dtype {array.dtype}; use one of {sorted(str(d) for d in codes)}")
     code = codes[dt]
+    if not 1 <= array.ndim <= 255:
+        raise ValueError(f"IDX stores arrays of 1 to 255 dimensions, got a {array.ndim}-d array")
     header = bytes([0, 0, code, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
     body = np.ascontiguousarray(array.astype(_IDX_DTYPES[code])).tobytes()
     blob = header + body

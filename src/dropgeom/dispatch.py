@@ -220,6 +220,11 @@ def register_streamed(public: Callable[..., Any], impl: Callable[..., Any]) -> N
 def streamed_functions() -> Dict[str, bool]:
     """``{function: streams}`` for every function registered so far (documentation and tests).
 
+    Functions register when their module is imported (``import dropgeom`` imports them all).
+
+    Raises:
+        Nothing: it only reads the registry.
+
     Example:
         >>> import dropgeom
         >>> streamed_functions()["dropgeom._fisher.fisher"]

@@ -170,6 +170,9 @@ class VerdictLabel(_Choice):
 def choices(cls: Type[E]) -> List[str]:
     """The values of an option enum, in definition order (for ``argparse`` choices and messages).
 
+    Raises:
+        Nothing of its own; a ``cls`` that is not an Enum class fails as iterating it or reading ``.value`` does.
+
     Example:
         >>> choices(Reduction)
         ['mean', 'sum']

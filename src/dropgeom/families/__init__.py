@@ -54,11 +54,18 @@ def get_family(family: Union[str, ExponentialFamily]) -> ExponentialFamily:
     """Return a family instance from its name (or pass an instance through).
 
     Names: ``categorical``, ``bernoulli``, ``gaussian`` (sigma=1; use
-    ``Gaussian(sigma)`` for another), ``poisson``, ``normal``.
+    ``Gaussian(sigma)`` for another), ``poisson``, ``normal`` (any case). Each is an exponential family
+    ``p(y | eta) = h(y) exp(<eta, t(y)> - A(eta))`` (theory.md section 1).
+
+    Raises:
+        ValueError: an unknown name, or something that is neither a name nor an :class:`ExponentialFamily`
+            instance (a family class such as ``Gaussian`` itself included); the message lists the names.
 
     Example:
         >>> get_family("poisson")
         Poisson()
+        >>> get_family("Categorical").name
+        'categorical'
     """
     if isinstance(family, ExponentialFamily):
         return family
