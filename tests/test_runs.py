@@ -18,7 +18,7 @@ from dropgeom.cli import main
 from dropgeom.config import RunConfig
 from dropgeom.experiments import EXPERIMENTS
 from dropgeom.pipeline import render_run, reproduce
-from dropgeom.rundir import MARKER, RunDir, RunDirError
+from dropgeom.rundir import MARKER, RunDir, RunDirError, atomic_write_text
 
 LINUX = sys.platform.startswith("linux")
 ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
@@ -467,3 +467,9 @@ def test_progress_writes_plain_lines_when_not_a_terminal(tmp_path):
     bar = ProgressLine(rd, plan, workers=1, stream=term)
     assert bar.bar is not None and bar.log is None
     bar.close()
+
+
+def test_atomic_write_text_refuses_bytes(tmp_path):
+    with pytest.raises(TypeError, match="text must be a str, got bytes"):  # an AttributeError (no .encode) before
+        atomic_write_text(tmp_path / "a.txt", b"hi")
+    assert not (tmp_path / "a.txt").exists()

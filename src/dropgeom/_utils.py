@@ -20,8 +20,9 @@ import numbers
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import vmap
@@ -39,6 +40,7 @@ __all__ = [
     "DEFAULT_MEMORY_LIMIT",
     "DEFAULT_CHUNK_BYTES",
     "atomic_write_bytes",
+    "to_jsonable",
 ]
 
 Inputs = Union[Tensor, Tuple[Tensor, ...]]
@@ -217,3 +219,30 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert tensors, numpy values and non-finite floats into plain JSON values (NaN/inf become strings).
+
+    What :mod:`dropgeom.rundir` (which re-exports it) applies before writing JSON.
+
+    Raises:
+        Nothing of its own: other objects are returned as they are (``json.dumps`` may refuse them).
+
+    Example:
+        >>> to_jsonable({1: torch.tensor([0.5, float("nan")])})
+        {'1': [0.5, 'nan']}
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return to_jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)  # "nan", "inf", "-inf": JSON has no such numbers
+    return obj

@@ -43,14 +43,13 @@ import csv
 import functools
 import io
 import json
-import math
 import os
 import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
-from ._utils import atomic_write_bytes
+from ._utils import atomic_write_bytes, to_jsonable  # to_jsonable is re-exported here
 from .config import ConfigError, RunConfig
 
 __all__ = [
@@ -87,6 +86,11 @@ def prepare_output_dir(root: Union[str, Path], what: str = "--out", allowed: Cal
     Raises:
         RunDirError: ``root`` is a file, lies under a file, cannot be created or
             written, or is a non-empty folder dropgeom did not create.
+
+    Example:
+        >>> import tempfile
+        >>> prepare_output_dir(Path(tempfile.mkdtemp()) / "new" / "run").name
+        'run'
     """
     root = Path(root)
     if root.exists() and not root.is_dir():
@@ -111,39 +115,49 @@ def prepare_output_dir(root: Union[str, Path], what: str = "--out", allowed: Cal
 
 
 def atomic_write_text(path: Union[str, Path], text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    """Write ``text`` (UTF-8) to ``path`` atomically.
+
+    Raises:
+        TypeError: ``text`` is not a str.
+        OSError: the folder cannot be created or written (the old file, if any, is left as it was).
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "a.txt"
+        >>> atomic_write_text(path, "hi"); path.read_text()
+        'hi'
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def to_jsonable(obj: Any) -> Any:
-    """Convert tensors, numpy values and non-finite floats into plain JSON values (NaN/inf become strings)."""
-    try:
-        import numpy as np
-        import torch
-    except ImportError:  # pragma: no cover
-        np = torch = None  # type: ignore
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if torch is not None and isinstance(obj, torch.Tensor):
-        return to_jsonable(obj.detach().cpu().tolist())
-    if np is not None and isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if np is not None and isinstance(obj, np.generic):
-        return to_jsonable(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)  # "nan", "inf", "-inf": JSON has no such numbers
-    return obj
-
-
 def atomic_write_json(path: Union[str, Path], obj: Any) -> None:
-    """Write ``obj`` as indented JSON atomically."""
+    """Write ``obj`` as indented JSON atomically (after :func:`to_jsonable`).
+
+    Raises:
+        TypeError: ``obj`` holds a value JSON cannot store (nothing is written).
+        OSError: the folder cannot be created or written.
+
+    Example:
+        >>> import json, tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "a.json"
+        >>> atomic_write_json(path, {"gamma2": float("inf")}); json.loads(path.read_text())
+        {'gamma2': 'inf'}
+    """
     atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")
 
 
 def safe_name(key: str) -> str:
-    """A file-name-safe form of a unit key (``/`` and other odd characters become ``__``)."""
+    """A file-name-safe form of a unit key (``/`` and other odd characters become ``__``).
+
+    Raises:
+        TypeError: ``key`` is not a str (from :func:`re.sub`).
+
+    Example:
+        >>> safe_name("p=0.1/seed=0")
+        'p=0.1__seed=0'
+    """
     return re.sub(r"[^A-Za-z0-9_.=-]+", "__", key)
 
 
@@ -427,7 +441,15 @@ def _alive(pid: int) -> bool:  # pragma: no cover - only without fcntl
 
 
 def timed_call(fn: Callable[[Mapping[str, Any]], Mapping[str, Any]], unit: Mapping[str, Any]) -> Dict[str, Any]:
-    """``fn(unit)`` as a record with ``status`` and ``seconds``; an exception becomes status ``error``."""
+    """``fn(unit)`` as a record with ``status`` and ``seconds``; an exception becomes status ``error``.
+
+    Raises:
+        KeyboardInterrupt: passed on, as is every ``BaseException`` that is not an ``Exception``.
+
+    Example:
+        >>> timed_call(lambda u: {"y": u["x"] + 1}, {"x": 1})["y"], timed_call(lambda u: 1 / 0, {})["error"]
+        (2, 'ZeroDivisionError: division by zero')
+    """
     t0 = time.perf_counter()
     try:
         record = dict(fn(unit))
