@@ -61,6 +61,7 @@ from ..options import CurvatureMethod, parse
 from ._common import (
     LinearisedManifold,
     check_alpha,
+    check_cg_options,
     check_damping,
     check_manifold,
     default_max_iter,
@@ -282,10 +283,7 @@ def check_stochastic_options(n_samples: object, batch_size: object, cg_tol: obje
         raise ValueError(f"n_samples must be an integer >= 2 (for a standard error), got {n_samples!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if cg_tol is not None and not (isinstance(cg_tol, (int, float)) and 0 < cg_tol < 1):
-        raise ValueError(f"cg_tol must lie in (0, 1), got {cg_tol!r}")
-    if cg_max_iter is not None and not (isinstance(cg_max_iter, int) and cg_max_iter >= 1):
-        raise ValueError(f"cg_max_iter must be a positive integer, got {cg_max_iter!r}")
+    check_cg_options(cg_tol, cg_max_iter)
 
 
 @streams
