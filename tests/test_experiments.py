@@ -14,7 +14,7 @@ from dropgeom.config import ConfigError, RunConfig
 from dropgeom.experiments import c1_flatness, c3_fisher_regularizer
 from dropgeom.pipeline import reproduce
 from dropgeom.experiments.common import build_mlp, mean_ci, spearman
-from dropgeom.rundir import RunDir, atomic_write_text
+from dropgeom.rundir import RunDir, RunDirError, atomic_write_text
 
 
 # --------------------------------------------------------------------------- config
@@ -71,8 +71,22 @@ def test_rundir_refuses_a_different_config(tmp_path):
     cfg = RunConfig.from_preset("test")
     rd.init(cfg)
     assert rd.init(cfg) == cfg  # same config: resume
-    with pytest.raises(ConfigError, match="different config"):
+    with pytest.raises(RunDirError, match="already holds a run of another config [(]it differs in seeds[)]") as info:
         rd.init(cfg.replace(seeds=3))
+    assert "invalid configuration" not in str(info.value)
+
+
+def test_rundir_adds_up_the_claims_run_into_it(tmp_path):
+    """The claims (--only) are not part of a run's identity: the stored config lists every claim run in the folder."""
+    rd = RunDir(tmp_path)
+    cfg = RunConfig.from_preset("test")
+    assert rd.init(cfg.replace(experiments=["C3"])).experiments == ("C3",)
+    assert rd.init(cfg.replace(experiments=["C1"])).experiments == ("C1", "C3")
+    assert rd.load_config().experiments == ("C1", "C3")
+    assert rd.init(cfg.replace(experiments=["C3"])).experiments == ("C1", "C3")  # a subset changes nothing
+    assert rd.init(cfg.replace(experiments=["C2", "C3"])) == cfg
+    with pytest.raises(RunDirError, match="differs in seeds"):
+        rd.init(cfg.replace(experiments=["C1"], seeds=3))
 
 
 def _c3_config() -> RunConfig:

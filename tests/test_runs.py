@@ -181,6 +181,31 @@ def test_a_foreign_folder_is_never_written(tmp_path, capsys):
     assert code == 2 and "did not create" in capsys.readouterr().err
 
 
+def test_claims_run_one_at_a_time_into_one_folder_add_up(tmp_path, capsys):
+    """--only is not part of a run's identity: --only C3, then --only C1 into the same folder reuses C3's units,
+    adds C1's, and the report shows both claims; another option still refuses the folder, in words of a folder."""
+    out = tmp_path / "run"
+    base = ["reproduce", "--preset", "test", "--out", str(out), "--no-progress", "--workers", "1"]
+    assert main(base + ["--only", "C3"]) == 0
+    rd = RunDir(out)
+    c3 = {p.name: p.stat().st_mtime_ns for p in (out / "units" / "C3").iterdir()}
+    assert c3 and rd.load_config().experiments == ("C3",)
+    capsys.readouterr()
+    assert main(base + ["--only", "C1"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "units" / "C3").iterdir()} == c3  # not redone
+    assert rd.load_config().experiments == ("C1", "C3")
+    assert rd.records("C1")
+    report = (out / "report.md").read_text()
+    assert "C1" in report and "C3a" in report
+    sessions = json.loads((out / "timings.json").read_text())["sessions"]
+    assert list(sessions[-1]["experiments"]) == ["C1"]
+    capsys.readouterr()
+    assert main(base + ["--only", "C1", "--seeds", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "already holds a run of another config (it differs in seeds)" in err
+    assert "invalid configuration" not in err
+
+
 # --------------------------------------------------------------------------- 4. incomplete runs
 def test_incomplete_run_gives_provisional_verdicts_and_no_verdict_without_data(tmp_path):
     cfg = RunConfig.from_preset("test", experiments=["C3", "C1"], c3_objectives=["none", "dropout"], epochs=2)

@@ -258,7 +258,7 @@ def _add_reproduce(sub: Any) -> None:
     p.add_argument(
         "--out",
         default=None,
-        help="run directory (default runs/reproduce-<preset>): a new or empty folder, or an earlier run of the same config, which is resumed; one process at a time",
+        help="run directory (default runs/reproduce-<preset>): a new or empty folder, or an earlier run of the same config, which is resumed (its finished units are reused, also when --only names other claims); one process at a time",
     )
     p.add_argument(
         "--seeds",
@@ -266,7 +266,13 @@ def _add_reproduce(sub: Any) -> None:
         default=None,
         help="number of seeds per setting (default: the preset's, 10 for full, 5 for quick, 2 for test)",
     )
-    p.add_argument("--only", nargs="+", choices=EXPERIMENTS, default=None, help="run only these claims")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=EXPERIMENTS,
+        default=None,
+        help="run only these claims (default: all); claims run one at a time into one --out folder add up there, and its report shows them all",
+    )
     p.add_argument(
         "--data",
         default=None,

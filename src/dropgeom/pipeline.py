@@ -42,8 +42,9 @@ def reproduce(
     ``figures/``, ``summary.json``, ``report.md`` and ``report.html`` at the end (:func:`render_run`).
 
     Raises:
-        ConfigError: ``out`` holds a run with a different config.
-        RunDirError: ``out`` is not a folder dropgeom may write into, or another process works in it.
+        ConfigError: ``config`` is invalid.
+        RunDirError: ``out`` is not a folder dropgeom may write into, another process works in it, or it holds a
+            run whose config differs in an option other than ``experiments`` (the claims run may differ).
         KeyboardInterrupt: on Ctrl-C, after the finished units are saved and the workers killed.
         ImportError: ``executor="ray"`` without Ray installed.
         ConnectionError: ``address`` cannot be reached.

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 from ._utils import atomic_write_bytes, to_jsonable  # to_jsonable is re-exported here
-from .config import ConfigError, RunConfig
+from .config import EXPERIMENTS, RunConfig
 
 __all__ = [
     "RunDir",
@@ -248,24 +248,37 @@ class RunDir:
 
     # -- config ---------------------------------------------------------------
     def init(self, config: RunConfig) -> RunConfig:
-        """Write ``config.json``, or check it matches the one already there (resume).
+        """Write ``config.json``, or check it matches the one already there (resume); return the stored config.
 
-        Raises ``ConfigError`` when the folder holds a run with a different
-        config (use another ``--out`` folder, or delete the old one).
+        The claims run (``config.experiments``, the CLI's ``--only``) are not part of a run's identity: a
+        folder holding a run of the same config with other claims is reused, and the stored config then lists
+        every claim run in the folder (in the order of :data:`dropgeom.config.EXPERIMENTS`), so the report
+        shows them all. Every other option must match.
+
+        Raises:
+            RunDirError: the folder holds a run whose config differs in another option (use another ``--out``
+                folder, or the options of that run to resume or extend it).
+            ConfigError: the stored ``config.json`` is not a valid config.
+            OSError: ``config.json`` cannot be written.
         """
-        if self.config_path.exists():
-            old = self.load_config()
-            if old.to_dict() != config.to_dict():
-                diff = sorted(k for k, v in config.to_dict().items() if old.to_dict().get(k) != v)
-                raise ConfigError(
-                    [
-                        f"{self.root} already holds a run with a different config (differs in {diff}); "
-                        "choose another --out folder to start a new run, or rerun the same command to resume"
-                    ]
-                )
-            return old
-        atomic_write_text(self.config_path, config.to_json() + "\n")
-        return config
+        if not self.config_path.exists():
+            atomic_write_text(self.config_path, config.to_json() + "\n")
+            return config
+        old = self.load_config()
+        old_d, new_d = old.to_dict(), config.to_dict()
+        diff = sorted(k for k in new_d if k != "experiments" and old_d.get(k) != new_d[k])
+        if diff:
+            raise RunDirError(
+                f"{self.root} already holds a run of another config (it differs in {', '.join(diff)}); choose another "
+                "--out folder for this one, or give the options of that run to resume it (--only may differ: "
+                "a later run adds its claims to the folder)"
+            )
+        claims = set(old.experiments) | set(config.experiments)
+        union = tuple(name for name in EXPERIMENTS if name in claims)
+        if set(old.experiments) != claims:
+            old = old.replace(experiments=list(union))
+            atomic_write_text(self.config_path, old.to_json() + "\n")
+        return old
 
     def load_config(self) -> RunConfig:
         if not self.config_path.exists():

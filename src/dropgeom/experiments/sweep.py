@@ -52,7 +52,8 @@ def run_experiments(
     Args:
         config: a validated :class:`~dropgeom.config.RunConfig`.
         out: the run directory: a new or empty folder, or one holding a run of
-            the same config (that run is resumed).
+            the same config (that run is resumed); the claims (``config.experiments``) may differ from
+            that run's: finished units are reused and the folder's ``config.json`` then lists every claim run in it.
         progress: show one overall progress line (claim, units done/total, ETA).
         on_compute: called with each unit key just before it is computed
             (finished units are skipped and never reach it).
@@ -69,8 +70,9 @@ def run_experiments(
     ``running`` at the time it was killed, ``interrupted`` after Ctrl-C).
 
     Raises:
-        ConfigError: ``out`` holds a run with a different config.
-        RunDirError: ``out`` is not a folder dropgeom may write into, or another process works in it.
+        ConfigError: ``config`` is invalid.
+        RunDirError: ``out`` is not a folder dropgeom may write into, another process works in it, or it holds a
+            run whose config differs in an option other than ``experiments``.
         KeyboardInterrupt: on Ctrl-C, after the finished units are saved and the workers killed.
         ImportError: ``executor="ray"`` without Ray installed.
         ConnectionError: ``address`` cannot be reached (within :data:`dropgeom.executors.CONNECT_TIMEOUT` seconds).
@@ -78,7 +80,7 @@ def run_experiments(
     _check_before_writing(config, executor, address, threads)
     rd = RunDir.claim(out)
     with rd.lock():
-        config = rd.init(config)
+        rd.init(config)  # the stored config lists every claim run in the folder; this invocation runs config's
         plan = [(name, EXPERIMENTS[name].units(config)) for name in config.experiments]
         timings = _Timings(rd.root / "timings.json", workers)
         line = ProgressLine(rd, plan, workers, enabled=progress)
