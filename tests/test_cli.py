@@ -149,3 +149,58 @@ def test_every_command_applies_the_allocator_setting(monkeypatch, capsys):
     assert main(["report", "/nonexistent-run"]) == 2  # now the command itself runs and names the missing folder
     err = capsys.readouterr().err
     assert "DROPGEOM_MALLOC" not in err and "nonexistent-run" in err, err
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+def _interrupt_at_epoch(monkeypatch, at: int) -> None:
+    """Make ``train`` raise KeyboardInterrupt (a simulated Ctrl-C) when epoch ``at`` starts."""
+    import dropgeom.train.loop as loop
+
+    real = loop._train_epoch
+
+    def epoch(run, plan, n):
+        if n == at:
+            raise KeyboardInterrupt
+        return real(run, plan, n)
+
+    monkeypatch.setattr(loop, "_train_epoch", epoch)
+
+
+def test_train_interrupted_with_out_prints_the_kept_epochs_and_how_to_resume(tmp_path, monkeypatch, capsys):
+    argv = ["train", "--data", "iris", "--epochs", "5", "--no-progress", "--out", str(tmp_path / "ck")]
+    _interrupt_at_epoch(monkeypatch, 3)
+    assert main(argv) == 130
+    out, err = capsys.readouterr()
+    assert re.findall(r"^([12]) ", out, re.M) == ["1", "2"] and "test_nll" in out  # the table of the finished epochs
+    assert f"2 finished epoch(s) are kept in {tmp_path / 'ck' / 'checkpoint.pt'}" in err
+    assert "run the same command again to resume" in err
+    monkeypatch.undo()
+    assert main(argv) == 0  # resumes
+    assert re.findall(r"^(\d) ", capsys.readouterr().out, re.M) == ["1", "2", "3", "4", "5"]
+
+
+def test_train_interrupted_without_out_says_nothing_was_saved(monkeypatch, capsys):
+    _interrupt_at_epoch(monkeypatch, 2)
+    assert main(["train", "--data", "iris", "--epochs", "5", "--no-progress"]) == 130
+    out, err = capsys.readouterr()
+    assert re.findall(r"^(\d) ", out, re.M) == ["1"]
+    assert "after 1 finished epoch(s); nothing was saved" in err and "--out DIR" in err
+
+
+def test_fisher_interrupted_prints_the_finished_rows(monkeypatch, capsys):
+    import dropgeom
+
+    real, calls = dropgeom.fisher, []
+
+    def fisher(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dropgeom, "fisher", fisher)
+    argv = ["fisher", "--hidden", "4", "--n", "16", "--kinds", "empirical", "--structures", "diag", "layer"]
+    assert main(argv) == 130
+    out, err = capsys.readouterr()
+    assert re.search(r"^empirical\s+diag\s+\d", out, re.M) and "layer" not in out
+    assert "interrupted after 1 of 2 rows" in err

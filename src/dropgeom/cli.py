@@ -112,28 +112,71 @@ def _cmd_train(args: argparse.Namespace) -> int:
     p = args.p if objective_spec(args.objective).uses_dropout else 0.0
     model = _mlp_for(args, ds.num_features, ds.num_outputs, p)
     options = run_options(args.objective, p=p, l2=args.weight)
-    hist = train(
-        model,
-        ds,
-        args.objective,
-        objective_options=options,
-        lr=args.lr,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        checkpoint_dir=args.out,
-        progress=not args.no_progress,
-    )
-    cols = [
-        c
-        for c in ("epoch", "objective_loss", "train_nll", "test_nll", "test_accuracy", "test_ece", "seconds")
-        if hist.records and c in hist.records[0]
-    ]
-    _print_table(hist.records, cols)
+    finished: List[Dict[str, Any]] = []  # the epochs of this invocation, for the table after Ctrl-C
+
+    def keep(record: Dict[str, float], _model: Any) -> None:
+        finished.append(dict(record))
+
+    try:
+        hist = train(
+            model,
+            ds,
+            args.objective,
+            objective_options=options,
+            lr=args.lr,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            checkpoint_dir=args.out,
+            progress=not args.no_progress,
+            callback=keep,
+        )
+    except KeyboardInterrupt:
+        _train_interrupted(args, finished)
+        return 130
+    _print_epochs(hist.records)
     if hist.diverged:
         print(f"training diverged: {hist.divergence}", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_epochs(records: Sequence[Dict[str, Any]]) -> None:
+    """The per-epoch table of ``dropgeom train`` (nothing when no epoch finished)."""
+    cols = [
+        c
+        for c in ("epoch", "objective_loss", "train_nll", "test_nll", "test_accuracy", "test_ece", "seconds")
+        if records and c in records[0]
+    ]
+    if cols:
+        _print_table(list(records), cols)
+
+
+def _train_interrupted(args: argparse.Namespace, finished: List[Dict[str, Any]]) -> None:
+    """After Ctrl-C: the table of the finished epochs and one line saying what was kept and how to resume.
+
+    With ``--out`` the table and the count come from the checkpoint (what a rerun resumes from), else from
+    the epochs this invocation finished (nothing was saved).
+    """
+    if args.out is None:
+        _print_epochs(finished)
+        print(
+            f"\ndropgeom train: interrupted after {len(finished)} finished epoch(s); nothing was saved "
+            "(--out DIR keeps the finished epochs in a checkpoint, and the same command then resumes)",
+            file=sys.stderr,
+        )
+        return
+    from .train import CHECKPOINT_NAME, load_checkpoint
+
+    path = Path(args.out) / CHECKPOINT_NAME
+    try:
+        state = load_checkpoint(path)
+    except ValueError:  # unreadable: say so rather than fail while interrupted
+        state = None
+    kept = list((state or {}).get("history", {}).get("records", []))
+    _print_epochs(kept)
+    what = f"{len(kept)} finished epoch(s) are kept in {path}" if kept else f"no epoch had finished; nothing is in {path} yet"
+    print(f"\ndropgeom train: interrupted; {what}; run the same command again to resume", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- fisher
@@ -155,21 +198,29 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
     print(
         f"Fisher information of an MLP {'-'.join(map(str, dims))} (P={m.num_params}) on {m.n} digits inputs (mean over inputs)\n"
     )
-    rows = []
+    rows: List[Dict[str, Any]] = []
+    columns = ["kind", "structure", "trace", "top eigenvalue", "seconds"]
     gen = torch.Generator().manual_seed(args.seed)
-    for kind in args.kinds:
-        for structure in args.structures:
-            if structure == "dense" and m.num_params > 5000:
-                rows.append({"kind": kind, "structure": structure, "trace": "-", "top eigenvalue": "-", "seconds": "too large"})
-                continue
-            t0 = time.perf_counter()
-            F = fisher(m, kind, structure, targets=ds.y_train[: args.n], n_samples=1, generator=gen)
-            tr = float(F.trace())
-            top = float(F.eig(1)[0].max())
-            rows.append(
-                {"kind": kind, "structure": structure, "trace": tr, "top eigenvalue": top, "seconds": time.perf_counter() - t0}
-            )
-    _print_table(rows, ["kind", "structure", "trace", "top eigenvalue", "seconds"])
+    try:
+        for kind in args.kinds:
+            for structure in args.structures:
+                if structure == "dense" and m.num_params > 5000:
+                    rows.append({"kind": kind, "structure": structure, "trace": "-", "top eigenvalue": "-", "seconds": "too large"})
+                    continue
+                t0 = time.perf_counter()
+                F = fisher(m, kind, structure, targets=ds.y_train[: args.n], n_samples=1, generator=gen)
+                tr = float(F.trace())
+                top = float(F.eig(1)[0].max())
+                rows.append(
+                    {"kind": kind, "structure": structure, "trace": tr, "top eigenvalue": top, "seconds": time.perf_counter() - t0}
+                )
+    except KeyboardInterrupt:
+        if rows:
+            _print_table(rows, columns)
+        total = len(args.kinds) * len(args.structures)
+        print(f"\ndropgeom fisher: interrupted after {len(rows)} of {total} rows", file=sys.stderr)
+        return 130
+    _print_table(rows, columns)
     return 0
 
 
