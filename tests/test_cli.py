@@ -151,6 +151,24 @@ def test_every_command_applies_the_allocator_setting(monkeypatch, capsys):
     assert "DROPGEOM_MALLOC" not in err and "nonexistent-run" in err, err
 
 
+
+def test_curvature_depth_1_is_honoured(capsys):
+    """--depth 1 measures a one-hidden-layer MLP (it used to run depth 2 silently): P counts both of its layers
+    (4x3+3 and 3x10+10), and its mask feeds the linear output layer, so the mask curvature is 0 (theory.md 4.2)."""
+    argv = ["curvature", "--epochs", "0", "--inputs", "30", "--input-dim", "4", "--width", "3", "--method", "dense"]
+    assert main(argv + ["--depth", "1"]) == 0
+    from dropgeom.experiments.common import quantity_name
+
+    out = capsys.readouterr().out
+    assert _value(out, quantity_name("num_params")) == 4 * 3 + 3 + 3 * 10 + 10
+    assert _value(out, quantity_name("mask_normal_curvature")) == 0.0
+    with pytest.raises(SystemExit):
+        main(["curvature", "--depth", "0"])
+    assert "expected a positive integer, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["curvature", "--help"])
+    assert "number of hidden layers, 1 or more (default 2)" in " ".join(capsys.readouterr().out.split())
+
 # --------------------------------------------------------------------------- Ctrl-C
 def _interrupt_at_epoch(monkeypatch, at: int) -> None:
     """Make ``train`` raise KeyboardInterrupt (a simulated Ctrl-C) when epoch ``at`` starts."""

@@ -236,10 +236,9 @@ def _cmd_curvature(args: argparse.Namespace) -> int:
     from .experiments.common import curvature_measures, fit, prepare_data
 
     torch.set_num_threads(1)
-    cfg = RunConfig.from_preset(
+    cfg = RunConfig.from_preset(  # its depth (C1's, at least 2) is not used: the model below has --depth
         "quick",
         width=args.width,
-        depth=max(args.depth, 2),
         activation=args.activation,
         epochs=max(args.epochs, 1),
         curvature_inputs=args.inputs,
@@ -249,7 +248,7 @@ def _cmd_curvature(args: argparse.Namespace) -> int:
         input_dim=args.input_dim,
     )
     data = prepare_data(cfg, args.seed)
-    model = _mlp_for(argparse.Namespace(**{**vars(args), "depth": cfg.depth}), data.num_features, data.num_outputs, args.p)
+    model = _mlp_for(args, data.num_features, data.num_outputs, args.p)
     if args.epochs > 0:
         tr = fit(model, data, "dropout" if args.p > 0 else "none", cfg, args.seed, args.p)
         last = tr["history"][-1] if tr["history"] else {}
@@ -286,7 +285,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 def _add_model_options(p: argparse.ArgumentParser, width: int = 8, depth: int = 2) -> None:
     p.add_argument("--width", type=_positive_int, default=width, help=f"units per hidden layer (default {width})")
-    p.add_argument("--depth", type=_positive_int, default=depth, help=f"number of hidden layers (default {depth})")
+    p.add_argument("--depth", type=_positive_int, default=depth, help=f"number of hidden layers, 1 or more (default {depth})")
     p.add_argument("--activation", choices=ACTIVATIONS, default="tanh", help="hidden activation (default tanh)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the data split, initialisation and masks (default 0)")
 
