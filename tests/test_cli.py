@@ -151,7 +151,6 @@ def test_every_command_applies_the_allocator_setting(monkeypatch, capsys):
     assert "DROPGEOM_MALLOC" not in err and "nonexistent-run" in err, err
 
 
-
 def test_curvature_depth_1_is_honoured(capsys):
     """--depth 1 measures a one-hidden-layer MLP (it used to run depth 2 silently): P counts both of its layers
     (4x3+3 and 3x10+10), and its mask feeds the linear output layer, so the mask curvature is 0 (theory.md 4.2)."""
@@ -168,6 +167,7 @@ def test_curvature_depth_1_is_honoured(capsys):
     with pytest.raises(SystemExit):
         main(["curvature", "--help"])
     assert "number of hidden layers, 1 or more (default 2)" in " ".join(capsys.readouterr().out.split())
+
 
 # --------------------------------------------------------------------------- Ctrl-C
 def _interrupt_at_epoch(monkeypatch, at: int) -> None:
@@ -222,3 +222,69 @@ def test_fisher_interrupted_prints_the_finished_rows(monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert re.search(r"^empirical\s+diag\s+\d", out, re.M) and "layer" not in out
     assert "interrupted after 1 of 2 rows" in err
+
+
+# --------------------------------------------------------------------------- train options
+def _train_options(monkeypatch, argv):
+    """The objective and options ``dropgeom train argv`` passes to ``train`` (which is not run)."""
+    import dropgeom.train as training
+
+    seen = {}
+
+    def fake_train(model, data, objective, *, objective_options, **kwargs):
+        seen.update(objective=objective, options=dict(objective_options))
+        return training.History()
+
+    monkeypatch.setattr(training, "train", fake_train)
+    assert main(["train", "--data", "iris", "--no-progress", *argv]) == 0
+    return seen["objective"], seen["options"]
+
+
+def test_train_reaches_the_fisher_dropout_options(monkeypatch):
+    from dropgeom.train import make_objective
+
+    argv = ["--objective", "fisher_dropout", "--form", "divergence", "--estimator", "unit", "--curvature", "--p", "0.2"]
+    name, options = _train_options(monkeypatch, argv)
+    assert options == {"p": 0.2, "form": "divergence", "estimator": "unit", "curvature": True}
+    obj = make_objective(name, **options)
+    assert (str(obj.form), str(obj.estimator), obj.curvature, obj.p) == ("divergence", "unit", True, 0.2)
+    assert _train_options(monkeypatch, ["--objective", "fisher_dropout"])[1] == {
+        "p": 0.3,
+        "form": "quadratic",
+        "estimator": "exact",
+        "curvature": False,
+    }
+    assert _train_options(monkeypatch, ["--objective", "l2"])[1] == {"weight": 1e-3}
+    assert _train_options(monkeypatch, ["--objective", "none"])[1] == {}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--objective", "none", "--p", "0.2"],
+            "--p does not apply to --objective none (only to dropout, gaussian_dropout, fisher_dropout)",
+        ),
+        (["--objective", "l2", "--p", "0.2"], "--p does not apply to --objective l2"),
+        (["--objective", "dropout", "--weight", "0.1"], "--weight does not apply to --objective dropout (only to l2)"),
+        (["--objective", "fisher_dropout", "--weight", "0.1"], "--weight does not apply to --objective fisher_dropout"),
+        (
+            ["--objective", "dropout", "--form", "divergence"],
+            "--form does not apply to --objective dropout (only to fisher_dropout)",
+        ),
+        (["--objective", "gaussian_dropout", "--estimator", "mc"], "--estimator does not apply to --objective gaussian_dropout"),
+        (["--objective", "l2", "--curvature"], "--curvature does not apply to --objective l2"),
+    ],
+)
+def test_train_options_of_another_objective_are_errors(argv, message, capsys):
+    assert main(["train", "--data", "iris", "--epochs", "1", "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"dropgeom train: error: {message}" or (err.startswith(f"dropgeom train: error: {message}") and "\n" not in err)
+
+
+def test_train_prints_train_accuracy_and_calibration(capsys):
+    assert main(["train", "--data", "iris", "--epochs", "1", "--no-progress"]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header[:3] == ["epoch", "objective_loss", "train_nll"]
+    for column in ("train_accuracy", "train_ece", "test_nll", "test_accuracy", "test_ece"):
+        assert column in header

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .config import ACTIVATIONS, CURVATURE_METHODS, CURVATURE_PARAMS, DATASETS, EXPERIMENTS, PRESETS
 from .data import BUNDLED, INSTALLED, SYNTHETIC
-from .options import ExecutorKind, FisherKind, Structure, choices
+from .options import Estimator, ExecutorKind, FisherKind, PenaltyForm, Structure, choices
 from .train.registry import objective_names, objective_spec, run_options
 from .cli_support import _nonnegative_int, _positive_float, _positive_int, _print_table, _probability, _seed  # noqa: F401
 
@@ -109,9 +109,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         prepare_output_dir(args.out, allowed=lambda name: name == CHECKPOINT_NAME)
     ds = load_dataset(args.data, seed=args.seed, dtype=torch.float64)
-    p = args.p if objective_spec(args.objective).uses_dropout else 0.0
-    model = _mlp_for(args, ds.num_features, ds.num_outputs, p)
-    options = run_options(args.objective, p=p, l2=args.weight)
+    options = _objective_options(args)
+    model = _mlp_for(args, ds.num_features, ds.num_outputs, options.get("p", 0.0))
     finished: List[Dict[str, Any]] = []  # the epochs of this invocation, for the table after Ctrl-C
 
     def keep(record: Dict[str, float], _model: Any) -> None:
@@ -141,13 +140,57 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the columns of ``dropgeom train``'s table (those the records hold)
+TRAIN_COLUMNS = (
+    "epoch",
+    "objective_loss",
+    "train_nll",
+    "train_accuracy",
+    "train_ece",
+    "test_nll",
+    "test_accuracy",
+    "test_ece",
+    "seconds",
+)
+#: ``dropgeom train`` options that go to the objective as they are (when it takes them), with their defaults
+OBJECTIVE_FLAGS = {"form": PenaltyForm.QUADRATIC.value, "estimator": Estimator.EXACT.value, "curvature": False}
+#: defaults of the shared settings ``--p`` and ``--weight`` (for the objectives that take them)
+TRAIN_P, TRAIN_WEIGHT = 0.3, 1e-3
+
+
+def _objective_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The options of ``--objective`` from ``--p``, ``--weight``, ``--form``, ``--estimator`` and ``--curvature``.
+
+    Raises:
+        CLIError: one of them was given for an objective that does not take it (it would be ignored).
+    """
+    spec = objective_spec(args.objective)
+    given = {"p": args.p, "weight": args.weight, **{k: getattr(args, k) for k in OBJECTIVE_FLAGS}}
+    takes = {name: _takes(spec.name, name) for name in given}
+    for name, value in given.items():
+        if value not in (None, False) and not takes[name]:
+            users = [n for n in objective_names() if _takes(n, name)]
+            raise CLIError(f"--{name} does not apply to --objective {spec.name} (only to {', '.join(users)})")
+    options = run_options(
+        spec.name, p=TRAIN_P if args.p is None else args.p, l2=TRAIN_WEIGHT if args.weight is None else args.weight
+    )
+    options.update({k: (default if given[k] is None else given[k]) for k, default in OBJECTIVE_FLAGS.items() if takes[k]})
+    return options
+
+
+def _takes(objective: str, flag: str) -> bool:
+    """Whether ``--objective objective`` takes the ``dropgeom train`` option ``--flag``."""
+    spec = objective_spec(objective)
+    if flag == "p":
+        return spec.uses_dropout
+    if flag == "weight":  # the L2 weight (fisher_dropout's own option "weight" scales its penalty)
+        return "l2" in spec.settings
+    return flag in spec.options
+
+
 def _print_epochs(records: Sequence[Dict[str, Any]]) -> None:
     """The per-epoch table of ``dropgeom train`` (nothing when no epoch finished)."""
-    cols = [
-        c
-        for c in ("epoch", "objective_loss", "train_nll", "test_nll", "test_accuracy", "test_ece", "seconds")
-        if records and c in records[0]
-    ]
+    cols = [c for c in TRAIN_COLUMNS if records and c in records[0]]
     if cols:
         _print_table(list(records), cols)
 
@@ -205,14 +248,22 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
         for kind in args.kinds:
             for structure in args.structures:
                 if structure == "dense" and m.num_params > 5000:
-                    rows.append({"kind": kind, "structure": structure, "trace": "-", "top eigenvalue": "-", "seconds": "too large"})
+                    rows.append(
+                        {"kind": kind, "structure": structure, "trace": "-", "top eigenvalue": "-", "seconds": "too large"}
+                    )
                     continue
                 t0 = time.perf_counter()
                 F = fisher(m, kind, structure, targets=ds.y_train[: args.n], n_samples=1, generator=gen)
                 tr = float(F.trace())
                 top = float(F.eig(1)[0].max())
                 rows.append(
-                    {"kind": kind, "structure": structure, "trace": tr, "top eigenvalue": top, "seconds": time.perf_counter() - t0}
+                    {
+                        "kind": kind,
+                        "structure": structure,
+                        "trace": tr,
+                        "top eigenvalue": top,
+                        "seconds": time.perf_counter() - t0,
+                    }
                 )
     except KeyboardInterrupt:
         if rows:
@@ -380,8 +431,39 @@ def _add_train(sub: Any) -> None:
         choices=names,
         help="training objective (default dropout): " + "; ".join(f"{n}: {objective_spec(n).description}" for n in names),
     )
-    p.add_argument("--p", type=_probability, default=0.3, help="dropout probability (drop rate, default 0.3)")
-    p.add_argument("--weight", type=_positive_float, default=1e-3, help="L2 weight for --objective l2 (default 1e-3)")
+    dropouts = [n for n in names if _takes(n, "p")]
+    fisher = [n for n in names if _takes(n, "form")]
+    p.add_argument(
+        "--p",
+        type=_probability,
+        default=None,
+        help=f"dropout probability (drop rate) of --objective {', '.join(dropouts)} (default {TRAIN_P}); an error with the others",
+    )
+    p.add_argument(
+        "--weight",
+        type=_positive_float,
+        default=None,
+        help=f"L2 weight of --objective l2 (default {TRAIN_WEIGHT:g}); an error with the others",
+    )
+    p.add_argument(
+        "--form",
+        choices=choices(PenaltyForm),
+        default=None,
+        help=f"penalty of --objective {', '.join(fisher)}: quadratic (the Fisher quadratic form of the mask noise) or "
+        "divergence (p sum_j KL(p || p^(-j)), p^(-j) the output with unit j dropped) (theory.md 4.4; default quadratic)",
+    )
+    p.add_argument(
+        "--estimator",
+        choices=choices(Estimator),
+        default=None,
+        help=f"how --objective {', '.join(fisher)} sums its penalty over classes and units: exact (every class and "
+        "unit), mc (sampled labels) or unit (sampled labels and one unit per layer) (default exact)",
+    )
+    p.add_argument(
+        "--curvature",
+        action="store_true",
+        help=f"add the curvature term to the penalty of --objective {', '.join(fisher)} (theory.md 4.2; default off)",
+    )
     p.add_argument("--epochs", type=_positive_int, default=20, help="epochs (default 20)")
     p.add_argument("--lr", type=_positive_float, default=0.01, help="Adam learning rate (default 0.01)")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="mini-batch size (default 128)")
