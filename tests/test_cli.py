@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import json
 import re
 
@@ -288,3 +289,40 @@ def test_train_prints_train_accuracy_and_calibration(capsys):
     assert header[:3] == ["epoch", "objective_loss", "train_nll"]
     for column in ("train_accuracy", "train_ece", "test_nll", "test_accuracy", "test_ece"):
         assert column in header
+
+
+# --------------------------------------------------------------------------- train: lock, finished target, divergence, log
+def test_train_out_is_locked_against_a_second_process(tmp_path, capsys):
+    from dropgeom.rundir import RunDir
+
+    out = tmp_path / "ck"
+    with RunDir(out).lock():
+        code = main(["train", "--data", "iris", "--epochs", "1", "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert f"{out} is in use by another dropgeom process (pid {os.getpid()})" in err
+    assert not (out / "checkpoint.pt").exists()
+    assert main(["train", "--data", "iris", "--epochs", "1", "--no-progress", "--out", str(out)]) == 0  # released
+
+
+def test_train_says_when_the_checkpoint_already_reached_the_epochs(tmp_path, capsys):
+    argv = ["train", "--data", "iris", "--no-progress", "--out", str(tmp_path / "ck"), "--epochs"]
+    assert main(argv + ["3"]) == 0
+    assert "nothing to train" not in capsys.readouterr().err
+    assert main(argv + ["2"]) == 0
+    out, err = capsys.readouterr()
+    assert re.findall(r"^(\d) ", out, re.M) == ["1", "2", "3"]
+    assert "nothing to train" in err and "already holds 3 epoch(s), at least --epochs 2" in err
+
+
+def test_train_diverging_in_its_first_epoch_says_so(capsys):
+    assert main(["train", "--data", "digits", "--epochs", "2", "--lr", "1e6", "--no-progress"]) == 1
+    out, err = capsys.readouterr()
+    assert out.strip() == ""  # no empty table
+    assert err.startswith("training diverged before its first epoch finished: loss") and "--lr" in err
+
+
+def test_train_writes_no_progress_bar_into_a_log(capsys):
+    assert main(["train", "--data", "iris", "--epochs", "2"]) == 0  # standard error is captured: not a terminal
+    err = capsys.readouterr().err
+    assert "\r" not in err and "train dropout" not in err

@@ -98,18 +98,29 @@ def _mlp_for(args: argparse.Namespace, in_dim: int, out_dim: int, p: float) -> A
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import torch
+    import contextlib
 
-    from .data import load_dataset
-    from .train import train
-
+    options = _objective_options(args)  # before anything is written
+    lock: Any = contextlib.nullcontext()
     if args.out is not None:
-        from .rundir import prepare_output_dir
+        from .rundir import RunDir, prepare_output_dir
         from .train import CHECKPOINT_NAME
 
         prepare_output_dir(args.out, allowed=lambda name: name == CHECKPOINT_NAME)
+        lock = RunDir(args.out).lock()  # one process per checkpoint folder, as for reproduce's run folders
+    with lock:
+        return _train_and_print(args, options)
+
+
+def _train_and_print(args: argparse.Namespace, options: Dict[str, Any]) -> int:
+    """Train as ``dropgeom train`` asks (its folder locked), print the table; the exit code."""
+    import torch
+
+    from .data import load_dataset
+    from .experiments.sweep import _is_terminal
+    from .train import train
+
     ds = load_dataset(args.data, seed=args.seed, dtype=torch.float64)
-    options = _objective_options(args)
     model = _mlp_for(args, ds.num_features, ds.num_outputs, options.get("p", 0.0))
     finished: List[Dict[str, Any]] = []  # the epochs of this invocation, for the table after Ctrl-C
 
@@ -127,7 +138,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             seed=args.seed,
             checkpoint_dir=args.out,
-            progress=not args.no_progress,
+            progress=not args.no_progress and _is_terminal(sys.stderr),  # no carriage returns in a log
             callback=keep,
         )
     except KeyboardInterrupt:
@@ -135,8 +146,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 130
     _print_epochs(hist.records)
     if hist.diverged:
-        print(f"training diverged: {hist.divergence}", file=sys.stderr)
+        if hist.records:
+            print(f"training diverged: {hist.divergence}; the table shows the epochs before it", file=sys.stderr)
+        else:
+            print(f"training diverged before its first epoch finished: {hist.divergence} (try a smaller --lr)", file=sys.stderr)
         return 1
+    if not finished and hist.resumed_from is not None:
+        from .train import CHECKPOINT_NAME
+
+        print(
+            f"dropgeom train: nothing to train: {Path(args.out) / CHECKPOINT_NAME} already holds {len(hist.records)} "
+            f"epoch(s), at least --epochs {args.epochs} (the table shows them; a larger --epochs continues the training)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -470,7 +492,9 @@ def _add_train(sub: Any) -> None:
     p.add_argument(
         "--out", default=None, help="checkpoint folder: new, empty, or holding the checkpoint.pt of the same training (resumed)"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (there is none when standard error is not a terminal)"
+    )
     _add_model_options(p, width=32)
     p.set_defaults(fn=_cmd_train)
 
