@@ -334,6 +334,29 @@ def test_stochastic_matches_dense(alpha, damping):
     assert est.gamma2_per_sample.item() == pytest.approx(m.n * est.gamma2.item())
 
 
+def test_stochastic_says_when_its_tangent_projection_did_not_converge():
+    """Capped conjugate gradients leave a tangent remainder in the projected vectors; it is orthogonal to the normal
+    part, so gamma^2 comes out too large. The result carries the residual reached, and a ProjectionWarning says so;
+    a converged projection reports a residual below the tolerance and warns nothing."""
+    import warnings
+
+    from dropgeom.curvature._common import ProjectionWarning, default_tol, projection_tolerance
+
+    m, _ = mlp_setting("categorical", n=12, d=2, h=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProjectionWarning)
+        good = embedding_curvature(m, method="stochastic", n_samples=8, generator=torch.Generator().manual_seed(1))
+    assert good.projection_residual is not None and good.projection_residual <= projection_tolerance(default_tol(D64))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*conjugate gradients stopped.*")  # the sampling solve's own
+        with pytest.warns(ProjectionWarning, match="too large"):
+            bad = embedding_curvature(
+                m, method="stochastic", n_samples=8, generator=torch.Generator().manual_seed(1), cg_max_iter=1
+            )
+    assert bad.projection_residual > projection_tolerance(default_tol(D64))
+    assert embedding_curvature(m).projection_residual is None  # dense: exact projection
+
+
 def test_stochastic_is_reproducible_with_a_generator():
     m, _ = mlp_setting("poisson", n=8, d=2, h=2)
     a = embedding_curvature(m, method="stochastic", n_samples=6, generator=torch.Generator().manual_seed(7))

@@ -222,3 +222,8 @@ def test_scope_names_each_claims_models_and_data():
     with_curv = scope_caveats(full, {"C2": [{"curvature": curv}], "C1": [{"curvature": {"n_inputs": 5, "num_params": 7}}]})
     assert any(ln.startswith("Curvature (C2): over 30 inputs, on 10 parameters; n(K-1)/P 9.0") for ln in with_curv)
     assert any(ln.startswith("Curvature (C1): over 5 inputs") and "method" not in ln for ln in with_curv)
+    converged = dict(curv, gamma2_damped=2.0, gamma2_damped_stderr=0.1, projection_residual=1e-9)
+    stuck = dict(converged, projection_residual=3e-4)
+    line = scope_caveats(full, {"C2": [{"curvature": converged}, {"curvature": stuck}]})[-1]
+    assert "In 1 of 2 of these the projections onto the tangent space did not converge" in line and "3.0e-04" in line
+    assert "did not converge" not in scope_caveats(full, {"C2": [{"curvature": converged}]})[-1]

@@ -13,6 +13,7 @@ projection onto ``range(J)`` becomes the Euclidean projection onto
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -60,6 +61,27 @@ def check_damping(damping: object) -> Optional[float]:
             f"damping must be None or a finite number >= 0 (relative to the largest eigenvalue of g), got {damping!r}"
         )
     return float(damping)
+
+
+class ProjectionWarning(RuntimeWarning):
+    """The matrix-free projection onto the tangent space did not converge: normal parts, hence curvatures, are
+    biased upward (the tangent remainder adds to them; theory.md section 3)."""
+
+
+def projection_tolerance(tol: float) -> float:
+    """The relative residual ``|J^T S r| / |J^T S Y|`` above which a projection counts as not converged:
+    ``max(1e3 tol, 1e-6)``, as for the conjugate-gradient solves of the stochastic estimator."""
+    return max(1e3 * tol, 1e-6)
+
+
+def _relative(bn: Tensor, b0: Optional[Tensor], floor: Tensor) -> float:
+    """The largest ``(bn - floor) / b0`` over the columns whose ``b0`` is above ``floor`` (rounding level: those
+    columns were normal from the start), 0 where there is none."""
+    if b0 is None or bn.numel() == 0:
+        return 0.0
+    floor = floor.to(bn)
+    ratio = (bn - floor).clamp_min(0) / b0.clamp_min(torch.finfo(b0.dtype).tiny)
+    return float(torch.where(b0 > floor, ratio, torch.zeros_like(ratio)).max())
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -122,6 +144,8 @@ class LinearisedManifold:
         self.m = manifold
         self.params = manifold.params
         self._vjp_fn: Optional[Callable] = None
+        #: ``|J^T S r| / |J^T S Y|`` (largest over columns) of the last :meth:`project_out`
+        self.last_projection_residual = 0.0
 
     def _map(self, fn: Callable, *cols: Tensor) -> Tensor:
         return vmap_or_loop(fn, *cols)
@@ -165,6 +189,15 @@ class LinearisedManifold:
         jv = self.jvp(V.T)
         return self.vjp(unwhiten(S, whiten(S, jv))).T
 
+    def _rounding(self, S: Tensor, Y: Tensor) -> Tensor:
+        """``|J^T S y|`` at rounding level for each column ``y`` of ``Y`` (``[m]``): ``1e3 eps |y|`` times the
+        typical gain ``|J^T S z| / |z|`` of a (fixed-seed) random whitened ``z``. A column whose tangent part is
+        below it is normal already, and its residual is noise, not a failed projection."""
+        z = torch.randn(Y.shape[1:], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        z = z.to(dtype=Y.dtype, device=Y.device).unsqueeze(0)
+        gain = self.vjp(unwhiten(S, z)).norm() / z.norm()
+        return 1e3 * torch.finfo(Y.dtype).eps * gain * Y.reshape(Y.shape[0], -1).norm(dim=1)
+
     def project_out(self, S: Tensor, Y: Tensor, tol: float, max_iter: Optional[int], refinements: int = 4) -> Tensor:
         """Whitened normal part ``(I - Pi) Y`` of whitened vectors ``Y`` (``[m, n, R]``).
 
@@ -173,18 +206,40 @@ class LinearisedManifold:
         formed explicitly (no cancellation in ``|Y|^2 - |Pi Y|^2``), then
         projected again (iterative refinement, up to ``refinements`` passes)
         until ``|J^T S r| <= tol |J^T S Y|``: on an ill-conditioned ``g`` one CG
-        pass loses orthogonality and leaves a tangent remainder.
+        pass loses orthogonality and leaves a tangent remainder. The relative
+        residual reached is kept in :attr:`last_projection_residual`; above
+        :func:`projection_tolerance` a :class:`ProjectionWarning` says that the
+        result is too large (the tangent remainder is orthogonal to the normal
+        part, so it only adds to ``|r|^2``).
+
+        Raises:
+            Nothing of its own; warns (:class:`ProjectionWarning`) when it does not converge.
         """
         r = Y
         b0 = prev = None
+        checked = False
         for _ in range(1 + refinements):
             b = self.vjp(unwhiten(S, r)).T  # [P, m]
             bn = b.norm(dim=0)
             if b0 is None:
                 b0 = bn
             elif bool((bn <= tol * b0).all()) or bool((bn > 0.5 * prev).all()):
+                checked = True
                 break  # converged, or a further pass would not improve
             prev = bn
             x = conjugate_gradient(lambda M: self.metric_matmat(S, M), b, tol=tol, max_iter=max_iter)
             r = r - whiten(S, self.jvp(x.T))
+        if not checked:  # the refinement passes ran out: the residual of the last one
+            bn = self.vjp(unwhiten(S, r)).T.norm(dim=0)
+        self.last_projection_residual = _relative(bn, b0, self._rounding(S, Y))
+        if self.last_projection_residual > projection_tolerance(tol):
+            warnings.warn(
+                f"the projection onto the tangent space stopped at relative residual |J^T S r| / |J^T S Y| = "
+                f"{self.last_projection_residual:.1e} (conjugate gradients capped at {max_iter} iterations, "
+                f"{1 + refinements} passes; g is badly conditioned): the tangent part left in the remainder makes "
+                "the normal part, so gamma^2 and kappa, too large. Raise cg_max_iter, or use method='dense' where "
+                "P allows.",
+                ProjectionWarning,
+                stacklevel=3,
+            )
         return r

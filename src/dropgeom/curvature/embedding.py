@@ -96,6 +96,9 @@ class CurvatureResult:
         rank: dense only: the numerical rank of ``J`` in the G-metric (= rank of ``g``).
         normal_dim: dense only: ``rank(G) - rank`` (``n(K-1) - rank(J)`` for categorical).
         n_samples: number of ``(u, v)`` pairs (stochastic), else 0.
+        projection_residual: stochastic only: the largest relative residual ``|J^T S r| / |J^T S Y|`` its
+            projections onto the tangent space reached (:meth:`LinearisedManifold.project_out`); above
+            ``max(1e3 tol, 1e-6)`` they did not converge and ``gamma2`` is too large (a warning says so).
     """
 
     gamma2: Tensor
@@ -109,6 +112,7 @@ class CurvatureResult:
     rank: Optional[int]
     normal_dim: Optional[int]
     n_samples: int = 0
+    projection_residual: Optional[float] = None
 
 
 def _dense(manifold: ModelManifold, alpha: float, damping: Optional[float]) -> CurvatureResult:
@@ -233,6 +237,7 @@ def _stochastic(
     values = []
     done = 0
     warned = False
+    residual = 0.0
     while done < n_samples:
         m = min(batch_size, n_samples - done)
         z = _normal((2 * m, n, R), dtype, generator)[:, setup.rows].to(S.device)  # this rank's rows
@@ -257,6 +262,7 @@ def _stochastic(
         if alpha != 1.0:
             Y = Y + 0.5 * (1.0 - alpha) * skew_whitened(setup.family_of, eta, S_pinv, lin.jvp(u), lin.jvp(v))  # type: ignore[arg-type]
         Nw = lin.project_out(S, Y, tol, cg_max_iter)
+        residual = max(residual, lin.last_projection_residual)
         values.append(setup.total((Nw * Nw).sum((1, 2))))
         done += m
     vals = torch.cat(values)
@@ -274,6 +280,7 @@ def _stochastic(
         rank=None,
         normal_dim=None,
         n_samples=n_samples,
+        projection_residual=residual,
     )
 
 

@@ -384,6 +384,8 @@ def curvature_measures(
         res_d = embedding_curvature(m, damping=config.damping, **kw)
     out["gamma2_damped"] = float(res_d.gamma2)
     out["gamma2_damped_stderr"] = float(res_d.stderr) if method == "stochastic" else 0.0
+    if method == "stochastic":  # above max(1e3 tol, 1e-6) the projections did not converge: gamma^2 too large
+        out["projection_residual"] = float(res_d.projection_residual or 0.0)
     out["damping_abs"] = float(res_d.damping_abs) if res_d.damping_abs is not None else float("nan")
     mods = list(model)
     i = next(k for k, mod in enumerate(mods) if isinstance(mod, nn.Dropout))

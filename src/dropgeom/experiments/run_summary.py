@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ..rundir import FINISHED, RunDir
+from ..rundir import FINISHED, MARKER, RunDir
 from ..summary import ClaimSummary, Figure, RunSummary, Table, Verdict, VerdictEntry
 from .sweep import EXPERIMENTS
 
@@ -139,6 +139,15 @@ def _curvature_caveat(config: Any, curv: Sequence[Mapping[str, Any]], claim: str
             f"{config.curvature_cg_iter or '2P + 100'} conjugate-gradient iterations per solve; the undamped gamma^2 is not "
             "estimated then (on a badly conditioned g its matrix-free estimate is slow and heavy-tailed, theory.md 3)."
         )
+        # the records' projections: above max(1e3 tol, 1e-6) (float64: 1e-6) they did not converge
+        worst = [c["projection_residual"] for c in curv if c.get("method") == "stochastic" and "projection_residual" in c]
+        failed = [r for r in worst if r > 1e-6]
+        if failed:
+            line += (
+                f" In {len(failed)} of {len(worst)} of these the projections onto the tangent space did not converge "
+                f"(relative residual up to {max(failed):.1e}): their gamma^2 are too large (the tangent remainder adds "
+                "to the normal part)."
+            )
     return line
 
 
@@ -208,11 +217,16 @@ def summarize_run(run_dir: Union[str, Path], experiments: Optional[Mapping[str, 
     ``experiments`` maps claim names to experiment modules (default: :data:`dropgeom.experiments.EXPERIMENTS`).
 
     Raises:
-        FileNotFoundError: ``run_dir`` holds no run (no ``config.json``).
+        FileNotFoundError: ``run_dir`` holds no run (no ``config.json``), or is a file.
         OSError: a figure cannot be written (e.g. a read-only folder).
     """
     experiments = EXPERIMENTS if experiments is None else experiments
-    rd = RunDir(run_dir) if Path(run_dir).is_dir() else None
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise FileNotFoundError(f"{run_dir} is a file, not a run directory (a folder `dropgeom reproduce --out` wrote)")
+    if path.is_dir() and not (path / "config.json").exists() and not (path / MARKER).exists() and any(path.iterdir()):
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json): a folder dropgeom did not write")
+    rd = RunDir(run_dir) if path.is_dir() else None
     if rd is None or not rd.config_path.exists():
         raise FileNotFoundError(
             f"{run_dir} is not a run directory (no config.json); run `dropgeom reproduce --out {run_dir}` first"
