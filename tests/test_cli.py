@@ -326,3 +326,43 @@ def test_train_writes_no_progress_bar_into_a_log(capsys):
     assert main(["train", "--data", "iris", "--epochs", "2"]) == 0  # standard error is captured: not a terminal
     err = capsys.readouterr().err
     assert "\r" not in err and "train dropout" not in err
+
+
+# --------------------------------------------------------------------------- help and error wording
+def _help(cmd: str, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main([cmd, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_states_defaults_and_what_options_change(capsys):
+    fisher = _help("fisher", capsys)
+    assert "Fisher kinds (default: all, exact mc empirical)" in fisher
+    assert "(default: all, dense diag layer kfac implicit;" in fisher and "(default float32)" in fisher
+    train = _help("train", capsys)
+    assert "default digits" in train and "a 'label' column" in train and "arrays X and y" in train
+    reproduce = _help("reproduce", capsys)
+    assert "data set of C1, and of C2 where the config sets no c2_datasets" in reproduce
+    assert "whatever --data says" in reproduce
+
+
+@pytest.mark.parametrize("name", ["csv", "npz", "idx", "mnist"])
+def test_train_data_format_names_say_to_give_the_file(name, capsys):
+    assert main(["train", "--data", name, "--epochs", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dropgeom train: error: --data {name} is a file format, not a data set: give the file itself")
+    assert "path=" not in err and "\n" not in err
+
+
+def test_report_of_a_file_says_it_is_not_a_run_folder(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["report", str(afile)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"dropgeom report: error: {afile} is a file, not a run directory (a folder `dropgeom reproduce --out` wrote)"
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert main(["report", str(foreign)]) == 2
+    err = capsys.readouterr().err
+    assert "a folder dropgeom did not write" in err and "reproduce --out" not in err

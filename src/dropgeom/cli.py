@@ -100,6 +100,7 @@ def _mlp_for(args: argparse.Namespace, in_dim: int, out_dim: int, p: float) -> A
 def _cmd_train(args: argparse.Namespace) -> int:
     import contextlib
 
+    _check_train_data(args.data)
     options = _objective_options(args)  # before anything is written
     lock: Any = contextlib.nullcontext()
     if args.out is not None:
@@ -110,6 +111,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lock = RunDir(args.out).lock()  # one process per checkpoint folder, as for reproduce's run folders
     with lock:
         return _train_and_print(args, options)
+
+
+#: what ``dropgeom train --data`` reads from files (the IDX format needs a label file it has no option for)
+TRAIN_FILES = (
+    "a .csv file (a header row and a 'label' column), an .npz file (arrays X and y) or a folder holding the four MNIST IDX files"
+)
+
+
+def _check_train_data(name: str) -> None:
+    """Refuse a ``--data`` that names a file format (the library's ``path=`` sources) or a lone IDX file.
+
+    Raises:
+        CLIError: ``name`` is ``npz``, ``csv``, ``idx`` or ``mnist``, or an IDX file (its labels cannot be given).
+    """
+    from .data import FILES
+
+    if name in FILES:
+        raise CLIError(f"--data {name} is a file format, not a data set: give the file itself as --data, {TRAIN_FILES}")
+    if name.lower().endswith(("ubyte", "ubyte.gz")):
+        raise CLIError(f"--data {name} is one IDX file without its labels: give the folder holding the four MNIST IDX files")
 
 
 def _train_and_print(args: argparse.Namespace, options: Dict[str, Any]) -> int:
@@ -400,7 +421,9 @@ def _add_reproduce(sub: Any) -> None:
         "--data",
         default=None,
         choices=list(DATASETS),
-        help="data set of C1 and C2 (default digits; fashion_mnist needs `apt-get install -y dataset-fashion-mnist`)",
+        help="data set of C1, and of C2 where the config sets no c2_datasets (presets quick and test; the full preset's C2 "
+        "uses digits and fashion_mnist whatever --data says; C3 uses c3_datasets) (default digits; fashion_mnist needs "
+        "`apt-get install -y dataset-fashion-mnist`)",
     )
     p.add_argument(
         "--preset",
@@ -446,7 +469,7 @@ def _add_train(sub: Any) -> None:
         "train/test NLL, accuracy and calibration error per epoch; --out keeps checkpoints and resumes.",
     )
     named = ", ".join(BUNDLED + SYNTHETIC + INSTALLED)
-    p.add_argument("--data", default="digits", help=f"data set name ({named}) or a file path")
+    p.add_argument("--data", default="digits", help=f"data set: a name ({named}; default digits) or the path of {TRAIN_FILES}")
     p.add_argument(
         "--objective",
         default="dropout",
@@ -511,9 +534,15 @@ def _add_fisher(sub: Any) -> None:
     p.add_argument("--hidden", type=_positive_int, default=32, help="hidden units per layer (default 32)")
     p.add_argument("--depth", type=_positive_int, default=1, help="hidden layers (default 1)")
     p.add_argument("--n", type=_positive_int, default=512, help="number of inputs (default 512)")
-    p.add_argument("--kinds", nargs="+", choices=kinds, default=kinds, help="Fisher kinds")
-    p.add_argument("--structures", nargs="+", choices=structures, default=structures, help="structures")
-    p.add_argument("--float64", action="store_true", help="compute in float64")
+    p.add_argument("--kinds", nargs="+", choices=kinds, default=kinds, help=f"Fisher kinds (default: all, {' '.join(kinds)})")
+    p.add_argument(
+        "--structures",
+        nargs="+",
+        choices=structures,
+        default=structures,
+        help=f"structures (default: all, {' '.join(structures)}; dense is skipped above 5000 parameters)",
+    )
+    p.add_argument("--float64", action="store_true", help="compute in float64 (default float32)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the inputs and the Monte Carlo Fisher (default 0)")
     p.set_defaults(fn=_cmd_fisher)
 
