@@ -366,3 +366,23 @@ def test_report_of_a_file_says_it_is_not_a_run_folder(tmp_path, capsys):
     assert main(["report", str(foreign)]) == 2
     err = capsys.readouterr().err
     assert "a folder dropgeom did not write" in err and "reproduce --out" not in err
+
+
+def test_a_warning_is_one_line_naming_the_command(monkeypatch, capsys):
+    """Warnings raised while a command runs print as ``dropgeom COMMAND: warning: ...`` on one line, like errors
+    (Python's format names a source line of dropgeom and repeats it); ``--debug`` keeps Python's format."""
+    import warnings
+
+    from dropgeom import cli
+
+    def warn(args, debug):
+        warnings.warn("the projection\n  did not converge", RuntimeWarning)
+        return 0
+
+    monkeypatch.setattr(cli, "_dispatch", warn)
+    assert cli.main(["report", "somewhere"]) == 0
+    err = capsys.readouterr().err
+    assert err == "dropgeom report: warning: the projection did not converge\n"
+    with pytest.warns(RuntimeWarning, match="did not converge"):  # --debug: Python's warning machinery
+        assert cli.main(["report", "somewhere", "--debug"]) == 0
+    assert warnings.showwarning is not None and getattr(warnings.showwarning, "func", None) is not cli._show_warning

@@ -19,9 +19,11 @@ Example:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -649,11 +651,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     from .pool import interrupt_once_then_exit, leave_after_interrupt
 
-    with interrupt_once_then_exit() as presses:
+    with interrupt_once_then_exit() as presses, warnings.catch_warnings():
+        if not debug:  # a warning is one line naming the command, as errors are (--debug: Python's own format)
+            warnings.showwarning = functools.partial(_show_warning, args.command)
         code = _dispatch(args, debug)
     if presses[0] and not debug:
         leave_after_interrupt(code)
     return code
+
+
+def _show_warning(command: str, message: Warning | str, category: type, *_: object, **__: object) -> None:
+    """``dropgeom COMMAND: warning: ...`` on one line of standard error (no source line of dropgeom's code)."""
+    print(f"dropgeom {command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def _dispatch(args: argparse.Namespace, debug: bool) -> int:

@@ -30,14 +30,15 @@ FIGURE_DPI = 150
 
 #: quantities of the records and the CLI in words (with the symbol of theory.md where there is one)
 QUANTITY_NAMES: Dict[str, str] = {
-    "gamma2": "embedding curvature gamma^2 (sum over inputs)",
-    "gamma2_per_sample": "embedding curvature per input, n gamma^2",
+    "gamma2": "embedding curvature gamma^2 of the n inputs together (sum-convention metric)",
+    "gamma2_per_sample": "embedding curvature of one input's model, n gamma^2",
     "gamma2_stderr": "standard error of gamma^2",
     "gamma2_damped": "damped embedding curvature gamma^2_lambda",
     "gamma2_damped_stderr": "standard error of the damped gamma^2_lambda",
     "mask_normal_curvature": "curvature along the mask directions",
     "normal_dim": "dimension of the normal space",
     "damping_abs": "damping lambda (absolute)",
+    "projection_residual": "relative residual of the tangent projections (not converged above 1e-6)",
     "param_norm": "norm of the parameters the manifold varies",
     "num_params": "parameters the manifold varies, P",
     "n_inputs": "inputs the curvature is evaluated on, n",
