@@ -15,8 +15,16 @@ import torch
 from torch import Tensor
 
 from ..manifold import ModelManifold
-from ._common import LinearisedManifold, default_max_iter, default_tol, skew_whitened, whiten, whitening
-from .dense import MAX_DENSE_PARAMS
+from ._common import (
+    LinearisedManifold,
+    default_max_iter,
+    default_tol,
+    dense_projection_fits,
+    range_basis,
+    skew_whitened,
+    whiten,
+    whitening,
+)
 
 __all__: List[str] = []
 
@@ -28,9 +36,8 @@ def check_method(method: str) -> str:
 
 
 def resolve(manifold: ModelManifold, method: str) -> str:
-    n, K, P = manifold.n, manifold.num_outputs, manifold.num_params
     if method == "auto":
-        return "dense" if P <= MAX_DENSE_PARAMS and n * K * P <= 2**24 else "cg"
+        return "dense" if dense_projection_fits(manifold) else "cg"
     return method
 
 
@@ -61,13 +68,9 @@ class Projector:
         self.tol = default_tol(manifold.dtype) if cg_tol is None else cg_tol
         self.max_iter = default_max_iter(P) if cg_max_iter is None else cg_max_iter
         self.U: Optional[Tensor] = None
-        self.Jw: Optional[Tensor] = None
+        self.Jw: Optional[Tensor] = None  # S^T J, [nR, P]
         if self.method == "dense":
-            J = manifold.jacobian()
-            self.Jw = whiten(self.S, J.permute(2, 0, 1)).permute(1, 2, 0).reshape(-1, P)  # [nR, P]
-            U, s, Vh = torch.linalg.svd(self.Jw, full_matrices=False)
-            r = int((s > max(self.Jw.shape) * torch.finfo(self.Jw.dtype).eps * s[0]).sum()) if s[0] > 0 else 0
-            self.U, self.s, self.V = U[:, :r], s[:r], Vh[:r].T
+            self.U, self.s, self.V, self.Jw = range_basis(manifold, self.S)
 
     def normal(self, Y: Tensor) -> Tensor:
         """Whitened normal part of whitened vectors ``Y`` (``[m, n, R]``)."""

@@ -65,7 +65,9 @@ from ._common import (
     check_damping,
     check_manifold,
     default_max_iter,
+    dense_projection_fits,
     default_tol,
+    range_basis,
     skew_whitened,
     unwhiten,
     whiten,
@@ -98,7 +100,9 @@ class CurvatureResult:
         n_samples: number of ``(u, v)`` pairs (stochastic), else 0.
         projection_residual: stochastic only: the largest relative residual ``|J^T S r| / |J^T S Y|`` its
             projections onto the tangent space reached (:meth:`LinearisedManifold.project_out`); above
-            ``max(1e3 tol, 1e-6)`` they did not converge and ``gamma2`` is too large (a warning says so).
+            ``max(1e3 tol, 1e-6)`` they did not converge and ``gamma2`` is too large (a warning says so). 0 where
+            the projection is exact (in memory with a Jacobian of at most ``2^24`` entries and at most
+            ``MAX_DENSE_PARAMS`` parameters: a dense SVD of ``S^T J``).
     """
 
     gamma2: Tensor
@@ -220,7 +224,11 @@ def _stochastic(
     cg_max_iter: Optional[int],
     setup: Optional[Linearisation] = None,
 ) -> CurvatureResult:
+    # in memory with a small Jacobian: the projection onto the tangent space is exact (dense SVD of S^T J), as
+    # conjugate gradients on a badly conditioned g stop short and leave a tangent remainder (docs/benchmarks.md)
+    in_memory = setup is None
     setup = Linearisation.of(manifold) if setup is None else setup
+    basis = range_basis(manifold, setup.S)[0] if in_memory and dense_projection_fits(manifold) else None
     n, P = setup.n, manifold.num_params
     dtype = setup.eta.dtype
     tol = default_tol(dtype) if cg_tol is None else cg_tol
@@ -261,8 +269,12 @@ def _stochastic(
         Y = whiten(S, lin.d2(u, v))  # [m, n, R]
         if alpha != 1.0:
             Y = Y + 0.5 * (1.0 - alpha) * skew_whitened(setup.family_of, eta, S_pinv, lin.jvp(u), lin.jvp(v))  # type: ignore[arg-type]
-        Nw = lin.project_out(S, Y, tol, cg_max_iter)
-        residual = max(residual, lin.last_projection_residual)
+        if basis is not None:
+            y = Y.reshape(Y.shape[0], -1)
+            Nw = (y - (y @ basis) @ basis.T).reshape(Y.shape)
+        else:
+            Nw = lin.project_out(S, Y, tol, cg_max_iter)
+            residual = max(residual, lin.last_projection_residual)
         values.append(setup.total((Nw * Nw).sum((1, 2))))
         done += m
     vals = torch.cat(values)
