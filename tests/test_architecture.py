@@ -90,7 +90,7 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
         ),
     ),
     ("report", ("dropgeom.report",)),
-    ("cli", ("dropgeom.cli", "dropgeom.cli_support", "dropgeom.__main__", "dropgeom.pipeline")),
+    ("cli", ("dropgeom.cli", "dropgeom.cli_support", "dropgeom.cli_train", "dropgeom.__main__", "dropgeom.pipeline")),
 ]
 
 #: Imports forbidden although the layer order allows them.

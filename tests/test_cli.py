@@ -376,7 +376,7 @@ def test_a_warning_is_one_line_naming_the_command(monkeypatch, capsys):
     from dropgeom import cli
 
     def warn(args, debug):
-        warnings.warn("the projection\n  did not converge", RuntimeWarning)
+        warnings.warn("the projection\n  did not converge", RuntimeWarning, stacklevel=2)
         return 0
 
     monkeypatch.setattr(cli, "_dispatch", warn)

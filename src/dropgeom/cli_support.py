@@ -17,7 +17,19 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict, List, Sequence
 
-__all__ = ["_positive_int", "_probability", "_positive_float", "_seed", "_nonnegative_int", "_print_table"]
+from .config import ACTIVATIONS
+
+__all__ = [
+    "CLIError",
+    "_positive_int",
+    "_probability",
+    "_positive_float",
+    "_seed",
+    "_nonnegative_int",
+    "_print_table",
+    "_add_model_options",
+    "_mlp_for",
+]
 
 
 def _positive_int(text: str) -> int:
@@ -86,3 +98,20 @@ def _print_table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> None:
     print("  ".join("-" * w for w in widths))
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+class CLIError(Exception):
+    """A user error the command line reports in one line (exit status 2)."""
+
+
+def _add_model_options(p: argparse.ArgumentParser, width: int = 8, depth: int = 2) -> None:
+    p.add_argument("--width", type=_positive_int, default=width, help=f"units per hidden layer (default {width})")
+    p.add_argument("--depth", type=_positive_int, default=depth, help=f"number of hidden layers, 1 or more (default {depth})")
+    p.add_argument("--activation", choices=ACTIVATIONS, default="tanh", help="hidden activation (default tanh)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the data split, initialisation and masks (default 0)")
+
+
+def _mlp_for(args: argparse.Namespace, in_dim: int, out_dim: int, p: float) -> Any:
+    from .experiments.common import build_mlp
+
+    return build_mlp(in_dim, out_dim, args.width, args.depth, args.activation, p, args.seed)

@@ -67,21 +67,13 @@ def range_basis(manifold: ModelManifold, S: Tensor) -> tuple[Tensor, Tensor, Ten
     """``(U, s, V, S^T J)``: the thin SVD of the whitened Jacobian ``S^T J`` (``[nR, P]``, returned last) truncated
     to its numerical rank (singular values above ``max(nR, P) eps s_max``). ``U`` spans the whitened tangent space, so
     ``y - U U^T y`` is the exact normal part of a whitened vector ``y`` (theory.md section 3). Dense: for
-    manifolds whose Jacobian fits in memory (:func:`dense_projection_fits`)."""
+    manifolds whose Jacobian fits in memory (:func:`dropgeom.curvature.dense.dense_projection_fits`)."""
     P = manifold.num_params
     J = manifold.jacobian()
     jw = whiten(S, J.permute(2, 0, 1)).permute(1, 2, 0).reshape(-1, P)  # [nR, P]
     U, s, Vh = torch.linalg.svd(jw, full_matrices=False)
     r = int((s > max(jw.shape) * torch.finfo(jw.dtype).eps * s[0]).sum()) if s[0] > 0 else 0
     return U[:, :r], s[:r], Vh[:r].T, jw
-
-
-def dense_projection_fits(manifold: ModelManifold) -> bool:
-    """Whether :func:`range_basis` is cheap: at most :data:`~dropgeom.curvature.dense.MAX_DENSE_PARAMS`
-    parameters and a Jacobian of at most ``2^24`` entries."""
-    from .dense import MAX_DENSE_PARAMS
-
-    return manifold.num_params <= MAX_DENSE_PARAMS and manifold.n * manifold.num_outputs * manifold.num_params <= 2**24
 
 
 class ProjectionWarning(RuntimeWarning):

@@ -15,16 +15,8 @@ import torch
 from torch import Tensor
 
 from ..manifold import ModelManifold
-from ._common import (
-    LinearisedManifold,
-    default_max_iter,
-    default_tol,
-    dense_projection_fits,
-    range_basis,
-    skew_whitened,
-    whiten,
-    whitening,
-)
+from .dense import dense_projection_fits
+from ._common import LinearisedManifold, default_max_iter, default_tol, range_basis, skew_whitened, whiten, whitening
 
 __all__: List[str] = []
 

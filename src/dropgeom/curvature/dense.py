@@ -38,6 +38,12 @@ __all__ = ["alpha_connection", "skewness_tensor", "MAX_DENSE_PARAMS"]
 MAX_DENSE_PARAMS = 2000
 
 
+def dense_projection_fits(manifold: ModelManifold) -> bool:
+    """Whether :func:`~dropgeom.curvature._common.range_basis` (a dense SVD of ``S^T J``) is cheap: at most
+    :data:`MAX_DENSE_PARAMS` parameters and a Jacobian of at most ``2^24`` entries."""
+    return manifold.num_params <= MAX_DENSE_PARAMS and manifold.n * manifold.num_outputs * manifold.num_params <= 2**24
+
+
 def check_dense_size(manifold: ModelManifold, what: str) -> None:
     """Raise if the dense Hessian tensor of ``manifold`` is too large, pointing to the stochastic method."""
     P = manifold.num_params

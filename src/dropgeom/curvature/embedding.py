@@ -65,7 +65,6 @@ from ._common import (
     check_damping,
     check_manifold,
     default_max_iter,
-    dense_projection_fits,
     default_tol,
     range_basis,
     skew_whitened,
@@ -73,7 +72,7 @@ from ._common import (
     whiten,
     whitening,
 )
-from .dense import DenseGeometry
+from .dense import DenseGeometry, dense_projection_fits
 
 __all__ = ["CurvatureResult", "embedding_curvature", "Linearisation"]
 
@@ -213,6 +212,30 @@ class Linearisation:
         return cls(LinearisedManifold(manifold), manifold, eta, S, S_pinv, manifold.n, slice(0, manifold.n), lambda t: t)
 
 
+def _warn_unsolved(resid: Tensor, b: Tensor, tol: float, cg_max_iter: int) -> bool:
+    """Warn (and return True) when the sampling solve ``(g + lambda I) x = b`` stopped above its tolerance."""
+    worst = float((resid.norm(dim=0) / b.norm(dim=0).clamp_min(torch.finfo(b.dtype).tiny)).max())
+    if worst <= max(1e3 * tol, 1e-6):
+        return False
+    warnings.warn(
+        f"embedding_curvature(method='stochastic'): conjugate gradients stopped at relative residual "
+        f"{worst:.1e} (cg_max_iter={cg_max_iter}); g is badly conditioned: the samples of u, v ~ N(0, g^+) "
+        "are inaccurate along its flattest directions. Pass damping=..., or raise cg_max_iter.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return True
+
+
+def _normal_part(Y: Tensor, basis: Optional[Tensor], lin: LinearisedManifold, S: Tensor, tol: float, max_iter: int) -> Tensor:
+    """The whitened normal part of ``Y`` (``[m, n, R]``): exact with the tangent ``basis`` (``[nR, r]``, orthonormal),
+    else by conjugate gradients (:meth:`LinearisedManifold.project_out`, which records its residual)."""
+    if basis is None:
+        return lin.project_out(S, Y, tol, max_iter)
+    y = Y.reshape(Y.shape[0], -1)
+    return (y - (y @ basis) @ basis.T).reshape(Y.shape)
+
+
 def _stochastic(
     manifold: ModelManifold,
     alpha: float,
@@ -253,28 +276,14 @@ def _stochastic(
         if damping is not None:
             b = b + math.sqrt(lam) * _normal((P, 2 * m), dtype, generator, S.device)
         uv = solve(b, lam)  # [P, 2m]
-        resid = lin.metric_matmat(S, uv) + lam * uv - b
-        worst = float((resid.norm(dim=0) / b.norm(dim=0).clamp_min(torch.finfo(dtype).tiny)).max())
-        if worst > max(1e3 * tol, 1e-6) and not warned:
-            warnings.warn(
-                f"embedding_curvature(method='stochastic'): conjugate gradients stopped at relative residual "
-                f"{worst:.1e} (cg_max_iter={cg_max_iter}); g is badly conditioned: the samples of u, v ~ N(0, g^+) "
-                "are inaccurate along its flattest directions. Pass damping=..., or raise cg_max_iter.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            warned = True
+        warned = warned or _warn_unsolved(lin.metric_matmat(S, uv) + lam * uv - b, b, tol, cg_max_iter)
         uv = uv.T  # [2m, P]
         u, v = uv[:m], uv[m:]
         Y = whiten(S, lin.d2(u, v))  # [m, n, R]
         if alpha != 1.0:
             Y = Y + 0.5 * (1.0 - alpha) * skew_whitened(setup.family_of, eta, S_pinv, lin.jvp(u), lin.jvp(v))  # type: ignore[arg-type]
-        if basis is not None:
-            y = Y.reshape(Y.shape[0], -1)
-            Nw = (y - (y @ basis) @ basis.T).reshape(Y.shape)
-        else:
-            Nw = lin.project_out(S, Y, tol, cg_max_iter)
-            residual = max(residual, lin.last_projection_residual)
+        Nw = _normal_part(Y, basis, lin, S, tol, cg_max_iter)
+        residual = residual if basis is not None else max(residual, lin.last_projection_residual)
         values.append(setup.total((Nw * Nw).sum((1, 2))))
         done += m
     vals = torch.cat(values)

@@ -245,9 +245,7 @@ class ProgressLine:
         elif enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(
-                total=self.total, initial=self.n_done, bar_format="{desc}", leave=False, mininterval=0.5, file=out
-            )
+            self.bar = tqdm(total=self.total, initial=self.n_done, bar_format="{desc}", leave=False, mininterval=0.5, file=out)
             self.refresh()
             self._stop = threading.Event()
             self._ticker = threading.Thread(target=self._tick, name="dropgeom-progress", daemon=True)
