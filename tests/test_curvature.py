@@ -379,6 +379,25 @@ def test_stochastic_projects_exactly_where_the_jacobian_is_small():
         assert abs(est.gamma2.item() - exact) < 4 * est.stderr.item()
 
 
+def test_dense_sampling_solve_matches_the_metric():
+    """The exact sampling solve of the stochastic estimator: ``(g + lambda I)^{-1} b`` and ``g^+ b`` from the SVD of
+    ``S^T J`` against a dense solve with ``g`` assembled from the Jacobian, on a rank-deficient metric."""
+    from dropgeom.curvature._common import range_basis, whitening
+    from dropgeom.curvature.embedding import _solve_dense
+
+    m, _ = mlp_setting("categorical", n=3, d=2, h=4)  # P > n (K - 1): g is singular
+    _, S, _ = whitening(m)
+    U, sv, V, jw = range_basis(m, S)
+    g = jw.T @ jw
+    b = torch.randn(m.num_params, 2, generator=torch.Generator().manual_seed(0), dtype=D64)
+    lam = 0.3
+    want = torch.linalg.solve(g + lam * torch.eye(m.num_params, dtype=D64), b)
+    torch.testing.assert_close(_solve_dense(b, sv, V, lam), want, rtol=1e-10, atol=1e-12)
+    in_range = jw.T @ torch.randn(jw.shape[0], 2, generator=torch.Generator().manual_seed(1), dtype=D64)
+    torch.testing.assert_close(_solve_dense(in_range, sv, V, 0.0), torch.linalg.pinv(g) @ in_range, rtol=1e-8, atol=1e-10)
+    assert V.shape[1] < m.num_params  # the singular case was exercised
+
+
 def test_stochastic_is_reproducible_with_a_generator():
     m, _ = mlp_setting("poisson", n=8, d=2, h=2)
     a = embedding_curvature(m, method="stochastic", n_samples=6, generator=torch.Generator().manual_seed(7))

@@ -92,8 +92,17 @@ def test_linearisation_needs_a_streamed_manifold():
         linearisation(ModelManifold(net, x))  # an AttributeError (no .model) before
 
 
+@pytest.fixture
+def cg_in_memory(monkeypatch):
+    """In memory, the stochastic estimator projects and solves by the same conjugate gradients as over a loader
+    (not the dense SVD it takes for a small Jacobian), so the two paths can be compared draw for draw."""
+    from dropgeom.curvature import embedding
+
+    monkeypatch.setattr(embedding, "dense_projection_fits", lambda manifold: False)
+
+
 @pytest.mark.parametrize("alpha", [1.0, -1.0])
-def test_stochastic_embedding_curvature_of_a_loader_equals_in_memory(alpha):
+def test_stochastic_embedding_curvature_of_a_loader_equals_in_memory(alpha, cg_in_memory):
     net, (x, y) = _net(), _data()
     kw = dict(alpha=alpha, **CURV)
     ref = embedding_curvature(ModelManifold(net, x), generator=torch.Generator().manual_seed(0), **kw)
@@ -172,7 +181,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     gloo_rank(rank, world, port, body)
 
 
-def test_two_gloo_processes_curvature_and_dropout_terms(tmp_path):
+def test_two_gloo_processes_curvature_and_dropout_terms(tmp_path, cg_in_memory):
     out = str(tmp_path / "res")
     mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
     r0, r1 = torch.load(f"{out}.0", weights_only=False), torch.load(f"{out}.1", weights_only=False)

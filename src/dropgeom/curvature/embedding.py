@@ -227,6 +227,15 @@ def _warn_unsolved(resid: Tensor, b: Tensor, tol: float, cg_max_iter: int) -> bo
     return True
 
 
+def _solve_dense(b: Tensor, s: Tensor, V: Tensor, lam: float) -> Tensor:
+    """``(g + lambda I)^{-1} b`` (``lambda > 0``) or ``g^+ b`` (``lambda = 0``) for ``g = V diag(s^2) V^T``, the
+    metric from the truncated SVD of ``S^T J`` (:func:`~dropgeom.curvature._common.range_basis`): exact, where
+    conjugate gradients stop short on a badly conditioned ``g`` (theory.md section 3)."""
+    c = V.T @ b  # [r, m]
+    inside = V @ (c / (s * s + lam).unsqueeze(1))
+    return inside if lam == 0.0 else inside + (b - V @ c) / lam
+
+
 def _normal_part(Y: Tensor, basis: Optional[Tensor], lin: LinearisedManifold, S: Tensor, tol: float, max_iter: int) -> Tensor:
     """The whitened normal part of ``Y`` (``[m, n, R]``): exact with the tangent ``basis`` (``[nR, r]``, orthonormal),
     else by conjugate gradients (:meth:`LinearisedManifold.project_out`, which records its residual)."""
@@ -249,9 +258,11 @@ def _stochastic(
 ) -> CurvatureResult:
     # in memory with a small Jacobian: the projection onto the tangent space is exact (dense SVD of S^T J), as
     # conjugate gradients on a badly conditioned g stop short and leave a tangent remainder (docs/benchmarks.md)
+    # ... and so is the sampling solve (g + lambda I)^{-1} b, from the same SVD (no capped conjugate gradients)
     in_memory = setup is None
     setup = Linearisation.of(manifold) if setup is None else setup
-    basis = range_basis(manifold, setup.S)[0] if in_memory and dense_projection_fits(manifold) else None
+    dense = range_basis(manifold, setup.S) if in_memory and dense_projection_fits(manifold) else None
+    basis = None if dense is None else dense[0]
     n, P = setup.n, manifold.num_params
     dtype = setup.eta.dtype
     tol = default_tol(dtype) if cg_tol is None else cg_tol
@@ -260,9 +271,12 @@ def _stochastic(
     R = S.shape[-1]
     lam = 0.0
     if damping is not None:
-        lam = damping * _largest_metric_eigenvalue(lin, S, P, dtype, generator)
+        top = float(dense[1][0]) ** 2 if dense is not None and dense[1].numel() else None
+        lam = damping * (_largest_metric_eigenvalue(lin, S, P, dtype, generator) if top is None else top)
 
     def solve(b: Tensor, shift: float) -> Tensor:
+        if dense is not None:
+            return _solve_dense(b, dense[1], dense[2], shift)
         return conjugate_gradient(lambda M: lin.metric_matmat(S, M) + shift * M, b, tol=tol, max_iter=cg_max_iter)
 
     values = []
@@ -276,7 +290,8 @@ def _stochastic(
         if damping is not None:
             b = b + math.sqrt(lam) * _normal((P, 2 * m), dtype, generator, S.device)
         uv = solve(b, lam)  # [P, 2m]
-        warned = warned or _warn_unsolved(lin.metric_matmat(S, uv) + lam * uv - b, b, tol, cg_max_iter)
+        if dense is None:
+            warned = warned or _warn_unsolved(lin.metric_matmat(S, uv) + lam * uv - b, b, tol, cg_max_iter)
         uv = uv.T  # [2m, P]
         u, v = uv[:m], uv[m:]
         Y = whiten(S, lin.d2(u, v))  # [m, n, R]
