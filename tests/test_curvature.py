@@ -350,6 +350,7 @@ def test_stochastic_says_when_its_tangent_projection_did_not_converge(monkeypatc
         warnings.simplefilter("error", ProjectionWarning)
         good = embedding_curvature(m, method="stochastic", n_samples=8, generator=torch.Generator().manual_seed(1))
     assert good.projection_residual is not None and good.projection_residual <= projection_tolerance(default_tol(D64))
+    assert good.solver == "cg"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*conjugate gradients stopped.*")  # the sampling solve's own
         with pytest.warns(ProjectionWarning, match="too large"):
@@ -375,7 +376,7 @@ def test_stochastic_projects_exactly_where_the_jacobian_is_small():
         est = embedding_curvature(
             m, method="stochastic", n_samples=64, generator=torch.Generator().manual_seed(0), batch_size=64, damping=1e-2
         )
-        assert est.projection_residual == 0.0
+        assert est.projection_residual == 0.0 and est.solver == "svd"
         assert abs(est.gamma2.item() - exact) < 4 * est.stderr.item()
 
 

@@ -227,3 +227,9 @@ def test_scope_names_each_claims_models_and_data():
     line = scope_caveats(full, {"C2": [{"curvature": converged}, {"curvature": stuck}]})[-1]
     assert "In 1 of 2 of these the projections onto the tangent space did not converge" in line and "3.0e-04" in line
     assert "did not converge" not in scope_caveats(full, {"C2": [{"curvature": converged}]})[-1]
+    assert "conjugate-gradient iterations" in scope_caveats(full, {"C2": [{"curvature": converged}]})[-1]
+    exact = dict(converged, solver="svd", projection_residual=0.0)
+    line = scope_caveats(full, {"C2": [{"curvature": exact}]})[-1]
+    assert "its solves and projections exact (a dense SVD of S^T J)" in line and "conjugate-gradient" not in line
+    mixed = scope_caveats(full, {"C2": [{"curvature": exact}, {"curvature": converged}]})[-1]
+    assert "(1 of 2 runs solved exactly by a dense SVD of S^T J)" in mixed

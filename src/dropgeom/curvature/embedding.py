@@ -102,6 +102,8 @@ class CurvatureResult:
             ``max(1e3 tol, 1e-6)`` they did not converge and ``gamma2`` is too large (a warning says so). 0 where
             the projection is exact (in memory with a Jacobian of at most ``2^24`` entries and at most
             ``MAX_DENSE_PARAMS`` parameters: a dense SVD of ``S^T J``).
+        solver: stochastic only: ``"svd"`` (the sampling solves and projections from a dense SVD of ``S^T J``,
+            exact) or ``"cg"`` (conjugate gradients, capped at ``cg_max_iter``).
     """
 
     gamma2: Tensor
@@ -116,6 +118,7 @@ class CurvatureResult:
     normal_dim: Optional[int]
     n_samples: int = 0
     projection_residual: Optional[float] = None
+    solver: Optional[str] = None
 
 
 def _dense(manifold: ModelManifold, alpha: float, damping: Optional[float]) -> CurvatureResult:
@@ -317,6 +320,7 @@ def _stochastic(
         normal_dim=None,
         n_samples=n_samples,
         projection_residual=residual,
+        solver="cg" if dense is None else "svd",
     )
 
 

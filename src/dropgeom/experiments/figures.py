@@ -39,6 +39,7 @@ QUANTITY_NAMES: Dict[str, str] = {
     "normal_dim": "dimension of the normal space",
     "damping_abs": "damping lambda (absolute)",
     "projection_residual": "relative residual of the tangent projections (not converged above 1e-6)",
+    "solver": "linear algebra of the stochastic estimator (svd: exact; cg: conjugate gradients)",
     "param_norm": "norm of the parameters the manifold varies",
     "num_params": "parameters the manifold varies, P",
     "n_inputs": "inputs the curvature is evaluated on, n",

@@ -134,10 +134,17 @@ def _curvature_caveat(config: Any, curv: Sequence[Mapping[str, Any]], claim: str
             if c.get("method") == "stochastic" and c.get("gamma2_damped", 0) > 0 and "gamma2_damped_stderr" in c
         ]
         rel = f" (relative standard error {min(errs):.2g}-{max(errs):.2g})" if errs else ""
+        stoch = [c for c in curv if c.get("method") == "stochastic"]
+        exact = sum(c.get("solver") == "svd" for c in stoch)
+        how = (
+            "its solves and projections exact (a dense SVD of S^T J)"
+            if exact == len(stoch)
+            else f"with at most {config.curvature_cg_iter or '2P + 100'} conjugate-gradient iterations per solve"
+            + (f" ({exact} of {len(stoch)} runs solved exactly by a dense SVD of S^T J)" if exact else "")
+        )
         line += (
-            f" The stochastic damped gamma^2 averages {config.curvature_samples} sample pairs{rel}, with at most "
-            f"{config.curvature_cg_iter or '2P + 100'} conjugate-gradient iterations per solve; the undamped gamma^2 is not "
-            "estimated then (on a badly conditioned g its matrix-free estimate is slow and heavy-tailed, theory.md 3)."
+            f" The stochastic damped gamma^2 averages {config.curvature_samples} sample pairs{rel}, {how}; the "
+            "undamped gamma^2 is not estimated then (its estimate is heavy-tailed on a badly conditioned g, theory.md 3)."
         )
         # the records' projections: above max(1e3 tol, 1e-6) (float64: 1e-6) they did not converge
         worst = [c["projection_residual"] for c in curv if c.get("method") == "stochastic" and "projection_residual" in c]
