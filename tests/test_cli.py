@@ -267,6 +267,7 @@ def test_train_reaches_the_fisher_dropout_options(monkeypatch):
             "--p does not apply to --objective none (only to dropout, gaussian_dropout, fisher_dropout)",
         ),
         (["--objective", "l2", "--p", "0.2"], "--p does not apply to --objective l2"),
+        (["--objective", "l2", "--p", "0"], "--p does not apply to --objective l2"),  # 0.0 == False: still given
         (["--objective", "dropout", "--weight", "0.1"], "--weight does not apply to --objective dropout (only to l2)"),
         (["--objective", "fisher_dropout", "--weight", "0.1"], "--weight does not apply to --objective fisher_dropout"),
         (

@@ -383,6 +383,10 @@ def test_categorical_kl_shift_backward_is_exact_and_repeatable():
     first = torch.autograd.grad(out, (shift, off), retain_graph=True)
     second = torch.autograd.grad(out, (shift, off))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+    with pytest.raises(RuntimeError, match="differentiable once"):  # a Hessian-vector product would miss its terms
+        torch.autograd.grad(fam.kl_shift(eta, shift, off).sum(), shift, create_graph=True)
+    assert fam.kl_shift(eta[:0], shift[:0], off[:0]).shape == (0, 7)
+    assert fam.kl_to_shifted(eta[:0], torch.randn(4, 3, dtype=D64), torch.randn(0, 3, dtype=D64)).shape == (0, 3)
 
 
 @pytest.mark.parametrize("name,family,sigma,k", FAMILY_TABLE, ids=IDS)

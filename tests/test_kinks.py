@@ -82,9 +82,8 @@ def test_kink_correction_value_and_gradient():
     args = [t.clone().requires_grad_() for t in (z, h, w, lmat)]
     assert torch.autograd.gradcheck(kink_correction, args)
     out = kink_correction(*args)
-    grads = torch.autograd.grad(out.pow(2).sum(), args, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        sum(g.sum() for g in grads).backward()  # differentiable once, and it says so
+    with pytest.raises(RuntimeError, match="differentiable once"):  # says so, where a HVP would silently be wrong
+        torch.autograd.grad(out.pow(2).sum(), args, create_graph=True)
 
 
 def test_kink_correction_blocks_of_several_samples_and_padding(monkeypatch):

@@ -233,3 +233,8 @@ def test_scope_names_each_claims_models_and_data():
     assert "its solves and projections exact (a dense SVD of S^T J)" in line and "conjugate-gradient" not in line
     mixed = scope_caveats(full, {"C2": [{"curvature": exact}, {"curvature": converged}]})[-1]
     assert "(1 of 2 runs solved exactly by a dense SVD of S^T J)" in mixed
+    assert "1 of 2 of these records predate the exact solver" in mixed  # `converged` has no solver key: old
+    assert "predate" not in line
+    quick = RunConfig.from_preset("quick")  # C2 averages its own count of pairs (c2_curvature_samples = 8)
+    assert " averages 8 sample pairs" in scope_caveats(quick, {"C2": [{"curvature": converged}]})[-1]
+    assert " averages 5 sample pairs" in scope_caveats(quick, {"C2": [{"curvature": dict(exact, n_samples=5)}]})[-1]

@@ -246,3 +246,47 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)  # "nan", "inf", "-inf": JSON has no such numbers
     return obj
+
+
+def first_order_only(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a hand-written ``autograd.Function.backward`` that is differentiable once.
+
+    ``torch.autograd.function.once_differentiable`` alone raises only when the incoming gradients require
+    grad; a double backward whose incoming gradients do not (a Hessian-vector product of a scalar built on the
+    function, ``create_graph=True``) would silently miss this function's second-order terms. Under
+    ``create_graph`` autograd runs the backward with grad mode on: this raises there.
+
+    Raises:
+        RuntimeError: (from the decorated backward) when called with ``create_graph=True``.
+
+    Example:
+        >>> class Square(torch.autograd.Function):
+        ...     @staticmethod
+        ...     def forward(ctx, x):
+        ...         ctx.save_for_backward(x)
+        ...         return x * x
+        ...     @staticmethod
+        ...     @first_order_only("Square")
+        ...     def backward(ctx, g):
+        ...         (x,) = ctx.saved_tensors
+        ...         return 2 * x * g
+        >>> x = torch.tensor(3.0, requires_grad=True)
+        >>> torch.autograd.grad(Square.apply(x), x)[0]
+        tensor(6.)
+    """
+    from torch.autograd.function import once_differentiable
+
+    def wrap(backward: Callable[..., Any]) -> Callable[..., Any]:
+        inner = once_differentiable(backward)
+
+        def checked(ctx: Any, *grads: Any) -> Any:
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"{name} is differentiable once (its backward is written by hand): second derivatives "
+                    "(create_graph=True, Hessian-vector products) through it are not supported"
+                )
+            return inner(ctx, *grads)
+
+        return checked
+
+    return wrap

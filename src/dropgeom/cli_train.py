@@ -141,7 +141,7 @@ def _objective_options(args: argparse.Namespace) -> Dict[str, Any]:
     given = {"p": args.p, "weight": args.weight, **{k: getattr(args, k) for k in OBJECTIVE_FLAGS}}
     takes = {name: _takes(spec.name, name) for name in given}
     for name, value in given.items():
-        if value not in (None, False) and not takes[name]:
+        if value is not None and value is not False and not takes[name]:  # not `in (None, False)`: 0.0 == False
             users = [n for n in objective_names() if _takes(n, name)]
             raise CLIError(f"--{name} does not apply to --objective {spec.name} (only to {', '.join(users)})")
     options = run_options(

@@ -28,7 +28,8 @@ from typing import Any, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+
+from .._utils import first_order_only
 
 __all__ = ["kink_correction"]
 
@@ -104,7 +105,7 @@ class _KinkCorrection(torch.autograd.Function):
         return corr
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("the kink correction of the exact divergence form")
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
         z, h, w, lmat = ctx.saved_tensors
         grad = grad.contiguous()

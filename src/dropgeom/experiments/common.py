@@ -387,6 +387,7 @@ def curvature_measures(
     if method == "stochastic":  # above max(1e3 tol, 1e-6) the projections did not converge: gamma^2 too large
         out["projection_residual"] = float(res_d.projection_residual or 0.0)
         out["solver"] = res_d.solver  # "svd": exact solves and projections; "cg": capped conjugate gradients
+        out["n_samples"] = int(res_d.n_samples)
     out["damping_abs"] = float(res_d.damping_abs) if res_d.damping_abs is not None else float("nan")
     mods = list(model)
     i = next(k for k, mod in enumerate(mods) if isinstance(mod, nn.Dropout))

@@ -142,10 +142,21 @@ def _curvature_caveat(config: Any, curv: Sequence[Mapping[str, Any]], claim: str
             else f"with at most {config.curvature_cg_iter or '2P + 100'} conjugate-gradient iterations per solve"
             + (f" ({exact} of {len(stoch)} runs solved exactly by a dense SVD of S^T J)" if exact else "")
         )
+        # the records say how many pairs they averaged (C2 has its own count, c2_curvature_samples)
+        counts = sorted({int(c["n_samples"]) for c in stoch if "n_samples" in c})
+        default = (config.c2_curvature_samples if claim == "C2" else 0) or config.curvature_samples
+        pairs = str(default) if not counts else f"{counts[0]}" + (f"-{counts[-1]}" if len(counts) > 1 else "")
         line += (
-            f" The stochastic damped gamma^2 averages {config.curvature_samples} sample pairs{rel}, {how}; the "
+            f" The stochastic damped gamma^2 averages {pairs} sample pairs{rel}, {how}; the "
             "undamped gamma^2 is not estimated then (its estimate is heavy-tailed on a badly conditioned g, theory.md 3)."
         )
+        unknown = len(stoch) - sum("solver" in c for c in stoch)
+        if unknown:  # records of an older dropgeom: capped CG, residual unknown, possibly too large
+            line += (
+                f" {unknown} of {len(stoch)} of these records predate the exact solver and the projection check "
+                "(dropgeom before 2026-12-05): their capped conjugate gradients may have left them too large; "
+                "rerun those units in a new folder to be sure."
+            )
         # the records' projections: above max(1e3 tol, 1e-6) (float64: 1e-6) they did not converge
         worst = [c["projection_residual"] for c in curv if c.get("method") == "stochastic" and "projection_residual" in c]
         failed = [r for r in worst if r > 1e-6]

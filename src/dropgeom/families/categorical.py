@@ -6,9 +6,9 @@ from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from .._utils import first_order_only
 from .base import ExponentialFamily
 
 #: the largest centred shift whose ``exp`` the fast KL forms take (``e^50`` is far from float32's overflow at
@@ -113,8 +113,10 @@ class Categorical(ExponentialFamily):
         centred = w.unsqueeze(0) - (prob @ w).unsqueeze(1)  # [n, K, U]: W - <p_i, W>
         x = centred * h.unsqueeze(1)
         # exp(-x) could overflow: the log-softmax form (|x| <= 2 max|W| max|h| spares the full scan mostly)
-        if 2.0 * float(w.detach().abs().max()) * float(h.detach().abs().max()) >= _EXP_SAFE and (
-            float(x.detach().min()) <= -_EXP_SAFE
+        if (
+            x.numel()
+            and 2.0 * float(w.detach().abs().max()) * float(h.detach().abs().max()) >= _EXP_SAFE
+            and (float(x.detach().min()) <= -_EXP_SAFE)
         ):
             return super().kl_to_shifted(eta, w, h)
         s = torch.bmm(prob.unsqueeze(1), torch.expm1(-x)).squeeze(1)  # [n, U]
@@ -231,7 +233,7 @@ class _ShiftKL(torch.autograd.Function):
         return torch.log1p(t.squeeze(1)).clamp_min_(0)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("the categorical kl_shift")
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:  # type: ignore[override]
         shift, prob, e, t = ctx.saved_tensors
         grad = grad * (t.squeeze(1) >= 0)  # where the clamp at 0 acted (rounding), no gradient, as through autograd
