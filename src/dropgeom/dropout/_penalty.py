@@ -152,12 +152,10 @@ def penalty(
             bare ``value`` tensor, as before; omit it and read the result's fields.
 
     Returns:
-        :class:`~dropgeom.dropout.PenaltyResult`: ``value``, a scalar tensor differentiable
-        with respect to ``model.parameters()``, and ``eta``, the clean (eval-mode) output of
-        the same forward pass, differentiable, so the clean loss can reuse it
+        :class:`~dropgeom.dropout.PenaltyResult`: ``value``, a scalar tensor differentiable (once: no
+        ``create_graph``) in ``model.parameters()``, and ``eta``, the clean (eval-mode) output of the same
+        forward pass, differentiable, so the clean loss can reuse it
         (``loss = family.nll(r.eta, y).mean() + r.value``) instead of running a second forward.
-        Differentiable once: the exact divergence form's fast path has hand-written backwards, and
-        ``create_graph=True`` through them raises a ``RuntimeError`` (second derivatives are not supported).
 
     Raises:
         ValueError: an unknown ``form`` or ``method``; ``p`` outside ``[0, 1)``;
