@@ -76,14 +76,27 @@ def range_basis(manifold: ModelManifold, S: Tensor) -> tuple[Tensor, Tensor, Ten
     return U[:, :r], s[:r], Vh[:r].T, jw
 
 
+def normal_part(
+    Y: Tensor, basis: Optional[Tensor], lin: "LinearisedManifold", S: Tensor, tol: float, max_iter: Optional[int]
+) -> Tensor:
+    """The whitened normal part ``(I - Pi) Y`` of whitened vectors ``Y`` (``[m, n, R]``; theory.md section 3):
+    exact with an orthonormal tangent ``basis`` (``[nR, r]``, :func:`range_basis`), else by conjugate gradients
+    (:meth:`LinearisedManifold.project_out`, which records the residual it reached)."""
+    if basis is None:
+        return lin.project_out(S, Y, tol, max_iter)
+    y = Y.reshape(Y.shape[0], -1)
+    return (y - (y @ basis) @ basis.T).reshape(Y.shape)
+
+
 class ProjectionWarning(RuntimeWarning):
     """The matrix-free projection onto the tangent space did not converge: normal parts, hence curvatures, are
     biased upward (the tangent remainder adds to them; theory.md section 3)."""
 
 
 def projection_tolerance(tol: float) -> float:
-    """The relative residual ``|J^T S r| / |J^T S Y|`` above which a projection counts as not converged:
-    ``max(1e3 tol, 1e-6)``, as for the conjugate-gradient solves of the stochastic estimator."""
+    """The relative residual above which a conjugate-gradient solve or projection counts as not converged:
+    ``max(1e3 tol, 1e-6)`` (``|J^T S r| / |J^T S Y|`` for a projection, ``|(g + lambda I) x - b| / |b|`` for the
+    stochastic estimator's sampling solves)."""
     return max(1e3 * tol, 1e-6)
 
 

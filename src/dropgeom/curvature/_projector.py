@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..manifold import ModelManifold
 from .dense import dense_projection_fits
-from ._common import LinearisedManifold, default_max_iter, default_tol, range_basis, skew_whitened, whiten, whitening
+from ._common import LinearisedManifold, default_max_iter, default_tol, normal_part, range_basis, skew_whitened, whiten, whitening
 
 __all__: List[str] = []
 
@@ -66,10 +66,7 @@ class Projector:
 
     def normal(self, Y: Tensor) -> Tensor:
         """Whitened normal part of whitened vectors ``Y`` (``[m, n, R]``)."""
-        if self.U is not None:
-            y = Y.reshape(Y.shape[0], -1)
-            return (y - (y @ self.U) @ self.U.T).reshape(Y.shape)
-        return self.lin.project_out(self.S, Y, self.tol, self.max_iter)
+        return normal_part(Y, self.U, self.lin, self.S, self.tol, self.max_iter)
 
     def kappas(self, V: Tensor, alpha: float, batch: int = 16, null: str = "raise") -> Tensor:
         out = []

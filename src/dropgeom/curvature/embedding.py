@@ -66,6 +66,8 @@ from ._common import (
     check_manifold,
     default_max_iter,
     default_tol,
+    normal_part,
+    projection_tolerance,
     range_basis,
     skew_whitened,
     unwhiten,
@@ -218,7 +220,7 @@ class Linearisation:
 def _warn_unsolved(resid: Tensor, b: Tensor, tol: float, cg_max_iter: int) -> bool:
     """Warn (and return True) when the sampling solve ``(g + lambda I) x = b`` stopped above its tolerance."""
     worst = float((resid.norm(dim=0) / b.norm(dim=0).clamp_min(torch.finfo(b.dtype).tiny)).max())
-    if worst <= max(1e3 * tol, 1e-6):
+    if worst <= projection_tolerance(tol):
         return False
     warnings.warn(
         f"embedding_curvature(method='stochastic'): conjugate gradients stopped at relative residual "
@@ -237,15 +239,6 @@ def _solve_dense(b: Tensor, s: Tensor, V: Tensor, lam: float) -> Tensor:
     c = V.T @ b  # [r, m]
     inside = V @ (c / (s * s + lam).unsqueeze(1))
     return inside if lam == 0.0 else inside + (b - V @ c) / lam
-
-
-def _normal_part(Y: Tensor, basis: Optional[Tensor], lin: LinearisedManifold, S: Tensor, tol: float, max_iter: int) -> Tensor:
-    """The whitened normal part of ``Y`` (``[m, n, R]``): exact with the tangent ``basis`` (``[nR, r]``, orthonormal),
-    else by conjugate gradients (:meth:`LinearisedManifold.project_out`, which records its residual)."""
-    if basis is None:
-        return lin.project_out(S, Y, tol, max_iter)
-    y = Y.reshape(Y.shape[0], -1)
-    return (y - (y @ basis) @ basis.T).reshape(Y.shape)
 
 
 def _stochastic(
@@ -300,7 +293,7 @@ def _stochastic(
         Y = whiten(S, lin.d2(u, v))  # [m, n, R]
         if alpha != 1.0:
             Y = Y + 0.5 * (1.0 - alpha) * skew_whitened(setup.family_of, eta, S_pinv, lin.jvp(u), lin.jvp(v))  # type: ignore[arg-type]
-        Nw = _normal_part(Y, basis, lin, S, tol, cg_max_iter)
+        Nw = normal_part(Y, basis, lin, S, tol, cg_max_iter)
         residual = residual if basis is not None else max(residual, lin.last_projection_residual)
         values.append(setup.total((Nw * Nw).sum((1, 2))))
         done += m

@@ -21,6 +21,9 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import torch
+
+from ..curvature._common import default_tol, projection_tolerance
 from ..rundir import FINISHED, MARKER, RunDir
 from ..summary import ClaimSummary, Figure, RunSummary, Table, Verdict, VerdictEntry
 from .sweep import EXPERIMENTS
@@ -157,9 +160,11 @@ def _curvature_caveat(config: Any, curv: Sequence[Mapping[str, Any]], claim: str
                 "(dropgeom before 2026-12-05): their capped conjugate gradients may have left them too large; "
                 "rerun those units in a new folder to be sure."
             )
-        # the records' projections: above max(1e3 tol, 1e-6) (float64: 1e-6) they did not converge
+        # the records' projections (float64 experiments): above the flag of the estimator's own warning they did
+        # not converge
         worst = [c["projection_residual"] for c in curv if c.get("method") == "stochastic" and "projection_residual" in c]
-        failed = [r for r in worst if r > 1e-6]
+        flag = projection_tolerance(default_tol(torch.float64))
+        failed = [r for r in worst if r > flag]
         if failed:
             line += (
                 f" In {len(failed)} of {len(worst)} of these the projections onto the tangent space did not converge "

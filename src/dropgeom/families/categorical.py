@@ -105,22 +105,12 @@ class Categorical(ExponentialFamily):
 
         .. math::  K_{ij} = \log\Big(1 + \sum_c p_{ic}\, \mathrm{expm1}(-x_c)\Big)
 
-        one ``[n, U, K]`` tensor and a batched matmul instead of two log-softmaxes;
-        as accurate as the log-softmax form (both lose the first-order terms to
-        cancellation in the same way). ``mean``: ``softmax(eta)`` if at hand.
+        computed by :meth:`kl_shift` on the shifts ``-h_ij W[:, j]`` (``[n, K, U]``): its overflow rule
+        and hand-written backward, about a third faster forward and backward than this form through
+        autograd on ``[256, 10, 1024]``; as accurate as the log-softmax form (both lose the first-order
+        terms to cancellation in the same way). ``mean``: ``softmax(eta)`` if at hand.
         """
-        prob = torch.softmax(eta, dim=-1) if mean is None else mean
-        centred = w.unsqueeze(0) - (prob @ w).unsqueeze(1)  # [n, K, U]: W - <p_i, W>
-        x = centred * h.unsqueeze(1)
-        # exp(-x) could overflow: the log-softmax form (|x| <= 2 max|W| max|h| spares the full scan mostly)
-        if (
-            x.numel()
-            and 2.0 * float(w.detach().abs().max()) * float(h.detach().abs().max()) >= _EXP_SAFE
-            and (float(x.detach().min()) <= -_EXP_SAFE)
-        ):
-            return super().kl_to_shifted(eta, w, h)
-        s = torch.bmm(prob.unsqueeze(1), torch.expm1(-x)).squeeze(1)  # [n, U]
-        return torch.log1p(s).clamp_min(0)
+        return self.kl_shift(eta, -(w.unsqueeze(0) * h.unsqueeze(1)), mean)
 
     def kl_shift(self, eta: Tensor, shift: Tensor, mean: Optional[Tensor] = None) -> Tensor:
         r"""``KL(p(.|eta_i) || p(.|eta_i + shift[i, :, u]))`` (``[n, U]``; theory.md section 4.2).
