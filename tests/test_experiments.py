@@ -252,6 +252,20 @@ def test_c1_verdicts(trend, flip, verdict):
         assert t["p_adjusted"] >= t["p_value"] and t["n"] == 6
 
 
+def test_c1_a_measure_significant_both_ways_over_p_is_neither_lower_nor_higher():
+    # the rule: lower (higher) when some p is significantly below (above) 1 and none the other way;
+    # measure-dependent only when some measures are lower and others higher
+    from dropgeom.experiments.c1_summary import _label
+
+    assert _label({("mask_e", "train"): 2, ("mask_e", "test"): 0}) == "inconclusive"
+    assert _label({("mask_e", "train"): 2, ("mask_m", "train"): -1}) == "inconclusive"
+    assert _label({("mask_e", "train"): 2, ("mask_m", "train"): -1, ("noise_e", "train"): 1}) == "measure-dependent"
+    assert _label({("mask_e", "train"): -1, ("mask_m", "train"): -1}) == "supported"
+    assert _label({}) == "inconclusive"
+    s = c1_flatness.summarize(RunConfig.from_preset("test"), _c1_records(2.0, flip=True))
+    assert "keeps the label measure-dependent" not in s["what_would_change"]
+
+
 def test_c1_reading_b_and_descriptions():
     s = c1_flatness.summarize(RunConfig.from_preset("test"), _c1_records(0.0))
     assert s["reading_b"]["label"] == "supported"  # the mixture is half as curved on every measure

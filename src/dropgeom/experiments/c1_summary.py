@@ -101,16 +101,24 @@ def _direction(cs: Sequence[Comparison]) -> int:
 
 
 def _label(directions: Mapping[Tuple[str, str], int]) -> str:
+    """:data:`RULE` on the directions of :func:`_direction` (-1 lower, +1 higher, 0 nothing, 2 both ways over p).
+
+    A (measure, input set) significant both ways over p is neither lower nor higher (its direction depends on
+    p, not on the measure): supported when every one is lower, refuted when every one is higher,
+    measure-dependent when some are lower and others higher, inconclusive otherwise.
+
+    Example:
+        >>> _label({("mask_e", "train"): 2, ("mask_m", "train"): -1})
+        'inconclusive'
+    """
     vals = list(directions.values())
-    if not vals or all(v == 0 for v in vals):
-        return VerdictLabel.INCONCLUSIVE.value
     lower = [k for k, v in directions.items() if v == -1]
     higher = [k for k, v in directions.items() if v == 1]
-    if (lower and higher) or any(v == 2 for v in vals):
+    if lower and higher:
         return VerdictLabel.MEASURE_DEPENDENT.value
-    if len(lower) == len(vals):
+    if vals and len(lower) == len(vals):
         return VerdictLabel.SUPPORTED.value
-    if len(higher) == len(vals):
+    if vals and len(higher) == len(vals):
         return VerdictLabel.REFUTED.value
     return VerdictLabel.INCONCLUSIVE.value
 
@@ -372,8 +380,8 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
     )
     what = (
         "The verdict would change if the deciding measures moved together at matched fit: all significantly lower under "
-        "dropout on both input sets (supported) or all higher (refuted); more seeds narrow the intervals, and a measure that "
-        "is significant in opposite directions at different p keeps the label measure-dependent."
+        "dropout on both input sets (supported) or all higher (refuted); more seeds narrow the intervals. A measure that "
+        "is significant in opposite directions at different p counts as neither lower nor higher."
     )
     return {
         "verdict": Verdict(NAME, verdict, summary),
