@@ -266,6 +266,21 @@ def test_c1_a_measure_significant_both_ways_over_p_is_neither_lower_nor_higher()
     assert "keeps the label measure-dependent" not in s["what_would_change"]
 
 
+def test_c1_one_missing_value_drops_a_pair_never_a_deciding_measure():
+    # the deciding measures are fixed before the data; a NaN in one p = 0 run (in none of the rule's comparisons)
+    # took mask_m out of the verdict and turned measure-dependent into refuted
+    recs = _c1_records(2.0, flip=True)
+    next(r for r in recs if r["p"] == 0.0)["measures"]["train"]["mask_m"] = float("nan")
+    next(r for r in recs if r["p"] == 0.6)["mixture"]["test"]["noise_e"] = float("nan")
+    s = c1_flatness.summarize(RunConfig.from_preset("test"), recs)
+    assert s["verdict"].verdict == "measure-dependent"
+    assert {k.split("|")[0] for k in s["tests"]} == {"mask_e", "mask_m", "natural_gradient_fs_e", "noise_e", "gamma2"}
+    assert s["tests"]["mask_m|train|p=0.6"]["n"] == 6
+    assert s["reading_b"]["tests"]["noise_e|test|p=0.6"]["n"] == 5  # the pair is dropped, the measure kept
+    inv = {r["measure"]: r["decides the verdict"] for r in s["tables"][-1]["rows"]}
+    assert inv["m-curvature along the mask directions"] == "yes"
+
+
 def test_c1_reading_b_and_descriptions():
     s = c1_flatness.summarize(RunConfig.from_preset("test"), _c1_records(0.0))
     assert s["reading_b"]["label"] == "supported"  # the mixture is half as curved on every measure

@@ -62,7 +62,14 @@ def measures_present(records: Sequence[Mapping[str, Any]]) -> List[str]:
 
 
 def _deciding(present: Sequence[str]) -> List[str]:
-    return [m for m in DECIDING if m in present]
+    """:data:`DECIDING`, fixed before the data: a missing value drops a pair, never a measure; only gamma2
+    depends on the records (it decides when computed on every run, ``present``)."""
+    return [m for m in DECIDING if m != "gamma2" or m in present]
+
+
+def _shown(present: Sequence[str], deciding: Sequence[str]) -> List[str]:
+    """The measures of the tables: every deciding one and every other one that every run carries."""
+    return [k for k, _, _ in FLATNESS_MEASURES if k in present or k in deciding]
 
 
 def _pairs(ok: Sequence[Mapping[str, Any]], p: float, s: str, m: str, other: str) -> Tuple[List[float], List[float]]:
@@ -217,7 +224,8 @@ def _main_table(ok, grid, present, fam) -> Tuple[Dict[str, Any], Dict[Tuple[floa
 def _reading_b(ok, grid, deciding) -> Tuple[Dict[Tuple[float, str, str], Comparison], str, Dict[str, Any]]:
     """Reading (b): the m-mixture against the deterministic model at the same theta, by the same rule."""
     mixed = [r for r in ok if isinstance(r.get("mixture"), Mapping)]
-    ms = [m for m in deciding if all(math.isfinite(_get({"measures": r["mixture"]}, s, m)) for r in mixed for s in SETS)]
+    g2 = all(math.isfinite(_get({"measures": r["mixture"]}, s, "gamma2")) for r in mixed for s in SETS)
+    ms = [m for m in deciding if m != "gamma2" or g2]  # the rule's measures; only gamma2 depends on the records
     fam_b = _family(mixed, grid, ms, "mixture")
     dir_b = {(m, s): _direction([fam_b[(p, s, m)] for p in grid]) for m in ms for s in SETS} if fam_b else {}
     label = _label(dir_b) if fam_b else VerdictLabel.INCONCLUSIVE.value
@@ -339,8 +347,8 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
     """Tables, the verdict for reading (a) with reading (b)'s label in its evidence (see :mod:`.c1_flatness`)."""
     ok = _ok(records)
     grid = [p for p in sorted({float(r["p"]) for r in ok}) if p > 0]
-    present = measures_present(ok)
-    deciding = _deciding(present)
+    deciding = _deciding(measures_present(ok))
+    present = _shown(measures_present(ok), deciding)
     fam = _family(ok, grid, deciding, "matched")
     directions = {(m, s): _direction([fam[(p, s, m)] for p in grid]) for m in deciding for s in SETS}
     verdict = _label(directions) if fam else VerdictLabel.INCONCLUSIVE.value
