@@ -89,6 +89,16 @@ def test_c2_verdict_rests_on_the_within_setting_test(within, between, verdict):
     assert any("description only" in line for line in s["evidence"])
 
 
+def test_c2_not_supported_counts_setting_seed_blocks_and_the_rule_says_so():
+    # one architecture, 6 seeds: "not supported" is reached on 6 setting-seed blocks; the stated rule must not read
+    # "4 settings", which the claim's design text defines as architectures (activation x width x depth)
+    recs = _records(0.0, -1.0)
+    assert len({r["setting"] for r in recs}) == 1
+    assert c2.summarize(RunConfig.from_preset("test"), recs)["verdict"].verdict == "not supported"
+    for text in (c2.RULE, c2.ABOUT):
+        assert "4 settings" not in text and "4 setting-seed blocks" in text
+
+
 def test_c2_without_a_manipulation_effect_is_inconclusive_not_negative():
     s = c2.summarize(RunConfig.from_preset("test"), _records(0.0, -1.0, knob_moves=False))
     assert s["tests"]["knob_p"] > 0.05

@@ -71,7 +71,8 @@ ABOUT = (
     "slope as the effect size, `within_setting_analysis`), p-values Holm-adjusted over the three outcomes. "
     "Verdict: `supported` when the curvature share's within-setting correlation is significantly negative; "
     "`refuted` when it is significantly positive; `not supported` when no outcome shows a within-setting effect "
-    "over at least 20 runs in at least 4 settings and the knob did move the curvature (manipulation check: the "
+    "over at least 20 runs in at least 4 setting-seed blocks (the blocks of the permutation test: one architecture "
+    "with 4 seeds suffices) and the knob did move the curvature (manipulation check: the "
     "within-setting rank correlation of the initial scale with log curvature is significantly different from 0, "
     "in either direction); `inconclusive` otherwise. The pooled Spearman correlation over all runs is reported "
     "as a description only. Curvatures at rounding level are reported as zero and left off the log axis."
@@ -89,8 +90,9 @@ RULE = (
     "smaller curvature share B/(K+B), smaller R/p and gain; theory.md 4.2). Supported: the curvature share's within-setting "
     "rank correlation with log curvature (permutation within setting-seed blocks, Holm over 3 outcomes) is significantly "
     "negative; refuted: significantly positive; not supported: no within-setting effect on any outcome over >= 20 runs in "
-    ">= 4 settings, provided the knob moved the curvature (manipulation check: within-setting rank correlation of the initial "
-    "scale with log curvature significantly different from 0, either sign); inconclusive otherwise. The pooled correlation is a description only."
+    ">= 4 setting-seed blocks (one architecture with 4 seeds suffices), provided the knob moved the curvature "
+    "(manipulation check: within-setting rank correlation of the initial scale with log curvature significantly different "
+    "from 0, either sign); inconclusive otherwise. The pooled correlation is a description only."
 )
 
 
