@@ -333,3 +333,10 @@ def test_c3b_names_settings_that_disagree_with_the_pooled_comparison():
     assert "closer than L2 in 1, farther in 1, neither in 0 of 2" in s["verdict_b"].evidence
     line = next(x for x in s["evidence"] if x.startswith("b-mlp-n1-adam: best KL"))
     assert "fisher_quadratic 10 [" in line
+
+
+def test_c3b_rule_text_names_the_unit_the_test_pools():
+    # the verdict's t-test pools every sweep setting's seeds ("50 (setting, seed) pairs" in the full run); the stated
+    # rule said "paired log-ratios over seeds", which reads as one setting's seeds
+    for text in (c3.RULE_B, c3.ABOUT):
+        assert "(setting, seed) pairs" in text and "pooled" in text

@@ -55,7 +55,8 @@ ABOUT = (
     "`config.c3_strengths` (a log grid around its nominal strength: `regularizers`). Recorded: the clean train "
     "NLL, test NLL, and `KL(p_dropout || p_obj)` on the test inputs, so each regularizer gives a curve of "
     "KL-to-dropout against strength. Rule: the best (smallest over the grid) KL of each Fisher form is "
-    "compared with L2's best, paired log-ratios over seeds, Holm over the Fisher forms; `supported` when a "
+    "compared with L2's best, paired log-ratios over the (setting, seed) pairs of every sweep setting pooled in "
+    "one t-test per Fisher form, Holm over the Fisher forms; `supported` when a "
     "Fisher form is significantly closer to dropout than L2 and none is farther; `refuted` when a Fisher form "
     "is significantly farther and none closer; `inconclusive` otherwise. The noise floor is shown beside it."
 )
@@ -71,7 +72,7 @@ RULE_A = (
 )
 RULE_B = (
     "the best KL(dropout || regularizer) over the strength grid of each Fisher form against L2's best, paired log-ratios over "
-    "seeds, Holm over the Fisher forms: supported when a Fisher form is significantly closer than L2 and none farther, "
+    "the (setting, seed) pairs of every sweep setting pooled in one t-test per form, Holm over the Fisher forms: supported when a Fisher form is significantly closer than L2 and none farther, "
     "refuted when one is significantly farther and none closer, inconclusive otherwise"
 )
 
