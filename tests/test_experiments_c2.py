@@ -99,6 +99,19 @@ def test_c2_not_supported_counts_setting_seed_blocks_and_the_rule_says_so():
         assert "4 settings" not in text and "4 setting-seed blocks" in text
 
 
+def test_c2_manipulation_check_says_when_settings_move_curvature_in_opposite_directions():
+    # the full run: tanh's curvature fell with the initial scale, softplus's rose; the pooled check said "down"
+    recs = _records(0.0, -1.0)
+    up = [dict(r, setting="softplus-w6-d2", group=f"softplus-w6-d2/seed={r['seed']}") for r in recs]
+    down = [dict(r, init_scale=5.0 - r["init_scale"]) for r in recs]
+    line = c2.summarize(RunConfig.from_preset("test"), up + down[:8])["evidence"][0]  # 6 blocks up, 2 down
+    assert "moved the curvature (up with the scale pooled; per setting down in 1, up in 1 of 2" in line
+    line = c2.summarize(RunConfig.from_preset("test"), up + down)["evidence"][0]  # as many each way: they cancel
+    assert "did NOT move the curvature significantly (pooled; per setting down in 1, up in 1 of 2" in line
+    one = c2.summarize(RunConfig.from_preset("test"), recs)["evidence"][0]
+    assert "per setting" not in one  # one setting, or all one way: nothing to add
+
+
 def test_c2_without_a_manipulation_effect_is_inconclusive_not_negative():
     s = c2.summarize(RunConfig.from_preset("test"), _records(0.0, -1.0, knob_moves=False))
     assert s["tests"]["knob_p"] > 0.05
