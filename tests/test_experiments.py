@@ -294,6 +294,17 @@ def test_c1_reading_b_and_descriptions():
     assert "noise floor" in text and "matching:" in text and "L2 control tuned per p and seed" in text
 
 
+def test_c1_table_says_which_p_values_are_holm_adjusted():
+    s = c1_flatness.summarize(RunConfig.from_preset("test"), _c1_records(-2.0))
+    main = s["tables"][0]
+    col = next(c for c in main["columns"] if c.startswith("dropout / plain at matched fit"))
+    sam = next(r for r in main["rows"] if r["measure"] == "SAM sharpness" and r["inputs"] == "training inputs" and r["p"] == "0.6")
+    assert sam[col].endswith("(description)")
+    raw = s["matched_tests"]["sam|train|p=0.6"]["p_value"]
+    assert f"p={raw:.2g}" in sam[col]  # the description's p is the uncorrected one, and the header must say so
+    assert "uncorrected" in col and "uncorrected" in main["title"]
+
+
 def test_c1_unmatched_controls_are_left_out():
     recs = _c1_records(-2.0)
     for r in recs:

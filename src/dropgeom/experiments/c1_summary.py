@@ -185,7 +185,7 @@ _MAIN_COLUMNS = [
     "invariance",
     "inputs",
     "p",
-    "dropout / plain at matched fit (Holm p)",
+    "dropout / plain at matched fit (Holm p; a description's p uncorrected)",
     "dropout / L2 at matched fit",
     "dropout(p) / plain p=0, unmatched",
 ]
@@ -217,7 +217,10 @@ def _main_table(ok, grid, present, fam) -> Tuple[Dict[str, Any], Dict[Tuple[floa
                         _MAIN_COLUMNS[6]: _ratio_cell(unmatched.get((p, s, m)), adjusted=False),
                     }
                 )
-    title = "C1 (a): ratio of each measure, dropout over its control (geometric mean over seeds, 95% interval, paired t-test)"
+    title = (
+        "C1 (a): ratio of each measure, dropout over its control (geometric mean over seeds, 95% interval, paired t-test; "
+        "Holm-adjusted p only for the deciding measures at matched fit, the rule's family; every other p uncorrected)"
+    )
     return {"title": title, "columns": list(_MAIN_COLUMNS), "rows": rows}, desc
 
 
