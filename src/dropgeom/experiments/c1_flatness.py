@@ -62,8 +62,8 @@ ABOUT = (
     "and none above (*higher* conversely; one significant both ways over `p` is neither). Verdict: `supported` "
     "when every deciding measure is lower on both input sets, `refuted` when every one is higher, "
     "`measure-dependent` when some are lower and others higher, `inconclusive` otherwise (nothing significant, "
-    "or the significant ones all one way but not every measure). Reading (b) gets a label by the same rule applied to `log(curv(mixture) / "
-    "curv(deterministic))`. The unmatched trend over `p` (log-ratio to `p = 0`), the L2 control and the noise "
+    "or the significant ones all one way but not every measure). Reading (b) gets a label by the same rule "
+    "applied to `log(curv(mixture) / curv(deterministic))`. The unmatched trend over `p` (log-ratio to `p = 0`), the L2 control and the noise "
     "floor are reported as descriptions, not as the verdict. The summary and figures live in `c1_summary`."
 )
 
