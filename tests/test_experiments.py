@@ -209,7 +209,7 @@ def _c1_measures(scale: float, s: int, flip: bool = False) -> dict:
 
 
 def _c1_records(trend: float, seeds: int = 6, flip: bool = False):
-    """Dropout at p is exp(trend p) times its matched plain control; the mixture half as curved."""
+    """Dropout at p is exp(trend p) times its matched plain control; the mixture about half as curved."""
     recs = []
     for s in range(seeds):
         for p in (0.0, 0.3, 0.6):
@@ -230,7 +230,8 @@ def _c1_records(trend: float, seeds: int = 6, flip: bool = False):
                     "measures": _c1_measures(1.0, s + 1),
                 }
                 r["l2"] = {"matched": True, "log_nll_gap": 0.01, "weight": 0.01, "fits": 3, "measures": _c1_measures(1.0, s + 2)}
-                r["mixture"] = _c1_measures(0.5 * math.exp(trend * p), s, flip)
+                # a little seed-to-seed spread: identical ratios have no t-test (stats.paired gives no p-value)
+                r["mixture"] = _c1_measures(0.5 * math.exp(trend * p) * (1 + 0.02 * (s % 3 - 1)), s, flip)
                 if p == 0.6:
                     r["noise_floor"] = {"measures": _c1_measures(math.exp(trend * p), s + 3, flip)}
             recs.append(r)
@@ -284,7 +285,7 @@ def test_c1_one_missing_value_drops_a_pair_never_a_deciding_measure():
 def test_c1_reading_b_and_descriptions():
     s = c1_flatness.summarize(RunConfig.from_preset("test"), _c1_records(0.0))
     assert s["reading_b"]["label"] == "supported"  # the mixture is half as curved on every measure
-    assert s["reading_b"]["tests"]["noise_e|train|p=0.3"]["estimate"] == pytest.approx(-math.log(2.0))
+    assert s["reading_b"]["tests"]["noise_e|train|p=0.3"]["estimate"] == pytest.approx(-math.log(2.0), abs=1e-3)
     # coordinate-dependent measures never decide, they are described
     assert {k.split("|")[0] for k in s["tests"]} == {"mask_e", "mask_m", "natural_gradient_fs_e", "noise_e", "gamma2"}
     assert "fisher_trace|test|p=0.6" in s["matched_tests"] and "natural_gradient_e|test|p=0.6" in s["matched_tests"]

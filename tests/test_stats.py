@@ -85,3 +85,13 @@ def test_mixed_slope_recovers_within_slope_not_between():
     assert t.lo < 1.5 < t.hi and t.p_value < 1e-6
     with pytest.raises(ValueError, match="2 groups"):
         mixed_slope([1.0, 2.0, 3.0], [1.0, 2.0, 4.0], [0, 0, 0])
+
+
+def test_paired_without_spread_has_no_test_and_is_never_significant():
+    """Identical differences (two seeds giving the same ratio) are not certainty: no p-value, not counted by Holm.
+    The old code returned p = 0 here, which the C1 rule would have counted as a significant seed-level effect."""
+    c = paired([2.0, 4.0], [1.0, 2.0], log=True)
+    assert c.n == 2 and math.isclose(c.ratio()[0], 2.0)
+    assert math.isnan(c.p_value) and math.isnan(c.p_adjusted) and math.isnan(c.effect_size)
+    fam = adjust([c, paired([1.0, 2.0, 3.5], [0.0, 0.0, 0.0])])
+    assert math.isnan(fam[0].p_adjusted) and fam[1].p_adjusted == fam[1].p_value

@@ -102,6 +102,8 @@ def paired(a: Sequence[Any], b: Sequence[Any], *, log: bool = False, name: str =
     With ``log=True`` the unit of analysis is :math:`d_i = \log(a_i / b_i)` (for positive quantities such as
     curvatures, so that the comparison is a ratio and does not depend on the quantity's scale); otherwise
     :math:`d_i = a_i - b_i`. Pairs with a non-finite member (or, with ``log``, a non-positive one) are dropped.
+    With fewer than two pairs, or differences without spread (``s_d = 0``), there is no test: the p-values and
+    ``d_z`` are NaN (never significant, and left out of a Holm family).
 
     .. math::  \bar d \pm t_{n-1,\,(1+\mathrm{level})/2}\, s_d/\sqrt n,\qquad d_z = \bar d / s_d
 
@@ -134,9 +136,9 @@ def paired(a: Sequence[Any], b: Sequence[Any], *, log: bool = False, name: str =
         return Comparison(name, mean, -math.inf, math.inf, nan, nan, nan, 1, log, level)
     sd = float(d.std(ddof=1))
     if sd == 0.0:
-        p = 1.0 if mean == 0.0 else 0.0
-        eff = 0.0 if mean == 0.0 else math.copysign(math.inf, mean)
-        return Comparison(name, mean, mean, mean, p, p, eff, n, log, level)
+        # No spread: the t statistic is 0/0 or +-inf and the test says nothing about the seeds' variability (identical
+        # differences mean duplicated seeds or a saturated quantity, not certainty); no p-value, never significant.
+        return Comparison(name, mean, mean, mean, nan, nan, nan, n, log, level)
     half = float(stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n))
     p = float(stats.ttest_1samp(d, 0.0).pvalue)
     return Comparison(name, mean, mean - half, mean + half, p, p, mean / sd, n, log, level)
