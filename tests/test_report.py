@@ -238,3 +238,25 @@ def test_scope_names_each_claims_models_and_data():
     quick = RunConfig.from_preset("quick")  # C2 averages its own count of pairs (c2_curvature_samples = 8)
     assert " averages 8 sample pairs" in scope_caveats(quick, {"C2": [{"curvature": converged}]})[-1]
     assert " averages 5 sample pairs" in scope_caveats(quick, {"C2": [{"curvature": dict(exact, n_samples=5)}]})[-1]
+
+
+def test_a_verdict_says_how_many_of_its_units_diverged(tmp_path):
+    """A diverged unit counts as finished (rerunning repeats it) but has no data: the verdict's evidence says so,
+    so a verdict resting on fewer seeds than the preset's does not read as a complete one."""
+    import types
+
+    from dropgeom.experiments.run_summary import claim_summary
+    from dropgeom.experiments.verdicts import Verdict
+
+    cfg = RunConfig.from_preset("test", experiments=["C1"])
+    mod = types.ModuleType("fake_claim")
+    mod.TITLE, mod.ABOUT = "C1: fake", "about"
+    mod.units = lambda config: [{"key": k} for k in "abc"]
+    mod.summarize = lambda config, records: {"verdict": Verdict("C1", "inconclusive", "why")}
+    mod.figures = lambda config, records, folder: []
+    recs = [{"key": "a", "status": "ok"}, {"key": "b", "status": "diverged"}, {"key": "c", "status": "ok"}]
+    claim = claim_summary("C1", mod, cfg, recs, tmp_path)
+    v = claim.verdicts[0].verdict
+    assert v.verdict == "inconclusive" and v.evidence == "why; 1 of 3 finished units diverged and are not in the test (see the failures)"
+    clean = claim_summary("C1", mod, cfg, [dict(r, status="ok") for r in recs], tmp_path)
+    assert clean.verdicts[0].verdict.evidence == "why"

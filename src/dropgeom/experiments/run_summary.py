@@ -179,6 +179,16 @@ def _provisional(verdict: Verdict, done: int, expected: int) -> Verdict:
     return dataclasses.replace(verdict, verdict=f"provisional ({done} of {expected} units): {verdict.verdict}")
 
 
+def _noting_divergences(verdict: Verdict, diverged: int, done: int) -> Verdict:
+    """The verdict's evidence ending in how many finished units diverged: a diverged unit is finished (rerunning
+    repeats it) but carries no data, so the verdict rests on fewer seeds than the preset's, and the loss may not be
+    at random (e.g. the largest ``p``); a reader of the verdict table must see that, not only the failures section."""
+    if not diverged:
+        return verdict
+    note = f"; {diverged} of {done} finished units diverged and are not in the test (see the failures)"
+    return dataclasses.replace(verdict, evidence=verdict.evidence + note)
+
+
 def _runs(name: str, records: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     """The run counts of a claim: its failures (diverged or failed runs) and the compute seconds of each run."""
     failures = tuple(
@@ -216,9 +226,11 @@ def claim_summary(name: str, mod: Any, config: Any, records: List[Dict[str, Any]
     s = dict(mod.summarize(config, records))
     text = lambda key: config_values(s[key], config) if isinstance(s.get(key), str) else s.get(key)  # noqa: E731
     verdicts = []
+    diverged = sum(1 for r in records if r.get("status") == "diverged")
     for key, rule_key in (("verdict", "rule"), ("verdict_b", "rule_b")):
         if key in s:
-            v = s[key] if done >= expected else _provisional(s[key], done, expected)
+            v = _noting_divergences(s[key], diverged, done)
+            v = v if done >= expected else _provisional(v, done, expected)
             verdicts.append(VerdictEntry(key, v, text(rule_key)))
     captions = s.get("figure_captions", {}) or {}
     return ClaimSummary(
