@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -301,11 +302,38 @@ def test_setting_filters_must_name_settings_of_the_config():
 
 def test_c3a_verdict_names_what_held_and_the_missing_data_set():
     s = c3.summarize(RunConfig.from_preset("test"), _grad_records(0.95, 1.0, ("digits",)))
-    assert "not run: fashion_mnist" in s["verdict"].evidence and "in 3 of 3" in s["verdict"].evidence
+    assert "not run: fashion_mnist" in s["verdict"].evidence and "of 3 (setting, stage) pairs 3 hold" in s["verdict"].evidence
     s = c3.summarize(RunConfig.from_preset("test"), _grad_records(0.6, 1.0, ("digits",)))
-    assert s["verdict"].verdict == "not supported" and "cosine >= 0.9 in 0 of 3" in s["verdict"].evidence
+    assert s["verdict"].verdict == "not supported" and "0 hold" in s["verdict"].evidence and "3 fail" in s["verdict"].evidence
     tag = s["rows"][0]["setting"]  # the failed (setting, stage) pairs, grouped by setting
-    assert f"outside the band at {tag} (init, mid, solution)" in s["verdict"].evidence
+    assert f"failed at {tag} (init, mid, solution)" in s["verdict"].evidence
+
+
+def _spread_records(cos: Sequence[float], ratio: float = 1.0):
+    """Both data sets, one setting each, the cosine over seeds given by ``cos`` (the same at every stage)."""
+    recs = _grad_records(0.95, ratio)
+    for r in recs:
+        for st in r["stages"].values():
+            st["cos_quadratic"] = cos[r["seed"] % len(cos)]
+    return recs
+
+
+@pytest.mark.parametrize(
+    "cos,verdict",
+    [
+        ((0.99, 0.85, 0.99, 0.85), "inconclusive"),
+        ((0.97, 0.81, 0.97, 0.81), "inconclusive"),
+        ((0.8, 0.82, 0.8, 0.82), "not supported"),
+    ],
+)
+def test_c3a_decides_on_the_intervals_not_the_point_estimates(cos, verdict):
+    """Rule change D (2026-12-05): a mean cosine of 0.92 (or 0.89) over 4 seeds whose 95% interval straddles 0.9 read
+    'supported' (or 'not supported') on the point estimate; it is undecided, and undecided pairs make it inconclusive."""
+    s = c3.summarize(RunConfig.from_preset("test"), _spread_records(cos))
+    assert s["verdict"].verdict == verdict
+    if verdict == "inconclusive":
+        assert "6 undecided" not in s["verdict"].evidence and "3 undecided" in s["verdict"].evidence
+    assert "95% interval" in c3.RULE_A and "undecided" in c3.RULE_A
 
 
 def test_c3b_table_has_a_block_per_setting():

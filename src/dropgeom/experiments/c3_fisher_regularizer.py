@@ -40,12 +40,13 @@ ABOUT = (
     "gives the cosine and norm ratio of the Fisher quadratic form's gradient `grad 1/2 V sum_j F^mask_jj` and "
     "of the divergence form's `grad p sum_j K_j` against the Monte Carlo gradient of dropout's regularizer "
     "`grad R` (with its standard error), and the value ratios `Q/R`, `D/R`. At the solution the measured gap "
-    "is also compared with both forms over `config.c3_p_grid`. Rule (fixed in advance): **supported** when, at "
-    "the training `p` and at every stage, the Fisher quadratic form's gradient cosine (mean over seeds) is at "
-    "least 0.9 and its value ratio (geometric mean over seeds) lies in [0.8, 1.25], in every setting of both "
-    "data sets (digits and Fashion-MNIST); otherwise the verdict names what held and what did not, per data "
-    "set (`not supported` when a criterion fails somewhere, `inconclusive` when everything holds but a data "
-    "set was not run: the quick run has digits only).\n\n"
+    "is also compared with both forms over `config.c3_p_grid`. Rule (changed 2026-12-05, see theory.md 8, Rule changes: "
+    "decided on the 95% intervals over seeds, not on point estimates): a (setting, stage) at the training `p` *holds* when "
+    "the interval of the Fisher quadratic form's gradient cosine lies at or above 0.9 and that of its value ratio "
+    "(geometric mean) inside [0.8, 1.25], *fails* when either interval lies wholly outside, and is *undecided* otherwise; "
+    "**supported** when every stage of every setting holds in both data sets (digits and Fashion-MNIST); `not supported` "
+    "when some pair fails; `inconclusive` otherwise (undecided pairs, or a data set not run, could change it: the "
+    "quick run has digits only).\n\n"
     "**Wager et al.'s regime** (`wager/...` units): logistic (breast cancer) and softmax (digits) regression "
     "with input dropout, trained with dropout at `c3_p`; the measured gap (exact enumeration of the input "
     "masks) against `1/2 V theta^T diag(F) theta` for `p` in `config.c3_wager_p_grid` (`wager`): where theory "
@@ -56,7 +57,8 @@ ABOUT = (
     "`config.c3_strengths` (a log grid around its nominal strength: `regularizers`). Recorded: the clean train "
     "NLL, test NLL, and `KL(p_dropout || p_obj)` on the test inputs, so each regularizer gives a curve of "
     "KL-to-dropout against strength. Rule (changed 2026-12-05, see theory.md 8, Rule changes): each regularizer's "
-    "strength is chosen per seed on the setting's other seeds (the strength with the smallest mean log KL over them; the units record no "
+    "strength is chosen per seed on the setting's other seeds (the strength with the smallest mean log KL over them; the "
+    "units record no "
     "validation-set KL), and the seed's own test KL at that strength is its value; per setting, each Fisher form against L2 "
     "in a t-test of the paired log-ratios over the setting's seeds (the seeds are the replicates; settings are not), Holm "
     "over every (setting, Fisher form); `supported` when a Fisher form is significantly closer to dropout than L2 in some "
@@ -70,10 +72,12 @@ BAND = (0.8, 1.25)
 #: C3a's rule needs both: the bundled digits and real images
 RULE_DATASETS = ("digits", "fashion_mnist")
 RULE_A = (
-    f"supported when, at the training p and at every stage (initialisation, mid-training, solution), the Fisher quadratic "
-    f"form's gradient cosine with dropout's regularizer is >= {COS_MIN} (mean over seeds) and its value ratio lies in "
-    f"[{BAND[0]}, {BAND[1]}] (geometric mean over seeds), in every setting of both data sets (digits and Fashion-MNIST); "
-    "otherwise the verdict names what held and what did not"
+    f"at the training p and at every stage (initialisation, mid-training, solution) of every setting, a (setting, stage) "
+    f"holds when the 95% interval over seeds of the Fisher quadratic form's gradient cosine with dropout's regularizer lies "
+    f"at or above {COS_MIN} and that of its value ratio (geometric mean) inside [{BAND[0]}, {BAND[1]}], fails when either "
+    "interval lies wholly on the wrong side, and is undecided otherwise: supported when every pair holds in both data sets "
+    "(digits and Fashion-MNIST); not supported when some pair fails; inconclusive otherwise (undecided pairs, or a data "
+    "set not run, could change it); the verdict names what held, failed and stayed undecided"
 )
 RULE_B = (
     "each regularizer's strength chosen per seed on the setting's other seeds (smallest mean log KL(dropout || regularizer) "
@@ -160,24 +164,39 @@ def _by_setting(pairs: List[Tuple[str, str]]) -> str:
     return ", ".join(f"{tag} ({', '.join(stages)})" for tag, stages in grouped.items())
 
 
+def _classify(cos_q: Tuple[float, float, float], ratio_q: Tuple[float, float, float]) -> str:
+    """:data:`RULE_A` on one (setting, stage): ``"holds"`` when the cosine's 95% interval lies at or above
+    :data:`COS_MIN` and the value ratio's inside :data:`BAND`; ``"fails"`` when either interval lies wholly on the
+    wrong side; ``"undecided"`` otherwise (a NaN interval too).
+
+    Example:
+        >>> _classify((0.95, 0.92, 0.98), (1.0, 0.9, 1.1)), _classify((0.92, 0.8, 1.0), (1.0, 0.9, 1.1))
+        ('holds', 'undecided')
+    """
+    cos_lo, cos_hi = cos_q[1], cos_q[2]
+    r_lo, r_hi = ratio_q[1], ratio_q[2]
+    if (math.isfinite(cos_hi) and cos_hi < COS_MIN) or (r_hi < BAND[0] or r_lo > BAND[1]):
+        return "fails"
+    if math.isfinite(cos_lo) and cos_lo >= COS_MIN and BAND[0] <= r_lo and r_hi <= BAND[1]:
+        return "holds"
+    return "undecided"
+
+
 def _summarize_grad(config: RunConfig, grads: List[Mapping[str, Any]]) -> Dict[str, Any]:
     rows, lines = [], []
     by_ds: Dict[str, Dict[str, Any]] = {}
     for tag in sorted({r["tag"] for r in grads}):
         rs = [r for r in grads if r["tag"] == tag and "stages" in r]
         ds = rs[0]["dataset"] if rs else tag
-        checks = by_ds.setdefault(ds, {"n": 0, "cos": 0, "ratio": 0, "failed": []})
+        checks = by_ds.setdefault(ds, {"n": 0, "holds": [], "fails": [], "undecided": []})
         for stage in STAGES:
             vals = [r["stages"][stage] for r in rs if stage in r["stages"]]
             if not vals:
                 continue
             cos_q = mean_ci([v["cos_quadratic"] for v in vals])
             ratio_q = geometric_mean_ci([v["ratio_quadratic"] for v in vals])
-            cos_ok = math.isfinite(cos_q[0]) and cos_q[0] >= COS_MIN
-            ratio_ok = math.isfinite(ratio_q[0]) and BAND[0] <= ratio_q[0] <= BAND[1]
-            checks["n"], checks["cos"], checks["ratio"] = checks["n"] + 1, checks["cos"] + cos_ok, checks["ratio"] + ratio_ok
-            if not (cos_ok and ratio_ok):
-                checks["failed"].append((tag, stage))
+            checks["n"] += 1
+            checks[_classify(cos_q, ratio_q)].append((tag, stage))
             rows.append(
                 {
                     "setting": tag,
@@ -196,19 +215,20 @@ def _summarize_grad(config: RunConfig, grads: List[Mapping[str, Any]]) -> Dict[s
                 }
             )
     held = [
-        f"{ds}: cosine >= {COS_MIN} in {c['cos']} of {c['n']} (setting, stage) pairs, value ratio inside [{BAND[0]}, {BAND[1]}] "
-        f"in {c['ratio']} of {c['n']}"
-        + (f" (cosine < {COS_MIN} or ratio outside the band at {_by_setting(c['failed'])})" if c["failed"] else "")
+        f"{ds}: of {c['n']} (setting, stage) pairs {len(c['holds'])} hold (cosine's 95% interval >= {COS_MIN}, value ratio's "
+        f"inside [{BAND[0]}, {BAND[1]}]), {len(c['fails'])} fail (an interval wholly outside), {len(c['undecided'])} undecided"
+        + (f" (failed at {_by_setting(c['fails'])})" if c["fails"] else "")
+        + (f" (undecided at {_by_setting(c['undecided'])})" if c["undecided"] else "")
         for ds, c in by_ds.items()
     ]
     missing = [ds for ds in RULE_DATASETS if ds not in by_ds]
     if not by_ds:
         verdict, summary = "inconclusive", "no finished gradient runs"
     else:
-        if any(c["failed"] for c in by_ds.values()):
+        if any(c["fails"] for c in by_ds.values()):
             verdict = "not supported"
-        else:
-            verdict = "inconclusive" if missing else "supported"
+        else:  # undecided pairs, or a data set not run, could still turn it either way
+            verdict = "inconclusive" if missing or any(c["undecided"] for c in by_ds.values()) else "supported"
         summary = "Fisher quadratic form Q against dropout's regularizer R at p = " + f"{config.c3_p:g}: " + "; ".join(held)
         if missing:
             summary += f"; not run: {', '.join(missing)} (the rule needs {' and '.join(RULE_DATASETS)}; the full run has both)"
@@ -406,9 +426,9 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
         "rule": RULE_A,
         "rule_b": RULE_B,
         "what_would_change": (
-            f"C3a: gradient cosines of the Fisher quadratic form >= {COS_MIN} with value ratios in [{BAND[0]}, {BAND[1]}] at every "
-            "stage in every setting of both data sets (Fashion-MNIST is in the full run only); C3b: a Fisher form whose KL "
-            "to dropout at the held-out strength is significantly below L2's in some setting and above it in none (supported), "
+            f"C3a: 95% intervals of the Fisher quadratic form's gradient cosines at or above {COS_MIN} with value ratios inside "
+            f"[{BAND[0]}, {BAND[1]}] at every stage in every setting of both data sets (Fashion-MNIST is in the full run only); "
+            "C3b: a Fisher form whose KL to dropout at the held-out strength is significantly below L2's in some setting and above it in none (supported), "
             "or the mirror (refuted); more seeds per setting give the per-setting tests power"
         ),
         "figure_captions": figure_captions(records, config.c3_p, COS_MIN, BAND),
