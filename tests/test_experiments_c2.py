@@ -10,11 +10,11 @@ from dropgeom.experiments import c2_curvature_strength as c2
 from dropgeom.experiments.c2_analysis import rounding_zero, within_setting_analysis
 
 
-def _blocks(within: float, between: float, seed: int = 0, groups: int = 8, per: int = 5):
+def _blocks(within: float, between: float, seed: int = 0, groups: int = 8, per: int = 5, spread: float = 1.0, step: float = 2.0):
     rng = np.random.default_rng(seed)
     g = np.repeat(np.arange(groups), per)
-    logc = 2.0 * g + rng.normal(size=g.size)  # curvature differs strongly between settings
-    y = between * g + within * (logc - 2.0 * g) + rng.normal(scale=0.3, size=g.size)
+    logc = step * g + spread * rng.normal(size=g.size)  # curvature differs strongly between settings
+    y = between * g + within * (logc - step * g) + rng.normal(scale=0.3, size=g.size)
     return np.exp(logc), y, g
 
 
@@ -46,8 +46,9 @@ def test_rounding_level_curvature_is_zero_and_off_the_log_scale():
         within_setting_analysis(curv, y, g, expected_sign=0)
 
 
-def _records(within: float, between: float, knob_moves: bool = True):
-    curv, y, g = _blocks(within=within, between=between, groups=6, per=4)
+def _records(within: float, between: float, knob_moves: bool = True, groups: int = 6, per: int = 4, spread: float = 1.0):
+    # between-block steps shrink with many blocks, so that no block's curvature is at rounding level against the largest
+    curv, y, g = _blocks(within=within, between=between, groups=groups, per=per, spread=spread, step=min(2.0, 12.0 / groups))
     # the knob: the rank of the curvature within its block (it moves the curvature), or unrelated to it
     scales = [
         float(sum(curv[j] < curv[i] for j in range(len(g)) if g[j] == g[i]) + 1) if knob_moves else float((i * 3) % 4 + 1)
@@ -55,7 +56,7 @@ def _records(within: float, between: float, knob_moves: bool = True):
     ]
     if not knob_moves:  # make the knob's order unrelated to curvature within every block
         scales = [
-            float(1 + (k + int(g[i])) % 4) if k % 2 else float(4 - (k + int(g[i])) % 4) for i, k in enumerate(range(len(g)))
+            float(1 + (k + int(g[i])) % per) if k % 2 else float(per - (k + int(g[i])) % per) for i, k in enumerate(range(len(g)))
         ]
     recs = []
     for i, (c, v, s) in enumerate(zip(curv, y, g)):
@@ -79,37 +80,64 @@ def _records(within: float, between: float, knob_moves: bool = True):
     return recs
 
 
+#: enough blocks and runs for the 95% interval of a null within-block correlation to fall inside +-0.3
+_MANY = dict(groups=30, per=5)
+
+
 @pytest.mark.parametrize(
     "within,between,verdict", [(0.0, -1.0, "not supported"), (-1.0, 0.0, "supported"), (1.0, 0.0, "refuted")]
 )
 def test_c2_verdict_rests_on_the_within_setting_test(within, between, verdict):
-    s = c2.summarize(RunConfig.from_preset("test"), _records(within, between))
+    s = c2.summarize(RunConfig.from_preset("test"), _records(within, between, **_MANY))
     assert s["verdict"].verdict == verdict
     assert "negative" in s["rule"].lower() and s["what_would_change"] and s["caveats"]
-    assert any("description only" in line for line in s["evidence"])
+    assert any("description" in line for line in s["evidence"])
 
 
-def test_c2_not_supported_counts_setting_seed_blocks_and_the_rule_says_so():
-    # one architecture, 6 seeds: "not supported" is reached on 6 setting-seed blocks; the stated rule must not read
-    # "4 settings", which the claim's design text defines as architectures (activation x width x depth)
-    recs = _records(0.0, -1.0)
-    assert len({r["setting"] for r in recs}) == 1
-    assert c2.summarize(RunConfig.from_preset("test"), recs)["verdict"].verdict == "not supported"
+def test_c2_not_supported_needs_the_interval_inside_the_smallest_effect_of_interest():
+    """Rule change C (2026-12-05): 'not supported' asserted an absence from a non-significant test over >= 20 runs in
+    >= 4 blocks; now the share's 95% interval (bootstrap over blocks) must lie inside (-0.3, 0.3), over >= 8 blocks."""
+    few = c2.summarize(RunConfig.from_preset("test"), _records(0.0, -1.0, groups=8, per=4))  # 32 runs: a wide interval
+    assert few["verdict"].verdict == "inconclusive"
+    lo, hi = few["tests"]["share_lo"], few["tests"]["share_hi"]
+    assert lo <= -0.3 or hi >= 0.3
+    assert f"[{c2.fmt(lo)}, {c2.fmt(hi)}] (95% bootstrap over 8 blocks" in few["verdict"].evidence
+    many = c2.summarize(RunConfig.from_preset("test"), _records(0.0, -1.0, **_MANY))
+    assert many["verdict"].verdict == "not supported" and -0.3 < many["tests"]["share_lo"] < many["tests"]["share_hi"] < 0.3
+    six = c2.summarize(RunConfig.from_preset("test"), _records(0.0, -1.0))  # 6 blocks: no interval, never 'not supported'
+    assert six["verdict"].verdict == "inconclusive" and "no interval: 6 blocks" in six["verdict"].evidence
     for text in (c2.RULE, c2.ABOUT):
-        assert "4 settings" not in text and "4 setting-seed blocks" in text
+        assert "4 settings" not in text and "8 setting-seed blocks" in text and "0.3" in text and "runs in the test" in text
 
 
-def test_c2_manipulation_check_says_when_settings_move_curvature_in_opposite_directions():
-    # the full run: tanh's curvature fell with the initial scale, softplus's rose; the pooled check said "down"
-    recs = _records(0.0, -1.0)
+def test_c2_counts_the_runs_in_the_test_not_every_finished_run():
+    recs = _records(0.0, -1.0, groups=8, per=4)
+    for r in recs[:6]:
+        r["curvature"] = {"mask_normal_curvature": 0.0}  # rounding level: off the log scale, out of the test
+    s = c2.summarize(RunConfig.from_preset("test"), recs)
+    assert "26 runs in the test" in s["verdict"].evidence and s["tests"]["share_runs"] == 26
+
+
+def test_c2_manipulation_check_is_per_setting_and_does_not_cancel():
+    """Rule change C (2026-12-05): the full run's knob lowered tanh's curvature and raised softplus's; pooled, as many
+    blocks each way read 'did not move'. Per setting (Holm) it moved in both, and the verdict can use the blocks."""
+    recs = _records(0.0, -1.0, groups=20, per=5)
     up = [dict(r, setting="softplus-w6-d2", group=f"softplus-w6-d2/seed={r['seed']}") for r in recs]
-    down = [dict(r, init_scale=5.0 - r["init_scale"]) for r in recs]
-    line = c2.summarize(RunConfig.from_preset("test"), up + down[:8])["evidence"][0]  # 6 blocks up, 2 down
-    assert "moved the curvature (up with the scale pooled; per setting down in 1, up in 1 of 2" in line
-    line = c2.summarize(RunConfig.from_preset("test"), up + down)["evidence"][0]  # as many each way: they cancel
-    assert "did NOT move the curvature significantly (pooled; per setting down in 1, up in 1 of 2" in line
-    one = c2.summarize(RunConfig.from_preset("test"), recs)["evidence"][0]
-    assert "per setting" not in one  # one setting, or all one way: nothing to add
+    down = [dict(r, init_scale=6.0 - r["init_scale"]) for r in recs]
+    s = c2.summarize(RunConfig.from_preset("test"), up + down)
+    assert "moved significantly in 2 of 2 (down with the scale in 1, up in 1)" in s["evidence"][0]
+    assert s["tests"]["knob_moved"] and s["verdict"].verdict == "not supported"
+    assert "cancel" in s["evidence"][1]  # the pooled correlation stays, as a description
+
+
+def test_c2_knob_must_span_a_factor_of_two_in_curvature():
+    """Rule change C (2026-12-05): a knob that moves curvature significantly but by less than a factor of 2 between the
+    initial scales (the full run's moved it by at most 1.54) is not a manipulation 'not supported' can rest on."""
+    s = c2.summarize(RunConfig.from_preset("test"), _records(0.0, -1.0, spread=0.1, **_MANY))
+    assert s["verdict"].verdict == "inconclusive" and not s["tests"]["knob_moved"]
+    assert (
+        "did NOT move the curvature enough" in s["evidence"][0] and "(the rule needs >= 2 in every setting)" in s["evidence"][0]
+    )
 
 
 def test_c2_without_a_manipulation_effect_is_inconclusive_not_negative():

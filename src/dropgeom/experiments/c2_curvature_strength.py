@@ -21,6 +21,7 @@ import torch
 from ..config import RunConfig
 from .c2_analysis import rounding_zero, within_setting_analysis
 from .c2_figures import draw_figures, figure_captions
+from .c2_rules import MIN_BLOCKS, MIN_RUNS, MIN_SPAN, SESOI, block_bootstrap, knob_check
 from .common import (
     DTYPE,
     ExperimentData,
@@ -70,12 +71,15 @@ ABOUT = (
     "tested within settings (a permutation test of the within-setting rank correlation, with a mixed model's "
     "slope as the effect size, `within_setting_analysis`), p-values Holm-adjusted over the three outcomes. "
     "Verdict: `supported` when the curvature share's within-setting correlation is significantly negative; "
-    "`refuted` when it is significantly positive; `not supported` when no outcome shows a within-setting effect "
-    "over at least 20 runs in at least 4 setting-seed blocks (the blocks of the permutation test: one architecture "
-    "with 4 seeds suffices) and the knob did move the curvature (manipulation check: the "
-    "within-setting rank correlation of the initial scale with log curvature is significantly different from 0, "
-    "in either direction); `inconclusive` otherwise. The pooled Spearman correlation over all runs is reported "
-    "as a description only. Curvatures at rounding level are reported as zero and left off the log axis."
+    "`refuted` when it is significantly positive; `not supported` (rule changed 2026-12-05, see theory.md 8, Rule "
+    "changes) when no outcome shows a within-setting effect, the 95% interval of the curvature share's within-block rank "
+    "correlation (bootstrap over the setting-seed blocks) lies inside the smallest effect of interest (-0.3, 0.3), the "
+    "test has at least 20 runs in the test (runs with a curvature on the log scale) in at least 8 setting-seed blocks, "
+    "and the knob moved the curvature (manipulation check, per setting with Holm over the settings: the within-block "
+    "rank correlation of the initial scale with log curvature significantly different from 0, either sign, in every "
+    "setting, and the geometric mean curvature of one initial scale at least 2 times another's in every setting); "
+    "`inconclusive` otherwise. The pooled Spearman correlations over all runs (outcomes, and the knob) are reported "
+    "as descriptions only. Curvatures at rounding level are reported as zero and left off the log axis."
 )
 #: the sign of d outcome / d log curvature predicted in advance (theory.md 4.2)
 EXPECTED_SIGN = -1
@@ -89,10 +93,12 @@ RULE = (
     "directions, invariant under reparametrisations); expected sign NEGATIVE (more curvature, "
     "smaller curvature share B/(K+B), smaller R/p and gain; theory.md 4.2). Supported: the curvature share's within-setting "
     "rank correlation with log curvature (permutation within setting-seed blocks, Holm over 3 outcomes) is significantly "
-    "negative; refuted: significantly positive; not supported: no within-setting effect on any outcome over >= 20 runs in "
-    ">= 4 setting-seed blocks (one architecture with 4 seeds suffices), provided the knob moved the curvature "
-    "(manipulation check: within-setting rank correlation of the initial scale with log curvature significantly different "
-    "from 0, either sign); inconclusive otherwise. The pooled correlation is a description only."
+    f"negative; refuted: significantly positive; not supported: no within-setting effect on any outcome, the share's 95% "
+    f"interval (bootstrap over setting-seed blocks) inside the smallest effect of interest (-{SESOI:g}, {SESOI:g}), "
+    f">= {MIN_RUNS} runs in the test in >= {MIN_BLOCKS} setting-seed blocks, provided the knob moved the curvature "
+    "(manipulation check per setting, Holm over settings: within-block rank correlation of the initial scale with log "
+    f"curvature significantly different from 0, either sign, in every setting, spanning a factor >= {MIN_SPAN:g} in "
+    "geometric mean curvature within every setting); inconclusive otherwise. The pooled correlations are descriptions only."
 )
 
 
@@ -273,13 +279,20 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
     rows = _setting_rows(ok, curv)
     lines, gains, helped = _outcome_lines(analyses, ok, curv)
     lines += _per_dataset(ok, curv, groups, config.dataset)
-    knob, moved = _manipulation_check(lines, ok, curv, groups)
+    knob, check = _manipulation_check(lines, ok, curv, groups)
+    moved = bool(check["moved"])
     share = analyses["share"]
+    eq = block_bootstrap([math.log(c) if c > 0 else float("nan") for c in curv], [_outcome(r, "share") for r in ok], groups)
     summary = (
         f"within settings, rank correlation of the curvature share with log curvature {fmt(share['within_spearman'])} "
-        f"(permutation test, Holm p-value {fmt(share['p_holm'])}; expected negative); R/p: {analyses['strength']['label']}, "
+        + (
+            f"[{fmt(eq[1])}, {fmt(eq[2])}] (95% bootstrap over {eq[4]} blocks; 'not supported' needs it inside +-{SESOI:g}) "
+            if eq[4] >= MIN_BLOCKS
+            else f"(no interval: {eq[4]} blocks, a block bootstrap needs >= {MIN_BLOCKS}) "
+        )
+        + f"(permutation test, Holm p-value {fmt(share['p_holm'])}; expected negative); R/p: {analyses['strength']['label']}, "
         f"gain vs early-stopped plain: {analyses['gain']['label']}; pooled Spearman (description) {fmt(share['pooled_spearman'])}; "
-        f"{len(ok)} runs; the knob {'moved' if moved else 'did not significantly move'} the curvature"
+        f"{eq[3]} runs in the test; {check['short']}"
     )
     cols = [
         "setting",
@@ -295,12 +308,15 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
     tests["helped"] = helped
     if knob is not None:
         tests["knob_spearman"], tests["knob_p"] = knob.statistic, knob.p_value
+    tests.update(share_lo=eq[1], share_hi=eq[2], share_runs=eq[3], share_blocks=eq[4], knob_moved=moved)
     return {
-        "verdict": Verdict(NAME, _verdict(analyses, len(ok), moved), summary),
+        "verdict": Verdict(NAME, _verdict(analyses, eq, moved), summary),
         "rule": RULE,
         "what_would_change": (
             "a within-setting correlation of the curvature share with log curvature that is significant after Holm correction "
-            "(negative: supported, positive: refuted); more seeds or more initial scales per block give the permutation test power"
+            f"(negative: supported, positive: refuted); 'not supported' needs its 95% interval inside +-{SESOI:g} and a knob "
+            f"that moves the curvature by a factor >= {MIN_SPAN:g} in every setting (wider initial scales); more seeds or more "
+            "initial scales per block give the tests power and narrow the interval"
         ),
         "caveats": [
             f"dropout (p = {config.c2_p}) lowered the test NLL against the early-stopped plain baseline in {helped} of {len(gains)} "
@@ -384,63 +400,39 @@ def _outcome_lines(
     return lines, gains, helped
 
 
-def _manipulation_check(lines: List[str], ok: List[Mapping[str, Any]], curv: List[float], groups: List[str]) -> Tuple[Any, bool]:
-    """``(test, moved)``: did the knob move the curvature within blocks? Its evidence line goes first in ``lines``."""
-    knob = (
-        within_group_permutation([r["init_scale"] for r in ok], [math.log(c) if c > 0 else float("nan") for c in curv], groups)
-        if ok
-        else None
+def _manipulation_check(
+    lines: List[str], ok: List[Mapping[str, Any]], curv: List[float], groups: List[str]
+) -> Tuple[Any, Dict[str, Any]]:
+    """``(pooled test, check)``: did the knob move the curvature in every setting, far enough (:func:`.c2_rules.knob_check`)?
+    Its evidence line goes first in ``lines``, the pooled within-block correlation (a description) after it."""
+    if not ok:
+        return None, {"moved": False, "short": "no runs"}
+    knob = within_group_permutation([r["init_scale"] for r in ok], [math.log(c) if c > 0 else float("nan") for c in curv], groups)
+    check = knob_check(ok, curv, groups)
+    lines.insert(0, check["line"])
+    lines.insert(
+        1,
+        f"pooled over every setting (a description; settings moving the curvature in opposite directions cancel in it): "
+        f"within-block rank correlation of the initial scale with the log {CURVATURE_NAME} {fmt(knob.statistic)} "
+        f"(permutation p-value {fmt(knob.p_value)})",
     )
-    # either direction is a manipulation: the outcomes are analysed against the curvature, not against the knob
-    moved = knob is not None and math.isfinite(knob.p_value) and knob.p_value < 0.05
-    if knob is not None:
-        dirs = _knob_directions(ok, curv, groups)  # "" unless the settings go opposite ways
-        if moved:
-            way = "up" if knob.statistic > 0 else "down"
-            what = f"moved the curvature ({way} with the scale" + (f" pooled;{dirs})" if dirs else ")")
-        else:
-            what = (
-                "did NOT move the curvature significantly" + (f" (pooled;{dirs})" if dirs else "") + "; the curvature still "
-                "varies within blocks, so the tests below are observational within blocks, not a manipulation"
-            )
-        lines.insert(
-            0,
-            f"manipulation check: within-setting rank correlation of the initial scale with the log {CURVATURE_NAME} "
-            f"{fmt(knob.statistic)} (permutation p-value {fmt(knob.p_value)}): the knob " + what,
-        )
-    return knob, moved
+    return knob, check
 
 
-def _knob_directions(ok: List[Mapping[str, Any]], curv: List[float], groups: List[str]) -> str:
-    """With several settings whose within-block correlations of the initial scale with log curvature differ in sign:
-    how many go each way (a description; the pooled check above averages them), else ``""``.
-
-    Example: tanh's curvature falls with the scale and softplus's rises:
-    ``" per setting down in 4, up in 4 of 8: the pooled correlation averages opposite directions"``.
-    """
-    signs: Dict[str, int] = {}
-    for setting in sorted({r["setting"] for r in ok}):
-        idx = [i for i, r in enumerate(ok) if r["setting"] == setting and curv[i] > 0]
-        rho = within_group_permutation(
-            [ok[i]["init_scale"] for i in idx], [math.log(curv[i]) for i in idx], [groups[i] for i in idx], n_permutations=100
-        ).statistic
-        if math.isfinite(rho) and rho != 0:
-            signs[setting] = 1 if rho > 0 else -1
-    down, up = sum(v < 0 for v in signs.values()), sum(v > 0 for v in signs.values())
-    if not (down and up):
-        return ""
-    return f" per setting down in {down}, up in {up} of {len(signs)}: the pooled correlation averages opposite directions"
-
-
-def _verdict(analyses: Mapping[str, Mapping[str, Any]], runs: int, moved: bool) -> str:
-    """:data:`RULE` applied: the curvature share's sign decides; ``not supported`` needs power and a working knob."""
+def _verdict(analyses: Mapping[str, Mapping[str, Any]], eq: Tuple[float, float, float, int, int], moved: bool) -> str:
+    """:data:`RULE` applied: the curvature share's sign decides; ``not supported`` needs the share's 95% interval
+    ``eq`` (:func:`.c2_rules.block_bootstrap`: rho, lo, hi, runs, blocks) inside the smallest effect of interest, enough
+    runs and blocks in the test, no outcome with an effect, and a knob that moved the curvature."""
     share = analyses["share"]
     if share["label"] == "predicted sign":
         return "supported"
     if share["label"] == "opposite sign":
         return "refuted"
-    if all(analyses[k]["label"] == "no effect" for k, _ in OUTCOMES) and runs >= 20 and share["settings"] >= 4 and moved:
-        return "not supported"
+    _, lo, hi, runs, blocks = eq
+    equivalent = math.isfinite(lo) and math.isfinite(hi) and -SESOI < lo and hi < SESOI
+    if all(analyses[k]["label"] == "no effect" for k, _ in OUTCOMES) and runs >= MIN_RUNS and blocks >= MIN_BLOCKS:
+        if moved and equivalent:
+            return "not supported"
     return "inconclusive"
 
 
