@@ -295,11 +295,30 @@ def test_c1_reading_b_and_descriptions():
     assert "noise floor" in text and "matching:" in text and "L2 control tuned per p and seed" in text
 
 
+def test_c1_verdict_line_says_how_the_l2_control_compares():
+    """E (2026-12-05): the verdict rests on the plain control at matched fit; the full run's dropout was more curved than
+    L2 at the same fit along the mask directions from p=0.5, which the verdict line did not say. The rule is unchanged;
+    the line says it (a description, Holm over the same family)."""
+    recs = _c1_records(-2.0)
+    for r in recs:
+        if "l2" in r:
+            r["l2"]["measures"] = _c1_measures(0.1, r["seed"] + 2)  # L2 ten times flatter than dropout
+    s = c1_flatness.summarize(RunConfig.from_preset("test"), recs)
+    assert s["verdict"].verdict == "supported"  # the rule uses the plain control only
+    assert (
+        "against the L2 control at the same fit (a description, Holm over the same family): flatter in 0, more curved in 10 of 10"
+        in s["verdict"].evidence
+    )
+    assert "e-curvature along the mask directions on training inputs from p=0.3" in s["verdict"].evidence
+
+
 def test_c1_table_says_which_p_values_are_holm_adjusted():
     s = c1_flatness.summarize(RunConfig.from_preset("test"), _c1_records(-2.0))
     main = s["tables"][0]
     col = next(c for c in main["columns"] if c.startswith("dropout / plain at matched fit"))
-    sam = next(r for r in main["rows"] if r["measure"] == "SAM sharpness" and r["inputs"] == "training inputs" and r["p"] == "0.6")
+    sam = next(
+        r for r in main["rows"] if r["measure"] == "SAM sharpness" and r["inputs"] == "training inputs" and r["p"] == "0.6"
+    )
     assert sam[col].endswith("(description)")
     raw = s["matched_tests"]["sam|train|p=0.6"]["p_value"]
     assert f"p={raw:.2g}" in sam[col]  # the description's p is the uncorrected one, and the header must say so

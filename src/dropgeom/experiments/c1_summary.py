@@ -141,6 +141,23 @@ def _family(ok, grid, measures, other) -> Dict[Tuple[float, str, str], Compariso
     return dict(zip(keys, adjust(comps))) if comps else {}
 
 
+def _l2_clause(ok, grid, deciding) -> str:
+    """How dropout compares with the L2 control at the same fit (a description: the rule uses the plain control), by the
+    rule's directions with Holm over the same family; the more curved ones with the smallest p at which they are."""
+    fam = _family(ok, grid, deciding, "l2")
+    dirs = {(m, s): _direction([fam[(p, s, m)] for p in grid]) for m in deciding for s in SETS} if fam else {}
+    high = [
+        f"{WORDS[m]} on {SET_WORDS[s]} from p={min(p for p in grid if fam[(p, s, m)].sign > 0):g}"
+        for (m, s), v in dirs.items()
+        if v == 1
+    ]
+    return (
+        f"; against the L2 control at the same fit (a description, Holm over the same family): flatter in "
+        f"{sum(v == -1 for v in dirs.values())}, more curved in {len(high)} of {len(dirs)}"
+        + (f" ({'; '.join(high)})" if high else "")
+    )
+
+
 def _ratio_cell(c: Optional[Comparison], adjusted: bool = True) -> str:
     if c is None or c.n == 0 or not math.isfinite(c.estimate):
         return "n/a"
@@ -386,7 +403,10 @@ def summarize(config: RunConfig, records: List[Mapping[str, Any]]) -> Dict[str, 
     summary = (
         f"At matched fit ({n_matched} of {n_ctrl} plain controls within the tolerance), dropout's solutions were "
         f"flatter in {len(low)} and more curved in {len(high)} of {len(directions)} (deciding measure, input set) "
-        f"combinations" + (f", both ways over p in {len(mixed)}" if mixed else "") + f"; reading (b), the dropout "
+        f"combinations"
+        + (f", both ways over p in {len(mixed)}" if mixed else "")
+        + _l2_clause(ok, grid, deciding)
+        + "; reading (b), the dropout "
         f"mixture vs the deterministic model at the same parameters: {label_b}"
     )
     what = (
