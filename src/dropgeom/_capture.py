@@ -23,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -105,11 +105,14 @@ def _record(manifold: ModelManifold, layers: Dict[str, RuleLayer], copy: bool) -
     ``copy=False`` records the layer's own input and output tensors. If the model
     later modifies one of them in place (``ReLU(inplace=True)``, ``+=``), the records
     are stale (``stale=True``): run again handing the network copies (``copy=True``).
-    A layer called twice, or whose input its rule does not accept, records ``None``.
+    A layer records ``None`` (the generic path takes its parameters) when it is called twice, when its rule does
+    not accept its input, or when the forward uses its weight or bias outside the layer's own call
+    (:func:`_used_elsewhere`).
     """
     names = {layer.module: name for name, layer in layers.items()}
     records: Records = {}
     versions: Dict[str, Tuple[int, int]] = {}
+    inside: Dict[str, Set[Any]] = {}
 
     def hook(mod: nn.Module, inp: Tuple[Tensor, ...], out: Tensor):
         name = names[mod]
@@ -125,6 +128,7 @@ def _record(manifold: ModelManifold, layers: Dict[str, RuleLayer], copy: bool) -
         x = inp[0].detach()
         records[name] = (x.clone() if copy else x, out)
         versions[name] = (inp[0]._version, out._version)
+        inside[name] = _module_nodes(out, inp[0])
         return out.clone() if copy else None
 
     handles = [m.register_forward_hook(hook) for m in names]
@@ -135,8 +139,54 @@ def _record(manifold: ModelManifold, layers: Dict[str, RuleLayer], copy: bool) -
     finally:
         for h in handles:
             h.remove()
+    for name in _used_elsewhere(eta, layers, params, inside):
+        records[name] = None
     stale = not copy and any(rec is not None and (rec[0]._version, rec[1]._version) != versions[k] for k, rec in records.items())
     return eta, records, stale
+
+
+def _module_nodes(out: Tensor, x: Tensor) -> Set[Any]:
+    """The autograd nodes of one layer call: those reachable from its output ``out`` before its input ``x``."""
+    stop = x.grad_fn
+    nodes: Set[Any] = set()
+    todo = [out.grad_fn] if out.grad_fn is not None else []
+    while todo:
+        node = todo.pop()
+        if node in nodes or node is stop:
+            continue
+        nodes.add(node)
+        todo.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return nodes
+
+
+def _used_elsewhere(eta: Tensor, layers: Dict[str, RuleLayer], params: Dict[str, Tensor], inside: Dict[str, Set[Any]]) -> Set[str]:
+    """The recorded layers whose weight or bias ``eta`` also depends on outside the layer's own call.
+
+    A rule sees only its layer's inputs and outputs; a weight that the forward also uses elsewhere (an autoencoder
+    decoding with ``F.linear(h, enc.weight.T)``, an output layer's weight looked up as an embedding) has a
+    gradient the rule would miss. Found by one walk over the graph of ``eta``: an edge into a parameter's gradient
+    accumulator from a node that is not one of the layer's own (:func:`_module_nodes`)."""
+    owner: Dict[Any, str] = {}
+    for name in inside:
+        mod, rule = layers[name]
+        keys = [pname(name, "weight")] + ([pname(name, "bias")] if rule.has_bias(mod) else [])
+        owner.update({get_gradient_edge(params[k]).node: name for k in keys if k in params})
+    found: Set[str] = set()
+    seen: Set[Any] = set()
+    todo = [eta.grad_fn] if owner and eta.grad_fn is not None else []
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            name = owner.get(nxt)
+            if name is not None and node not in inside[name]:
+                found.add(name)
+            todo.append(nxt)
+    return found
 
 
 def _column_grads(eta: Tensor, outputs: Dict[str, Output], S: Tensor) -> Iterator[Dict[str, Optional[Tensor]]]:

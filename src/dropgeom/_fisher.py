@@ -165,7 +165,8 @@ def fisher(
         back-propagated columns; convolutions and Linear layers on ``[n, ..., d]``
         inputs form per-sample gradients of that layer only, in chunks; other layers
         (norms, embeddings, attention) use chunked per-sample ``torch.func`` products.
-        Tied weights take the generic path.
+        Tied weights take the generic path, and so does a layer whose weight or bias the forward also uses outside
+        the layer's call (a tied autoencoder's ``F.linear(h, enc.weight.T)``).
 
     Example:
         >>> import torch

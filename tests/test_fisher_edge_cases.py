@@ -1,0 +1,116 @@
+"""The Fisher engine on models a researcher brings, beyond the model table: float64 against the dense-Jacobian brute
+force ``(1/n) sum_i J_i^T Sigma_i J_i`` of tests/reference/dense.py (reverse mode on a copy of the model, nothing from
+dropgeom), for every structure the case concerns; or a clear error where the Fisher is not defined as dropgeom
+computes it.
+
+Each case here once gave a silently wrong answer: the layer rules (Linear, Conv) took a layer whose weight the forward
+also used outside the layer's call, or whose input's leading axis was not the sample axis although it had ``n`` rows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as tF
+from torch import nn
+
+from dropgeom import ModelManifold, fisher
+from reference import dense as ref
+from reference.compare import assert_close_to_scale as _close
+
+D64 = torch.float64
+N, K = 5, 3
+STRUCTURES = ["dense", "diag", "layer", "kfac", "implicit"]
+
+
+def _brute(model: nn.Module, x, family: str = "categorical") -> torch.Tensor:
+    free = [k for k, p in model.named_parameters() if p.requires_grad]
+    f, theta0, _ = ref.flat_model(model, x, free)
+    return ref.exact_fisher(ref.dense_jacobian(f, theta0), f(theta0).detach(), family)
+
+
+def _module_mask(m: ModelManifold) -> torch.Tensor:
+    """True on the blocks of parameters of one module (what ``layer`` keeps)."""
+    slices = m.param_slices()
+    owner = {k: k.rsplit(".", 1)[0] if "." in k else "" for k in m.param_names}
+    mask = torch.zeros(m.num_params, m.num_params, dtype=torch.bool)
+    for a in m.param_names:
+        for b in m.param_names:
+            if owner[a] == owner[b]:
+                mask[slices[a], slices[b]] = True
+    return mask
+
+
+def _agrees(model: nn.Module, x, family: str = "categorical", structures=STRUCTURES) -> ModelManifold:
+    """Every structure against the brute force: dense and implicit in full, layer on its blocks, KFAC on its exact
+    dense blocks (its Kronecker blocks are approximations) and the diagonal of all (KFAC's: where exact)."""
+    F = _brute(model, x, family)
+    m = ModelManifold(model, x, family)
+    scale = F.abs().max().item()
+    for structure in structures:
+        op = fisher(m, "exact", structure)
+        if structure in ("dense", "implicit"):
+            _close(op @ torch.eye(m.num_params, dtype=D64), F, scale)
+        if structure == "layer":
+            _close(op.dense(), torch.where(_module_mask(m), F, torch.zeros_like(F)), scale)
+        if structure == "kfac":
+            for block, idx in op.dense_blocks:
+                _close(block, F[idx[:, None], idx[None, :]], scale)
+        else:
+            _close(op.diag(), F.diagonal(), scale)
+    return m
+
+
+# ---------------------------------------------------------------------------
+# a rule layer's weight used outside the layer's own call
+# ---------------------------------------------------------------------------
+
+
+class TiedAutoencoder(nn.Module):
+    """Decodes with the transposed encoder weight, through ``F.linear`` (no second module holds it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return tF.linear(torch.tanh(self.enc(x)), self.enc.weight.T)
+
+
+class OutputTiedEmbedding(nn.Module):
+    """Looks tokens up in the output layer's weight (``F.embedding``): input embedding tied to the output layer."""
+
+    def __init__(self, vocab: int = 7, d: int = 4) -> None:
+        super().__init__()
+        self.out = nn.Linear(d, vocab)
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(tF.embedding(tokens, self.out.weight).mean(1)))
+
+
+def test_weight_used_outside_its_layer_takes_the_generic_path():
+    _agrees(TiedAutoencoder().to(D64), torch.randn(N, 5, dtype=D64), "gaussian")
+    m = _agrees(OutputTiedEmbedding().to(D64), torch.randint(0, 7, (N, 3)))
+    assert not fisher(m, "exact", "kfac").kron_blocks  # no Kronecker block for a weight with two uses
+
+
+def test_other_tied_and_partly_frozen_models_agree():
+    """Tied through a second module, a layer called twice, frozen parameters, an unused branch: already right."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.mid, self.skip = nn.Embedding(7, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+            self.out = nn.Linear(4, 7, bias=False)
+            self.out.weight = self.emb.weight
+            self.unused = nn.Linear(4, 4)
+
+        def forward(self, tokens):
+            h = torch.tanh(self.emb(tokens).mean(1))
+            return self.out(torch.tanh(self.mid(torch.tanh(self.mid(h)))) + self.skip(h))
+
+    net = Tied().to(D64)
+    net.skip.bias.requires_grad_(False)
+    m = _agrees(net, torch.randint(0, 7, (N, 3)))
+    assert "unused.weight" in m.param_names and "skip.bias" not in m.param_names
+
