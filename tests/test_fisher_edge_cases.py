@@ -114,3 +114,53 @@ def test_other_tied_and_partly_frozen_models_agree():
     m = _agrees(net, torch.randint(0, 7, (N, 3)))
     assert "unused.weight" in m.param_names and "skip.bias" not in m.param_names
 
+
+# ---------------------------------------------------------------------------
+# a rule layer whose input has n rows that are not the n inputs
+# ---------------------------------------------------------------------------
+
+
+class SequenceFirst(nn.Module):
+    """A ``batch_first=False`` transformer layer: its Linear layers see ``[L, n, d]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.0)
+        self.head = nn.Linear(4, K)
+
+    def forward(self, x):
+        return self.head(self.block(x.transpose(0, 1)).mean(0))
+
+
+class PositionTable(nn.Module):
+    """A Linear layer applied to a learned ``[L, d]`` table, not to the inputs."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(length, 4))
+        self.proj, self.head = nn.Linear(4, 4), nn.Linear(4, K)
+
+    def forward(self, x):
+        return self.head(torch.tanh(x + self.proj(self.pos)).mean(1))
+
+
+def test_leading_axis_of_n_rows_that_are_not_the_inputs_takes_the_generic_path():
+    """With ``L = n`` the leading axis has ``n`` rows, yet each row mixes the inputs: only a forward of one input tells."""
+    m = _agrees(SequenceFirst().to(D64).eval(), torch.randn(N, N, 4, dtype=D64), structures=["diag", "kfac"])
+    assert [kb.name for kb in fisher(m, "exact", "kfac").kron_blocks] == ["head"]
+    m = _agrees(PositionTable(N).to(D64), torch.randn(N, N, 4, dtype=D64), structures=["diag", "kfac"])
+    assert [kb.name for kb in fisher(m, "exact", "kfac").kron_blocks] == ["head"]
+
+
+def test_batch_first_transformer_and_single_input_keep_the_fast_path():
+    class BatchFirst(SequenceFirst):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.0, batch_first=True)
+
+        def forward(self, x):
+            return self.head(self.block(x).mean(1))
+
+    m = _agrees(BatchFirst().to(D64).eval(), torch.randn(N, 3, 4, dtype=D64), structures=["diag", "kfac"])
+    assert [kb.name for kb in fisher(m, "exact", "kfac").kron_blocks] == ["block.linear1", "block.linear2", "head"]
+    _agrees(SequenceFirst().to(D64).eval(), torch.randn(1, 3, 4, dtype=D64), structures=["dense", "diag"])

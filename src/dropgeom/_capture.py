@@ -106,13 +106,14 @@ def _record(manifold: ModelManifold, layers: Dict[str, RuleLayer], copy: bool) -
     later modifies one of them in place (``ReLU(inplace=True)``, ``+=``), the records
     are stale (``stale=True``): run again handing the network copies (``copy=True``).
     A layer records ``None`` (the generic path takes its parameters) when it is called twice, when its rule does
-    not accept its input, or when the forward uses its weight or bias outside the layer's own call
-    (:func:`_used_elsewhere`).
+    not accept its input, when the input's leading axis is not the sample axis (:func:`_sample_axis_first`), or
+    when the forward uses its weight or bias outside the layer's own call (:func:`_used_elsewhere`).
     """
     names = {layer.module: name for name, layer in layers.items()}
     records: Records = {}
     versions: Dict[str, Tuple[int, int]] = {}
     inside: Dict[str, Set[Any]] = {}
+    one_sample = _one_sample_inputs(manifold, layers)
 
     def hook(mod: nn.Module, inp: Tuple[Tensor, ...], out: Tensor):
         name = names[mod]
@@ -121,7 +122,7 @@ def _record(manifold: ModelManifold, layers: Dict[str, RuleLayer], copy: bool) -
             or not isinstance(out, Tensor)
             or not inp
             or not layers[name].rule.accepts(mod, inp[0])
-            or inp[0].shape[0] != manifold.n
+            or not _sample_axis_first(inp[0], manifold.n, one_sample, name)
         ):
             records[name] = None
             return None
@@ -143,6 +144,47 @@ def _record(manifold: ModelManifold, layers: Dict[str, RuleLayer], copy: bool) -
         records[name] = None
     stale = not copy and any(rec is not None and (rec[0]._version, rec[1]._version) != versions[k] for k, rec in records.items())
     return eta, records, stale
+
+
+def _one_sample_inputs(manifold: ModelManifold, layers: Dict[str, RuleLayer]) -> Optional[Dict[str, torch.Size]]:
+    """The input shape of each rule layer in a forward of the first input alone (``None`` when ``n = 1``: nothing to
+    compare). A layer whose input on one sample is not ``[1, ...]`` does not hold the sample axis first (a
+    sequence-first ``[L, n, d]`` input with ``L = n``, a table of ``n`` rows that is no input at all). Kept on the
+    manifold (shapes only: the same at other parameters and on a subset of the inputs); ``{}`` if that forward
+    fails (every layer then takes the generic path)."""
+    if manifold.n == 1:
+        return None
+    cache: Dict[str, torch.Size] = manifold.__dict__.setdefault("_one_sample_layer_inputs", {})
+    if not all(name in cache for name in layers):
+        shapes: Dict[str, torch.Size] = {}
+
+        def hook(mod: nn.Module, inp: Tuple[Tensor, ...], out: Any) -> None:
+            if inp and isinstance(inp[0], Tensor):
+                shapes.setdefault(names[mod], inp[0].shape)
+
+        names = {layer.module: name for name, layer in layers.items()}
+        handles = [m.register_forward_hook(hook) for m in names]
+        try:
+            with torch.no_grad():
+                manifold.forward(manifold.params, tuple(x[:1] for x in manifold.inputs))
+        except Exception:  # noqa: BLE001 -- a model that cannot take one input: no layer is checked, all go generic
+            return {}
+        finally:
+            for h in handles:
+                h.remove()
+        cache.update({name: shapes.get(name, torch.Size([])) for name in layers})
+    return cache
+
+
+def _sample_axis_first(x: Tensor, n: int, one_sample: Optional[Dict[str, torch.Size]], name: str) -> bool:
+    """Whether the recorded input ``x`` of layer ``name`` is ``[n, ...]`` with one row per input: its shape on the
+    first input alone (``one_sample``, :func:`_one_sample_inputs`) must be ``[1, *x.shape[1:]]``."""
+    if x.dim() == 0 or x.shape[0] != n:
+        return False
+    if one_sample is None:
+        return True
+    shape = one_sample.get(name)
+    return shape is not None and len(shape) == x.dim() and shape[0] == 1 and tuple(shape[1:]) == tuple(x.shape[1:])
 
 
 def _module_nodes(out: Tensor, x: Tensor) -> Set[Any]:
