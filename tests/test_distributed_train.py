@@ -62,3 +62,35 @@ def test_ddp_two_processes_equal_one_full_batch(tmp_path):
         assert not torch.equal(r0[i], _flat(_make()))  # training moved the parameters
     for i in range(len(OBJECTIVES), len(OBJECTIVES) + len(RANDOM)):
         torch.testing.assert_close(r0[i], r1[i], atol=0, rtol=0)  # random objectives: ranks stay in sync
+
+
+def _unequal_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 0 holds 3 batches of 8, rank 1 two: ``train`` must refuse before the first step (not hang)."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    x, y = _data()
+    shard = slice(0, 24) if rank == 0 else slice(24, 40)
+    try:
+        train(nn.parallel.DistributedDataParallel(_make()), (x[shard], y[shard]), "none", epochs=1, batch_size=8, progress=False)
+        message = "trained"
+    except Exception as err:  # noqa: BLE001 -- the test reads the kind and message
+        message = f"{type(err).__name__}: {err}"
+    with open(f"{out}.{rank}", "w") as fh:
+        fh.write(message)
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_ddp_unequal_shards_are_refused_on_every_rank(tmp_path):
+    out = str(tmp_path / "msg")
+    mp.spawn(_unequal_worker, args=(2, free_port(), out), nprocs=2, join=True)
+    for rank in (0, 1):
+        msg = open(f"{out}.{rank}").read()
+        assert msg.startswith("ValueError: DistributedDataParallel needs the same number of optimizer steps"), msg
+        assert "rank 0: 3 (24 inputs), rank 1: 2 (16 inputs)" in msg and "\n" not in msg

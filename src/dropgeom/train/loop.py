@@ -52,6 +52,7 @@ from .._utils import NonFiniteOutputError
 from ..data import Dataset
 from ..families import ExponentialFamily, get_family
 from .checkpoint import load_checkpoint, save_checkpoint
+from .ddp import check_equal_steps
 from .history import EarlyStopping, History
 from .metrics import evaluate
 from .objectives import Objective
@@ -179,10 +180,10 @@ def train(
         the loss or parameters became non-finite or exploded.
 
     Raises:
-        ValueError: ``epochs`` < 0; ``batch_size``, ``eval_batch_size``, ``checkpoint_every``, ``lr``, ``checkpoint_seconds`` or
-            ``divergence_threshold`` not positive, ``seed`` not an int; an unknown objective, objective option, family or
-            optimizer name; an optimizer holding other parameters; no trainable parameters; unequal or empty training inputs and
-            labels; early stopping on a metric the data lacks; a checkpoint that is unreadable or of another training.
+        ValueError: ``epochs`` < 0; ``batch_size``, ``eval_batch_size``, ``checkpoint_every``, ``lr``, ``checkpoint_seconds``,
+            ``divergence_threshold`` not positive, ``seed`` not an int; an unknown objective, option, family, optimizer; an
+            optimizer with other parameters; no trainable parameters; unequal or empty training inputs and labels; early stopping
+            on a metric the data lacks; a checkpoint unreadable or of another training; DDP ranks with unequal batches per epoch.
         TypeError: ``model``, ``data``, ``early_stopping`` or ``optimizer`` of an unsupported type.
 
     Example (the same seed gives the same parameters):
@@ -231,6 +232,7 @@ def _setup(
     es = _check_args(model, seed=seed, lr=lr, early_stopping=early_stopping, **sizes)
     obj = make_objective(objective, **dict(objective_options or {}))
     split, fam, ref = _prepare_data(model, data, family, es)
+    check_equal_steps(model, int(split[0].shape[0]), sizes["batch_size"])  # DDP: unequal shards would hang
     opt = _make_optimizer(optimizer, model, float(lr))
     ckpt_path = os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_NAME) if checkpoint_dir is not None else None
     fingerprint = _fingerprint(model, obj, opt, seed, sizes["batch_size"], int(split[0].shape[0]))
@@ -286,8 +288,7 @@ def _prepare_data(
         y_tr = y_tr.to(ref.dtype)
         y_te = y_te.to(ref.dtype) if y_te is not None else None
     x_tr, y_tr = x_tr.to(ref.device), y_tr.to(ref.device)
-    if x_te is not None:
-        x_te, y_te = x_te.to(ref.device), y_te.to(ref.device)
+    x_te, y_te = (x_te.to(ref.device), y_te.to(ref.device)) if x_te is not None else (None, None)
     if early_stopping is not None and early_stopping.monitor.startswith("test_") and x_te is None:
         raise ValueError(f"early stopping monitors {early_stopping.monitor!r} but the data has no test split")
     return (x_tr, y_tr, x_te, y_te), fam, ref
