@@ -107,7 +107,7 @@ def test_c2_not_supported_needs_the_interval_inside_the_smallest_effect_of_inter
     six = c2.summarize(RunConfig.from_preset("test"), _records(0.0, -1.0))  # 6 blocks: no interval, never 'not supported'
     assert six["verdict"].verdict == "inconclusive" and "no interval: 6 blocks" in six["verdict"].evidence
     for text in (c2.RULE, c2.ABOUT):
-        assert "4 settings" not in text and "8 setting-seed blocks" in text and "0.3" in text and "runs in the test" in text
+        assert "4 settings" not in text and "8 setting-seed blocks" in text and "0.3" in text and "not all finished runs" in text
 
 
 def test_c2_counts_the_runs_in_the_test_not_every_finished_run():
