@@ -139,6 +139,24 @@ def test_dropout_terms_gap_penalty_take_a_loader():
         torch.testing.assert_close(a, p.grad, atol=1e-12, rtol=1e-10)
 
 
+def test_deprecated_call_forms_stream_too():
+    """The old keyword ``estimator=`` (``train``'s objective option and the CLI's ``--estimator`` still use the word)
+    and the old positional order reach the loader path, with the deprecation warning; they raised 'inputs must be a
+    tensor' on a loader."""
+    net, (x, y) = _net(), _data()
+    loader = _loader(x, y)
+    ref = dropout.penalty(net, x, p=0.3, method="exact").value.detach()
+    with pytest.warns(DeprecationWarning, match="estimator"):
+        got = dropout.penalty(net, loader, p=0.3, estimator="exact")
+    torch.testing.assert_close(got.value, ref, atol=1e-12, rtol=1e-10)
+    with pytest.warns(DeprecationWarning, match="by position"):
+        old = dropout.penalty(net, loader, "categorical", 0.3)
+    torch.testing.assert_close(old.value, ref, atol=1e-12, rtol=1e-10)
+    with pytest.warns(DeprecationWarning, match="by position"):
+        g = dropout.gap(net, [(x[:20], y[:20]), (x[20:], y[20:])], None, "categorical", 0.3, method="exact")
+    assert g.value == pytest.approx(dropout.gap(net, x, y, p=0.3, method="exact").value, rel=1e-10)
+
+
 def test_what_cannot_be_streamed_says_so():
     net, (x, y) = _net(), _data()
     s = StreamedManifold(net, _loader(x, y))

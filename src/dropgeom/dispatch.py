@@ -247,7 +247,8 @@ def mean_over_batches(
     leaves are size-weighted means over the whole data set (detached), standard errors combine in quadrature.
     ``refuse`` maps argument names to the reason they cannot be used with batches (checked when they are truthy).
     ``per_batch`` maps each batch's result to what is averaged (e.g. a result's ``value`` only), and ``finish``
-    maps the mean to the returned object (e.g. back into the result type).
+    maps the mean to the returned object (e.g. back into the result type). A ``fn`` with a ``translate_call(args,
+    kwargs)`` attribute (the dropout functions' deprecated call forms) has each call translated first.
 
     Raises (from the wrapped function):
         ValueError: ``targets`` given with batches, or a refused argument.
@@ -263,12 +264,15 @@ def mean_over_batches(
     """
     sig = inspect.signature(fn)
     refuse = dict(refuse or {})
+    translate = getattr(fn, "translate_call", None)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if translate is not None:  # a deprecated call form (dropout's old positional order and keywords) in the new one
+            args, kwargs = translate(args, kwargs)
         try:
             bound = sig.bind_partial(*args, **kwargs)
-        except TypeError:  # not the current signature (a deprecated call form): fn itself translates or refuses it
+        except TypeError:  # not the current signature: fn itself refuses it
             return fn(*args, **kwargs)
         data = bound.arguments.get("inputs")
         if not is_batches(data):

@@ -102,17 +102,24 @@ def legacy_signature(old: Sequence[str], renamed: Optional[Mapping[str, str]] = 
     """Decorator: accept the old positional order ``(model, inputs, *old)`` and the old keyword names.
 
     ``old``: the names of the old positional parameters after ``model, inputs``;
-    ``renamed``: ``{old keyword: new keyword}``. New-style calls pass through untouched.
+    ``renamed``: ``{old keyword: new keyword}``. New-style calls pass through untouched. The wrapper's
+    ``translate_call(args, kwargs)`` gives the new-style call, for wrappers that must read the arguments first.
     """
     renames = dict(renamed or {})
 
     def decorate(fn: F) -> F:
+        def translate_call(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+            if len(args) >= N_POSITIONAL or any(k in kwargs for k in renames):
+                return translate(fn.__name__, args, kwargs, old, renames)
+            return args, kwargs
+
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if len(args) >= N_POSITIONAL or any(k in kwargs for k in renames):
-                args, kwargs = translate(fn.__name__, args, kwargs, old, renames)
+            args, kwargs = translate_call(args, kwargs)
             return fn(*args, **kwargs)
 
+        # outer wrappers (dropgeom.dispatch.mean_over_batches) translate first, so old forms stream too
+        wrapper.translate_call = translate_call  # type: ignore[attr-defined]
         return cast(F, wrapper)
 
     return decorate
