@@ -242,3 +242,13 @@ def test_fashion_mnist_small_slice():
     assert ds.x_train.shape == (64, 784) and ds.x_test.shape == (10000, 784)
     assert ds.num_classes == 10 and ds.family == "categorical"
     assert set(ds.y_test.unique().tolist()) == set(range(10))
+    assert ds.name == "fashion_mnist" and ds.info["directory"] == FASHION_MNIST_DIR  # was the folder's path
+
+
+def test_fashion_mnist_from_another_folder_keeps_its_name(tmp_path):
+    for part, n in (("train", 6), ("t10k", 4)):
+        write_idx(tmp_path / f"{part}-images-idx3-ubyte.gz", np.arange(n * 4, dtype=np.uint8).reshape(n, 2, 2), compress=True)
+        write_idx(tmp_path / f"{part}-labels-idx1-ubyte.gz", np.arange(n, dtype=np.uint8) % 2, compress=True)
+    ds = load_dataset("fashion_mnist", path=tmp_path)
+    assert (ds.name, ds.n_train, ds.n_test, ds.info["directory"]) == ("fashion_mnist", 6, 4, str(tmp_path))
+    assert load_dataset(tmp_path).name == str(tmp_path)  # a plain MNIST folder is still named by its path

@@ -357,7 +357,8 @@ def _read_source(key: str, path: Optional[PathLike], labels: Optional[PathLike],
             _find_mnist(path)
         except FileNotFoundError:
             raise FileNotFoundError(FASHION_MNIST_HINT + f" (looked in {os.fspath(path)!r})") from None
-        key = "mnist"
+        src = _read_source("mnist", path, labels, label)
+        return replace(src, key=key, info={**src.info, "directory": src.where})  # named fashion_mnist, not by its folder
     if path is None:
         raise ValueError(f"dataset {key!r} needs path=...")
     where = os.fspath(path)
