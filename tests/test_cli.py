@@ -6,10 +6,11 @@ import os
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
-from dropgeom import ModelManifold
+from dropgeom import ModelManifold, fisher
 from dropgeom.cli import main
 
 COMMANDS = {
@@ -69,7 +70,39 @@ def test_invalid_config_file_lists_every_problem(tmp_path, capsys):
 def test_unknown_dataset_is_a_clear_error(capsys):
     assert main(["train", "--data", "no_such_set", "--epochs", "1"]) == 2
     err = capsys.readouterr().err
-    assert "dropgeom train: error: unknown dataset 'no_such_set'" in err and "Traceback" not in err
+    assert "dropgeom train: error: --data no_such_set: no data set of that name and no such file or folder" in err
+    assert "Traceback" not in err and "\n" not in err.strip()
+    # the names offered are those --data takes: not the library's format names, which --data refuses
+    assert "fashion_mnist" in err and "'npz'" not in err and "mnist," not in err and "a folder holding" in err
+
+
+@pytest.mark.parametrize("command", ["train", "fisher"])
+def test_data_file_of_an_unknown_format_is_named(command, tmp_path, capsys):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("1,2,3\n")
+    assert main([command, "--data", str(afile), "--epochs" if command == "train" else "--n", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dropgeom {command}: error: --data {afile} is a file of a format dropgeom does not read")
+    assert "a .csv file" in err and "\n" not in err
+
+
+def test_fisher_on_a_local_data_file(tmp_path, capsys):
+    """``dropgeom fisher --data`` reads what ``train --data`` reads (it was digits only); the header names the data
+    and says when --n asks for more inputs than there are."""
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "d.npz"
+    np.savez(path, X=torch.randn(40, 3, generator=g).numpy(), y=(torch.arange(40) % 3).numpy())
+    argv = ["fisher", "--data", str(path), "--hidden", "4", "--kinds", "exact", "--structures", "dense", "--float64"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"MLP 3-4-3 (P=31) on 30 {path} inputs (mean over inputs; --n 512, but {path} has 30 training inputs)" in out
+    from dropgeom.data import load_dataset
+
+    ds = load_dataset(str(path), seed=0, dtype=torch.float64)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    ref = fisher(ModelManifold(net, ds.x_train), "exact", "dense").trace()
+    assert float(re.search(r"^exact\s+dense\s+(\S+)", out, flags=re.M).group(1)) == pytest.approx(float(ref), rel=1e-3)
 
 
 def test_report_of_a_missing_run(tmp_path, capsys):

@@ -4,7 +4,7 @@ Commands (each has ``--help``)::
 
     dropgeom reproduce [--quick] [--out DIR] [--seeds N]   test the paper's claims C1-C3, write a report
     dropgeom train     [--objective dropout --p 0.3 ...]   train an MLP on a data set, print per-epoch metrics
-    dropgeom fisher    [--hidden 32 ...]                   Fisher information of an MLP on digits: kind x structure table
+    dropgeom fisher    [--data NAME] [--hidden 32 ...]     Fisher information of an MLP on a data set: kind x structure table
     dropgeom curvature [--activation tanh ...]             embedding and mask curvature of a trained MLP
     dropgeom report DIR                                    re-render the report of a run directory
 
@@ -40,7 +40,7 @@ from .cli_support import (  # noqa: F401
     _probability,
     _seed,
 )
-from .cli_train import _add_train
+from .cli_train import DATA_HELP, _add_train, _check_data
 
 __all__ = ["main", "build_parser"]
 
@@ -108,18 +108,19 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
     from . import ModelManifold, fisher
     from .data import load_dataset
 
+    _check_data(args.data)
     torch.manual_seed(args.seed)
-    ds = load_dataset("digits", seed=args.seed, dtype=torch.float64 if args.float64 else torch.float32)
+    ds = load_dataset(args.data, seed=args.seed, dtype=torch.float64 if args.float64 else torch.float32)
     x = ds.x_train[: args.n]
+    fewer = f"; --n {args.n}, but {ds.name} has {ds.n_train} training inputs" if args.n > ds.n_train else ""
     dims = [ds.num_features] + [args.hidden] * args.depth + [ds.num_outputs]
     layers: List[torch.nn.Module] = []
     for a, b in zip(dims[:-1], dims[1:]):
         layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
     net = torch.nn.Sequential(*layers[:-1]).to(x.dtype)
-    m = ModelManifold(net, x, "categorical")
-    print(
-        f"Fisher information of an MLP {'-'.join(map(str, dims))} (P={m.num_params}) on {m.n} digits inputs (mean over inputs)\n"
-    )
+    m = ModelManifold(net, x, ds.family)
+    what = f"an MLP {'-'.join(map(str, dims))} (P={m.num_params}) on {m.n} {ds.name} inputs"
+    print(f"Fisher information of {what} (mean over inputs{fewer})\n")
     rows: List[Dict[str, Any]] = []
     columns = ["kind", "structure", "trace", "top eigenvalue", "seconds"]
     gen = torch.Generator().manual_seed(args.seed)
@@ -292,11 +293,12 @@ def _add_fisher(sub: Any) -> None:
     kinds, structures = choices(FisherKind), choices(Structure)
     p = sub.add_parser(
         "fisher",
-        help="Fisher information of an MLP on digits: a kind x structure table",
-        description=f"Compute the Fisher information ({', '.join(kinds)}) of a tanh MLP on scikit-learn's "
-        f"bundled digits in every structure ({', '.join(structures)}) and print its trace, top "
-        "eigenvalue and the time taken (mean over inputs).",
+        help="Fisher information of an MLP on a data set: a kind x structure table",
+        description=f"Compute the Fisher information ({', '.join(kinds)}) of a tanh MLP at initialisation on the first --n "
+        f"training inputs of a data set (default scikit-learn's bundled digits) in every structure ({', '.join(structures)}) "
+        "and print its trace, top eigenvalue and the time taken (mean over inputs).",
     )
+    p.add_argument("--data", default="digits", help=DATA_HELP)
     p.add_argument("--hidden", type=_positive_int, default=32, help="hidden units per layer (default 32)")
     p.add_argument("--depth", type=_positive_int, default=1, help="hidden layers (default 1)")
     p.add_argument("--n", type=_positive_int, default=512, help="number of inputs (default 512)")

@@ -24,13 +24,13 @@ from .data import BUNDLED, INSTALLED, SYNTHETIC
 from .options import Estimator, PenaltyForm, choices
 from .train.registry import objective_names, objective_spec, run_options
 
-__all__ = ["_add_train"]
+__all__ = ["_add_train", "_check_data", "DATA_HELP"]
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     import contextlib
 
-    _check_train_data(args.data)
+    _check_data(args.data)
     options = _objective_options(args)  # before anything is written
     lock: Any = contextlib.nullcontext()
     if args.out is not None:
@@ -49,18 +49,44 @@ TRAIN_FILES = (
 )
 
 
-def _check_train_data(name: str) -> None:
-    """Refuse a ``--data`` that names a file format (the library's ``path=`` sources) or a lone IDX file.
+#: the data sets ``--data`` takes by name
+DATA_NAMES = BUNDLED + SYNTHETIC + INSTALLED
+#: the help of ``--data`` (train and fisher)
+DATA_HELP = f"data set: a name ({', '.join(DATA_NAMES)}; default digits) or the path of {TRAIN_FILES}"
+
+
+def _check_data(name: str) -> None:
+    """Refuse a ``--data`` that names a file format (the library's ``path=`` sources), a lone IDX file, or neither a
+    data set nor an existing file or folder, or a file of a format dropgeom does not read.
 
     Raises:
-        CLIError: ``name`` is ``npz``, ``csv``, ``idx`` or ``mnist``, or an IDX file (its labels cannot be given).
+        CLIError: ``name`` is ``npz``, ``csv``, ``idx`` or ``mnist``; an IDX file (its labels cannot be given); not a
+            name of :data:`DATA_NAMES` and no such path; a file whose name ends in neither ``.csv`` nor ``.npz``.
+
+    Example:
+        >>> _check_data("fashion_mnist")
+        >>> _check_data("no_such_set")
+        Traceback (most recent call last):
+        ...
+        dropgeom.cli_support.CLIError: --data no_such_set: no data set of that name and no such file or folder; ...
     """
+    import os
+
     from .data import FILES
 
     if name in FILES:
         raise CLIError(f"--data {name} is a file format, not a data set: give the file itself as --data, {TRAIN_FILES}")
     if name.lower().endswith(("ubyte", "ubyte.gz")):
         raise CLIError(f"--data {name} is one IDX file without its labels: give the folder holding the four MNIST IDX files")
+    if name in DATA_NAMES:
+        return
+    if not os.path.exists(name):
+        raise CLIError(
+            f"--data {name}: no data set of that name and no such file or folder; give a name ({', '.join(DATA_NAMES)}) "
+            f"or the path of {TRAIN_FILES}"
+        )
+    if os.path.isfile(name) and not name.lower().endswith((".csv", ".npz")):
+        raise CLIError(f"--data {name} is a file of a format dropgeom does not read: give the path of {TRAIN_FILES}")
 
 
 def _train_and_print(args: argparse.Namespace, options: Dict[str, Any]) -> int:
@@ -207,8 +233,7 @@ def _add_train(sub: Any) -> None:
         "(fisher_dropout: the deterministic Fisher penalty of theory.md 4.4). Prints "
         "train/test NLL, accuracy and calibration error per epoch; --out keeps checkpoints and resumes.",
     )
-    named = ", ".join(BUNDLED + SYNTHETIC + INSTALLED)
-    p.add_argument("--data", default="digits", help=f"data set: a name ({named}; default digits) or the path of {TRAIN_FILES}")
+    p.add_argument("--data", default="digits", help=DATA_HELP)
     p.add_argument(
         "--objective",
         default="dropout",
