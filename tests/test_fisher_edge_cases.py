@@ -164,3 +164,47 @@ def test_batch_first_transformer_and_single_input_keep_the_fast_path():
     m = _agrees(BatchFirst().to(D64).eval(), torch.randn(N, 3, 4, dtype=D64), structures=["diag", "kfac"])
     assert [kb.name for kb in fisher(m, "exact", "kfac").kron_blocks] == ["block.linear1", "block.linear2", "head"]
     _agrees(SequenceFirst().to(D64).eval(), torch.randn(1, 3, 4, dtype=D64), structures=["dense", "diag"])
+
+
+# ---------------------------------------------------------------------------
+# samples that interact in eval mode
+# ---------------------------------------------------------------------------
+
+
+def _bn_net(**bn) -> nn.Module:
+    net = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5, **bn), nn.Tanh(), nn.Linear(5, K)).to(D64)
+    if net[1].running_var is not None:
+        with torch.no_grad():
+            net[1].running_mean.uniform_(-1, 1)
+            net[1].running_var.uniform_(0.5, 2.0)
+    return net
+
+
+def test_batch_statistics_in_eval_mode_are_a_clear_error(structure):
+    """BatchNorm without running statistics normalises with the batch's even in eval mode: there is no per-sample
+    Jacobian, and every structure was silently wrong (dense 48% in float64). A clear error names the layer."""
+    m = ModelManifold(_bn_net(track_running_stats=False), torch.randn(N, 4, dtype=D64))
+    with pytest.raises(ValueError, match=r"samples interact \(batch statistics in '1' \(BatchNorm1d\)"):
+        fisher(m, "exact", structure)
+
+    class Centred(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.o = nn.Linear(4, 4), nn.Linear(4, K)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.o(torch.tanh(h - h.mean(0, keepdim=True)))
+
+    with pytest.raises(ValueError, match="the forward mixes the inputs or is random"):
+        fisher(ModelManifold(Centred().to(D64), torch.randn(N, 4, dtype=D64)), "empirical", structure, targets=torch.zeros(N).long())
+
+
+def test_batch_norm_with_running_statistics_agrees_in_eval_and_train_mode():
+    """Eval-mode batch norm (running statistics) is an affine map per sample; a model left in train mode is evaluated
+    in eval mode, as documented, and its flags and running statistics are left untouched."""
+    _agrees(_bn_net(), torch.randn(N, 4, dtype=D64))
+    net = _bn_net().train()
+    before = net[1].running_mean.clone()
+    _agrees(net, torch.randn(N, 4, dtype=D64), structures=["diag", "kfac"])
+    assert net.training and torch.equal(net[1].running_mean, before)

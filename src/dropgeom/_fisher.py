@@ -196,10 +196,63 @@ def fisher(
 def _factors(
     manifold: ModelManifold, kind: FisherKind, targets: Optional[Tensor], n_samples: int, generator: Optional[torch.Generator]
 ) -> Tensor:
-    """The factors ``S`` of ``kind`` (exact: the covariance root with as few columns as its rank; categorical K-1)."""
+    """The factors ``S`` of ``kind`` (exact: the covariance root with as few columns as its rank; categorical K-1).
+
+    Raises:
+        ValueError: the samples interact (:func:`_check_samples_independent`).
+    """
+    _check_samples_independent(manifold)
     if kind is FisherKind.EXACT:
         return manifold.family.reduced_cov_sqrt(manifold.eta())
     return fisher_factors(manifold, kind, targets=targets, n_samples=n_samples, generator=generator)
+
+
+def _check_samples_independent(manifold: ModelManifold) -> None:
+    """Raise unless the model's output for the first input is the same when that input is evaluated alone.
+
+    Every structure is built from per-sample products (``J_i`` of input ``i`` alone, by ``vmap`` or by the layer
+    rules) and from chunks of inputs; a model whose samples interact in eval mode -- batch norm without running
+    statistics (``track_running_stats=False``) normalises with the statistics of the batch, a forward that centres
+    over the batch -- has no such per-sample ``J_i``, and its Fisher would silently change with the batch. Checked
+    once per manifold (one forward of one input); a manifold with a custom ``forward``, a closed-form one and one
+    input are not checked.
+
+    Raises:
+        ValueError: naming the batch-statistics norm layers, if any, and the fix.
+    """
+    if manifold.model is None or manifold._forward is not None or manifold.n == 1:
+        return
+    if manifold.__dict__.get("_samples_independent"):
+        return
+    try:
+        with torch.no_grad():
+            alone = manifold.forward(manifold.params, tuple(x[:1] for x in manifold.inputs))
+    except Exception:  # noqa: BLE001 -- a model that cannot take one input fails with its own error in the per-sample path
+        return
+    eta0 = manifold.eta()[:1]
+    if isinstance(alone, Tensor) and alone.shape == eta0.shape:
+        tol = torch.finfo(eta0.dtype).eps ** 0.5 * max(1.0, float(manifold.eta().abs().max()))
+        diff = float((alone - eta0).abs().max())
+        if not diff > tol:  # NaN-safe: only a clear difference raises
+            manifold._samples_independent = True
+            return
+        norms = _batch_statistics_norms(manifold.model)
+        why = f"batch statistics in {', '.join(norms)} (track_running_stats=False)" if norms else "the forward mixes the inputs or is random"
+        raise ValueError(
+            f"fisher(): the model's output for input 0 changes by {diff:.3g} when that input is evaluated alone: its "
+            f"samples interact ({why}). The Fisher is built from per-sample Jacobians, which assume independent "
+            "samples in eval mode. Fix: give every batch norm running statistics (track_running_stats=True, "
+            "estimated on the data) or remove the interaction."
+        )
+
+
+def _batch_statistics_norms(model: torch.nn.Module) -> List[str]:
+    """The batch norm layers of ``model`` that normalise with batch statistics in eval mode (no running statistics)."""
+    return [
+        f"{k!r} ({type(m).__name__})"
+        for k, m in model.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+    ]
 
 
 def add_sum_into(
