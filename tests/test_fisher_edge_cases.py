@@ -41,10 +41,10 @@ def _module_mask(m: ModelManifold) -> torch.Tensor:
     return mask
 
 
-def _agrees(model: nn.Module, x, family: str = "categorical", structures=STRUCTURES) -> ModelManifold:
-    """Every structure against the brute force: dense and implicit in full, layer on its blocks, KFAC on its exact
-    dense blocks (its Kronecker blocks are approximations) and the diagonal of all (KFAC's: where exact)."""
-    F = _brute(model, x, family)
+def _agrees(model: nn.Module, x, family: str = "categorical", structures=STRUCTURES, F=None) -> ModelManifold:
+    """Every structure against the brute force ``F`` (default: of ``model``): dense and implicit in full, layer on its
+    blocks, KFAC on its exact dense blocks (its Kronecker blocks are approximations) and the diagonal of the others."""
+    F = _brute(model, x, family) if F is None else F
     m = ModelManifold(model, x, family)
     scale = F.abs().max().item()
     for structure in structures:
@@ -208,3 +208,39 @@ def test_batch_norm_with_running_statistics_agrees_in_eval_and_train_mode():
     before = net[1].running_mean.clone()
     _agrees(net, torch.randn(N, 4, dtype=D64), structures=["diag", "kfac"])
     assert net.training and torch.equal(net[1].running_mean, before)
+
+
+# ---------------------------------------------------------------------------
+# nn.Embedding options that change the gradient, not the function
+# ---------------------------------------------------------------------------
+
+
+class Bag(nn.Module):
+    def __init__(self, **options) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(9, 4, **options), nn.Linear(4, K)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.emb(tokens)).mean(1))
+
+
+TOKENS = torch.tensor([[0, 1, 1], [2, 2, 2], [3, 0, 8], [1, 5, 5], [0, 0, 0]])
+
+
+def test_embedding_padding_row_has_no_gradient_in_forward_mode_either():
+    """The padding row gets no gradient (torch's convention, and the brute force's reverse mode); the forward-mode
+    product moved it, so the implicit Fisher ``J_rev^T Sigma J_fwd`` was not even symmetric (14% off)."""
+    m = _agrees(Bag(padding_idx=0).to(D64), TOKENS)
+    _agrees(Bag(padding_idx=-1).to(D64), TOKENS.clamp_max(7) + (TOKENS == 0) * 8, structures=["implicit"])
+    assert float(fisher(m, "exact", "diag").diag()[m.param_slices()["emb.weight"]][:4].abs().max()) == 0.0
+
+
+def test_embedding_gradient_scaling_and_sparse_gradients_leave_the_fisher_of_the_function():
+    """``scale_grad_by_freq`` rescales the backward by each index's count in the batch (a training heuristic, and a
+    different count for one input alone): the Fisher is that of the function, the same as without the option."""
+    torch.manual_seed(3)
+    plain = Bag().to(D64)
+    for options in ({"scale_grad_by_freq": True}, {"sparse": True}):
+        net = Bag(**options).to(D64)
+        net.load_state_dict(plain.state_dict())
+        _agrees(net, TOKENS, F=_brute(plain, TOKENS))

@@ -104,6 +104,27 @@ def _composite_instance_norm(
     return _batch_stat_norm(input, tuple(range(2, input.dim())), weight, bias, eps)
 
 
+def _composite_embedding(
+    input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False
+) -> Optional[Tensor]:
+    """``F.embedding`` whose derivative is the same in forward and reverse mode; ``None`` where the kernel's already is.
+
+    The kernel's backward gives the ``padding_idx`` row no gradient (torch's documented convention, which BackPACK
+    and curvlinops follow), but its forward-mode derivative moves that row: ``J v`` and ``J^T w`` then belong to two
+    different Jacobians (a non-symmetric implicit Fisher). Here that row enters as a constant in both modes.
+    ``scale_grad_by_freq`` divides the backward by how often each index occurs in the batch -- a training heuristic,
+    not a derivative of the model, and different for one input alone than for a batch -- and ``sparse`` only changes
+    the layout of the gradient: both are dropped, so every transform differentiates the function itself."""
+    if padding_idx is None and not scale_grad_by_freq and not sparse:
+        return None
+    if padding_idx is not None:
+        row = padding_idx % weight.shape[0]
+        constant = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
+        constant[row] = True
+        weight = torch.where(constant, weight.detach(), weight)
+    return torch.nn.functional.embedding(input, weight, None, max_norm, norm_type)
+
+
 def _rnn_cell(kind: str, x: Tensor, h: Tensor, c: Optional[Tensor], w: Sequence[Tensor], has_bias: bool):
     """One time step of an RNN / LSTM / GRU layer (torch's gate order and formulas)."""
     w_ih, w_hh = w[0], w[1]
@@ -193,6 +214,10 @@ class _CompositeNorms(torch.overrides.TorchFunctionMode):
                 return out
         if func is torch.nn.functional.instance_norm:
             out = _composite_instance_norm(*args, **kwargs)
+            if out is not None:
+                return out
+        if func is torch.nn.functional.embedding:
+            out = _composite_embedding(*args, **kwargs)
             if out is not None:
                 return out
         if func in _RNN_FUNCS:
