@@ -338,13 +338,14 @@ def test_stochastic_says_when_its_tangent_projection_did_not_converge(monkeypatc
     """Capped conjugate gradients leave a tangent remainder in the projected vectors; it is orthogonal to the normal
     part, so gamma^2 comes out too large. The result carries the residual reached, and a ProjectionWarning says so;
     a converged projection reports a residual below the tolerance and warns nothing. (The matrix-free projection,
-    as for a model too large for the dense one.)"""
+    as for a model too large for the dense one and for the Gram matrix.)"""
     import warnings
 
-    from dropgeom.curvature import embedding
+    from dropgeom.curvature import _tangent, embedding
     from dropgeom.curvature._common import ProjectionWarning, default_tol, projection_tolerance
 
     monkeypatch.setattr(embedding, "dense_projection_fits", lambda manifold: False)
+    monkeypatch.setattr(_tangent, "MAX_GRAM_ROWS", 0)
     m, _ = mlp_setting("categorical", n=12, d=2, h=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ProjectionWarning)
@@ -384,7 +385,7 @@ def test_dense_sampling_solve_matches_the_metric():
     """The exact sampling solve of the stochastic estimator: ``(g + lambda I)^{-1} b`` and ``g^+ b`` from the SVD of
     ``S^T J`` against a dense solve with ``g`` assembled from the Jacobian, on a rank-deficient metric."""
     from dropgeom.curvature._common import range_basis, whitening
-    from dropgeom.curvature.embedding import _solve_dense
+    from dropgeom.curvature._tangent import solve_dense as _solve_dense
 
     m, _ = mlp_setting("categorical", n=3, d=2, h=4)  # P > n (K - 1): g is singular
     _, S, _ = whitening(m)

@@ -32,6 +32,7 @@ __all__ = [
     "Noise",
     "Method",
     "CurvatureMethod",
+    "TangentSolver",
     "ExecutorKind",
     "MallocMode",
     "VerdictLabel",
@@ -131,6 +132,20 @@ class CurvatureMethod(_Choice):
     """Form the Hessian of eta and the pseudo-inverse metric; exact, at most a few thousand parameters."""
     STOCHASTIC = "stochastic"
     """Random pairs and conjugate gradients; matrix-free, with a standard error."""
+
+
+class TangentSolver(_Choice):
+    """The linear algebra of the stochastic embedding-curvature estimator: its tangent projections and sampling
+    solves (theory.md section 3; ``CurvatureResult.solver``)."""
+
+    SVD = "svd"
+    """Thin SVD of the whitened Jacobian ``S^T J`` in memory; exact."""
+    GRAM = "gram"
+    """Eigendecomposition of the ``nR x nR`` Gram matrix ``S^T J J^T S`` from Jacobian products; exact up to a
+    relative cutoff, any number of parameters."""
+    CG = "cg"
+    """Conjugate gradients on ``g = J^T S S^T J``; iterative, capped (beyond the Gram limit, and for inputs
+    streamed over batches)."""
 
 
 class ExecutorKind(_Choice):

@@ -47,7 +47,6 @@ Derivation of the two methods:
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
 
@@ -56,7 +55,6 @@ from torch import Tensor
 
 from ..dispatch import streams
 from ..manifold import ModelManifold
-from ..operators import conjugate_gradient
 from ..options import CurvatureMethod, parse
 from ._common import (
     LinearisedManifold,
@@ -66,14 +64,11 @@ from ._common import (
     check_manifold,
     default_max_iter,
     default_tol,
-    normal_part,
-    projection_tolerance,
-    range_basis,
     skew_whitened,
-    unwhiten,
     whiten,
     whitening,
 )
+from ._tangent import tangent_solver
 from .dense import DenseGeometry, dense_projection_fits
 
 __all__ = ["CurvatureResult", "embedding_curvature", "Linearisation"]
@@ -217,30 +212,6 @@ class Linearisation:
         return cls(LinearisedManifold(manifold), manifold, eta, S, S_pinv, manifold.n, slice(0, manifold.n), lambda t: t)
 
 
-def _warn_unsolved(resid: Tensor, b: Tensor, tol: float, cg_max_iter: int) -> bool:
-    """Warn (and return True) when the sampling solve ``(g + lambda I) x = b`` stopped above its tolerance."""
-    worst = float((resid.norm(dim=0) / b.norm(dim=0).clamp_min(torch.finfo(b.dtype).tiny)).max())
-    if worst <= projection_tolerance(tol):
-        return False
-    warnings.warn(
-        f"embedding_curvature(method='stochastic'): conjugate gradients stopped at relative residual "
-        f"{worst:.1e} (cg_max_iter={cg_max_iter}); g is badly conditioned: the samples of u, v ~ N(0, g^+) "
-        "are inaccurate along its flattest directions. Pass damping=..., or raise cg_max_iter.",
-        RuntimeWarning,
-        stacklevel=4,
-    )
-    return True
-
-
-def _solve_dense(b: Tensor, s: Tensor, V: Tensor, lam: float) -> Tensor:
-    """``(g + lambda I)^{-1} b`` (``lambda > 0``) or ``g^+ b`` (``lambda = 0``) for ``g = V diag(s^2) V^T``, the
-    metric from the truncated SVD of ``S^T J`` (:func:`~dropgeom.curvature._common.range_basis`): exact, where
-    conjugate gradients stop short on a badly conditioned ``g`` (theory.md section 3)."""
-    c = V.T @ b  # [r, m]
-    inside = V @ (c / (s * s + lam).unsqueeze(1))
-    return inside if lam == 0.0 else inside + (b - V @ c) / lam
-
-
 def _stochastic(
     manifold: ModelManifold,
     alpha: float,
@@ -252,49 +223,34 @@ def _stochastic(
     cg_max_iter: Optional[int],
     setup: Optional[Linearisation] = None,
 ) -> CurvatureResult:
-    # in memory with a small Jacobian: the projection onto the tangent space is exact (dense SVD of S^T J), as
-    # conjugate gradients on a badly conditioned g stop short and leave a tangent remainder (docs/benchmarks.md)
-    # ... and so is the sampling solve (g + lambda I)^{-1} b, from the same SVD (no capped conjugate gradients)
+    # the tangent projections and sampling solves (_tangent): exact where S^T J (svd) or its n R x n R Gram matrix
+    # (gram) fits, LSMR beyond, conjugate gradients for streamed inputs; capped conjugate gradients on the normal
+    # equations had left a tangent remainder on a badly conditioned g (docs/benchmarks.md)
     in_memory = setup is None
     setup = Linearisation.of(manifold) if setup is None else setup
-    dense = range_basis(manifold, setup.S) if in_memory and dense_projection_fits(manifold) else None
-    basis = None if dense is None else dense[0]
     n, P = setup.n, manifold.num_params
     dtype = setup.eta.dtype
     tol = default_tol(dtype) if cg_tol is None else cg_tol
     cg_max_iter = default_max_iter(P) if cg_max_iter is None else cg_max_iter
     eta, S, S_pinv, lin = setup.eta, setup.S, setup.S_pinv, setup.lin
+    tangent = tangent_solver(lin, S, n, tol, cg_max_iter, in_memory, in_memory and dense_projection_fits(manifold))
     R = S.shape[-1]
     lam = 0.0
     if damping is not None:
-        top = float(dense[1][0]) ** 2 if dense is not None and dense[1].numel() else None
+        top = tangent.top()
         lam = damping * (_largest_metric_eigenvalue(lin, S, P, dtype, generator) if top is None else top)
-
-    def solve(b: Tensor, shift: float) -> Tensor:
-        if dense is not None:
-            return _solve_dense(b, dense[1], dense[2], shift)
-        return conjugate_gradient(lambda M: lin.metric_matmat(S, M) + shift * M, b, tol=tol, max_iter=cg_max_iter)
-
     values = []
     done = 0
-    warned = False
-    residual = 0.0
     while done < n_samples:
         m = min(batch_size, n_samples - done)
         z = _normal((2 * m, n, R), dtype, generator)[:, setup.rows].to(S.device)  # this rank's rows
-        b = lin.vjp(unwhiten(S, z)).T  # [P, 2m] = J^T S z
-        if damping is not None:
-            b = b + math.sqrt(lam) * _normal((P, 2 * m), dtype, generator, S.device)
-        uv = solve(b, lam)  # [P, 2m]
-        if dense is None:
-            warned = warned or _warn_unsolved(lin.metric_matmat(S, uv) + lam * uv - b, b, tol, cg_max_iter)
-        uv = uv.T  # [2m, P]
+        zp = None if damping is None else _normal((P, 2 * m), dtype, generator, S.device)
+        uv = tangent.sample(z, zp, lam).T  # [2m, P] = (g + lam I)^{-1} (J^T S z + sqrt(lam) z')
         u, v = uv[:m], uv[m:]
         Y = whiten(S, lin.d2(u, v))  # [m, n, R]
         if alpha != 1.0:
             Y = Y + 0.5 * (1.0 - alpha) * skew_whitened(setup.family_of, eta, S_pinv, lin.jvp(u), lin.jvp(v))  # type: ignore[arg-type]
-        Nw = normal_part(Y, basis, lin, S, tol, cg_max_iter)
-        residual = residual if basis is not None else max(residual, lin.last_projection_residual)
+        Nw = tangent.normal(Y)
         values.append(setup.total((Nw * Nw).sum((1, 2))))
         done += m
     vals = torch.cat(values)
@@ -312,8 +268,8 @@ def _stochastic(
         rank=None,
         normal_dim=None,
         n_samples=n_samples,
-        projection_residual=residual,
-        solver="cg" if dense is None else "svd",
+        projection_residual=tangent.residual,
+        solver=tangent.name.value,
     )
 
 
