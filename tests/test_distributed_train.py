@@ -94,3 +94,64 @@ def test_ddp_unequal_shards_are_refused_on_every_rank(tmp_path):
         msg = open(f"{out}.{rank}").read()
         assert msg.startswith("ValueError: DistributedDataParallel needs the same number of optimizer steps"), msg
         assert "rank 0: 3 (24 inputs), rank 1: 2 (16 inputs)" in msg and "\n" not in msg
+
+
+def _stopping_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Three ways one rank alone would stop: early stopping on its own test split, a divergence in its shard,
+    its callback. ``train`` must take each decision on every rank together (same epoch, same batch)."""
+    import datetime
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    x, y = _data()
+    xs, ys = x[rank * 20 : (rank + 1) * 20], y[rank * 20 : (rank + 1) * 20]
+    noisy = torch.randint(0, 3, (20,), generator=torch.Generator().manual_seed(7))
+    res = {}
+    cases = {
+        # rank 0 is tested on its training data (its test NLL keeps falling), rank 1 on random labels (rises soon)
+        "early": dict(data=(xs, ys, xs, ys if rank == 0 else noisy), epochs=12, early_stopping=1, lr=0.3),
+        # a NaN in rank 1's shard: its first loss is not finite, rank 0's is
+        "diverge": dict(data=(xs + (float("nan") if rank == 1 else 0.0), ys), epochs=3),
+        # rank 0's callback asks to stop after epoch 2, rank 1's never does
+        "callback": dict(data=(xs, ys), epochs=5, callback=lambda rec, m: rank == 0 and rec["epoch"] == 2),
+    }
+    for name, kw in cases.items():
+        net = _make()
+        try:
+            h = train(nn.parallel.DistributedDataParallel(net), kw.pop("data"), "none", batch_size=10, progress=False, **kw)
+            res[name] = dict(epochs=len(h), diverged=h.diverged, why=h.divergence, early=h.stopped_early,
+                             cb=h.stopped_by_callback, best=h.best_epoch, last=h[-1] if len(h) else {}, w=_flat(net).tolist())
+        except Exception as err:  # noqa: BLE001 -- the test reads it
+            res[name] = {"error": f"{type(err).__name__}: {err}"}
+    for r in res.values():
+        if "last" in r:
+            r["last"] = {k: v for k, v in r["last"].items() if k != "seconds"}
+    with open(f"{out}.{rank}", "w") as fh:
+        json.dump(res, fh)
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_ddp_ranks_stop_together(tmp_path):
+    """Early stopping decides on the whole data's test metrics, a divergence on any rank or a callback's stop on
+    any rank stops every rank at the same point: the old loop let one rank stop alone (the other then waited in
+    DDP's all-reduce until gloo's timeout, or crashed)."""
+    import json
+
+    out = str(tmp_path / "res")
+    mp.spawn(_stopping_worker, args=(2, free_port(), out), nprocs=2, join=True)
+    r0, r1 = (json.load(open(f"{out}.{r}")) for r in (0, 1))
+    for name in ("early", "diverge", "callback"):
+        assert "error" not in r0[name] and "error" not in r1[name], (r0[name], r1[name])
+        for key in ("epochs", "diverged", "early", "cb", "best", "last", "w"):
+            assert r0[name][key] == r1[name][key], (name, key, r0[name][key], r1[name][key])
+    assert r0["early"]["early"] and r0["early"]["epochs"] < 12
+    assert r0["diverge"]["diverged"] and r0["diverge"]["epochs"] == 0
+    assert r1["diverge"]["why"] == "non-finite loss (nan) at epoch 1, batch 0"
+    assert r0["diverge"]["why"] == "another rank's batch diverged at epoch 1, batch 0"
+    assert r0["callback"]["cb"] and r0["callback"]["epochs"] == 2

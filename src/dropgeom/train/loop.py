@@ -43,7 +43,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -52,17 +52,17 @@ from .._utils import NonFiniteOutputError
 from ..data import Dataset
 from ..families import ExponentialFamily, get_family
 from .checkpoint import load_checkpoint, save_checkpoint
-from .ddp import check_equal_steps
+from .ddp import agree_any, check_equal_steps, global_record
 from .history import EarlyStopping, History
 from .metrics import evaluate
 from .objectives import Objective
+from .optimizers import OptimizerSpec, make_optimizer
 from .registry import make_objective
 
 __all__ = ["train", "History", "EarlyStopping", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
-OptimizerSpec = Union[None, str, torch.optim.Optimizer, Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]]
 DataSpec = Union[Dataset, Tuple[Tensor, Tensor], Tuple[Tensor, Tensor, Tensor, Tensor]]
 
 
@@ -74,32 +74,6 @@ def _split_data(data: DataSpec) -> Tuple[Tensor, Tensor, Optional[Tensor], Optio
             return data[0], data[1], None, None, None
         return data[0], data[1], data[2], data[3], None
     raise TypeError("data must be a dropgeom.data.Dataset or a tuple (x_train, y_train[, x_test, y_test]) of tensors")
-
-
-def _make_optimizer(spec: OptimizerSpec, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    if spec is None or isinstance(spec, str):
-        name = (spec or "adam").lower()
-        table = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-        if name not in table:
-            raise ValueError(
-                f"unknown optimizer {spec!r}; choose one of {sorted(table)}, or pass a torch.optim.Optimizer or a factory"
-            )
-        return table[name](params, lr=lr)
-    if isinstance(spec, torch.optim.Optimizer):
-        own = {id(p) for p in model.parameters()}
-        foreign = [p for g in spec.param_groups for p in g["params"] if id(p) not in own]
-        if foreign:
-            raise ValueError("the optimizer holds parameters that do not belong to the model")
-        return spec
-    if callable(spec):
-        opt = spec(params)
-        if not isinstance(opt, torch.optim.Optimizer):
-            raise TypeError(f"the optimizer factory must return a torch.optim.Optimizer, got {type(opt).__name__}")
-        return opt
-    raise TypeError(f"optimizer must be None, a name, a torch.optim.Optimizer or a factory; got {type(spec).__name__}")
 
 
 def _fingerprint(
@@ -118,6 +92,10 @@ def _fingerprint(
         "n_train": n,
         "params": repr([(k, tuple(p.shape), str(p.dtype)) for k, p in model.named_parameters()]),
     }
+
+
+def _n(x: Optional[Tensor]) -> int:
+    return 0 if x is None else int(x.shape[0])
 
 
 def _params_finite(model: nn.Module) -> bool:
@@ -233,7 +211,7 @@ def _setup(
     obj = make_objective(objective, **dict(objective_options or {}))
     split, fam, ref = _prepare_data(model, data, family, es)
     check_equal_steps(model, int(split[0].shape[0]), sizes["batch_size"])  # DDP: unequal shards would hang
-    opt = _make_optimizer(optimizer, model, float(lr))
+    opt = make_optimizer(optimizer, model, float(lr))
     ckpt_path = os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_NAME) if checkpoint_dir is not None else None
     fingerprint = _fingerprint(model, obj, opt, seed, sizes["batch_size"], int(split[0].shape[0]))
     run = _Run(model, opt, torch.Generator(device="cpu").manual_seed(seed), History(), fingerprint, ckpt_path)
@@ -403,6 +381,7 @@ def _epoch_loop(run: _Run, plan: _Plan, bar: Any) -> None:
         t0 = time.perf_counter()
         sums, reason = _train_epoch(run, plan, epoch)
         record = _epoch_record(run, plan, epoch, sums, t0) if reason is None else {}
+        record = global_record(record, int(plan.data[0].shape[0]), _n(plan.data[2]), run.model) if record else record
         if reason is None and not math.isfinite(record.get("train_nll", 0.0)):
             reason = f"non-finite training NLL after epoch {epoch}"
         if reason is not None:
@@ -413,7 +392,7 @@ def _epoch_loop(run: _Run, plan: _Plan, bar: Any) -> None:
         stop = _early_stopping_step(run, plan.early_stopping, record, epoch)
         # the callback decides before the checkpoint is written: a run killed after
         # that checkpoint resumes with the same decision (bitwise resume)
-        user_stop = plan.callback is not None and bool(plan.callback(record, run.model)) and not stop
+        user_stop = agree_any(plan.callback is not None and bool(plan.callback(record, run.model)), run.model) and not stop
         if stop or user_stop or epoch == plan.epochs:
             _finish(run, plan.early_stopping, stop, user_stop, epoch == plan.epochs)
         elif epoch % plan.checkpoint_every == 0 or (
@@ -438,15 +417,18 @@ def _train_epoch(run: _Run, plan: _Plan, epoch: int) -> Tuple[Dict[str, float], 
     for start in range(0, n, batch_size):
         idx = perm[start : start + batch_size]
         run.opt.zero_grad(set_to_none=True)
+        where = f"at epoch {epoch}, batch {start // batch_size}"
         try:
-            out = plan.objective(run.model, x_tr[idx], y_tr[idx], plan.family, run.gen)
+            out, reason = plan.objective(run.model, x_tr[idx], y_tr[idx], plan.family, run.gen), None
+            value = out.metrics["loss"]
+            if not math.isfinite(value):
+                reason = f"non-finite loss ({value}) "
+            elif abs(value) > plan.divergence_threshold:
+                reason = f"loss {value:.3g} above divergence_threshold={plan.divergence_threshold:g} "
         except NonFiniteOutputError:  # a step sent the outputs to overflow (objectives that check them, e.g. Fisher-dropout)
-            return sums, f"non-finite model outputs at epoch {epoch}, batch {start // batch_size}"
-        value = out.metrics["loss"]
-        if not math.isfinite(value):
-            return sums, f"non-finite loss ({value}) at epoch {epoch}, batch {start // batch_size}"
-        if abs(value) > plan.divergence_threshold:
-            return sums, f"loss {value:.3g} above divergence_threshold={plan.divergence_threshold:g} at epoch {epoch}"
+            reason = "non-finite model outputs "
+        if agree_any(reason is not None, run.model):  # under DDP every rank stops at the same batch, before its backward
+            return sums, (reason or "another rank's batch diverged ") + where
         out.loss.backward()
         run.opt.step()
         w = len(idx) / n
