@@ -201,7 +201,9 @@ def _module_nodes(out: Tensor, x: Tensor) -> Set[Any]:
     return nodes
 
 
-def _used_elsewhere(eta: Tensor, layers: Dict[str, RuleLayer], params: Dict[str, Tensor], inside: Dict[str, Set[Any]]) -> Set[str]:
+def _used_elsewhere(
+    eta: Tensor, layers: Dict[str, RuleLayer], params: Dict[str, Tensor], inside: Dict[str, Set[Any]]
+) -> Set[str]:
     """The recorded layers whose weight or bias ``eta`` also depends on outside the layer's own call.
 
     A rule sees only its layer's inputs and outputs; a weight that the forward also uses elsewhere (an autoencoder
@@ -224,9 +226,9 @@ def _used_elsewhere(eta: Tensor, layers: Dict[str, RuleLayer], params: Dict[str,
         for nxt, _ in node.next_functions:
             if nxt is None:
                 continue
-            name = owner.get(nxt)
-            if name is not None and node not in inside[name]:
-                found.add(name)
+            user = owner.get(nxt)
+            if user is not None and node not in inside[user]:
+                found.add(user)
             todo.append(nxt)
     return found
 

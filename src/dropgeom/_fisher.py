@@ -237,7 +237,11 @@ def _check_samples_independent(manifold: ModelManifold) -> None:
             manifold._samples_independent = True
             return
         norms = _batch_statistics_norms(manifold.model)
-        why = f"batch statistics in {', '.join(norms)} (track_running_stats=False)" if norms else "the forward mixes the inputs or is random"
+        why = (
+            f"batch statistics in {', '.join(norms)} (track_running_stats=False)"
+            if norms
+            else "the forward mixes the inputs or is random"
+        )
         raise ValueError(
             f"fisher(): the model's output for input 0 changes by {diff:.3g} when that input is evaluated alone: its "
             f"samples interact ({why}). The Fisher is built from per-sample Jacobians, which assume independent "
