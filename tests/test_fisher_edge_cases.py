@@ -197,7 +197,9 @@ def test_batch_statistics_in_eval_mode_are_a_clear_error(structure):
             return self.o(torch.tanh(h - h.mean(0, keepdim=True)))
 
     with pytest.raises(ValueError, match="the forward mixes the inputs or is random"):
-        fisher(ModelManifold(Centred().to(D64), torch.randn(N, 4, dtype=D64)), "empirical", structure, targets=torch.zeros(N).long())
+        fisher(
+            ModelManifold(Centred().to(D64), torch.randn(N, 4, dtype=D64)), "empirical", structure, targets=torch.zeros(N).long()
+        )
 
 
 def test_batch_norm_with_running_statistics_agrees_in_eval_and_train_mode():
@@ -244,3 +246,13 @@ def test_embedding_gradient_scaling_and_sparse_gradients_leave_the_fisher_of_the
         net = Bag(**options).to(D64)
         net.load_state_dict(plain.state_dict())
         _agrees(net, TOKENS, F=_brute(plain, TOKENS))
+
+
+def test_meta_device_is_a_clear_error():
+    """A model or inputs on the 'meta' device (shapes without values) failed with 'Tensor.item() cannot be called on
+    meta tensors' from deep inside the input check."""
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, K)).to(D64)
+    with pytest.raises(ValueError, match=r"inputs\[0\] is on the 'meta' device"):
+        ModelManifold(net.to("meta"), torch.randn(N, 4, dtype=D64, device="meta"))
+    with pytest.raises(ValueError, match=r"parameter '0.weight' is on the 'meta' device.*to_empty"):
+        ModelManifold(net.to("meta"), torch.randn(N, 4, dtype=D64))

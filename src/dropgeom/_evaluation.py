@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ._intercept import DropoutInterceptor, DropoutSite
 from ._utils import training_off
 
-__all__ = ["eval_mode", "autodiff_kernels", "check_inputs_match", "output_numel"]
+__all__ = ["eval_mode", "autodiff_kernels", "check_inputs_match", "check_not_meta", "output_numel"]
 
 
 @contextlib.contextmanager
@@ -299,6 +299,24 @@ def check_inputs_match(model: nn.Module, inputs: Sequence[Tensor], cause: Option
                 f"inputs[{i}] has dtype {t.dtype} but the model's parameters are {ref.dtype}; convert one of them, "
                 f"e.g. inputs.to({ref.dtype}) or model.to({t.dtype})"
             ) from cause
+
+
+def check_not_meta(model: nn.Module, inputs: Tuple[Tensor, ...]) -> None:
+    """Raise a clear error for parameters, buffers or inputs on the ``meta`` device (shapes without values).
+
+    Raises:
+        ValueError: naming the first such tensor and the fix.
+    """
+    named = [(f"inputs[{i}]", t) for i, t in enumerate(inputs)]
+    named += [(f"parameter {k!r}", p) for k, p in model.named_parameters()]
+    named += [(f"buffer {k!r}", b) for k, b in model.named_buffers()]
+    for what, t in named:
+        if t.is_meta:
+            raise ValueError(
+                f"{what} is on the 'meta' device: it has a shape but no values, and the Fisher information and the "
+                "curvature are functions of the values. Materialise the model first (model.to_empty(device='cpu') and "
+                "load its weights) and pass real inputs"
+            )
 
 
 def output_numel(model: nn.Module, run: Callable[[], Any]) -> int:

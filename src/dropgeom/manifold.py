@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
-from ._evaluation import autodiff_kernels, check_inputs_match, eval_mode, output_numel
+from ._evaluation import autodiff_kernels, check_inputs_match, check_not_meta, eval_mode, output_numel
 from ._utils import DEFAULT_CHUNK_BYTES, DEFAULT_MEMORY_LIMIT, as_tuple, check_finite, check_outputs_finite, memory_guard
 from .families import ExponentialFamily, get_family
 
@@ -106,6 +106,8 @@ class ModelManifold:
                 raise ValueError(
                     f"every input tensor needs the same leading sample axis; got shapes {[tuple(x.shape) for x in self.inputs]}"
                 )
+        check_not_meta(model, self.inputs)
+        for t in self.inputs:
             check_finite("inputs", t)
         if n == 0:
             raise ValueError("inputs are empty (n = 0)")
