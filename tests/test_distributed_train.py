@@ -124,8 +124,16 @@ def _stopping_worker(rank: int, world: int, port: int, out: str) -> None:
         net = _make()
         try:
             h = train(nn.parallel.DistributedDataParallel(net), kw.pop("data"), "none", batch_size=10, progress=False, **kw)
-            res[name] = dict(epochs=len(h), diverged=h.diverged, why=h.divergence, early=h.stopped_early,
-                             cb=h.stopped_by_callback, best=h.best_epoch, last=h[-1] if len(h) else {}, w=_flat(net).tolist())
+            res[name] = dict(
+                epochs=len(h),
+                diverged=h.diverged,
+                why=h.divergence,
+                early=h.stopped_early,
+                cb=h.stopped_by_callback,
+                best=h.best_epoch,
+                last=h[-1] if len(h) else {},
+                w=_flat(net).tolist(),
+            )
         except Exception as err:  # noqa: BLE001 -- the test reads it
             res[name] = {"error": f"{type(err).__name__}: {err}"}
     for r in res.values():

@@ -257,6 +257,9 @@ def test_a_verdict_says_how_many_of_its_units_diverged(tmp_path):
     recs = [{"key": "a", "status": "ok"}, {"key": "b", "status": "diverged"}, {"key": "c", "status": "ok"}]
     claim = claim_summary("C1", mod, cfg, recs, tmp_path)
     v = claim.verdicts[0].verdict
-    assert v.verdict == "inconclusive" and v.evidence == "why; 1 of 3 finished units diverged and are not in the test (see the failures)"
+    assert (
+        v.verdict == "inconclusive"
+        and v.evidence == "why; 1 of 3 finished units diverged and are not in the test (see the failures)"
+    )
     clean = claim_summary("C1", mod, cfg, [dict(r, status="ok") for r in recs], tmp_path)
     assert clean.verdicts[0].verdict.evidence == "why"
