@@ -277,7 +277,7 @@ class ModelManifold:
                 f"{what} has no forward-mode (jvp) rule, which this quantity needs: {str(err).splitlines()[0]} "
                 "Fix: build the layer from differentiable torch ops, give its autograd.Function a jvp "
                 "(torch.func-compatible setup_context/jvp), or use a quantity that needs reverse mode only "
-                "(fisher() of every structure)."
+                "(fisher() with structure dense, diag, layer or kfac; not implicit, whose products are forward-mode)."
             ) from err
 
     def _innermost_module(self, full: Params, inputs: Tuple[Tensor, ...]) -> Optional[str]:
