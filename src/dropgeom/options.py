@@ -131,7 +131,8 @@ class CurvatureMethod(_Choice):
     DENSE = "dense"
     """Form the Hessian of eta and the pseudo-inverse metric; exact, at most a few thousand parameters."""
     STOCHASTIC = "stochastic"
-    """Random pairs and conjugate gradients; matrix-free, with a standard error."""
+    """Random pairs, matrix-free, with a standard error; exact linear algebra where the whitened Jacobian or its
+    Gram matrix fits, conjugate gradients beyond (:class:`TangentSolver`)."""
 
 
 class TangentSolver(_Choice):

@@ -16,7 +16,8 @@ Three solvers (:class:`~dropgeom.options.TangentSolver`), chosen by size (:func:
   and Woodbury ``(g + lambda I)^{-1} = (I - A^T (K + lambda I)^{-1} A) / lambda``:
   ``u = A^T W diag(1/(w + lambda)) W^T (z - A z' / sqrt(lambda)) + z' / sqrt(lambda)``. Exact up to the cutoff
   (``K`` squares the condition number of ``A``: directions with singular values below ``sqrt(nR eps) s_max`` count as
-  normal; the projection residual ``|A^T r| / |A^T y|`` says whether that mattered). For ``nR <=``
+  normal; the projection residual ``|A^T r| / |A^T y|`` says whether that mattered; in float32, ``sqrt(nR eps)`` is
+  about 1e-2 and the estimate is biased, measured 50-fold on a 4-16-3 tanh MLP, under the warning threshold). For ``nR <=``
   :data:`MAX_GRAM_ROWS`, whatever ``P``.
 * ``cg``: conjugate gradients on ``g`` (:meth:`~dropgeom.curvature._common.LinearisedManifold.project_out`), capped
   at ``cg_max_iter``: for ``nR >`` :data:`MAX_GRAM_ROWS`, and for inputs streamed over batches and ranks (the

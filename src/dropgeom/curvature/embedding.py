@@ -33,10 +33,12 @@ Derivation of the two methods:
   ``E |N(u, v)|_G^2 = C^{ac} C^{bd} <N_ab, N_cd>_G`` because ``N`` is bilinear.
   ``u = g^+ J^T S z`` (``z ~ N(0, I)``) has covariance ``g^+ g g^+ = g^+``;
   damped, ``u = (g + lambda I)^{-1} (J^T S z + sqrt(lambda) z')`` has covariance
-  ``(g + lambda I)^{-1}``. Solves are conjugate gradients on ``g`` (Fisher
-  products: one jvp and one vjp), ``D^2 eta[u, v]`` is forward over forward,
-  and the normal part is the least-squares residual of ``S^T D^2 eta`` against
-  ``range(S^T J)`` (CG on the normal equations). Memory ``O(P + nK)`` per sample.
+  ``(g + lambda I)^{-1}``. ``D^2 eta[u, v]`` is forward over forward, and the normal part is the
+  least-squares residual of ``S^T D^2 eta`` against ``range(S^T J)``. The solves and projections
+  (:mod:`dropgeom.curvature._tangent`) are exact from the thin SVD of ``S^T J`` where it fits in memory
+  (``solver="svd"``), or from the eigendecomposition of the ``nR x nR`` Gram matrix ``S^T J J^T S``, formed
+  by Jacobian products, for ``nR <= 4096`` and any ``P`` (``solver="gram"``); beyond, and for streamed inputs,
+  conjugate gradients on ``g`` (``solver="cg"``; memory ``O(P + nK)`` per sample).
   Caveat: when ``g`` is badly conditioned (condition numbers of 1e6 and more are
   common even for tiny tanh networks) ``gamma^2`` is dominated by the flattest
   directions, the terms ``|N(u, v)|^2`` are heavy-tailed and a few hundred
@@ -95,12 +97,15 @@ class CurvatureResult:
         normal_dim: dense only: ``rank(G) - rank`` (``n(K-1) - rank(J)`` for categorical).
         n_samples: number of ``(u, v)`` pairs (stochastic), else 0.
         projection_residual: stochastic only: the largest relative residual ``|J^T S r| / |J^T S Y|`` its
-            projections onto the tangent space reached (:meth:`LinearisedManifold.project_out`); above
-            ``max(1e3 tol, 1e-6)`` they did not converge and ``gamma2`` is too large (a warning says so). 0 where
-            the projection is exact (in memory with a Jacobian of at most ``2^24`` entries and at most
-            ``MAX_DENSE_PARAMS`` parameters: a dense SVD of ``S^T J``).
-        solver: stochastic only: ``"svd"`` (the sampling solves and projections from a dense SVD of ``S^T J``,
-            exact) or ``"cg"`` (conjugate gradients, capped at ``cg_max_iter``).
+            projections onto the tangent space reached (0 at rounding level); above ``max(1e3 tol, 1e-6)``
+            (:func:`~dropgeom.curvature._common.projection_tolerance`) they did not converge, or the Gram cutoff
+            dropped tangent directions, and ``gamma2`` is too large (a ``ProjectionWarning`` says so). 0 for
+            ``solver="svd"`` (exact by construction).
+        solver: stochastic only, a :class:`~dropgeom.options.TangentSolver` value: ``"svd"`` (the sampling solves
+            and projections from a dense SVD of ``S^T J``: at most ``MAX_DENSE_PARAMS`` parameters and ``nKP <=
+            2^24``; exact), ``"gram"`` (from the eigendecomposition of the ``nR x nR`` Gram matrix ``S^T J J^T S``,
+            ``nR <= 4096``, any ``P``; exact up to a relative cutoff) or ``"cg"`` (conjugate gradients, capped at
+            ``cg_max_iter``: larger ``nR``, and inputs streamed over batches).
     """
 
     gamma2: Tensor
@@ -331,7 +336,9 @@ def embedding_curvature(
             projection onto ``range(J)`` stays exact.
         batch_size: pairs processed together (stochastic).
         cg_tol, cg_max_iter: conjugate-gradient relative tolerance (default
-            1e-9 in float64, 1e-5 in float32) and iteration cap per pass (default ``2 P + 100``).
+            1e-9 in float64, 1e-5 in float32) and iteration cap per pass (default ``2 P + 100``); used by
+            ``solver="cg"`` only, except that ``cg_tol`` also sets the projection tolerance above which a warning is
+            given.
 
     Returns:
         :class:`CurvatureResult` (``gamma2``, ``gamma2_per_sample = n * gamma2``, ``stderr``, ...).
@@ -340,6 +347,10 @@ def embedding_curvature(
         ValueError: an invalid option, or ``method="dense"`` with a ``StreamedManifold`` (the dense method forms the
             Hessian tensor of all inputs at once and cannot be streamed).
         TypeError: ``manifold`` is not a manifold.
+
+    Warns:
+        ProjectionWarning: (stochastic) a tangent projection stopped above its tolerance (``projection_residual``).
+        RuntimeWarning: (stochastic, ``solver="cg"``) a sampling solve stopped above its tolerance.
 
     Example:
         >>> import torch
@@ -353,6 +364,8 @@ def embedding_curvature(
         >>> est = embedding_curvature(m, method="stochastic", n_samples=2000, generator=g)
         >>> abs(float(est.gamma2) - 0.25) < 4 * float(est.stderr)
         True
+        >>> est.solver, est.projection_residual   # exact linear algebra (svd; "gram" past the dense limits)
+        ('svd', 0.0)
     """
     check_manifold(manifold, "embedding_curvature")
     alpha = check_alpha(alpha)
