@@ -180,7 +180,8 @@ class VerdictLabel(_Choice):
     MEASURE_DEPENDENT = "measure-dependent"
     """Invariant measures disagree in sign (significantly): the answer depends on how flatness is measured."""
     INCONCLUSIVE = "inconclusive"
-    """Nothing significant either way, or too little data."""
+    """Nothing significant either way, too little data, an absence the data cannot bound (no equivalence), or
+    significant effects in both directions across settings (the evidence then says *setting-dependent*)."""
 
 
 def choices(cls: Type[E]) -> List[str]:
