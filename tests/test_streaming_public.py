@@ -95,10 +95,12 @@ def test_linearisation_needs_a_streamed_manifold():
 @pytest.fixture
 def cg_in_memory(monkeypatch):
     """In memory, the stochastic estimator projects and solves by the same conjugate gradients as over a loader
-    (not the dense SVD it takes for a small Jacobian), so the two paths can be compared draw for draw."""
-    from dropgeom.curvature import embedding
+    (not the dense SVD or the Gram matrix it takes for a small Jacobian), so the two paths can be compared draw for
+    draw."""
+    from dropgeom.curvature import _tangent, embedding
 
     monkeypatch.setattr(embedding, "dense_projection_fits", lambda manifold: False)
+    monkeypatch.setattr(_tangent, "MAX_GRAM_ROWS", 0)
 
 
 @pytest.mark.parametrize("alpha", [1.0, -1.0])

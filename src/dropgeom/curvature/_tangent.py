@@ -17,7 +17,8 @@ Three solvers (:class:`~dropgeom.options.TangentSolver`), chosen by size (:func:
   ``u = A^T W diag(1/(w + lambda)) W^T (z - A z' / sqrt(lambda)) + z' / sqrt(lambda)``. Exact up to the cutoff
   (``K`` squares the condition number of ``A``: directions with singular values below ``sqrt(nR eps) s_max`` count as
   normal; the projection residual ``|A^T r| / |A^T y|`` says whether that mattered; in float32, ``sqrt(nR eps)`` is
-  about 1e-2 and the estimate is biased, measured 50-fold on a 4-16-3 tanh MLP, under the warning threshold). For ``nR <=``
+  about 1e-2 and the estimate was biased 50-fold on a 4-16-3 tanh MLP, under the warning threshold: so
+  ``embedding_curvature`` runs a float32 model off the SVD path on a float64 copy). For ``nR <=``
   :data:`MAX_GRAM_ROWS`, whatever ``P``.
 * ``cg``: conjugate gradients on ``g`` (:meth:`~dropgeom.curvature._common.LinearisedManifold.project_out`), capped
   at ``cg_max_iter``: for ``nR >`` :data:`MAX_GRAM_ROWS`, and for inputs streamed over batches and ranks (the
