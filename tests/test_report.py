@@ -230,9 +230,11 @@ def test_scope_names_each_claims_models_and_data():
     assert "conjugate-gradient iterations" in scope_caveats(full, {"C2": [{"curvature": converged}]})[-1]
     exact = dict(converged, solver="svd", projection_residual=0.0)
     line = scope_caveats(full, {"C2": [{"curvature": exact}]})[-1]
-    assert "its solves and projections exact (a dense SVD of S^T J)" in line and "conjugate-gradient" not in line
+    assert "its solves and projections exact (a dense SVD of S^T J, or" in line and "conjugate-gradient" not in line
+    gram = dict(exact, solver="gram")  # the Gram-matrix solver is exact too (it was counted as capped CG)
+    assert "its solves and projections exact" in scope_caveats(full, {"C2": [{"curvature": exact}, {"curvature": gram}]})[-1]
     mixed = scope_caveats(full, {"C2": [{"curvature": exact}, {"curvature": converged}]})[-1]
-    assert "(1 of 2 runs solved exactly by a dense SVD of S^T J)" in mixed
+    assert "(1 of 2 runs solved exactly, by an SVD or the Gram matrix)" in mixed
     assert "1 of 2 of these records predate the exact solver" in mixed  # `converged` has no solver key: old
     assert "predate" not in line
     quick = RunConfig.from_preset("quick")  # C2 averages its own count of pairs (c2_curvature_samples = 8)

@@ -24,9 +24,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from ..curvature._common import default_tol, projection_tolerance
+from ..options import TangentSolver
 from ..rundir import FINISHED, MARKER, RunDir
 from ..summary import ClaimSummary, Figure, RunSummary, Table, Verdict, VerdictEntry
 from .sweep import EXPERIMENTS
+
+#: the stochastic curvature estimator's solvers whose tangent projections and solves are exact (not capped CG)
+EXACT_SOLVERS = frozenset({TangentSolver.SVD.value, TangentSolver.GRAM.value})
 
 __all__ = ["summarize_run", "claim_summary", "config_values", "completeness", "scope_caveats"]
 
@@ -138,12 +142,12 @@ def _curvature_caveat(config: Any, curv: Sequence[Mapping[str, Any]], claim: str
         ]
         rel = f" (relative standard error {min(errs):.2g}-{max(errs):.2g})" if errs else ""
         stoch = [c for c in curv if c.get("method") == "stochastic"]
-        exact = sum(c.get("solver") == "svd" for c in stoch)
+        exact = sum(c.get("solver") in EXACT_SOLVERS for c in stoch)
         how = (
-            "its solves and projections exact (a dense SVD of S^T J)"
+            "its solves and projections exact (a dense SVD of S^T J, or the eigendecomposition of S^T J J^T S)"
             if exact == len(stoch)
             else f"with at most {config.curvature_cg_iter or '2P + 100'} conjugate-gradient iterations per solve"
-            + (f" ({exact} of {len(stoch)} runs solved exactly by a dense SVD of S^T J)" if exact else "")
+            + (f" ({exact} of {len(stoch)} runs solved exactly, by an SVD or the Gram matrix)" if exact else "")
         )
         # the records say how many pairs they averaged (C2 has its own count, c2_curvature_samples)
         counts = sorted({int(c["n_samples"]) for c in stoch if "n_samples" in c})
