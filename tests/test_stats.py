@@ -95,3 +95,17 @@ def test_paired_without_spread_has_no_test_and_is_never_significant():
     assert math.isnan(c.p_value) and math.isnan(c.p_adjusted) and math.isnan(c.effect_size)
     fam = adjust([c, paired([1.0, 2.0, 3.5], [0.0, 0.0, 0.0])])
     assert math.isnan(fam[0].p_adjusted) and fam[1].p_adjusted == fam[1].p_value
+
+
+def test_paired_identical_differences_up_to_rounding_have_no_test():
+    """Identical differences whose mean is not exactly representable (0.1 three times: the mean is 0.1 + 1 ulp) left
+    a rounding-level s_d of ~1e-17, so the old ``sd == 0`` check missed them and gave p ~ 1e-33 (significant); the
+    same for log-ratios equal up to rounding (2.2/2 and 1.1/1)."""
+    for c in (
+        paired([0.1, 0.1, 0.1], [0.0, 0.0, 0.0]),
+        paired([1.1, 2.2, 3.3, 1.1, 2.2], [1.0, 2.0, 3.0, 1.0, 2.0], log=True),
+        paired([0.3] * 7, [0.0] * 7),
+    ):
+        assert math.isnan(c.p_value) and math.isnan(c.effect_size) and not c.significant(), c
+        assert c.lo == c.hi == c.estimate
+    assert paired([0.1, 0.1, 0.1 + 1e-9], [0.0, 0.0, 0.0]).p_value < 1e-6  # a real, tiny spread still has a test

@@ -102,8 +102,8 @@ def paired(a: Sequence[Any], b: Sequence[Any], *, log: bool = False, name: str =
     With ``log=True`` the unit of analysis is :math:`d_i = \log(a_i / b_i)` (for positive quantities such as
     curvatures, so that the comparison is a ratio and does not depend on the quantity's scale); otherwise
     :math:`d_i = a_i - b_i`. Pairs with a non-finite member (or, with ``log``, a non-positive one) are dropped.
-    With fewer than two pairs, or differences without spread (``s_d = 0``), there is no test: the p-values and
-    ``d_z`` are NaN (never significant, and left out of a Holm family).
+    With fewer than two pairs, or differences without spread (``s_d = 0`` up to the rounding of ``d``), there is no
+    test: the p-values and ``d_z`` are NaN (never significant, and left out of a Holm family).
 
     .. math::  \bar d \pm t_{n-1,\,(1+\mathrm{level})/2}\, s_d/\sqrt n,\qquad d_z = \bar d / s_d
 
@@ -135,9 +135,13 @@ def paired(a: Sequence[Any], b: Sequence[Any], *, log: bool = False, name: str =
     if n == 1:
         return Comparison(name, mean, -math.inf, math.inf, nan, nan, nan, 1, log, level)
     sd = float(d.std(ddof=1))
-    if sd == 0.0:
+    # the rounding of d itself: log(x/y) is exact to a few eps absolute, x - y to a few eps of max(|x|, |y|)
+    scale = float(np.abs(d).max()) + (1.0 if log else float(np.abs(x[ok]).max() + np.abs(y[ok]).max()))
+    if sd <= 16 * np.finfo(float).eps * scale:
         # No spread: the t statistic is 0/0 or +-inf and the test says nothing about the seeds' variability (identical
         # differences mean duplicated seeds or a saturated quantity, not certainty); no p-value, never significant.
+        # Identical differences can leave a rounding-level s_d (three times 0.1: the mean is 0.1 + 1 ulp, s_d ~ 1e-17,
+        # p ~ 1e-33), hence a tolerance, not s_d == 0.
         return Comparison(name, mean, mean, mean, nan, nan, nan, n, log, level)
     half = float(stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n))
     p = float(stats.ttest_1samp(d, 0.0).pvalue)
