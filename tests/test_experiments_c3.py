@@ -312,6 +312,26 @@ def test_c3a_verdict_names_what_held_and_the_missing_data_set():
     assert f"failed at {tag} (init, mid, solution)" in s["verdict"].evidence
 
 
+def test_c3a_a_stage_without_measurements_is_undecided_not_skipped():
+    """The rule's 'supported' needs every stage of every setting to hold; a stage no seed measured ('mid' is measured by
+    a callback at the middle epoch, which a training that stops early never reaches) was skipped, and the other stages
+    holding read 'supported'. The setting's data set is its records' even when none has stages."""
+    recs = _grad_records(0.95, 1.0)
+    for r in recs:
+        del r["stages"]["mid"]
+    s = c3.summarize(RunConfig.from_preset("test"), recs)
+    assert s["verdict"].verdict == "inconclusive"
+    assert (
+        "of 3 (setting, stage) pairs 2 hold" in s["verdict"].evidence and "undecided at digits-mlp (mid)" in s["verdict"].evidence
+    )
+    recs = _grad_records(0.95, 1.0)
+    for r in recs:
+        if r["dataset"] == "fashion_mnist":
+            del r["stages"]
+    s = c3.summarize(RunConfig.from_preset("test"), recs)
+    assert s["verdict"].verdict == "inconclusive" and "fashion_mnist: of 3 (setting, stage) pairs 0 hold" in s["verdict"].evidence
+
+
 def _spread_records(cos: Sequence[float], ratio: float = 1.0):
     """Both data sets, one setting each, the cosine over seeds given by ``cos`` (the same at every stage)."""
     recs = _grad_records(0.95, ratio)

@@ -186,12 +186,15 @@ def _summarize_grad(config: RunConfig, grads: List[Mapping[str, Any]]) -> Dict[s
     rows, lines = [], []
     by_ds: Dict[str, Dict[str, Any]] = {}
     for tag in sorted({r["tag"] for r in grads}):
-        rs = [r for r in grads if r["tag"] == tag and "stages" in r]
-        ds = rs[0]["dataset"] if rs else tag
+        rs = [r for r in grads if r["tag"] == tag]
+        ds = str(rs[0].get("dataset", tag))
+        rs = [r for r in rs if "stages" in r]
         checks = by_ds.setdefault(ds, {"n": 0, "holds": [], "fails": [], "undecided": []})
         for stage in STAGES:
             vals = [r["stages"][stage] for r in rs if stage in r["stages"]]
-            if not vals:
+            if not vals:  # no seed measured it (a training stopped before the middle epoch): the rule needs every stage
+                checks["n"] += 1
+                checks["undecided"].append((tag, stage))
                 continue
             cos_q = mean_ci([v["cos_quadratic"] for v in vals])
             ratio_q = geometric_mean_ci([v["ratio_quadratic"] for v in vals])
