@@ -265,3 +265,32 @@ def test_a_verdict_says_how_many_of_its_units_diverged(tmp_path):
     )
     clean = claim_summary("C1", mod, cfg, [dict(r, status="ok") for r in recs], tmp_path)
     assert clean.verdicts[0].verdict.evidence == "why"
+
+
+def test_a_verdict_counts_only_the_diverged_units_of_its_own_test(tmp_path):
+    """C3's two verdicts rest on different units (C3a on ``grad/``, C3b on ``objectives/``): a diverged gradient unit
+    was noted on C3b's verdict as 'not in the test' (it never was) over every C3 unit; a stale record whose key is no
+    unit of the config was counted as a diverged unit too ('2 of 1 finished units')."""
+    import types
+
+    from dropgeom.experiments import c3_fisher_regularizer as c3
+    from dropgeom.experiments.run_summary import claim_summary
+    from dropgeom.experiments.verdicts import Verdict
+
+    assert c3.VERDICT_PARTS == {"verdict": "grad", "verdict_b": "objectives"}
+    cfg = RunConfig.from_preset("test", experiments=["C3"])
+    mod = types.ModuleType("fake_claim")
+    mod.TITLE, mod.ABOUT, mod.VERDICT_PARTS = "C3: fake", "about", c3.VERDICT_PARTS
+    mod.units = lambda config: [{"key": k} for k in ("g0", "g1", "o0", "o1")]
+    mod.summarize = lambda config, records: {"verdict": Verdict("a", "x", "why"), "verdict_b": Verdict("b", "y", "why")}
+    mod.figures = lambda config, records, folder: []
+    recs = [
+        {"key": "g0", "part": "grad", "status": "ok"},
+        {"key": "g1", "part": "grad", "status": "diverged"},
+        {"key": "o0", "part": "objectives", "status": "ok"},
+        {"key": "o1", "part": "objectives", "status": "ok"},
+        {"key": "old", "part": "objectives", "status": "diverged"},
+    ]
+    a, b = (e.verdict for e in claim_summary("C3", mod, cfg, recs, tmp_path).verdicts)
+    assert a.evidence == "why; 1 of 2 finished units diverged and are not in the test (see the failures)"
+    assert b.evidence == "why" and a.verdict == "x" and b.verdict == "y"

@@ -67,6 +67,8 @@ ABOUT = (
     "pairs of every setting and the smallest KL over the grid on a seed's own runs (biased low) are descriptions. The "
     "noise floor is shown beside it."
 )
+#: the units each verdict rests on (the report counts a verdict's diverged units among these alone)
+VERDICT_PARTS = {"verdict": "grad", "verdict_b": "objectives"}
 COS_MIN = 0.9
 BAND = (0.8, 1.25)
 #: C3a's rule needs both: the bundled digits and real images

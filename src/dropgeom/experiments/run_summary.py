@@ -193,6 +193,14 @@ def _noting_divergences(verdict: Verdict, diverged: int, done: int) -> Verdict:
     return dataclasses.replace(verdict, evidence=verdict.evidence + note)
 
 
+def _diverged(units: Sequence[Mapping[str, Any]], records: Sequence[Mapping[str, Any]], part: Optional[str]) -> Tuple[int, int]:
+    """``(diverged, finished)``: the claim's units (``part``'s alone, when a verdict rests on one part, as C3a on
+    ``grad`` and C3b on ``objectives``: the module's ``VERDICT_PARTS``) that diverged, and that finished."""
+    keys = {u["key"] for u in units}
+    mine = [r for r in records if r.get("key") in keys and (part is None or r.get("part") == part)]
+    return sum(1 for r in mine if r.get("status") == "diverged"), completeness(units, mine)[0]
+
+
 def _runs(name: str, records: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     """The run counts of a claim: its failures (diverged or failed runs) and the compute seconds of each run."""
     failures = tuple(
@@ -220,7 +228,8 @@ def _tables(s: Mapping[str, Any]) -> Tuple[Table, ...]:
 
 def claim_summary(name: str, mod: Any, config: Any, records: List[Dict[str, Any]], figures_dir: Path) -> ClaimSummary:
     """The :class:`~dropgeom.summary.ClaimSummary` of one claim's module from its records (figures written to ``figures_dir``)."""
-    done, expected = completeness(mod.units(config), records)
+    units = mod.units(config)
+    done, expected = completeness(units, records)
     head = dict(
         name=name, title=mod.TITLE, about=config_values(mod.ABOUT, config), units=(done, expected), **_runs(name, records)
     )
@@ -230,10 +239,9 @@ def claim_summary(name: str, mod: Any, config: Any, records: List[Dict[str, Any]
     s = dict(mod.summarize(config, records))
     text = lambda key: config_values(s[key], config) if isinstance(s.get(key), str) else s.get(key)  # noqa: E731
     verdicts = []
-    diverged = sum(1 for r in records if r.get("status") == "diverged")
     for key, rule_key in (("verdict", "rule"), ("verdict_b", "rule_b")):
         if key in s:
-            v = _noting_divergences(s[key], diverged, done)
+            v = _noting_divergences(s[key], *_diverged(units, records, getattr(mod, "VERDICT_PARTS", {}).get(key)))
             v = v if done >= expected else _provisional(v, done, expected)
             verdicts.append(VerdictEntry(key, v, text(rule_key)))
     captions = s.get("figure_captions", {}) or {}
