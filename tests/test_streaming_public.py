@@ -103,6 +103,48 @@ def cg_in_memory(monkeypatch):
     monkeypatch.setattr(_tangent, "MAX_GRAM_ROWS", 0)
 
 
+@pytest.fixture
+def gram_in_memory(monkeypatch):
+    """In memory, the stochastic estimator takes the Gram solver (not the dense SVD it takes for a small Jacobian),
+    as it does over a loader for ``nR <= MAX_GRAM_ROWS``."""
+    from dropgeom.curvature import embedding
+
+    monkeypatch.setattr(embedding, "dense_projection_fits", lambda manifold: False)
+
+
+#: The stochastic estimator with the Gram solver (``nR = 37 x 4``): exact linear algebra, so the streamed estimate
+#: equals the in-memory one up to the rounding of the batch sums in ``K`` (not a solver tolerance).
+GRAM = dict(method="stochastic", n_samples=4, batch_size=2)
+GRAM_RTOL = 1e-9
+
+
+@pytest.mark.parametrize("alpha, damping", [(1.0, 0.1), (-1.0, 0.1), (1.0, None)])
+def test_loader_with_the_gram_solver_equals_in_memory_draw_for_draw(alpha, damping, gram_in_memory):
+    """Over a loader the Gram matrix is formed from the batch products (it used conjugate gradients whatever the
+    size); same generator, same draws, same value as in memory, with and without damping."""
+    net, (x, y) = _net(), _data()
+    kw = dict(alpha=alpha, damping=damping, **GRAM)
+    ref = embedding_curvature(ModelManifold(net, x), generator=torch.Generator().manual_seed(0), **kw)
+    got = embedding_curvature(StreamedManifold(net, _loader(x, y, 10)), generator=torch.Generator().manual_seed(0), **kw)
+    assert ref.solver == got.solver == "gram"
+    for f in ("gamma2", "gamma2_per_sample", "stderr"):
+        torch.testing.assert_close(getattr(got, f), getattr(ref, f), atol=0, rtol=GRAM_RTOL)
+    if damping is not None:
+        assert got.damping_abs == pytest.approx(ref.damping_abs, rel=1e-12)
+
+
+def test_a_float32_model_over_a_loader_is_estimated_in_float64(gram_in_memory):
+    """A float32 model over batches runs on a float64 copy, each batch cast as it is read (as in memory, where
+    the float32 Gram solver was 50-fold off): the streamed and in-memory float32 estimates agree, in float64."""
+    net, (x, y) = _net().float(), _data()
+    kw = dict(damping=0.1, **GRAM)
+    ref = embedding_curvature(ModelManifold(net, x.float()), generator=torch.Generator().manual_seed(0), **kw)
+    got = embedding_curvature(StreamedManifold(net, _loader(x.float(), y, 10)), generator=torch.Generator().manual_seed(0), **kw)
+    assert got.gamma2.dtype == ref.gamma2.dtype == torch.float64 and got.solver == "gram"
+    torch.testing.assert_close(got.gamma2, ref.gamma2, atol=0, rtol=GRAM_RTOL)
+    assert next(net.parameters()).dtype == torch.float32  # the caller's model is untouched
+
+
 @pytest.mark.parametrize("alpha", [1.0, -1.0])
 def test_stochastic_embedding_curvature_of_a_loader_equals_in_memory(alpha, cg_in_memory):
     net, (x, y) = _net(), _data()
@@ -188,6 +230,10 @@ def test_what_cannot_be_streamed_says_so():
 
 # ------------------------------------------------------------------ two processes, gloo on 127.0.0.1
 def _worker(rank: int, world: int, port: int, out: str) -> None:
+    from dropgeom.curvature import _tangent
+
+    _tangent.MAX_GRAM_ROWS = 0  # conjugate gradients, as the in-memory reference (cg_in_memory: not inherited by spawn)
+
     def body() -> None:
         net, (x, y) = _net(), _data()
         shard = slice(0, 15) if rank == 0 else slice(15, N)  # uneven shards
@@ -216,3 +262,43 @@ def test_two_gloo_processes_curvature_and_dropout_terms(tmp_path, cg_in_memory):
             assert getattr(r["terms"], f) == pytest.approx(getattr(t_ref, f), rel=1e-10, abs=1e-14)
         assert r["gap"] == pytest.approx(dropout.gap(net, x, y, p=0.3, method="exact").value, rel=1e-10)
         torch.testing.assert_close(r["penalty"], dropout.penalty(net, x, p=0.3).value.detach(), atol=1e-12, rtol=1e-10)
+
+
+def _gram_worker(rank: int, world: int, port: int, out: str) -> None:
+    from dropgeom.curvature import _tangent
+
+    # 7 rows of K per block (P + activations x n + nR = 64 + 22 x 37 + 148 elements a row): the block of rows
+    # 56-62 straddles the ranks' boundary at row 15 x 4 = 60
+    _tangent.GRAM_BLOCK_ELEMENTS = 7 * (64 + 22 * N + 4 * N)
+
+    def body() -> None:
+        net, (x, y) = _net(), _data()
+        shard = slice(0, 15) if rank == 0 else slice(15, N)  # uneven shards
+        res = embedding_curvature(
+            StreamedManifold(net, _loader(x[shard], y[shard], 6)),
+            alpha=-1.0,
+            damping=0.1,
+            generator=torch.Generator().manual_seed(0),
+            **GRAM,
+        )
+        keep = dict(gamma2=res.gamma2, stderr=res.stderr, solver=res.solver, lam=res.damping_abs, resid=res.projection_residual)
+        torch.save(keep, f"{out}.{rank}")
+
+    gloo_rank(rank, world, port, body)
+
+
+def test_two_gloo_processes_with_the_gram_solver_equal_in_memory(tmp_path, gram_in_memory):
+    """Each rank holds its rows of ``A = S^T J``; ``K`` is formed from all-reduced vector-Jacobian products and an
+    all-gather of the rows of ``A A^T e_i``, so both ranks decompose the same ``K`` and agree bit for bit, and the
+    estimate equals the in-memory Gram estimate draw for draw."""
+    out = str(tmp_path / "res")
+    mp.spawn(_gram_worker, args=(2, free_port(), out), nprocs=2, join=True)
+    r0, r1 = torch.load(f"{out}.0", weights_only=False), torch.load(f"{out}.1", weights_only=False)
+    net, (x, _) = _net(), _data()
+    ref = embedding_curvature(ModelManifold(net, x), alpha=-1.0, damping=0.1, generator=torch.Generator().manual_seed(0), **GRAM)
+    assert r0["solver"] == r1["solver"] == ref.solver == "gram"
+    assert torch.equal(r0["gamma2"], r1["gamma2"]) and torch.equal(r0["stderr"], r1["stderr"]) and r0["lam"] == r1["lam"]
+    torch.testing.assert_close(r0["gamma2"], ref.gamma2, atol=0, rtol=GRAM_RTOL)
+    torch.testing.assert_close(r0["stderr"], ref.stderr, atol=0, rtol=GRAM_RTOL)
+    assert r0["lam"] == pytest.approx(ref.damping_abs, rel=1e-12)
+    assert r0["resid"] == r1["resid"] <= 1e-6  # the rounding floor of the residual from global norms, too

@@ -215,14 +215,18 @@ class LinearisedManifold:
         jv = self.jvp(V.T)
         return self.vjp(unwhiten(S, whiten(S, jv))).T
 
-    def _rounding(self, S: Tensor, Y: Tensor) -> Tensor:
+    def _rounding(self, S: Tensor, Y: Tensor, total: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
         """``|J^T S y|`` at rounding level for each column ``y`` of ``Y`` (``[m]``): ``1e3 eps |y|`` times the
         typical gain ``|J^T S z| / |z|`` of a (fixed-seed) random whitened ``z``. A column whose tangent part is
-        below it is normal already, and its residual is noise, not a failed projection."""
+        below it is normal already, and its residual is noise, not a failed projection. ``total`` (a sum over
+        ranks, each holding its rows of ``Y``) makes the norms global, so every rank gets the same floor."""
         z = torch.randn(Y.shape[1:], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         z = z.to(dtype=Y.dtype, device=Y.device).unsqueeze(0)
-        gain = self.vjp(unwhiten(S, z)).norm() / z.norm()
-        return 1e3 * torch.finfo(Y.dtype).eps * gain * Y.reshape(Y.shape[0], -1).norm(dim=1)
+        zz, yy = (z * z).sum().reshape(1), (Y * Y).reshape(Y.shape[0], -1).sum(1)
+        if total is not None:
+            zz, yy = total(zz), total(yy)
+        gain = self.vjp(unwhiten(S, z)).norm() / zz.sqrt()
+        return 1e3 * torch.finfo(Y.dtype).eps * gain * yy.sqrt()
 
     def project_out(self, S: Tensor, Y: Tensor, tol: float, max_iter: Optional[int], refinements: int = 4) -> Tensor:
         """Whitened normal part ``(I - Pi) Y`` of whitened vectors ``Y`` (``[m, n, R]``).

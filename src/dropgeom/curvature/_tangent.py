@@ -10,7 +10,9 @@ Three solvers (:class:`~dropgeom.options.TangentSolver`), chosen by size (:func:
 
 * ``svd``: ``A`` in memory (:func:`~dropgeom.curvature.dense.dense_projection_fits`), its thin SVD; exact.
 * ``gram``: the ``nR x nR`` Gram matrix ``K = A A^T``, formed column by column from ``nR`` pairs of
-  vector-Jacobian and Jacobian-vector products (no ``P``-sized matrix), and its eigendecomposition
+  vector-Jacobian and Jacobian-vector products (no ``P``-sized matrix; over batches and ranks each rank forms its
+  rows of ``K e_i`` from the all-reduced ``A^T e_i`` and the rows are gathered, so every rank holds the same ``K``,
+  :func:`gram_matrix`), and its eigendecomposition
   ``K = W diag(w) W^T`` truncated at ``w > nR eps w_max``. Then ``Pi = W W^T`` (``range(K) = range(A)``),
   ``lambda_max(g) = w_max``, and by the push-through identity ``(g + lambda I)^{-1} A^T = A^T (K + lambda I)^{-1}``
   and Woodbury ``(g + lambda I)^{-1} = (I - A^T (K + lambda I)^{-1} A) / lambda``:
@@ -18,11 +20,11 @@ Three solvers (:class:`~dropgeom.options.TangentSolver`), chosen by size (:func:
   (``K`` squares the condition number of ``A``: directions with singular values below ``sqrt(nR eps) s_max`` count as
   normal; the projection residual ``|A^T r| / |A^T y|`` says whether that mattered; in float32, ``sqrt(nR eps)`` is
   about 1e-2 and the estimate was biased 50-fold on a 4-16-3 tanh MLP, under the warning threshold: so
-  ``embedding_curvature`` runs a float32 model off the SVD path on a float64 copy). For ``nR <=``
-  :data:`MAX_GRAM_ROWS`, whatever ``P``.
+  ``embedding_curvature`` runs a float32 model off the SVD path on a float64 copy, in memory and streamed). For
+  ``nR <=`` :data:`MAX_GRAM_ROWS`, whatever ``P``, in memory or streamed.
 * ``cg``: conjugate gradients on ``g`` (:meth:`~dropgeom.curvature._common.LinearisedManifold.project_out`), capped
-  at ``cg_max_iter``: for ``nR >`` :data:`MAX_GRAM_ROWS`, and for inputs streamed over batches and ranks (the
-  products there live on each rank's rows). On a badly conditioned ``g`` it stops short (a
+  at ``cg_max_iter``: for ``nR >`` :data:`MAX_GRAM_ROWS`, in memory or streamed. On a badly conditioned ``g`` it
+  stops short (a
   :class:`~dropgeom.curvature._common.ProjectionWarning`; the tangent remainder biases ``gamma^2`` upward).
   LSMR on ``min |A x - y|`` (conditioning ``kappa(A)`` instead of ``kappa(A)^2``) was measured as no cure: without
   reorthogonalisation it, too, needed about 3000 iterations (for a rank of 114) to get the normal part to 1e-3,
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -46,6 +48,13 @@ __all__: list = []
 
 #: Largest ``n R`` (inputs times whitened outputs) for which the ``gram`` solver forms ``A A^T``.
 MAX_GRAM_ROWS = 4096
+#: Elements the rows of ``K`` formed together may use (products and activations): sets the block size of :func:`gram_matrix`.
+GRAM_BLOCK_ELEMENTS = 2**24
+
+
+def _alone(t: Tensor) -> Tensor:
+    """The sum over ranks of one process: ``t`` itself."""
+    return t
 
 
 def _unsolved_warning(worst: float, what: str, cg_max_iter: int) -> None:
@@ -66,6 +75,8 @@ class Tangent:
 
     def __init__(self, lin: LinearisedManifold, S: Tensor, tol: float, max_iter: int) -> None:
         self.lin, self.S, self.tol, self.max_iter = lin, S, tol, max_iter
+        #: the sum over ranks of per-rank partial sums (identity in one process; :class:`GramTangent` over ranks)
+        self.total: Callable[[Tensor], Tensor] = _alone
         self.P = lin.m.num_params
         #: largest relative projection residual ``|A^T r| / |A^T y|`` so far (0 where exact by construction)
         self.residual = 0.0
@@ -110,7 +121,7 @@ class Tangent:
         """Keep the relative residual ``|A^T r| / |A^T Y|`` of a projection ``r`` of ``Y`` (``b0``: the norms
         ``|A^T Y|`` where known); warn above the tolerance."""
         b0 = self.At(Y).norm(dim=1) if b0 is None else b0
-        res = _relative(self.At(r).norm(dim=1), b0, self.lin._rounding(self.S, Y))
+        res = _relative(self.At(r).norm(dim=1), b0, self.lin._rounding(self.S, Y, self.total))
         self.residual = max(self.residual, res)
         if res > projection_tolerance(self.tol):
             warnings.warn(
@@ -156,66 +167,127 @@ def solve_dense(b: Tensor, s: Tensor, V: Tensor, lam: float) -> Tensor:
     return inside if lam == 0.0 else inside + (b - V @ c) / lam
 
 
-def gram_matrix(tangent: Tangent, n: int, R: int, max_elements: int = 2**24) -> Tensor:
-    """``K = A A^T`` (``[nR, nR]``), ``c`` columns at a time: ``K e_i = A (A^T e_i)``, one vector-Jacobian and one
-    Jacobian-vector product per column, so nothing ``P``-sized beyond ``c`` rows of ``A`` is held."""
+def gram_matrix(tangent: "GramTangent", max_elements: Optional[int] = None) -> Tensor:
+    """``K = A A^T`` (``[nR, nR]``, every rank the same), ``c`` rows at a time: ``K e_i = A (A^T e_i)``, one
+    vector-Jacobian and one Jacobian-vector product per row, so nothing ``P``-sized beyond ``c`` rows of ``A`` is
+    held. Over ranks, each rank passes its share of ``e_i`` (zero off its rows; ``A^T`` sums over ranks), gets its
+    rows of ``K e_i`` back and writes them into a zero ``[c, nR]`` block that ``total`` sums over ranks: adding
+    zeros is exact, so this is an all-gather, and every rank holds the same bits of ``K``.
+
+    Raises:
+        Nothing of its own; what the products and ``torch.distributed`` raise passes through.
+
+    Example:
+        >>> import torch
+        >>> from dropgeom import ModelManifold
+        >>> from dropgeom.curvature._common import LinearisedManifold, whitening
+        >>> m = ModelManifold(torch.nn.Linear(2, 3).double(), torch.randn(4, 2, dtype=torch.float64))
+        >>> _, S, _ = whitening(m)
+        >>> GramTangent(LinearisedManifold(m), S, 1e-9, 100, m.n).W.shape[0]   # nR = 4 inputs x 3
+        12
+    """
+    max_elements = GRAM_BLOCK_ELEMENTS if max_elements is None else max_elements
     m = tangent.lin.m
+    n, R, lo, hi = tangent.n, tangent.R, tangent.lo, tangent.hi
     nR = n * R
     per_col = tangent.P + max(1, m.activation_numel()) * n + nR
     c = max(1, min(nR, max_elements // per_col))
     S = tangent.S
     K = torch.empty(nR, nR, dtype=S.dtype, device=S.device)
-    for i in range(0, nR, c):
+    for i in range(0, nR, c):  # the same chunks on every rank: A^T and total are collective
         k = min(c, nR - i)
-        E = torch.zeros(k, nR, dtype=S.dtype, device=S.device)
-        E[torch.arange(k), torch.arange(i, i + k)] = 1.0
-        K[i : i + k] = tangent.A(tangent.At(E.reshape(k, n, R))).reshape(k, nR)
+        E = torch.zeros(k, hi - lo, dtype=S.dtype, device=S.device)  # this rank's rows of e_i, ..., e_{i+k-1}
+        j = torch.arange(max(i, lo), max(i, lo, min(i + k, hi)), device=S.device)  # empty off this rank's rows
+        E[j - i, j - lo] = 1.0
+        block = torch.zeros(k, nR, dtype=S.dtype, device=S.device)
+        block[:, lo:hi] = tangent.A(tangent.At(E.reshape(k, -1, R))).reshape(k, -1)
+        K[i : i + k] = tangent.total(block)
     return 0.5 * (K + K.T)
 
 
 class GramTangent(Tangent):
-    """Eigendecomposition of ``K = A A^T`` (module docstring); exact up to the cutoff ``w > nR eps w_max``."""
+    """Eigendecomposition of ``K = A A^T`` (module docstring); exact up to the cutoff ``w > nR eps w_max``.
+
+    Over ranks (a streamed linearisation) this rank holds the inputs ``rows`` of ``n``, so the rows ``lo:hi`` of
+    ``A`` and of ``W``; ``total`` sums over ranks. ``K``, its eigendecomposition and every ``W^T y`` are the same on
+    every rank (:func:`gram_matrix`), so the samples ``u, v`` are too.
+    """
 
     name = TangentSolver.GRAM
     exact_sampling = True
 
-    def __init__(self, lin: LinearisedManifold, S: Tensor, tol: float, max_iter: int, n: int) -> None:
+    def __init__(
+        self,
+        lin: LinearisedManifold,
+        S: Tensor,
+        tol: float,
+        max_iter: int,
+        n: int,
+        rows: Optional[slice] = None,
+        total: Callable[[Tensor], Tensor] = _alone,
+    ) -> None:
         super().__init__(lin, S, tol, max_iter)
-        self.n, self.R = n, S.shape[-1]
-        w, W = torch.linalg.eigh(gram_matrix(self, n, self.R))
+        self.n, self.R, self.total = n, S.shape[-1], total
+        rows = slice(0, n) if rows is None else rows
+        self.lo, self.hi = rows.start * self.R, rows.stop * self.R  # this rank's rows of A (and W)
+        w, W = torch.linalg.eigh(gram_matrix(self))
         w, W = w.flip(0), W.flip(1)  # descending
         # the cutoff of range_basis, applied to the matrix decomposed (K, whose rounding is eps |K|)
         keep = w > w.shape[0] * torch.finfo(w.dtype).eps * w[0] if w[0] > 0 else torch.zeros_like(w, dtype=torch.bool)
         self.w, self.W = w[keep], W[:, keep]
+        self.W_rows = self.W[self.lo : self.hi]
 
     def top(self) -> Optional[float]:
         return float(self.w[0]) if self.w.numel() else None
+
+    def coefficients(self, y: Tensor) -> Tensor:
+        """``W^T y`` (``[m, r]``) for this rank's rows ``y`` (``[m, (hi - lo)]``) of whitened vectors, summed over ranks."""
+        return self.total(y @ self.W_rows)
 
     def sample(self, z: Tensor, zp: Optional[Tensor], lam: float) -> Tensor:
         m = z.shape[0]
         y = z.reshape(m, -1)
         if zp is not None:
             y = y - self.A(zp.T).reshape(m, -1) / math.sqrt(lam)
-        c = (y @ self.W) / (self.w + lam)  # [m, r]: W^T y / (w + lam)
-        x = self.At((c @ self.W.T).reshape(z.shape)).T  # [P, m]
+        c = self.coefficients(y) / (self.w + lam)  # [m, r]: W^T y / (w + lam)
+        x = self.At((c @ self.W_rows.T).reshape(z.shape)).T  # [P, m]
         return x if zp is None else x + zp / math.sqrt(lam)
 
     def normal(self, Y: Tensor) -> Tensor:
         y = Y.reshape(Y.shape[0], -1)
-        r = (y - (y @ self.W) @ self.W.T).reshape(Y.shape)
-        self.record(Y, r, f"eigendecomposition of the {y.shape[1]} x {y.shape[1]} Gram matrix S^T J J^T S")
+        r = (y - self.coefficients(y) @ self.W_rows.T).reshape(Y.shape)
+        self.record(Y, r, f"eigendecomposition of the {self.W.shape[0]} x {self.W.shape[0]} Gram matrix S^T J J^T S")
         return r
 
 
 def tangent_solver(
-    lin: LinearisedManifold, S: Tensor, n: int, tol: float, max_iter: int, in_memory: bool, dense_fits: bool
+    lin: LinearisedManifold,
+    S: Tensor,
+    n: int,
+    tol: float,
+    max_iter: int,
+    dense_fits: bool,
+    rows: Optional[slice] = None,
+    total: Callable[[Tensor], Tensor] = _alone,
 ) -> Tangent:
-    """The solver for the sizes at hand (module docstring): ``svd`` where ``S^T J`` fits in memory, ``gram`` where
-    ``n R <= MAX_GRAM_ROWS``, ``cg`` above and for streamed inputs."""
-    if not in_memory:
-        return Tangent(lin, S, tol, max_iter)
+    """The solver for the sizes at hand (module docstring): ``svd`` where ``S^T J`` fits in memory (``dense_fits``;
+    never for streamed inputs), ``gram`` where ``n R <= MAX_GRAM_ROWS`` (in memory, or over batches and ranks: this
+    rank's inputs ``rows`` of ``n``, ``total`` summing over ranks), ``cg`` above.
+
+    Raises:
+        Nothing of its own; what the solver's products raise passes through.
+
+    Example:
+        >>> import torch
+        >>> from dropgeom import ModelManifold
+        >>> from dropgeom.curvature._common import LinearisedManifold, whitening
+        >>> m = ModelManifold(torch.nn.Linear(2, 3).double(), torch.randn(4, 2, dtype=torch.float64))
+        >>> _, S, _ = whitening(m)
+        >>> tangent_solver(LinearisedManifold(m), S, m.n, 1e-9, 100, dense_fits=False).name.value
+        'gram'
+    """
     if dense_fits:
         return SvdTangent(lin, S, tol, max_iter)
     if n * S.shape[-1] <= MAX_GRAM_ROWS:
-        return GramTangent(lin, S, tol, max_iter, n)
+        return GramTangent(lin, S, tol, max_iter, n, rows, total)
     return Tangent(lin, S, tol, max_iter)

@@ -37,8 +37,8 @@ Derivation of the two methods:
   least-squares residual of ``S^T D^2 eta`` against ``range(S^T J)``. The solves and projections
   (:mod:`dropgeom.curvature._tangent`) are exact from the thin SVD of ``S^T J`` where it fits in memory
   (``solver="svd"``), or from the eigendecomposition of the ``nR x nR`` Gram matrix ``S^T J J^T S``, formed
-  by Jacobian products, for ``nR <= 4096`` and any ``P`` (``solver="gram"``); beyond, and for streamed inputs,
-  conjugate gradients on ``g`` (``solver="cg"``; memory ``O(P + nK)`` per sample).
+  by Jacobian products, for ``nR <= 4096`` and any ``P``, in memory or streamed over batches and ranks
+  (``solver="gram"``); beyond, conjugate gradients on ``g`` (``solver="cg"``; memory ``O(P + nK)`` per sample).
   Caveat: when ``g`` is badly conditioned (condition numbers of 1e6 and more are
   common even for tiny tanh networks) ``gamma^2`` is dominated by the flattest
   directions, the terms ``|N(u, v)|^2`` are heavy-tailed and a few hundred
@@ -107,8 +107,8 @@ class CurvatureResult:
         solver: stochastic only, a :class:`~dropgeom.options.TangentSolver` value: ``"svd"`` (the sampling solves
             and projections from a dense SVD of ``S^T J``: at most ``MAX_DENSE_PARAMS`` parameters and ``nKP <=
             2^24``; exact), ``"gram"`` (from the eigendecomposition of the ``nR x nR`` Gram matrix ``S^T J J^T S``,
-            ``nR <= 4096``, any ``P``; exact up to a relative cutoff) or ``"cg"`` (conjugate gradients, capped at
-            ``cg_max_iter``: larger ``nR``, and inputs streamed over batches).
+            ``nR <= 4096``, any ``P``, inputs in memory or streamed; exact up to a relative cutoff) or ``"cg"``
+            (conjugate gradients, capped at ``cg_max_iter``: larger ``nR``).
     """
 
     gamma2: Tensor
@@ -231,9 +231,10 @@ def _stochastic(
     cg_max_iter: Optional[int],
     setup: Optional[Linearisation] = None,
 ) -> CurvatureResult:
-    # the tangent projections and sampling solves (_tangent): exact where S^T J (svd) or its n R x n R Gram matrix
-    # (gram) fits, conjugate gradients beyond and for streamed inputs (both in float64: _in_float64); capped conjugate gradients on the normal
-    # equations had left a tangent remainder on a badly conditioned g (docs/benchmarks.md)
+    # the tangent projections and sampling solves (_tangent): exact where S^T J (svd, in memory) or its n R x n R Gram
+    # matrix (gram, in memory or streamed over batches and ranks) fits, conjugate gradients beyond (off the svd path in
+    # float64: _in_float64, streamed.linearisation); capped conjugate gradients on the normal equations had left a
+    # tangent remainder on a badly conditioned g (docs/benchmarks.md)
     in_memory = setup is None
     setup = Linearisation.of(manifold) if setup is None else setup
     n, P = setup.n, manifold.num_params
@@ -241,7 +242,8 @@ def _stochastic(
     tol = default_tol(dtype) if cg_tol is None else cg_tol
     cg_max_iter = default_max_iter(P) if cg_max_iter is None else cg_max_iter
     eta, S, S_pinv, lin = setup.eta, setup.S, setup.S_pinv, setup.lin
-    tangent = tangent_solver(lin, S, n, tol, cg_max_iter, in_memory, in_memory and dense_projection_fits(manifold))
+    dense_fits = in_memory and dense_projection_fits(manifold)
+    tangent = tangent_solver(lin, S, n, tol, cg_max_iter, dense_fits, setup.rows, setup.total)
     R = S.shape[-1]
     lam = 0.0
     if damping is not None:
@@ -378,7 +380,8 @@ def _in_float64(manifold: ModelManifold) -> ModelManifold:
     The ``gram`` solver decomposes ``S^T J J^T S``, which squares the condition number: in float32 the directions with
     singular values below about ``1e-2 s_max`` count as normal and ``gamma^2`` comes out too large, below any
     residual warning (measured 26.3 against 0.544 on a 4-16-3 tanh MLP); conjugate gradients lose the same
-    directions. A manifold with a custom ``forward`` (``from_function``) cannot be copied: it warns instead.
+    directions. A manifold with a custom ``forward`` (``from_function``) cannot be copied: it warns instead. Streamed
+    inputs: :func:`~dropgeom.curvature.streamed.batch_manifolds` (a float64 copy, each batch cast as it is read).
     """
     dtype = next(iter(manifold._params.values())).dtype
     if dtype == torch.float64 or not dtype.is_floating_point or dense_projection_fits(manifold):

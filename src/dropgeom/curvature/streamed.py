@@ -8,13 +8,19 @@ Registered with :func:`dropgeom.dispatch.register_streamed`, so that the public 
   product reads the batches; under ``torch.distributed`` the products are all-reduced, so Lanczos runs in lockstep);
 * :func:`~dropgeom.curvature.embedding.embedding_curvature` with ``method="stochastic"``. The estimator lives in
   :math:`\mathbb R^{nK}`: ``J v`` and ``D^2\eta[u, v]`` are computed batch by batch and concatenated,
-  ``J^T w = \sum_b J_b^T w_b`` is summed over batches and all-reduced over ranks, so every conjugate-gradient
-  iterate (in parameter space) is the same on every rank, and the squared normal norms are summed over ranks. The
-  draws ``z`` are taken for all ``N`` inputs from ``generator`` (the same on every rank) and each rank keeps its rows,
-  so the result equals the in-memory estimate with the same generator up to the conjugate-gradient tolerance
-  (the batch sums round differently and CG carries that to its tolerance; every rank gets the same bits). Memory: activations of one
-  batch at a time, plus the inputs and the ``[batch_size, N, K]`` normal vectors (the estimator's own size).
-  ``method="dense"`` forms the Hessian tensor of all inputs at once: a clear error.
+  ``J^T w = \sum_b J_b^T w_b`` is summed over batches and all-reduced over ranks, and the squared normal norms are
+  summed over ranks. For ``N R <= MAX_GRAM_ROWS`` the solves and projections come from the ``N R x N R`` Gram matrix
+  ``K = S^T J J^T S`` (``solver="gram"``, exact): each rank forms its rows of ``K e_i`` from the all-reduced
+  ``J^T S e_i`` and the rows are gathered (:func:`~dropgeom.curvature._tangent.gram_matrix`; ``K`` is ``N R x N R``,
+  nothing ``P``-sized beyond a block of products), so every rank decomposes the same ``K`` and the result equals the
+  in-memory Gram estimate with the same generator up to the rounding of the batch sums. Beyond, conjugate gradients
+  on ``g`` (``solver="cg"``): every iterate (in parameter space) is the same on every rank, and the result equals
+  the in-memory estimate up to their tolerance. The draws ``z`` are taken for all ``N`` inputs from ``generator``
+  (the same on every rank) and each rank keeps its rows; every rank gets the same bits. A float32 model is
+  estimated on a float64 copy, each batch cast as it is read (:func:`batch_manifolds`). Memory: activations of
+  one batch at a time, plus the inputs, the ``[batch_size, N, K]`` normal vectors (the estimator's own size) and,
+  with the Gram solver, ``K`` and its eigenvectors. ``method="dense"`` forms the Hessian tensor of all inputs at
+  once: a clear error.
 
 The coordinate-free C1 measures (:mod:`dropgeom.curvature.invariant`), the Hessian measures and the dense
 coefficients are not streamed: they say so (:func:`~dropgeom.curvature._common.check_manifold`).
@@ -31,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from typing import List, Optional
 
 import torch
@@ -72,6 +79,40 @@ class BatchedLinearisation(LinearisedManifold):
         return torch.cat([LinearisedManifold(p).d2(U, V) for p in self.parts], dim=-2)
 
 
+def batch_manifolds(source: StreamedManifold) -> List[ModelManifold]:
+    """This rank's batch manifolds, in float64: a lower-precision model is copied once and cast, and each batch's
+    floating inputs are cast as they are read (the caller's model is untouched).
+
+    Why not a warning: the estimator's tangent projections lose the directions with singular values below about
+    ``sqrt(nR eps) s_max`` (the Gram matrix squares the condition number of ``S^T J``, and conjugate gradients stall
+    there too). In float32 that is ``1e-2 s_max``: the in-memory estimate was 26.3 against 0.544 on a 4-16-3 tanh MLP,
+    below any warning threshold, so a warning could not say when it mattered. In memory such a model is estimated on
+    a float64 copy (:func:`~dropgeom.curvature.embedding._in_float64`); this does the same batch by batch, so a
+    streamed float32 model equals its in-memory estimate. Cost: the parameters and the inputs held, twice over, and
+    float64 arithmetic.
+
+    Raises:
+        ValueError: a batch the model cannot take (:meth:`~dropgeom.dispatch.StreamedManifold.manifold_of`).
+
+    Example:
+        >>> import torch
+        >>> from dropgeom import StreamedManifold
+        >>> net = torch.nn.Linear(3, 2)   # float32
+        >>> parts = batch_manifolds(StreamedManifold(net, [torch.randn(4, 3), torch.randn(3, 3)]))
+        >>> [p.inputs[0].dtype for p in parts], next(net.parameters()).dtype
+        ([torch.float64, torch.float64], torch.float32)
+    """
+    dtype = next(source.model.parameters()).dtype
+    if dtype == torch.float64 or not dtype.is_floating_point:
+        return [m for m, _ in source.manifolds()]
+    # hand-written cast: a float64 copy of the model behind a StreamedManifold of no data, for manifold_of's errors
+    cast = StreamedManifold(copy.deepcopy(source.model).to(torch.float64), [], source.family, param_names=source.param_names)
+    parts = []
+    for b, (inputs, _) in enumerate(source.batches()):
+        parts.append(cast.manifold_of(b, tuple(t.to(torch.float64) if t.is_floating_point() else t for t in inputs)))
+    return parts
+
+
 def linearisation(source: StreamedManifold) -> Linearisation:
     r"""The :class:`~dropgeom.curvature.embedding.Linearisation` of a streamed manifold (this rank's batches).
 
@@ -97,7 +138,7 @@ def linearisation(source: StreamedManifold) -> Linearisation:
     if not isinstance(source, StreamedManifold):
         raise TypeError(f"linearisation() needs a StreamedManifold, got {type(source).__name__}")
     check_same_parameters(source.model)
-    parts = [m for m, _ in source.manifolds()]
+    parts = batch_manifolds(source)
     lin = BatchedLinearisation(parts)
     eta = torch.cat([p.eta() for p in parts])
     S = source.family.cov_sqrt(eta)
