@@ -426,6 +426,15 @@ def test_c3b_chooses_the_strength_on_the_other_seeds_not_on_the_reported_kl():
     assert held_out_kl(recs, "fisher_quadratic") == [r["objectives"]["fisher_quadratic@1"]["kl_from_dropout"] for r in recs]
 
 
+def test_c3b_without_a_finished_sweep_says_so():
+    """A partial run with gradient units only read 'L2 or no Fisher form in the comparison' (both were configured)."""
+    cfg = RunConfig.from_preset("test", c3_regularizers=["l2", "fisher_quadratic"])
+    s = c3.summarize(cfg, _grad_records(0.95, 1.0))
+    assert s["verdict_b"].verdict == "inconclusive" and s["verdict_b"].evidence == "no finished strength-sweep run"
+    none = c3.summarize(RunConfig.from_preset("test", c3_regularizers=["l2"]), _obj_records(0.01, 0.1))
+    assert none["verdict_b"].evidence == "L2 or no Fisher form in the comparison"
+
+
 def test_c3b_lists_a_strength_whose_training_diverged():
     """Rule change F (2026-12-05): a diverged strength was silently dropped from the grid's minimum."""
     cfg = RunConfig.from_preset("test", c3_regularizers=["l2", "fisher_quadratic"])

@@ -320,7 +320,8 @@ def _summarize_objectives(config: RunConfig, objs: List[Mapping[str, Any]]) -> D
     diverged = diverged_runs(objs)
     if diverged:
         lines.append(f"diverged, no KL, left out of the strength grid ({len(diverged)}): " + "; ".join(diverged))
-    verdict, summary = "inconclusive", "L2 or no Fisher form in the comparison"
+    verdict = "inconclusive"
+    summary = "no finished strength-sweep run" if not objs else "L2 or no Fisher form in the comparison"
     fisher = [g for g in regs if g.startswith("fisher_")]
     if "l2" in regs and fisher and objs:
         tests = per_setting_tests(objs, fisher)
