@@ -451,3 +451,26 @@ def test_c3b_rule_text_names_the_unit_of_replication():
         assert "over that setting's seeds" in text or "over the setting's seeds" in text
         assert "(setting, seed) pairs" in text and "description" in text and "setting-dependent" in text
         assert "other seeds" in text and "validation" in text
+
+
+def test_c3a_a_seed_with_a_non_positive_value_ratio_never_holds():
+    """The geometric mean of Q/R leaves out a non-positive ratio (dropout's measured regularizer R <= 0 on that seed),
+    so the other seeds' ratios inside the band read 'supported'; such a pair is undecided at best (2026-12-05)."""
+    recs = _grad_records(0.95, 1.0)
+    assert c3.summarize(RunConfig.from_preset("test"), recs)["verdict"].verdict == "supported"
+    for r in recs:
+        if r["seed"] == 0 and r["dataset"] == "digits":
+            r["stages"]["solution"]["ratio_quadratic"] = -0.4
+    s = c3.summarize(RunConfig.from_preset("test"), recs)
+    assert s["verdict"].verdict == "inconclusive" and "1 undecided" in s["verdict"].evidence
+
+
+def test_c3b_a_tie_between_strengths_goes_to_the_smaller_one():
+    """Ties in the other seeds' mean log KL were broken by the records' key order ('@16' before '@4'); the rule now
+    takes the smaller strength (2026-12-05)."""
+    from dropgeom.experiments.c3_training import held_out_kl
+
+    recs = [{"seed": s, "objectives": {"l2@16": {"kl_from_dropout": 0.2}, "l2@4": {"kl_from_dropout": 0.2}}} for s in range(3)]
+    recs[0]["objectives"]["l2@16"]["kl_from_dropout"] = 0.9  # seed 0's own KLs tell the choices apart
+    recs[0]["objectives"]["l2@4"]["kl_from_dropout"] = 0.1
+    assert held_out_kl(recs, "l2")[0] == 0.1

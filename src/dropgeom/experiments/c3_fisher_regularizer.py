@@ -43,7 +43,8 @@ ABOUT = (
     "is also compared with both forms over `config.c3_p_grid`. Rule (changed 2026-12-05, see theory.md 8, Rule changes: "
     "decided on the 95% intervals over seeds, not on point estimates): a (setting, stage) at the training `p` *holds* when "
     "the interval of the Fisher quadratic form's gradient cosine lies at or above 0.9 and that of its value ratio "
-    "(geometric mean) inside [0.8, 1.25], *fails* when either interval lies wholly outside, and is *undecided* otherwise; "
+    "(geometric mean) inside [0.8, 1.25], *fails* when either interval lies wholly outside, and is *undecided* otherwise "
+    "(also, at best, when some seed's ratio is not positive); "
     "**supported** when every stage of every setting holds in both data sets (digits and Fashion-MNIST); `not supported` "
     "when some pair fails; `inconclusive` otherwise (undecided pairs, or a data set not run, could change it: the "
     "quick run has digits only).\n\n"
@@ -57,7 +58,8 @@ ABOUT = (
     "`config.c3_strengths` (a log grid around its nominal strength: `regularizers`). Recorded: the clean train "
     "NLL, test NLL, and `KL(p_dropout || p_obj)` on the test inputs, so each regularizer gives a curve of "
     "KL-to-dropout against strength. Rule (changed 2026-12-05, see theory.md 8, Rule changes): each regularizer's "
-    "strength is chosen per seed on the setting's other seeds (the strength with the smallest mean log KL over them; the "
+    "strength is chosen per seed on the setting's other seeds (the strength with the smallest mean log KL over them, ties "
+    "to the smaller strength; the "
     "units record no "
     "validation-set KL), and the seed's own test KL at that strength is its value; per setting, each Fisher form against L2 "
     "in a t-test of the paired log-ratios over the setting's seeds (the seeds are the replicates; settings are not), Holm "
@@ -77,13 +79,14 @@ RULE_A = (
     f"at the training p and at every stage (initialisation, mid-training, solution) of every setting, a (setting, stage) "
     f"holds when the 95% interval over seeds of the Fisher quadratic form's gradient cosine with dropout's regularizer lies "
     f"at or above {COS_MIN} and that of its value ratio (geometric mean) inside [{BAND[0]}, {BAND[1]}], fails when either "
-    "interval lies wholly on the wrong side, and is undecided otherwise: supported when every pair holds in both data sets "
+    "interval lies wholly on the wrong side, and is undecided otherwise (at best, when some seed's ratio is not positive): "
+    "supported when every pair holds in both data sets "
     "(digits and Fashion-MNIST); not supported when some pair fails; inconclusive otherwise (undecided pairs, or a data "
     "set not run, could change it); the verdict names what held, failed and stayed undecided"
 )
 RULE_B = (
     "each regularizer's strength chosen per seed on the setting's other seeds (smallest mean log KL(dropout || regularizer) "
-    "over them; no validation KL is recorded), the seed's test KL at it its value; per setting, each Fisher form against L2 "
+    "over them, ties to the smaller strength; no validation KL is recorded), the seed's test KL at it its value; per setting, each Fisher form against L2 "
     "by paired log-ratios over that setting's seeds (seeds are the replicates), Holm over every (setting, Fisher form): "
     "supported when a Fisher form is significantly closer than L2 in some setting and significantly farther in none, "
     "refuted when significantly farther in some and closer in none, inconclusive otherwise (setting-dependent when "
@@ -166,10 +169,11 @@ def _by_setting(pairs: List[Tuple[str, str]]) -> str:
     return ", ".join(f"{tag} ({', '.join(stages)})" for tag, stages in grouped.items())
 
 
-def _classify(cos_q: Tuple[float, float, float], ratio_q: Tuple[float, float, float]) -> str:
+def _classify(cos_q: Tuple[float, float, float], ratio_q: Tuple[float, float, float], all_positive: bool = True) -> str:
     """:data:`RULE_A` on one (setting, stage): ``"holds"`` when the cosine's 95% interval lies at or above
     :data:`COS_MIN` and the value ratio's inside :data:`BAND`; ``"fails"`` when either interval lies wholly on the
-    wrong side; ``"undecided"`` otherwise (a NaN interval too).
+    wrong side; ``"undecided"`` otherwise (a NaN interval too). ``all_positive=False`` (some seed's ratio ``Q/R`` was
+    not positive: the geometric mean leaves it out) can never hold.
 
     Example:
         >>> _classify((0.95, 0.92, 0.98), (1.0, 0.9, 1.1)), _classify((0.92, 0.8, 1.0), (1.0, 0.9, 1.1))
@@ -179,7 +183,7 @@ def _classify(cos_q: Tuple[float, float, float], ratio_q: Tuple[float, float, fl
     r_lo, r_hi = ratio_q[1], ratio_q[2]
     if (math.isfinite(cos_hi) and cos_hi < COS_MIN) or (r_hi < BAND[0] or r_lo > BAND[1]):
         return "fails"
-    if math.isfinite(cos_lo) and cos_lo >= COS_MIN and BAND[0] <= r_lo and r_hi <= BAND[1]:
+    if all_positive and math.isfinite(cos_lo) and cos_lo >= COS_MIN and BAND[0] <= r_lo and r_hi <= BAND[1]:
         return "holds"
     return "undecided"
 
@@ -201,7 +205,8 @@ def _summarize_grad(config: RunConfig, grads: List[Mapping[str, Any]]) -> Dict[s
             cos_q = mean_ci([v["cos_quadratic"] for v in vals])
             ratio_q = geometric_mean_ci([v["ratio_quadratic"] for v in vals])
             checks["n"] += 1
-            checks[_classify(cos_q, ratio_q)].append((tag, stage))
+            positive = all(math.isfinite(float(v["ratio_quadratic"])) and float(v["ratio_quadratic"]) > 0 for v in vals)
+            checks[_classify(cos_q, ratio_q, positive)].append((tag, stage))
             rows.append(
                 {
                     "setting": tag,

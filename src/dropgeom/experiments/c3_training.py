@@ -38,6 +38,14 @@ def _kl(r: Mapping[str, Any], name: str) -> float:
     return v if math.isfinite(v) and v > 0 else math.nan
 
 
+def _strength(name: str) -> float:
+    """The strength multiplier of a grid entry ``"<regularizer>@<multiplier>"`` (``inf`` if it does not parse)."""
+    try:
+        return float(name.split("@", 1)[1])
+    except (IndexError, ValueError):
+        return math.inf
+
+
 def _grid(r: Mapping[str, Any], reg: str) -> List[str]:
     return [n for n in r["objectives"] if "@" in n and n.split("@")[0] == reg]
 
@@ -51,7 +59,8 @@ def in_sample_best(r: Mapping[str, Any], reg: str) -> float:
 
 def held_out_kl(rs: Sequence[Mapping[str, Any]], reg: str) -> List[float]:
     """Per record of one setting: its KL at the strength that minimises the mean log KL over the setting's *other*
-    records (NaN with no other record, or where the seed's run at that strength diverged)."""
+    records, ties to the smaller strength (NaN with no other record, or where the seed's run at that strength
+    diverged)."""
     out = []
     for i, r in enumerate(rs):
         others = [o for j, o in enumerate(rs) if j != i]
@@ -60,7 +69,8 @@ def held_out_kl(rs: Sequence[Mapping[str, Any]], reg: str) -> List[float]:
             logs = [math.log(_kl(o, n)) for o in others if math.isfinite(_kl(o, n))]
             if logs:
                 score[n] = float(np.mean(logs))
-        out.append(_kl(r, min(score, key=lambda n: score[n])) if score else math.nan)
+        # ties go to the smaller strength (the mildest regularizer that does as well), not to the grid's key order
+        out.append(_kl(r, min(score, key=lambda n: (score[n], _strength(n)))) if score else math.nan)
     return out
 
 
