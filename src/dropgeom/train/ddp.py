@@ -49,8 +49,9 @@ def _gathered(value: int, model: nn.Module) -> List[int]:
     return [int(t.item()) for t in out]
 
 
-def check_equal_steps(model: nn.Module, n_train: int, batch_size: int) -> None:
-    """Under DDP, check that every rank takes ``ceil(n_train / batch_size)`` steps per epoch, the same number.
+def check_equal_steps(model: nn.Module, n_train: int, batch_size: int, n_test: int = 0) -> None:
+    """Under DDP, check that every rank takes ``ceil(n_train / batch_size)`` steps per epoch, the same number, and
+    that every rank has a test split (``n_test > 0``) or none.
 
     Does nothing for a model that is not a ``DistributedDataParallel`` wrapper in an initialised process group.
     Every rank of the group must call it (it is a collective), as every rank calls ``train``.
@@ -58,13 +59,18 @@ def check_equal_steps(model: nn.Module, n_train: int, batch_size: int) -> None:
     Raises:
         ValueError: the ranks' shards give different numbers of mini-batches per epoch; the message gives each
             rank's count and training-set size (make the shards equal, e.g. drop the remainder, or choose a
-            ``batch_size`` that gives every shard the same number of batches).
+            ``batch_size`` that gives every shard the same number of batches); some ranks have a test split and
+            others none (the message says which).
 
     Example:
         >>> check_equal_steps(torch.nn.Linear(2, 2), n_train=7, batch_size=3)   # no process group: nothing to do
     """
     if not is_ddp(model):
         return
+    tests = _gathered(int(n_test > 0), model)
+    if len(set(tests)) > 1:  # the epoch records are summed over ranks key by key (global_record): the keys must agree
+        have = ", ".join(f"rank {r}: {'a test split' if t else 'none'}" for r, t in enumerate(tests))
+        raise ValueError(f"under DistributedDataParallel every rank needs a test split, or none ({have})")
     steps = _gathered(math.ceil(n_train / batch_size), model)
     if len(set(steps)) > 1:
         sizes = _gathered(n_train, model)
@@ -110,7 +116,8 @@ def global_record(record: Mapping[str, float], n_train: int, n_test: int, model:
     the rank's own. Not DDP: ``record`` unchanged. Every rank must call it (a collective), with the same keys.
 
     Raises:
-        Nothing of its own; a broken process group raises as ``torch.distributed.all_reduce`` does.
+        Nothing of its own (:func:`check_equal_steps` has refused ranks with and without a test split, whose keys
+        would differ); a broken process group raises as ``torch.distributed.all_reduce`` does.
 
     Example:
         >>> global_record({"epoch": 1, "train_nll": 0.5}, 10, 0, torch.nn.Linear(2, 2))

@@ -210,7 +210,8 @@ def _setup(
     es = _check_args(model, seed=seed, lr=lr, early_stopping=early_stopping, **sizes)
     obj = make_objective(objective, **dict(objective_options or {}))
     split, fam, ref = _prepare_data(model, data, family, es)
-    check_equal_steps(model, int(split[0].shape[0]), sizes["batch_size"])  # DDP: unequal shards would hang
+    # DDP: unequal shards, or a test split on some ranks only, would hang
+    check_equal_steps(model, int(split[0].shape[0]), sizes["batch_size"], _n(split[2]))
     opt = make_optimizer(optimizer, model, float(lr))
     ckpt_path = os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_NAME) if checkpoint_dir is not None else None
     fingerprint = _fingerprint(model, obj, opt, seed, sizes["batch_size"], int(split[0].shape[0]))
