@@ -58,7 +58,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DropoutSite", "DropoutInterceptor", "ALPHA", "alpha_affine", "alpha_mode", "LazyMasks", "MODULE_DROPOUT"]
+__all__ = [
+    "DropoutSite",
+    "DropoutInterceptor",
+    "ALPHA",
+    "alpha_affine",
+    "alpha_mode",
+    "LazyMasks",
+    "MODULE_DROPOUT",
+    "reused_dropout_error",
+]
 
 #: SELU's ``-lambda * alpha``: the value a dropped unit of alpha dropout takes before the affine correction.
 ALPHA = 1.7580993408473766
@@ -92,6 +101,21 @@ class DropoutSite(NamedTuple):
     p: float
     owner: str
     unit_shape: torch.Size
+
+
+def reused_dropout_error(name: str, what: str) -> ValueError:
+    """The error for a dropout module run more than once in one forward pass (one explicit mask per
+    module cannot stand for torch's independent mask at each call).
+
+    Example:
+        >>> "'enc.drop'" in str(reused_dropout_error("enc.drop", "nn.Dropout"))
+        True
+    """
+    return ValueError(
+        f"dropout module {name!r} ({what}) runs more than once in one forward pass: torch draws an independent "
+        "mask at each call, but dropgeom gives a module one explicit mask (it would reuse it at every call and "
+        "get the gap, terms and penalty wrong). Use a separate dropout module for each call."
+    )
 
 
 def alpha_affine(p: float) -> Tuple[float, float]:
@@ -294,6 +318,7 @@ class DropoutInterceptor(torch.overrides.TorchFunctionMode):
         self._handles: List = []
         self._depth = 0
         self._attn: Optional[Tuple[str, int]] = None  # inside an MHA call with a mask: (site, heads)
+        self._attention_calls: set = set()  # the nn.MultiheadAttention sites run in this pass
         self._names = {id(m): k for k, m in model.named_modules()} if model is not None else {}
         self._mods = dict(model.named_modules()) if model is not None else {}
 
@@ -308,6 +333,7 @@ class DropoutInterceptor(torch.overrides.TorchFunctionMode):
                 self._handles.append(mod.register_forward_pre_hook(self._push))
                 self._handles.append(mod.register_forward_hook(self._pop, always_call=True))
         self._counts.clear()
+        self._attention_calls.clear()
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -424,6 +450,9 @@ class DropoutInterceptor(torch.overrides.TorchFunctionMode):
             return func(*args, **kwargs)
         owner_mod = self._mods.get(self._owner)
         name = self._owner if isinstance(owner_mod, nn.MultiheadAttention) else self._site("mha")
+        if name in self._attention_calls:
+            raise reused_dropout_error(name, "nn.MultiheadAttention attention-weight dropout")
+        self._attention_calls.add(name)
         q, k = b.arguments["query"], b.arguments["key"]
         heads = int(b.arguments["num_heads"])
         if q.dim() != 3:

@@ -27,7 +27,7 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._intercept import DropoutInterceptor, DropoutSite, LazyMasks, alpha_mode, apply_mask
+from .._intercept import DropoutInterceptor, DropoutSite, LazyMasks, alpha_mode, apply_mask, reused_dropout_error
 from .._intercept import unit_shape as kind_unit_shape
 from ..manifold import check_inputs_match, eval_mode
 from .chain import Chain, as_chain, run_chain, training_off
@@ -89,7 +89,7 @@ def record(model: nn.Module, args: Tuple[Tensor, ...], layers: Optional[Sequence
 
     Raises:
         ValueError: no dropout at all, an unknown or never-run layer, ``p`` outside ``[0, 1)``
-            (or imposed on alpha dropout).
+            (or imposed on alpha dropout), a dropout module run more than once in the forward pass.
     """
     modules, wanted = _requested(model, layers)
     if wanted is None and _rnn_dropout(model):
@@ -128,6 +128,8 @@ def _module_masks(modules: Dict[str, nn.Module], store: Dict[str, Tuple[Tensor, 
 
         def hook(module: nn.Module, args: Tuple[Tensor, ...], output: Tensor) -> Tensor:
             h = args[0]
+            if name in store:
+                raise reused_dropout_error(name, type(module).__name__)
             m = torch.ones(h.shape[0], *kind_unit_shape(kind, h), dtype=h.dtype, device=h.device, requires_grad=True)
             store[name] = (h, m)
             return apply_mask(kind, h, m, float(module.p), name)

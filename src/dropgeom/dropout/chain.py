@@ -307,6 +307,8 @@ def as_chain(model: nn.Module, names: Sequence[str]) -> Optional[List[nn.Module]
     if not names or any(k not in keys for k in names):
         return None
     mods = [model._modules[k] for k in keys]
+    if len({id(m) for m in mods}) != len(mods):  # a module placed twice: the generic path refuses a reused dropout
+        return None
     first = min(keys.index(k) for k in names)
     for k in names:
         m = model._modules[k]

@@ -18,7 +18,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Uni
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .._intercept import DropoutSite, apply_mask
+from .._intercept import DropoutSite, apply_mask, reused_dropout_error
 from .._utils import as_tuple as _as_tuple
 from ..manifold import check_inputs_match, eval_mode
 from .kinds import module_kind
@@ -189,7 +189,9 @@ def record_dropout_inputs(
     met (``dropgeom._intercept``). ``strict``: raise if a named module never runs.
 
     Raises:
-        ValueError: an unknown name, or (``strict``) a named module that never runs.
+        ValueError: an unknown name, (``strict``) a named module that never runs, or a named module (or an
+            ``nn.MultiheadAttention`` with dropout) that runs more than once in the pass (torch would draw an
+            independent mask at each call; one explicit mask per module cannot stand for that).
 
     Example:
         >>> import torch
@@ -205,6 +207,8 @@ def record_dropout_inputs(
 
     def make(name: str):
         def pre(module: nn.Module, args: Tuple[Tensor, ...]) -> None:
+            if name in rec:
+                raise reused_dropout_error(name, type(module).__name__)
             rec[name] = args[0]
 
         return pre

@@ -1,0 +1,85 @@
+"""Edge cases of the dropout analysis found by an adversarial audit against brute force (theory.md section 4).
+
+Each test failed before its fix: the analysis gave a silently wrong number where it now agrees with
+brute force or raises a clear error naming the module.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dropgeom import dropout as D
+
+
+def _data(n: int = 3, d: int = 2):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, d, generator=g, dtype=torch.float64), torch.tensor([0, 1, 2][:n])
+
+
+class _SharedDropout(nn.Module):
+    """One ``nn.Dropout`` instance called at two places: torch draws an independent mask at each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(2, 3), nn.Linear(3, 3), nn.Linear(3, 3)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(torch.tanh(self.l1(x)))
+        return self.l3(self.drop(torch.tanh(self.l2(h))))
+
+
+class _SharedAttention(nn.Module):
+    """One ``nn.MultiheadAttention`` with dropout applied twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.out = nn.Linear(2, 4), nn.Linear(4, 3)
+        self.att = nn.MultiheadAttention(4, 2, dropout=0.3, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.stack([self.lin(x), -0.5 * self.lin(x)], 1)
+        a, _ = self.att(h, h, h, need_weights=False)
+        a, _ = self.att(a, a, a, need_weights=False)
+        return self.out(a.mean(1))
+
+
+@pytest.mark.parametrize("quantity", ["gap", "terms", "penalty", "mixture"])
+def test_a_dropout_module_called_twice_is_refused(quantity):
+    """It was one mask reused at both calls: gap -0.019 where torch's train mode gives +0.022."""
+    torch.manual_seed(0)
+    net = _SharedDropout().double()
+    x, y = _data()
+    call = {
+        "gap": lambda: D.gap(net, x, y),
+        "terms": lambda: D.terms(net, x, y),
+        "penalty": lambda: D.penalty(net, x),
+        "mixture": lambda: D.mixture(net, x),
+    }[quantity]
+    with pytest.raises(ValueError, match="'drop'.*runs more than once"):
+        call()
+
+
+def test_a_sequential_holding_one_dropout_twice_is_refused_on_the_fast_paths():
+    """The chain fast path saw the module once (``named_modules`` dedupes) and ignored the second call."""
+    torch.manual_seed(0)
+    d = nn.Dropout(0.3)
+    net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), d, nn.Linear(3, 3), nn.Tanh(), d, nn.Linear(3, 3)).double()
+    x, y = _data()
+    with pytest.raises(ValueError, match="'2'.*runs more than once"):
+        D.penalty(net, x)
+    with pytest.raises(ValueError, match="'2'.*runs more than once"):
+        D.terms(net, x, y)
+
+
+def test_an_attention_module_called_twice_is_refused():
+    """Its attention-weight mask was reused at the second call."""
+    torch.manual_seed(0)
+    net = _SharedAttention().double()
+    x, y = _data()
+    with pytest.raises(ValueError, match="'att'.*runs more than once"):
+        D.gap(net, x, y, max_masks=2**9)
+    with pytest.raises(ValueError, match="'att'.*runs more than once"):
+        D.penalty(net, x)
