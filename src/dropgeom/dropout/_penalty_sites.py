@@ -31,6 +31,7 @@ from .._intercept import DropoutInterceptor, DropoutSite, LazyMasks, alpha_mode,
 from .._intercept import unit_shape as kind_unit_shape
 from ..manifold import check_inputs_match, eval_mode
 from .chain import Chain, as_chain, run_chain, training_off
+from ._train_only import warn_train_only
 from .kinds import DROPOUT_TYPES, _rnn_dropout, module_kind
 from .masks import PSpec, resolve_p, site_p
 
@@ -90,6 +91,9 @@ def record(model: nn.Module, args: Tuple[Tensor, ...], layers: Optional[Sequence
     Raises:
         ValueError: no dropout at all, an unknown or never-run layer, ``p`` outside ``[0, 1)``
             (or imposed on alpha dropout), a dropout module run more than once in the forward pass.
+
+    Warns:
+        RuntimeWarning: (``layers=None``) dropout the forward runs only in training mode is left out.
     """
     modules, wanted = _requested(model, layers)
     if wanted is None and _rnn_dropout(model):
@@ -111,6 +115,8 @@ def record(model: nn.Module, args: Tuple[Tensor, ...], layers: Optional[Sequence
             check_inputs_match(model, args, err)
             raise
         if chain is not None and not seen:
+            if watch is not None:
+                warn_train_only(model, args, seen, "penalty")
             ps = resolve_p({k: modules[k] for k in names}, p)
             hs: Dict[str, Optional[Tensor]] = {k: chain.h(k) for k in names}
             kinds = {k: str(module_kind(modules[k])) for k in names}
@@ -167,6 +173,7 @@ def _generic_forward(
             sites[k] = DropoutSite(k, kind, float(m.p), k, torch.Size(store[k][1].shape[1:]))
     sites.update(seen)
     if wanted is None:
+        warn_train_only(model, args, sites, "penalty")
         if not sites:
             raise ValueError(
                 f"{type(model).__name__} has no dropout modules, and its forward pass calls no F.dropout or "

@@ -23,7 +23,9 @@ from torch import nn
 
 from .._intercept import DropoutSite, unit_shape as _kind_unit_shape
 from .._utils import Inputs
+from .._utils import as_tuple as _as_tuple
 from .explicit import record_dropout_inputs
+from ._train_only import warn_train_only
 from .kinds import _rnn_dropout, module_kind
 
 __all__ = ["dropout_sites", "unit_shapes"]
@@ -43,6 +45,10 @@ def dropout_sites(model: nn.Module, inputs: "Inputs", layers: Optional[Sequence[
         model: the network.
         inputs: its inputs (leading sample axis).
         layers: restrict to these site names (in this order).
+
+    Warns:
+        RuntimeWarning: dropout that cannot be made an explicit mask (inside a fused RNN kernel), or that
+            the forward runs only in training mode (``dropout_p=p if self.training else 0.0``), is left out.
 
     Raises:
         ValueError: no dropout at all, an unknown name, or a named dropout module that
@@ -68,6 +74,7 @@ def dropout_sites(model: nn.Module, inputs: "Inputs", layers: Optional[Sequence[
             kind = module_kind(m)
             sites[k] = DropoutSite(k, kind, float(m.p), k, _kind_unit_shape(kind, rec[k]))
     sites.update(record)
+    warn_train_only(model, _as_tuple(inputs), sites, "dropout_sites")
     fused = _rnn_dropout(model)
     if fused:
         warnings.warn(

@@ -1,0 +1,89 @@
+"""Dropout that runs only in training mode, which dropgeom's eval-mode passes cannot see (theory.md section 4).
+
+dropgeom finds the dropout that is not a module by one eval-mode forward pass. A custom ``forward``
+that decides in Python whether to drop -- ``F.scaled_dot_product_attention(q, k, v,
+dropout_p=self.p if self.training else 0.0)`` (the usual way to write it), ``if self.training:
+x = F.dropout(x, p)`` -- calls no dropout in eval mode, so that dropout would be left out in
+silence. :func:`warn_train_only` runs one more pass with the model's modules in training mode
+(dropout modules and normalisation layers kept in eval mode, every dropout call the identity, the
+random state, the buffers and the training flags restored) and warns, naming each site that only
+this pass meets. Only models with modules outside ``torch.nn`` are probed: ``torch.nn``'s own
+forwards call dropout through modules or with ``training`` as an argument.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Dict, Mapping, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .._evaluation import autodiff_kernels
+from .._intercept import DropoutInterceptor, DropoutSite
+from .kinds import module_kind
+
+__all__ = ["train_only_sites", "warn_train_only"]
+
+_KEEP_EVAL = (nn.modules.batchnorm._NormBase,)
+# {model: {(input shapes and dtypes, eval-mode site names): train-only sites}}: one probe per model and input
+# signature, so a training loop calling the penalty every step pays for one extra forward pass once.
+_PROBED: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, Dict[str, str]]]" = weakref.WeakKeyDictionary()
+
+
+def _custom(model: nn.Module) -> bool:
+    """Some module's class lives outside ``torch.nn`` (its ``forward`` may branch on ``self.training``)."""
+    return any(not type(m).__module__.startswith("torch.nn.") for m in model.modules())
+
+
+def train_only_sites(model: nn.Module, args: Tuple[Tensor, ...], eval_sites: Mapping[str, DropoutSite]) -> Dict[str, str]:
+    """``{site name: description}`` of the dropout a training-mode pass meets and ``eval_sites`` lacks.
+
+    A model whose training-mode pass fails on these inputs gives ``{}`` (nothing can be said).
+    """
+    if not _custom(model):
+        return {}
+    key = (tuple((tuple(getattr(a, "shape", ())), getattr(a, "dtype", type(a))) for a in args), tuple(sorted(eval_sites)))
+    cache = _PROBED.setdefault(model, {})
+    if key not in cache:
+        cache[key] = _probe(model, args, eval_sites)
+    return cache[key]
+
+
+def _probe(model: nn.Module, args: Tuple[Tensor, ...], eval_sites: Mapping[str, DropoutSite]) -> Dict[str, str]:
+    """The training-mode pass of :func:`train_only_sites` (uncached)."""
+    flags = [(m, m.training) for m in model.modules()]
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    seen: Dict[str, DropoutSite] = {}
+    devices = sorted({q.device.index or 0 for q in model.parameters() if q.device.type == "cuda"})
+    try:
+        for m in model.modules():
+            m.training = not (module_kind(m) is not None or isinstance(m, _KEEP_EVAL))
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), autodiff_kernels():
+            with DropoutInterceptor(model, record=seen):
+                model(*args)
+    except Exception:  # noqa: BLE001 -- a probe only: the eval-mode analysis goes on regardless
+        return {}
+    finally:
+        for m, flag in flags:
+            m.training = flag
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+    return {k: f"{s.kind} dropout (p={s.p:g}) in module {s.owner or '<root>'!r}" for k, s in seen.items() if k not in eval_sites}
+
+
+def warn_train_only(model: nn.Module, args: Tuple[Tensor, ...], eval_sites: Mapping[str, DropoutSite], where: str) -> None:
+    """A ``RuntimeWarning`` naming the dropout that only a training-mode pass meets (see the module docstring)."""
+    left = train_only_sites(model, args, eval_sites)
+    if left:
+        warnings.warn(
+            f"{where}: dropout that the model's forward runs only in training mode (e.g. "
+            "dropout_p=p if self.training else 0.0) is left out: "
+            + "; ".join(left.values())
+            + ". dropgeom finds dropout by an eval-mode pass; to include it pass the drop probability "
+            "unconditionally with training=self.training (F.dropout) or use an nn.Dropout module.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
