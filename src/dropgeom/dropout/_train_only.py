@@ -15,21 +15,43 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .._evaluation import autodiff_kernels
-from .._intercept import DropoutInterceptor, DropoutSite
+from .._intercept import _FUNCTIONAL, _SIGS, MODULE_DROPOUT, DropoutInterceptor, DropoutSite
 from .kinds import module_kind
 
-__all__ = ["train_only_sites", "warn_train_only"]
+__all__ = ["probe_training_mode", "train_only_sites", "warn_train_only"]
+
+Found = Tuple[Dict[str, str], Dict[str, str]]
 
 _KEEP_EVAL = (nn.modules.batchnorm._NormBase,)
 # {model: {(input shapes and dtypes, eval-mode site names): train-only sites}}: one probe per model and input
 # signature, so a training loop calling the penalty every step pays for one extra forward pass once.
-_PROBED: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, Dict[str, str]]]" = weakref.WeakKeyDictionary()
+_PROBED: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, Found]]" = weakref.WeakKeyDictionary()
+
+
+class _TrainingProbe(DropoutInterceptor):
+    """Records the sites met, and ``never``: functional dropout called with ``training=False`` although
+    the module calling it is in training mode (torch never drops there)."""
+
+    def __init__(self, model: nn.Module, record: Dict[str, DropoutSite]) -> None:
+        super().__init__(model, record=record)
+        self.never: Dict[str, str] = {}
+
+    def _functional(self, func, args, kwargs):
+        b = _SIGS[func].bind(*args, **kwargs)
+        b.apply_defaults()
+        owner = self._mods.get(self._owner)
+        skip = self._attn is not None or isinstance(owner, MODULE_DROPOUT) or float(b.arguments["p"]) == 0.0
+        if not skip and owner is not None and owner.training and not b.arguments["training"]:
+            fname = _FUNCTIONAL[func]
+            name = f"{self._owner}#{fname}{self._counts.get((self._owner, fname), 0)}"
+            self.never[name] = f"{name!r}: F.{fname}(p={float(b.arguments['p']):g}, training=False)"
+        return super()._functional(func, args, kwargs)
 
 
 def _custom(model: nn.Module) -> bool:
@@ -38,12 +60,19 @@ def _custom(model: nn.Module) -> bool:
 
 
 def train_only_sites(model: nn.Module, args: Tuple[Tensor, ...], eval_sites: Mapping[str, DropoutSite]) -> Dict[str, str]:
-    """``{site name: description}`` of the dropout a training-mode pass meets and ``eval_sites`` lacks.
+    """``{site name: description}`` of the dropout a training-mode pass meets and ``eval_sites`` lacks."""
+    return probe_training_mode(model, args, eval_sites)[0]
 
-    A model whose training-mode pass fails on these inputs gives ``{}`` (nothing can be said).
+
+def probe_training_mode(model: nn.Module, args: Tuple[Tensor, ...], eval_sites: Mapping[str, DropoutSite]) -> Found:
+    """``(train-only sites, never-dropping sites)``, each ``{site name: description}``: the dropout a
+    training-mode pass meets and ``eval_sites`` lacks, and the functional dropout in ``eval_sites`` that
+    is called with ``training=False`` even in training mode (torch never drops there, dropgeom would).
+
+    A model whose training-mode pass fails on these inputs gives ``({}, {})`` (nothing can be said).
     """
     if not _custom(model):
-        return {}
+        return {}, {}
     key = (tuple((tuple(getattr(a, "shape", ())), getattr(a, "dtype", type(a))) for a in args), tuple(sorted(eval_sites)))
     cache = _PROBED.setdefault(model, {})
     if key not in cache:
@@ -51,7 +80,7 @@ def train_only_sites(model: nn.Module, args: Tuple[Tensor, ...], eval_sites: Map
     return cache[key]
 
 
-def _probe(model: nn.Module, args: Tuple[Tensor, ...], eval_sites: Mapping[str, DropoutSite]) -> Dict[str, str]:
+def _probe(model: nn.Module, args: Tuple[Tensor, ...], eval_sites: Mapping[str, DropoutSite]) -> Found:
     """The training-mode pass of :func:`train_only_sites` (uncached)."""
     flags = [(m, m.training) for m in model.modules()]
     saved = [(b, b.detach().clone()) for b in model.buffers()]
@@ -61,22 +90,42 @@ def _probe(model: nn.Module, args: Tuple[Tensor, ...], eval_sites: Mapping[str, 
         for m in model.modules():
             m.training = not (module_kind(m) is not None or isinstance(m, _KEEP_EVAL))
         with torch.no_grad(), torch.random.fork_rng(devices=devices), autodiff_kernels():
-            with DropoutInterceptor(model, record=seen):
+            with _TrainingProbe(model, seen) as probe:
                 model(*args)
     except Exception:  # noqa: BLE001 -- a probe only: the eval-mode analysis goes on regardless
-        return {}
+        return {}, {}
     finally:
         for m, flag in flags:
             m.training = flag
         with torch.no_grad():
             for b, value in saved:
                 b.copy_(value)
-    return {k: f"{s.kind} dropout (p={s.p:g}) in module {s.owner or '<root>'!r}" for k, s in seen.items() if k not in eval_sites}
+    left = {k: f"{s.kind} dropout (p={s.p:g}) in module {s.owner or '<root>'!r}" for k, s in seen.items() if k not in eval_sites}
+    return left, {k: v for k, v in probe.never.items() if k in eval_sites}
 
 
-def warn_train_only(model: nn.Module, args: Tuple[Tensor, ...], eval_sites: Mapping[str, DropoutSite], where: str) -> None:
-    """A ``RuntimeWarning`` naming the dropout that only a training-mode pass meets (see the module docstring)."""
-    left = train_only_sites(model, args, eval_sites)
+def warn_train_only(
+    model: nn.Module,
+    args: Tuple[Tensor, ...],
+    eval_sites: Mapping[str, DropoutSite],
+    where: str,
+    chosen: Optional[Sequence[str]] = None,
+) -> None:
+    """A ``RuntimeWarning`` naming the dropout that only a training-mode pass meets, and one naming the
+    functional dropout called with ``training=False`` in training mode too (see the module docstring).
+    ``chosen``: the layers the caller named (``None``: all); then only those are named, train-only ones not."""
+    left, never = probe_training_mode(model, args, eval_sites)
+    if chosen is not None:
+        left, never = {}, {k: v for k, v in never.items() if k in chosen}
+    if never:
+        warnings.warn(
+            f"{where}: functional dropout called with training=False even when its module is in training mode "
+            "never drops in torch, but dropgeom counts it as a dropout site: "
+            + "; ".join(never.values())
+            + ". Pass training=self.training to make it dropout, or leave it out with layers=.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if left:
         warnings.warn(
             f"{where}: dropout that the model's forward runs only in training mode (e.g. "

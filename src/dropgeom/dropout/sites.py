@@ -74,7 +74,6 @@ def dropout_sites(model: nn.Module, inputs: "Inputs", layers: Optional[Sequence[
             kind = module_kind(m)
             sites[k] = DropoutSite(k, kind, float(m.p), k, _kind_unit_shape(kind, rec[k]))
     sites.update(record)
-    warn_train_only(model, _as_tuple(inputs), sites, "dropout_sites")
     fused = _rnn_dropout(model)
     if fused:
         warnings.warn(
@@ -85,6 +84,7 @@ def dropout_sites(model: nn.Module, inputs: "Inputs", layers: Optional[Sequence[
             stacklevel=2,
         )
     if layers is None:
+        warn_train_only(model, _as_tuple(inputs), sites, "dropout_sites")
         if not sites:
             raise ValueError(
                 f"{type(model).__name__} has no dropout modules, and its forward pass calls no F.dropout or "
@@ -103,6 +103,7 @@ def dropout_sites(model: nn.Module, inputs: "Inputs", layers: Optional[Sequence[
             raise ValueError(f"dropout module {name!r} is never run by the model's forward pass on these inputs")
         else:
             raise ValueError(f"unknown layer name {name!r}; the model's dropout layers are {list(sites)}")
+    warn_train_only(model, _as_tuple(inputs), sites, "dropout_sites", chosen=list(out))
     return out
 
 
