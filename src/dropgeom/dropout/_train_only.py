@@ -26,7 +26,7 @@ from .kinds import module_kind
 
 __all__ = ["probe_training_mode", "train_only_sites", "warn_train_only"]
 
-Found = Tuple[Dict[str, str], Dict[str, str]]
+Found = Tuple[Dict[str, str], Dict[str, str], Dict[str, str]]
 
 _KEEP_EVAL = (nn.modules.batchnorm._NormBase,)
 # {model: {(input shapes and dtypes, eval-mode site names): train-only sites}}: one probe per model and input
@@ -34,13 +34,35 @@ _KEEP_EVAL = (nn.modules.batchnorm._NormBase,)
 _PROBED: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, Found]]" = weakref.WeakKeyDictionary()
 
 
+#: Random draws by which a custom ``forward`` may drop in training mode (timm's ``DropPath``:
+#: ``x.new_empty(shape).bernoulli_(keep)``; torchvision's ``stochastic_depth``: ``torch.empty(...).bernoulli_``).
+_RANDOM = {
+    torch.bernoulli: "torch.bernoulli",
+    Tensor.bernoulli_: "Tensor.bernoulli_",
+    torch.rand: "torch.rand",
+    torch.rand_like: "torch.rand_like",
+    torch.randn: "torch.randn",
+    torch.randn_like: "torch.randn_like",
+    Tensor.uniform_: "Tensor.uniform_",
+    Tensor.normal_: "Tensor.normal_",
+}
+
+
 class _TrainingProbe(DropoutInterceptor):
-    """Records the sites met, and ``never``: functional dropout called with ``training=False`` although
-    the module calling it is in training mode (torch never drops there)."""
+    """Records the sites met; ``never``: functional dropout called with ``training=False`` although
+    the module calling it is in training mode (torch never drops there); ``random``: the modules that
+    draw random numbers themselves (stochastic regularisation dropgeom cannot make a mask of)."""
 
     def __init__(self, model: nn.Module, record: Dict[str, DropoutSite]) -> None:
         super().__init__(model, record=record)
         self.never: Dict[str, str] = {}
+        self.random: Dict[str, str] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        what = _RANDOM.get(func)
+        if what is not None and self._attn is None:
+            self.random.setdefault(self._owner or "<root>", what)
+        return super().__torch_function__(func, types, args, kwargs)
 
     def _functional(self, func, args, kwargs):
         b = _SIGS[func].bind(*args, **kwargs)
@@ -65,14 +87,16 @@ def train_only_sites(model: nn.Module, args: Tuple[Tensor, ...], eval_sites: Map
 
 
 def probe_training_mode(model: nn.Module, args: Tuple[Tensor, ...], eval_sites: Mapping[str, DropoutSite]) -> Found:
-    """``(train-only sites, never-dropping sites)``, each ``{site name: description}``: the dropout a
-    training-mode pass meets and ``eval_sites`` lacks, and the functional dropout in ``eval_sites`` that
-    is called with ``training=False`` even in training mode (torch never drops there, dropgeom would).
+    """``(train-only sites, never-dropping sites, random draws)``, each ``{name: description}``: the dropout
+    a training-mode pass meets and ``eval_sites`` lacks, the functional dropout in ``eval_sites`` that is
+    called with ``training=False`` even in training mode (torch never drops there, dropgeom would), and
+    ``{module: the random draw}`` for each module that draws random numbers itself (its own stochastic
+    depth or noise: no explicit mask, left out).
 
-    A model whose training-mode pass fails on these inputs gives ``({}, {})`` (nothing can be said).
+    A model whose training-mode pass fails on these inputs gives ``({}, {}, {})`` (nothing can be said).
     """
     if not _custom(model):
-        return {}, {}
+        return {}, {}, {}
     key = (tuple((tuple(getattr(a, "shape", ())), getattr(a, "dtype", type(a))) for a in args), tuple(sorted(eval_sites)))
     cache = _PROBED.setdefault(model, {})
     if key not in cache:
@@ -93,7 +117,7 @@ def _probe(model: nn.Module, args: Tuple[Tensor, ...], eval_sites: Mapping[str, 
             with _TrainingProbe(model, seen) as probe:
                 model(*args)
     except Exception:  # noqa: BLE001 -- a probe only: the eval-mode analysis goes on regardless
-        return {}, {}
+        return {}, {}, {}
     finally:
         for m, flag in flags:
             m.training = flag
@@ -101,7 +125,7 @@ def _probe(model: nn.Module, args: Tuple[Tensor, ...], eval_sites: Mapping[str, 
             for b, value in saved:
                 b.copy_(value)
     left = {k: f"{s.kind} dropout (p={s.p:g}) in module {s.owner or '<root>'!r}" for k, s in seen.items() if k not in eval_sites}
-    return left, {k: v for k, v in probe.never.items() if k in eval_sites}
+    return left, {k: v for k, v in probe.never.items() if k in eval_sites}, dict(probe.random)
 
 
 def warn_train_only(
@@ -114,9 +138,18 @@ def warn_train_only(
     """A ``RuntimeWarning`` naming the dropout that only a training-mode pass meets, and one naming the
     functional dropout called with ``training=False`` in training mode too (see the module docstring).
     ``chosen``: the layers the caller named (``None``: all); then only those are named, train-only ones not."""
-    left, never = probe_training_mode(model, args, eval_sites)
+    left, never, random = probe_training_mode(model, args, eval_sites)
     if chosen is not None:
-        left, never = {}, {k: v for k, v in never.items() if k in chosen}
+        left, never, random = {}, {k: v for k, v in never.items() if k in chosen}, {}
+    if random:
+        warnings.warn(
+            f"{where}: modules that draw random numbers themselves in training mode (their own stochastic depth, "
+            "DropPath or noise, e.g. timm's DropPath) are left out, evaluated as in eval mode: "
+            + "; ".join(f"{k!r} ({v})" for k, v in random.items())
+            + ". Use dropgeom.dropout.DropPath / StochasticDepth or nn.Dropout to include them.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if never:
         warnings.warn(
             f"{where}: functional dropout called with training=False even when its module is in training mode "
