@@ -173,3 +173,23 @@ def test_a_module_drawing_its_own_masks_is_named_as_left_out():
         D.gap(net, x, y)
     with pytest.warns(RuntimeWarning, match=r"draw random numbers.*'2'"):
         D.penalty(net, x)
+
+
+class _LockedDropout(nn.Dropout):
+    """An ``nn.Dropout`` subclass that shares its mask over the middle axis (locked dropout)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        return x * x.new_empty(x.shape[0], 1, x.shape[2]).bernoulli_(1 - self.p) / (1 - self.p)
+
+
+def test_a_dropout_subclass_with_its_own_forward_is_named():
+    """It was analysed with nn.Dropout's elementwise law in silence, whatever its forward draws."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 4), nn.Unflatten(1, (2, 2)), _LockedDropout(0.3), nn.Flatten(), nn.Linear(4, 3))
+    x, y = _data()
+    with pytest.warns(RuntimeWarning, match=r"'2': _LockedDropout \(a Dropout with its own forward\)"):
+        D.gap(net.double(), x, y)
+    with pytest.warns(RuntimeWarning, match="overrides forward"):
+        D.penalty(net, x)

@@ -32,7 +32,7 @@ from .._intercept import unit_shape as kind_unit_shape
 from ..manifold import check_inputs_match, eval_mode
 from .chain import Chain, as_chain, run_chain, training_off
 from ._train_only import warn_train_only
-from .kinds import DROPOUT_TYPES, _rnn_dropout, module_kind
+from .kinds import DROPOUT_TYPES, _rnn_dropout, module_kind, warn_own_forward
 from .masks import PSpec, resolve_p, site_p
 
 __all__: List[str] = []
@@ -96,6 +96,7 @@ def record(model: nn.Module, args: Tuple[Tensor, ...], layers: Optional[Sequence
         RuntimeWarning: (``layers=None``) dropout the forward runs only in training mode is left out.
     """
     modules, wanted = _requested(model, layers)
+    warn_own_forward(model, "penalty")
     if wanted is None and _rnn_dropout(model):
         warnings.warn(
             "penalty: dropout inside a fused RNN kernel cannot be made an explicit mask and is left out: "

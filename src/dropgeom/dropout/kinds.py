@@ -76,6 +76,30 @@ def _left_out(model: nn.Module) -> Dict[str, str]:
     return out
 
 
+def _own_forward(model: nn.Module) -> Dict[str, str]:
+    """Dropout modules of a subclass with its own ``forward``: their mask law may not be their base's."""
+    out = {}
+    for k, m in model.named_modules():
+        base = next((cls for cls, _ in MODULE_KINDS if isinstance(m, cls)), None)
+        if base is not None and type(m) is not base and type(m).forward is not base.forward:
+            out[k] = f"{type(m).__name__} (a {base.__name__} with its own forward)"
+    return out
+
+
+def warn_own_forward(model: nn.Module, where: str) -> None:
+    """A ``RuntimeWarning`` naming the dropout modules :func:`_own_forward` finds."""
+    own = _own_forward(model)
+    if own:
+        warnings.warn(
+            f"{where}: dropout modules whose class overrides forward are analysed with their base class's mask law "
+            "on their input (their own forward is not run): "
+            + "; ".join(f"{k!r}: {v}" for k, v in own.items())
+            + ". If that forward draws another mask (shared over an axis, locked over time), the numbers are wrong.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def _rnn_dropout(model: nn.Module) -> Dict[str, str]:
     """Dropout between the layers of ``nn.RNN/LSTM/GRU``: inside a fused kernel, no explicit mask possible."""
     return {

@@ -26,7 +26,7 @@ from .._utils import Inputs
 from .._utils import as_tuple as _as_tuple
 from .explicit import record_dropout_inputs
 from ._train_only import warn_train_only
-from .kinds import _rnn_dropout, module_kind
+from .kinds import _rnn_dropout, module_kind, warn_own_forward
 
 __all__ = ["dropout_sites", "unit_shapes"]
 
@@ -48,7 +48,8 @@ def dropout_sites(model: nn.Module, inputs: "Inputs", layers: Optional[Sequence[
 
     Warns:
         RuntimeWarning: dropout that cannot be made an explicit mask (inside a fused RNN kernel), or that
-            the forward runs only in training mode (``dropout_p=p if self.training else 0.0``), is left out.
+            the forward runs only in training mode (``dropout_p=p if self.training else 0.0``), is left out;
+            a dropout module whose class overrides ``forward`` is analysed with its base class's law.
 
     Raises:
         ValueError: no dropout at all, an unknown name, or a named dropout module that
@@ -74,6 +75,7 @@ def dropout_sites(model: nn.Module, inputs: "Inputs", layers: Optional[Sequence[
             kind = module_kind(m)
             sites[k] = DropoutSite(k, kind, float(m.p), k, _kind_unit_shape(kind, rec[k]))
     sites.update(record)
+    warn_own_forward(model, "dropout_sites")
     fused = _rnn_dropout(model)
     if fused:
         warnings.warn(
