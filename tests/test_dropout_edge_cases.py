@@ -193,3 +193,30 @@ def test_a_dropout_subclass_with_its_own_forward_is_named():
         D.gap(net.double(), x, y)
     with pytest.warns(RuntimeWarning, match="overrides forward"):
         D.penalty(net, x)
+
+
+class _SequenceFirst(nn.Module):
+    """An ``nn.TransformerEncoderLayer`` with ``batch_first=False`` (torch's default): its dropout sees ``[L, n, d]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(2, 4), nn.Linear(2, 3)
+        self.layer = nn.TransformerEncoderLayer(2, 1, dim_feedforward=2, dropout=0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x).reshape(-1, 2, 2).transpose(0, 1)  # [L=2, n, 2]
+        return self.out(self.layer(h).mean(0))
+
+
+def test_dropout_on_a_sequence_first_input_is_refused():
+    """One mask was shared by the L positions (gap 1.4e-4 where enumerating every element gives -1.0e-4)."""
+    torch.manual_seed(0)
+    net = _SequenceFirst().double()
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"'layer.dropout1'.*shape \(2, 3, 2\).*not the 3 samples"):
+        D.gap(net, x, y, layers=["layer.dropout1"])
+    with pytest.raises(ValueError, match="not the 3 samples"):
+        D.terms(net, x, y, layers=["layer.dropout1"])
+    with pytest.raises(ValueError, match="not the 3 samples"):
+        D.penalty(net, x, layers=["layer.dropout1"])
+    assert list(D.dropout_sites(net, x, layers=["layer.self_attn"])) == ["layer.self_attn"]  # attention is fine

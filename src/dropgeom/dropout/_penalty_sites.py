@@ -34,6 +34,7 @@ from .chain import Chain, as_chain, run_chain, training_off
 from ._train_only import warn_train_only
 from .kinds import DROPOUT_TYPES, _rnn_dropout, module_kind, warn_own_forward
 from .masks import PSpec, resolve_p, site_p
+from .sites import check_sample_axis
 
 __all__: List[str] = []
 
@@ -126,8 +127,14 @@ def record(model: nn.Module, args: Tuple[Tensor, ...], layers: Optional[Sequence
 
 
 @contextlib.contextmanager
-def _module_masks(modules: Dict[str, nn.Module], store: Dict[str, Tuple[Tensor, Tensor]]) -> Iterator[None]:
-    """Apply a fresh all-ones mask (requiring grad) to each dropout module's input; record ``(h, mask)``."""
+def _module_masks(
+    modules: Dict[str, nn.Module], store: Dict[str, Tuple[Tensor, Tensor]], n: int, wanted: Optional[List[str]]
+) -> Iterator[None]:
+    """Apply a fresh all-ones mask (requiring grad) to each dropout module's input; record ``(h, mask)``.
+
+    Raises:
+        ValueError: a module (of ``wanted``, default all) run twice or on an input whose first axis is not the ``n`` samples.
+    """
     handles = []
 
     def make(name: str, mod: nn.Module):
@@ -137,6 +144,8 @@ def _module_masks(modules: Dict[str, nn.Module], store: Dict[str, Tuple[Tensor, 
             h = args[0]
             if name in store:
                 raise reused_dropout_error(name, type(module).__name__)
+            if wanted is None or name in wanted:
+                check_sample_axis(name, h, n)
             m = torch.ones(h.shape[0], *kind_unit_shape(kind, h), dtype=h.dtype, device=h.device, requires_grad=True)
             store[name] = (h, m)
             return apply_mask(kind, h, m, float(module.p), name)
@@ -162,7 +171,11 @@ def _generic_forward(
     seen: Dict[str, DropoutSite] = {}
     store: Dict[str, Tuple[Tensor, Tensor]] = {}
     try:
-        with alpha_mode("line"), eval_mode(model, masks=lazy, sites=seen, warn=False), _module_masks(modules, store):
+        with (
+            alpha_mode("line"),
+            eval_mode(model, masks=lazy, sites=seen, warn=False),
+            _module_masks(modules, store, args[0].shape[0], wanted),
+        ):
             eta = model(*args)
     except RuntimeError as err:  # name the input whose dtype / device does not fit, if that is why
         check_inputs_match(model, args, err)

@@ -28,7 +28,7 @@ from .explicit import record_dropout_inputs
 from ._train_only import warn_train_only
 from .kinds import _rnn_dropout, module_kind, warn_own_forward
 
-__all__ = ["dropout_sites", "unit_shapes"]
+__all__ = ["dropout_sites", "unit_shapes", "check_sample_axis"]
 
 
 def dropout_sites(model: nn.Module, inputs: "Inputs", layers: Optional[Sequence[str]] = None) -> Dict[str, DropoutSite]:
@@ -52,8 +52,8 @@ def dropout_sites(model: nn.Module, inputs: "Inputs", layers: Optional[Sequence[
             a dropout module whose class overrides ``forward`` is analysed with its base class's law.
 
     Raises:
-        ValueError: no dropout at all, an unknown name, or a named dropout module that
-            the forward pass never runs.
+        ValueError: no dropout at all, an unknown name, a named dropout module that
+            the forward pass never runs, or a dropout module whose input's first axis is not the samples.
 
     Example:
         >>> import torch
@@ -87,6 +87,7 @@ def dropout_sites(model: nn.Module, inputs: "Inputs", layers: Optional[Sequence[
         )
     if layers is None:
         warn_train_only(model, _as_tuple(inputs), sites, "dropout_sites")
+        _check_sample_axes(rec, sites, _as_tuple(inputs)[0].shape[0])
         if not sites:
             raise ValueError(
                 f"{type(model).__name__} has no dropout modules, and its forward pass calls no F.dropout or "
@@ -106,7 +107,33 @@ def dropout_sites(model: nn.Module, inputs: "Inputs", layers: Optional[Sequence[
         else:
             raise ValueError(f"unknown layer name {name!r}; the model's dropout layers are {list(sites)}")
     warn_train_only(model, _as_tuple(inputs), sites, "dropout_sites", chosen=list(out))
+    _check_sample_axes(rec, out, _as_tuple(inputs)[0].shape[0])
     return out
+
+
+def _check_sample_axes(rec: Dict[str, torch.Tensor], chosen: Dict[str, DropoutSite], n: int) -> None:
+    """:func:`check_sample_axis` for each chosen dropout module."""
+    for k in chosen:
+        if k in rec:
+            check_sample_axis(k, rec[k], n)
+
+
+def check_sample_axis(name: str, h: torch.Tensor, n: int) -> None:
+    """Refuse a dropout module whose input's first axis is not the ``n`` samples.
+
+    dropgeom's masks are per sample along the first axis (``[n or 1, *unit_shape]``); on a
+    sequence-first input ``[L, n, d]`` (``batch_first=False``) one mask would be shared by the
+    ``L`` positions, which torch drops independently.
+
+    Raises:
+        ValueError: ``h.shape[0] != n``.
+    """
+    if h.dim() == 0 or h.shape[0] != n:
+        raise ValueError(
+            f"dropout module {name!r} gets an input of shape {tuple(h.shape)} whose first axis is not the {n} samples "
+            "(a sequence-first layout, batch_first=False?): dropgeom's dropout masks are per sample along the first "
+            "axis, so its elements would not be dropped independently. Put the samples first (batch_first=True)."
+        )
 
 
 def unit_shapes(model: nn.Module, inputs: Inputs, layers: Optional[Sequence[str]] = None) -> Dict[str, torch.Size]:
