@@ -220,3 +220,27 @@ def test_dropout_on_a_sequence_first_input_is_refused():
     with pytest.raises(ValueError, match="not the 3 samples"):
         D.penalty(net, x, layers=["layer.dropout1"])
     assert list(D.dropout_sites(net, x, layers=["layer.self_attn"])) == ["layer.self_attn"]  # attention is fine
+
+
+class _FunctionalSequenceFirst(nn.Module):
+    """``F.dropout`` on a ``[L, n, d]`` tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(2, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x)).reshape(-1, 2, 2).transpose(0, 1)
+        h = nn.functional.dropout(h, 0.3, self.training)
+        return self.out(torch.tanh(h).transpose(0, 1).reshape(-1, 4))
+
+
+def test_functional_dropout_on_a_sequence_first_input_is_refused():
+    """Its exact gap shared one mask over the L positions in silence."""
+    torch.manual_seed(0)
+    net = _FunctionalSequenceFirst().double()
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"'#dropout0'.*not the 3 samples"):
+        D.gap(net, x, y)
+    with pytest.raises(ValueError, match="not the 3 samples"):
+        D.terms(net, x, y)

@@ -67,6 +67,7 @@ __all__ = [
     "LazyMasks",
     "MODULE_DROPOUT",
     "reused_dropout_error",
+    "SiteRecord",
 ]
 
 #: SELU's ``-lambda * alpha``: the value a dropped unit of alpha dropout takes before the affine correction.
@@ -234,6 +235,15 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask, is_causal: bool, scal
     return (w * m) @ v
 
 
+class SiteRecord(dict):
+    """``{site name: DropoutSite}`` (a ``record`` for :class:`DropoutInterceptor`) that also keeps, in
+    ``inputs``, the input of each functional dropout site (whose first axis must be the samples)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: Dict[str, Tensor] = {}
+
+
 class LazyMasks(dict):
     """``{site name: mask}`` that creates an all-ones mask (requiring grad) for every site met.
 
@@ -366,6 +376,8 @@ class DropoutInterceptor(torch.overrides.TorchFunctionMode):
     def _seen(self, name: str, kind: str, p: float, shape: torch.Size, what: str, h: Tensor) -> Optional[Tensor]:
         if self.record is not None and name not in self.record:
             self.record[name] = DropoutSite(name, kind, float(p), self._owner, torch.Size(shape))
+            if isinstance(self.record, SiteRecord) and kind != "attention":
+                self.record.inputs[name] = h
         mask = self.masks.create(name, torch.Size(shape), h) if isinstance(self.masks, LazyMasks) else self.masks.get(name)
         if mask is None and self.warn:
             where = f"module {self._owner!r}" if self._owner else "the model's forward"

@@ -21,7 +21,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from .._intercept import DropoutSite, unit_shape as _kind_unit_shape
+from .._intercept import DropoutSite, SiteRecord, unit_shape as _kind_unit_shape
 from .._utils import Inputs
 from .._utils import as_tuple as _as_tuple
 from .explicit import record_dropout_inputs
@@ -66,9 +66,10 @@ def dropout_sites(model: nn.Module, inputs: "Inputs", layers: Optional[Sequence[
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     modules = {k: m for k, m in model.named_modules() if module_kind(m) is not None}
-    record: Dict[str, DropoutSite] = {}
+    record = SiteRecord()
     with torch.no_grad():
         rec = record_dropout_inputs(model, inputs, list(modules), sites=record, strict=False)
+    rec.update(record.inputs)  # functional sites: their inputs, for the sample-axis check
     sites: Dict[str, DropoutSite] = {}
     for k, m in modules.items():
         if k in rec:
@@ -119,7 +120,7 @@ def _check_sample_axes(rec: Dict[str, torch.Tensor], chosen: Dict[str, DropoutSi
 
 
 def check_sample_axis(name: str, h: torch.Tensor, n: int) -> None:
-    """Refuse a dropout module whose input's first axis is not the ``n`` samples.
+    """Refuse a dropout layer (module or functional site) whose input's first axis is not the ``n`` samples.
 
     dropgeom's masks are per sample along the first axis (``[n or 1, *unit_shape]``); on a
     sequence-first input ``[L, n, d]`` (``batch_first=False``) one mask would be shared by the
@@ -130,7 +131,7 @@ def check_sample_axis(name: str, h: torch.Tensor, n: int) -> None:
     """
     if h.dim() == 0 or h.shape[0] != n:
         raise ValueError(
-            f"dropout module {name!r} gets an input of shape {tuple(h.shape)} whose first axis is not the {n} samples "
+            f"dropout layer {name!r} gets an input of shape {tuple(h.shape)} whose first axis is not the {n} samples "
             "(a sequence-first layout, batch_first=False?): dropgeom's dropout masks are per sample along the first "
             "axis, so its elements would not be dropped independently. Put the samples first (batch_first=True)."
         )
