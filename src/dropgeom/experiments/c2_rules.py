@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
-from .stats import holm, within_group_permutation
+from .stats import centred_ranks, holm, within_group_permutation
 
 __all__ = ["SESOI", "MIN_RUNS", "MIN_BLOCKS", "MIN_SPAN", "block_bootstrap", "knob_check"]
 
@@ -43,27 +43,35 @@ MIN_SPAN = 2.0
 
 
 def _blocks(x: Sequence[Any], y: Sequence[Any], groups: Sequence[Any]) -> List[np.ndarray]:
-    from scipy.stats import rankdata
-
+    """Per block with >= 2 finite pairs (in order of first appearance): ``[Sxy, Sxx, Syy, n]`` of its centred ranks."""
     xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if not xs.shape == ys.shape == (len(groups),):
+        raise ValueError(f"x, y and groups must have the same length, got {xs.size}, {ys.size}, {len(groups)}")
     ok = np.isfinite(xs) & np.isfinite(ys)
     gs = [g for g, o in zip(groups, ok) if o]
     xs, ys = xs[ok], ys[ok]
-    out = []
-    for g in dict.fromkeys(gs):
-        idx = np.asarray([i for i, h in enumerate(gs) if h == g])
-        if idx.size >= 2:
-            rx, ry = rankdata(xs[idx]), rankdata(ys[idx])
-            rx, ry = rx - rx.mean(), ry - ry.mean()
-            out.append(np.asarray([float(rx @ ry), float(rx @ rx), float(ry @ ry), idx.size]))
-    return out
+    members = [np.asarray([i for i, h in enumerate(gs) if h == g]) for g in dict.fromkeys(gs)]
+    members = [m for m in members if m.size >= 2]
+    return [np.asarray([float(rx @ ry), float(rx @ rx), float(ry @ ry), rx.size]) for rx, ry in centred_ranks(xs, ys, members)]
 
 
 def block_bootstrap(
     x: Sequence[Any], y: Sequence[Any], groups: Sequence[Any], *, level: float = 0.95, n_boot: int = 4000, seed: int = 0
 ) -> Tuple[float, float, float, int, int]:
-    """``(rho, lo, hi, runs, blocks)``: the within-block rank correlation (centred ranks, blocks with >= 2 finite pairs)
-    and its percentile interval from resampling whole blocks; NaNs with fewer than 2 blocks."""
+    r"""``(rho, lo, hi, runs, blocks)``: the within-block rank correlation
+    :math:`\rho_w = \sum_b S^b_{xy} / \sqrt{\sum_b S^b_{xx} \sum_b S^b_{yy}}` of the centred ranks (the statistic of
+    :func:`~dropgeom.experiments.stats.within_group_permutation`; blocks with >= 2 finite pairs) and its percentile
+    interval from resampling whole blocks with replacement (``n_boot`` multinomial block counts, so each resample is
+    a weighted sum of the blocks' sums: one matrix product; written out here rather than through ``scipy.stats.bootstrap``
+    on block indices, which gives the same percentile interval); NaNs with fewer than 2 blocks.
+
+    Raises:
+        ValueError: ``x``, ``y`` and ``groups`` of different lengths, ``level`` outside (0, 1), ``n_boot < 100``.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if n_boot < 100:
+        raise ValueError(f"n_boot must be at least 100, got {n_boot}")
     parts = _blocks(x, y, groups)
     nan = float("nan")
     if len(parts) < 2:

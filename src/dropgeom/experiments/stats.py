@@ -38,6 +38,7 @@ __all__ = [
     "adjust",
     "geometric_mean_ci",
     "within_group_permutation",
+    "centred_ranks",
     "mixed_slope",
     "GroupedTest",
     "finite",
@@ -236,6 +237,27 @@ def _group_ids(groups: Sequence[Any]) -> np.ndarray:
     return np.asarray([keys.setdefault(g, len(keys)) for g in groups], dtype=int)
 
 
+def centred_ranks(xs: np.ndarray, ys: np.ndarray, members: Sequence[np.ndarray]) -> List[Tuple[np.ndarray, np.ndarray]]:
+    r"""Per group (``members``: the index arrays of the groups, in the caller's order), the ranks of ``xs`` and ``ys``
+    taken inside the group and centred, :math:`(r_x - \bar r_{x,g},\ r_y - \bar r_{y,g})`: the terms of the
+    within-group Spearman correlation (:func:`within_group_permutation`; C2's block bootstrap resamples them).
+
+    Raises:
+        IndexError: an index in ``members`` outside ``xs`` / ``ys``.
+
+    Example:
+        >>> [tuple(r.tolist()) for r in centred_ranks(np.array([3.0, 1.0, 2.0]), np.array([1.0, 2.0, 3.0]), [np.arange(3)])[0]]
+        [(1.0, -1.0, 0.0), (-1.0, 0.0, 1.0)]
+    """
+    from scipy.stats import rankdata
+
+    out = []
+    for m in members:
+        rx, ry = rankdata(xs[m]), rankdata(ys[m])
+        out.append((rx - rx.mean(), ry - ry.mean()))
+    return out
+
+
 def within_group_permutation(
     x: Sequence[Any], y: Sequence[Any], groups: Sequence[Any], *, n_permutations: int = 2000, seed: int = 0
 ) -> GroupedTest:
@@ -257,8 +279,6 @@ def within_group_permutation(
         >>> within_group_permutation(x, y, g).p_value > 0.05     # between-group correlation only
         True
     """
-    from scipy.stats import rankdata
-
     xs, ys = _floats(x, "x"), _floats(y, "y")
     gid = _group_ids(list(groups))
     if not (xs.shape == ys.shape == gid.shape):
@@ -272,8 +292,9 @@ def within_group_permutation(
     nan = float("nan")
     if not members:
         return GroupedTest("within-group permutation (Spearman)", nan, nan, nan, nan, 0, 0)
-    rx = np.concatenate([rankdata(xs[m]) - rankdata(xs[m]).mean() for m in members])
-    ry_parts = [rankdata(ys[m]) - rankdata(ys[m]).mean() for m in members]
+    parts = centred_ranks(xs, ys, members)
+    rx = np.concatenate([px for px, _ in parts])
+    ry_parts = [py for _, py in parts]
 
     def stat(parts: List[np.ndarray]) -> float:
         ry = np.concatenate(parts)
