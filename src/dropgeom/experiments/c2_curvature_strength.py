@@ -38,6 +38,7 @@ from .common import (
     project_pca,
 )
 from .stats import geometric_mean_ci, holm, within_group_permutation
+from ..options import VerdictLabel
 
 NAME = "C2"
 TITLE = "C2: dropout's regularization strength depends on curvature"
@@ -426,15 +427,15 @@ def _verdict(analyses: Mapping[str, Mapping[str, Any]], eq: Tuple[float, float, 
     runs and blocks in the test, no outcome with an effect, and a knob that moved the curvature."""
     share = analyses["share"]
     if share["label"] == "predicted sign":
-        return "supported"
+        return VerdictLabel.SUPPORTED.value
     if share["label"] == "opposite sign":
-        return "refuted"
+        return VerdictLabel.REFUTED.value
     _, lo, hi, runs, blocks = eq
     equivalent = math.isfinite(lo) and math.isfinite(hi) and -SESOI < lo and hi < SESOI
     if all(analyses[k]["label"] == "no effect" for k, _ in OUTCOMES) and runs >= MIN_RUNS and blocks >= MIN_BLOCKS:
         if moved and equivalent:
-            return "not supported"
-    return "inconclusive"
+            return VerdictLabel.NOT_SUPPORTED.value
+    return VerdictLabel.INCONCLUSIVE.value
 
 
 def figures(config: RunConfig, records: List[Mapping[str, Any]], folder: Path) -> List[Path]:

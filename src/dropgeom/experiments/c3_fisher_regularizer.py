@@ -23,6 +23,7 @@ from .c3_training import decide, diverged_runs, held_out_kl, in_sample_best, per
 from .c3_units import STAGES
 from .common import Verdict, fmt, fmt_ci, mean_ci
 from .stats import geometric_mean_ci, paired
+from ..options import VerdictLabel
 
 NAME = "C3"
 TITLE = "C3: dropout corresponds to a Fisher-information regularizer"
@@ -233,12 +234,16 @@ def _summarize_grad(config: RunConfig, grads: List[Mapping[str, Any]]) -> Dict[s
     ]
     missing = [ds for ds in RULE_DATASETS if ds not in by_ds]
     if not by_ds:
-        verdict, summary = "inconclusive", "no finished gradient runs"
+        verdict, summary = VerdictLabel.INCONCLUSIVE.value, "no finished gradient runs"
     else:
         if any(c["fails"] for c in by_ds.values()):
-            verdict = "not supported"
+            verdict = VerdictLabel.NOT_SUPPORTED.value
         else:  # undecided pairs, or a data set not run, could still turn it either way
-            verdict = "inconclusive" if missing or any(c["undecided"] for c in by_ds.values()) else "supported"
+            verdict = (
+                VerdictLabel.INCONCLUSIVE.value
+                if missing or any(c["undecided"] for c in by_ds.values())
+                else VerdictLabel.SUPPORTED.value
+            )
         summary = "Fisher quadratic form Q against dropout's regularizer R at p = " + f"{config.c3_p:g}: " + "; ".join(held)
         if missing:
             summary += f"; not run: {', '.join(missing)} (the rule needs {' and '.join(RULE_DATASETS)}; the full run has both)"
@@ -325,7 +330,7 @@ def _summarize_objectives(config: RunConfig, objs: List[Mapping[str, Any]]) -> D
     diverged = diverged_runs(objs)
     if diverged:
         lines.append(f"diverged, no KL, left out of the strength grid ({len(diverged)}): " + "; ".join(diverged))
-    verdict = "inconclusive"
+    verdict = VerdictLabel.INCONCLUSIVE.value
     summary = "no finished strength-sweep run" if not objs else "L2 or no Fisher form in the comparison"
     fisher = [g for g in regs if g.startswith("fisher_")]
     if "l2" in regs and fisher and objs:

@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 import numpy as np
 
 from .stats import Comparison, adjust, paired
+from ..options import VerdictLabel
 
 __all__ = ["in_sample_best", "held_out_kl", "per_setting_tests", "decide", "diverged_runs"]
 
@@ -97,12 +98,12 @@ def decide(tests: Sequence[Tuple[str, Comparison]]) -> Tuple[str, str]:
         f"({'; '.join(farther) or 'none'}) of {len(tests)} (setting, Fisher form) tests (Holm)"
     )
     if closer and farther:
-        return "inconclusive", "setting-dependent: " + words
+        return VerdictLabel.INCONCLUSIVE.value, "setting-dependent: " + words
     if closer:
-        return "supported", words
+        return VerdictLabel.SUPPORTED.value, words
     if farther:
-        return "refuted", words
-    return "inconclusive", words
+        return VerdictLabel.REFUTED.value, words
+    return VerdictLabel.INCONCLUSIVE.value, words
 
 
 def diverged_runs(objs: Sequence[Mapping[str, Any]]) -> List[str]:
