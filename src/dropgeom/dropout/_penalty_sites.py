@@ -31,7 +31,7 @@ from .._intercept import DropoutInterceptor, DropoutSite, LazyMasks, alpha_mode,
 from .._intercept import unit_shape as kind_unit_shape
 from ..manifold import check_inputs_match, eval_mode
 from .chain import Chain, as_chain, run_chain, training_off
-from ._train_only import warn_train_only
+from ._train_only import _torch_only, warn_train_only
 from .kinds import DROPOUT_TYPES, _rnn_dropout, module_kind, warn_own_forward
 from .masks import PSpec, resolve_p, site_p
 from .sites import check_sample_axis
@@ -79,11 +79,6 @@ def _chain_candidate(model: nn.Module, modules: Dict[str, nn.Module], wanted: Op
     if any(isinstance(m, nn.MultiheadAttention) and m.dropout > 0 for m in model.modules()):
         return None
     return list(modules)
-
-
-def _torch_only(model: nn.Module) -> bool:
-    """Every module is a ``torch.nn`` class (their forwards call dropout only through modules, MHA aside)."""
-    return all(type(m).__module__.startswith("torch.nn.") for m in model.modules())
 
 
 def record(model: nn.Module, args: Tuple[Tensor, ...], layers: Optional[Sequence[str]], p: PSpec, fast: bool) -> Recorded:

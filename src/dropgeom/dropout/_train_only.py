@@ -76,9 +76,10 @@ class _TrainingProbe(DropoutInterceptor):
         return super()._functional(func, args, kwargs)
 
 
-def _custom(model: nn.Module) -> bool:
-    """Some module's class lives outside ``torch.nn`` (its ``forward`` may branch on ``self.training``)."""
-    return any(not type(m).__module__.startswith("torch.nn.") for m in model.modules())
+def _torch_only(model: nn.Module) -> bool:
+    """Every module is a ``torch.nn`` class: their forwards call dropout only through modules (MHA aside) or
+    with ``training`` as an argument, never branching on ``self.training`` (no probe needed)."""
+    return all(type(m).__module__.startswith("torch.nn.") for m in model.modules())
 
 
 def train_only_sites(model: nn.Module, args: Tuple[Tensor, ...], eval_sites: Mapping[str, DropoutSite]) -> Dict[str, str]:
@@ -95,7 +96,7 @@ def probe_training_mode(model: nn.Module, args: Tuple[Tensor, ...], eval_sites: 
 
     A model whose training-mode pass fails on these inputs gives ``({}, {}, {})`` (nothing can be said).
     """
-    if not _custom(model):
+    if _torch_only(model):
         return {}, {}, {}
     key = (tuple((tuple(getattr(a, "shape", ())), getattr(a, "dtype", type(a))) for a in args), tuple(sorted(eval_sites)))
     cache = _PROBED.setdefault(model, {})
