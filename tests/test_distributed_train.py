@@ -5,6 +5,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from dropgeom.train import train
+from dropgeom.train.metrics import evaluate
 from reference.gloo import free_port, gloo_rank
 
 OBJECTIVES = [("none", {}), ("l2", {}), ("fisher_dropout", {"p": 0.3}), ("fisher_dropout", {"p": 0.3, "form": "divergence"})]
@@ -141,6 +142,8 @@ def _stopping_worker(rank: int, world: int, port: int, out: str) -> None:
                 best=h.best_epoch,
                 last=h[-1] if len(h) else {},
                 w=_flat(net).tolist(),
+                # the independent reference for the records: the final parameters on all 40 inputs at once
+                full=evaluate(net, x, y),
             )
         except Exception as err:  # noqa: BLE001 -- the test reads it
             res[name] = {"error": f"{type(err).__name__}: {err}"}
@@ -171,3 +174,6 @@ def test_ddp_ranks_stop_together(tmp_path):
     assert r1["diverge"]["why"] == "non-finite loss (nan) at epoch 1, batch 0"
     assert r0["diverge"]["why"] == "another rank's batch diverged at epoch 1, batch 0"
     assert r0["callback"]["cb"] and r0["callback"]["epochs"] == 2
+    # the last record (no early stopping: the parameters are the final ones) is the whole data's, not a shard's
+    for k in ("nll", "accuracy"):
+        assert abs(r0["callback"]["last"][f"train_{k}"] - r0["callback"]["full"][k]) < 1e-12, k
