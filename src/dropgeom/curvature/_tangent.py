@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ..operators import conjugate_gradient
 from ..options import TangentSolver
-from ._common import LinearisedManifold, ProjectionWarning, _relative, projection_tolerance, unwhiten, whiten
+from ._common import LinearisedManifold, ProjectionWarning, _relative, projection_tolerance, range_basis, unwhiten, whiten
 
 __all__: list = []
 
@@ -95,12 +95,15 @@ class Tangent:
 
     def sample(self, z: Tensor, zp: Optional[Tensor], lam: float) -> Tensor:
         """``(g + lam I)^{-1} (A^T z + sqrt(lam) z')`` for ``z`` ``[m, n, R]``, ``z'`` ``[P, m]`` -> ``[P, m]``."""
-        b = self.At(z).T
-        if zp is not None:
-            b = b + math.sqrt(lam) * zp
+        b = self.rhs(z, zp, lam)
         x = conjugate_gradient(lambda M: self.lin.metric_matmat(self.S, M) + lam * M, b, tol=self.tol, max_iter=self.max_iter)
         self.check_sample(x, b, lam, "conjugate gradients")
         return x
+
+    def rhs(self, z: Tensor, zp: Optional[Tensor], lam: float) -> Tensor:
+        """The right-hand side ``A^T z + sqrt(lam) z'`` (``[P, m]``) of the sampling solve."""
+        b = self.At(z).T
+        return b if zp is None else b + math.sqrt(lam) * zp
 
     def check_sample(self, x: Tensor, b: Tensor, lam: float, what: str) -> bool:
         """Warn (and return True) when ``(g + lam I) x = b`` holds only above the tolerance."""
@@ -139,8 +142,6 @@ class SvdTangent(Tangent):
     exact_sampling = True
 
     def __init__(self, lin: LinearisedManifold, S: Tensor, tol: float, max_iter: int) -> None:
-        from ._common import range_basis
-
         super().__init__(lin, S, tol, max_iter)
         self.U, self.s, self.V, _ = range_basis(lin.m, S)
 
@@ -148,10 +149,7 @@ class SvdTangent(Tangent):
         return float(self.s[0]) ** 2 if self.s.numel() else None
 
     def sample(self, z: Tensor, zp: Optional[Tensor], lam: float) -> Tensor:
-        b = self.At(z).T
-        if zp is not None:
-            b = b + math.sqrt(lam) * zp
-        return solve_dense(b, self.s, self.V, lam)
+        return solve_dense(self.rhs(z, zp, lam), self.s, self.V, lam)
 
     def normal(self, Y: Tensor) -> Tensor:
         y = Y.reshape(Y.shape[0], -1)
