@@ -24,7 +24,7 @@ from .._evaluation import autodiff_kernels
 from .._intercept import _FUNCTIONAL, _SIGS, MODULE_DROPOUT, DropoutInterceptor, DropoutSite
 from .kinds import module_kind
 
-__all__ = ["probe_training_mode", "train_only_sites", "warn_train_only"]
+__all__ = ["probe_training_mode", "warn_train_only"]
 
 Found = Tuple[Dict[str, str], Dict[str, str], Dict[str, str]]
 
@@ -82,11 +82,6 @@ def _torch_only(model: nn.Module) -> bool:
     return all(type(m).__module__.startswith("torch.nn.") for m in model.modules())
 
 
-def train_only_sites(model: nn.Module, args: Tuple[Tensor, ...], eval_sites: Mapping[str, DropoutSite]) -> Dict[str, str]:
-    """``{site name: description}`` of the dropout a training-mode pass meets and ``eval_sites`` lacks."""
-    return probe_training_mode(model, args, eval_sites)[0]
-
-
 def probe_training_mode(model: nn.Module, args: Tuple[Tensor, ...], eval_sites: Mapping[str, DropoutSite]) -> Found:
     """``(train-only sites, never-dropping sites, random draws)``, each ``{name: description}``: the dropout
     a training-mode pass meets and ``eval_sites`` lacks, the functional dropout in ``eval_sites`` that is
@@ -106,7 +101,7 @@ def probe_training_mode(model: nn.Module, args: Tuple[Tensor, ...], eval_sites: 
 
 
 def _probe(model: nn.Module, args: Tuple[Tensor, ...], eval_sites: Mapping[str, DropoutSite]) -> Found:
-    """The training-mode pass of :func:`train_only_sites` (uncached)."""
+    """The training-mode pass of :func:`probe_training_mode` (uncached)."""
     flags = [(m, m.training) for m in model.modules()]
     saved = [(b, b.detach().clone()) for b in model.buffers()]
     seen: Dict[str, DropoutSite] = {}
