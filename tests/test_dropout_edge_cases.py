@@ -126,6 +126,33 @@ def test_the_training_mode_probe_leaves_flags_buffers_and_random_state_alone():
     assert torch.equal(state, torch.get_rng_state())
 
 
+class _CountingNoise(nn.Module):
+    """In training mode: counts its calls in a buffer and draws noise (torch.randn_like) -- what the probe must undo."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        self.calls += 1
+        return x + 0.0 * torch.randn_like(x)
+
+
+def test_the_training_mode_probe_restores_what_a_training_mode_forward_changes():
+    """The net above keeps its batch norm in eval and its dropout the identity, so it changes neither buffers nor
+    the random state; this module does both in the probe's training-mode pass, which must restore them."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 3), nn.Dropout(0.2), _CountingNoise(), nn.Linear(3, 3)).double()
+    x, _ = _data()
+    state = torch.get_rng_state()
+    with pytest.warns(RuntimeWarning, match=r"draw random numbers.*'2' \(torch.randn_like\)"):
+        D.dropout_sites(net, x)
+    assert float(net[2].calls) == 0.0 and net.training and net[2].training and net[1].training
+    assert torch.equal(state, torch.get_rng_state())
+
+
 class _NeverDrops(nn.Module):
     """``F.dropout(..., training=False)``: torch never drops there, in either mode."""
 
