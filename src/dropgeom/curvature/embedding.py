@@ -395,6 +395,16 @@ def _in_float64(manifold: ModelManifold) -> ModelManifold:
             stacklevel=3,
         )
         return manifold
-    model = copy.deepcopy(manifold.model).to(torch.float64)
-    inputs = tuple(t.to(torch.float64) if t.is_floating_point() else t for t in manifold.inputs)
-    return ModelManifold(model, inputs, manifold.family, param_names=manifold.param_names)
+    return ModelManifold(
+        _float64_model(manifold.model), _float64_inputs(manifold.inputs), manifold.family, param_names=manifold.param_names
+    )
+
+
+def _float64_model(model: torch.nn.Module) -> torch.nn.Module:
+    """A float64 copy of ``model`` (the caller's model is untouched)."""
+    return copy.deepcopy(model).to(torch.float64)
+
+
+def _float64_inputs(inputs: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
+    """``inputs`` with the floating tensors cast to float64 (integer inputs, such as token ids, kept)."""
+    return tuple(t.to(torch.float64) if t.is_floating_point() else t for t in inputs)

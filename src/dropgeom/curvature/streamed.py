@@ -37,7 +37,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from typing import List, Optional
 
 import torch
@@ -48,7 +47,15 @@ from ..dispatch import StreamedManifold, register_streamed
 from .._fisher import fisher
 from ..manifold import ModelManifold
 from ._common import LinearisedManifold, check_alpha, check_damping
-from .embedding import CurvatureResult, Linearisation, _stochastic, check_stochastic_options, embedding_curvature
+from .embedding import (
+    CurvatureResult,
+    Linearisation,
+    _float64_inputs,
+    _float64_model,
+    _stochastic,
+    check_stochastic_options,
+    embedding_curvature,
+)
 from .sharpness import fisher_top_eigenvalue, fisher_trace
 
 __all__: List[str] = []
@@ -106,11 +113,8 @@ def batch_manifolds(source: StreamedManifold) -> List[ModelManifold]:
     if dtype == torch.float64 or not dtype.is_floating_point:
         return [m for m, _ in source.manifolds()]
     # hand-written cast: a float64 copy of the model behind a StreamedManifold of no data, for manifold_of's errors
-    cast = StreamedManifold(copy.deepcopy(source.model).to(torch.float64), [], source.family, param_names=source.param_names)
-    parts = []
-    for b, (inputs, _) in enumerate(source.batches()):
-        parts.append(cast.manifold_of(b, tuple(t.to(torch.float64) if t.is_floating_point() else t for t in inputs)))
-    return parts
+    cast = StreamedManifold(_float64_model(source.model), [], source.family, param_names=source.param_names)
+    return [cast.manifold_of(b, _float64_inputs(inputs)) for b, (inputs, _) in enumerate(source.batches())]
 
 
 def linearisation(source: StreamedManifold) -> Linearisation:
