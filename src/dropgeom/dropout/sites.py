@@ -67,8 +67,9 @@ def dropout_sites(model: nn.Module, inputs: "Inputs", layers: Optional[Sequence[
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     modules = {k: m for k, m in model.named_modules() if module_kind(m) is not None}
     record = SiteRecord()
+    args = _as_tuple(inputs)
     with torch.no_grad():
-        rec = record_dropout_inputs(model, inputs, list(modules), sites=record, strict=False)
+        rec = record_dropout_inputs(model, args, list(modules), sites=record, strict=False)
     rec.update(record.inputs)  # functional sites: their inputs, for the sample-axis check
     sites: Dict[str, DropoutSite] = {}
     for k, m in modules.items():
@@ -87,8 +88,8 @@ def dropout_sites(model: nn.Module, inputs: "Inputs", layers: Optional[Sequence[
             stacklevel=2,
         )
     if layers is None:
-        warn_train_only(model, _as_tuple(inputs), sites, "dropout_sites")
-        _check_sample_axes(rec, sites, _as_tuple(inputs)[0].shape[0])
+        warn_train_only(model, args, sites, "dropout_sites")
+        _check_sample_axes(rec, sites, args[0].shape[0])
         if not sites:
             raise ValueError(
                 f"{type(model).__name__} has no dropout modules, and its forward pass calls no F.dropout or "
@@ -107,8 +108,8 @@ def dropout_sites(model: nn.Module, inputs: "Inputs", layers: Optional[Sequence[
             raise ValueError(f"dropout module {name!r} is never run by the model's forward pass on these inputs")
         else:
             raise ValueError(f"unknown layer name {name!r}; the model's dropout layers are {list(sites)}")
-    warn_train_only(model, _as_tuple(inputs), sites, "dropout_sites", chosen=list(out))
-    _check_sample_axes(rec, out, _as_tuple(inputs)[0].shape[0])
+    warn_train_only(model, args, sites, "dropout_sites", chosen=list(out))
+    _check_sample_axes(rec, out, args[0].shape[0])
     return out
 
 
