@@ -122,7 +122,8 @@ def linearisation(source: StreamedManifold) -> Linearisation:
 
     ``J v`` and ``D^2 eta[u, v]`` are the batches' rows concatenated, ``J^T w = sum_b J_b^T w_b`` summed over
     batches and all-reduced over ranks; ``S`` with ``S S^T = Sigma_i`` whitens this rank's rows, the slice ``rows``
-    of the ``n`` inputs of all ranks (theory.md sections 2-3).
+    of the ``n`` inputs of all ranks (theory.md sections 2-3). In float64 whatever the model's precision: a
+    lower-precision model is linearised on a float64 copy, each batch cast as it is read (:func:`batch_manifolds`).
 
     Raises:
         TypeError: ``source`` is not a :class:`~dropgeom.dispatch.StreamedManifold`; a batch is neither a tensor
